@@ -1,0 +1,190 @@
+"""The store's key layout: the one contract between the pipeline (writer) and its readers.
+
+The worker, the dashboard, ``pulse verify`` and ``pulse replay`` all build key names here.
+
+Layout (``{tag}`` is a hash tag, ``<kind>.<partition>``, so every key written for one Kafka
+partition lands in one cluster slot and a partition's batch applies atomically in one call)::
+
+    pulse:{sensor.3}:progress                   hash   applied offset, watermark, counters
+    pulse:{sensor.3}:agg:<window>:<dim>:<start>  hash   "<entity>#<stat>" -> number
+    pulse:{sensor.3}:sk:<window>:<dim>:<start>   hash   "<entity>#<bucket>" -> count (sketch)
+    pulse:{sensor.3}:ent:<dim>                   set    entities seen in this partition
+    pulse:worker:<name>                          hash   a worker's live metrics
+    pulse:fence                                  int    bumped by writers to fence durability
+
+``<window>`` is a tumbling window name (``10s``, ``1m``); ``<start>`` its start in epoch ms.
+Hopping windows (5 min advancing by 1 min) are not stored: they are exact merges of five
+consecutive ``1m`` windows (every statistic here is mergeable), see ``HOPPING_WINDOWS``.
+A view that spans partitions (a site, the fleet) merges the keys of every partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from schemas.events import EventKind
+
+LAYOUT_VERSION: Final = 1
+PREFIX: Final = "pulse"
+
+# Separators: identifiers (schemas.events.Ident/Route) cannot contain them.
+ENTITY_SEP: Final = "|"
+FIELD_SEP: Final = "#"
+
+
+@dataclass(frozen=True, slots=True)
+class TumblingWindow:
+    """A tumbling event-time window that the worker writes."""
+
+    name: str
+    size_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class HoppingWindow:
+    """A hopping window, read as the merge of ``size_ms // pane.size_ms`` consecutive panes."""
+
+    name: str
+    size_ms: int
+    advance_ms: int
+    pane: TumblingWindow
+
+    @property
+    def panes(self) -> int:
+        """How many pane windows one hopping window spans."""
+        return self.size_ms // self.pane.size_ms
+
+
+WINDOW_10S: Final = TumblingWindow("10s", 10_000)
+WINDOW_1M: Final = TumblingWindow("1m", 60_000)
+TUMBLING_WINDOWS: Final = (WINDOW_10S, WINDOW_1M)
+HOPPING_5M: Final = HoppingWindow("5m/1m", 300_000, 60_000, WINDOW_1M)
+HOPPING_WINDOWS: Final = (HOPPING_5M,)
+
+
+class Dim:
+    """Aggregation dimensions (what an entity is) per event kind."""
+
+    DEVICE: Final = "device"  # sensor: "<device_id>|<metric>"
+    SITE: Final = "site"  # sensor: "<site>|<metric>"
+    METRIC: Final = "metric"  # sensor, fleet-wide: "<metric>"
+    ROUTE: Final = "route"  # applog: "<service>|<route>"
+    SERVICE: Final = "service"  # applog, fleet-wide per service: "<service>"
+    FLEET: Final = "fleet"  # applog, fleet-wide: "all"
+
+
+DIMS: Final[dict[EventKind, tuple[str, ...]]] = {
+    EventKind.SENSOR: (Dim.DEVICE, Dim.SITE, Dim.METRIC),
+    EventKind.APPLOG: (Dim.ROUTE, Dim.SERVICE, Dim.FLEET),
+}
+FLEET_ENTITY: Final = "all"
+
+
+class Stat:
+    """Statistic suffixes of aggregate hash fields (``<entity>#<stat>``)."""
+
+    COUNT: Final = "n"
+    SUM: Final = "sum"
+    SUMSQ: Final = "sq"
+    MIN: Final = "min"
+    MAX: Final = "max"
+    # applog only: request counts per status class, e.g. "<entity>#5xx"
+    STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+    # applog only: ERROR-level events
+    ERRORS: Final = "err"
+
+
+class Progress:
+    """Fields of a partition's progress hash."""
+
+    OFFSET: Final = "offset"  # last applied Kafka offset (-1: none yet)
+    WATERMARK: Final = "watermark"  # max event time seen minus allowed lateness, epoch ms
+    MAX_EVENT_TIME: Final = "max_event_time"
+    EVENTS: Final = "events"  # valid, on-time events applied to windows
+    LATE: Final = "late"  # events later than the watermark (sent to the late topic)
+    DEAD: Final = "dead"  # events that failed validation (sent to the dead-letter topic)
+    BATCHES: Final = "batches"
+    UPDATED_MS: Final = "updated_ms"  # wall clock of the last apply
+
+
+def partition_tag(kind: EventKind | str, partition: int) -> str:
+    """The hash tag content shared by every key of one topic partition."""
+    return f"{EventKind(kind).value}.{partition}"
+
+
+def progress_key(kind: EventKind | str, partition: int) -> str:
+    """Key of a partition's progress hash (applied offset, watermark, counters)."""
+    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:progress"
+
+
+def agg_key(
+    kind: EventKind | str, partition: int, window: TumblingWindow, dim: str, start_ms: int
+) -> str:
+    """Key of the aggregate hash of one partition, window instance and dimension."""
+    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:agg:{window.name}:{dim}:{start_ms}"
+
+
+def sketch_key(
+    kind: EventKind | str, partition: int, window: TumblingWindow, dim: str, start_ms: int
+) -> str:
+    """Key of the quantile-sketch hash of one partition, window instance and dimension."""
+    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:sk:{window.name}:{dim}:{start_ms}"
+
+
+def entities_key(kind: EventKind | str, partition: int, dim: str) -> str:
+    """Key of the set of entities of one dimension seen in one partition."""
+    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:ent:{dim}"
+
+
+def progress_pattern(kind: EventKind | str) -> str:
+    """A SCAN pattern matching the progress hashes of every partition of ``kind``."""
+    return f"{PREFIX}:{{{EventKind(kind).value}.*}}:progress"
+
+
+def agg_pattern(kind: EventKind | str, window: TumblingWindow | None = None) -> str:
+    """A SCAN pattern matching aggregate hashes of every partition of ``kind``."""
+    w = window.name if window else "*"
+    return f"{PREFIX}:{{{EventKind(kind).value}.*}}:agg:{w}:*"
+
+
+def parse_agg_key(key: str) -> tuple[EventKind, int, str, str, int]:
+    """Split an aggregate key into (kind, partition, window name, dim, start_ms)."""
+    head, tag_rest = key.split("{", 1)
+    tag, rest = tag_rest.split("}", 1)
+    kind, partition = tag.split(".", 1)
+    _, _agg, window, dim, start = rest.split(":")
+    if head != f"{PREFIX}:" or _agg != "agg":
+        raise ValueError(f"not an aggregate key: {key!r}")
+    return EventKind(kind), int(partition), window, dim, int(start)
+
+
+def worker_key(name: str) -> str:
+    """Key of a worker's live metrics hash."""
+    return f"{PREFIX}:worker:{name}"
+
+
+def fence_key() -> str:
+    """Key the writer increments to make earlier writes durable after a reconnect."""
+    return f"{PREFIX}:fence"
+
+
+def entity(*parts: str) -> str:
+    """Join identifier parts into one entity name."""
+    return ENTITY_SEP.join(parts)
+
+
+def field(entity_name: str, stat: str) -> str:
+    """The hash field of one statistic (or sketch bucket) of one entity."""
+    return f"{entity_name}{FIELD_SEP}{stat}"
+
+
+def split_field(name: str) -> tuple[str, str]:
+    """Split a hash field into (entity, stat)."""
+    ent, _, stat = name.rpartition(FIELD_SEP)
+    return ent, stat
+
+
+def window_start(event_time_ms: int, window: TumblingWindow) -> int:
+    """Start of the tumbling window instance that contains ``event_time_ms``."""
+    return event_time_ms - event_time_ms % window.size_ms

@@ -1,0 +1,113 @@
+"""Batch aggregation against a naive per-event computation, and mergeability of batches."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import aggregation, sketches
+from schemas import keys
+from schemas.events import AppLogEvent, SensorReading
+
+sensor_st = st.builds(
+    SensorReading,
+    device_id=st.sampled_from(["d1", "d2", "d3"]),
+    site=st.sampled_from(["s1", "s2"]),
+    event_time=st.integers(min_value=0, max_value=300_000),
+    metric=st.sampled_from(["temp", "hum"]),
+    value=st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+    unit=st.just("C"),
+    lat=st.just(1.0),
+    lon=st.just(2.0),
+    firmware=st.just("1.0"),
+)
+applog_st = st.builds(
+    AppLogEvent,
+    service=st.sampled_from(["api", "web"]),
+    route=st.sampled_from(["/a", "/b/{id}"]),
+    event_time=st.integers(min_value=0, max_value=300_000),
+    level=st.sampled_from(["INFO", "ERROR"]),
+    status_code=st.sampled_from([200, 201, 302, 404, 500, 503]),
+    latency_ms=st.floats(min_value=0, max_value=1e5, allow_nan=False),
+    trace_id=st.just("t1"),
+)
+
+
+def naive_sensor(events: list[SensorReading]) -> dict[tuple[str, str, int, str], list[float]]:
+    out: dict[tuple[str, str, int, str], list[float]] = defaultdict(list)
+    for e in events:
+        for w in keys.TUMBLING_WINDOWS:
+            s = e.event_time - e.event_time % w.size_ms
+            out[(w.name, keys.Dim.DEVICE, s, keys.entity(e.device_id, e.metric))].append(e.value)
+            out[(w.name, keys.Dim.SITE, s, keys.entity(e.site, e.metric))].append(e.value)
+            out[(w.name, keys.Dim.METRIC, s, e.metric)].append(e.value)
+    return out
+
+
+def rows(deltas: list[aggregation.WindowDelta]) -> dict[tuple[str, str, int, str], list[Any]]:
+    return {(d.window.name, d.dim, d.start_ms, r[0]): r[1:] for d in deltas for r in d.stats}
+
+
+def sketch_rows(deltas: list[aggregation.WindowDelta]) -> dict[tuple[str, str, int, str], dict]:
+    out = {}
+    for d in deltas:
+        for r in d.sketch:
+            out[(d.window.name, d.dim, d.start_ms, r[0])] = dict(zip(r[1::2], r[2::2], strict=True))
+    return out
+
+
+@given(st.lists(sensor_st, min_size=1, max_size=60))
+@settings(max_examples=150, deadline=None)
+def test_sensor_aggregates_match_naive(events: list[SensorReading]) -> None:
+    deltas = aggregation.aggregate(aggregation.sensor_columns(events))
+    got = rows(deltas)
+    want = naive_sensor(events)
+    assert got.keys() == want.keys()
+    sks = sketch_rows(deltas)
+    for k, vals in want.items():
+        n, total, sq, lo, hi = got[k]
+        assert n == len(vals)
+        assert math.isclose(total, math.fsum(vals), rel_tol=1e-9, abs_tol=1e-6)
+        assert math.isclose(sq, math.fsum(v * v for v in vals), rel_tol=1e-9, abs_tol=1e-6)
+        assert (lo, hi) == (min(vals), max(vals))
+        assert sks[k] == sketches.sketch_of(vals)
+
+
+@given(st.lists(applog_st, min_size=1, max_size=60))
+@settings(max_examples=100, deadline=None)
+def test_applog_status_classes_and_errors(events: list[AppLogEvent]) -> None:
+    got = rows(aggregation.aggregate(aggregation.applog_columns(events)))
+    for w in keys.TUMBLING_WINDOWS:
+        by_start: dict[int, list[AppLogEvent]] = defaultdict(list)
+        for e in events:
+            by_start[e.event_time - e.event_time % w.size_ms].append(e)
+        for s, evs in by_start.items():
+            r = got[(w.name, keys.Dim.FLEET, s, keys.FLEET_ENTITY)]
+            assert r[0] == len(evs)
+            classes = [sum(1 for e in evs if e.status_code // 100 == c) for c in range(1, 6)]
+            assert r[5:10] == classes
+            assert r[10] == sum(1 for e in evs if e.level == "ERROR")
+
+
+@given(st.lists(sensor_st, min_size=2, max_size=60), st.integers(min_value=1, max_value=59))
+@settings(max_examples=100, deadline=None)
+def test_split_batches_merge_to_the_whole(events: list[SensorReading], cut: int) -> None:
+    cut = min(cut, len(events) - 1)
+    whole = rows(aggregation.aggregate(aggregation.sensor_columns(events)))
+    parts = [
+        rows(aggregation.aggregate(aggregation.sensor_columns(events[:cut]))),
+        rows(aggregation.aggregate(aggregation.sensor_columns(events[cut:]))),
+    ]
+    for k, (n, total, _sq, lo, hi) in whole.items():
+        ps = [p[k] for p in parts if k in p]
+        assert sum(p[0] for p in ps) == n
+        assert math.isclose(sum(p[1] for p in ps), total, rel_tol=1e-9, abs_tol=1e-6)
+        assert min(p[3] for p in ps) == lo and max(p[4] for p in ps) == hi
+
+
+def test_empty_batch() -> None:
+    assert aggregation.aggregate(aggregation.sensor_columns([])) == []
