@@ -1,0 +1,73 @@
+"""Helpers to run throw-away stacks on free ports (tests, benchmarks, fault drills)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.settings import KafkaSettings, StackSettings, StoreSettings
+from pipeline.stack.stack import Stack
+
+if TYPE_CHECKING:
+    import redis
+
+
+@dataclass
+class RunningStack:
+    """A stack started for tests, with the settings that reach it."""
+
+    stack: Stack
+    stack_settings: StackSettings
+    kafka_settings: KafkaSettings
+    store_settings: StoreSettings
+
+    @property
+    def bootstrap(self) -> str:
+        """Kafka bootstrap servers."""
+        return self.kafka_settings.bootstrap
+
+    def redis(self, replica: bool = False) -> redis.Redis:
+        """A sync client (``decode_responses=True``) to the primary, or to the replica."""
+        node = self.stack.replica if replica else self.stack.primary
+        assert node is not None, "this stack has no replica"
+        return node.client(timeout_s=10.0)
+
+    def env(self) -> dict[str, str]:
+        """``PULSE_*`` variables that point a subprocess (``pulse ...``, a worker) at this stack."""
+        env = {
+            "PULSE_HOME": str(self.stack_settings.home),
+            "PULSE_CACHE_DIR": str(self.stack_settings.cache_dir),
+            "PULSE_KAFKA_CONTROLLER_PORT": str(self.stack_settings.kafka_controller_port),
+            "PULSE_KAFKA_BOOTSTRAP": self.kafka_settings.bootstrap,
+            "PULSE_KAFKA_PARTITIONS": str(self.kafka_settings.partitions),
+            "PULSE_STORE_PORT": str(self.store_settings.port),
+        }
+        if self.store_settings.replica_port is not None:
+            env["PULSE_STORE_REPLICA_PORT"] = str(self.store_settings.replica_port)
+        return env
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports that are free right now (all bound at once, then released)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+def make_stack(home: Path, *, replica: bool = True, partitions: int = 6) -> RunningStack:
+    """A (not yet started) stack in ``home`` on fresh free ports, using the shared jar cache."""
+    kafka_port, controller_port, primary_port, replica_port = free_ports(4)
+    stack_settings = StackSettings(
+        home=home, kafka_controller_port=controller_port, start_timeout_s=120.0
+    )
+    kafka_settings = KafkaSettings(bootstrap=f"127.0.0.1:{kafka_port}", partitions=partitions)
+    store_settings = StoreSettings(
+        host="127.0.0.1", port=primary_port, replica_port=replica_port if replica else None
+    )
+    stack = Stack(stack_settings, kafka_settings, store_settings)
+    return RunningStack(stack, stack_settings, kafka_settings, store_settings)

@@ -1,0 +1,244 @@
+"""Drive the real pipeline from tests: topics, load generator, worker processes, Kafka reads.
+
+Everything here runs real processes (``pulse loadgen``, ``pulse worker``, ``pulse verify``)
+against a running stack, the way a user would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from pipeline.stack.testing import RunningStack
+from schemas import keys
+from schemas.events import EventKind
+
+
+@dataclass
+class Pipeline:
+    """Fresh topics, consumer group and environment for one pipeline run on a stack."""
+
+    running: RunningStack
+    env: dict[str, str]
+    topics: dict[str, str]  # sensor/applog/deadletter/late -> topic name
+    workdir: Path
+
+    @classmethod
+    def create(cls, running: RunningStack, workdir: Path, **extra_env: str) -> Pipeline:
+        """New uniquely named topics (created now) and a new consumer group."""
+        tag = uuid.uuid4().hex[:8]
+        topics = {k: f"t{tag}.{k}" for k in ("sensor", "applog", "deadletter", "late")}
+        running.stack.kafka.create_topics(list(topics.values()), running.kafka_settings.partitions)
+        env = {
+            **os.environ,
+            **running.env(),
+            "PULSE_KAFKA_SENSOR_TOPIC": topics["sensor"],
+            "PULSE_KAFKA_APPLOG_TOPIC": topics["applog"],
+            "PULSE_KAFKA_DEADLETTER_TOPIC": topics["deadletter"],
+            "PULSE_KAFKA_LATE_TOPIC": topics["late"],
+            "PULSE_WORKER_APP_ID": f"pulse-test-{tag}",
+            "PULSE_WORKER_BATCH_WITHIN_S": "0.05",
+            **extra_env,
+        }
+        return cls(running, env, topics, workdir)
+
+    def pulse(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run a ``pulse`` subcommand to completion."""
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def loadgen(self, *argv: str, truth: Path | None = None) -> dict[str, Any]:
+        """Produce events with ``pulse loadgen``; return the truth file's content."""
+        import orjson
+
+        truth = truth or self.workdir / f"truth-{uuid.uuid4().hex[:6]}.json"
+        res = self.pulse("loadgen", *argv, f"--truth={truth}")
+        assert res.returncode == 0, f"loadgen failed: {res.stderr[-2000:]}"
+        data: dict[str, Any] = orjson.loads(truth.read_bytes())
+        return data
+
+    def start_loadgen(self, *argv: str, truth: Path) -> subprocess.Popen[str]:
+        """Start ``pulse loadgen`` in the background."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "loadgen", *argv, f"--truth={truth}"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def worker(self, name: str = "w1", **extra_env: str) -> WorkerProcess:
+        """Start a ``pulse worker`` process."""
+        log = self.workdir / f"worker-{name}-{uuid.uuid4().hex[:4]}.log"
+        return WorkerProcess.start({**self.env, **extra_env}, name, log)
+
+    def verify(self, truth: Path) -> subprocess.CompletedProcess[str]:
+        """Run ``pulse verify``."""
+        return self.pulse("verify", f"--truth={truth}", "--max-report=20")
+
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        """End offset of every partition of the two input topics."""
+        return asyncio.run(
+            _end_offsets(self.running.bootstrap, [self.topics["sensor"], self.topics["applog"]])
+        )
+
+    def applied_offsets(self, client: redis.Redis) -> dict[tuple[str, int], int]:
+        """The store's applied offset of every input partition (-1 where none)."""
+        out = {}
+        pipe = client.pipeline(transaction=False)
+        parts = range(self.running.kafka_settings.partitions)
+        for kind in EventKind:
+            for p in parts:
+                pipe.hget(keys.progress_key(kind, p), keys.Progress.OFFSET)
+        values = iter(pipe.execute())
+        for kind in EventKind:
+            for p in parts:
+                v = next(values)
+                out[(self.topics[kind.value], p)] = int(v) if v is not None else -1
+        return out
+
+    def wait_applied(
+        self, client: redis.Redis, timeout_s: float = 180.0, alive: Callable[[], bool] | None = None
+    ) -> None:
+        """Wait until the store has applied every record the input topics hold."""
+        ends = self.end_offsets()
+        deadline = time.monotonic() + timeout_s
+        behind: dict[tuple[str, int], tuple[int, int]] = {}
+        while time.monotonic() < deadline:
+            applied = self.applied_offsets(client)
+            behind = {tp: (applied[tp], end) for tp, end in ends.items() if applied[tp] < end - 1}
+            if not behind:
+                return
+            if alive is not None:
+                assert alive(), "the worker died"
+            time.sleep(0.25)
+        raise AssertionError(f"store did not catch up within {timeout_s}s: {behind}")
+
+    def read_topic(self, name: str) -> list[Any]:
+        """Every record of a topic (all partitions)."""
+        return asyncio.run(_read_all(self.running.bootstrap, self.topics[name]))
+
+    def committed(self) -> dict[tuple[str, int], int]:
+        """The worker group's committed offsets on the input topics (-1 where none)."""
+        return asyncio.run(
+            _committed(
+                self.running.bootstrap,
+                self.env["PULSE_WORKER_APP_ID"],
+                [self.topics["sensor"], self.topics["applog"]],
+                self.running.kafka_settings.partitions,
+            )
+        )
+
+
+@dataclass
+class WorkerProcess:
+    """A ``pulse worker`` child process."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, env: dict[str, str], name: str, log: Path) -> WorkerProcess:
+        """Launch the worker."""
+        out = open(log, "ab")  # noqa: SIM115 - owned by the child process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", f"--name={name}", "--loglevel=info"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        return cls(proc, log)
+
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, no commit, no goodbye."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def tail(self, n: int = 40) -> str:
+        """Last lines of the worker's log."""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+async def _end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await c.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in (c.partitions_for_topic(t) or ())]
+        if not tps:
+            await c._client.force_metadata_update()
+            tps = [TopicPartition(t, p) for t in topics for p in (c.partitions_for_topic(t) or ())]
+        ends = await c.end_offsets(tps)
+        return {(tp.topic, tp.partition): off for tp, off in ends.items()}
+    finally:
+        await c.stop()
+
+
+async def _read_all(bootstrap: str, topic: str) -> list[Any]:
+    from aiokafka import AIOKafkaConsumer
+
+    ends = await _end_offsets(bootstrap, [topic])
+    want = sum(ends.values())
+    c = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await c.start()
+    out: list[Any] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(out) < want and time.monotonic() < deadline:
+            for msgs in (await c.getmany(timeout_ms=500)).values():
+                out.extend(msgs)
+    finally:
+        await c.stop()
+    return out
+
+
+async def _committed(
+    bootstrap: str, group: str, topics: list[str], partitions: int
+) -> dict[tuple[str, int], int]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await c.start()
+    try:
+        out = {}
+        for t in topics:
+            for p in range(partitions):
+                off = await c.committed(TopicPartition(t, p))
+                out[(t, p)] = -1 if off is None else off
+        return out
+    finally:
+        await c.stop()

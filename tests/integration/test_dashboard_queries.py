@@ -1,0 +1,303 @@
+"""The dashboard's queries and page against a real Valkey, with data written per ``schemas.keys``.
+
+Uses the suite's ``store`` fixture (flushed per test). Data is written with plain HSET/HINCRBY
+(as the worker's layout prescribes) over several partitions, panes and windows, including keys
+just outside each query's range, and every number the queries return is checked exactly.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+from streamlit.testing.v1 import AppTest
+
+from dashboard import queries
+from pipeline import sketches
+from schemas import keys
+from schemas.events import EventKind
+
+pytestmark = pytest.mark.integration
+
+SENSOR, APPLOG = EventKind.SENSOR, EventKind.APPLOG
+W10, W1M = keys.WINDOW_10S, keys.WINDOW_1M
+MIN = W1M.size_ms
+APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- writing helpers
+
+
+def put(
+    r: redis.Redis,
+    kind: EventKind,
+    part: int,
+    window: keys.TumblingWindow,
+    dim: str,
+    start: int,
+    ent: str,
+    values: Sequence[float],
+    extra: dict[str, int] | None = None,
+) -> None:
+    """Write one entity's statistics and sketch of ``values`` into one window key."""
+    agg = keys.agg_key(kind, part, window, dim, start)
+    sk = keys.sketch_key(kind, part, window, dim, start)
+    r.hincrby(agg, keys.field(ent, keys.Stat.COUNT), len(values))
+    r.hincrbyfloat(agg, keys.field(ent, keys.Stat.SUM), float(sum(values)))
+    r.hincrbyfloat(agg, keys.field(ent, keys.Stat.SUMSQ), float(sum(v * v for v in values)))
+    r.hset(agg, keys.field(ent, keys.Stat.MIN), repr(min(values)))
+    r.hset(agg, keys.field(ent, keys.Stat.MAX), repr(max(values)))
+    for stat, n in (extra or {}).items():
+        r.hincrby(agg, keys.field(ent, stat), n)
+    for code, n in sketches.sketch_of(values).items():
+        r.hincrby(sk, keys.field(ent, str(code)), n)
+    r.sadd(keys.entities_key(kind, part, dim), ent)
+
+
+def count_only(
+    r: redis.Redis, kind: EventKind, part: int, window: keys.TumblingWindow, start: int, **n: int
+) -> None:
+    """Write only ``n`` of fleet-wide entities (sensor metrics, or applog ``all``)."""
+    dim = queries.FLEET_DIM[kind]
+    for ent, count in n.items():
+        r.hincrby(keys.agg_key(kind, part, window, dim, start), keys.field(ent, "n"), count)
+
+
+def progress(r: redis.Redis, kind: EventKind, part: int, **fields: int) -> None:
+    r.hset(keys.progress_key(kind, part), mapping={k: str(v) for k, v in fields.items()})
+
+
+# A minute boundary near the real clock, so the page (which reads the real clock) has data too.
+T0 = keys.window_start(time.time_ns() // 1_000_000, W1M)
+NOW = T0 + 25_000
+
+ORDERS = [float(x) for x in range(200, 900, 7)]  # api|/orders, high latency
+HEALTH = [1.0, 1.5, 2.0, 2.5, 3.0] * 2
+WEB = [50.0, 60.0, 70.0, 80.0, 100.0]
+LAT_A, LAT_B, LAT_C = [5.0, 7.0, 9.0, 11.0], [100.0, 3.0, 40.0], [12.0, 13.0]
+S1_A, S1_B, S2 = [20.0, 21.0, 22.0], [25.0, 19.0], [40.0, 50.0]
+
+
+def populate(r: redis.Redis) -> None:
+    """Progress, workers and windows over sensor partitions 0, 2 and applog partitions 0, 1."""
+    progress(r, SENSOR, 0, offset=99, watermark=NOW - 40_000, max_event_time=NOW - 10_000)
+    progress(r, SENSOR, 2, offset=49, watermark=NOW - 35_000, max_event_time=NOW - 5_000)
+    progress(r, APPLOG, 0, offset=19, watermark=NOW - 42_000, max_event_time=NOW - 20_000)
+    progress(r, APPLOG, 1, offset=29, watermark=NOW - 45_000, max_event_time=NOW - 15_000)
+    for kind, part, events, late, dead in (
+        (SENSOR, 0, 100, 3, 1),
+        (SENSOR, 2, 50, 0, 2),
+        (APPLOG, 0, 20, 0, 0),
+        (APPLOG, 1, 30, 1, 0),
+    ):
+        progress(r, kind, part, events=events, late=late, dead=dead, batches=2, updated_ms=NOW)
+    r.hset(
+        keys.worker_key("w1"),
+        mapping={
+            "durability_wait_p50_ms": "2.5",
+            "durability_wait_p99_ms": "7.0",
+            "batches": "10",
+            "host": "box-1",
+        },
+    )
+    r.hset(
+        keys.worker_key("w2"),
+        mapping={"durability_wait_p50_ms": "3", "durability_wait_p99_ms": "6"},
+    )
+
+    # 10 s fleet windows. Sensor frontier NOW-35 s = T0-10 s: complete windows T0-40..T0-20 s.
+    count_only(r, SENSOR, 0, W10, T0 - 20_000, temp=10, hum=5)
+    count_only(r, SENSOR, 2, W10, T0 - 30_000, temp=6)
+    count_only(r, SENSOR, 2, W10, T0 - 10_000, temp=1000)  # ends after the frontier
+    count_only(r, SENSOR, 0, W10, T0 - 50_000, temp=77)  # older than the rate windows
+    # Applog frontier NOW-42 s = T0-17 s: complete windows T0-50..T0-30 s.
+    count_only(r, APPLOG, 1, W10, T0 - 50_000, all=9)
+    count_only(r, APPLOG, 0, W10, T0 - 40_000, all=6)
+    count_only(r, APPLOG, 1, W10, T0 - 30_000, all=3)
+    count_only(r, APPLOG, 0, W10, T0 - 20_000, all=500)
+
+    # 1 m fleet windows: the complete minutes before NOW are T0-3m, T0-2m, T0-1m.
+    put(r, SENSOR, 0, W1M, "metric", T0 - MIN, "temp", [1.0] * 20)
+    put(r, SENSOR, 0, W1M, "metric", T0 - MIN, "hum", [2.0] * 4)
+    put(r, SENSOR, 2, W1M, "metric", T0 - MIN, "temp", [3.0] * 7)
+    put(r, SENSOR, 2, W1M, "metric", T0 - 3 * MIN, "hum", [4.0] * 2)
+    put(r, SENSOR, 0, W1M, "metric", T0, "temp", [1.0] * 99)  # current minute
+    put(r, SENSOR, 0, W1M, "metric", T0 - 4 * MIN, "temp", [1.0] * 55)  # before lookback
+    put(r, APPLOG, 1, W1M, "fleet", T0 - 2 * MIN, "all", LAT_C + [1.0] * 6)
+    put(r, APPLOG, 1, W1M, "fleet", T0 - MIN, "all", [*LAT_A, 20.0])
+    put(r, APPLOG, 0, W1M, "fleet", T0 - MIN, "all", LAT_B[:1])
+    put(r, APPLOG, 0, W1M, "fleet", T0 - MIN, "all", LAT_B[1:])  # same key again: adds up
+    put(r, APPLOG, 0, W1M, "fleet", T0, "all", [5000.0] * 3)  # current minute
+
+    # Routes per 1 m pane; the hopping window at NOW spans panes T0-4m .. T0.
+    put(r, APPLOG, 0, W1M, "route", T0, "api|/orders", ORDERS[:40], {"err": 1, "5xx": 1})
+    put(r, APPLOG, 1, W1M, "route", T0 - 2 * MIN, "api|/orders", ORDERS[40:], {"5xx": 2})
+    put(r, APPLOG, 1, W1M, "route", T0 - 5 * MIN, "api|/orders", [9e4] * 50, {"5xx": 50})
+    put(r, APPLOG, 0, W1M, "route", T0 - MIN, "api|/health", HEALTH, {"2xx": 10})
+    put(r, APPLOG, 1, W1M, "route", T0 - 4 * MIN, "web|/", WEB, {"err": 5})
+
+    # Sites per 1 m pane.
+    put(r, SENSOR, 0, W1M, "site", T0 - MIN, "s1|temp", S1_A)
+    put(r, SENSOR, 2, W1M, "site", T0, "s1|temp", S1_B)
+    put(r, SENSOR, 2, W1M, "site", T0 - 2 * MIN, "s2|hum", S2)
+    put(r, SENSOR, 0, W1M, "site", T0 - 5 * MIN, "s1|temp", [1000.0])  # outside the window
+
+
+def _q(values: Sequence[float], qs: Sequence[float]) -> list[float | None]:
+    return sketches.quantiles(sketches.sketch_of(values), qs)
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def test_discover_finds_partitions_and_workers(store: redis.Redis) -> None:
+    populate(store)
+    topo = queries.discover(store, scan_count=10)
+    assert topo.partitions == {SENSOR: (0, 2), APPLOG: (0, 1)}
+    assert topo.workers == ("w1", "w2")
+    assert queries.discover(store, min_partitions=3).partitions == {
+        SENSOR: (0, 1, 2),
+        APPLOG: (0, 1, 2),
+    }
+
+
+def test_kpis(store: redis.Redis) -> None:
+    populate(store)
+    k = queries.read_kpis(store, queries.Topology.of(3, ["w1", "w2", "gone"]), NOW, rate_windows=3)
+    assert not k.empty
+    assert (k.events, k.late, k.dead) == (200, 4, 3)
+    assert k.progress[SENSOR].partitions == 2 and k.progress[SENSOR].batches == 4
+    assert k.events_per_s[SENSOR] == pytest.approx((10 + 5 + 6) / 30)
+    assert k.events_per_s[APPLOG] == pytest.approx((9 + 6 + 3) / 30)
+    assert k.newest_event_ms == NOW - 5_000
+    assert k.watermark_ms == NOW - 45_000 and k.watermark_lag_ms == 45_000
+    assert (k.durability_p50_ms, k.durability_p99_ms) == (3.0, 7.0)
+    assert k.workers["w1"] == {
+        "durability_wait_p50_ms": 2.5,
+        "durability_wait_p99_ms": 7.0,
+        "batches": 10.0,
+    }
+    assert k.workers["gone"] == {}
+    # one 10 s window only: the latest complete one
+    k1 = queries.read_kpis(store, queries.Topology.of(3), NOW, rate_windows=1)
+    assert k1.events_per_s == {SENSOR: pytest.approx(15 / 10), APPLOG: pytest.approx(3 / 10)}
+
+
+def test_events_per_minute(store: redis.Redis) -> None:
+    populate(store)
+    df = queries.read_events_per_minute(store, queries.Topology.of(3), NOW, lookback_min=3)
+    expected_index = pd.to_datetime([T0 - 3 * MIN, T0 - 2 * MIN, T0 - MIN], unit="ms", utc=True)
+    assert list(df.index) == list(expected_index)
+    assert df["sensor"].tolist() == [2, 0, 31]
+    assert df["applog"].tolist() == [0, 8, 8]
+    assert list(df.columns) == ["sensor", "applog"]
+
+
+def test_latency_per_minute(store: redis.Redis) -> None:
+    populate(store)
+    df = queries.read_latency_per_minute(store, queries.Topology.of(3), NOW, lookback_min=3)
+    assert list(df.columns) == ["p50", "p95", "p99"]
+    qs = (0.5, 0.95, 0.99)
+    assert df.iloc[0].isna().all()
+    assert df.iloc[1].tolist() == _q(LAT_C + [1.0] * 6, qs)
+    assert df.iloc[2].tolist() == _q([*LAT_A, 20.0, *LAT_B], qs)
+
+
+def test_top_routes(store: redis.Redis) -> None:
+    populate(store)
+    df = queries.read_top_routes(store, queries.Topology.of(3), NOW, limit=10)
+    assert list(df.columns) == list(queries.ROUTE_COLUMNS)
+    assert df[["service", "route", "requests"]].values.tolist() == [
+        ["api", "/orders", len(ORDERS)],
+        ["web", "/", 5],
+        ["api", "/health", 10],
+    ]
+    p50, p99 = zip(*(_q(v, (0.5, 0.99)) for v in (ORDERS, WEB, HEALTH)), strict=True)
+    assert df["p50_ms"].tolist() == list(p50)
+    assert df["p99_ms"].tolist() == list(p99)
+    assert df["error_rate"].tolist() == [1 / len(ORDERS), 1.0, 0.0]
+    assert df["rate_5xx"].tolist() == [3 / len(ORDERS), 0.0, 0.0]
+    top = queries.read_top_routes(store, queries.Topology.of(3), NOW, limit=1)
+    assert top["route"].tolist() == ["/orders"]
+
+
+def test_site_metrics(store: redis.Redis) -> None:
+    populate(store)
+    df = queries.read_site_metrics(store, queries.Topology.of(3), NOW)
+    assert list(df.columns) == list(queries.SITE_COLUMNS)
+    s1, s2 = S1_A + S1_B, S2
+    assert df[["site", "metric", "readings", "min", "max"]].values.tolist() == [
+        ["s1", "temp", 5, 19.0, 25.0],
+        ["s2", "hum", 2, 40.0, 50.0],
+    ]
+    assert df["mean"].tolist() == pytest.approx([np.mean(s1), np.mean(s2)], rel=1e-12)
+    assert df["p95"].tolist() == [_q(s1, (0.95,))[0], _q(s2, (0.95,))[0]]
+
+
+def test_empty_store(store: redis.Redis) -> None:
+    topo = queries.discover(store, min_partitions=2)
+    k = queries.read_kpis(store, topo, NOW)
+    assert k.empty and k.events == 0 and k.events_per_s == {SENSOR: None, APPLOG: None}
+    per_minute = queries.read_events_per_minute(store, topo, NOW, 5)
+    assert per_minute.shape == (5, 2) and int(per_minute.to_numpy().sum()) == 0
+    assert queries.read_latency_per_minute(store, topo, NOW, 5).isna().all().all()
+    assert queries.read_top_routes(store, topo, NOW).empty
+    assert queries.read_site_metrics(store, topo, NOW).empty
+
+
+def test_unreachable_store_raises_redis_error() -> None:
+    r = queries.connect("127.0.0.1", _free_port(), timeout_s=0.5)
+    with pytest.raises(redis.ConnectionError):
+        queries.read_kpis(r, queries.Topology.of(2), NOW)
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _app(monkeypatch: pytest.MonkeyPatch, port: int) -> AppTest:
+    monkeypatch.setenv("PULSE_STORE_HOST", "127.0.0.1")
+    monkeypatch.setenv("PULSE_STORE_PORT", str(port))
+    monkeypatch.delenv("PULSE_STORE_PASSWORD", raising=False)
+    monkeypatch.setenv("PULSE_KAFKA_PARTITIONS", "3")
+    monkeypatch.setenv("PULSE_DASHBOARD_LOOKBACK_MIN", "10")
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    return at.run()
+
+
+def test_page_renders_populated_store(store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    populate(store)
+    at = _app(monkeypatch, int(store.connection_pool.connection_kwargs["port"]))
+    assert not at.exception
+    assert not at.error
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Events"] == "200"
+    assert metrics["Late"] == "4" and metrics["Dead-letter"] == "3"
+    assert metrics["Durability wait p50 / p99"] == "3.0 / 7.0 ms"
+    # two charts, routes, sites, partitions and workers tables
+    assert len(at.get("vega_lite_chart")) == 2
+    assert len(at.dataframe) == 4
+
+
+def test_page_reports_empty_store(store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _app(monkeypatch, int(store.connection_pool.connection_kwargs["port"]))
+    assert not at.exception
+    assert [i.value for i in at.info] and "empty" in at.info[0].value
+    assert not at.metric
+
+
+def test_page_reports_unreachable_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _app(monkeypatch, _free_port())
+    assert not at.exception
+    assert len(at.error) == 1 and "unreachable" in at.error[0].value

@@ -1,0 +1,80 @@
+"""docker-compose.yml stays in step with the local stack's defaults (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.settings import KafkaSettings, StackSettings, StoreSettings, WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def host_ports(service: dict[str, Any]) -> set[int]:
+    return {int(p.split(":")[-2]) for p in service.get("ports", [])}
+
+
+def test_services_and_profiles() -> None:
+    services = compose()["services"]
+    assert {"kafka", "topics", "valkey", "valkey-replica", "worker", "dashboard", "loadgen"} <= set(
+        services
+    )
+    assert services["loadgen"]["profiles"] == ["loadgen"]
+    for name in ("worker", "dashboard", "loadgen"):
+        assert services[name]["build"] == "."
+    assert (ROOT / "Dockerfile").exists()
+
+
+def test_kafka_matches_local_stack() -> None:
+    kafka = compose()["services"]["kafka"]
+    assert kafka["image"] == f"apache/kafka:{StackSettings().kafka_version}"
+    env = kafka["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, one node
+    assert int(env["KAFKA_NUM_PARTITIONS"]) == KafkaSettings().partitions
+    bootstrap_port = int(KafkaSettings().bootstrap.rsplit(":", 1)[1])
+    assert bootstrap_port in host_ports(kafka)
+    for p in kafka["ports"]:
+        assert p.startswith("127.0.0.1:"), "bind to loopback like the local stack"
+
+
+def test_topics_are_created_like_pulse_up() -> None:
+    services = compose()["services"]
+    script = " ".join(services["topics"]["command"])
+    k = KafkaSettings()
+    for topic in k.topics:
+        assert topic in script
+    assert f"--partitions {k.partitions}" in script
+
+
+def test_valkey_primary_and_replica_are_durable() -> None:
+    services = compose()["services"]
+    store = StoreSettings()
+    primary, replica = services["valkey"], services["valkey-replica"]
+    for svc in (primary, replica):
+        cmd = svc["command"]
+        assert cmd[cmd.index("--appendonly") + 1] == "yes"
+        assert cmd[cmd.index("--appendfsync") + 1] == "always"
+    rcmd = replica["command"]
+    assert rcmd[rcmd.index("--replicaof") + 1 : rcmd.index("--replicaof") + 3] == [
+        "valkey",
+        "6379",
+    ]
+    assert store.port in host_ports(primary)
+    assert store.replica_port in host_ports(replica)
+
+
+def test_pulse_services_share_settings() -> None:
+    c = compose()
+    env = c["x-pulse-env"]
+    assert int(env["PULSE_KAFKA_PARTITIONS"]) == KafkaSettings().partitions
+    assert env["PULSE_WORKER_DURABILITY"] == WorkerSettings().durability.value
+    assert env["PULSE_STORE_HOST"] == "valkey"
+    for name in ("worker", "dashboard", "loadgen"):
+        assert c["services"][name]["environment"] == env

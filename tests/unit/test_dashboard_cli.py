@@ -1,0 +1,64 @@
+"""``pulse dashboard`` wiring: arguments, the streamlit command line, settings."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from dashboard import cli
+from dashboard.settings import DashboardSettings
+from pipeline.cli import build_parser
+
+
+def test_cli_module_does_not_import_streamlit() -> None:
+    code = "import sys, dashboard.cli, pipeline.cli; pipeline.cli.build_parser(); "
+    code += "print('streamlit' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=cli.ROOT
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_parser_accepts_dashboard_options() -> None:
+    args = build_parser().parse_args(
+        ["dashboard", "--port", "8600", "--refresh-s", "5", "--lookback-min", "30"]
+    )
+    assert (args.port, args.refresh_s, args.lookback_min, args.address) == (8600, 5.0, 30, None)
+
+
+def test_command_is_headless_on_the_given_address() -> None:
+    cmd = cli.command("127.0.0.1", 8600)
+    assert cmd[:5] == [sys.executable, "-m", "streamlit", "run", str(cli.APP)]
+    opts = dict(zip(cmd[5::2], cmd[6::2], strict=True))
+    assert opts == {
+        "--server.headless": "true",
+        "--server.address": "127.0.0.1",
+        "--server.port": "8600",
+        "--server.fileWatcherType": "none",
+        "--browser.gatherUsageStats": "false",
+    }
+
+
+def test_child_env_passes_given_options_only() -> None:
+    args = argparse.Namespace(address=None, port=8600, refresh_s=None, lookback_min=15)
+    env = cli.child_env(args, {"PYTHONPATH": "/x", "PULSE_DASHBOARD_REFRESH_S": "7"})
+    assert env["PULSE_DASHBOARD_PORT"] == "8600"
+    assert env["PULSE_DASHBOARD_LOOKBACK_MIN"] == "15"
+    assert env["PULSE_DASHBOARD_REFRESH_S"] == "7"
+    assert "PULSE_DASHBOARD_ADDRESS" not in env
+    assert env["PYTHONPATH"].split(":") == [str(cli.ROOT), "/x"]
+
+
+def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ADDRESS", "PORT", "REFRESH_S", "LOOKBACK_MIN"):
+        monkeypatch.delenv(f"PULSE_DASHBOARD_{name}", raising=False)
+    s = DashboardSettings()
+    assert (s.port, s.refresh_s, s.lookback_min, s.address) == (8501, 2.0, 60, "127.0.0.1")
+    monkeypatch.setenv("PULSE_DASHBOARD_LOOKBACK_MIN", "5")
+    assert DashboardSettings().lookback_min == 5
+    monkeypatch.setenv("PULSE_DASHBOARD_REFRESH_S", "0")
+    with pytest.raises(ValueError):
+        DashboardSettings()
