@@ -77,13 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, add_fn, run_fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module, _run=run_fn)
-        try:
-            add_arguments = getattr(importlib.import_module(module), add_fn)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue  # a component not written/installed yet must not break the other commands
-        add_arguments(p)
+        getattr(importlib.import_module(module), add_fn)(p)
     return parser
 
 

@@ -85,4 +85,5 @@ class WorkerSettings(BaseSettings):
     durability_timeout_ms: int = Field(default=5000, ge=1)
     retention_10s_s: int = Field(default=6 * 3600, ge=60)
     retention_1m_s: int = Field(default=3 * 24 * 3600, ge=60)
-    web_port: int = Field(default=6066, ge=1, le=65535)
+    session_timeout_s: float = Field(default=10.0, ge=6.0, le=300.0)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)

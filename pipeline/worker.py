@@ -242,6 +242,9 @@ def create_app(
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        # A killed worker's partitions move to the others after this long.
+        broker_session_timeout=worker.session_timeout_s,
+        broker_heartbeat_interval=worker.heartbeat_interval_s,
         stream_buffer_maxsize=max(4096, 2 * worker.batch_max),
         web_enabled=False,
         producer_acks=-1,
