@@ -8,7 +8,6 @@ from ``dashboard.queries``, so the data logic is testable without Streamlit.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -16,6 +15,7 @@ import redis
 import streamlit as st
 
 from dashboard import queries
+from dashboard.panels import Panels, read_panels
 from dashboard.settings import DashboardSettings
 from pipeline.settings import KafkaSettings, StoreSettings
 from schemas import keys
@@ -47,10 +47,11 @@ def topology(r: redis.Redis, settings: DashboardSettings, now_ms: int) -> querie
     return topo
 
 
-def _clock(ms: int | None) -> str:
+def _clock(ms: int | None, utc_suffix: bool = True) -> str:
     if ms is None:
         return "–"
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%H:%M:%S UTC")
+    text = datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%H:%M:%S")
+    return f"{text} UTC" if utc_suffix else text
 
 
 def _seconds(ms: float | None) -> str:
@@ -77,16 +78,16 @@ def render_kpis(k: queries.Kpis) -> None:
     )
     cols[2].metric("Late", _num(k.late))
     cols[3].metric("Dead-letter", _num(k.dead))
-    cols[4].metric("Newest event", _clock(k.newest_event_ms))
+    cols[4].metric("Newest event (UTC)", _clock(k.newest_event_ms, utc_suffix=False))
     cols[5].metric(
         "Watermark lag",
         _seconds(k.watermark_lag_ms),
         help=f"watermark {_clock(k.watermark_ms)} (min over partitions)",
     )
     cols[6].metric(
-        "Durability wait p50 / p99",
-        f"{_num(k.durability_p50_ms, '{:,.1f}')} / {_num(k.durability_p99_ms, '{:,.1f}')} ms",
-        help="worst over workers",
+        "Durable ack p50/p99 ms",
+        f"{_num(k.durability_p50_ms, '{:,.1f}')}/{_num(k.durability_p99_ms, '{:,.0f}')}",
+        help="time the worker waits for WAITAOF (worst over workers)",
     )
 
 
@@ -107,32 +108,14 @@ def _progress_table(k: queries.Kpis) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@dataclass(frozen=True, slots=True)
-class Panels:
-    """Everything one refresh shows."""
-
-    kpis: queries.Kpis
-    per_minute: pd.DataFrame
-    latency: pd.DataFrame
-    routes: pd.DataFrame
-    sites: pd.DataFrame
-
-
 # Keyed by the refresh tick (``now_ms`` rounded down to ``refresh_s``): the sessions open on
 # one server share one set of reads per tick instead of each reading the store.
 @st.cache_data(ttl=60, max_entries=16, show_spinner=False)
 def load_panels(
     _r: redis.Redis, url: str, topo: queries.Topology, now_ms: int, settings: DashboardSettings
 ) -> Panels:
-    """Run every panel's query at ``now_ms`` (``url`` names the store ``_r`` reaches)."""
-    kpis = queries.read_kpis(_r, topo, now_ms, settings.rate_windows)
-    return Panels(
-        kpis=kpis,
-        per_minute=queries.read_events_per_minute(_r, topo, now_ms, settings.lookback_min),
-        latency=queries.read_latency_per_minute(_r, topo, now_ms, settings.lookback_min),
-        routes=queries.read_top_routes(_r, topo, now_ms, settings.top_routes),
-        sites=queries.read_site_metrics(_r, topo, now_ms),
-    )
+    """Every panel at ``now_ms`` (``url`` names the store ``_r`` reaches, for the cache key)."""
+    return read_panels(_r, topo, now_ms, settings)
 
 
 def _url(r: redis.Redis) -> str:

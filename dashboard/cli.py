@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -71,9 +70,8 @@ def run(args: argparse.Namespace) -> int:
     }
     settings = DashboardSettings(**overrides)  # validates the options before starting
     print(f"Pulse dashboard on http://{settings.address}:{settings.port}", file=sys.stderr)
-    with subprocess.Popen(command(settings.address, settings.port), env=env) as proc:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            # Streamlit got the same SIGINT from the terminal; let it shut down cleanly
-            return proc.wait()
+    sys.stderr.flush()
+    # Become Streamlit (no wrapper process), so signals from a terminal or `pulse demo` reach it.
+    argv = command(settings.address, settings.port)
+    os.execve(argv[0], argv, env)
+    return 0  # not reached

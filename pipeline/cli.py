@@ -57,6 +57,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "compare the store's aggregates with a load generator truth file",
     ),
+    "bench": ("pipeline.bench.cli", "add_arguments", "run", "benchmark the pipeline side by side"),
 }
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pulse demo``."""
-    parser.add_argument("--rate", type=float, default=300.0, help="events per second (300)")
-    parser.add_argument("--duration", type=float, default=3600.0, help="seconds of load (3600)")
+    parser.add_argument("--rate", type=int, default=300, help="events per second (300)")
+    parser.add_argument("--duration", type=int, default=3600, help="seconds of load (3600)")
     parser.add_argument("--devices", type=int, default=100, help="simulated devices (100)")
     parser.add_argument("--services", type=int, default=5, help="simulated services (5)")
     parser.add_argument("--seed", type=int, default=1, help="load generator seed (1)")

@@ -1,0 +1,35 @@
+"""What one dashboard refresh shows, read in one go (importable, so Streamlit can cache it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import redis
+
+from dashboard import queries
+from dashboard.settings import DashboardSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Panels:
+    """Everything one refresh shows."""
+
+    kpis: queries.Kpis
+    per_minute: pd.DataFrame
+    latency: pd.DataFrame
+    routes: pd.DataFrame
+    sites: pd.DataFrame
+
+
+def read_panels(
+    r: redis.Redis, topo: queries.Topology, now_ms: int, settings: DashboardSettings
+) -> Panels:
+    """Run every panel's query at ``now_ms``."""
+    return Panels(
+        kpis=queries.read_kpis(r, topo, now_ms, settings.rate_windows),
+        per_minute=queries.read_events_per_minute(r, topo, now_ms, settings.lookback_min),
+        latency=queries.read_latency_per_minute(r, topo, now_ms, settings.lookback_min),
+        routes=queries.read_top_routes(r, topo, now_ms, settings.top_routes),
+        sites=queries.read_site_metrics(r, topo, now_ms),
+    )

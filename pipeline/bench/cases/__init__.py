@@ -1,0 +1,10 @@
+"""Benchmark cases; importing this package registers them (and their ratios and targets)."""
+
+from pipeline.bench.cases import (  # noqa: F401 - imported to register
+    floor,
+    freshness,
+    naive,
+    pipeline_case,
+    reads,
+    write_cost,
+)

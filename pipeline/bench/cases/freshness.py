@@ -1,0 +1,161 @@
+"""(d) Freshness: time from an event's production to its visibility in the store.
+
+A warmed-up worker runs on fresh topics; the load generator's records are sent at a fixed rate
+in 10 ms slices, and the wall-clock send time of every record is logged per partition in offset
+order. A thread polls the store's applied offsets every ~2 ms; a record is visible from the
+first poll whose applied offset of its partition reaches the record's offset. Producer linger,
+broker, worker batching, apply and the durability wait are all inside the measured interval.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.bench import procs
+from pipeline.bench.harness import (
+    BenchContext,
+    BenchError,
+    Metrics,
+    bench_case,
+    percentiles,
+    target,
+)
+from pipeline.bench.kafka import SendLog, TopicSet, end_offsets, gen_config, send_all
+from pipeline.stack.kafka import run_sync
+
+if TYPE_CHECKING:
+    from loadgen.generator import Record
+
+WARMUP_EVENTS = 2000
+
+
+def visibility_latencies(
+    sends: dict[tuple[str, int], list[float]],
+    bases: dict[tuple[str, int], int],
+    polls: Sequence[tuple[float, dict[tuple[str, int], int]]],
+) -> np.ndarray:
+    """Seconds from send to visibility of every record that became visible.
+
+    ``sends[tp][k]`` is the send time of offset ``bases[tp] + k``; ``polls`` are ``(time,
+    applied offsets)`` in time order.
+    """
+    times = np.asarray([t for t, _ in polls], dtype=np.float64)
+    out: list[np.ndarray] = []
+    for tp, sent in sends.items():
+        applied = np.maximum.accumulate(np.asarray([o.get(tp, -1) for _, o in polls]))
+        offsets = bases.get(tp, 0) + np.arange(len(sent))
+        idx = np.searchsorted(applied, offsets, side="left")
+        seen = idx < len(times)
+        out.append(times[idx[seen]] - np.asarray(sent)[seen])
+    return np.concatenate(out) if out else np.empty(0)
+
+
+class Poller(threading.Thread):
+    """Polls the store's applied offsets until stopped."""
+
+    def __init__(self, ctx: BenchContext, interval_s: float = 0.002) -> None:
+        super().__init__(name="bench-freshness-poller", daemon=True)
+        self._ctx = ctx
+        self._interval = interval_s
+        self.samples: list[tuple[float, dict[tuple[str, int], int]]] = []
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self._ctx.redis() as r:
+                while not self.stop_event.is_set():
+                    prog = procs.read_progress(r, self._ctx.kafka.partitions)
+                    self.samples.append((prog.at, prog.offsets))
+                    time.sleep(self._interval)
+        except BaseException as exc:  # reported by the case
+            self.error = exc
+
+
+@bench_case(
+    "freshness",
+    description="production -> visible in the store, at a fixed input rate (1 worker)",
+    order=50,
+)
+def run(ctx: BenchContext) -> Metrics:
+    """Paced load through a warm worker; p50/p99 production-to-visibility."""
+    p = ctx.params
+    ctx.flush()
+    topics = ctx.topics("fresh")
+    env = ctx.env(topics, app_id=f"bench-fresh-{uuid.uuid4().hex[:8]}")
+    worker = procs.spawn_worker(ctx, env, "freshness-w1")
+    poller = Poller(ctx)
+    switch = sys.getswitchinterval()
+    # the poller thread must not wait 5 ms for the GIL while the producer runs
+    sys.setswitchinterval(0.0005)
+    try:
+        # warm-up: the worker joins its group and applies a first batch before the clock runs
+        warm = _records(ctx, topics, WARMUP_EVENTS, rate=0, seed_offset=1)
+        run_sync(lambda: send_all(ctx.kafka.bootstrap, warm))
+        procs.wait_drained(
+            ctx, end_offsets(ctx.kafka.bootstrap, topics, ctx.kafka.partitions), [worker]
+        )
+        bases = end_offsets(ctx.kafka.bootstrap, topics, ctx.kafka.partitions)
+        records = _records(ctx, topics, p.rate * p.freshness_s, rate=p.rate, seed_offset=0)
+        log = SendLog({topics.sensor: "sensor", topics.applog: "applog"})
+        poller.start()
+        slice_size = max(1, p.rate // 100)  # 10 ms of traffic
+        t0 = time.monotonic()
+        run_sync(
+            lambda: send_all(
+                ctx.kafka.bootstrap, records, slice_size, log.recorder(records), rate=p.rate
+            )
+        )
+        send_s = time.monotonic() - t0
+        ends = end_offsets(ctx.kafka.bootstrap, topics, ctx.kafka.partitions)
+        procs.wait_drained(ctx, ends, [worker], timeout_s=120)
+        time.sleep(0.05)
+    finally:
+        sys.setswitchinterval(switch)
+        poller.stop_event.set()
+        if poller.is_alive():
+            poller.join(10)
+        status = worker.stop()
+    if poller.error is not None:
+        raise BenchError(f"store poller failed: {poller.error}")
+    if status != 0:
+        raise BenchError(f"worker exited with {status}: {worker.tail()}")
+    lat = visibility_latencies(log.times, bases, poller.samples)
+    if lat.size != len(records):
+        raise BenchError(f"{lat.size} of {len(records)} records seen applied")
+    ms = lat * 1000
+    poll_gaps = np.diff([t for t, _ in poller.samples])
+    return {
+        "rate_target": p.rate,
+        "rate_achieved": len(records) / send_s,
+        "events": len(records),
+        **{f"{k}_ms": v for k, v in percentiles(ms, (0.5, 0.9, 0.99)).items()},
+        "max_ms": float(ms.max()),
+        "poll_interval_ms": float(np.mean(poll_gaps) * 1000) if poll_gaps.size else 0.0,
+    }
+
+
+def _records(
+    ctx: BenchContext, topics: TopicSet, n: int, rate: int, seed_offset: int
+) -> list[Record]:
+    from loadgen.generator import Generator
+
+    clock_rate = rate or 1000
+    duration = max(1, -(-n // clock_rate))
+    now = int(time.time() * 1000)
+    start = now - duration * 1000 if rate == 0 else now
+    config = gen_config(
+        ctx, topics, seed=ctx.params.seed + seed_offset, rate=rate, start_ms=start,
+        duration_s=duration, bad_rate=0.0, late_rate=0.0,
+    )  # fmt: skip
+    return [r for chunk in Generator(config) for r in chunk.records][:n]
+
+
+target("freshness_p99_ms", "cases.freshness.p99_ms", "<=", 250.0, "at the --rate input rate")

@@ -1,0 +1,91 @@
+"""(c) Pulse itself: real ``pulse worker`` processes draining the preloaded topics.
+
+Each run gets a fresh consumer group, fresh dead-letter/late topics and an empty store db. The
+drain is timed by polling the store's per-partition applied offsets against the topics' end
+offsets, from the first applied batch on (start-up and the group join are not counted). With
+``--profile-dir``, the one-worker run is sampled by ``py-spy`` (which slows it slightly).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+from pipeline.bench import procs
+from pipeline.bench.harness import (
+    BenchContext,
+    BenchError,
+    Metrics,
+    bench_case,
+    drain_rate,
+    ratio,
+    target,
+)
+
+
+def drain_with_workers(ctx: BenchContext, workers: int, label: str) -> Metrics:
+    """Run ``workers`` worker processes over the preloaded topics until everything is applied."""
+    pre = ctx.preloaded()
+    ctx.flush()
+    out = ctx.topics(f"{label}-out")
+    topics = type(out)(pre.topics.sensor, pre.topics.applog, out.deadletter, out.late)
+    env = ctx.env(topics, app_id=f"bench-{label}-{uuid.uuid4().hex[:8]}")
+    before = procs.StoreCounters.read(ctx)
+    children = [procs.spawn_worker(ctx, env, f"{label}-w{i + 1}") for i in range(workers)]
+    profiler: procs.Profiler | None = None
+    statuses: dict[str, int] = {}
+    try:
+        if ctx.params.profile_dir and workers == 1:
+            output = Path(ctx.params.profile_dir) / f"{label}.pyspy.txt"
+            profiler = procs.Profiler.attach(children[0].proc.pid, output)
+        drain = procs.wait_drained(ctx, pre.end_offsets, children)
+        after = procs.StoreCounters.read(ctx)
+        time.sleep(0.5)  # the children write their round-trip counts every 0.2 s
+        counts = [c.counts() for c in children]
+    finally:
+        if profiler is not None:
+            profiler.stop()
+        statuses = procs.stop_all(children)
+    bad = {name: rc for name, rc in statuses.items() if rc != 0}
+    if bad:
+        raise BenchError(f"workers exited with {bad}: {children[0].tail()}")
+    final = drain.final
+    assert final is not None
+    for kind, produced in pre.records.items():
+        t = final.totals[kind]
+        if t["events"] + t["late"] + t["dead"] != produced:
+            raise BenchError(f"{kind}: store counted {t} for {produced} records")
+    metrics: Metrics = {
+        "workers": workers,
+        **drain_rate(drain.samples),
+        "records": pre.total,
+        "applied": {k: dict(v) for k, v in final.totals.items()},
+        "round_trips": sum(c["round_trips"] for c in counts),
+        "client_commands": sum(c["commands"] for c in counts),
+        "store": after.delta(before),
+        "bench_polls": drain.polls,
+    }
+    if profiler is not None:
+        metrics["profile"] = str(profiler.output)
+    return metrics
+
+
+@bench_case("pulse_1w", description="the real pipeline, 1 worker process", order=30)
+def run_one(ctx: BenchContext) -> Metrics:
+    """Pulse with one worker."""
+    return drain_with_workers(ctx, 1, "pulse_1w")
+
+
+@bench_case("pulse_2w", description="the real pipeline, 2 worker processes", order=31)
+def run_two(ctx: BenchContext) -> Metrics:
+    """Pulse with two workers (one consumer group)."""
+    return drain_with_workers(ctx, 2, "pulse_2w")
+
+
+ratio("pulse_1w_vs_floor", "cases.pulse_1w.events_per_s", "cases.floor.events_per_s")
+ratio("pulse_1w_vs_naive", "cases.pulse_1w.events_per_s", "cases.naive.events_per_s")
+ratio("pulse_2w_vs_1w", "cases.pulse_2w.events_per_s", "cases.pulse_1w.events_per_s")
+ratio("pulse_2w_vs_floor", "cases.pulse_2w.events_per_s", "cases.floor.events_per_s")
+target("pulse_1w_vs_floor", "ratios.pulse_1w_vs_floor", ">=", 0.5, "one worker vs the floor")
+target("pulse_1w_vs_naive", "ratios.pulse_1w_vs_naive", ">=", 10.0, "one worker vs naive")

@@ -1,0 +1,343 @@
+"""(f) Reads: latency of each dashboard panel's query over a realistic store.
+
+The store db is seeded through the worker's own code path (``aggregation.aggregate`` on
+synthetic columns and ``StoreWriter.apply``), so keys and fields follow ``schemas.keys``
+exactly: ``read_day_minutes`` of windows (10 s windows only within their 6 h retention), the
+most recent ``read_hot_minutes`` at ``read_hot_rate`` events/s and the earlier ones at
+``read_background_per_min``; the device dimension (``read_devices`` devices, ~2 metric series
+each) only in the last ``read_device_minutes``, since a day of it does not fit in memory. Each
+panel query of ``dashboard.queries`` then runs ``read_repeats`` times; panels over the target
+get a cProfile of a few calls in the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import io
+import pstats
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.bench.harness import (
+    BenchContext,
+    BenchError,
+    Metrics,
+    bench_case,
+    percentiles,
+    target,
+)
+
+MINUTE_MS = 60_000
+READ_TARGET_MS = 50.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive minutes written with the same shape."""
+
+    start_ms: int
+    minutes: int
+    per_minute: int  # events per minute, both kinds
+    device_dim: bool
+    ten_second: bool
+
+
+def plan_segments(
+    end_ms: int,
+    day_minutes: int,
+    hot_minutes: int,
+    hot_per_minute: int,
+    background_per_minute: int,
+    device_minutes: int,
+    ten_second_retention_ms: int,
+    max_minutes: int = 60,
+) -> list[Segment]:
+    """Split the seeded range (ending at the minute of ``end_ms``) into uniform segments."""
+    last = end_ms - end_ms % MINUTE_MS  # the current, still filling, minute
+    first = last - (day_minutes - 1) * MINUTE_MS
+    segments: list[Segment] = []
+    start = first
+    while start <= last:
+        age_min = (last - start) // MINUTE_MS
+
+        def shape(m: int) -> tuple[int, bool, bool]:
+            age = (last - m) // MINUTE_MS
+            return (
+                hot_per_minute if age < hot_minutes else background_per_minute,
+                age < device_minutes,
+                m + MINUTE_MS > end_ms - ten_second_retention_ms,
+            )
+
+        current = shape(start)
+        n = 1
+        while n < max_minutes and n <= age_min and shape(start + n * MINUTE_MS) == current:
+            n += 1
+        segments.append(Segment(start, n, *current))
+        start += n * MINUTE_MS
+    return segments
+
+
+class Seeder:
+    """Synthetic events of a fleet, aggregated and written like the worker does."""
+
+    def __init__(self, ctx: BenchContext) -> None:
+        from loadgen.generator import build_fleet
+        from loadgen.partitioning import partitions_for
+        from pipeline.aggregation import _factorize
+
+        p = ctx.params
+        self.ctx = ctx
+        self.rng = np.random.default_rng(p.seed)
+        self.parts = ctx.kafka.partitions
+        f = self.fleet = build_fleet(p.seed, p.read_devices, 10)
+        n_series = len(f.series_device)
+        self.series_names = [f.series_entity(s) for s in range(n_series)]
+        self.site_codes, self.site_names = _factorize(
+            [f.series_site_entity(s) for s in range(n_series)]
+        )
+        from loadgen.generator import METRICS
+
+        self.metric_names = [m.name for m in METRICS]
+        dev_part = partitions_for([d.encode() for d in f.device_ids], self.parts)
+        self.series_part = dev_part[f.series_device]
+        self.route_names = [f.route_entity(r) for r in range(len(f.routes))]
+        self.service_names = list(f.services)
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.known: dict[tuple[str, int, str], set[str]] = {}
+        self.per_minute: dict[int, dict[str, int]] = {}
+
+    def batches(self, seg: Segment, now_ms: int) -> list[Any]:
+        """The partition batches of one segment."""
+        from pipeline import aggregation
+        from pipeline.batch import PartitionBatch
+        from schemas import keys
+        from schemas.events import EventKind
+
+        f, rng = self.fleet, self.rng
+        n = seg.per_minute * seg.minutes
+        minute = np.repeat(np.arange(seg.minutes), seg.per_minute)
+        times = seg.start_ms + minute * MINUTE_MS + rng.integers(0, MINUTE_MS, n)
+        times = np.minimum(times, now_ms - 1)
+        is_app = rng.random(n) < 0.3
+        windows = keys.TUMBLING_WINDOWS if seg.ten_second else (keys.WINDOW_1M,)
+        out: list[Any] = []
+        for kind in EventKind:
+            sel = is_app if kind is EventKind.APPLOG else ~is_app
+            t = times[sel]
+            m = len(t)
+            starts = t - t % MINUTE_MS
+            for s, c in zip(*np.unique(starts, return_counts=True), strict=True):
+                row = self.per_minute.setdefault(int(s), {"sensor": 0, "applog": 0})
+                row[kind.value] += int(c)
+            if kind is EventKind.SENSOR:
+                series = rng.integers(0, len(self.series_names), m)
+                phase = 2 * np.pi * (t % 86_400_000) / 86_400_000 + f.series_phase[series]
+                values = (
+                    f.series_base[series]
+                    + f.series_amp[series] * np.sin(phase)
+                    + rng.standard_normal(m) * f.series_noise[series]
+                ).round(2)
+                part = self.series_part[series]
+                ents: dict[str, tuple[np.ndarray, list[str]]] = {}
+                if seg.device_dim:
+                    ents[keys.Dim.DEVICE] = (series, self.series_names)
+                ents[keys.Dim.SITE] = (self.site_codes[series], self.site_names)
+                ents[keys.Dim.METRIC] = (f.series_metric[series], self.metric_names)
+                status = errors = None
+            else:
+                route = rng.integers(0, len(self.route_names), m)
+                values = np.exp(f.route_mu[route] + f.route_sigma[route] * rng.standard_normal(m))
+                values = np.minimum(values, 3_600_000.0).round(2)
+                u = rng.random(m)
+                p5, p4 = f.route_p5[route], f.route_p4[route]
+                status = np.where(u < p5, 4, np.where(u < p5 + p4, 3, 1)).astype(np.int64)
+                errors = (status == 4).astype(np.float64)
+                part = rng.integers(0, self.parts, m)
+                ents = {
+                    keys.Dim.ROUTE: (route, self.route_names),
+                    keys.Dim.SERVICE: (f.route_service[route], self.service_names),
+                    keys.Dim.FLEET: (np.zeros(m, dtype=np.int64), [keys.FLEET_ENTITY]),
+                }
+            for p in range(self.parts):
+                mask = part == p
+                if not mask.any():
+                    continue
+                cols = aggregation.Columns(
+                    t[mask],
+                    values[mask].astype(np.float64),
+                    {d: (c[mask], names) for d, (c, names) in ents.items()},
+                    None if status is None else status[mask],
+                    None if errors is None else errors[mask],
+                )
+                count = int(mask.sum())
+                offset = self.offsets.get((kind.value, p), -1)
+                self.offsets[(kind.value, p)] = offset + count
+                new: dict[str, list[str]] = {}
+                for d, (codes, names) in cols.entities.items():
+                    known = self.known.setdefault((kind.value, p, d), set())
+                    fresh = [names[i] for i in np.unique(codes).tolist() if names[i] not in known]
+                    if fresh:
+                        known.update(fresh)
+                        new[d] = fresh
+                max_t = int(cols.event_times.max())
+                out.append(
+                    PartitionBatch(
+                        kind=kind,
+                        partition=p,
+                        expect_offset=offset,
+                        last_offset=offset + count,
+                        max_event_time=max_t,
+                        watermark=max_t - 30_000,
+                        deltas=aggregation.aggregate(cols, windows),
+                        new_entities=new,
+                        events=count,
+                        dead=[],
+                        late=[],
+                    )
+                )
+        return out
+
+
+async def _seed(ctx: BenchContext, segments: list[Segment], now_ms: int) -> Seeder:
+    import redis.asyncio as aioredis
+
+    from pipeline.settings import Durability, WorkerSettings
+    from pipeline.store_writer import Retention, StoreWriter
+
+    ws = WorkerSettings()
+    client = aioredis.Redis(
+        host=ctx.store.host,
+        port=ctx.store.port,
+        db=ctx.params.store_db,
+        single_connection_client=True,
+        socket_timeout=120,
+    )
+    retention = Retention({"10s": ws.retention_10s_s, "1m": ws.retention_1m_s})
+    writer = StoreWriter(client, Durability.NONE, retention)
+    seeder = Seeder(ctx)
+    try:
+        for seg in segments:
+            batches = seeder.batches(seg, now_ms)
+            outcomes, _ = await writer.apply(batches, now_ms)
+            if not all(o.applied for o in outcomes):
+                raise BenchError("seeding conflicted with another writer")
+    finally:
+        await client.aclose()
+    return seeder
+
+
+def _timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def _profile(fn: Callable[[], object], calls: int = 3, top: int = 8) -> list[dict[str, Any]]:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    stats = pstats.Stats(prof, stream=io.StringIO())
+    rows = []
+    for (file, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append((tottime, cumtime, ncalls, f"{file.rsplit('/', 2)[-1]}:{line}:{func}"))
+    rows.sort(reverse=True)
+    return [
+        {
+            "function": name,
+            "self_ms_per_call": tt / calls * 1000,
+            "cum_ms_per_call": ct / calls * 1000,
+        }
+        for tt, ct, _, name in rows[:top]
+    ]
+
+
+@bench_case("reads", description="latency of each dashboard panel query, seeded store", order=60)
+def run(ctx: BenchContext) -> Metrics:
+    """Seed the store db, then time every panel query."""
+    from dashboard import queries
+    from dashboard.settings import DashboardSettings
+    from pipeline.settings import WorkerSettings
+    from pipeline.worker import Metrics as WorkerMetrics
+    from schemas import keys
+
+    p = ctx.params
+    ds = DashboardSettings()
+    ctx.flush()
+    now_ms = int(time.time() * 1000)
+    segments = plan_segments(
+        now_ms, p.read_day_minutes, p.read_hot_minutes, p.read_hot_rate * 60,
+        p.read_background_per_min, p.read_device_minutes, WorkerSettings().retention_10s_s * 1000,
+    )  # fmt: skip
+    t0 = time.monotonic()
+    seeder = asyncio.run(_seed(ctx, segments, now_ms))
+    seed_s = time.monotonic() - t0
+    with ctx.redis() as r:
+        r.hset(keys.worker_key("bench"), mapping=WorkerMetrics().snapshot())
+        info = r.info("memory")
+        key_count = int(r.dbsize())
+        topo = queries.discover(r, min_partitions=ctx.kafka.partitions)
+        panels: dict[str, Callable[[], object]] = {
+            "kpis": lambda: queries.read_kpis(r, topo, now_ms, ds.rate_windows),
+            "events_per_minute": lambda: queries.read_events_per_minute(
+                r, topo, now_ms, ds.lookback_min
+            ),
+            "latency_per_minute": lambda: queries.read_latency_per_minute(
+                r, topo, now_ms, ds.lookback_min
+            ),
+            "top_routes": lambda: queries.read_top_routes(r, topo, now_ms, ds.top_routes),
+            "site_metrics": lambda: queries.read_site_metrics(r, topo, now_ms),
+        }
+        _check(queries.read_events_per_minute(r, topo, now_ms, ds.lookback_min), seeder)
+        results: dict[str, Any] = {}
+        for name, fn in panels.items():
+            fn()  # warm the connection and caches
+            samples = _timed(fn, p.read_repeats)
+            entry: dict[str, Any] = {
+                f"{k}_ms": v for k, v in percentiles(samples, (0.5, 0.99)).items()
+            }
+            if entry["p99_ms"] > READ_TARGET_MS:
+                entry["profile"] = _profile(fn)
+            results[name] = entry
+        refresh = _timed(lambda: [fn() for fn in panels.values()], max(3, p.read_repeats // 10))
+        discover = _timed(
+            lambda: queries.discover(r, min_partitions=ctx.kafka.partitions),
+            max(2, p.read_repeats // 20),
+        )
+        site_rows = len(queries.read_site_metrics(r, topo, now_ms))
+    return {
+        "panels": results,
+        "worst_panel_p99_ms": max(e["p99_ms"] for e in results.values()),
+        "refresh_all_panels": {f"{k}_ms": v for k, v in percentiles(refresh, (0.5, 0.99)).items()},
+        "discover_scan": {f"{k}_ms": v for k, v in percentiles(discover, (0.5, 0.99)).items()},
+        "store": {
+            "keys": key_count,
+            "used_memory_mb": round(int(info["used_memory"]) / 2**20, 1),
+            "seeded_events": sum(sum(v.values()) for v in seeder.per_minute.values()),
+            "site_metric_rows": site_rows,
+            "seed_s": round(seed_s, 1),
+        },
+        "repeats": p.read_repeats,
+    }
+
+
+def _check(frame: Any, seeder: Seeder) -> None:
+    """The events-per-minute panel must show exactly the seeded counts."""
+    for ts, row in frame.iterrows():
+        start = int(ts.value // 1_000_000)
+        want = seeder.per_minute.get(start, {"sensor": 0, "applog": 0})
+        got = {"sensor": int(row["sensor"]), "applog": int(row["applog"])}
+        if got != want:
+            raise BenchError(f"events per minute at {start}: store {got}, seeded {want}")
+
+
+target("reads_p99_ms", "cases.reads.worst_panel_p99_ms", "<=", READ_TARGET_MS, "worst panel")

@@ -1,0 +1,521 @@
+"""The benchmark harness: case registry, run context, ratios, targets and the report.
+
+A case is a function ``run(ctx) -> dict`` registered with :func:`bench_case`; it may declare the
+cases it needs (``requires``), whose results it finds in ``ctx.results``. Ratios and targets are
+registered the same way and refer to metrics by path (``"cases.floor.events_per_s"``,
+``"ratios.pulse_1w_vs_floor"``), so a new part of the pipeline joins the report by registering a
+case (and, if it has one, a target) without touching the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import redis
+
+    from pipeline.bench.kafka import Preloaded, TopicSet
+    from pipeline.settings import KafkaSettings, StoreSettings
+
+Metrics = dict[str, Any]
+CaseFn = Callable[["BenchContext"], Metrics]
+
+
+class BenchError(Exception):
+    """A case could not produce a valid measurement."""
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True, slots=True)
+class BenchCase:
+    """One benchmark case."""
+
+    name: str
+    run: CaseFn
+    description: str
+    requires: tuple[str, ...] = ()
+    order: int = 100  # cases run by ascending order, then name
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    """``numerator / denominator``, both metric paths into the report."""
+
+    name: str
+    numerator: str
+    denominator: str
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A goal on one metric path: ``measured <op> threshold``."""
+
+    name: str
+    metric: str
+    op: Literal[">=", "<="]
+    threshold: float
+    note: str = ""
+
+    def met(self, measured: float) -> bool:
+        """Whether ``measured`` meets the target."""
+        return measured >= self.threshold if self.op == ">=" else measured <= self.threshold
+
+
+@dataclass
+class Registry:
+    """Cases, ratios and targets known to ``pulse bench``."""
+
+    cases: dict[str, BenchCase] = field(default_factory=dict)
+    ratios: dict[str, Ratio] = field(default_factory=dict)
+    targets: dict[str, Target] = field(default_factory=dict)
+
+    def add_case(self, case: BenchCase) -> None:
+        """Register a case; names are unique."""
+        if case.name in self.cases:
+            raise ValueError(f"benchmark case {case.name!r} is registered twice")
+        self.cases[case.name] = case
+
+    def resolve(self, selected: Sequence[str] | None) -> list[BenchCase]:
+        """The cases to run for ``selected`` names (all when None), requirements included."""
+        names = list(self.cases) if selected is None else list(selected)
+        unknown = [n for n in names if n not in self.cases]
+        if unknown:
+            raise ValueError(
+                f"unknown case {', '.join(unknown)} (known: {', '.join(sorted(self.cases))})"
+            )
+        chosen: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name in chosen:
+                continue
+            chosen.add(name)
+            for req in self.cases[name].requires:
+                if req not in self.cases:
+                    raise ValueError(f"case {name!r} requires unknown case {req!r}")
+                todo.append(req)
+        ordered = sorted((self.cases[n] for n in chosen), key=lambda c: (c.order, c.name))
+        position = {c.name: i for i, c in enumerate(ordered)}
+        for case in ordered:
+            for req in case.requires:
+                if position[req] > position[case.name]:
+                    raise ValueError(
+                        f"case {case.name!r} is ordered before its requirement {req!r}"
+                    )
+        return ordered
+
+
+REGISTRY = Registry()
+
+
+def bench_case(
+    name: str, *, description: str, requires: Iterable[str] = (), order: int = 100
+) -> Callable[[CaseFn], CaseFn]:
+    """Decorator registering ``fn`` as benchmark case ``name`` in :data:`REGISTRY`."""
+
+    def register(fn: CaseFn) -> CaseFn:
+        REGISTRY.add_case(BenchCase(name, fn, description, tuple(requires), order))
+        return fn
+
+    return register
+
+
+def ratio(name: str, numerator: str, denominator: str) -> None:
+    """Register a ratio of two metric paths."""
+    REGISTRY.ratios[name] = Ratio(name, numerator, denominator)
+
+
+def target(
+    name: str, metric: str, op: Literal[">=", "<="], threshold: float, note: str = ""
+) -> None:
+    """Register a target on a metric path."""
+    REGISTRY.targets[name] = Target(name, metric, op, threshold, note)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def percentiles(samples: Sequence[float] | np.ndarray, qs: Sequence[float]) -> dict[str, float]:
+    """``{"p50": ..., "p99": ...}`` of ``samples`` (linear interpolation); empty -> ValueError."""
+    arr = np.asarray(samples, dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError("no samples")
+    values = np.percentile(arr, [q * 100 for q in qs])
+    return {_pname(q): float(v) for q, v in zip(qs, values, strict=True)}
+
+
+def _pname(q: float) -> str:
+    text = f"{q * 100:g}".replace(".", "_")
+    return f"p{text}"
+
+
+def drain_rate(samples: Sequence[tuple[float, int]]) -> Metrics:
+    """Throughput from ``(time_s, records_done)`` samples of a drain.
+
+    The clock starts at the first sample with progress, so process start-up and the consumer
+    group join are excluded. ``median_1s_per_s`` is the median over 1-second slices (robust to a
+    rebalance pause in the middle).
+    """
+    start = next((i for i, (_, n) in enumerate(samples) if n > 0), None)
+    if start is None:
+        raise ValueError("no progress in the samples")
+    t0, n0 = samples[start]
+    t1, n1 = samples[-1]
+    if t1 <= t0 or n1 <= n0:
+        raise ValueError("not enough progress to compute a rate")
+    times = np.asarray([t for t, _ in samples[start:]])
+    done = np.asarray([n for _, n in samples[start:]], dtype=np.float64)
+    edges = np.arange(t0, t1, 1.0)
+    per_s: list[float] = []
+    if edges.size >= 2:
+        at = np.interp(edges, times, done)
+        per_s = np.diff(at).tolist()
+    return {
+        "events_per_s": (n1 - n0) / (t1 - t0),
+        "median_1s_per_s": float(np.median(per_s)) if per_s else (n1 - n0) / (t1 - t0),
+        "measured_events": int(n1 - n0),
+        "measured_s": t1 - t0,
+    }
+
+
+def lookup(report: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path of a nested mapping; KeyError if any part is missing."""
+    node: Any = report
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(path)
+        node = node[part]
+    return node
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def compute_ratios(results: Mapping[str, Metrics], ratios: Iterable[Ratio]) -> dict[str, float]:
+    """Every ratio whose two metrics were measured (and whose denominator is not zero)."""
+    doc = {"cases": results}
+    out: dict[str, float] = {}
+    for r in ratios:
+        try:
+            num, den = _number(lookup(doc, r.numerator)), _number(lookup(doc, r.denominator))
+        except KeyError:
+            continue
+        if num is not None and den:
+            out[r.name] = num / den
+    return out
+
+
+def check_targets(
+    results: Mapping[str, Metrics], ratios: Mapping[str, float], targets: Iterable[Target]
+) -> dict[str, Metrics]:
+    """Each target whose metric was measured: target, measured value and whether it is met."""
+    doc = {"cases": results, "ratios": ratios}
+    out: dict[str, Metrics] = {}
+    for t in targets:
+        try:
+            measured = _number(lookup(doc, t.metric))
+        except KeyError:
+            continue
+        if measured is None:
+            continue
+        entry: Metrics = {
+            "metric": t.metric,
+            "target": f"{t.op} {t.threshold:g}",
+            "measured": measured,
+            "met": t.met(measured),
+        }
+        if t.note:
+            entry["note"] = t.note
+        out[t.name] = entry
+    return out
+
+
+def build_report(
+    machine: Metrics,
+    params: Metrics,
+    results: Mapping[str, Metrics],
+    errors: Mapping[str, str],
+    registry: Registry = REGISTRY,
+) -> Metrics:
+    """The JSON report of a run."""
+    ratios = compute_ratios(results, registry.ratios.values())
+    return {
+        "machine": machine,
+        "params": params,
+        "cases": dict(results),
+        "errors": dict(errors),
+        "ratios": ratios,
+        "targets": check_targets(results, ratios, registry.targets.values()),
+    }
+
+
+def flatten(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested metrics as ``(dotted.name, value)`` rows, for the table."""
+    rows: list[tuple[str, Any]] = []
+    for name, value in metrics.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            rows.extend(flatten(value, path + "."))
+        else:
+            rows.append((path, value))
+    return rows
+
+
+def fmt(value: Any) -> str:
+    """A compact, readable form of a metric value."""
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if value == 0 or 0.01 <= abs(value) < 1e6:
+            return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, list):
+        text = ", ".join(fmt(v) for v in value[:6])
+        return f"[{text}{', …' if len(value) > 6 else ''}]"
+    return str(value)
+
+
+def render(report: Mapping[str, Any]) -> None:
+    """Print the report as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    m = report["machine"]
+    console.print(
+        f"[bold]pulse bench[/bold] {m.get('cpu_model', '?')} ×{m.get('cpus', '?')}, "
+        f"load {m.get('loadavg_start')} → {m.get('loadavg_end')}, Python {m.get('python')}, "
+        f"Kafka {m.get('kafka_version')}, Valkey {m.get('valkey_version')}"
+    )
+    table = Table(title="cases", show_lines=False)
+    table.add_column("case")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for case, metrics in report["cases"].items():
+        first = True
+        for name, value in flatten(metrics):
+            if "profile" in name.split("."):
+                continue  # the JSON report has it; too wide for the table
+            table.add_row(case if first else "", name, fmt(value))
+            first = False
+    console.print(table)
+    if report["errors"]:
+        for case, err in report["errors"].items():
+            console.print(f"[red]{case} failed:[/red] {err}")
+    if report["ratios"]:
+        rt = Table(title="ratios")
+        rt.add_column("ratio")
+        rt.add_column("value", justify="right")
+        for name, value in report["ratios"].items():
+            rt.add_row(name, f"{value:,.2f}")
+        console.print(rt)
+    if report["targets"]:
+        tt = Table(title="targets")
+        for col in ("target", "metric", "goal", "measured", "met"):
+            tt.add_column(col)
+        for name, t in report["targets"].items():
+            style = "green" if t["met"] else "red"
+            tt.add_row(
+                name, t["metric"], t["target"], fmt(t["measured"]), f"[{style}]{fmt(t['met'])}"
+            )
+        console.print(tt)
+
+
+def machine_info(kafka_version: str, valkey_version: str) -> Metrics:
+    """What the numbers were measured on."""
+    model = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "kafka_version": kafka_version,
+        "valkey_version": valkey_version,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# --------------------------------------------------------------------------- run context
+
+
+@dataclass
+class BenchParams:
+    """Sizes of a run; ``smoke`` sizes check the harness in seconds, not speed."""
+
+    smoke: bool
+    events: int  # records preloaded for the drain cases (floor, naive, pulse)
+    naive_events: int  # records the naive baseline handles (it is slow)
+    rate: int  # freshness input rate, events/s
+    freshness_s: int
+    devices: int
+    services: int
+    seed: int = 7
+    bad_rate: float = 0.001
+    late_rate: float = 0.002
+    read_devices: int = 10_000
+    read_day_minutes: int = 1440  # windows written for the reads case
+    read_hot_minutes: int = 60  # the most recent minutes, written at read_hot_rate
+    read_hot_rate: int = 1000  # events/s in the hot minutes
+    read_background_per_min: int = 600  # events/min before the hot minutes
+    read_device_minutes: int = 10  # minutes that also get the device dimension
+    read_repeats: int = 100
+    store_db: int = 15
+    drain_timeout_s: float = 240.0
+    profile_dir: str | None = None
+
+    @classmethod
+    def create(
+        cls,
+        smoke: bool,
+        events: int | None = None,
+        rate: int | None = None,
+        **overrides: Any,
+    ) -> BenchParams:
+        """Defaults of a full or smoke run, with explicit overrides."""
+        if smoke:
+            base = cls(
+                smoke=True, events=20_000, naive_events=1_000, rate=2_000, freshness_s=3,
+                devices=200, services=5, read_devices=500, read_day_minutes=120,
+                read_hot_minutes=5, read_hot_rate=100, read_background_per_min=100,
+                read_device_minutes=2, read_repeats=10, drain_timeout_s=90.0,
+            )  # fmt: skip
+        else:
+            base = cls(
+                smoke=False, events=300_000, naive_events=20_000, rate=20_000, freshness_s=15,
+                devices=1000, services=10,
+            )  # fmt: skip
+        if events is not None:
+            base.events = events
+            base.naive_events = min(base.naive_events, events)
+        if rate is not None:
+            base.rate = rate
+        for name, value in overrides.items():
+            setattr(base, name, value)
+        return base
+
+
+@dataclass
+class BenchContext:
+    """What a case gets: settings of the stack, a scratch directory, earlier results."""
+
+    params: BenchParams
+    kafka: KafkaSettings
+    store: StoreSettings
+    workdir: Path
+    results: dict[str, Metrics] = field(default_factory=dict)
+    created_topics: list[str] = field(default_factory=list)
+    _preloaded: Preloaded | None = None
+
+    def redis(self, timeout_s: float = 30.0, replica: bool = False) -> redis.Redis:
+        """A sync client (``decode_responses=True``) to the bench's store db."""
+        import redis
+
+        port = self.store.replica_port if replica and self.store.replica_port else self.store.port
+        return redis.Redis(
+            host=self.store.host,
+            port=port,
+            db=self.params.store_db,
+            password=self.store.password.get_secret_value() if self.store.password else None,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=5.0,
+        )
+
+    def flush(self) -> None:
+        """Empty the bench's store db (only that db: the user's data stays)."""
+        with self.redis() as r:
+            r.flushdb()
+
+    def topics(self, tag: str) -> TopicSet:
+        """Four fresh topics (sensor, applog, deadletter, late), deleted when the run ends."""
+        from pipeline.bench.kafka import TopicSet, create_topics
+
+        unique = f"bench.{tag}.{os.getpid()}.{time.monotonic_ns() % 10**9}"
+        ts = TopicSet(*(f"{unique}.{k}" for k in ("sensor", "applog", "deadletter", "late")))
+        self.created_topics.extend(ts.all)
+        create_topics(self.kafka.bootstrap, ts.all, self.kafka.partitions)
+        return ts
+
+    def preloaded(self) -> Preloaded:
+        """The shared input of the drain cases, produced on first use."""
+        if self._preloaded is None:
+            from pipeline.bench.kafka import preload
+
+            ts = self.topics("pre")
+            self._preloaded = preload(self, ts)
+        return self._preloaded
+
+    def env(self, topics: TopicSet, app_id: str, **extra: str) -> dict[str, str]:
+        """Environment of a ``pulse`` child process on ``topics``, consumer group ``app_id``."""
+        env = {
+            **os.environ,
+            "PULSE_KAFKA_BOOTSTRAP": self.kafka.bootstrap,
+            "PULSE_KAFKA_PARTITIONS": str(self.kafka.partitions),
+            "PULSE_KAFKA_SENSOR_TOPIC": topics.sensor,
+            "PULSE_KAFKA_APPLOG_TOPIC": topics.applog,
+            "PULSE_KAFKA_DEADLETTER_TOPIC": topics.deadletter,
+            "PULSE_KAFKA_LATE_TOPIC": topics.late,
+            "PULSE_STORE_HOST": self.store.host,
+            "PULSE_STORE_PORT": str(self.store.port),
+            "PULSE_STORE_DB": str(self.params.store_db),
+            "PULSE_WORKER_APP_ID": app_id,
+            **extra,
+        }
+        if self.store.replica_port is not None:
+            env["PULSE_STORE_REPLICA_PORT"] = str(self.store.replica_port)
+        return env
+
+    def cleanup(self) -> None:
+        """Delete the run's topics and empty the bench db."""
+        from pipeline.bench.kafka import delete_topics
+
+        try:
+            if self.created_topics:
+                delete_topics(self.kafka.bootstrap, self.created_topics)
+                self.created_topics.clear()
+        finally:
+            self.flush()
+
+
+def run_cases(
+    ctx: BenchContext, cases: Sequence[BenchCase]
+) -> tuple[dict[str, Metrics], dict[str, str]]:
+    """Run ``cases`` in order; a failed case is recorded and its dependants are skipped."""
+    errors: dict[str, str] = {}
+    for case in cases:
+        missing = [r for r in case.requires if r not in ctx.results]
+        if missing:
+            errors[case.name] = f"skipped: needs {', '.join(missing)}"
+            continue
+        t0 = time.monotonic()
+        try:
+            result = case.run(ctx)
+        except Exception as exc:  # one failed case must not lose the others' numbers
+            errors[case.name] = f"{type(exc).__name__}: {exc}"
+            continue
+        result["wall_s"] = round(time.monotonic() - t0, 2)
+        ctx.results[case.name] = result
+    return ctx.results, errors

@@ -1,0 +1,214 @@
+"""Kafka helpers of the benchmarks: topics, preloading, end offsets, paced production."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipeline.stack.kafka import run_sync
+
+if TYPE_CHECKING:
+    from loadgen.generator import GenConfig, Record
+    from pipeline.bench.harness import BenchContext
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSet:
+    """The four topics one pipeline run uses."""
+
+    sensor: str
+    applog: str
+    deadletter: str
+    late: str
+
+    @property
+    def all(self) -> list[str]:
+        """Every topic of the set."""
+        return [self.sensor, self.applog, self.deadletter, self.late]
+
+    @property
+    def inputs(self) -> list[str]:
+        """The two input topics."""
+        return [self.sensor, self.applog]
+
+
+@dataclass
+class Preloaded:
+    """Input topics filled once per run; the drain cases all read the same records."""
+
+    topics: TopicSet
+    records: dict[str, int]  # per kind
+    end_offsets: dict[tuple[str, int], int]  # (kind, partition) -> end offset
+    produce_s: float
+    produce_per_s: float
+
+    @property
+    def total(self) -> int:
+        """Records in both input topics."""
+        return sum(self.records.values())
+
+
+def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
+    """Create topics and wait until every partition has a leader."""
+    run_sync(lambda: _create(bootstrap, names, partitions))
+
+
+async def _create(bootstrap: str, names: list[str], partitions: int) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+        deadline = time.monotonic() + 30
+        while True:
+            described = await admin.describe_topics(names)
+            if all(
+                t["error_code"] == 0
+                and len(t["partitions"]) == partitions
+                and all(p["leader"] >= 0 for p in t["partitions"])
+                for t in described
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topics {names} got no leaders in 30 s")
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+
+
+def delete_topics(bootstrap: str, names: list[str]) -> None:
+    """Delete topics (missing ones are fine)."""
+    run_sync(lambda: _delete(bootstrap, names))
+
+
+async def _delete(bootstrap: str, names: list[str]) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        todo = [n for n in names if n in existing]
+        if todo:
+            await admin.delete_topics(todo)
+    finally:
+        await admin.close()
+
+
+def end_offsets(bootstrap: str, topics: TopicSet, partitions: int) -> dict[tuple[str, int], int]:
+    """End offset of every input partition, keyed by (kind, partition)."""
+    return run_sync(lambda: _end_offsets(bootstrap, topics, partitions))
+
+
+async def _end_offsets(
+    bootstrap: str, topics: TopicSet, partitions: int
+) -> dict[tuple[str, int], int]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    kind_of = {topics.sensor: "sensor", topics.applog: "applog"}
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await c.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics.inputs for p in range(partitions)]
+        ends = await c.end_offsets(tps)
+        return {(kind_of[tp.topic], tp.partition): off for tp, off in ends.items()}
+    finally:
+        await c.stop()
+
+
+def gen_config(ctx: BenchContext, topics: TopicSet, **over: Any) -> GenConfig:
+    """A load generator config for ``topics`` with the run's fleet and fault rates."""
+    from loadgen.generator import GenConfig
+
+    p = ctx.params
+    values: dict[str, Any] = {
+        "seed": p.seed,
+        "start_ms": int(time.time() * 1000),
+        "rate": 0,
+        "duration_s": 1,
+        "devices": p.devices,
+        "services": p.services,
+        "anomaly_rate": 0.05,
+        "bad_rate": p.bad_rate,
+        "late_rate": p.late_rate,
+        "sensor_partitions": ctx.kafka.partitions,
+        "applog_partitions": ctx.kafka.partitions,
+        "sensor_topic": topics.sensor,
+        "applog_topic": topics.applog,
+        **over,
+    }
+    return GenConfig(**values)
+
+
+def preload(ctx: BenchContext, topics: TopicSet) -> Preloaded:
+    """Produce ``ctx.params.events`` records as fast as possible (event times end now)."""
+    from loadgen.generator import NOMINAL_RATE, Generator
+
+    duration = max(1, -(-ctx.params.events // NOMINAL_RATE))
+    now = int(time.time() * 1000)
+    config = gen_config(ctx, topics, start_ms=now - duration * 1000, duration_s=duration)
+    gen = Generator(config)
+    records = [r for chunk in gen for r in chunk.records][: ctx.params.events]
+    t0 = time.monotonic()
+    run_sync(lambda: send_all(ctx.kafka.bootstrap, records))
+    elapsed = time.monotonic() - t0
+    ends = end_offsets(ctx.kafka.bootstrap, topics, ctx.kafka.partitions)
+    counts = {"sensor": 0, "applog": 0}
+    for (kind, _), end in ends.items():
+        counts[kind] += end
+    if sum(counts.values()) != len(records):
+        raise RuntimeError(f"preloaded {len(records)} records but the topics hold {counts}")
+    return Preloaded(topics, counts, ends, elapsed, len(records) / elapsed)
+
+
+async def send_all(
+    bootstrap: str,
+    records: Sequence[Record],
+    slice_size: int = 8192,
+    on_slice: Callable[[int, int], None] | None = None,
+    rate: float = 0.0,
+) -> None:
+    """Send ``records`` with the load generator's sink; paced at ``rate``/s when > 0.
+
+    ``on_slice(lo, hi)`` is called right before ``records[lo:hi]`` are handed to the producer.
+    """
+    from loadgen.producer import KafkaSink, make_producer
+    from loadgen.settings import LoadgenSettings
+
+    settings = LoadgenSettings()
+    producer = make_producer(bootstrap, settings.linger_ms)
+    await producer.start()
+    sink = KafkaSink(producer, settings.max_pending)
+    started = time.monotonic()
+    for lo in range(0, len(records), slice_size):
+        hi = min(lo + slice_size, len(records))
+        if rate > 0:
+            delay = started + lo / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        if on_slice is not None:
+            on_slice(lo, hi)
+        await sink.send(records[lo:hi])
+    await sink.close()
+
+
+@dataclass
+class SendLog:
+    """Wall-clock send time of every record, per (kind, partition), in offset order."""
+
+    kinds: dict[str, str]  # topic -> kind
+    times: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+
+    def recorder(self, records: Sequence[Record]) -> Callable[[int, int], None]:
+        """An ``on_slice`` callback logging the slice's records at the current time."""
+
+        def on_slice(lo: int, hi: int) -> None:
+            now = time.time()
+            for r in records[lo:hi]:
+                self.times.setdefault((self.kinds[r.topic], r.partition), []).append(now)
+
+        return on_slice

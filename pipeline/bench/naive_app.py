@@ -1,0 +1,128 @@
+"""The naive baseline: a Faust app written the way most tutorials write one.
+
+Each event is decoded with ``json.loads`` on its own and its 1-minute window statistics (count,
+sum, min, max of the device's reading or the route's latency) are updated with one awaited store
+command after another — no batching, no pipelining, no scripts, no offset bookkeeping. Malformed
+events are skipped. It runs as a child process of the benchmark:
+``python -m pipeline.bench.counting FILE naive --target N --result FILE``; after ``--target``
+events it stops writing and records when the first and the N-th event were handled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+WINDOW_MS = 60_000
+
+
+class Progress:
+    """Events handled so far and when; written to the result file as it goes."""
+
+    def __init__(self, target: int, result: Path) -> None:
+        self.target = target
+        self.result = result
+        self.count = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.errors = 0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.count += 1
+        if self.count == 1:
+            self.first = now
+        self.last = now
+        if self.count == self.target or self.count % 500 == 0:
+            self.write()
+
+    def write(self) -> None:
+        tmp = self.result.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {"count": self.count, "first": self.first, "last": self.last, "errors": self.errors}
+            )
+        )
+        os.replace(tmp, self.result)
+
+
+def create_app(app_id: str, progress: Progress) -> Any:
+    """The tutorial-style app: one agent per topic, one store command per statistic."""
+    import faust
+    import redis.asyncio as aioredis
+
+    from pipeline.settings import KafkaSettings, StoreSettings
+
+    kafka, store = KafkaSettings(), StoreSettings()
+    app = faust.App(
+        app_id,
+        broker=f"kafka://{kafka.bootstrap}",
+        store="memory://",
+        value_serializer="raw",
+        topic_partitions=kafka.partitions,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+    )
+    r = aioredis.Redis(host=store.host, port=store.port, db=store.db)
+
+    async def record(key: str, name: str, value: float) -> None:
+        await r.hincrby(key, f"{name}#n", 1)
+        await r.hincrbyfloat(key, f"{name}#sum", value)
+        low = await r.hget(key, f"{name}#min")
+        if low is None or value < float(low):
+            await r.hset(key, f"{name}#min", value)
+        high = await r.hget(key, f"{name}#max")
+        if high is None or value > float(high):
+            await r.hset(key, f"{name}#max", value)
+
+    def window(event: dict[str, Any]) -> int:
+        t = int(event["event_time"])
+        return t - t % WINDOW_MS
+
+    @app.agent(app.topic(kafka.sensor_topic, value_serializer="raw"))
+    async def sensors(stream: Any) -> None:
+        async for raw in stream:
+            if progress.count >= progress.target:
+                continue
+            try:
+                e = json.loads(raw)
+                key = f"naive:sensor:1m:device:{window(e)}"
+                await record(key, f"{e['device_id']}|{e['metric']}", float(e["value"]))
+            except (ValueError, KeyError, TypeError):
+                progress.errors += 1
+            progress.tick()
+
+    @app.agent(app.topic(kafka.applog_topic, value_serializer="raw"))
+    async def requests(stream: Any) -> None:
+        async for raw in stream:
+            if progress.count >= progress.target:
+                continue
+            try:
+                e = json.loads(raw)
+                key = f"naive:applog:1m:route:{window(e)}"
+                await record(key, f"{e['service']}|{e['route']}", float(e["latency_ms"]))
+            except (ValueError, KeyError, TypeError):
+                progress.errors += 1
+            progress.tick()
+
+    return app
+
+
+def main(argv: list[str]) -> int:
+    """Run the naive app until terminated."""
+    import faust
+
+    parser = argparse.ArgumentParser(prog="naive")
+    parser.add_argument("--target", type=int, required=True)
+    parser.add_argument("--result", type=Path, required=True)
+    parser.add_argument("--app-id", required=True)
+    args = parser.parse_args(argv)
+    progress = Progress(args.target, args.result)
+    app = create_app(args.app_id, progress)
+    faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+    return 0

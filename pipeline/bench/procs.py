@@ -1,0 +1,275 @@
+"""Child processes of the benchmarks and what is read from the store while they run.
+
+Workers run as real ``pulse worker`` processes, started through :mod:`pipeline.bench.counting`
+so that their store round trips are counted client-side (one per ``send_packed_command``: a
+pipeline is one write and one round trip).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from schemas import keys
+from schemas.events import EventKind
+
+if TYPE_CHECKING:
+    import redis
+
+    from pipeline.bench.harness import BenchContext
+
+PROGRESS_FIELDS = (
+    keys.Progress.OFFSET,
+    keys.Progress.EVENTS,
+    keys.Progress.LATE,
+    keys.Progress.DEAD,
+)
+
+
+@dataclass
+class Child:
+    """A child process with its log and round-trip counter file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    counts_file: Path
+
+    def alive(self) -> bool:
+        """Whether it still runs."""
+        return self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, wait, SIGKILL if it does not stop; the exit status."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def tail(self, n: int = 30) -> str:
+        """Last lines of the log."""
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def counts(self) -> dict[str, int]:
+        """Round trips and commands counted so far (written by the child every 0.2 s)."""
+        with contextlib.suppress(OSError, orjson.JSONDecodeError):
+            data: dict[str, int] = orjson.loads(self.counts_file.read_bytes())
+            return data
+        return {"round_trips": 0, "commands": 0}
+
+
+def spawn(ctx: BenchContext, env: dict[str, str], name: str, argv: Sequence[str]) -> Child:
+    """Start ``python -m pipeline.bench.counting <argv>`` with ``env``."""
+    log = ctx.workdir / f"{name}.log"
+    counts_file = ctx.workdir / f"{name}.counts.json"
+    counts_file.unlink(missing_ok=True)
+    out = open(log, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.bench.counting", str(counts_file), *argv],
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        out.close()
+    return Child(name, proc, log, counts_file)
+
+
+def spawn_worker(ctx: BenchContext, env: dict[str, str], name: str) -> Child:
+    """Start a real ``pulse worker``."""
+    return spawn(ctx, env, name, ["worker", f"--name={name}", "--loglevel=warning"])
+
+
+def stop_all(children: Sequence[Child]) -> dict[str, int]:
+    """Stop every child (SIGTERM to all first); exit status per name."""
+    for c in children:
+        if c.alive():
+            c.proc.send_signal(signal.SIGTERM)
+    return {c.name: c.stop() for c in children}
+
+
+@dataclass
+class Progress:
+    """The store's progress hashes of every input partition at one moment."""
+
+    at: float  # time.time()
+    offsets: dict[tuple[str, int], int]  # (kind, partition) -> applied offset (-1: none)
+    totals: dict[str, dict[str, int]]  # kind -> events/late/dead
+
+    def applied_records(self, ends: dict[tuple[str, int], int]) -> int:
+        """Records at or below the applied offsets (the store has taken them into account)."""
+        return sum(min(self.offsets.get(tp, -1) + 1, end) for tp, end in ends.items())
+
+    def caught_up(self, ends: dict[tuple[str, int], int]) -> bool:
+        """Every partition applied up to its end offset."""
+        return all(self.offsets.get(tp, -1) >= end - 1 for tp, end in ends.items())
+
+
+def read_progress(r: redis.Redis, partitions: int) -> Progress:
+    """One round trip: the progress hash of every partition of both kinds."""
+    pipe = r.pipeline(transaction=False)
+    for kind in EventKind:
+        for p in range(partitions):
+            pipe.hmget(keys.progress_key(kind, p), *PROGRESS_FIELDS)
+    rows = iter(pipe.execute())
+    at = time.time()
+    offsets: dict[tuple[str, int], int] = {}
+    totals: dict[str, dict[str, int]] = {}
+    for kind in EventKind:
+        t = totals[kind.value] = {"events": 0, "late": 0, "dead": 0}
+        for p in range(partitions):
+            off, ev, late, dead = next(rows)
+            offsets[(kind.value, p)] = int(off) if off is not None else -1
+            t["events"] += int(ev or 0)
+            t["late"] += int(late or 0)
+            t["dead"] += int(dead or 0)
+    return Progress(at, offsets, totals)
+
+
+@dataclass
+class Drain:
+    """Samples of a drain, until the store applied every record."""
+
+    samples: list[tuple[float, int]] = field(default_factory=list)
+    polls: int = 0
+    final: Progress | None = None
+
+
+def wait_drained(
+    ctx: BenchContext,
+    ends: dict[tuple[str, int], int],
+    children: Sequence[Child],
+    interval_s: float = 0.02,
+    timeout_s: float | None = None,
+) -> Drain:
+    """Poll the store's progress until caught up with ``ends``; fail if a child dies."""
+    from pipeline.bench.harness import BenchError
+
+    drain = Drain()
+    deadline = time.monotonic() + (timeout_s or ctx.params.drain_timeout_s)
+    with ctx.redis() as r:
+        while True:
+            prog = read_progress(r, ctx.kafka.partitions)
+            drain.polls += 1
+            drain.samples.append((time.monotonic(), prog.applied_records(ends)))
+            if prog.caught_up(ends):
+                drain.final = prog
+                return drain
+            for c in children:
+                if not c.alive():
+                    raise BenchError(f"{c.name} exited with {c.proc.returncode}: {c.tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"not drained within {timeout_s or ctx.params.drain_timeout_s:.0f} s: "
+                    f"{drain.samples[-1][1]:,} of {sum(ends.values()):,} records applied"
+                )
+            time.sleep(interval_s)
+
+
+@dataclass(frozen=True)
+class StoreCounters:
+    """Server-side counters of the primary (and replica): commands, AOF size."""
+
+    commands: int
+    aof_bytes: int
+    aof_rewrites: int
+    replica_aof_bytes: int | None
+
+    @classmethod
+    def read(cls, ctx: BenchContext) -> StoreCounters:
+        """Current values."""
+        with ctx.redis() as r:
+            stats, pers = r.info("stats"), r.info("persistence")
+        replica = None
+        if ctx.store.replica_port is not None:
+            with ctx.redis(replica=True) as rr:
+                replica = int(rr.info("persistence")["aof_current_size"])
+        return cls(
+            int(stats["total_commands_processed"]),
+            int(pers["aof_current_size"]),
+            int(pers["aof_rewrites"]),
+            replica,
+        )
+
+    def delta(self, before: StoreCounters) -> dict[str, Any]:
+        """What happened between ``before`` and this snapshot."""
+        out: dict[str, Any] = {
+            "commands": self.commands - before.commands,
+            "aof_bytes": self.aof_bytes - before.aof_bytes,
+            "aof_rewritten": self.aof_rewrites != before.aof_rewrites,
+        }
+        if self.replica_aof_bytes is not None and before.replica_aof_bytes is not None:
+            out["replica_aof_bytes"] = self.replica_aof_bytes - before.replica_aof_bytes
+        return out
+
+
+def py_spy() -> str | None:
+    """The py-spy executable (next to this Python, or on PATH), if installed."""
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+@dataclass
+class Profiler:
+    """``py-spy record`` attached to a process, writing collapsed stacks (raw format)."""
+
+    proc: subprocess.Popen[bytes]
+    output: Path
+
+    @classmethod
+    def attach(cls, pid: int, output: Path, rate: int = 100) -> Profiler | None:
+        """Start sampling ``pid``; None when py-spy is not installed."""
+        exe = py_spy()
+        if exe is None:
+            return None
+        output.parent.mkdir(parents=True, exist_ok=True)
+        argv = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
+        argv += ["--nonblocking", "--output", str(output)]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return cls(proc, output)
+
+    def stop(self) -> None:
+        """Stop sampling (SIGINT makes py-spy write its output)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Poll ``pred`` until true or the timeout; whether it became true."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval_s)
+    return pred()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
