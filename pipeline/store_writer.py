@@ -114,6 +114,10 @@ class StoreWriter:
         await self._client.execute_command("FUNCTION", "LOAD", "REPLACE", function_source())
         self._functions_loaded = True
 
+    async def close(self) -> None:
+        """Close the store connection."""
+        await self._client.aclose()
+
     async def read_state(self, kind: EventKind, partitions: list[int]) -> dict[int, PartitionState]:
         """The applied offset and max event time of each partition, as the store has them."""
         pipe = self._client.pipeline(transaction=False)

@@ -1,16 +1,15 @@
 """``pulse worker``: the Faust app whose agents aggregate both event streams into the store.
 
-Per poll, an agent takes a batch of raw records (``stream.take_events``), splits it by partition,
-turns each partition's records into one atomic apply (``pipeline.batch``), sends rejected and
-late records to their topics, applies everything in one store round trip and waits until the
-store says the batch is durable. Only then does the loop go on, which is when Faust acknowledges
-the events and may commit their offsets.
+The poll reader (``pipeline.ingest``) hands each poll's records, split by event kind and
+partition, to that kind's agent. The agent turns each partition's records into one atomic apply
+(``pipeline.batch``), sends rejected and late records to their topics, applies everything in one
+store round trip and waits until the store says it is durable; only then does the reader commit
+the poll's offsets.
 
 Failure policy (crash-only): the store's per-partition offset makes re-reading harmless, while
-acknowledging a record that was not applied would lose it. So store outages are retried in
-place (state is re-read from the store, the batch re-processed), a batch in flight is finished
-even when the worker is being stopped, and anything unexpected ends the process at once without
-acknowledging — a restarted worker re-reads from the last committed offset.
+committing a record that was not applied would lose it. So store outages are retried in place
+(state is re-read from the store, the batch re-processed), and anything unexpected ends the
+process at once without committing — a restarted worker re-reads from the last committed offset.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import os
 import socket
 import sys
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,6 +37,7 @@ from pipeline.batch import (
     commit,
     process,
 )
+from pipeline.ingest import KafkaBatchReader, ReaderConfig
 from pipeline.settings import KafkaSettings, StoreSettings, WorkerSettings
 from pipeline.validation import TimeBounds
 from schemas.events import EventKind
@@ -159,6 +159,10 @@ class PartitionApplier:
         self._states: dict[int, PartitionState] = {}
         self._unsure = False
 
+    async def close(self) -> None:
+        """Close the store connection."""
+        await self._writer.close()
+
     def forget(self) -> None:
         """Drop cached partition state (after a rebalance); it is re-read from the store."""
         self._states.clear()
@@ -225,7 +229,7 @@ class PartitionApplier:
 def create_app(
     worker: WorkerSettings, kafka: KafkaSettings, store: StoreSettings, name: str | None = None
 ) -> faust.App:
-    """Build the Faust app with one agent per event kind."""
+    """Build the Faust app: a poll reader feeding one agent per event kind."""
     import faust
     import redis.asyncio as aioredis
 
@@ -240,15 +244,11 @@ def create_app(
         value_serializer="raw",
         topic_partitions=kafka.partitions,
         topic_disable_leader=True,
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=1.0,
-        # A killed worker's partitions move to the others after this long.
-        broker_session_timeout=worker.session_timeout_s,
-        broker_heartbeat_interval=worker.heartbeat_interval_s,
-        stream_buffer_maxsize=max(4096, 2 * worker.batch_max),
         web_enabled=False,
         producer_acks=-1,
     )
+    # The poll reader is this app's Kafka consumer; Faust's own would only stand beside it.
+    app.boot_strategy = app.BootStrategy(app, enable_kafka_consumer=False)
     rules = BatchRules(
         TimeBounds(int(worker.max_event_age_s * 1000), int(worker.max_clock_skew_s * 1000)),
         int(worker.allowed_lateness_s * 1000),
@@ -269,6 +269,7 @@ def create_app(
             socket_connect_timeout=5.0,
         )
 
+    channels: dict[EventKind, Any] = {}
     for kind, topic_name in (
         (EventKind.SENSOR, kafka.sensor_topic),
         (EventKind.APPLOG, kafka.applog_topic),
@@ -278,17 +279,50 @@ def create_app(
         )
         applier = PartitionApplier(kind, topic_name, writer, divert, rules, metrics)
         appliers.append(applier)
-        topic = app.topic(topic_name, key_serializer="raw", value_serializer="raw")
-        app.agent(topic, name=f"pulse.{kind.value}", concurrency=1)(
-            _make_agent(applier, worker.batch_max, worker.batch_within_s)
-        )
+        channels[kind] = app.channel()
+        app.agent(channels[kind], name=f"pulse.{kind.value}", concurrency=1)(_make_agent(applier))
 
-    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
-    async def _on_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
+    async def handle(kind: EventKind, by_partition: dict[int, list[Record]]) -> None:
+        poll = Poll(by_partition, asyncio.get_running_loop().create_future())
+        await channels[kind].send(value=poll)
+        await poll.done
+
+    def on_assigned() -> None:
         for a in appliers:
             a.forget()
 
+    reader = KafkaBatchReader(
+        ReaderConfig(
+            bootstrap=kafka.bootstrap,
+            group_id=worker.app_id,
+            topics={kafka.sensor_topic: EventKind.SENSOR, kafka.applog_topic: EventKind.APPLOG},
+            max_records=worker.batch_max,
+            poll_timeout_s=worker.batch_within_s,
+            session_timeout_ms=round(worker.session_timeout_s * 1000),
+            heartbeat_interval_ms=round(worker.heartbeat_interval_s * 1000),
+        ),
+        handle,
+        on_assigned,
+    )
+
     metrics_client = new_client()
+
+    @app.task
+    async def _ingest() -> None:
+        # Faust opens its flow control after its own consumer's first rebalance; with the poll
+        # reader as the consumer, the agents' channels must be opened here.
+        app.flow_control.resume()
+        try:
+            await reader.run()
+        except asyncio.CancelledError:
+            raise  # stopping: the poll in flight was not committed and will be re-read
+        except BaseException:
+            log.exception("ingest failed; exiting without committing the poll in flight")
+            _die()
+        finally:
+            for a in appliers:
+                await a.close()
+            await metrics_client.aclose()
 
     @app.timer(interval=2.0)
     async def _publish_metrics() -> None:
@@ -306,34 +340,26 @@ def create_app(
     return app
 
 
-def _make_agent(applier: PartitionApplier, batch_max: int, within_s: float) -> Any:
+@dataclass(slots=True)
+class Poll:
+    """One poll's records of one event kind, and the future its agent resolves when durable."""
+
+    by_partition: dict[int, list[Record]]
+    done: asyncio.Future[None]
+
+
+def _make_agent(applier: PartitionApplier) -> Any:
     async def agent(stream: Any) -> None:
-        async for events in stream.take_events(batch_max, within=within_s):
-            by_partition: dict[int, list[Record]] = defaultdict(list)
-            for ev in events:
-                m = ev.message
-                by_partition[m.partition].append(Record(m.offset, m.key, m.value))
-            # Finish the batch even if the worker is being stopped: take_events acknowledges
-            # the events when this body returns or is cancelled, so it must be applied by then.
-            task = asyncio.ensure_future(applier.handle(by_partition))
+        async for poll in stream:
             try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                await _finish_or_die(task)
+                await applier.handle(poll.by_partition)
+            except BaseException as exc:
+                if not poll.done.done():
+                    poll.done.set_exception(exc)
                 raise
-            except BaseException:
-                log.exception("batch failed; exiting without acknowledging it")
-                _die()
+            poll.done.set_result(None)
 
     return agent
-
-
-async def _finish_or_die(task: asyncio.Future[None]) -> None:
-    try:
-        await asyncio.wait_for(asyncio.shield(task), timeout=30)
-    except BaseException:
-        log.exception("batch in flight did not finish during shutdown; exiting without ack")
-        _die()
 
 
 def _die() -> None:

@@ -3,7 +3,7 @@
 ``python -m pipeline.bench.counting COUNTS_FILE ARGV...``: patches redis-py's asyncio connection
 so that every ``send_packed_command`` (one write of a command or of a whole pipeline: one round
 trip) and every packed command are counted, writes ``{"round_trips", "commands"}`` to
-``COUNTS_FILE`` every 0.2 s and at exit, then runs ``pulse ARGV`` (``naive`` runs
+``COUNTS_FILE`` every second and at exit, then runs ``pulse ARGV`` (``naive`` runs
 :mod:`pipeline.bench.naive_app`). The patch adds one Python call per round trip and per command.
 """
 
@@ -40,7 +40,7 @@ def _install() -> None:
 
 
 def _writer(path: Path, stop: threading.Event) -> None:
-    while not stop.wait(0.2):
+    while not stop.wait(1.0):
         _dump(path)
 
 

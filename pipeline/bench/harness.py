@@ -377,7 +377,7 @@ class BenchParams:
     late_rate: float = 0.002
     read_devices: int = 10_000
     read_day_minutes: int = 1440  # windows written for the reads case
-    read_hot_minutes: int = 60  # the most recent minutes, written at read_hot_rate
+    read_hot_minutes: int = 10  # the most recent minutes (the 5-min panels read), at read_hot_rate
     read_hot_rate: int = 1000  # events/s in the hot minutes
     read_background_per_min: int = 600  # events/min before the hot minutes
     read_device_minutes: int = 10  # minutes that also get the device dimension

@@ -67,7 +67,7 @@ class Child:
         return ""
 
     def counts(self) -> dict[str, int]:
-        """Round trips and commands counted so far (written by the child every 0.2 s)."""
+        """Round trips and commands counted so far (written by the child every second)."""
         with contextlib.suppress(OSError, orjson.JSONDecodeError):
             data: dict[str, int] = orjson.loads(self.counts_file.read_bytes())
             return data
@@ -188,6 +188,7 @@ class StoreCounters:
     """Server-side counters of the primary (and replica): commands, AOF size."""
 
     commands: int
+    cpu_s: float  # the primary's main-process CPU (user + sys)
     aof_bytes: int
     aof_rewrites: int
     replica_aof_bytes: int | None
@@ -196,13 +197,14 @@ class StoreCounters:
     def read(cls, ctx: BenchContext) -> StoreCounters:
         """Current values."""
         with ctx.redis() as r:
-            stats, pers = r.info("stats"), r.info("persistence")
+            stats, pers, cpu = r.info("stats"), r.info("persistence"), r.info("cpu")
         replica = None
         if ctx.store.replica_port is not None:
             with ctx.redis(replica=True) as rr:
                 replica = int(rr.info("persistence")["aof_current_size"])
         return cls(
             int(stats["total_commands_processed"]),
+            float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
             int(pers["aof_current_size"]),
             int(pers["aof_rewrites"]),
             replica,
@@ -212,12 +214,19 @@ class StoreCounters:
         """What happened between ``before`` and this snapshot."""
         out: dict[str, Any] = {
             "commands": self.commands - before.commands,
+            "cpu_s": round(self.cpu_s - before.cpu_s, 3),
             "aof_bytes": self.aof_bytes - before.aof_bytes,
             "aof_rewritten": self.aof_rewrites != before.aof_rewrites,
         }
         if self.replica_aof_bytes is not None and before.replica_aof_bytes is not None:
             out["replica_aof_bytes"] = self.replica_aof_bytes - before.replica_aof_bytes
         return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def py_spy() -> str | None:

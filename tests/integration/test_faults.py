@@ -176,3 +176,35 @@ def test_hostile_input_goes_to_dead_letters_and_the_worker_survives(
         assert needle in reasons, f"no dead letter mentions {needle!r}"
     # the original bytes are kept: a dead letter's value is exactly what was produced
     assert all(m.value is not None for m in dead)
+
+
+def test_two_workers_rebalancing_under_load(
+    stack: RunningStack, store: redis.Redis, tmp_path: Path
+) -> None:
+    pl = Pipeline.create(stack, tmp_path, **FAST_GROUP)
+    truth = tmp_path / "truth.json"
+    producer = pl.start_loadgen(
+        "--rate=3000", "--duration=12", "--devices=60", "--services=4", "--seed=17",
+        "--late-rate=0.01", truth=truth,
+    )  # fmt: skip
+    a, b = pl.worker(name="a"), pl.worker(name="b")
+    c: WorkerProcess | None = None
+    try:
+        time.sleep(4)
+        a.kill()  # b takes over a's partitions after the session timeout
+        time.sleep(3)
+        c = pl.worker(name="c")  # joins: partitions move again
+        time.sleep(3)
+        assert b.stop() == 0  # leaves cleanly: c gets everything
+        assert producer.wait(120) == 0
+        pl.wait_applied(store, timeout_s=240, alive=c.alive)
+    finally:
+        for w in (a, b, c):
+            if w is not None:
+                w.stop()
+        if producer.poll() is None:
+            producer.kill()
+    applied = int(store.hget("pulse:worker:c", "batches") or 0)
+    assert applied > 0, "the last worker standing applied nothing"
+    summary = assert_verified(pl, truth)
+    print(f"two workers, one killed, one joined, one left: {summary}")

@@ -22,6 +22,7 @@ from pipeline.bench.harness import (
     ratio,
     target,
 )
+from schemas import keys
 
 
 def drain_with_workers(ctx: BenchContext, workers: int, label: str) -> Metrics:
@@ -41,8 +42,11 @@ def drain_with_workers(ctx: BenchContext, workers: int, label: str) -> Metrics:
             profiler = procs.Profiler.attach(children[0].proc.pid, output)
         drain = procs.wait_drained(ctx, pre.end_offsets, children)
         after = procs.StoreCounters.read(ctx)
-        time.sleep(0.5)  # the children write their round-trip counts every 0.2 s
+        cpu = sum(procs.cpu_seconds(c.proc.pid) for c in children)
+        time.sleep(2.5)  # round-trip counts are written every 1 s, worker metrics every 2 s
         counts = [c.counts() for c in children]
+        with ctx.redis() as r:
+            worker_metrics = [r.hgetall(keys.worker_key(c.name)) for c in children]
     finally:
         if profiler is not None:
             profiler.stop()
@@ -61,6 +65,19 @@ def drain_with_workers(ctx: BenchContext, workers: int, label: str) -> Metrics:
         **drain_rate(drain.samples),
         "records": pre.total,
         "applied": {k: dict(v) for k, v in final.totals.items()},
+        "worker_cpu_s": round(cpu, 2),
+        "worker_cpu_us_per_event": cpu / pre.total * 1e6,
+        "store_cpu_us_per_event": after.delta(before)["cpu_s"] / pre.total * 1e6,
+        "worker_apply_ms": {
+            k: max(float(m.get(k, 0)) for m in worker_metrics)
+            for k in (
+                "apply_p50_ms",
+                "apply_p99_ms",
+                "durability_wait_p50_ms",
+                "durability_wait_p99_ms",
+            )
+        },
+        "worker_batches": sum(int(m.get("batches", 0)) for m in worker_metrics),
         "round_trips": sum(c["round_trips"] for c in counts),
         "client_commands": sum(c["commands"] for c in counts),
         "store": after.delta(before),

@@ -1,9 +1,9 @@
 """(f) Reads: latency of each dashboard panel's query over a realistic store.
 
-The store db is seeded through the worker's own code path (``aggregation.aggregate`` on
-synthetic columns and ``StoreWriter.apply``), so keys and fields follow ``schemas.keys``
-exactly: ``read_day_minutes`` of windows (10 s windows only within their 6 h retention), the
-most recent ``read_hot_minutes`` at ``read_hot_rate`` events/s and the earlier ones at
+The store db is seeded with the worker's own aggregation (``aggregation.aggregate`` on synthetic
+columns), written per ``schemas.keys`` as ``pulse_apply`` leaves it in an empty store:
+``read_day_minutes`` of windows (10 s windows only within their 6 h retention), the most recent
+``read_hot_minutes`` at ``read_hot_rate`` events/s and the earlier ones at
 ``read_background_per_min``; the device dimension (``read_devices`` devices, ~2 metric series
 each) only in the last ``read_device_minutes``, since a day of it does not fit in memory. Each
 panel query of ``dashboard.queries`` then runs ``read_repeats`` times; panels over the target
@@ -12,7 +12,6 @@ get a cProfile of a few calls in the report.
 
 from __future__ import annotations
 
-import asyncio
 import cProfile
 import io
 import pstats
@@ -203,31 +202,72 @@ class Seeder:
         return out
 
 
-async def _seed(ctx: BenchContext, segments: list[Segment], now_ms: int) -> Seeder:
-    import redis.asyncio as aioredis
+def write_batch(pipe: Any, batch: Any, retention: Any, now_ms: int) -> None:
+    """Queue one partition batch as plain writes, for a store that has none of its keys yet.
 
-    from pipeline.settings import Durability, WorkerSettings
-    from pipeline.store_writer import Retention, StoreWriter
+    Each window key of the seeded range comes from exactly one batch, so its fields can be set
+    outright (what ``pulse_apply`` would leave in an empty store) instead of going through the
+    function's per-field increments, which would block the store for seconds per call.
+    """
+    from schemas import keys
+
+    kind, part = batch.kind, batch.partition
+    for d in batch.deltas:
+        expire = retention.expire_at_s(d.window, d.start_ms)
+        agg = keys.agg_key(kind, part, d.window, d.dim, d.start_ms)
+        fields: dict[str, object] = {}
+        for row in d.stats:
+            ent = row[0]
+            for stat, value in zip(("n", "sum", "sq", "min", "max"), row[1:6], strict=True):
+                fields[keys.field(ent, stat)] = value
+            if len(row) > 6:
+                extra = zip((*keys.Stat.STATUS_CLASSES, keys.Stat.ERRORS), row[6:12], strict=True)
+                for stat, value in extra:
+                    if value > 0:
+                        fields[keys.field(ent, stat)] = value
+        pipe.hset(agg, mapping=fields)
+        pipe.expireat(agg, expire)
+        sk = keys.sketch_key(kind, part, d.window, d.dim, d.start_ms)
+        buckets: dict[str, object] = {}
+        for row in d.sketch:
+            for i in range(1, len(row), 2):
+                buckets[keys.field(row[0], str(row[i]))] = row[i + 1]
+        pipe.hset(sk, mapping=buckets)
+        pipe.expireat(sk, expire)
+    for dim, names in batch.new_entities.items():
+        for i in range(0, len(names), 1000):
+            pipe.sadd(keys.entities_key(kind, part, dim), *names[i : i + 1000])
+    progress = keys.progress_key(kind, part)
+    pipe.hset(
+        progress,
+        mapping={
+            keys.Progress.OFFSET: batch.last_offset,
+            keys.Progress.UPDATED_MS: now_ms,
+            keys.Progress.MAX_EVENT_TIME: batch.max_event_time,
+            keys.Progress.WATERMARK: batch.watermark,
+        },
+    )
+    pipe.hincrby(progress, keys.Progress.EVENTS, batch.events)
+    pipe.hincrby(progress, keys.Progress.BATCHES, 1)
+
+
+def _seed(ctx: BenchContext, segments: list[Segment], now_ms: int) -> Seeder:
+    from pipeline.settings import WorkerSettings
+    from pipeline.store_writer import Retention
 
     ws = WorkerSettings()
-    client = aioredis.Redis(
-        host=ctx.store.host,
-        port=ctx.store.port,
-        db=ctx.params.store_db,
-        single_connection_client=True,
-        socket_timeout=120,
-    )
     retention = Retention({"10s": ws.retention_10s_s, "1m": ws.retention_1m_s})
-    writer = StoreWriter(client, Durability.NONE, retention)
     seeder = Seeder(ctx)
-    try:
+    with ctx.redis(timeout_s=120) as r:
         for seg in segments:
-            batches = seeder.batches(seg, now_ms)
-            outcomes, _ = await writer.apply(batches, now_ms)
-            if not all(o.applied for o in outcomes):
-                raise BenchError("seeding conflicted with another writer")
-    finally:
-        await client.aclose()
+            pipe = r.pipeline(transaction=False)
+            for batch in seeder.batches(seg, now_ms):
+                write_batch(pipe, batch, retention, now_ms)
+            pipe.execute()
+            if ctx.store.replica_port is not None:
+                # let the replica keep up: a replication backlog past its output buffer limit
+                # would drop the link and force a full resync
+                r.execute_command("WAIT", 1, 60_000)
     return seeder
 
 
@@ -279,7 +319,7 @@ def run(ctx: BenchContext) -> Metrics:
         p.read_background_per_min, p.read_device_minutes, WorkerSettings().retention_10s_s * 1000,
     )  # fmt: skip
     t0 = time.monotonic()
-    seeder = asyncio.run(_seed(ctx, segments, now_ms))
+    seeder = _seed(ctx, segments, now_ms)
     seed_s = time.monotonic() - t0
     with ctx.redis() as r:
         r.hset(keys.worker_key("bench"), mapping=WorkerMetrics().snapshot())

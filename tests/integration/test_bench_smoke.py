@@ -1,0 +1,123 @@
+"""``pulse bench --smoke`` against the session stack: the harness works, end to end.
+
+Checks the report's structure and that its numbers are consistent (exact record counts, positive
+rates, ordered percentiles); never speed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from pipeline.stack.kafka import run_sync
+from pipeline.stack.testing import RunningStack
+
+pytestmark = pytest.mark.integration
+
+CASES = {"floor", "naive", "pulse_1w", "pulse_2w", "write_cost", "freshness", "reads"}
+PANELS = {"kpis", "events_per_minute", "latency_per_minute", "top_routes", "site_metrics"}
+
+
+def _bench(
+    stack: RunningStack, *argv: str, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "bench", *argv],
+        env={**os.environ, **stack.env()},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+async def _topics(bootstrap: str) -> list[str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return list(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+def test_smoke_run_reports_every_case_consistently(stack: RunningStack, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    res = _bench(stack, "--smoke", f"--output={out}")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "ratios" in res.stdout and "targets" in res.stdout  # the table was printed
+    report: dict[str, Any] = orjson.loads(out.read_bytes())
+    assert set(report) == {"machine", "params", "cases", "errors", "ratios", "targets"}
+    assert report["errors"] == {}
+    assert set(report["cases"]) == CASES
+    assert report["machine"]["cpus"] >= 1 and report["machine"]["valkey_version"] != "?"
+    params, cases = report["params"], report["cases"]
+    assert params["smoke"] is True
+
+    assert cases["floor"]["events"] == params["events"]
+    assert cases["naive"]["events"] == params["naive_events"] and cases["naive"]["complete"]
+    for name in ("floor", "naive", "pulse_1w", "pulse_2w"):
+        assert cases[name]["events_per_s"] > 0, name
+    for name, workers in (("pulse_1w", 1), ("pulse_2w", 2)):
+        c = cases[name]
+        assert c["workers"] == workers and c["records"] == params["events"]
+        applied = sum(sum(v.values()) for v in c["applied"].values())
+        assert applied == params["events"], name  # every record counted once: event, late or dead
+        assert 0 < c["measured_events"] <= params["events"]
+        assert c["round_trips"] > 0 and c["store"]["aof_bytes"] > 0
+
+    cost = cases["write_cost"]
+    assert cost["naive"]["round_trips_per_event"] >= 4  # at least HINCRBY, HINCRBYFLOAT, 2x HGET
+    assert 0 < cost["pulse_1w"]["round_trips_per_event"] < 1
+
+    fresh = cases["freshness"]
+    assert fresh["events"] == params["rate"] * params["freshness_s"]
+    assert 0 < fresh["p50_ms"] <= fresh["p90_ms"] <= fresh["p99_ms"] <= fresh["max_ms"]
+
+    reads = cases["reads"]
+    assert set(reads["panels"]) == PANELS
+    for panel in reads["panels"].values():
+        assert 0 < panel["p50_ms"] <= panel["p99_ms"]
+    assert reads["worst_panel_p99_ms"] == max(p["p99_ms"] for p in reads["panels"].values())
+    assert reads["store"]["seeded_events"] > 0 and reads["store"]["site_metric_rows"] > 0
+
+    assert {"pulse_1w_vs_floor", "pulse_1w_vs_naive", "pulse_2w_vs_1w"} <= set(report["ratios"])
+    assert report["ratios"]["pulse_1w_vs_floor"] == pytest.approx(
+        cases["pulse_1w"]["events_per_s"] / cases["floor"]["events_per_s"]
+    )
+    assert set(report["targets"]) == {
+        "pulse_1w_vs_floor",
+        "pulse_1w_vs_naive",
+        "freshness_p99_ms",
+        "reads_p99_ms",
+    }
+    assert all(isinstance(t["met"], bool) for t in report["targets"].values())
+
+    # the stack is left as found: still running, no bench topics, the bench db empty
+    assert stack.stack.is_running()
+    assert not [t for t in run_sync(lambda: _topics(stack.bootstrap)) if t.startswith("bench.")]
+    with redis.Redis(port=stack.store_settings.port, db=params["store_db"]) as client:
+        assert client.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cases=floor,nope"], "unknown case nope"),
+        (["--events=0"], "expected a positive integer"),
+        (["--store-db=99"], "--store-db must be within"),
+    ],
+)
+def test_bad_arguments_get_one_sentence(stack: RunningStack, argv: list[str], message: str) -> None:
+    res = _bench(stack, *argv, timeout=60)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert len(res.stderr.strip().splitlines()) <= 2

@@ -1,0 +1,67 @@
+"""Pure parts of the benchmark cases: freshness latencies, reads segments, write cost."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.bench.cases.freshness import visibility_latencies
+from pipeline.bench.cases.reads import MINUTE_MS, plan_segments
+from pipeline.bench.cases.write_cost import per_event
+from pipeline.bench.procs import Progress
+
+
+def test_visibility_is_the_first_poll_reaching_the_offset() -> None:
+    tp = ("sensor", 0)
+    sends = {tp: [10.0, 10.0, 10.5]}  # offsets 5, 6, 7 (base 5)
+    polls = [(10.1, {tp: 4}), (10.2, {tp: 6}), (10.4, {tp: 6}), (10.9, {tp: 7})]
+    lat = visibility_latencies(sends, {tp: 5}, polls)
+    assert lat.tolist() == pytest.approx([0.2, 0.2, 0.4])
+
+
+def test_visibility_skips_records_never_seen() -> None:
+    tp = ("applog", 3)
+    lat = visibility_latencies({tp: [1.0, 2.0]}, {}, [(1.5, {tp: 0})])
+    assert lat.tolist() == pytest.approx([0.5])
+
+
+def test_progress_counts_applied_records() -> None:
+    prog = Progress(0.0, {("sensor", 0): 9, ("sensor", 1): -1}, {})
+    ends = {("sensor", 0): 10, ("sensor", 1): 5, ("applog", 0): 0}
+    assert prog.applied_records(ends) == 10
+    assert not prog.caught_up(ends)
+    prog.offsets[("sensor", 1)] = 4
+    assert prog.caught_up(ends) and prog.applied_records(ends) == 15
+
+
+def test_segments_cover_the_day_once_with_the_right_shapes() -> None:
+    end = 1_700_000_000_000 + 30_000
+    segs = plan_segments(end, 1440, 60, 6000, 100, 10, 6 * 3600 * 1000)
+    minutes = [s.start_ms + i * MINUTE_MS for s in segs for i in range(s.minutes)]
+    assert len(minutes) == 1440 == len(set(minutes))
+    assert minutes == sorted(minutes) and minutes[-1] == end - end % MINUTE_MS
+    assert all(s.minutes <= 60 for s in segs)
+    hot = [m for s in segs if s.per_minute == 6000 for m in range(s.minutes)]
+    assert len(hot) == 60
+    assert sum(s.minutes for s in segs if s.device_dim) == 10
+    # 10 s windows only in the minutes overlapping the last 6 h (the oldest one partly)
+    assert sum(s.minutes for s in segs if s.ten_second) == 361
+    assert all(s.per_minute == 6000 for s in segs if s.device_dim)
+
+
+def test_write_cost_per_event_subtracts_polls() -> None:
+    result = {
+        "round_trips": 30,
+        "client_commands": 60,
+        "store": {"commands": 1300, "aof_bytes": 5000, "replica_aof_bytes": 4000},
+    }
+    got = per_event(result, 100, poll_commands=300)
+    assert got == {
+        "events": 100,
+        "round_trips_per_event": 0.3,
+        "client_commands_per_event": 0.6,
+        "store_commands_per_event": 10.0,
+        "aof_bytes_per_event": 50.0,
+        "replica_aof_bytes_per_event": 40.0,
+    }
+    rewritten = {**result, "store": {**result["store"], "aof_rewritten": True}}
+    assert per_event(rewritten, 100)["aof_rewritten_during_run"] is True

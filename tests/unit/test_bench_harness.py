@@ -1,0 +1,166 @@
+"""The benchmark harness's pure parts: registry, percentiles, rates, ratios, targets, report."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.bench.harness import (
+    BenchCase,
+    BenchContext,
+    BenchParams,
+    Ratio,
+    Registry,
+    Target,
+    build_report,
+    check_targets,
+    compute_ratios,
+    drain_rate,
+    flatten,
+    fmt,
+    lookup,
+    percentiles,
+    run_cases,
+)
+from pipeline.settings import KafkaSettings, StoreSettings
+
+
+def _case(name: str, requires: tuple[str, ...] = (), order: int = 100) -> BenchCase:
+    return BenchCase(name, lambda ctx: {"n": 1}, name, requires, order)
+
+
+def test_resolve_adds_requirements_and_orders() -> None:
+    reg = Registry()
+    for c in (_case("a", order=10), _case("b", order=20), _case("c", ("a", "b"), order=30)):
+        reg.add_case(c)
+    assert [c.name for c in reg.resolve(["c"])] == ["a", "b", "c"]
+    assert [c.name for c in reg.resolve(["b"])] == ["b"]
+    assert [c.name for c in reg.resolve(None)] == ["a", "b", "c"]
+
+
+def test_resolve_rejects_unknown_names_and_misordered_requirements() -> None:
+    reg = Registry()
+    reg.add_case(_case("a", order=50))
+    reg.add_case(_case("late_need", ("a",), order=10))
+    with pytest.raises(ValueError, match="unknown case nope"):
+        reg.resolve(["nope"])
+    with pytest.raises(ValueError, match="ordered before its requirement"):
+        reg.resolve(["late_need"])
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.add_case(_case("a"))
+
+
+def test_the_shipped_registry_resolves() -> None:
+    from pipeline.bench import cases  # noqa: F401
+    from pipeline.bench.harness import REGISTRY
+
+    names = [c.name for c in REGISTRY.resolve(["write_cost"])]
+    assert names == ["naive", "pulse_1w", "write_cost"]
+    assert {"floor", "naive", "pulse_1w", "pulse_2w", "freshness", "reads"} <= set(REGISTRY.cases)
+
+
+def test_percentiles_interpolate() -> None:
+    got = percentiles(list(range(1, 101)), (0.5, 0.99, 0.999))
+    assert got == pytest.approx({"p50": 50.5, "p99": 99.01, "p99_9": 99.901})
+    with pytest.raises(ValueError):
+        percentiles([], (0.5,))
+
+
+def test_drain_rate_starts_at_first_progress() -> None:
+    # nothing for 5 s (start-up), then 1000 records/s for 4 s
+    samples = [(float(t), 0) for t in range(6)] + [(5.0 + t, 1000 * t) for t in range(1, 5)]
+    rate = drain_rate(samples)
+    assert rate["events_per_s"] == pytest.approx(1000.0)
+    assert rate["median_1s_per_s"] == pytest.approx(1000.0)
+    assert rate["measured_events"] == 3000
+    with pytest.raises(ValueError):
+        drain_rate([(0.0, 0), (1.0, 0)])
+
+
+def test_drain_rate_median_ignores_a_pause() -> None:
+    pts = [(0.0, 100), (1.0, 1100), (2.0, 2100), (3.0, 2100), (4.0, 3100), (5.0, 4100)]
+    rate = drain_rate(pts)
+    assert rate["events_per_s"] == pytest.approx(800.0)
+    assert rate["median_1s_per_s"] == pytest.approx(1000.0)
+
+
+def test_ratios_and_targets_only_for_measured_metrics() -> None:
+    results = {"floor": {"events_per_s": 100.0}, "pulse": {"events_per_s": 60.0}}
+    ratios = compute_ratios(
+        results,
+        [
+            Ratio("p_vs_f", "cases.pulse.events_per_s", "cases.floor.events_per_s"),
+            Ratio("p_vs_missing", "cases.pulse.events_per_s", "cases.naive.events_per_s"),
+        ],
+    )
+    assert ratios == {"p_vs_f": pytest.approx(0.6)}
+    targets = check_targets(
+        results,
+        ratios,
+        [
+            Target("half", "ratios.p_vs_f", ">=", 0.5),
+            Target("most", "ratios.p_vs_f", ">=", 0.9),
+            Target("fast", "cases.pulse.events_per_s", "<=", 50.0, "note"),
+            Target("gone", "ratios.p_vs_missing", ">=", 1.0),
+        ],
+    )
+    assert set(targets) == {"half", "most", "fast"}
+    assert targets["half"]["met"] is True
+    assert targets["most"]["met"] is False
+    assert targets["fast"] == {
+        "metric": "cases.pulse.events_per_s",
+        "target": "<= 50",
+        "measured": 60.0,
+        "met": False,
+        "note": "note",
+    }
+
+
+def test_build_report_shape_and_lookup() -> None:
+    reg = Registry()
+    reg.ratios["r"] = Ratio("r", "cases.a.x", "cases.b.x")
+    reg.targets["t"] = Target("t", "ratios.r", ">=", 2.0)
+    report = build_report(
+        {"cpus": 2}, {"smoke": True}, {"a": {"x": 4.0}, "b": {"x": 1.0}}, {"c": "boom"}, reg
+    )
+    assert set(report) == {"machine", "params", "cases", "errors", "ratios", "targets"}
+    assert report["ratios"] == {"r": 4.0}
+    assert report["targets"]["t"]["met"] is True
+    assert lookup(report, "cases.a.x") == 4.0
+    with pytest.raises(KeyError):
+        lookup(report, "cases.a.y")
+
+
+def test_flatten_and_fmt() -> None:
+    assert flatten({"a": 1, "b": {"c": 2.5, "d": {"e": "x"}}}) == [
+        ("a", 1),
+        ("b.c", 2.5),
+        ("b.d.e", "x"),
+    ]
+    assert fmt(True) == "yes" and fmt(False) == "NO"
+    assert fmt(12345) == "12,345"
+    assert fmt(0.5) == "0.5"
+    assert fmt(123456.7) == "123,457"
+    assert fmt([1, 2]) == "[1, 2]"
+
+
+def test_params_smoke_is_smaller_and_overrides_apply() -> None:
+    full, smoke = BenchParams.create(False), BenchParams.create(True)
+    assert smoke.events < full.events and smoke.naive_events < full.naive_events
+    assert full.rate == 20_000 and full.read_devices == 10_000
+    p = BenchParams.create(False, events=500, rate=100, store_db=3)
+    assert (p.events, p.naive_events, p.rate, p.store_db) == (500, 500, 100, 3)
+
+
+def test_run_cases_records_failures_and_skips_dependants(tmp_path: object) -> None:
+    def boom(ctx: BenchContext) -> dict[str, object]:
+        raise RuntimeError("no broker")
+
+    ctx = BenchContext(BenchParams.create(True), KafkaSettings(), StoreSettings(), tmp_path)  # type: ignore[arg-type]
+    cases = [
+        BenchCase("ok", lambda c: {"v": 1}, ""),
+        BenchCase("bad", boom, ""),
+        BenchCase("needs_bad", lambda c: {"v": 2}, "", ("bad",)),
+    ]
+    results, errors = run_cases(ctx, cases)
+    assert results["ok"]["v"] == 1 and "wall_s" in results["ok"]
+    assert errors == {"bad": "RuntimeError: no broker", "needs_bad": "skipped: needs bad"}
