@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from pipeline import sketches
 from schemas import keys
-from schemas.events import AppLogEvent, SensorReading
+from schemas.wire import AppLogRecord, SensorEvent
 
 _CODE_SPAN = 1 << 24  # sketch codes of finite doubles fit well within +-2**23
 
@@ -70,7 +70,7 @@ def _factorize(names: Sequence[str]) -> tuple[npt.NDArray[np.int64], list[str]]:
     return codes, list(index)
 
 
-def sensor_columns(events: Sequence[SensorReading]) -> Columns:
+def sensor_columns(events: Sequence[SensorEvent]) -> Columns:
     """Columns of sensor readings: value statistics per device, site and metric."""
     metrics = [e.metric for e in events]
     sep = keys.ENTITY_SEP
@@ -85,7 +85,7 @@ def sensor_columns(events: Sequence[SensorReading]) -> Columns:
     )
 
 
-def applog_columns(events: Sequence[AppLogEvent]) -> Columns:
+def applog_columns(events: Sequence[AppLogRecord]) -> Columns:
     """Columns of application log events: latency statistics per route, service and fleet."""
     sep = keys.ENTITY_SEP
     n = len(events)

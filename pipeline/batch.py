@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import aggregation, windows
-from pipeline.validation import Rejected, TimeBounds, decode_batch
-from schemas.events import AppLogEvent, EventKind, SensorReading
+from pipeline.validation import Rejected, TimeBounds, decode_applog, decode_sensor
+from schemas.events import EventKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +133,9 @@ def _decode(
     kind: EventKind, raws: list[bytes | None], now_ms: int, bounds: TimeBounds
 ) -> tuple[aggregation.Columns, list[int], list[Rejected]]:
     if kind is EventKind.SENSOR:
-        sensor = decode_batch(SensorReading, raws, now_ms, bounds)
+        sensor = decode_sensor(raws, now_ms, bounds)
         return aggregation.sensor_columns(sensor.events), sensor.positions, sensor.rejected
-    applog = decode_batch(AppLogEvent, raws, now_ms, bounds)
+    applog = decode_applog(raws, now_ms, bounds)
     return aggregation.applog_columns(applog.events), applog.positions, applog.rejected
 
 

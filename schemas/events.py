@@ -32,7 +32,7 @@ class EventKind(StrEnum):
 
 
 class _Event(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SensorReading(_Event):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pipeline.bench.cases.freshness import visibility_latencies
@@ -49,11 +51,8 @@ def test_segments_cover_the_day_once_with_the_right_shapes() -> None:
 
 
 def test_write_cost_per_event_subtracts_polls() -> None:
-    result = {
-        "round_trips": 30,
-        "client_commands": 60,
-        "store": {"commands": 1300, "aof_bytes": 5000, "replica_aof_bytes": 4000},
-    }
+    store: dict[str, Any] = {"commands": 1300, "aof_bytes": 5000, "replica_aof_bytes": 4000}
+    result: dict[str, Any] = {"round_trips": 30, "client_commands": 60, "store": store}
     got = per_event(result, 100, poll_commands=300)
     assert got == {
         "events": 100,
@@ -63,5 +62,5 @@ def test_write_cost_per_event_subtracts_polls() -> None:
         "aof_bytes_per_event": 50.0,
         "replica_aof_bytes_per_event": 40.0,
     }
-    rewritten = {**result, "store": {**result["store"], "aof_rewritten": True}}
+    rewritten = {**result, "store": {**store, "aof_rewritten": True}}
     assert per_event(rewritten, 100)["aof_rewritten_during_run"] is True

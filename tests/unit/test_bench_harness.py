@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.bench.harness import (
@@ -151,11 +153,11 @@ def test_params_smoke_is_smaller_and_overrides_apply() -> None:
     assert (p.events, p.naive_events, p.rate, p.store_db) == (500, 500, 100, 3)
 
 
-def test_run_cases_records_failures_and_skips_dependants(tmp_path: object) -> None:
+def test_run_cases_records_failures_and_skips_dependants(tmp_path: Path) -> None:
     def boom(ctx: BenchContext) -> dict[str, object]:
         raise RuntimeError("no broker")
 
-    ctx = BenchContext(BenchParams.create(True), KafkaSettings(), StoreSettings(), tmp_path)  # type: ignore[arg-type]
+    ctx = BenchContext(BenchParams.create(True), KafkaSettings(), StoreSettings(), tmp_path)
     cases = [
         BenchCase("ok", lambda c: {"v": 1}, ""),
         BenchCase("bad", boom, ""),

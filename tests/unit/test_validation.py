@@ -5,8 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from pipeline.validation import TimeBounds, decode_batch
-from schemas.events import AppLogEvent, SensorReading
+from pipeline.validation import TimeBounds, decode_applog, decode_sensor
 
 NOW = 1_790_000_000_000
 BOUNDS = TimeBounds(max_age_ms=7 * 86_400_000, max_skew_ms=300_000)
@@ -47,7 +46,7 @@ def with_(**kw: object) -> bytes:
     ],
 )
 def test_rejects_with_reason(raw: bytes, reason: str) -> None:
-    out = decode_batch(SensorReading, [with_(), raw, with_()], NOW, BOUNDS)
+    out = decode_sensor([with_(), raw, with_()], NOW, BOUNDS)
     assert out.positions == [0, 2]
     assert len(out.rejected) == 1 and out.rejected[0].index == 1
     assert reason.lower() in out.rejected[0].reason.lower()
@@ -55,7 +54,7 @@ def test_rejects_with_reason(raw: bytes, reason: str) -> None:
 
 
 def test_none_value_is_rejected() -> None:
-    out = decode_batch(SensorReading, [None], NOW, BOUNDS)
+    out = decode_sensor([None], NOW, BOUNDS)
     assert out.rejected[0].reason == "empty value"
 
 
@@ -70,6 +69,6 @@ def test_applog_valid_and_invalid() -> None:
         "trace_id": "abc123",
     }
     bad = {**good, "status_code": 700}
-    out = decode_batch(AppLogEvent, [orjson.dumps(good), orjson.dumps(bad)], NOW, BOUNDS)
+    out = decode_applog([orjson.dumps(good), orjson.dumps(bad)], NOW, BOUNDS)
     assert [e.status_code for e in out.events] == [503]
     assert "status_code" in out.rejected[0].reason

@@ -1,0 +1,127 @@
+"""The fast decoders accept nothing the event models reject, and decode it to the same values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ValidationError
+
+from loadgen import faults
+from schemas.events import AppLogEvent, EventKind, SensorReading
+from schemas.wire import APPLOG_DECODER, SENSOR_DECODER
+
+SENSOR = {
+    "device_id": "dev-0001",
+    "site": "site-berlin-1",
+    "event_time": 1_790_000_000_000,
+    "metric": "temperature",
+    "value": 21.5,
+    "unit": "C",
+    "lat": 52.5,
+    "lon": 13.4,
+    "firmware": "1.2.3",
+}
+APPLOG = {
+    "service": "checkout",
+    "route": "/api/orders/{id}",
+    "event_time": 1_790_000_000_000,
+    "level": "ERROR",
+    "status_code": 503,
+    "latency_ms": 12.5,
+    "trace_id": "4bf92f3577b34da6",
+    "message": "upstream timeout",
+}
+
+# values that probe the edges: types, bounds, patterns, special floats, unicode, newlines
+odd_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e15, 1e15 + 1, -1e15, 90.0, 90.0000001, 599, 600, 99, 3_600_000.0, 0, -1]),
+    st.text(max_size=80),
+    st.sampled_from(["dev-1\n", "a|b", "a#b", "", "x" * 65, "/r\n", "INFO", "info", "1", "/a/{b}"]),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+def mutate(base: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    keys = sorted(base)
+    return st.builds(
+        lambda changes, drop, extra: {
+            **{k: v for k, v in base.items() if k not in drop},
+            **changes,
+            **extra,
+        },
+        st.dictionaries(st.sampled_from(keys), odd_values, max_size=3),
+        st.sets(st.sampled_from(keys), max_size=2),
+        st.dictionaries(st.sampled_from(["extra", "schema_version", "Value"]), odd_values,
+                        max_size=1),
+    )  # fmt: skip
+
+
+def check_subset(decoder: msgspec.json.Decoder[Any], model: type[BaseModel], raw: bytes) -> None:
+    try:
+        fast = decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return  # the model decides; nothing to compare
+    try:
+        slow = model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise AssertionError(f"fast decoder accepted what the model rejects: {raw!r}") from exc
+    want = slow.model_dump(mode="json")
+    got = orjson.loads(msgspec.json.encode(fast))
+    assert got == want, raw
+
+
+@given(mutate(SENSOR))
+@settings(max_examples=1500, deadline=None)
+def test_sensor_fast_decoder_is_a_subset_of_the_model(doc: dict[str, Any]) -> None:
+    try:
+        raw = orjson.dumps(doc)
+    except TypeError:  # ints beyond 64 bits: write them as text
+        raw = msgspec.json.encode(doc)
+    check_subset(SENSOR_DECODER, SensorReading, raw)
+
+
+@given(mutate(APPLOG))
+@settings(max_examples=1500, deadline=None)
+def test_applog_fast_decoder_is_a_subset_of_the_model(doc: dict[str, Any]) -> None:
+    try:
+        raw = orjson.dumps(doc)
+    except TypeError:
+        raw = msgspec.json.encode(doc)
+    check_subset(APPLOG_DECODER, AppLogEvent, raw)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=500, deadline=None)
+def test_arbitrary_bytes(raw: bytes) -> None:
+    check_subset(SENSOR_DECODER, SensorReading, raw)
+    check_subset(APPLOG_DECODER, AppLogEvent, raw)
+
+
+@pytest.mark.parametrize("fault", list(faults.FaultKind))
+def test_load_generator_faults_are_not_accepted_by_the_fast_path(fault: faults.FaultKind) -> None:
+    rng = np.random.default_rng(3)
+    for kind, doc, decoder, model in (
+        (EventKind.SENSOR, SENSOR, SENSOR_DECODER, SensorReading),
+        (EventKind.APPLOG, APPLOG, APPLOG_DECODER, AppLogEvent),
+    ):
+        for _ in range(20):
+            raw = faults.corrupt(fault, kind, dict(doc), doc["event_time"], rng)
+            check_subset(decoder, model, raw)
+
+
+def test_valid_events_take_the_fast_path() -> None:
+    assert SENSOR_DECODER.decode(orjson.dumps(SENSOR)).value == 21.5
+    assert APPLOG_DECODER.decode(orjson.dumps(APPLOG)).status_code == 503
+    # and integers where floats are declared, as JSON producers often write them
+    assert SENSOR_DECODER.decode(orjson.dumps({**SENSOR, "value": 21})).value == 21.0
