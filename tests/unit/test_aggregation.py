@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pipeline import aggregation, sketches
 from schemas import keys
-from schemas.events import AppLogEvent, SensorReading
+from schemas.events import AppLogEvent, LogLevel, SensorReading
 
 sensor_st = st.builds(
     SensorReading,
@@ -30,7 +30,7 @@ applog_st = st.builds(
     service=st.sampled_from(["api", "web"]),
     route=st.sampled_from(["/a", "/b/{id}"]),
     event_time=st.integers(min_value=0, max_value=300_000),
-    level=st.sampled_from(["INFO", "ERROR"]),
+    level=st.sampled_from([LogLevel.INFO, LogLevel.ERROR]),
     status_code=st.sampled_from([200, 201, 302, 404, 500, 503]),
     latency_ms=st.floats(min_value=0, max_value=1e5, allow_nan=False),
     trace_id=st.just("t1"),
