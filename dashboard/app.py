@@ -30,6 +30,12 @@ def _client(host: str, port: int, db: int, password: str | None) -> redis.Redis:
     return queries.connect(host, port, db, password)
 
 
+@st.cache_resource
+def pane_cache(url: str) -> queries.PaneCache:
+    """Final panes of the store at ``url``, shared by every session of this server."""
+    return queries.PaneCache()
+
+
 def store_client(store: StoreSettings) -> redis.Redis:
     """The shared store client of this server process."""
     password = store.password.get_secret_value() if store.password else None
@@ -115,7 +121,7 @@ def load_panels(
     _r: redis.Redis, url: str, topo: queries.Topology, now_ms: int, settings: DashboardSettings
 ) -> Panels:
     """Every panel at ``now_ms`` (``url`` names the store ``_r`` reaches, for the cache key)."""
-    return read_panels(_r, topo, now_ms, settings)
+    return read_panels(_r, topo, now_ms, settings, pane_cache(url))
 
 
 def _url(r: redis.Redis) -> str:

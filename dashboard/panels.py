@@ -23,13 +23,18 @@ class Panels:
 
 
 def read_panels(
-    r: redis.Redis, topo: queries.Topology, now_ms: int, settings: DashboardSettings
+    r: redis.Redis,
+    topo: queries.Topology,
+    now_ms: int,
+    settings: DashboardSettings,
+    cache: queries.PaneCache | None = None,
 ) -> Panels:
-    """Run every panel's query at ``now_ms``."""
+    """Run every panel's query at ``now_ms`` (final panes from ``cache`` when given)."""
+    lookback = settings.lookback_min
     return Panels(
         kpis=queries.read_kpis(r, topo, now_ms, settings.rate_windows),
-        per_minute=queries.read_events_per_minute(r, topo, now_ms, settings.lookback_min),
-        latency=queries.read_latency_per_minute(r, topo, now_ms, settings.lookback_min),
-        routes=queries.read_top_routes(r, topo, now_ms, settings.top_routes),
-        sites=queries.read_site_metrics(r, topo, now_ms),
+        per_minute=queries.read_events_per_minute(r, topo, now_ms, lookback),
+        latency=queries.read_latency_per_minute(r, topo, now_ms, lookback, cache=cache),
+        routes=queries.read_top_routes(r, topo, now_ms, settings.top_routes, cache=cache),
+        sites=queries.read_site_metrics(r, topo, now_ms, cache=cache),
     )

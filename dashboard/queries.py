@@ -11,6 +11,8 @@ max of maxes. The pure helpers below do that merging on plain dicts.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -40,8 +42,8 @@ Hash = Mapping[str, str]
 # --------------------------------------------------------------------------- pure helpers
 
 
-def merge_aggs(hashes: Iterable[Hash]) -> dict[str, dict[str, float]]:
-    """Merge aggregate hashes (``"<entity>#<stat>" -> number``) into ``{entity: {stat: value}}``.
+def merge_agg_fields(hashes: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Merge aggregate hashes field by field (``"<entity>#<stat>" -> number``).
 
     ``min``/``max`` take the min/max; every other statistic (n, sum, sq, status classes, err)
     adds up.
@@ -59,25 +61,99 @@ def merge_aggs(hashes: Iterable[Hash]) -> dict[str, dict[str, float]]:
                 acc[name] = max(old, x)
             else:
                 acc[name] = old + x
-    # split each distinct field once, not once per partition and pane
+    return acc
+
+
+def merge_sketch_fields(hashes: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Merge sketch hashes field by field (``"<entity>#<code>" -> count``)."""
+    acc: dict[str, int] = {}
+    for h in hashes:
+        for name, raw in h.items():
+            acc[name] = acc.get(name, 0) + int(raw)
+    return acc
+
+
+def split_aggs(fields: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """``{"<entity>#<stat>": x}`` as ``{entity: {stat: x}}``."""
     out: dict[str, dict[str, float]] = {}
-    for name, x in acc.items():
+    for name, x in fields.items():
         ent, stat = keys.split_field(name)
         out.setdefault(ent, {})[stat] = x
     return out
 
 
-def merge_sketches(hashes: Iterable[Hash]) -> dict[str, dict[int, int]]:
-    """Merge sketch hashes (``"<entity>#<code>" -> count``) into ``{entity: {code: count}}``."""
-    acc: dict[str, int] = {}
-    for h in hashes:
-        for name, raw in h.items():
-            acc[name] = acc.get(name, 0) + int(raw)
+def split_sketches(fields: Mapping[str, int]) -> dict[str, dict[int, int]]:
+    """``{"<entity>#<code>": n}`` as ``{entity: {code: n}}``."""
     out: dict[str, dict[int, int]] = {}
-    for name, n in acc.items():
+    for name, n in fields.items():
         ent, code = keys.split_field(name)
         out.setdefault(ent, {})[int(code)] = n
     return out
+
+
+def merge_aggs(hashes: Iterable[Hash]) -> dict[str, dict[str, float]]:
+    """Merge aggregate hashes into ``{entity: {stat: value}}``."""
+    return split_aggs(merge_agg_fields(hashes))
+
+
+def merge_sketches(hashes: Iterable[Hash]) -> dict[str, dict[int, int]]:
+    """Merge sketch hashes into ``{entity: {code: count}}``."""
+    return split_sketches(merge_sketch_fields(hashes))
+
+
+@dataclass(frozen=True, slots=True)
+class Pane:
+    """One window instance of one dimension, merged over partitions (raw hash fields)."""
+
+    aggs: dict[str, float]
+    sketch: dict[str, int]
+
+
+class PaneCache:
+    """Panes that can no longer change, kept so each refresh reads only the open ones.
+
+    A pane is final once every partition's watermark has passed its end: every event it could
+    still get is late by then and goes to the late topic, never to a window. Watermarks only
+    grow, so one seen to shrink means the store was reset or replayed: the cache then empties.
+    Safe to share between Streamlit sessions (threads).
+    """
+
+    def __init__(self, max_entries: int = 2048) -> None:
+        self._panes: OrderedDict[tuple[str, str, str, int, int], Pane] = OrderedDict()
+        self._watermarks: dict[str, int] = {}
+        self._max = max_entries
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, str, str, int, int]) -> Pane | None:
+        """The final pane under ``key``, if known."""
+        with self._lock:
+            pane = self._panes.get(key)
+            if pane is not None:
+                self._panes.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return pane
+
+    def put(self, key: tuple[str, str, str, int, int], pane: Pane) -> None:
+        """Remember a final pane."""
+        with self._lock:
+            self._panes[key] = pane
+            self._panes.move_to_end(key)
+            while len(self._panes) > self._max:
+                self._panes.popitem(last=False)
+
+    def observe(self, kind: str, watermark: int) -> bool:
+        """Note a kind's (minimum) watermark; a decrease empties the cache (returns True)."""
+        with self._lock:
+            reset = watermark < self._watermarks.get(kind, watermark)
+            if reset:
+                self._panes.clear()
+                self._watermarks.clear()
+            self._watermarks[kind] = watermark
+            return reset
 
 
 def count_of(h: Hash) -> int:
@@ -397,12 +473,64 @@ def _quantile_columns(qs: Sequence[float]) -> list[str]:
     return [f"p{round(q * 100)}" for q in qs]
 
 
+def read_panes(
+    r: redis.Redis,
+    kind: EventKind,
+    parts: Sequence[int],
+    window: TumblingWindow,
+    dim: str,
+    starts: Sequence[int],
+    cache: PaneCache | None = None,
+) -> list[Pane]:
+    """Window instances of one dimension merged over partitions, in ``starts`` order.
+
+    One round trip. With a ``cache``, final panes come from it, and panes found final are added
+    to it: the partitions' watermarks are read first in the same pipeline, so a pane read after
+    them cannot have changed since it became final.
+    """
+    if not parts:
+        return [Pane({}, {}) for _ in starts]
+    ckey = {s: (kind.value, window.name, dim, s, len(parts)) for s in starts}
+    found = {s: hit for s in starts if cache and (hit := cache.get(ckey[s])) is not None}
+    todo = [s for s in starts if s not in found]
+    pipe = _pipe(r)
+    if cache is not None:
+        for p in parts:
+            pipe.hget(keys.progress_key(kind, p), Progress.WATERMARK)
+    for start in todo:
+        for p in parts:
+            pipe.hgetall(keys.agg_key(kind, p, window, dim, start))
+            pipe.hgetall(keys.sketch_key(kind, p, window, dim, start))
+    replies = pipe.execute() if (todo or cache is not None) else []
+    final_before: int | None = None
+    if cache is not None:
+        marks = replies[: len(parts)]
+        replies = replies[len(parts) :]
+        if all(m is not None for m in marks):
+            final_before = min(int(m) for m in marks)
+            if cache.observe(kind.value, final_before) and found:
+                return read_panes(r, kind, parts, window, dim, starts, cache)  # served stale
+    step = 2 * len(parts)
+    for i, start in enumerate(todo):
+        chunk = replies[i * step : (i + 1) * step]
+        pane = Pane(merge_agg_fields(chunk[0::2]), merge_sketch_fields(chunk[1::2]))
+        found[start] = pane
+        if (
+            cache is not None
+            and final_before is not None
+            and start + window.size_ms <= final_before
+        ):
+            cache.put(ckey[start], pane)
+    return [found[s] for s in starts]
+
+
 def read_latency_per_minute(
     r: redis.Redis,
     topo: Topology,
     now_ms: int,
     lookback_min: int,
     qs: Sequence[float] = LATENCY_QS,
+    cache: PaneCache | None = None,
 ) -> pd.DataFrame:
     """Fleet-wide app latency quantiles (ms) per complete minute over the last ``lookback_min``.
 
@@ -410,15 +538,10 @@ def read_latency_per_minute(
     """
     starts = complete_window_starts(now_ms, keys.WINDOW_1M, lookback_min)
     parts = topo.partitions.get(EventKind.APPLOG, ())
-    pipe = _pipe(r)
-    for start in starts:
-        for p in parts:
-            pipe.hgetall(keys.sketch_key(EventKind.APPLOG, p, keys.WINDOW_1M, Dim.FLEET, start))
-    replies = pipe.execute() if parts else []
-    rows: list[list[float | None]] = []
-    for i in range(len(starts)):
-        merged = merge_sketches(replies[i * len(parts) : (i + 1) * len(parts)])
-        rows.append(sketches.quantiles(merged.get(keys.FLEET_ENTITY, {}), qs))
+    panes = read_panes(r, EventKind.APPLOG, parts, keys.WINDOW_1M, Dim.FLEET, starts, cache)
+    rows = [
+        sketches.quantiles(split_sketches(p.sketch).get(keys.FLEET_ENTITY, {}), qs) for p in panes
+    ]
     return pd.DataFrame(
         rows, index=_minutes(starts), columns=_quantile_columns(qs), dtype="float64"
     )
@@ -431,15 +554,13 @@ def _read_hopping(
     dim: str,
     panes: Sequence[int],
     hop: HoppingWindow,
+    cache: PaneCache | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[int, int]]]:
     """Merged aggregates and sketches of one dim over the panes of a hopping window."""
-    pipe = _pipe(r)
-    for start in panes:
-        for p in parts:
-            pipe.hgetall(keys.agg_key(kind, p, hop.pane, dim, start))
-            pipe.hgetall(keys.sketch_key(kind, p, hop.pane, dim, start))
-    replies = pipe.execute() if parts and panes else []
-    return merge_aggs(replies[0::2]), merge_sketches(replies[1::2])
+    read = read_panes(r, kind, parts, hop.pane, dim, panes, cache)
+    aggs = merge_agg_fields(p.aggs for p in read)
+    sks = merge_sketch_fields(p.sketch for p in read)
+    return split_aggs(aggs), split_sketches(sks)
 
 
 ROUTE_COLUMNS: Final = (
@@ -459,6 +580,7 @@ def read_top_routes(
     now_ms: int,
     limit: int = 10,
     hop: HoppingWindow = keys.HOPPING_5M,
+    cache: PaneCache | None = None,
 ) -> pd.DataFrame:
     """Routes by p99 latency over the latest hopping window (5 min up to now), worst first.
 
@@ -468,7 +590,7 @@ def read_top_routes(
     """
     panes = hopping_pane_starts(hop, now_ms)
     aggs, sks = _read_hopping(
-        r, EventKind.APPLOG, topo.partitions.get(EventKind.APPLOG, ()), Dim.ROUTE, panes, hop
+        r, EventKind.APPLOG, topo.partitions.get(EventKind.APPLOG, ()), Dim.ROUTE, panes, hop, cache
     )
     rows: list[tuple[object, ...]] = []
     for ent, stats in aggs.items():
@@ -502,7 +624,11 @@ SITE_COLUMNS: Final = ("site", "metric", "readings", "mean", "p95", "min", "max"
 
 
 def read_site_metrics(
-    r: redis.Redis, topo: Topology, now_ms: int, hop: HoppingWindow = keys.HOPPING_5M
+    r: redis.Redis,
+    topo: Topology,
+    now_ms: int,
+    hop: HoppingWindow = keys.HOPPING_5M,
+    cache: PaneCache | None = None,
 ) -> pd.DataFrame:
     """Per site and metric over the latest hopping window (5 min up to now).
 
@@ -511,7 +637,7 @@ def read_site_metrics(
     """
     panes = hopping_pane_starts(hop, now_ms)
     aggs, sks = _read_hopping(
-        r, EventKind.SENSOR, topo.partitions.get(EventKind.SENSOR, ()), Dim.SITE, panes, hop
+        r, EventKind.SENSOR, topo.partitions.get(EventKind.SENSOR, ()), Dim.SITE, panes, hop, cache
     )
     rows: list[tuple[object, ...]] = []
     for ent, stats in aggs.items():

@@ -348,6 +348,8 @@ def machine_info(kafka_version: str, valkey_version: str) -> Metrics:
     except OSError:
         pass
     return {
+        "git": _git_state(),
+        "hiredis": _hiredis(),
         "cpus": os.cpu_count(),
         "cpu_model": model,
         "python": platform.python_version(),
@@ -356,6 +358,31 @@ def machine_info(kafka_version: str, valkey_version: str) -> Metrics:
         "valkey_version": valkey_version,
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _git_state() -> Metrics:
+    """The measured code: commit and uncommitted changes (the numbers depend on them)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*argv: str) -> str:
+        res = subprocess.run(
+            ["git", *argv], cwd=root, capture_output=True, text=True, timeout=10, check=False
+        )
+        return res.stdout if res.returncode == 0 else ""
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line.strip()]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or "?", "uncommitted": changed}
+
+
+def _hiredis() -> bool:
+    """Whether redis-py parses replies with hiredis (the readers' main cost otherwise)."""
+    try:
+        from redis.utils import HIREDIS_AVAILABLE
+    except ImportError:
+        return False
+    return bool(HIREDIS_AVAILABLE)
 
 
 # --------------------------------------------------------------------------- run context

@@ -284,7 +284,7 @@ def test_page_renders_populated_store(store: redis.Redis, monkeypatch: pytest.Mo
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Events"] == "200"
     assert metrics["Late"] == "4" and metrics["Dead-letter"] == "3"
-    assert metrics["Durability wait p50 / p99"] == "3.0 / 7.0 ms"
+    assert metrics["Durable ack p50/p99 ms"] == "3.0/7"
     # two charts, routes, sites, partitions and workers tables
     assert len(at.get("vega_lite_chart")) == 2
     assert len(at.dataframe) == 4
@@ -301,3 +301,33 @@ def test_page_reports_unreachable_store(monkeypatch: pytest.MonkeyPatch) -> None
     at = _app(monkeypatch, _free_port())
     assert not at.exception
     assert len(at.error) == 1 and "unreachable" in at.error[0].value
+
+
+def test_pane_cache_serves_final_panes_and_rereads_open_ones(store: redis.Redis) -> None:
+    from dashboard.queries import PaneCache, read_panes
+
+    kind, window, dim = EventKind.APPLOG, keys.WINDOW_1M, keys.Dim.FLEET
+    closed, open_ = 600_000, 660_000
+    for p in (0, 1):
+        # watermark 660_000: the pane [600_000, 660_000) is final, [660_000, 720_000) is not
+        store.hset(keys.progress_key(kind, p), keys.Progress.WATERMARK, 660_000)
+        for start in (closed, open_):
+            store.hset(keys.agg_key(kind, p, window, dim, start), "all#n", 5)
+            store.hset(keys.sketch_key(kind, p, window, dim, start), "all#40", 5)
+    cache = PaneCache()
+    first = read_panes(store, kind, [0, 1], window, dim, [closed, open_], cache)
+    assert [p.aggs["all#n"] for p in first] == [10.0, 10.0]
+    assert cache.misses == 2 and cache.hits == 0
+
+    for p in (0, 1):
+        store.hincrby(keys.agg_key(kind, p, window, dim, open_), "all#n", 1)
+    second = read_panes(store, kind, [0, 1], window, dim, [closed, open_], cache)
+    assert cache.hits == 1  # the final pane was not read again
+    assert [p.aggs["all#n"] for p in second] == [10.0, 12.0]  # the open one was
+
+    # a watermark that goes back (store reset, replay) empties the cache
+    store.hset(keys.progress_key(kind, 0), keys.Progress.WATERMARK, 100)
+    for p in (0, 1):
+        store.hset(keys.agg_key(kind, p, window, dim, closed), "all#n", 1)
+    third = read_panes(store, kind, [0, 1], window, dim, [closed, open_], cache)
+    assert third[0].aggs["all#n"] == 2.0
