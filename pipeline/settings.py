@@ -76,7 +76,7 @@ class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PULSE_WORKER_", extra="ignore")
 
     app_id: str = "pulse"
-    batch_max: int = Field(default=2000, ge=1)
+    batch_max: int = Field(default=5000, ge=1)
     batch_within_s: float = Field(default=0.1, gt=0)
     allowed_lateness_s: float = Field(default=30.0, ge=0)
     max_event_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)

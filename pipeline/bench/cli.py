@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     prog = "pulse bench"
     if args.list:
         for case in REGISTRY.cases.values():
-            print(f"{case.name:12} {case.description}")
+            print(f"{case.name:14} {case.description}")
         return 0
     try:
         selected = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 valkey_version = str(r.info("server").get("valkey_version", "?"))
             machine = machine_info(stack_settings.kafka_version, valkey_version)
             try:
+                ctx.hold_aof_rewrites()
                 results, errors = run_cases(ctx, todo)
             finally:
                 try:

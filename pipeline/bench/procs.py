@@ -192,12 +192,14 @@ class StoreCounters:
     aof_bytes: int
     aof_rewrites: int
     replica_aof_bytes: int | None
+    commandstats: dict[str, tuple[int, int]]  # command -> (calls, usec)
 
     @classmethod
     def read(cls, ctx: BenchContext) -> StoreCounters:
         """Current values."""
         with ctx.redis() as r:
             stats, pers, cpu = r.info("stats"), r.info("persistence"), r.info("cpu")
+            cmds = r.info("commandstats")
         replica = None
         if ctx.store.replica_port is not None:
             with ctx.redis(replica=True) as rr:
@@ -208,18 +210,36 @@ class StoreCounters:
             int(pers["aof_current_size"]),
             int(pers["aof_rewrites"]),
             replica,
+            {
+                k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+                for k, v in cmds.items()
+            },
         )
 
-    def delta(self, before: StoreCounters) -> dict[str, Any]:
-        """What happened between ``before`` and this snapshot."""
+    def delta(self, before: StoreCounters, top: int = 6) -> dict[str, Any]:
+        """What happened between ``before`` and this snapshot.
+
+        AOF growth is only meaningful without a rewrite in between (the bench turns automatic
+        rewrites off while it runs); ``by_command`` lists the commands that took the most
+        server time, those a function runs included.
+        """
+        rewritten = self.aof_rewrites != before.aof_rewrites
         out: dict[str, Any] = {
             "commands": self.commands - before.commands,
             "cpu_s": round(self.cpu_s - before.cpu_s, 3),
-            "aof_bytes": self.aof_bytes - before.aof_bytes,
-            "aof_rewritten": self.aof_rewrites != before.aof_rewrites,
+            "aof_rewritten": rewritten,
         }
-        if self.replica_aof_bytes is not None and before.replica_aof_bytes is not None:
-            out["replica_aof_bytes"] = self.replica_aof_bytes - before.replica_aof_bytes
+        if not rewritten:
+            out["aof_bytes"] = self.aof_bytes - before.aof_bytes
+            if self.replica_aof_bytes is not None and before.replica_aof_bytes is not None:
+                out["replica_aof_bytes"] = self.replica_aof_bytes - before.replica_aof_bytes
+        diffs = []
+        for name, (calls, usec) in self.commandstats.items():
+            c0, u0 = before.commandstats.get(name, (0, 0))
+            if calls > c0:
+                diffs.append((usec - u0, calls - c0, name))
+        diffs.sort(reverse=True)
+        out["by_command"] = {name: {"calls": c, "usec": u} for u, c, name in diffs[:top]}
         return out
 
 

@@ -51,16 +51,32 @@ def test_segments_cover_the_day_once_with_the_right_shapes() -> None:
 
 
 def test_write_cost_per_event_subtracts_polls() -> None:
-    store: dict[str, Any] = {"commands": 1300, "aof_bytes": 5000, "replica_aof_bytes": 4000}
+    store: dict[str, Any] = {
+        "commands": 1300,
+        "cpu_s": 0.002,
+        "aof_bytes": 5000,
+        "replica_aof_bytes": 4000,
+        "by_command": {"fcall": {"calls": 2, "usec": 900}, "hincrby": {"calls": 800, "usec": 400}},
+    }
     result: dict[str, Any] = {"round_trips": 30, "client_commands": 60, "store": store}
     got = per_event(result, 100, poll_commands=300)
-    assert got == {
-        "events": 100,
-        "round_trips_per_event": 0.3,
-        "client_commands_per_event": 0.6,
-        "store_commands_per_event": 10.0,
-        "aof_bytes_per_event": 50.0,
-        "replica_aof_bytes_per_event": 40.0,
-    }
-    rewritten = {**result, "store": {**store, "aof_rewritten": True}}
-    assert per_event(rewritten, 100)["aof_rewritten_during_run"] is True
+    assert got.pop("store_us_per_event_by_command") == {"fcall": 9.0, "hincrby": 4.0}
+    assert got.pop("store_calls_per_event_by_command") == {"fcall": 0.02, "hincrby": 8.0}
+    assert got == pytest.approx(
+        {
+            "events": 100,
+            "round_trips_per_event": 0.3,
+            "client_commands_per_event": 0.6,
+            "store_commands_per_event": 10.0,
+            "aof_bytes_per_event": 50.0,
+            "replica_aof_bytes_per_event": 40.0,
+            "store_cpu_us_per_event": 20.0,
+        }
+    )
+
+
+def test_write_cost_leaves_out_aof_bytes_after_a_rewrite() -> None:
+    store = {"commands": 10, "aof_rewritten": True}
+    got = per_event({"round_trips": 1, "client_commands": 1, "store": store}, 10)
+    assert got["aof_rewritten_during_run"] is True
+    assert "aof_bytes_per_event" not in got

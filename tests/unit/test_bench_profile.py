@@ -28,7 +28,7 @@ def test_samples_go_to_the_innermost_known_area() -> None:
     assert s.total == 11
     assert s.areas["aggregation (numpy columns, sketches)"] == 3  # numpy is skipped
     assert s.areas["Faust/mode machinery (streams, events, acks)"] == 5
-    assert s.areas["decode + validate (pydantic)"] == 2
+    assert s.areas["decode + validate (validation.py, msgspec/pydantic)"] == 2
     assert s.areas[OTHER] == 1
     assert s.self_time["faust/transport/conductor.py:on_message"] == 5
     assert s.inclusive["pipeline/cli.py:main"] == 10
@@ -37,6 +37,18 @@ def test_samples_go_to_the_innermost_known_area() -> None:
 
 def test_area_of_an_unknown_stack_is_other() -> None:
     assert area_of([parse_frame("x (somewhere/else.py:1)")]) == OTHER
+
+
+def test_loop_frames_count_for_the_callback_that_called_them() -> None:
+    base = "run (mode/worker.py:1);BaseEventLoop._run_once (asyncio/base_events.py:2);"
+    base += "Handle._run (asyncio/events.py:3);"
+    write = base + "send (redis/asyncio/connection.py:4);write (asyncio/selector_events.py:5)"
+    idle = base + "select (selectors.py:6)"
+    outer = "run (mode/worker.py:1);BaseEventLoop._run_once (asyncio/base_events.py:2);"
+    outer += "select (selectors.py:6)"
+    assert area_of([parse_frame(f) for f in write.split(";")]) == "store client (redis-py)"
+    assert area_of([parse_frame(f) for f in idle.split(";")]) == "asyncio event loop"
+    assert area_of([parse_frame(f) for f in outer.split(";")]) == "asyncio event loop"
 
 
 def test_report_scales_by_cost_per_event() -> None:

@@ -6,13 +6,16 @@ columns), written per ``schemas.keys`` as ``pulse_apply`` leaves it in an empty 
 ``read_hot_minutes`` at ``read_hot_rate`` events/s and the earlier ones at
 ``read_background_per_min``; the device dimension (``read_devices`` devices, ~2 metric series
 each) only in the last ``read_device_minutes``, since a day of it does not fit in memory. Each
-panel query of ``dashboard.queries`` then runs ``read_repeats`` times; panels over the target
-get a cProfile of a few calls in the report.
+panel query of ``dashboard.queries`` then runs ``read_repeats`` times (fewer, at least 5, once
+a panel has taken 10 s), and once more with the dashboard's pane cache where the query takes
+one; panels over the target get a cProfile of a few calls in the report.
 """
 
 from __future__ import annotations
 
 import cProfile
+import functools
+import inspect
 import io
 import pstats
 import time
@@ -271,12 +274,18 @@ def _seed(ctx: BenchContext, segments: list[Segment], now_ms: int) -> Seeder:
     return seeder
 
 
-def _timed(fn: Callable[[], object], repeats: int) -> list[float]:
-    out = []
+def _timed(
+    fn: Callable[[], object], repeats: int, budget_s: float = 10.0, at_least: int = 5
+) -> list[float]:
+    """Milliseconds per call of ``repeats`` calls, fewer (not below ``at_least``) past budget."""
+    out: list[float] = []
+    deadline = time.monotonic() + budget_s
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t0) * 1000)
+        if len(out) >= at_least and time.monotonic() > deadline:
+            break
     return out
 
 
@@ -326,29 +335,43 @@ def run(ctx: BenchContext) -> Metrics:
         info = r.info("memory")
         key_count = int(r.dbsize())
         topo = queries.discover(r, min_partitions=ctx.kafka.partitions)
-        panels: dict[str, Callable[[], object]] = {
-            "kpis": lambda: queries.read_kpis(r, topo, now_ms, ds.rate_windows),
-            "events_per_minute": lambda: queries.read_events_per_minute(
-                r, topo, now_ms, ds.lookback_min
+        panel_calls: dict[str, Callable[..., object]] = {
+            "kpis": lambda **kw: queries.read_kpis(r, topo, now_ms, ds.rate_windows, **kw),
+            "events_per_minute": lambda **kw: queries.read_events_per_minute(
+                r, topo, now_ms, ds.lookback_min, **kw
             ),
-            "latency_per_minute": lambda: queries.read_latency_per_minute(
-                r, topo, now_ms, ds.lookback_min
+            "latency_per_minute": lambda **kw: queries.read_latency_per_minute(
+                r, topo, now_ms, ds.lookback_min, **kw
             ),
-            "top_routes": lambda: queries.read_top_routes(r, topo, now_ms, ds.top_routes),
-            "site_metrics": lambda: queries.read_site_metrics(r, topo, now_ms),
+            "top_routes": lambda **kw: queries.read_top_routes(
+                r, topo, now_ms, ds.top_routes, **kw
+            ),
+            "site_metrics": lambda **kw: queries.read_site_metrics(r, topo, now_ms, **kw),
         }
+        # the dashboard hands panels that take one a cache of final panes: time both ways
+        cache = queries.PaneCache() if hasattr(queries, "PaneCache") else None
+        panels: dict[str, tuple[Callable[[], object], bool]] = {}
+        for name, call in panel_calls.items():
+            func = getattr(queries, f"read_{name}")
+            takes_cache = cache is not None and "cache" in inspect.signature(func).parameters
+            panels[name] = (functools.partial(call), not takes_cache)
+            if takes_cache:
+                panels[f"{name}+cache"] = (functools.partial(call, cache=cache), True)
         _check(queries.read_events_per_minute(r, topo, now_ms, ds.lookback_min), seeder)
         results: dict[str, Any] = {}
-        for name, fn in panels.items():
-            fn()  # warm the connection and caches
+        for name, (fn, as_dashboard) in panels.items():
+            fn()  # warm the connection (and the cache)
             samples = _timed(fn, p.read_repeats)
             entry: dict[str, Any] = {
                 f"{k}_ms": v for k, v in percentiles(samples, (0.5, 0.99)).items()
             }
+            entry["calls"] = len(samples)
+            entry["as_dashboard_runs_it"] = as_dashboard
             if entry["p99_ms"] > READ_TARGET_MS:
                 entry["profile"] = _profile(fn)
             results[name] = entry
-        refresh = _timed(lambda: [fn() for fn in panels.values()], max(3, p.read_repeats // 10))
+        dashboard = [fn for fn, as_dashboard in panels.values() if as_dashboard]
+        refresh = _timed(lambda: [fn() for fn in dashboard], max(3, p.read_repeats // 10))
         discover = _timed(
             lambda: queries.discover(r, min_partitions=ctx.kafka.partitions),
             max(2, p.read_repeats // 20),
@@ -356,7 +379,12 @@ def run(ctx: BenchContext) -> Metrics:
         site_rows = len(queries.read_site_metrics(r, topo, now_ms))
     return {
         "panels": results,
-        "worst_panel_p99_ms": max(e["p99_ms"] for e in results.values()),
+        "worst_panel_p99_ms": max(
+            e["p99_ms"] for e in results.values() if e["as_dashboard_runs_it"]
+        ),
+        "worst_uncached_p99_ms": max(
+            e["p99_ms"] for n, e in results.items() if not n.endswith("+cache")
+        ),
         "refresh_all_panels": {f"{k}_ms": v for k, v in percentiles(refresh, (0.5, 0.99)).items()},
         "discover_scan": {f"{k}_ms": v for k, v in percentiles(discover, (0.5, 0.99)).items()},
         "store": {
@@ -380,4 +408,17 @@ def _check(frame: Any, seeder: Seeder) -> None:
             raise BenchError(f"events per minute at {start}: store {got}, seeded {want}")
 
 
-target("reads_p99_ms", "cases.reads.worst_panel_p99_ms", "<=", READ_TARGET_MS, "worst panel")
+target(
+    "reads_p99_ms",
+    "cases.reads.worst_panel_p99_ms",
+    "<=",
+    READ_TARGET_MS,
+    "worst panel, as the dashboard runs it (with its pane cache where it has one)",
+)
+target(
+    "reads_uncached_p99_ms",
+    "cases.reads.worst_uncached_p99_ms",
+    "<=",
+    READ_TARGET_MS,
+    "worst panel without a cache (first refresh)",
+)

@@ -21,12 +21,22 @@ def per_event(result: Metrics, events: int, poll_commands: int = 0) -> Metrics:
         "round_trips_per_event": result["round_trips"] / events,
         "client_commands_per_event": result["client_commands"] / events,
         "store_commands_per_event": max(store["commands"] - poll_commands, 0) / events,
-        "aof_bytes_per_event": store["aof_bytes"] / events,
     }
+    if "aof_bytes" in store:  # absent when the AOF was rewritten during the drain
+        out["aof_bytes_per_event"] = store["aof_bytes"] / events
     if "replica_aof_bytes" in store:
         out["replica_aof_bytes_per_event"] = store["replica_aof_bytes"] / events
     if store.get("aof_rewritten"):
         out["aof_rewritten_during_run"] = True
+    if "cpu_s" in store:
+        out["store_cpu_us_per_event"] = store["cpu_s"] / events * 1e6
+    by_command: dict[str, dict[str, int]] = store.get("by_command", {})
+    out["store_us_per_event_by_command"] = {
+        name: round(v["usec"] / events, 3) for name, v in by_command.items()
+    }
+    out["store_calls_per_event_by_command"] = {
+        name: round(v["calls"] / events, 3) for name, v in by_command.items()
+    }
     return out
 
 
