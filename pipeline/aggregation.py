@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline import sketches
+from pipeline import sketches, windows
 from schemas import keys
 from schemas.wire import AppLogRecord, SensorEvent
 
@@ -103,7 +103,7 @@ def applog_columns(events: Sequence[AppLogRecord]) -> Columns:
 
 
 def aggregate(
-    cols: Columns, windows: Sequence[keys.TumblingWindow] = keys.TUMBLING_WINDOWS
+    cols: Columns, tumbling: Sequence[keys.TumblingWindow] = keys.TUMBLING_WINDOWS
 ) -> list[WindowDelta]:
     """Group a batch by window instance, dimension and entity, and compute the increments."""
     if len(cols) == 0:
@@ -112,8 +112,8 @@ def aggregate(
     vsq = v * v
     codes = sketches.bucket_codes(v)
     out: list[WindowDelta] = []
-    for window in windows:
-        starts = cols.event_times - cols.event_times % window.size_ms
+    for window in tumbling:
+        starts = windows.window_starts(cols.event_times, window.size_ms)
         uniq_starts, start_idx = np.unique(starts, return_inverse=True)
         for dim, (ent_codes, names) in cols.entities.items():
             out.extend(

@@ -92,8 +92,3 @@ def quantiles(sketch: Mapping[int, int], qs: Sequence[float] = QUANTILES) -> lis
             value, n = next(it)
         out[i] = value
     return out
-
-
-def parse_fields(fields: Mapping[str, str | bytes | int]) -> dict[int, int]:
-    """A sketch from hash fields already stripped of their entity: ``{"<code>": count}``."""
-    return {int(k): int(v) for k, v in fields.items()}

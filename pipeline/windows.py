@@ -58,10 +58,3 @@ def window_starts(event_times: npt.NDArray[np.int64], size_ms: int) -> npt.NDArr
     """Start of the tumbling window instance containing each event time."""
     t = np.asarray(event_times, dtype=np.int64)
     return t - t % size_ms
-
-
-def hopping_starts(event_time_ms: int, size_ms: int, advance_ms: int) -> list[int]:
-    """Starts of every hopping window instance containing ``event_time_ms``, oldest first."""
-    last = event_time_ms - event_time_ms % advance_ms
-    first = last - size_ms + advance_ms
-    return list(range(first, last + 1, advance_ms))

@@ -58,10 +58,6 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class WorkerError(Exception):
-    """The worker cannot start or continue."""
-
-
 @dataclass
 class Metrics:
     """Live counters of one worker process, published to the store every few seconds."""

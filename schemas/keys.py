@@ -25,7 +25,6 @@ from typing import Final
 
 from schemas.events import EventKind
 
-LAYOUT_VERSION: Final = 1
 PREFIX: Final = "pulse"
 
 # Separators: identifiers (schemas.events.Ident/Route) cannot contain them.

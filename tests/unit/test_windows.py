@@ -51,17 +51,10 @@ def test_late_examples() -> None:
     assert windows.watermark(windows.NO_EVENT_YET, L) is None
 
 
-def test_window_starts_and_hopping() -> None:
+def test_window_starts() -> None:
     assert windows.window_starts(np.array([0, 9_999, 10_000, 61_234]), 10_000).tolist() == [
         0,
         0,
         10_000,
         60_000,
-    ]
-    assert windows.hopping_starts(301_000, 300_000, 60_000) == [
-        60_000,
-        120_000,
-        180_000,
-        240_000,
-        300_000,
     ]
