@@ -13,37 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loadgen.settings import LoadgenSettings
+from pipeline.argtypes import fraction, non_negative_int, positive_int
 
 if TYPE_CHECKING:
     from loadgen.generator import GenConfig
     from loadgen.producer import Progress
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be >= 1, got 0")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,61 +26,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a(
         "--rate",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=s.rate,
         help="events/s; 0 = as fast as possible, sim clock at 1000/s (default: %(default)s)",
     )
     a(
         "--duration",
-        type=_positive_int,
+        type=positive_int,
         default=s.duration_s,
         metavar="S",
         help="sim-clock seconds; events = rate * duration (default: %(default)s)",
     )
     a(
         "--devices",
-        type=_positive_int,
+        type=positive_int,
         default=s.devices,
         help="simulated IoT devices (default: %(default)s)",
     )
     a(
         "--services",
-        type=_positive_int,
+        type=positive_int,
         default=s.services,
         help="simulated services (default: %(default)s)",
     )
-    a("--seed", type=_non_negative_int, default=s.seed, help="random seed (default: %(default)s)")
+    a("--seed", type=non_negative_int, default=s.seed, help="random seed (default: %(default)s)")
     a(
         "--anomaly-rate",
-        type=_fraction,
+        type=fraction,
         default=s.anomaly_rate,
         metavar="P",
         help="probability that a device or service gets one anomaly episode (default: %(default)s)",
     )
     a(
         "--bad-rate",
-        type=_fraction,
+        type=fraction,
         default=s.bad_rate,
         metavar="F",
         help="fraction of malformed records (default: %(default)s)",
     )
     a(
         "--late-rate",
-        type=_fraction,
+        type=fraction,
         default=s.late_rate,
         metavar="F",
         help="fraction of valid events delivered with an earlier event time (default: %(default)s)",
     )
     a(
         "--applog-share",
-        type=_fraction,
+        type=fraction,
         default=s.applog_share,
         metavar="F",
         help="fraction of events that are application logs (default: %(default)s)",
     )
     a(
         "--start-ms",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=None,
         metavar="MS",
         help="sim-clock start, epoch ms (default: now; with --rate 0: now - duration)",

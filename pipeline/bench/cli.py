@@ -9,24 +9,16 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from pipeline.argtypes import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pulse bench``."""
     a = parser.add_argument
     a("--smoke", action="store_true", help="tiny sizes: checks the harness in seconds, not speed")
-    a("--events", type=_positive_int, help="records preloaded for the drain cases (300000)")
+    a("--events", type=positive_int, help="records preloaded for the drain cases (300000)")
     a("--cases", help="comma-separated cases to run, with what they need (default: all)")
-    a("--rate", type=_positive_int, help="freshness input rate, events/s (20000)")
+    a("--rate", type=positive_int, help="freshness input rate, events/s (20000)")
     a("--output", type=Path, help="JSON report file (default: bench-<timestamp>.json)")
     a("--store-db", type=int, default=15, help="store db the bench uses, must be empty (15)")
     a("--profile-dir", type=Path, help="sample the 1-worker drain with py-spy into this dir")
