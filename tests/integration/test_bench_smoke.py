@@ -121,7 +121,7 @@ def test_smoke_run_reports_every_case_consistently(stack: RunningStack, tmp_path
     ("argv", "message"),
     [
         (["--cases=floor,nope"], "unknown case nope"),
-        (["--events=0"], "expected a positive integer"),
+        (["--events=0"], "--events: must be >= 1"),
         (["--store-db=99"], "--store-db must be within"),
     ],
 )
