@@ -31,9 +31,8 @@ DURABILITY_P50: Final = "durability_wait_p50_ms"
 DURABILITY_P99: Final = "durability_wait_p99_ms"
 LATENCY_QS: Final = (0.5, 0.95, 0.99)
 
-_MIN_SUFFIX: Final = keys.FIELD_SEP + Stat.MIN
-_MAX_SUFFIX: Final = keys.FIELD_SEP + Stat.MAX
-_COUNT_SUFFIX: Final = keys.FIELD_SEP + Stat.COUNT
+_MIN_AT: Final = Stat.PACKED.index(Stat.MIN)
+_MAX_AT: Final = Stat.PACKED.index(Stat.MAX)
 _KIND_VALUES: Final = frozenset(k.value for k in EventKind)
 
 Hash = Mapping[str, str]
@@ -42,25 +41,28 @@ Hash = Mapping[str, str]
 # --------------------------------------------------------------------------- pure helpers
 
 
-def merge_agg_fields(hashes: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """Merge aggregate hashes field by field (``"<entity>#<stat>" -> number``).
+def merge_agg_fields(hashes: Iterable[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """Merge aggregate hashes (``"<entity>" -> packed statistics``) entity by entity.
 
-    ``min``/``max`` take the min/max; every other statistic (n, sum, sq, status classes, err)
-    adds up.
+    Values are packed strings, or lists already unpacked (merged panes); in ``Stat.PACKED``
+    (or ``PACKED_APPLOG``) order. ``min``/``max`` take the min/max, every other statistic (n,
+    sum, sq, status classes, err) adds up. Inputs are never modified.
     """
-    acc: dict[str, float] = {}
+    acc: dict[str, list[float]] = {}
     for h in hashes:
-        for name, raw in h.items():
-            x = float(raw)
-            old = acc.get(name)
+        for ent, raw in h.items():
+            x = [float(v) for v in raw.split()] if isinstance(raw, str) else list(raw)
+            old = acc.get(ent)
             if old is None:
-                acc[name] = x
-            elif name.endswith(_MIN_SUFFIX):
-                acc[name] = min(old, x)
-            elif name.endswith(_MAX_SUFFIX):
-                acc[name] = max(old, x)
-            else:
-                acc[name] = old + x
+                acc[ent] = x
+                continue
+            for i, v in enumerate(x):
+                if i == _MIN_AT:
+                    old[i] = min(old[i], v)
+                elif i == _MAX_AT:
+                    old[i] = max(old[i], v)
+                else:
+                    old[i] += v
     return acc
 
 
@@ -73,12 +75,12 @@ def merge_sketch_fields(hashes: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return acc
 
 
-def split_aggs(fields: Mapping[str, float]) -> dict[str, dict[str, float]]:
-    """``{"<entity>#<stat>": x}`` as ``{entity: {stat: x}}``."""
+def split_aggs(fields: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
+    """Merged packed statistics as ``{entity: {stat: x}}``."""
     out: dict[str, dict[str, float]] = {}
-    for name, x in fields.items():
-        ent, stat = keys.split_field(name)
-        out.setdefault(ent, {})[stat] = x
+    for ent, values in fields.items():
+        names = Stat.PACKED_APPLOG if len(values) > len(Stat.PACKED) else Stat.PACKED
+        out[ent] = dict(zip(names, values, strict=True))
     return out
 
 
@@ -103,10 +105,10 @@ def merge_sketches(hashes: Iterable[Hash]) -> dict[str, dict[int, int]]:
 
 @dataclass(frozen=True, slots=True)
 class Pane:
-    """One window instance of one dimension, merged over partitions (raw hash fields)."""
+    """One window instance of one dimension, merged over partitions."""
 
-    aggs: dict[str, float]
-    sketch: dict[str, int]
+    aggs: dict[str, list[float]]  # entity -> statistics in Stat.PACKED[_APPLOG] order
+    sketch: dict[str, int]  # "<entity>#<code>" -> count
 
 
 class PaneCache:
@@ -158,7 +160,7 @@ class PaneCache:
 
 def count_of(h: Hash) -> int:
     """Sum of every entity's ``n`` in one aggregate hash."""
-    return sum(int(float(v)) for k, v in h.items() if k.endswith(_COUNT_SUFFIX))
+    return sum(int(float(v.split(" ", 1)[0])) for v in h.values())
 
 
 def mean_of(stats: Mapping[str, float]) -> float | None:
@@ -451,7 +453,7 @@ def read_events_per_minute(
             for p in topo.partitions.get(kind, ()):
                 key = keys.agg_key(kind, p, keys.WINDOW_1M, FLEET_DIM[kind], start)
                 if kind is EventKind.APPLOG:
-                    pipe.hget(key, keys.field(keys.FLEET_ENTITY, Stat.COUNT))
+                    pipe.hget(key, keys.FLEET_ENTITY)
                 else:
                     pipe.hgetall(key)
                 plan.append((kind, start))
@@ -461,7 +463,7 @@ def read_events_per_minute(
         if isinstance(reply, dict):
             totals[kind][start] += count_of(reply)
         elif reply is not None:
-            totals[kind][start] += int(float(reply))
+            totals[kind][start] += int(float(reply.split(" ", 1)[0]))
     return pd.DataFrame(
         {kind.value: [totals[kind][s] for s in starts] for kind in EventKind},
         index=_minutes(starts),

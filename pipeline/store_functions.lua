@@ -15,13 +15,13 @@ ARGV[1] is a JSON payload:
   mx, wm   partition max event time after the batch and its watermark (absent: no event yet)
   ev, late, dead   counters to add; now   wall clock (ms) of the apply
   a        aggregate blocks  {key index, expire-at (s), rows {entity, n, sum, sumsq, min, max
-           [, 1xx, 2xx, 3xx, 4xx, 5xx, err]}}
+           [, 1xx, 2xx, 3xx, 4xx, 5xx, err]}}; each row merges into the entity's one packed
+           field "n sum sumsq min max[ 1xx 2xx 3xx 4xx 5xx err]" (schemas.keys.pack_stats):
+           one HGET and one HSET per entity instead of a command per statistic
   s        sketch blocks     {key index, expire-at (s), rows {entity, code, count, code, count...}}
   e        entity blocks     {key index, {entity...}}
 Returns {1, new applied offset} when applied, {0, applied offset} when the expectation failed.
 --]]
-
-local CLASSES = {'1xx', '2xx', '3xx', '4xx', '5xx'}
 
 local function apply_batch(keys, args)
   local p = cjson.decode(args[1])
@@ -34,28 +34,31 @@ local function apply_batch(keys, args)
   for _, blk in ipairs(p.a) do
     local k = keys[blk[1]]
     for _, r in ipairs(blk[3]) do
-      local f = r[1] .. '#'
-      redis.call('HINCRBY', k, f .. 'n', r[2])
-      redis.call('HINCRBYFLOAT', k, f .. 'sum', r[3])
-      redis.call('HINCRBYFLOAT', k, f .. 'sq', r[4])
-      local m = redis.call('HGET', k, f .. 'min')
-      if not m or r[5] < tonumber(m) then
-        redis.call('HSET', k, f .. 'min', r[5])
+      -- r = {entity, n, sum, sumsq, min, max [, 1xx, 2xx, 3xx, 4xx, 5xx, err]}
+      local ent = r[1]
+      local v = {}
+      for i = 2, #r do
+        v[i - 1] = r[i]
       end
-      m = redis.call('HGET', k, f .. 'max')
-      if not m or r[6] > tonumber(m) then
-        redis.call('HSET', k, f .. 'max', r[6])
-      end
-      if #r > 6 then
-        for i = 1, 5 do
-          if r[6 + i] > 0 then
-            redis.call('HINCRBY', k, f .. CLASSES[i], r[6 + i])
+      local cur = redis.call('HGET', k, ent)
+      if cur then
+        local i = 0
+        for x in string.gmatch(cur, '%S+') do
+          i = i + 1
+          local y = tonumber(x)
+          if i == 4 then
+            if y < v[4] then v[4] = y end
+          elseif i == 5 then
+            if y > v[5] then v[5] = y end
+          else
+            v[i] = v[i] + y
           end
         end
-        if r[12] > 0 then
-          redis.call('HINCRBY', k, f .. 'err', r[12])
-        end
       end
+      for i = 1, #v do
+        v[i] = string.format('%.17g', v[i])
+      end
+      redis.call('HSET', k, ent, table.concat(v, ' '))
     end
     redis.call('EXPIREAT', k, blk[2])
   end

@@ -43,20 +43,21 @@ class Merged:
     counts: dict[str, int] = field(default_factory=dict)
     sketch: dict[int, int] = field(default_factory=dict)
 
-    def add_fields(self, stat: str, value: str) -> None:
-        """Merge one ``<stat>`` hash field."""
-        if stat == keys.Stat.COUNT:
-            self.n += int(value)
-        elif stat == keys.Stat.SUM:
-            self.sum += float(value)
-        elif stat == keys.Stat.SUMSQ:
-            self.sq += float(value)
-        elif stat == keys.Stat.MIN:
-            self.min = min(self.min, float(value))
-        elif stat == keys.Stat.MAX:
-            self.max = max(self.max, float(value))
-        else:
-            self.counts[stat] = self.counts.get(stat, 0) + int(value)
+    def add_packed(self, value: str) -> None:
+        """Merge one packed aggregate field (``schemas.keys.unpack_stats``)."""
+        for stat, x in keys.unpack_stats(value).items():
+            if stat == keys.Stat.COUNT:
+                self.n += int(x)
+            elif stat == keys.Stat.SUM:
+                self.sum += x
+            elif stat == keys.Stat.SUMSQ:
+                self.sq += x
+            elif stat == keys.Stat.MIN:
+                self.min = min(self.min, x)
+            elif stat == keys.Stat.MAX:
+                self.max = max(self.max, x)
+            else:
+                self.counts[stat] = self.counts.get(stat, 0) + int(x)
 
     def merge(self, other: Merged) -> None:
         """Merge another aggregate into this one."""
@@ -95,9 +96,8 @@ def read_store(client: Any, batch: int = 500) -> tuple[StoreView, dict[str, dict
             rows = pipe.execute()
             for (window, dim, start), agg, sk in zip(parsed, rows[::2], rows[1::2], strict=True):
                 bucket = view[kind.value][window][dim][start]
-                for name, value in agg.items():
-                    ent, stat = keys.split_field(name)
-                    bucket.setdefault(ent, Merged()).add_fields(stat, value)
+                for ent, value in agg.items():
+                    bucket.setdefault(ent, Merged()).add_packed(value)
                 for name, value in sk.items():
                     ent, code = keys.split_field(name)
                     m = bucket.setdefault(ent, Merged())

@@ -6,13 +6,15 @@ Layout (``{tag}`` is a hash tag, ``<kind>.<partition>``, so every key written fo
 partition lands in one cluster slot and a partition's batch applies atomically in one call)::
 
     pulse:{sensor.3}:progress                   hash   applied offset, watermark, counters
-    pulse:{sensor.3}:agg:<window>:<dim>:<start>  hash   "<entity>#<stat>" -> number
+    pulse:{sensor.3}:agg:<window>:<dim>:<start>  hash   "<entity>" -> packed statistics
     pulse:{sensor.3}:sk:<window>:<dim>:<start>   hash   "<entity>#<bucket>" -> count (sketch)
     pulse:{sensor.3}:ent:<dim>                   set    entities seen in this partition
     pulse:worker:<name>                          hash   a worker's live metrics
     pulse:fence                                  int    bumped by writers to fence durability
 
 ``<window>`` is a tumbling window name (``10s``, ``1m``); ``<start>`` its start in epoch ms.
+An entity's statistics are one field, ``"n sum sumsq min max"`` (application logs append the
+five status-class counts and the error count), see :func:`pack_stats` / :func:`unpack_stats`.
 Hopping windows (5 min advancing by 1 min) are not stored: they are exact merges of five
 consecutive ``1m`` windows (every statistic here is mergeable), see ``HOPPING_WINDOWS``.
 A view that spans partitions (a site, the fleet) merges the keys of every partition.
@@ -20,6 +22,7 @@ A view that spans partitions (a site, the fleet) merges the keys of every partit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -81,7 +84,7 @@ FLEET_ENTITY: Final = "all"
 
 
 class Stat:
-    """Statistic suffixes of aggregate hash fields (``<entity>#<stat>``)."""
+    """Names of the statistics packed in an aggregate hash field, in packing order."""
 
     COUNT: Final = "n"
     SUM: Final = "sum"
@@ -92,6 +95,8 @@ class Stat:
     STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
     # applog only: ERROR-level events
     ERRORS: Final = "err"
+    PACKED: Final = ("n", "sum", "sq", "min", "max")
+    PACKED_APPLOG: Final = (*PACKED, *STATUS_CLASSES, "err")
 
 
 class Progress:
@@ -163,6 +168,18 @@ def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
+def pack_stats(values: Sequence[float]) -> str:
+    """An aggregate field's value: statistics in ``Stat.PACKED[_APPLOG]`` order."""
+    return " ".join(repr(float(v)) if not float(v).is_integer() else str(int(v)) for v in values)
+
+
+def unpack_stats(value: str) -> dict[str, float]:
+    """The statistics of a packed aggregate field, by name."""
+    parts = value.split()
+    names = Stat.PACKED_APPLOG if len(parts) > len(Stat.PACKED) else Stat.PACKED
+    return {name: float(x) for name, x in zip(names, parts, strict=True)}
+
+
 def fence_key() -> str:
     """Key the writer increments to make earlier writes durable after a reconnect."""
     return f"{PREFIX}:fence"
@@ -173,15 +190,15 @@ def entity(*parts: str) -> str:
     return ENTITY_SEP.join(parts)
 
 
-def field(entity_name: str, stat: str) -> str:
-    """The hash field of one statistic (or sketch bucket) of one entity."""
-    return f"{entity_name}{FIELD_SEP}{stat}"
+def field(entity_name: str, bucket: str) -> str:
+    """The sketch-hash field of one bucket of one entity."""
+    return f"{entity_name}{FIELD_SEP}{bucket}"
 
 
 def split_field(name: str) -> tuple[str, str]:
-    """Split a hash field into (entity, stat)."""
-    ent, _, stat = name.rpartition(FIELD_SEP)
-    return ent, stat
+    """Split a sketch-hash field into (entity, bucket)."""
+    ent, _, bucket = name.rpartition(FIELD_SEP)
+    return ent, bucket
 
 
 def window_start(event_time_ms: int, window: TumblingWindow) -> int:

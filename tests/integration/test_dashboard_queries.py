@@ -54,13 +54,10 @@ def put(
     """Write one entity's statistics and sketch of ``values`` into one window key."""
     agg = keys.agg_key(kind, part, window, dim, start)
     sk = keys.sketch_key(kind, part, window, dim, start)
-    r.hincrby(agg, keys.field(ent, keys.Stat.COUNT), len(values))
-    r.hincrbyfloat(agg, keys.field(ent, keys.Stat.SUM), float(sum(values)))
-    r.hincrbyfloat(agg, keys.field(ent, keys.Stat.SUMSQ), float(sum(v * v for v in values)))
-    r.hset(agg, keys.field(ent, keys.Stat.MIN), repr(min(values)))
-    r.hset(agg, keys.field(ent, keys.Stat.MAX), repr(max(values)))
-    for stat, n in (extra or {}).items():
-        r.hincrby(agg, keys.field(ent, stat), n)
+    stats = [len(values), sum(values), sum(v * v for v in values), min(values), max(values)]
+    if kind is EventKind.APPLOG:
+        stats += [(extra or {}).get(s, 0) for s in keys.Stat.PACKED_APPLOG[5:]]
+    merge_packed(r, agg, ent, stats)
     for code, n in sketches.sketch_of(values).items():
         r.hincrby(sk, keys.field(ent, str(code)), n)
     r.sadd(keys.entities_key(kind, part, dim), ent)
@@ -71,8 +68,18 @@ def count_only(
 ) -> None:
     """Write only ``n`` of fleet-wide entities (sensor metrics, or applog ``all``)."""
     dim = queries.FLEET_DIM[kind]
+    width = len(keys.Stat.PACKED_APPLOG if kind is EventKind.APPLOG else keys.Stat.PACKED)
     for ent, count in n.items():
-        r.hincrby(keys.agg_key(kind, part, window, dim, start), keys.field(ent, "n"), count)
+        stats = [count] + [0] * (width - 1)
+        merge_packed(r, keys.agg_key(kind, part, window, dim, start), ent, stats)
+
+
+def merge_packed(r: redis.Redis, key: str, ent: str, stats: Sequence[float]) -> None:
+    """Merge one entity's statistics into its packed field, as the worker's apply does."""
+    old = r.hget(key, ent)
+    merged = queries.merge_agg_fields([{ent: old}] if old else [])
+    merged = queries.merge_agg_fields([merged, {ent: list(stats)}])
+    r.hset(key, ent, keys.pack_stats(merged[ent]))
 
 
 def progress(r: redis.Redis, kind: EventKind, part: int, **fields: int) -> None:
@@ -312,22 +319,22 @@ def test_pane_cache_serves_final_panes_and_rereads_open_ones(store: redis.Redis)
         # watermark 660_000: the pane [600_000, 660_000) is final, [660_000, 720_000) is not
         store.hset(keys.progress_key(kind, p), keys.Progress.WATERMARK, 660_000)
         for start in (closed, open_):
-            store.hset(keys.agg_key(kind, p, window, dim, start), "all#n", 5)
+            store.hset(keys.agg_key(kind, p, window, dim, start), "all", "5 0 0 0 0")
             store.hset(keys.sketch_key(kind, p, window, dim, start), "all#40", 5)
     cache = PaneCache()
     first = read_panes(store, kind, [0, 1], window, dim, [closed, open_], cache)
-    assert [p.aggs["all#n"] for p in first] == [10.0, 10.0]
+    assert [p.aggs["all"][0] for p in first] == [10.0, 10.0]
     assert cache.misses == 2 and cache.hits == 0
 
     for p in (0, 1):
-        store.hincrby(keys.agg_key(kind, p, window, dim, open_), "all#n", 1)
+        store.hset(keys.agg_key(kind, p, window, dim, open_), "all", "6 0 0 0 0")
     second = read_panes(store, kind, [0, 1], window, dim, [closed, open_], cache)
     assert cache.hits == 1  # the final pane was not read again
-    assert [p.aggs["all#n"] for p in second] == [10.0, 12.0]  # the open one was
+    assert [p.aggs["all"][0] for p in second] == [10.0, 12.0]  # the open one was
 
     # a watermark that goes back (store reset, replay) empties the cache
     store.hset(keys.progress_key(kind, 0), keys.Progress.WATERMARK, 100)
     for p in (0, 1):
-        store.hset(keys.agg_key(kind, p, window, dim, closed), "all#n", 1)
+        store.hset(keys.agg_key(kind, p, window, dim, closed), "all", "1 0 0 0 0")
     third = read_panes(store, kind, [0, 1], window, dim, [closed, open_], cache)
-    assert third[0].aggs["all#n"] == 2.0
+    assert third[0].aggs["all"][0] == 2.0

@@ -16,16 +16,18 @@ T0 = 1_700_000_040_000  # a minute boundary
 
 
 def test_merge_aggs_adds_counts_and_takes_min_max() -> None:
-    a = {"s1|temp#n": "2", "s1|temp#sum": "3.5", "s1|temp#sq": "6.25", "s1|temp#min": "1.0"}
-    a |= {"s1|temp#max": "2.5", "api|/x#5xx": "1", "api|/x#err": "2"}
-    b = {"s1|temp#n": "3", "s1|temp#sum": "-1.5", "s1|temp#sq": "2.0", "s1|temp#min": "-4"}
-    b |= {"s1|temp#max": "0.5", "api|/x#5xx": "4", "s2|hum#n": "1"}
+    a = {"s1|temp": "2 3.5 6.25 1.0 2.5", "api|/x": "1 10 100 10 10 0 0 0 0 1 2"}
+    b = {"s1|temp": "3 -1.5 2.0 -4 0.5", "api|/x": "4 8 16 2 2 0 0 0 0 4 0", "s2|hum": "1 1 1 1 1"}
     merged = queries.merge_aggs([a, b, {}])
     assert merged == {
         "s1|temp": {"n": 5.0, "sum": 2.0, "sq": 8.25, "min": -4.0, "max": 2.5},
-        "api|/x": {"5xx": 5.0, "err": 2.0},
-        "s2|hum": {"n": 1.0},
-    }
+        "api|/x": {
+            "n": 5.0, "sum": 18.0, "sq": 116.0, "min": 2.0, "max": 10.0,
+            "1xx": 0.0, "2xx": 0.0, "3xx": 0.0, "4xx": 0.0, "5xx": 5.0, "err": 2.0,
+        },
+        "s2|hum": {"n": 1.0, "sum": 1.0, "sq": 1.0, "min": 1.0, "max": 1.0},
+    }  # fmt: skip
+    assert a == {"s1|temp": "2 3.5 6.25 1.0 2.5", "api|/x": "1 10 100 10 10 0 0 0 0 1 2"}
 
 
 def test_merge_aggs_of_parts_equals_aggregate_of_all_values() -> None:
@@ -33,14 +35,7 @@ def test_merge_aggs_of_parts_equals_aggregate_of_all_values() -> None:
     values = rng.normal(20, 5, 300)
     parts = np.array_split(values, 4)
     hashes = [
-        {
-            "e#n": str(len(p)),
-            "e#sum": repr(float(p.sum())),
-            "e#sq": repr(float((p * p).sum())),
-            "e#min": repr(float(p.min())),
-            "e#max": repr(float(p.max())),
-        }
-        for p in parts
+        {"e": keys.pack_stats([len(p), p.sum(), (p * p).sum(), p.min(), p.max()])} for p in parts
     ]
     stats = queries.merge_aggs(hashes)["e"]
     assert stats["n"] == 300
@@ -70,7 +65,7 @@ def test_merge_sketches_keeps_entities_apart() -> None:
 
 
 def test_count_of_sums_only_counts() -> None:
-    h = {"temp#n": "4", "temp#sum": "80", "hum#n": "6", "hum#max": "9"}
+    h = {"temp": "4 80 1600 20 20", "hum": "6 1 1 0.1 9"}
     assert queries.count_of(h) == 10
     assert queries.count_of({}) == 0
 
@@ -96,13 +91,19 @@ def test_hopping_merge_of_panes_equals_tumbling_aggregate() -> None:
     # five 1-minute panes of one entity merge into the 5-minute window's statistics
     panes = [[1.0, 2.0], [], [10.0], [-3.0, 4.0, 5.0], [7.0]]
     hashes = [
-        {"e#n": str(len(p)), "e#sum": str(sum(p)), "e#min": str(min(p)), "e#max": str(max(p))}
+        {"e": keys.pack_stats([len(p), sum(p), sum(x * x for x in p), min(p), max(p)])}
         for p in panes
         if p
     ]
     everything = [x for p in panes for x in p]
     stats = queries.merge_aggs(hashes)["e"]
-    assert stats == {"n": 7.0, "sum": sum(everything), "min": -3.0, "max": 10.0}
+    assert stats == {
+        "n": 7.0,
+        "sum": sum(everything),
+        "sq": sum(x * x for x in everything),
+        "min": -3.0,
+        "max": 10.0,
+    }
 
 
 def test_events_per_second_counts_missing_windows_as_zero() -> None:

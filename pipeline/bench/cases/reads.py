@@ -218,16 +218,7 @@ def write_batch(pipe: Any, batch: Any, retention: Any, now_ms: int) -> None:
     for d in batch.deltas:
         expire = retention.expire_at_s(d.window, d.start_ms)
         agg = keys.agg_key(kind, part, d.window, d.dim, d.start_ms)
-        fields: dict[str, object] = {}
-        for row in d.stats:
-            ent = row[0]
-            for stat, value in zip(("n", "sum", "sq", "min", "max"), row[1:6], strict=True):
-                fields[keys.field(ent, stat)] = value
-            if len(row) > 6:
-                extra = zip((*keys.Stat.STATUS_CLASSES, keys.Stat.ERRORS), row[6:12], strict=True)
-                for stat, value in extra:
-                    if value > 0:
-                        fields[keys.field(ent, stat)] = value
+        fields = {str(row[0]): keys.pack_stats(row[1:]) for row in d.stats}
         pipe.hset(agg, mapping=fields)
         pipe.expireat(agg, expire)
         sk = keys.sketch_key(kind, part, d.window, d.dim, d.start_ms)
