@@ -44,9 +44,10 @@ def _spawn(argv: list[str], log: Path | None) -> subprocess.Popen[bytes]:
 
 
 def _stop(procs: list[tuple[str, subprocess.Popen[bytes]]], timeout_s: float = 20.0) -> None:
+    # SIGTERM, not SIGINT: children started from a non-interactive shell may ignore SIGINT.
     for _, p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGINT)
+            p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     for name, p in procs:
         try:
@@ -57,12 +58,17 @@ def _stop(procs: list[tuple[str, subprocess.Popen[bytes]]], timeout_s: float = 2
             p.wait()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the demo until Ctrl-C."""
+    """Run the demo until Ctrl-C (or SIGTERM)."""
     from dashboard.settings import DashboardSettings
     from pipeline.stack.errors import StackError
     from pipeline.stack.stack import Stack
 
+    signal.signal(signal.SIGTERM, _interrupt)  # stop cleanly, as on Ctrl-C
     stack = Stack()
     print("pulse demo: starting Kafka and Valkey (first run downloads Kafka, ~50 MB)...")
     try:
