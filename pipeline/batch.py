@@ -108,11 +108,8 @@ def process(
     batch.watermark = windows.watermark(lateness.max_event_time, rules.allowed_lateness_ms)
     on_time = lateness.on_time
     if not on_time.all():
-        late_idx = np.flatnonzero(~on_time).tolist()
-        # a late event is below the running watermark at its position in the partition
-        running = np.maximum.accumulate(np.maximum(cols.event_times, state.max_event_time))
-        for i in late_idx:
-            wm = int(running[i - 1] if i else state.max_event_time) - rules.allowed_lateness_ms
+        for i in np.flatnonzero(~on_time).tolist():
+            wm = int(lateness.seen_before[i]) - rules.allowed_lateness_ms
             t = int(cols.event_times[i])
             batch.late.append(
                 Diverted(fresh[positions[i]], f"late: event_time {t} < watermark {wm}")

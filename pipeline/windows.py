@@ -25,6 +25,7 @@ class Lateness:
 
     on_time: npt.NDArray[np.bool_]
     max_event_time: int  # after the batch (NO_EVENT_YET if still none)
+    seen_before: npt.NDArray[np.int64]  # partition max event time before each event
 
 
 def classify(
@@ -37,14 +38,14 @@ def classify(
     """
     t = np.asarray(event_times, dtype=np.int64)
     if t.size == 0:
-        return Lateness(np.zeros(0, dtype=np.bool_), max_event_time)
+        return Lateness(np.zeros(0, dtype=np.bool_), max_event_time, np.zeros(0, np.int64))
     running = np.maximum.accumulate(np.maximum(t, max_event_time))
     before = np.empty_like(running)
     before[0] = max_event_time
     before[1:] = running[:-1]
     # The first event of a partition has nothing to be late against (clamping avoids overflow).
     on_time = t >= np.maximum(before, NO_EVENT_YET + allowed_lateness_ms) - allowed_lateness_ms
-    return Lateness(on_time, int(running[-1]))
+    return Lateness(on_time, int(running[-1]), before)
 
 
 def watermark(max_event_time: int, allowed_lateness_ms: int) -> int | None:

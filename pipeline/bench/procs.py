@@ -37,6 +37,17 @@ PROGRESS_FIELDS = (
 )
 
 
+def stop_child(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+    """SIGTERM a child process, wait, SIGKILL it if it does not stop; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10)
+
+
 @dataclass
 class Child:
     """A child process with its log and round-trip counter file."""
@@ -52,13 +63,7 @@ class Child:
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM, wait, SIGKILL if it does not stop; the exit status."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+        return stop_child(self.proc, timeout_s)
 
     def tail(self, n: int = 30) -> str:
         """Last lines of the log."""

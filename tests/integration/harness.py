@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from pipeline.bench.procs import stop_child
 from pipeline.stack.testing import RunningStack
 from schemas import keys
 from schemas.events import EventKind
@@ -177,13 +178,7 @@ class WorkerProcess:
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM and wait; returns the exit status."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+        return stop_child(self.proc, timeout_s)
 
     def tail(self, n: int = 40) -> str:
         """Last lines of the worker's log."""

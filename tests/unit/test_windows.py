@@ -47,6 +47,8 @@ def test_late_examples() -> None:
     t = np.array([100_000, 80_000, 69_999, 70_000, 200_000, 169_999], dtype=np.int64)
     res = windows.classify(t, windows.NO_EVENT_YET, L)
     assert res.on_time.tolist() == [True, True, False, True, True, False]
+    # what each event was judged against: the partition's newest event time before it
+    assert res.seen_before.tolist()[1:] == [100_000, 100_000, 100_000, 100_000, 200_000]
     assert windows.watermark(res.max_event_time, L) == 170_000
     assert windows.watermark(windows.NO_EVENT_YET, L) is None
 
