@@ -3,7 +3,9 @@
 Each record is decoded by the fast msgspec mirror of its model (``schemas.wire``); only a record
 that it rejects is validated by the pydantic model, which has the last word and names the reason.
 Pure: the processing clock (``now_ms``) is passed in. Nothing here raises on bad input — every
-record comes out either as a valid event or as a :class:`Rejected` entry naming why.
+record comes out either as a valid event or as a :class:`Rejected` entry naming why. Reasons are
+ASCII, at most ``_MAX_REASON`` characters, and echo input only escaped and truncated (they become
+Kafka header values).
 """
 
 from __future__ import annotations
@@ -21,6 +23,23 @@ from schemas.wire import APPLOG_DECODER, SENSOR_DECODER, AppLogRecord, SensorEve
 E = TypeVar("E")
 
 _MAX_REASON = 300
+_MAX_ECHO = 40  # characters of an input key quoted in a reason
+# Above this size a value the fast decoder rejected is not handed to pydantic: a hostile
+# megabyte object (say 90k distinct keys) costs pydantic up to a second, and no valid event
+# comes near this size unless padded. The fast decoder's own message is the reason then.
+SLOW_PATH_MAX_BYTES = 64 * 1024
+
+_JSON_WS = b" \t\r\n"
+# Checks JSON syntax (depth-limited) without building Python objects.
+_SYNTAX = msgspec.json.Decoder(msgspec.Raw)
+_KIND_BY_HEAD = {
+    b"[": "array",
+    b'"': "string",
+    b"t": "true/false",
+    b"f": "true/false",
+    b"n": "null",
+}
+_FIELD_NAMES = frozenset(SensorReading.model_fields) | frozenset(AppLogEvent.model_fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,19 +67,6 @@ class DecodedBatch(Generic[E]):
     rejected: list[Rejected] = field(default_factory=list)
 
 
-def _describe(exc: ValidationError) -> str:
-    errors = exc.errors(include_url=False, include_input=False)
-    first = errors[0]
-    if first["type"].startswith("json_"):
-        return str(first["msg"])[:_MAX_REASON]
-    parts = []
-    for err in errors[:3]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        parts.append(f"{loc}: {err['msg']}")
-    more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
-    return ("schema violation: " + "; ".join(parts) + more)[:_MAX_REASON]
-
-
 def decode_sensor(
     raws: Sequence[bytes | None], now_ms: int, bounds: TimeBounds
 ) -> DecodedBatch[SensorEvent]:
@@ -84,23 +90,17 @@ def _decode(
 ) -> DecodedBatch[Any]:
     out: DecodedBatch[Any] = DecodedBatch()
     fast = decoder.decode
-    validate = model.model_validate_json
     oldest = now_ms - bounds.max_age_ms
     newest = now_ms + bounds.max_skew_ms
     for i, raw in enumerate(raws):
-        if not raw:
-            out.rejected.append(Rejected(i, "empty value"))
-            continue
         try:
-            event = fast(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            try:
-                event = validate(raw)
-            except ValidationError as exc:
-                out.rejected.append(Rejected(i, _describe(exc)))
-                continue
-            except (ValueError, UnicodeDecodeError) as exc:  # defensive: any decoder error
-                out.rejected.append(Rejected(i, f"invalid JSON: {exc}"[:_MAX_REASON]))
+            event = fast(raw)  # type: ignore[arg-type]  # None (a tombstone) raises TypeError
+        except Exception as exc:
+            # Whatever the fast decoder raised (DecodeError, ValidationError,
+            # UnicodeDecodeError, ...), the record's fate is decided on the slow path.
+            event = _slow_path(model, raw, exc)
+            if isinstance(event, str):
+                out.rejected.append(Rejected(i, event))
                 continue
         t = event.event_time
         if t < oldest:
@@ -115,3 +115,71 @@ def _decode(
             out.events.append(event)
             out.positions.append(i)
     return out
+
+
+def _slow_path(model: type[BaseModel], raw: bytes | None, fast_error: Exception) -> BaseModel | str:
+    """The model's event for a record the fast decoder rejected, or the reason to reject it."""
+    if raw is None:
+        return "null value (tombstone)"
+    if not raw:
+        return "empty value"
+    try:
+        if raw.lstrip(_JSON_WS)[:1] != b"{":
+            return _not_an_object(raw)  # the model rejects it whatever follows
+        if len(raw) > SLOW_PATH_MAX_BYTES:
+            return _bounded(f"{_fast_reason(fast_error)} (in a value of {len(raw)} bytes)")
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            return _describe(exc)
+    except Exception as exc:  # not expected, but no record may stop the worker
+        return _bounded(f"undecodable value ({type(exc).__name__})")
+
+
+def _fast_reason(exc: Exception) -> str:
+    if isinstance(exc, msgspec.ValidationError):
+        return f"schema violation: {exc}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "invalid JSON: invalid UTF-8"
+    if isinstance(exc, msgspec.DecodeError):
+        return f"invalid JSON: {exc}"
+    return f"undecodable value ({type(exc).__name__})"
+
+
+def _not_an_object(raw: bytes) -> str:
+    try:
+        _SYNTAX.decode(raw)
+    except RecursionError:
+        return "invalid JSON: nested too deeply"
+    except Exception as exc:  # msgspec.DecodeError; UnicodeDecodeError is a ValueError
+        return _bounded(f"invalid JSON: {exc}")
+    head = raw.lstrip(_JSON_WS)[:1]
+    return "not a JSON object: " + _KIND_BY_HEAD.get(head, "number")
+
+
+def _describe(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    first = errors[0]
+    if first["type"].startswith("json_"):
+        return _bounded("invalid JSON: " + str(first["msg"]).removeprefix("Invalid JSON: "))
+    parts = []
+    for err in errors[:3]:
+        loc = ".".join(_echo(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
+    return _bounded("schema violation: " + "; ".join(parts) + more)
+
+
+def _echo(part: str | int) -> str:
+    """A location part (a field name, or a key from the input) safe to quote in a reason."""
+    if part in _FIELD_NAMES or isinstance(part, int):
+        return str(part)
+    return ascii(part[:_MAX_ECHO]) + ("..." if len(part) > _MAX_ECHO else "")
+
+
+def _bounded(text: str) -> str:
+    """``text`` as printable ASCII (others backslash-escaped), at most ``_MAX_REASON`` long."""
+    head = text[:_MAX_REASON]
+    if not (head.isascii() and head.isprintable()):
+        head = head.encode("unicode_escape").decode("ascii")
+    return head[:_MAX_REASON]

@@ -16,7 +16,7 @@ from loadgen import faults
 from schemas.events import AppLogEvent, EventKind, SensorReading
 from schemas.wire import APPLOG_DECODER, SENSOR_DECODER
 
-SENSOR = {
+SENSOR: dict[str, Any] = {
     "device_id": "dev-0001",
     "site": "site-berlin-1",
     "event_time": 1_790_000_000_000,
@@ -27,7 +27,7 @@ SENSOR = {
     "lon": 13.4,
     "firmware": "1.2.3",
 }
-APPLOG = {
+APPLOG: dict[str, Any] = {
     "service": "checkout",
     "route": "/api/orders/{id}",
     "event_time": 1_790_000_000_000,
@@ -70,8 +70,8 @@ def mutate(base: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
 def check_subset(decoder: msgspec.json.Decoder[Any], model: type[BaseModel], raw: bytes) -> None:
     try:
         fast = decoder.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        return  # the model decides; nothing to compare
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+        return  # the model decides; nothing to compare (invalid UTF-8 raises UnicodeDecodeError)
     try:
         slow = model.model_validate_json(raw)
     except ValidationError as exc:
@@ -101,11 +101,53 @@ def test_applog_fast_decoder_is_a_subset_of_the_model(doc: dict[str, Any]) -> No
     check_subset(APPLOG_DECODER, AppLogEvent, raw)
 
 
-@given(st.binary(max_size=300))
+@given(st.sampled_from([b"", b'{"', b'{"device_id":"', b'{"service":"']), st.binary(max_size=300))
 @settings(max_examples=500, deadline=None)
-def test_arbitrary_bytes(raw: bytes) -> None:
+def test_arbitrary_bytes(prefix: bytes, tail: bytes) -> None:
+    check_subset(SENSOR_DECODER, SensorReading, prefix + tail)
+    check_subset(APPLOG_DECODER, AppLogEvent, prefix + tail)
+
+
+@pytest.mark.parametrize(
+    "splice",
+    [
+        # duplicate keys: both decoders let the last occurrence win
+        b',"value":99.5',
+        b',"value":"hot"',
+        b',"\\u0076alue":99.5',  # the same key, escaped
+        b',"value":NaN,"value":1.0',  # msgspec: malformed; the model: 1.0 (it parses NaN)
+        # looser in the model than in the struct: the struct rejects, the model decides
+        b',"schema_version":true',
+        b',"schema_version":1.0',
+        # invalid UTF-8 and lone surrogates in keys and strings
+        b',"\xff":1',
+        b',"unit":"\xed\xa0\x80"',
+        b',"unit":"\\ud800"',
+        b',"unit":"\\udc00x"',
+    ],
+)
+def test_hostile_splices(splice: bytes) -> None:
+    raw = orjson.dumps(SENSOR)[:-1] + splice + b"}"
     check_subset(SENSOR_DECODER, SensorReading, raw)
-    check_subset(APPLOG_DECODER, AppLogEvent, raw)
+    check_subset(SENSOR_DECODER, SensorReading, b'{"value":"hot",' + raw[1:])
+
+
+@pytest.mark.parametrize(
+    "splice",
+    [
+        b',"value":NaN,"value":21.5',  # the model's parser reads NaN; a later key replaces it
+        b',"value":"hot","value":21.5',  # the struct checks every occurrence of a key
+        b',"value":21.5,"schema_version":true',  # Literal[1] takes true and 1.0 (strict!)
+        b',"value":21.5,"schema_version":1.0',
+    ],
+)
+def test_where_the_struct_is_stricter_than_the_model(splice: bytes) -> None:
+    # not a contract breach (the struct rejects, so the model decides), but worth knowing
+    raw = orjson.dumps({k: v for k, v in SENSOR.items() if k != "value"})[:-1] + splice + b"}"
+    with pytest.raises((msgspec.ValidationError, msgspec.DecodeError)):
+        SENSOR_DECODER.decode(raw)
+    model = SensorReading.model_validate_json(raw)
+    assert (model.value, model.schema_version) == (21.5, 1)
 
 
 @pytest.mark.parametrize("fault", list(faults.FaultKind))
