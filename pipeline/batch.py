@@ -3,18 +3,29 @@
 Steps: drop records at or below the partition's applied offset (already in the store), validate
 (rejects become dead letters), classify on-time/late against the partition's watermark, and
 aggregate the on-time events into window deltas. The clock is passed in.
+
+Entity registries: a batch carries the entities the store's registries (``ent:<dim>``, sorted sets
+scored by last-seen ``1m`` window start) should hear about, and the partition state caches what
+was sent. An entity is sent when it is not in the cache or appears in a newer minute than the one
+cached, so each entity costs the store at most one registration per minute. The cache is bounded
+like the registries (``BatchRules.entity_cap`` per dim): past the cap it keeps the newest half.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 
 from pipeline import aggregation, windows
 from pipeline.validation import Rejected, TimeBounds, decode_applog, decode_sensor
+from schemas import keys
 from schemas.events import EventKind
+
+_NEVER = np.iinfo(np.int64).min
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +43,10 @@ class PartitionState:
 
     offset: int = -1
     max_event_time: int = windows.NO_EVENT_YET
-    # entity names already registered in the store, per dim (a cache: losing it is harmless)
-    known_entities: dict[str, set[str]] = field(default_factory=dict)
+    topic: str | None = None  # the topic the store's offsets belong to (None: not recorded)
+    # per dim: entity -> the last-seen 1m window start already sent to the store's registry
+    # (a cache: losing it only re-sends names; bounded by BatchRules.entity_cap per dim)
+    known_entities: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +68,13 @@ class PartitionBatch:
     max_event_time: int
     watermark: int | None
     deltas: list[aggregation.WindowDelta]
+    # per dim: entities to (re-)register, and their last-seen 1m window start in the same order
     new_entities: dict[str, list[str]]
     events: int
     dead: list[Diverted]
     late: list[Diverted]
+    entity_minutes: dict[str, list[int]] = field(default_factory=dict)
+    entity_cap: int = keys.ENTITY_REGISTRY_CAP  # members a registry (and the cache) keeps per dim
 
     @property
     def empty(self) -> bool:
@@ -72,6 +88,7 @@ class BatchRules:
 
     bounds: TimeBounds
     allowed_lateness_ms: int
+    entity_cap: int = keys.ENTITY_REGISTRY_CAP
 
 
 def process(
@@ -96,6 +113,7 @@ def process(
         events=0,
         dead=[],
         late=[],
+        entity_cap=rules.entity_cap,
     )
     if not fresh:
         return batch
@@ -117,13 +135,30 @@ def process(
         cols = cols.select(on_time)
     batch.events = len(cols)
     batch.deltas = aggregation.aggregate(cols)
+    _entities_to_register(batch, cols, state)
+    return batch
+
+
+def _entities_to_register(
+    batch: PartitionBatch, cols: aggregation.Columns, state: PartitionState
+) -> None:
+    """Fill ``batch.new_entities``: entities not cached, or seen in a newer minute than cached."""
+    minute = windows.window_starts(cols.event_times, keys.WINDOW_1M.size_ms)
     for dim, (codes, names) in cols.entities.items():
-        known = state.known_entities.setdefault(dim, set())
-        present = [names[c] for c in np.unique(codes).tolist()]
-        new = [n for n in present if n not in known]
+        last = np.full(len(names), _NEVER, dtype=np.int64)
+        np.maximum.at(last, codes, minute)
+        present = np.flatnonzero(last != _NEVER)
+        known = state.known_entities.get(dim, {})
+        new: list[str] = []
+        minutes: list[int] = []
+        for code, m in zip(present.tolist(), last[present].tolist(), strict=True):
+            name = names[code]
+            if known.get(name, _NEVER) < m:
+                new.append(name)
+                minutes.append(m)
         if new:
             batch.new_entities[dim] = new
-    return batch
+            batch.entity_minutes[dim] = minutes
 
 
 def _decode(
@@ -141,4 +176,8 @@ def commit(state: PartitionState, batch: PartitionBatch) -> None:
     state.offset = batch.last_offset
     state.max_event_time = batch.max_event_time
     for dim, names in batch.new_entities.items():
-        state.known_entities.setdefault(dim, set()).update(names)
+        known = state.known_entities.setdefault(dim, {})
+        known.update(zip(names, batch.entity_minutes[dim], strict=True))
+        if len(known) > batch.entity_cap:
+            newest = heapq.nlargest(max(batch.entity_cap // 2, 1), known.items(), itemgetter(1))
+            state.known_entities[dim] = dict(newest)

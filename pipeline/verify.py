@@ -5,6 +5,18 @@ windows) and compares it with the truth file, which the load generator computed 
 it produced. It shares only the key layout (``schemas.keys``) and the sketch decoding with the
 pipeline, never the pipeline's aggregation arithmetic. Exit status 0 when everything matches,
 1 on any mismatch (each one is printed), 2 on bad input.
+
+Besides the truth, the store must agree with itself, per partition:
+
+- every sketch holds as many values as its aggregate counts (per window instance, dim, entity);
+- the progress counters account for every record: ``events + late + dead == offset + 1``. This
+  assumes the input topics' offsets are dense from 0: they are written by idempotent,
+  non-transactional producers (no transaction markers take offsets) and nothing was deleted or
+  compacted before the worker read it. A transactional producer or a truncated topic breaks it;
+- the ``1m`` windows of the kind's fleet-wide dim count exactly the ``events`` counter: a late
+  event never touches a window and an on-time one lands in exactly one ``1m`` window per dim.
+  This assumes none of the partition's ``1m`` windows has expired yet (a run younger than the
+  ``1m`` retention, as the truth comparison does anyway).
 """
 
 from __future__ import annotations
@@ -13,10 +25,10 @@ import argparse
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from schemas import keys
 from schemas.events import EventKind
@@ -25,6 +37,9 @@ from schemas.events import EventKind
 SUM_REL_TOL = 1e-9
 VAR_REL_TOL = 1e-9
 STATUS_STATS = (*keys.Stat.STATUS_CLASSES, keys.Stat.ERRORS)
+# The fleet-wide dim of each kind: its entities' counts in one window add up to the kind's events.
+FLEET_DIM: Final = {EventKind.SENSOR: keys.Dim.METRIC, EventKind.APPLOG: keys.Dim.FLEET}
+COUNTERS: Final = (keys.Progress.EVENTS, keys.Progress.LATE, keys.Progress.DEAD)
 
 
 class VerifyError(Exception):
@@ -45,7 +60,11 @@ class Merged:
 
     def add_packed(self, value: str) -> None:
         """Merge one packed aggregate field (``schemas.keys.unpack_stats``)."""
-        for stat, x in keys.unpack_stats(value).items():
+        self.add(keys.unpack_stats(value))
+
+    def add(self, stats: Mapping[str, float]) -> None:
+        """Merge unpacked statistics (by name)."""
+        for stat, x in stats.items():
             if stat == keys.Stat.COUNT:
                 self.n += int(x)
             elif stat == keys.Stat.SUM:
@@ -80,39 +99,165 @@ def _tree() -> StoreView:
     return defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(dict))))
 
 
-def read_store(client: Any, batch: int = 500) -> tuple[StoreView, dict[str, dict[str, int]]]:
-    """Every tumbling-window aggregate in the store, merged over partitions, and the totals."""
-    view = _tree()
+@dataclass
+class PartitionCounts:
+    """What one partition's keys say about its record counts."""
+
+    progress: dict[str, str] | None = None  # the progress hash (None: there is none)
+    window_events: int = 0  # sum of n over the 1m windows of the kind's fleet-wide dim
+    windows: int = 0  # how many window keys (aggregate or sketch) the partition has
+
+
+@dataclass
+class StoreContents:
+    """What :func:`read_store` found."""
+
+    view: StoreView
+    totals: dict[str, dict[str, int]]  # kind -> events/late/dead over its progress hashes
+    partitions: dict[tuple[str, int], PartitionCounts]  # by (kind, partition)
+    problems: list[str]  # inconsistencies found while reading (sketch vs aggregate counts)
+
+
+def _int(raw: object) -> int | None:
+    try:
+        return int(str(raw))
+    except ValueError:
+        return None
+
+
+def check_sketch_counts(where: str, agg: Mapping[str, str], sk: Mapping[str, str]) -> list[str]:
+    """Lines for every entity of one window key whose sketch total differs from its count."""
+    out: list[str] = []
+    sketch_n: dict[str, int] = {}
+    for name, raw in sk.items():
+        ent, code = keys.split_field(name)
+        n = _int(raw)
+        if not ent or _int(code) is None or n is None or n <= 0:
+            out.append(f"{where}: sketch field {name!r} = {raw!r} is not a bucket count")
+            continue
+        sketch_n[ent] = sketch_n.get(ent, 0) + n
+    for ent, packed in agg.items():
+        try:
+            n = int(keys.unpack_stats(packed)[keys.Stat.COUNT])
+        except ValueError:
+            out.append(f"{where} {ent}: aggregate {packed!r} cannot be read")
+            continue
+        got = sketch_n.pop(ent, 0)
+        if got != n:
+            out.append(f"{where} {ent}: sketch holds {got} values, aggregate count n={n}")
+    for ent, got in sketch_n.items():
+        out.append(f"{where} {ent}: sketch holds {got} values, no aggregate")
+    return out
+
+
+def check_partitions(parts: Mapping[tuple[str, int], PartitionCounts]) -> list[str]:
+    """Lines for every partition whose progress counters do not add up (see the module doc)."""
+    out: list[str] = []
+    for (kind, part), pc in sorted(parts.items()):
+        where = f"{kind} partition {part}"
+        if pc.progress is None:
+            out.append(f"{where}: {pc.windows} window keys but no progress hash")
+            continue
+        fields = (keys.Progress.OFFSET, *COUNTERS)
+        raw = {f: pc.progress.get(f, "-1" if f == keys.Progress.OFFSET else "0") for f in fields}
+        values = {f: _int(v) for f, v in raw.items()}
+        broken = [f"{f}={raw[f]!r}" for f, v in values.items() if v is None]
+        if broken:
+            out.append(f"{where}: progress fields are not integers: {', '.join(broken)}")
+            continue
+        offset, events, late, dead = (int(values[f] or 0) for f in fields)
+        if events + late + dead != offset + 1:
+            out.append(
+                f"{where}: events {events} + late {late} + dead {dead} = "
+                f"{events + late + dead}, but applied offset {offset} means {offset + 1} records"
+            )
+        if pc.window_events != events:
+            dim = FLEET_DIM[EventKind(kind)]
+            out.append(
+                f"{where}: its 1m {dim} windows count {pc.window_events} events, "
+                f"its progress hash events={events}"
+            )
+    return out
+
+
+def compare_partitions(
+    truth: dict[str, Any], parts: Mapping[tuple[str, int], PartitionCounts]
+) -> list[str]:
+    """Lines for every partition whose events/late/dead counters differ from the truth's."""
+    out: list[str] = []
     for kind in EventKind:
-        agg_keys = sorted(client.scan_iter(match=keys.agg_pattern(kind), count=1000))
-        for chunk in _chunks(agg_keys, batch):
+        per_partition = truth.get("per_partition", {}).get(kind.value)
+        if per_partition is None:  # older truth files: totals only
+            continue
+        for part_s, want in sorted(per_partition.items(), key=lambda kv: int(kv[0])):
+            pc = parts.get((kind.value, int(part_s)))
+            row = (pc.progress if pc else None) or {}
+            for name in COUNTERS:
+                got = _int(row.get(name, "0"))
+                if got != int(want.get(name, 0)):
+                    out.append(
+                        f"{kind.value} partition {part_s}: {name} is {row.get(name, 0)} in the "
+                        f"store, truth says {want.get(name, 0)}"
+                    )
+    return out
+
+
+def read_store(client: Any, batch: int = 500) -> StoreContents:
+    """Every tumbling-window aggregate, merged over partitions; totals; per-partition counts."""
+    view = _tree()
+    parts: dict[tuple[str, int], PartitionCounts] = {}
+    problems: list[str] = []
+    for kind in EventKind:
+        fleet = FLEET_DIM[kind]
+        # a sketch key without its aggregate key is found too
+        names = set(client.scan_iter(match=keys.agg_pattern(kind), count=1000))
+        for k in client.scan_iter(match=keys.sketch_pattern(kind), count=1000):
+            names.add(k.replace(":sk:", ":agg:", 1))
+        for chunk in _chunks(sorted(names), batch):
             pipe = client.pipeline(transaction=False)
             parsed = []
             for k in chunk:
-                _, _part, window, dim, start = keys.parse_agg_key(k)
-                parsed.append((window, dim, start))
+                _, part, window, dim, start = keys.parse_agg_key(k)
+                parsed.append((part, window, dim, start))
                 pipe.hgetall(k)
                 pipe.hgetall(k.replace(":agg:", ":sk:", 1))
             rows = pipe.execute()
-            for (window, dim, start), agg, sk in zip(parsed, rows[::2], rows[1::2], strict=True):
+            for (part, window, dim, start), agg, sk in zip(
+                parsed, rows[::2], rows[1::2], strict=True
+            ):
+                where = f"{kind.value} partition {part} {window} {dim} @{start}"
+                found = check_sketch_counts(where, agg, sk)
+                problems.extend(found)
+                pc = parts.setdefault((kind.value, part), PartitionCounts())
+                pc.windows += 1
                 bucket = view[kind.value][window][dim][start]
                 for ent, value in agg.items():
-                    bucket.setdefault(ent, Merged()).add_packed(value)
+                    try:
+                        stats = keys.unpack_stats(value)
+                    except ValueError:
+                        continue  # reported by check_sketch_counts
+                    bucket.setdefault(ent, Merged()).add(stats)
+                    if window == keys.WINDOW_1M.name and dim == fleet:
+                        pc.window_events += int(stats[keys.Stat.COUNT])
                 for name, value in sk.items():
                     ent, code = keys.split_field(name)
-                    m = bucket.setdefault(ent, Merged())
-                    m.sketch[int(code)] = m.sketch.get(int(code), 0) + int(value)
+                    c, n = _int(code), _int(value)
+                    if c is not None and n is not None:
+                        m = bucket.setdefault(ent, Merged())
+                        m.sketch[c] = m.sketch.get(c, 0) + n
     totals: dict[str, dict[str, int]] = {}
     for kind in EventKind:
-        t = {"events": 0, "late": 0, "dead": 0}
+        t = dict.fromkeys(COUNTERS, 0)
         for k in client.scan_iter(match=keys.progress_pattern(kind)):
             row = client.hgetall(k)
+            part = int(keys.parse_tag(k)[1])
+            parts.setdefault((kind.value, part), PartitionCounts()).progress = row
             for name in t:
-                t[name] += int(row.get(name, 0))
+                t[name] += _int(row.get(name, 0)) or 0
         totals[kind.value] = t
     for kind_view in view.values():
         _add_hopping(kind_view)
-    return view, totals
+    return StoreContents(view, totals, parts, problems)
 
 
 def _add_hopping(kind_view: dict[str, dict[str, dict[int, dict[str, Merged]]]]) -> None:
@@ -133,6 +278,16 @@ def _add_hopping(kind_view: dict[str, dict[str, dict[int, dict[str, Merged]]]]) 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def verify(truth: dict[str, Any], found: StoreContents) -> list[str]:
+    """Every problem: the store against the truth, and against itself."""
+    return [
+        *compare(truth, found.view, found.totals),
+        *compare_partitions(truth, found.partitions),
+        *found.problems,
+        *check_partitions(found.partitions),
+    ]
 
 
 def compare(truth: dict[str, Any], view: StoreView, totals: dict[str, dict[str, int]]) -> list[str]:
@@ -187,8 +342,9 @@ def _compare_entity(
     if not math.isclose(m.sum, want["sum"], rel_tol=SUM_REL_TOL, abs_tol=1e-6):
         out.append(f"{where}: sum={m.sum!r}, truth {want['sum']!r}")
     for stat in ("min", "max"):
+        # exact: both sides are the same doubles (the store writes them with 17 digits)
         got = getattr(m, stat)
-        if not math.isclose(got, want[stat], rel_tol=1e-12, abs_tol=1e-12):
+        if got != float(want[stat]):
             out.append(f"{where}: {stat}={got!r}, truth {want[stat]!r}")
     mean_sq = m.sq / m.n
     mean = m.sum / m.n
@@ -207,8 +363,19 @@ def _compare_entity(
     return out
 
 
+EPILOG = """\
+Besides comparing with the truth, verify checks that the store agrees with itself per partition:
+every sketch holds as many values as its aggregate counts; events + late + dead == offset + 1 in
+every progress hash (this assumes dense offsets from 0: the input topics are written by
+idempotent, non-transactional producers and nothing was deleted before the worker read it); the
+1m windows of the fleet-wide dim (sensor: metric, applog: fleet) count exactly the events
+counter (this assumes none of those windows has expired yet)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pulse verify``."""
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--truth", required=True, type=Path, help="truth file from pulse loadgen")
     parser.add_argument("--max-report", type=int, default=50, help="mismatches to print")
 
@@ -234,11 +401,12 @@ def run(args: argparse.Namespace) -> int:
         decode_responses=True,
     )
     try:
-        view, totals = read_store(client)
+        found = read_store(client)
     except redis.RedisError as exc:
         print(f"pulse verify: cannot read the store at {s.url()}: {exc}.", file=sys.stderr)
         return 2
-    problems = compare(truth, view, totals)
+    totals = found.totals
+    problems = verify(truth, found)
     checked = sum(
         len(ents)
         for k in truth.get("windows", {}).values()
@@ -256,5 +424,8 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         print(f"verify: FAILED, {len(problems)} mismatches in {checked} aggregates ({summary})")
         return 1
-    print(f"verify: OK, {checked} window aggregates match the truth exactly ({summary})")
+    print(
+        f"verify: OK, {checked} window aggregates match the truth exactly; sketches, counters "
+        f"and offsets agree in {len(found.partitions)} partitions ({summary})"
+    )
     return 0

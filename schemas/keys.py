@@ -5,10 +5,11 @@ The worker, the dashboard, ``pulse verify`` and ``pulse replay`` all build key n
 Layout (``{tag}`` is a hash tag, ``<kind>.<partition>``, so every key written for one Kafka
 partition lands in one cluster slot and a partition's batch applies atomically in one call)::
 
-    pulse:{sensor.3}:progress                   hash   applied offset, watermark, counters
+    pulse:{sensor.3}:progress                    hash   applied offset, watermark, counters,
+                                                        topic (the offsets' identity), owner
     pulse:{sensor.3}:agg:<window>:<dim>:<start>  hash   "<entity>" -> packed statistics
     pulse:{sensor.3}:sk:<window>:<dim>:<start>   hash   "<entity>#<bucket>" -> count (sketch)
-    pulse:{sensor.3}:ent:<dim>                   set    entities seen in this partition
+    pulse:{sensor.3}:ent:<dim>                   zset   entity -> last-seen 1m window start (ms)
     pulse:worker:<name>                          hash   a worker's live metrics
     pulse:fence                                  int    bumped by writers to fence durability
 
@@ -18,6 +19,11 @@ five status-class counts and the error count), see :func:`pack_stats` / :func:`u
 Hopping windows (5 min advancing by 1 min) are not stored: they are exact merges of five
 consecutive ``1m`` windows (every statistic here is mergeable), see ``HOPPING_WINDOWS``.
 A view that spans partitions (a site, the fleet) merges the keys of every partition.
+
+An entity registry (``ent:<dim>``) is bounded: each apply raises the score of the entities it
+saw to the start of their newest ``1m`` window (``ZADD GT``), drops members whose last ``1m``
+window has expired (scored at or below ``now - 1m - 1m retention``) and keeps at most
+``ENTITY_REGISTRY_CAP`` newest members; read it newest first (``ZRANGE ... REV``).
 """
 
 from __future__ import annotations
@@ -81,6 +87,8 @@ DIMS: Final[dict[EventKind, tuple[str, ...]]] = {
     EventKind.APPLOG: (Dim.ROUTE, Dim.SERVICE, Dim.FLEET),
 }
 FLEET_ENTITY: Final = "all"
+# Members an entity registry (``ent:<dim>``) keeps at most, per partition and dim (newest first).
+ENTITY_REGISTRY_CAP: Final = 100_000
 
 
 class Stat:
@@ -110,6 +118,8 @@ class Progress:
     DEAD: Final = "dead"  # events that failed validation (sent to the dead-letter topic)
     BATCHES: Final = "batches"
     UPDATED_MS: Final = "updated_ms"  # wall clock of the last apply
+    TOPIC: Final = "topic"  # the Kafka topic the offsets belong to (the offsets' identity)
+    OWNER: Final = "owner"  # name of the worker that applied the last batch
 
 
 def partition_tag(kind: EventKind | str, partition: int) -> str:
@@ -137,7 +147,7 @@ def sketch_key(
 
 
 def entities_key(kind: EventKind | str, partition: int, dim: str) -> str:
-    """Key of the set of entities of one dimension seen in one partition."""
+    """Key of one dimension's entity registry in one partition (a sorted set, see above)."""
     return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:ent:{dim}"
 
 
@@ -150,6 +160,19 @@ def agg_pattern(kind: EventKind | str, window: TumblingWindow | None = None) -> 
     """A SCAN pattern matching aggregate hashes of every partition of ``kind``."""
     w = window.name if window else "*"
     return f"{PREFIX}:{{{EventKind(kind).value}.*}}:agg:{w}:*"
+
+
+def sketch_pattern(kind: EventKind | str, window: TumblingWindow | None = None) -> str:
+    """A SCAN pattern matching sketch hashes of every partition of ``kind``."""
+    w = window.name if window else "*"
+    return f"{PREFIX}:{{{EventKind(kind).value}.*}}:sk:{w}:*"
+
+
+def parse_tag(key: str) -> tuple[EventKind, int]:
+    """The (kind, partition) of a key's hash tag, e.g. ``pulse:{sensor.3}:progress``."""
+    tag = key[key.index("{") + 1 : key.index("}")]
+    kind, partition = tag.split(".", 1)
+    return EventKind(kind), int(partition)
 
 
 def parse_agg_key(key: str) -> tuple[EventKind, int, str, str, int]:
