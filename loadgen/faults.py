@@ -2,7 +2,7 @@
 
 Each kind is built from a would-be valid event so that it looks like real traffic gone wrong.
 The schema rejects all of them except ``far_past``/``far_future``, which are well-formed but lie
-far outside the worker's bounds (``max_event_age_s`` = 7 days, ``max_clock_skew_s`` = 300 s).
+far outside the worker's bounds (``max_event_age_s`` = 6 h, ``max_clock_skew_s`` = 300 s).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 # subcommand -> (module, add-arguments function, run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "up": (
@@ -90,6 +92,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(getattr(module, args._run)(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ValidationError as exc:
+        if not exc.title.endswith("Settings"):
+            raise
+        print(f"pulse {args.command}: {settings_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One sentence naming the first bad ``PULSE_*`` setting and what is wrong with it."""
+    err = exc.errors(include_url=False)[0]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    model = getattr(importlib.import_module("pipeline.settings"), exc.title, None)
+    if err["loc"] and model is not None:
+        name = f"{model.model_config.get('env_prefix', '')}{err['loc'][0]}".upper()
+        if name not in msg:
+            msg = f"{name}: {msg}"
+    return msg.rstrip(".") + "."
 
 
 if __name__ == "__main__":

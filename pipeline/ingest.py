@@ -11,6 +11,11 @@ futures and acknowledgement bookkeeping per record). Measured on this project's 
 that machinery held a worker to ≈5.6k events/s; fed by polls, the same worker drained ≈14k
 (docs/performance.md). Faust still hosts the agents, the producer for diverted records, timers
 and the worker's lifecycle.
+
+The store owns the offsets. On every assignment the reader asks the store where each partition
+stands and seeks there (Kafka's committed offset is only a hint, as for Kafka Connect sinks that
+keep offsets in the sink); a partition whose stored position Kafka cannot serve is refused:
+paused, reported once with the reason, and counted, never guessed at (:func:`resume_position`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.batch import Record
+from pipeline.batch import PartitionState, Record
 from schemas.events import EventKind
 
 if TYPE_CHECKING:
@@ -32,6 +37,8 @@ log = logging.getLogger("pulse.ingest")
 
 # kind -> {partition: records in offset order}; resolves once applied and durable
 PollHandler = Callable[[EventKind, dict[int, list[Record]]], Awaitable[None]]
+# kind, partitions -> what the store says about them (retries store outages itself)
+ProgressLoader = Callable[[EventKind, list[int]], Awaitable[dict[int, PartitionState]]]
 
 
 class IngestError(Exception):
@@ -61,7 +68,52 @@ def split_poll(
     return out
 
 
-def _rebalance_listener(lock: asyncio.Lock, on_assigned: Callable[[], None]) -> Any:
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Read the partition from this offset."""
+
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Do not read the partition: the store's position cannot be served without a gap."""
+
+    reason: str
+
+
+def resume_position(
+    stored: PartitionState, topic: str, log_start: int, log_end: int
+) -> Resume | Refuse:
+    """Where to read a newly assigned partition, given the store's progress and Kafka's log.
+
+    The store's applied offset decides, not Kafka's committed offset. A store with no progress
+    for the partition starts at the log start. Anything Kafka cannot serve exactly (records
+    deleted before they were applied, a log shorter than what was applied, offsets recorded for
+    another topic) is refused with the reason: an operator decides, the worker never guesses.
+    """
+    if stored.topic is not None and stored.topic != topic:
+        return Refuse(
+            f"the store's progress belongs to topic {stored.topic!r}, not {topic!r}: "
+            "the partition's offsets and windows would mix two topics"
+        )
+    if stored.offset < 0:
+        return Resume(log_start)
+    nxt = stored.offset + 1
+    if nxt < log_start:
+        return Refuse(
+            f"the store applied up to offset {stored.offset} but the log now starts at "
+            f"{log_start}: offsets {nxt}..{log_start - 1} were deleted before they were applied"
+        )
+    if nxt > log_end:
+        return Refuse(
+            f"the store applied up to offset {stored.offset} but the log ends at {log_end}: "
+            "the topic was recreated or truncated since"
+        )
+    return Resume(nxt)
+
+
+def _rebalance_listener(lock: asyncio.Lock, on_assigned: Callable[[Any], Awaitable[None]]) -> Any:
     """An aiokafka rebalance listener that hands partitions over only between polls."""
     from aiokafka import ConsumerRebalanceListener
 
@@ -71,7 +123,7 @@ def _rebalance_listener(lock: asyncio.Lock, on_assigned: Callable[[], None]) -> 
                 pass
 
         async def on_partitions_assigned(self, assigned: Any) -> None:
-            on_assigned()
+            await on_assigned(assigned)
 
     return Rebalance()
 
@@ -80,13 +132,22 @@ class KafkaBatchReader:
     """Polls the input topics and commits each poll after its handler says it is durable."""
 
     def __init__(
-        self, config: ReaderConfig, handle: PollHandler, on_assigned: Callable[[], None]
+        self,
+        config: ReaderConfig,
+        handle: PollHandler,
+        load_progress: ProgressLoader,
+        on_assigned: Callable[[], None],
     ) -> None:
         self._config = config
         self._handle = handle
+        self._load_progress = load_progress
         self._on_assigned = on_assigned
         self._lock = asyncio.Lock()
+        self._consumer_: AIOKafkaConsumer | None = None
+        self._positioned: set[Any] = set()  # assigned partitions seeked to the store's position
         self.polls = 0
+        # "<topic>/<partition>" -> why it is not read; only partitions currently assigned
+        self.refused: dict[str, str] = {}
 
     def _consumer(self) -> AIOKafkaConsumer:
         from aiokafka import AIOKafkaConsumer
@@ -107,13 +168,13 @@ class KafkaBatchReader:
         """Poll, apply, commit, until cancelled."""
         from aiokafka.errors import CommitFailedError, KafkaError
 
-        consumer = self._consumer()
+        consumer = self._consumer_ = self._consumer()
         try:
             await consumer.start()
         except KafkaError as exc:
             raise IngestError(f"cannot reach Kafka at {self._config.bootstrap}: {exc}") from exc
         consumer.subscribe(
-            list(self._config.topics), listener=_rebalance_listener(self._lock, self._on_assigned)
+            list(self._config.topics), listener=_rebalance_listener(self._lock, self._position)
         )
         timeout_ms = round(self._config.poll_timeout_s * 1000)
         try:
@@ -121,6 +182,8 @@ class KafkaBatchReader:
                 polled = await consumer.getmany(
                     timeout_ms=timeout_ms, max_records=self._config.max_records
                 )
+                # Only records read from where the store stands (see _position) are handled.
+                polled = {tp: msgs for tp, msgs in polled.items() if tp in self._positioned}
                 if not polled:
                     continue
                 async with self._lock:
@@ -136,3 +199,52 @@ class KafkaBatchReader:
                     self.polls += 1
         finally:
             await consumer.stop()
+
+    async def _position(self, assigned: Any) -> None:
+        """Seek every newly assigned partition to the store's position, or refuse it.
+
+        Every partition is paused first and resumed only once it stands where the store says,
+        so no record fetched from Kafka's committed offset in the meantime is handed on.
+        """
+        from aiokafka.errors import KafkaError
+
+        self._on_assigned()
+        consumer = self._consumer_
+        assert consumer is not None
+        tps = sorted(assigned, key=lambda tp: (tp.topic, tp.partition))
+        self._positioned.clear()
+        self.refused.clear()
+        if not tps:
+            return
+        consumer.pause(*tps)
+        while True:
+            try:
+                starts = await consumer.beginning_offsets(tps)
+                ends = await consumer.end_offsets(tps)
+                break
+            except KafkaError as exc:
+                log.warning(
+                    "cannot read the log bounds of %d partitions (%s); retrying", len(tps), exc
+                )
+                await asyncio.sleep(1.0)
+        by_kind: dict[EventKind, list[Any]] = defaultdict(list)
+        for tp in tps:
+            by_kind[self._config.topics[tp.topic]].append(tp)
+        for kind, kind_tps in by_kind.items():
+            stored = await self._load_progress(kind, [tp.partition for tp in kind_tps])
+            for tp in kind_tps:
+                where = resume_position(stored[tp.partition], tp.topic, starts[tp], ends[tp])
+                if isinstance(where, Resume):
+                    consumer.seek(tp, where.offset)
+                    consumer.resume(tp)
+                    self._positioned.add(tp)
+                    continue
+                self.refused[f"{tp.topic}/{tp.partition}"] = where.reason
+                log.error(
+                    "refusing %s partition %d (%s): %s. Nothing is read from it until an "
+                    "operator resolves this (see README, 'The store owns the offsets').",
+                    tp.topic,
+                    tp.partition,
+                    kind.value,
+                    where.reason,
+                )

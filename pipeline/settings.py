@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -79,7 +79,9 @@ class WorkerSettings(BaseSettings):
     batch_max: int = Field(default=5000, ge=1)
     batch_within_s: float = Field(default=0.1, gt=0)
     allowed_lateness_s: float = Field(default=30.0, ge=0)
-    max_event_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # No longer than the shortest window retention: an older event would be counted in a
+    # window whose keys expire at once (checked below).
+    max_event_age_s: float = Field(default=6 * 3600.0, gt=0)
     max_clock_skew_s: float = Field(default=300.0, ge=0)
     durability: Durability = Durability.REPLICA
     durability_timeout_ms: int = Field(default=5000, ge=1)
@@ -87,3 +89,14 @@ class WorkerSettings(BaseSettings):
     retention_1m_s: int = Field(default=3 * 24 * 3600, ge=60)
     session_timeout_s: float = Field(default=10.0, ge=6.0, le=300.0)
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _age_within_retention(self) -> WorkerSettings:
+        shortest = min(self.retention_10s_s, self.retention_1m_s)
+        if self.max_event_age_s > shortest:
+            raise ValueError(
+                f"PULSE_WORKER_MAX_EVENT_AGE_S ({self.max_event_age_s:g}) must not exceed the "
+                f"shortest window retention ({shortest} s): older events would be counted in "
+                "windows that expire at once"
+            )
+        return self

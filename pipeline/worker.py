@@ -44,7 +44,6 @@ from schemas.events import EventKind
 
 if TYPE_CHECKING:
     import faust
-    import redis.asyncio as aioredis
 
     from pipeline.store_writer import StoreWriter
 
@@ -68,6 +67,11 @@ class Metrics:
     batches: int = 0
     conflicts: int = 0
     store_retries: int = 0
+    fences: int = 0
+    isolated: int = 0  # records that made batch processing fail and were dead-lettered alone
+    dead_truncated: int = 0  # dead letters written as a truncated copy
+    dead_unwritable: int = 0  # dead letters that could not be written even truncated
+    refused: dict[str, str] = field(default_factory=dict)  # partition -> why it is not read
     durability_wait_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     apply_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     started: float = field(default_factory=time.monotonic)
@@ -86,6 +90,12 @@ class Metrics:
             "batches": self.batches,
             "conflicts": self.conflicts,
             "store_retries": self.store_retries,
+            "fences": self.fences,
+            "isolated": self.isolated,
+            "dead_truncated": self.dead_truncated,
+            "dead_unwritable": self.dead_unwritable,
+            "refused": len(self.refused),
+            "refused_reasons": "; ".join(f"{tp}: {why}" for tp, why in self.refused.items()),
             "events_per_s": round(self.events / elapsed, 1),
             "apply_p50_ms": pct(self.apply_s, 50),
             "apply_p99_ms": pct(self.apply_s, 99),
@@ -96,29 +106,139 @@ class Metrics:
         }
 
 
-class Divert:
-    """Sends rejected and late records to their topics and waits for the broker's acks."""
+# A dead letter the broker refuses whole is written as its first TRUNCATED_BYTES, marked.
+TRUNCATED_BYTES = 64 * 1024
+# Large enough that the producer never refuses what the broker accepted on an input topic
+# (Faust's default, 1,000,000 bytes, is below Kafka's default message.max.bytes, 1,048,588).
+PRODUCER_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
-    def __init__(self, app: faust.App, deadletter_topic: str, late_topic: str) -> None:
+
+# (Faust topic, record, headers) of one diverted record
+_Outgoing = tuple[Any, Record, list[tuple[str, bytes]]]
+
+
+class Divert:
+    """Sends rejected and late records to their topics and waits for the broker's acks.
+
+    A record is never lost here and never stops the worker: transient broker errors are retried
+    in place; a record the broker refuses as it is (too large, say) is written as a truncated
+    copy with a ``pulse.truncated`` header giving its original size; one that cannot be written
+    even so is logged and counted.
+    """
+
+    def __init__(
+        self,
+        app: faust.App,
+        deadletter_topic: str,
+        late_topic: str,
+        metrics: Metrics,
+        retry_delay_s: float = 0.5,
+    ) -> None:
         self._dead = app.topic(deadletter_topic, key_serializer="raw", value_serializer="raw")
         self._late = app.topic(late_topic, key_serializer="raw", value_serializer="raw")
+        self._metrics = metrics
+        self._retry_delay_s = retry_delay_s
 
     async def send(self, source_topic: str, batches: Sequence[PartitionBatch]) -> None:
         """Send every diverted record of ``batches``; return once all are acknowledged."""
-        futures = []
+        todo: list[tuple[Any, Record, list[tuple[str, bytes]]]] = []
         for b in batches:
             for topic, items in ((self._dead, b.dead), (self._late, b.late)):
-                for d in items:
-                    futures.append(
-                        await topic.send(
-                            key=d.record.key,
-                            value=d.record.value or b"",
-                            headers=_headers(source_topic, b.partition, d),
-                            force=True,  # send now, not when the current event is acked
-                        )
+                todo.extend(
+                    (topic, d.record, _headers(source_topic, b.partition, d)) for d in items
+                )
+        while todo:
+            failed = await self._send_all(todo)
+            retry = []
+            for item, exc in failed:
+                if _stopping(exc):
+                    raise exc
+                if _transient(exc):
+                    retry.append(item)
+                    continue
+                topic, record, headers = item
+                await self._send_truncated(topic, record, headers, exc)
+            if retry:
+                log.warning(
+                    "%d diverted records not acknowledged (%s); retrying in %.1fs",
+                    len(retry),
+                    failed[0][1],
+                    self._retry_delay_s,
+                )
+                await asyncio.sleep(self._retry_delay_s)
+            todo = retry
+
+    async def _send_all(self, items: list[_Outgoing]) -> list[tuple[_Outgoing, BaseException]]:
+        """Send ``items`` together; the ones that failed, with their errors."""
+        futures: list[Any] = []
+        failed: list[tuple[_Outgoing, BaseException]] = []
+        for item in items:
+            topic, record, headers = item
+            try:
+                futures.append(
+                    await topic.send(
+                        key=record.key,
+                        value=record.value or b"",
+                        headers=headers,
+                        force=True,  # send now, not when the current event is acked
                     )
-        if futures:
-            await asyncio.gather(*futures)
+                )
+            except Exception as exc:  # e.g. refused by the client before it was queued
+                futures.append(None)
+                failed.append((item, exc))
+        sent = [(item, f) for item, f in zip(items, futures, strict=True) if f is not None]
+        results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+        for (item, _), result in zip(sent, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                failed.append((item, result))
+        return failed
+
+    async def _send_truncated(
+        self, topic: Any, record: Record, headers: list[tuple[str, bytes]], exc: BaseException
+    ) -> None:
+        value = record.value or b""
+        key = record.key
+        marks = [("pulse.truncated", str(len(value)).encode())]
+        if key is not None and len(key) > TRUNCATED_BYTES:
+            marks.append(("pulse.truncated.key", str(len(key)).encode()))
+            key = key[:TRUNCATED_BYTES]
+        reason = f"not writable whole ({type(exc).__name__}: {exc})"[:200]
+        marks.append(("pulse.truncated.reason", reason.encode()))
+        try:
+            fut = await topic.send(
+                key=key, value=value[:TRUNCATED_BYTES], headers=headers + marks, force=True
+            )
+            await fut
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc2:
+            self._metrics.dead_unwritable += 1
+            log.error(
+                "could not write a diverted record from %s even truncated (%s); dropped it",
+                dict(headers).get("pulse.source.offset", b"?").decode(),
+                exc2,
+            )
+            return
+        self._metrics.dead_truncated += 1
+        log.warning("wrote a truncated copy of a diverted record: %s", reason)
+
+
+def _stopping(exc: BaseException) -> bool:
+    """Whether a send failed because the worker is shutting down (nothing was decided)."""
+    from aiokafka.errors import ProducerClosed
+
+    return isinstance(exc, ProducerClosed | asyncio.CancelledError)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a send error is the broker being unavailable (retry), not the record's fault."""
+    from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+
+    if isinstance(exc, KafkaTimeoutError | KafkaConnectionError | asyncio.TimeoutError):
+        return True
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
 def _headers(topic: str, partition: int, d: Diverted) -> list[tuple[str, bytes]]:
@@ -143,6 +263,7 @@ class PartitionApplier:
         metrics: Metrics,
         clock: Clock = wall_clock_ms,
         retry_delay_s: float = 0.5,
+        process_batch: Callable[..., PartitionBatch] = process,
     ) -> None:
         self.kind = kind
         self.topic = topic
@@ -152,6 +273,7 @@ class PartitionApplier:
         self._metrics = metrics
         self._clock = clock
         self._retry_delay_s = retry_delay_s
+        self._process = process_batch
         self._states: dict[int, PartitionState] = {}
         self._unsure = False
 
@@ -160,8 +282,34 @@ class PartitionApplier:
         await self._writer.close()
 
     def forget(self) -> None:
-        """Drop cached partition state (after a rebalance); it is re-read from the store."""
+        """After a rebalance: drop cached partition state and fence before the next commit.
+
+        A previous owner may have applied records it never saw durable (it died waiting); the
+        store skips them as applied, and only a fence of ours vouches that they are durable.
+        """
         self._states.clear()
+        self._unsure = True
+
+    async def load_progress(self, partitions: list[int]) -> dict[int, PartitionState]:
+        """What the store says about ``partitions`` (cached for processing); retries outages."""
+        from redis.exceptions import ConnectionError as StoreConnectionError
+        from redis.exceptions import TimeoutError as StoreTimeoutError
+
+        while True:
+            try:
+                states = await self._writer.read_state(self.kind, partitions)
+            except (StoreConnectionError, StoreTimeoutError, OSError) as exc:
+                self._store_unavailable(exc)
+                await asyncio.sleep(self._retry_delay_s)
+                continue
+            self._states.update(states)
+            return states
+
+    def _store_unavailable(self, exc: BaseException) -> None:
+        self._metrics.store_retries += 1
+        log.warning("store unavailable (%s); retrying in %.1fs", exc, self._retry_delay_s)
+        self._states.clear()
+        self._unsure = True
 
     async def handle(self, by_partition: dict[int, list[Record]]) -> None:
         """Apply one poll's records exactly once and durably; retries store outages."""
@@ -173,16 +321,15 @@ class PartitionApplier:
             try:
                 if self._unsure:
                     # Records we are about to acknowledge may have been applied by a write
-                    # whose durability we never saw confirmed.
+                    # whose durability we never saw confirmed (ours on a lost connection, or a
+                    # previous owner's).
                     await self._writer.fence()
+                    self._metrics.fences += 1
                     self._unsure = False
                 await self._load_states(list(pending))
                 pending = await self._apply_once(pending)
             except (StoreConnectionError, StoreTimeoutError, OSError) as exc:
-                self._metrics.store_retries += 1
-                log.warning("store unavailable (%s); retrying in %.1fs", exc, self._retry_delay_s)
-                self._states.clear()
-                self._unsure = True
+                self._store_unavailable(exc)
                 await asyncio.sleep(self._retry_delay_s)
 
     async def _load_states(self, partitions: list[int]) -> None:
@@ -192,10 +339,7 @@ class PartitionApplier:
 
     async def _apply_once(self, pending: dict[int, list[Record]]) -> dict[int, list[Record]]:
         now = self._clock()
-        batches = [
-            process(self.kind, p, recs, self._states[p], self._rules, now)
-            for p, recs in pending.items()
-        ]
+        batches = [self._process_safely(p, recs, now) for p, recs in pending.items()]
         await self._divert.send(self.topic, batches)
         t0 = time.perf_counter()
         outcomes, waited = await self._writer.apply(batches, now)
@@ -221,15 +365,43 @@ class PartitionApplier:
                 retry[b.partition] = pending[b.partition]
         return retry
 
+    def _process_safely(self, partition: int, records: list[Record], now: int) -> PartitionBatch:
+        """Process a partition's records; a record that makes processing fail is dead-lettered.
+
+        Processing is pure and rejects bad input itself, so this is the net under it: if it
+        raises anyway, each record is tried alone to find the ones that fail, and the batch is
+        processed without them, so one record can never stop the partition.
+        """
+        state = self._states[partition]
+        try:
+            return self._process(self.kind, partition, records, state, self._rules, now)
+        except Exception:
+            log.exception("processing a %s batch failed; isolating the records", self.kind.value)
+        culprits: dict[int, str] = {}
+        for r in records:
+            probe = PartitionState(state.offset, state.max_event_time, state.topic)
+            try:
+                self._process(self.kind, partition, [r], probe, self._rules, now)
+            except Exception as exc:
+                culprits[r.offset] = f"could not be processed: {type(exc).__name__}: {exc}"[:300]
+        # With no culprit found alone, the failure needs the records together: divert them all.
+        if not culprits:
+            culprits = {r.offset: "could not be processed with its batch" for r in records}
+        self._metrics.isolated += len(culprits)
+        rest = [r for r in records if r.offset not in culprits]
+        batch = self._process(self.kind, partition, rest, state, self._rules, now)
+        batch.dead.extend(Diverted(r, culprits[r.offset]) for r in records if r.offset in culprits)
+        batch.last_offset = max(batch.last_offset, records[-1].offset)
+        return batch
+
 
 def create_app(
     worker: WorkerSettings, kafka: KafkaSettings, store: StoreSettings, name: str | None = None
 ) -> faust.App:
     """Build the Faust app: a poll reader feeding one agent per event kind."""
     import faust
-    import redis.asyncio as aioredis
 
-    from pipeline.store_writer import Retention, StoreWriter
+    from pipeline.store_writer import Retention, StoreWriter, connect
 
     worker_name = name or f"{socket.gethostname()}-{os.getpid()}"
     app = faust.App(
@@ -242,6 +414,7 @@ def create_app(
         topic_disable_leader=True,
         web_enabled=False,
         producer_acks=-1,
+        producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
     )
     # The poll reader is this app's Kafka consumer; Faust's own would only stand beside it.
     app.boot_strategy = app.BootStrategy(app, enable_kafka_consumer=False)
@@ -251,30 +424,23 @@ def create_app(
     )
     retention = Retention({"10s": worker.retention_10s_s, "1m": worker.retention_1m_s})
     metrics = Metrics()
-    divert = Divert(app, kafka.deadletter_topic, kafka.late_topic)
-    appliers: list[PartitionApplier] = []
-
-    def new_client() -> aioredis.Redis:
-        return aioredis.Redis(
-            host=store.host,
-            port=store.port,
-            db=store.db,
-            password=store.password.get_secret_value() if store.password else None,
-            single_connection_client=True,  # WAITAOF covers the writes of its own connection
-            socket_timeout=max(30.0, worker.durability_timeout_ms / 1000 * 3),
-            socket_connect_timeout=5.0,
-        )
+    divert = Divert(app, kafka.deadletter_topic, kafka.late_topic, metrics)
+    appliers: dict[EventKind, PartitionApplier] = {}
+    socket_timeout_s = max(30.0, worker.durability_timeout_ms / 1000 * 3)
+    topic_names = {EventKind.SENSOR: kafka.sensor_topic, EventKind.APPLOG: kafka.applog_topic}
 
     channels: dict[EventKind, Any] = {}
-    for kind, topic_name in (
-        (EventKind.SENSOR, kafka.sensor_topic),
-        (EventKind.APPLOG, kafka.applog_topic),
-    ):
+    for kind, topic_name in topic_names.items():
         writer = StoreWriter(
-            new_client(), worker.durability, retention, worker.durability_timeout_ms
+            connect(store, socket_timeout_s),
+            worker.durability,
+            retention,
+            worker.durability_timeout_ms,
+            topic_names=topic_names,
+            owner=worker_name,
         )
         applier = PartitionApplier(kind, topic_name, writer, divert, rules, metrics)
-        appliers.append(applier)
+        appliers[kind] = applier
         channels[kind] = app.channel()
         app.agent(channels[kind], name=f"pulse.{kind.value}", concurrency=1)(_make_agent(applier))
 
@@ -284,8 +450,11 @@ def create_app(
         await poll.done
 
     def on_assigned() -> None:
-        for a in appliers:
+        for a in appliers.values():
             a.forget()
+
+    async def load_progress(kind: EventKind, partitions: list[int]) -> dict[int, PartitionState]:
+        return await appliers[kind].load_progress(partitions)
 
     reader = KafkaBatchReader(
         ReaderConfig(
@@ -298,10 +467,12 @@ def create_app(
             heartbeat_interval_ms=round(worker.heartbeat_interval_s * 1000),
         ),
         handle,
+        load_progress,
         on_assigned,
     )
+    metrics.refused = reader.refused
 
-    metrics_client = new_client()
+    metrics_client = connect(store, socket_timeout_s)
 
     @app.task
     async def _ingest() -> None:
@@ -316,7 +487,7 @@ def create_app(
             log.exception("ingest failed; exiting without committing the poll in flight")
             _die()
         finally:
-            for a in appliers:
+            for a in appliers.values():
                 await a.close()
             await metrics_client.aclose()
 

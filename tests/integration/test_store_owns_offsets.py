@@ -1,0 +1,104 @@
+"""The store owns the offsets: a worker reads each partition from where the store stands.
+
+Kafka's committed offsets are only a hint. A store that lost its data is refilled from what
+Kafka retains; a position Kafka cannot serve (offsets of another topic, a log shorter than
+what was applied) is refused with one clear error, and nothing is read from that partition.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from pipeline.stack.testing import RunningStack
+from schemas import keys
+from schemas.events import EventKind
+from tests.integration.harness import Pipeline, WorkerProcess
+
+pytestmark = [pytest.mark.integration]
+
+
+def verified(pl: Pipeline, truth: Path) -> None:
+    res = pl.verify(truth)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+def wait_log(worker: WorkerProcess, needle: str, count: int, timeout_s: float = 240.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = worker.log.read_text(errors="replace")
+        if text.count(needle) >= count:
+            return text
+        assert worker.alive(), worker.tail()
+        time.sleep(0.2)
+    raise AssertionError(f"{needle!r} not logged {count} times:\n{worker.tail()}")
+
+
+def test_a_lost_store_is_refilled_from_kafka_whatever_kafka_committed(
+    stack: RunningStack, store: redis.Redis, tmp_path: Path
+) -> None:
+    pl = Pipeline.create(stack, tmp_path)
+    truth = tmp_path / "truth.json"
+    pl.loadgen("--rate=0", "--duration=6", "--devices=20", "--services=3", "--seed=31",
+               "--bad-rate=0.01", "--late-rate=0.01", truth=truth)  # fmt: skip
+    worker = pl.worker(name="first")
+    try:
+        pl.wait_applied(store, alive=worker.alive)
+    finally:
+        assert worker.stop() == 0
+    verified(pl, truth)
+    committed = pl.committed()
+    assert sum(max(c, 0) for c in committed.values()) > 0, "nothing was acknowledged"
+
+    store.flushall()  # the store is lost; Kafka still says everything was consumed
+    worker = pl.worker(name="second")
+    try:
+        pl.wait_applied(store, alive=worker.alive)
+    finally:
+        assert worker.stop() == 0
+    verified(pl, truth)
+
+
+def test_a_position_kafka_cannot_serve_is_refused_not_guessed(
+    stack: RunningStack, store: redis.Redis, tmp_path: Path
+) -> None:
+    pl = Pipeline.create(stack, tmp_path)
+    truth = tmp_path / "truth.json"
+    pl.loadgen("--rate=0", "--duration=4", "--devices=20", "--services=3", "--seed=37",
+               truth=truth)  # fmt: skip
+    ends = pl.end_offsets()
+    sensor0 = keys.progress_key(EventKind.SENSOR, 0)
+    applog1 = keys.progress_key(EventKind.APPLOG, 1)
+    ahead = ends[(pl.topics["sensor"], 0)] + 1000
+    # the store applied past the log's end (the topic was recreated since) ...
+    store.hset(
+        sensor0, mapping={keys.Progress.OFFSET: ahead, keys.Progress.TOPIC: pl.topics["sensor"]}
+    )
+    # ... and holds another topic's offsets for this partition
+    store.hset(applog1, mapping={keys.Progress.OFFSET: 3, keys.Progress.TOPIC: "another.applog"})
+    worker = pl.worker(name="refuser")
+    try:
+        text = wait_log(worker, "refusing", 2)
+        # every other partition is applied in full meanwhile
+        others = {tp: end for tp, end in ends.items()
+                  if tp not in {(pl.topics["sensor"], 0), (pl.topics["applog"], 1)}}  # fmt: skip
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            applied = pl.applied_offsets(store)
+            if all(applied[tp] >= end - 1 for tp, end in others.items()):
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError(f"other partitions not applied: {pl.applied_offsets(store)}")
+        assert worker.alive(), worker.tail()
+    finally:
+        assert worker.stop() == 0
+    assert "the topic was recreated or truncated since" in text
+    assert "belongs to topic 'another.applog'" in text
+    # nothing was read from the refused partitions
+    assert int(store.hget(sensor0, keys.Progress.OFFSET) or -1) == ahead
+    assert int(store.hget(applog1, keys.Progress.OFFSET) or -1) == 3
+    assert store.hget(applog1, keys.Progress.TOPIC) == "another.applog"

@@ -1,0 +1,225 @@
+"""The worker's checkpoint for one event kind: divert, apply, durable, then acknowledge.
+
+``PartitionApplier`` is driven with a fake store writer and a fake divert, so each rule is seen
+in isolation: a fence before the first acknowledgement after an assignment or a lost
+connection, conflicts re-read the store, and no record can make a partition fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import orjson
+import pytest
+from redis.exceptions import ConnectionError as StoreConnectionError
+
+from pipeline.batch import BatchRules, PartitionBatch, PartitionState, Record, process
+from pipeline.store_writer import ApplyOutcome
+from pipeline.validation import TimeBounds
+from pipeline.worker import Metrics, PartitionApplier
+from schemas.events import EventKind
+
+NOW = 1_700_000_000_000
+RULES = BatchRules(TimeBounds(6 * 3600 * 1000, 300_000), 30_000)
+
+
+def sensor(t: int, device: str = "d1", value: float = 1.0) -> bytes:
+    return orjson.dumps(
+        {
+            "device_id": device,
+            "site": "s1",
+            "event_time": t,
+            "metric": "temp",
+            "value": value,
+            "unit": "C",
+            "lat": 1.0,
+            "lon": 2.0,
+            "firmware": "1.0",
+        }
+    )
+
+
+def records(start: int, n: int) -> list[Record]:
+    return [Record(start + i, None, sensor(NOW - 1000 + i)) for i in range(n)]
+
+
+@dataclass
+class FakeWriter:
+    """Keeps per-partition offsets like the store; logs every call in order."""
+
+    offsets: dict[int, int] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    fail_next: list[str] = field(default_factory=list)  # call names that raise once
+
+    def _maybe_fail(self, name: str) -> None:
+        self.calls.append(name)
+        if name in self.fail_next:
+            self.fail_next.remove(name)
+            raise StoreConnectionError(f"{name}: connection lost")
+
+    async def read_state(self, kind: EventKind, partitions: list[int]) -> dict[int, PartitionState]:
+        self._maybe_fail("read")
+        return {p: PartitionState(offset=self.offsets.get(p, -1)) for p in partitions}
+
+    async def apply(
+        self, batches: list[PartitionBatch], now_ms: int
+    ) -> tuple[list[ApplyOutcome], float]:
+        if all(b.empty for b in batches):
+            return [], 0.0  # like the real writer: nothing to send
+        self._maybe_fail("apply")
+        out = []
+        for b in batches:
+            if b.empty:
+                continue
+            cur = self.offsets.get(b.partition, -1)
+            ok = cur == b.expect_offset
+            if ok:
+                self.offsets[b.partition] = b.last_offset
+            out.append(ApplyOutcome(b.partition, ok, self.offsets.get(b.partition, -1)))
+        return out, 0.001
+
+    async def fence(self) -> float:
+        self._maybe_fail("fence")
+        return 0.001
+
+    async def close(self) -> None:
+        self.calls.append("close")
+
+
+@dataclass
+class FakeDivert:
+    sent: list[tuple[str, int, str]] = field(default_factory=list)  # (topic kind, offset, reason)
+
+    async def send(self, source_topic: str, batches: Sequence[PartitionBatch]) -> None:
+        for b in batches:
+            self.sent += [("dead", d.record.offset, d.reason) for d in b.dead]
+            self.sent += [("late", d.record.offset, d.reason) for d in b.late]
+
+
+def applier(
+    writer: FakeWriter, divert: FakeDivert | None = None, **kw: object
+) -> tuple[PartitionApplier, Metrics]:
+    metrics = Metrics()
+    a = PartitionApplier(
+        EventKind.SENSOR,
+        "pulse.sensor",
+        writer,  # type: ignore[arg-type]
+        divert or FakeDivert(),  # type: ignore[arg-type]
+        RULES,
+        metrics,
+        clock=lambda: NOW,
+        retry_delay_s=0.0,
+        **kw,  # type: ignore[arg-type]
+    )
+    return a, metrics
+
+
+def run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_applies_and_advances_without_fencing_when_nothing_is_unsure() -> None:
+    w = FakeWriter()
+    a, m = applier(w)
+    run(a.handle({0: records(0, 5), 1: records(0, 3)}))
+    assert w.offsets == {0: 4, 1: 2}
+    assert w.calls == ["read", "apply"]
+    assert m.events == 8 and m.fences == 0
+
+
+def test_after_an_assignment_a_poll_of_already_applied_records_is_fenced_before_ack() -> None:
+    # The previous owner applied offsets 0..9 and died before seeing them durable.
+    w = FakeWriter(offsets={0: 9})
+    a, m = applier(w)
+    a.forget()  # what the reader calls on every assignment
+    run(a.handle({0: records(0, 10)}))
+    assert w.calls[0] == "fence", w.calls
+    assert "apply" not in w.calls  # nothing new to apply, yet durability was confirmed
+    assert m.fences == 1
+    run(a.handle({0: records(10, 2)}))
+    assert w.calls.count("fence") == 1  # only the first acknowledgement needs the fence
+
+
+def test_lost_connection_during_apply_is_unsure_and_fenced_before_ack() -> None:
+    w = FakeWriter(fail_next=["apply"])
+    a, m = applier(w)
+    run(a.handle({0: records(0, 5)}))
+    # apply failed (maybe applied, maybe not): re-read, fence, then the retry
+    assert w.calls == ["read", "apply", "fence", "read", "apply"]
+    assert w.offsets == {0: 4}
+    assert m.store_retries == 1 and m.fences == 1 and m.events == 5
+
+
+def test_lost_connection_during_fence_fences_again() -> None:
+    w = FakeWriter(fail_next=["apply", "fence"])
+    a, m = applier(w)
+    run(a.handle({0: records(0, 3)}))
+    assert w.calls == ["read", "apply", "fence", "fence", "read", "apply"]
+    assert m.fences == 1 and m.store_retries == 2
+
+
+def test_conflict_rereads_the_store_and_applies_only_what_is_new() -> None:
+    w = FakeWriter()
+    a, m = applier(w)
+    run(a.handle({0: records(0, 5)}))
+    w.offsets[0] = 7  # someone else (a previous owner) applied 5..7 meanwhile
+    run(a.handle({0: records(5, 5)}))
+    assert w.offsets == {0: 9}
+    assert m.conflicts == 1
+    assert m.events == 5 + 2  # 8 and 9 only
+    assert w.calls.count("fence") == 1  # their writes are fenced before we acknowledge
+
+
+def test_redelivered_records_are_skipped() -> None:
+    w = FakeWriter()
+    a, m = applier(w)
+    run(a.handle({0: records(0, 5)}))
+    run(a.handle({0: records(0, 5)}))
+    assert m.events == 5 and w.offsets == {0: 4}
+
+
+def test_all_rejected_and_all_late_batches_still_advance_the_offset() -> None:
+    w = FakeWriter()
+    d = FakeDivert()
+    a, m = applier(w, d)
+    run(a.handle({0: [Record(i, None, b"not json") for i in range(4)]}))
+    assert w.offsets == {0: 3} and m.dead == 4
+    run(a.handle({0: [Record(4, None, sensor(NOW))]}))
+    late = [Record(5 + i, None, sensor(NOW - 3_600_000)) for i in range(3)]
+    run(a.handle({0: late}))
+    assert w.offsets == {0: 7} and m.late == 3
+    assert [k for k, _, _ in d.sent] == ["dead"] * 4 + ["late"] * 3
+
+
+def test_a_record_that_breaks_processing_becomes_a_dead_letter_alone() -> None:
+    poison = b'{"poison": true}'
+
+    def fragile(kind, partition, recs, state, rules, now):  # type: ignore[no-untyped-def]
+        if any(r.value == poison for r in recs):
+            raise RuntimeError("boom")
+        return process(kind, partition, recs, state, rules, now)
+
+    w = FakeWriter()
+    d = FakeDivert()
+    a, m = applier(w, d, process_batch=fragile)
+    recs = records(0, 5)
+    recs[2] = Record(2, None, poison)
+    recs.append(Record(5, None, poison))  # also the last record: the offset must pass it
+    run(a.handle({0: recs}))
+    assert w.offsets == {0: 5}
+    assert m.events == 4 and m.isolated == 2
+    assert [(o, r) for _, o, r in d.sent] == [
+        (2, "could not be processed: RuntimeError: boom"),
+        (5, "could not be processed: RuntimeError: boom"),
+    ]
+
+
+@pytest.mark.parametrize("fail", [["read"], ["read", "read"]])
+def test_load_progress_retries_store_outages(fail: list[str]) -> None:
+    w = FakeWriter(offsets={3: 41}, fail_next=list(fail))
+    a, m = applier(w)
+    got = asyncio.run(a.load_progress([3]))
+    assert got[3].offset == 41
+    assert m.store_retries == len(fail)
