@@ -156,8 +156,25 @@ class KafkaSink:
             await self._producer.stop()
 
 
-def make_producer(bootstrap: str, linger_ms: int) -> Any:
-    """An idempotent aiokafka producer waiting for all in-sync replicas."""
+#: How long a record may wait for the broker (an outage, a leader election) before the run fails.
+DELIVERY_TIMEOUT_MS = 120_000
+#: Pause between attempts to reach a broker that is down or has no leader for a partition yet.
+RETRY_BACKOFF_MS = 250
+
+
+def make_producer(
+    bootstrap: str, linger_ms: int, delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS
+) -> Any:
+    """An idempotent aiokafka producer waiting for all in-sync replicas; rides out outages.
+
+    Idempotence (with ``acks=all``) makes retries safe: the broker drops a batch it already
+    has by its producer id and sequence number, so a record is written once however often it is
+    re-sent. aiokafka has no separate delivery timeout: ``request_timeout_ms`` bounds how long
+    ``send_batch`` waits for room in a partition's queue and how long a batch may wait for a
+    partition leader. Set well above a broker restart, a run keeps queueing (up to
+    ``max_pending`` records, then it waits) while the broker is away and resumes where it was;
+    only an outage longer than ``delivery_timeout_ms`` fails the run, loudly.
+    """
     from aiokafka import AIOKafkaProducer
 
     return AIOKafkaProducer(
@@ -167,6 +184,8 @@ def make_producer(bootstrap: str, linger_ms: int) -> Any:
         linger_ms=linger_ms,
         max_batch_size=256 * 1024,
         max_request_size=1024 * 1024,
+        request_timeout_ms=delivery_timeout_ms,
+        retry_backoff_ms=RETRY_BACKOFF_MS,
     )
 
 

@@ -7,16 +7,18 @@ against a running stack, the way a user would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -24,6 +26,61 @@ from pipeline.bench.procs import stop_child
 from pipeline.stack.testing import RunningStack
 from schemas import keys
 from schemas.events import EventKind
+
+T = TypeVar("T")
+
+#: (source topic, source partition, source offset) of a diverted record, from its headers
+Position = tuple[str, int, int]
+
+
+def wait_for(
+    condition: Callable[[], T],
+    what: str,
+    timeout_s: float = 120.0,
+    alive: Callable[[], bool] | None = None,
+    interval_s: float = 0.2,
+) -> T:
+    """Poll ``condition`` until it returns something truthy (returned); fail after the deadline.
+
+    ``alive`` is checked on every round: a process the wait depends on must not die meanwhile.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if alive is not None:
+            assert alive(), f"a process died while waiting until {what}"
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting until {what}")
+        time.sleep(interval_s)
+
+
+def drill_seed() -> int:
+    """The seed of a drill's random choices: ``PULSE_DRILL_SEED`` if set, else a fresh one."""
+    env = os.environ.get("PULSE_DRILL_SEED", "").strip()
+    return int(env) if env else random.SystemRandom().randrange(1, 1_000_000)
+
+
+@contextlib.contextmanager
+def replayable(drill: str, seed: int) -> Iterator[None]:
+    """Print the seed now, and attach it to any failure of the block so it can be replayed."""
+    print(f"\n{drill}: seed {seed} (replay with PULSE_DRILL_SEED={seed})", flush=True)
+    try:
+        yield
+    except BaseException as exc:
+        exc.add_note(f"{drill}: seed {seed}; replay with PULSE_DRILL_SEED={seed}")
+        raise
+
+
+def source_position(msg: Any) -> Position:
+    """Where a dead-letter or late record came from, by its ``pulse.source.*`` headers."""
+    h = dict(msg.headers)
+    return (
+        h["pulse.source.topic"].decode(),
+        int(h["pulse.source.partition"]),
+        int(h["pulse.source.offset"]),
+    )
 
 
 @dataclass
@@ -67,28 +124,62 @@ class Pipeline:
 
     def loadgen(self, *argv: str, truth: Path | None = None) -> dict[str, Any]:
         """Produce events with ``pulse loadgen``; return the truth file's content."""
-        import orjson
-
         truth = truth or self.workdir / f"truth-{uuid.uuid4().hex[:6]}.json"
         res = self.pulse("loadgen", *argv, f"--truth={truth}")
         assert res.returncode == 0, f"loadgen failed: {res.stderr[-2000:]}"
-        data: dict[str, Any] = orjson.loads(truth.read_bytes())
+        return self.truth(truth)
+
+    @staticmethod
+    def truth(path: Path) -> dict[str, Any]:
+        """A truth file's content."""
+        import orjson
+
+        data: dict[str, Any] = orjson.loads(path.read_bytes())
         return data
 
-    def start_loadgen(self, *argv: str, truth: Path) -> subprocess.Popen[str]:
-        """Start ``pulse loadgen`` in the background."""
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "loadgen", *argv, f"--truth={truth}"],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    def start_loadgen(self, *argv: str, truth: Path) -> LoadgenProcess:
+        """Start ``pulse loadgen`` in the background (its output goes to a log file)."""
+        log = self.workdir / f"loadgen-{uuid.uuid4().hex[:4]}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "loadgen", *argv, f"--truth={truth}"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return LoadgenProcess(proc, log)
 
     def worker(self, name: str = "w1", **extra_env: str) -> WorkerProcess:
         """Start a ``pulse worker`` process."""
         log = self.workdir / f"worker-{name}-{uuid.uuid4().hex[:4]}.log"
         return WorkerProcess.start({**self.env, **extra_env}, name, log)
+
+    def input_partitions(self) -> list[tuple[EventKind, int]]:
+        """Every (event kind, partition) of the two input topics."""
+        return [(k, p) for k in EventKind for p in range(self.running.kafka_settings.partitions)]
+
+    def progress(self, client: redis.Redis) -> dict[str, dict[str, str]]:
+        """Every input partition's progress hash, by ``"<kind>.<partition>"`` (empty: none)."""
+        pipe = client.pipeline(transaction=False)
+        parts = self.input_partitions()
+        for kind, p in parts:
+            pipe.hgetall(keys.progress_key(kind, p))
+        return {
+            keys.partition_tag(k, p): row for (k, p), row in zip(parts, pipe.execute(), strict=True)
+        }
+
+    def owned_by(self, client: redis.Redis, name: str) -> list[str]:
+        """Partitions whose progress hash names worker ``name`` as the owner of the last apply.
+
+        The store writes the owner in the same atomic call as the batch, so a partition listed
+        here was assigned to that worker, which applied at least one batch of it durably.
+        """
+        rows = self.progress(client)
+        return sorted(tag for tag, row in rows.items() if row.get(keys.Progress.OWNER) == name)
+
+    def applied_total(self, client: redis.Redis) -> int:
+        """Sum over input partitions of (applied offset + 1): grows with every applied record."""
+        return sum(off + 1 for off in self.applied_offsets(client).values())
 
     def verify(self, truth: Path) -> subprocess.CompletedProcess[str]:
         """Run ``pulse verify``."""
@@ -136,6 +227,16 @@ class Pipeline:
         """Every record of a topic (all partitions)."""
         return asyncio.run(_read_all(self.running.bootstrap, self.topics[name]))
 
+    def diverted(self, name: str = "deadletter") -> dict[Position, list[Any]]:
+        """The dead-letter (or late) topic's records by source position.
+
+        Diverted records are at-least-once: a position may appear more than once.
+        """
+        out: dict[Position, list[Any]] = {}
+        for msg in self.read_topic(name):
+            out.setdefault(source_position(msg), []).append(msg)
+        return out
+
     def committed(self) -> dict[tuple[str, int], int]:
         """The worker group's committed offsets on the input topics (-1 where none)."""
         return asyncio.run(
@@ -149,23 +250,52 @@ class Pipeline:
 
 
 @dataclass
+class LoadgenProcess:
+    """A ``pulse loadgen`` child process running in the background."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        """Whether it is still producing."""
+        return self.proc.poll() is None
+
+    def wait(self, timeout_s: float = 180.0) -> None:
+        """Wait until it finished, and fail unless it succeeded."""
+        code = self.proc.wait(timeout_s)
+        assert code == 0, f"loadgen exited with {code}:\n{self.tail()}"
+
+    def stop(self) -> None:
+        """Kill it if it still runs (clean-up after a failed test)."""
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def tail(self, n: int = 20) -> str:
+        """Last lines of its output."""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+@dataclass
 class WorkerProcess:
     """A ``pulse worker`` child process."""
 
     proc: subprocess.Popen[bytes]
     log: Path
+    name: str
 
     @classmethod
     def start(cls, env: dict[str, str], name: str, log: Path) -> WorkerProcess:
         """Launch the worker."""
-        out = open(log, "ab")  # noqa: SIM115 - owned by the child process
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", f"--name={name}", "--loglevel=info"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        return cls(proc, log)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker", f"--name={name}",
+                 "--loglevel=info"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        return cls(proc, log, name)
 
     def alive(self) -> bool:
         """Whether the process still runs."""
@@ -183,6 +313,10 @@ class WorkerProcess:
     def tail(self, n: int = 40) -> str:
         """Last lines of the worker's log."""
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def log_count(self, needle: str) -> int:
+        """How many lines of the worker's log contain ``needle``."""
+        return sum(needle in line for line in self.log.read_text(errors="replace").splitlines())
 
 
 async def _end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:

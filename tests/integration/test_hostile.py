@@ -1,0 +1,234 @@
+"""Hostile input drill: raw bytes no load generator would write, mixed into live traffic.
+
+While ``pulse loadgen`` produces (with its own malformed records), a plain aiokafka producer
+sends a hostile mix straight into both input topics at random partitions: invalid UTF-8, a value
+of about 1 MB, tombstones, empty values, JSON that is not an object, deep nesting, huge numbers,
+random bytes, duplicate keys, and events that look valid but for one field. The worker must stay
+up the whole time, every hostile record must reach the dead-letter topic (matched by its source
+position, since dead letters are at-least-once) with a reason, and ``pulse verify`` must be exact:
+the truth file knows nothing of the hostile records, so their number is added to its dead-letter
+totals before verifying, and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from pipeline.stack.testing import RunningStack
+from tests.integration.harness import Pipeline, Position, drill_seed, replayable, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
+
+#: Under Kafka's default message.max.bytes (1,048,588) but over Faust's default producer request
+#: size (1,000,000): the broker takes it on the input topic; forwarding it whole may not work.
+BIG_BYTES = 1_040_000
+#: As large as the input topic takes (with this key): the same bytes plus the dead-letter headers
+#: are over the broker's limit, so the worker can only forward a truncated copy.
+LIMIT_BYTES = 1_048_400
+WAVES = 3
+
+
+@dataclass(frozen=True)
+class Hostile:
+    name: str
+    value: bytes | None
+
+
+def _sensor(now_ms: int, **change: Any) -> dict[str, Any]:
+    event = {
+        "device_id": "dev-hostile", "site": "site-x", "event_time": now_ms, "metric": "temp",
+        "value": 21.5, "unit": "C", "lat": 48.1, "lon": 11.6, "firmware": "1.0.0",
+    }  # fmt: skip
+    return {**event, **change}
+
+
+def _applog(now_ms: int, **change: Any) -> dict[str, Any]:
+    event = {
+        "service": "svc-hostile", "route": "/x", "event_time": now_ms, "level": "INFO",
+        "status_code": 200, "latency_ms": 12.5, "trace_id": "t-1", "message": "",
+    }  # fmt: skip
+    return {**event, **change}
+
+
+def hostile_mix(kind: str, rng: random.Random, now_ms: int) -> list[Hostile]:
+    """The hostile records sent to one input topic (``kind`` shapes the valid-looking ones)."""
+    make = _sensor if kind == "sensor" else _applog
+    good = orjson.dumps(make(now_ms))
+    text_field = b'"site-x"' if kind == "sensor" else b'"svc-hostile"'
+    number = b"21.5" if kind == "sensor" else b"12.5"
+    mutated = make(now_ms, lat=123.0) if kind == "sensor" else make(now_ms, level="FATAL")
+
+    def sized(size: int) -> bytes:  # a would-be event with one long field, exactly size bytes
+        raw = orjson.dumps(make(now_ms, **{"firmware" if kind == "sensor" else "message": ""}))
+        return raw.replace(b'""', b'"' + b"x" * (size - len(raw)) + b'"', 1)
+
+    mix = [
+        Hostile("invalid UTF-8 key", b'{"\xff":1}'),
+        Hostile("invalid UTF-8 in a string value", good.replace(text_field, b'"s\xff\xfe-x"')),
+        Hostile("lone surrogate escape", good.replace(text_field, b'"\\ud800"')),
+        Hostile("big value", sized(BIG_BYTES)),
+        Hostile("limit-size value", sized(LIMIT_BYTES)),
+        Hostile("tombstone", None),
+        Hostile("empty value", b""),
+        Hostile("JSON array", b"[]"),
+        Hostile("JSON number", b"1"),
+        Hostile("JSON string", b'"x"'),
+        Hostile("JSON null", b"null"),
+        Hostile("deep nesting", b"[" * 100_000),
+        Hostile("deep object nesting", b'{"a":' * 50_000),
+        Hostile("overflowing float", good.replace(number, b"1e400", 1)),
+        Hostile("5000-digit number", good.replace(number, b"9" * 5000, 1)),
+        Hostile("huge event_time", good.replace(str(now_ms).encode(), b"1" + b"0" * 40, 1)),
+        Hostile("mutated field", orjson.dumps(mutated)),
+        # Every JSON decoder here keeps the last duplicate, so the invalid copy comes last.
+        Hostile("duplicate key", good[:-1] + b',"event_time":"soon"}'),
+        Hostile("NUL bytes", b"\x00" * 64),
+        Hostile("BOM then JSON", b"\xef\xbb\xbf" + good),
+    ]
+    for i in range(4):
+        mix.append(Hostile(f"random bytes {i}", rng.randbytes(rng.randrange(1, 400))))
+    return mix
+
+
+async def send_hostile(
+    pl: Pipeline, rng: random.Random, wave: int
+) -> dict[Position, tuple[str, Hostile]]:
+    """One wave of the mix into both input topics; each record's position as Kafka acked it."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=pl.running.bootstrap,
+        acks="all",
+        enable_idempotence=True,  # a retried send must not add a record nobody knows of
+        max_request_size=1_100_000,
+    )
+    await producer.start()
+    try:
+        now_ms = int(time.time() * 1000)
+        sends = []
+        for kind in ("sensor", "applog"):
+            for h in hostile_mix(kind, rng, now_ms):
+                p = rng.randrange(pl.running.kafka_settings.partitions)
+                key = f"hostile-{wave}-{h.name}".encode()
+                fut = await producer.send(pl.topics[kind], h.value, key=key, partition=p)
+                sends.append((kind, h, fut))
+        out: dict[Position, tuple[str, Hostile]] = {}
+        for kind, h, fut in sends:
+            md = await fut
+            out[(md.topic, md.partition, md.offset)] = (kind, h)
+        return out
+    finally:
+        await producer.stop()
+
+
+def test_hostile_mix_during_live_load_goes_to_dead_letters(
+    stack: RunningStack, store: redis.Redis, tmp_path: Path
+) -> None:
+    seed = drill_seed()
+    with replayable("hostile input drill", seed):
+        rng = random.Random(seed)
+        pl = Pipeline.create(stack, tmp_path)
+        truth_file = tmp_path / "truth.json"
+        producer = pl.start_loadgen(
+            "--rate=2000", "--duration=20", "--devices=30", "--services=3", f"--seed={seed}",
+            "--bad-rate=0.1", truth=truth_file,
+        )  # fmt: skip
+        worker = pl.worker(name="w")
+
+        def alive() -> bool:
+            assert worker.alive(), (
+                f"the worker died (exit {worker.proc.returncode}):\n{worker.tail()}"
+            )
+            return True
+
+        hostile: dict[Position, tuple[str, Hostile]] = {}
+        try:
+            for wave in range(WAVES):
+                # Each wave lands among records the worker is busy with.
+                since = pl.applied_total(store)
+                wait_for(
+                    lambda s=since: pl.applied_total(store) > s,  # type: ignore[misc]
+                    "the worker applied live traffic",
+                    alive=alive,
+                )
+                assert producer.alive(), f"the load generator ended before hostile wave {wave}"
+                hostile.update(asyncio.run(send_hostile(pl, rng, wave)))
+                time.sleep(rng.uniform(0.5, 3.0))  # spread the waves over the run
+            producer.wait(180)
+            pl.wait_applied(store, timeout_s=240, alive=alive)
+            alive()
+        finally:
+            code = worker.stop()
+            producer.stop()
+        assert code == 0, worker.tail()
+
+        dead = pl.diverted("deadletter")
+        missing = {pos: h.name for pos, (_, h) in hostile.items() if pos not in dead}
+        assert not missing, f"hostile records without a dead letter: {missing}"
+        late = pl.diverted("late")
+        assert not hostile.keys() & late.keys(), "a hostile record went to the late topic"
+        for pos, (_, h) in hostile.items():
+            for msg in dead[pos]:
+                headers = dict(msg.headers)
+                assert headers.get("pulse.reason"), f"{h.name} at {pos}: no reason"
+                if "pulse.truncated" in headers:
+                    assert int(headers["pulse.truncated"]) == len(h.value or b""), h.name
+                    assert len(msg.value) < len(h.value or b"")
+                    assert (h.value or b"").startswith(msg.value), h.name
+                else:
+                    assert (msg.value or b"") == (h.value or b""), f"{h.name}: bytes changed"
+        shapes = {}
+        for name in ("big value", "limit-size value"):
+            copies = [m for pos, (_, h) in hostile.items() if h.name == name for m in dead[pos]]
+            assert len(copies) >= 2 * WAVES, name
+            cut = sum("pulse.truncated" in dict(m.headers) for m in copies)
+            shapes[name] = f"{len(copies) - cut} whole, {cut} truncated"
+
+        # Exactly-once in the store: each distinct dead-letter position is one dead count, and
+        # the store's dead counters are the truth's plus the hostile records, per event kind.
+        truth = pl.truth(truth_file)
+        for (_, part, _), (kind, _) in hostile.items():
+            row = truth["per_partition"][kind][str(part)]
+            row["dead"] += 1
+            row["produced"] += 1
+            truth["dead"][kind] += 1
+            truth["produced"][kind] += 1
+        ends = pl.end_offsets()
+        for kind in ("sensor", "applog"):
+            for part_s, row in truth["per_partition"][kind].items():
+                tp = (pl.topics[kind], int(part_s))
+                assert ends[tp] == row["produced"], (
+                    f"{tp}: {ends[tp]} records, {row['produced']} sent"
+                )
+        rows = pl.progress(store).values()
+        store_dead = sum(int(row.get("dead", 0)) for row in rows)
+        assert store_dead == sum(truth["dead"].values()) == len(dead), (
+            f"dead: store {store_dead}, truth + hostile {sum(truth['dead'].values())}, "
+            f"distinct dead-letter positions {len(dead)}"
+        )
+        reasons = " ".join(
+            dict(m.headers)["pulse.reason"].decode(errors="replace")
+            for ms in dead.values()
+            for m in ms
+        ).lower()
+        for needle in ("json", "finite", "field required", "extra", "older", "future", "object"):
+            assert needle in reasons, f"no dead letter mentions {needle!r}"
+        with_hostile = tmp_path / "truth-with-hostile.json"
+        with_hostile.write_bytes(orjson.dumps(truth))
+        res = pl.verify(with_hostile)
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+        print(
+            f"seed {seed}: {len(hostile)} hostile records in {WAVES} waves, all dead letters; "
+            f"dead letters of {BIG_BYTES} B values: {shapes['big value']}, of {LIMIT_BYTES} B: "
+            f"{shapes['limit-size value']}; worker up throughout; "
+            f"{res.stdout.strip().splitlines()[-1]}"
+        )
