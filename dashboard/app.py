@@ -7,13 +7,13 @@ from ``dashboard.queries``, so the data logic is testable without Streamlit.
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 
 import pandas as pd
 import redis
 import streamlit as st
 
+from dashboard import panels as panels_module
 from dashboard import queries
 from dashboard.panels import Panels, read_panels
 from dashboard.settings import DashboardSettings
@@ -209,7 +209,7 @@ def main() -> None:
 
     @st.fragment(run_every=settings.refresh_s)
     def live() -> None:
-        render_live(r, settings, time.time_ns() // 1_000_000)
+        render_live(r, settings, panels_module.wall_clock_ms())
 
     live()
 

@@ -2,9 +2,12 @@
 
 ``python -m pipeline.bench.counting COUNTS_FILE ARGV...``: patches redis-py's asyncio connection
 so that every ``send_packed_command`` (one write of a command or of a whole pipeline: one round
-trip) and every packed command are counted, writes ``{"round_trips", "commands"}`` to
-``COUNTS_FILE`` every second and at exit, then runs ``pulse ARGV`` (``naive`` runs
-:mod:`pipeline.bench.naive_app`). The patch adds one Python call per round trip and per command.
+trip) and every packed command are counted, runs ``pulse ARGV`` (``naive`` runs
+:mod:`pipeline.bench.naive_app`) and, when the process exits (a normal exit, or a SIGTERM, also
+one that arrives before the app installed its own signal handlers), writes
+``{"round_trips", "commands", "final": true}`` to ``COUNTS_FILE``. The counters are written only
+then, so a reader that waited for the process to exit reads every round trip it made, and a file
+without ``"final"`` is never seen. The patch adds one Python call per round trip and per command.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +42,35 @@ def _install() -> None:
     AbstractConnection.pack_command = counted_pack  # type: ignore[method-assign]
 
 
-def _writer(path: Path, stop: threading.Event) -> None:
-    while not stop.wait(1.0):
-        _dump(path)
-
-
-def _dump(path: Path) -> None:
+def dump_final(path: Path) -> None:
+    """Write the final counters (atomically: a reader sees the old file or the whole new one)."""
     tmp = path.with_suffix(".tmp")
     with contextlib.suppress(OSError):
-        tmp.write_bytes(orjson.dumps(dict(_counts)))
+        tmp.write_bytes(orjson.dumps({**_counts, "final": True}))
         os.replace(tmp, path)
+
+
+def _terminate_early(path: Path) -> Any:
+    """A SIGTERM handler for the start-up, before the app installs its own (which replace it).
+
+    Writes the final counters, then dies of SIGTERM as it would have without the handler (the
+    parent sees the same exit status).
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        dump_final(path)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    return handler
 
 
 def main(argv: list[str]) -> int:
     """Entry point; see the module docstring."""
     path, rest = Path(argv[0]), argv[1:]
     _install()
-    stop = threading.Event()
-    threading.Thread(target=_writer, args=(path, stop), daemon=True, name="bench-counts").start()
-    atexit.register(_dump, path)
+    atexit.register(dump_final, path)
+    signal.signal(signal.SIGTERM, _terminate_early(path))
     if rest and rest[0] == "naive":
         from pipeline.bench import naive_app
 

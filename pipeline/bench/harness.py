@@ -165,11 +165,16 @@ def drain_rate(samples: Sequence[tuple[float, int]]) -> Metrics:
 
     The clock starts at the first sample with progress, so process start-up and the consumer
     group join are excluded. ``median_1s_per_s`` is the median over 1-second slices (robust to a
-    rebalance pause in the middle).
+    rebalance pause in the middle). When the first sample with progress is also the last (the
+    whole drain fell between two polls, as on a machine that starves the poller), the clock
+    starts at the sample before it instead: a rate over at most one poll interval too many, not
+    a failed case.
     """
     start = next((i for i, (_, n) in enumerate(samples) if n > 0), None)
     if start is None:
         raise ValueError("no progress in the samples")
+    if start == len(samples) - 1 and start > 0:
+        start -= 1
     t0, n0 = samples[start]
     t1, n1 = samples[-1]
     if t1 <= t0 or n1 <= n0:

@@ -63,7 +63,7 @@ async def _create(bootstrap: str, names: list[str], partitions: int) -> None:
     await admin.start()
     try:
         await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a loaded broker can take a while: not a speed check
         while True:
             described = await admin.describe_topics(names)
             if all(
@@ -74,18 +74,18 @@ async def _create(bootstrap: str, names: list[str], partitions: int) -> None:
             ):
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"topics {names} got no leaders in 30 s")
+                raise RuntimeError(f"topics {names} got no leaders in 60 s")
             await asyncio.sleep(0.1)
     finally:
         await admin.close()
 
 
-def delete_topics(bootstrap: str, names: list[str]) -> None:
-    """Delete topics (missing ones are fine)."""
-    run_sync(lambda: _delete(bootstrap, names))
+def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 60.0) -> None:
+    """Delete topics (missing ones are fine) and wait until the broker no longer lists them."""
+    run_sync(lambda: _delete(bootstrap, names, timeout_s))
 
 
-async def _delete(bootstrap: str, names: list[str]) -> None:
+async def _delete(bootstrap: str, names: list[str], timeout_s: float) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
@@ -95,6 +95,15 @@ async def _delete(bootstrap: str, names: list[str]) -> None:
         todo = [n for n in names if n in existing]
         if todo:
             await admin.delete_topics(todo)
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            listed = set(await admin.list_topics())
+            todo = [n for n in todo if n in listed]
+            if not todo:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topics {todo} still listed {timeout_s:.0f} s after deletion")
+            await asyncio.sleep(0.1)
     finally:
         await admin.close()
 
@@ -198,7 +207,7 @@ async def send_all(
 
 @dataclass
 class SendLog:
-    """Wall-clock send time of every record, per (kind, partition), in offset order."""
+    """Send time (monotonic clock) of every record, per (kind, partition), in offset order."""
 
     kinds: dict[str, str]  # topic -> kind
     times: dict[tuple[str, int], list[float]] = field(default_factory=dict)
@@ -207,7 +216,7 @@ class SendLog:
         """An ``on_slice`` callback logging the slice's records at the current time."""
 
         def on_slice(lo: int, hi: int) -> None:
-            now = time.time()
+            now = time.monotonic()
             for r in records[lo:hi]:
                 self.times.setdefault((self.kinds[r.topic], r.partition), []).append(now)
 

@@ -3,14 +3,17 @@
 Each event is decoded with ``json.loads`` on its own and its 1-minute window statistics (count,
 sum, min, max of the device's reading or the route's latency) are updated with one awaited store
 command after another — no batching, no pipelining, no scripts, no offset bookkeeping. Malformed
-events are skipped. It runs as a child process of the benchmark:
-``python -m pipeline.bench.counting FILE naive --target N --result FILE``; after ``--target``
-events it stops writing and records when the first and the N-th event were handled.
+events (and values the store refuses, such as NaN) are skipped. It runs as a child process of the
+benchmark: ``python -m pipeline.bench.counting FILE naive --target N --result FILE``; it handles
+exactly ``--target`` events (each agent claims an event before its first await, so the two
+agents never overshoot), then stops writing, and records when the first and the N-th event were
+handled. The result file is written at the N-th event and again when the process exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import time
@@ -26,10 +29,21 @@ class Progress:
     def __init__(self, target: int, result: Path) -> None:
         self.target = target
         self.result = result
+        self.claimed = 0
         self.count = 0
         self.first = 0.0
         self.last = 0.0
         self.errors = 0
+
+    def claim(self) -> bool:
+        """Reserve one of the ``target`` events; False once all are taken.
+
+        Called before the first await of an event, so it is atomic between the agents.
+        """
+        if self.claimed >= self.target:
+            return False
+        self.claimed += 1
+        return True
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -54,6 +68,7 @@ def create_app(app_id: str, progress: Progress) -> Any:
     """The tutorial-style app: one agent per topic, one store command per statistic."""
     import faust
     import redis.asyncio as aioredis
+    from redis.exceptions import ResponseError
 
     from pipeline.settings import KafkaSettings, StoreSettings
 
@@ -87,26 +102,26 @@ def create_app(app_id: str, progress: Progress) -> Any:
     @app.agent(app.topic(kafka.sensor_topic, value_serializer="raw"))
     async def sensors(stream: Any) -> None:
         async for raw in stream:
-            if progress.count >= progress.target:
+            if not progress.claim():
                 continue
             try:
                 e = json.loads(raw)
                 key = f"naive:sensor:1m:device:{window(e)}"
                 await record(key, f"{e['device_id']}|{e['metric']}", float(e["value"]))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, ResponseError):
                 progress.errors += 1
             progress.tick()
 
     @app.agent(app.topic(kafka.applog_topic, value_serializer="raw"))
     async def requests(stream: Any) -> None:
         async for raw in stream:
-            if progress.count >= progress.target:
+            if not progress.claim():
                 continue
             try:
                 e = json.loads(raw)
                 key = f"naive:applog:1m:route:{window(e)}"
                 await record(key, f"{e['service']}|{e['route']}", float(e["latency_ms"]))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, ResponseError):
                 progress.errors += 1
             progress.tick()
 
@@ -123,6 +138,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--app-id", required=True)
     args = parser.parse_args(argv)
     progress = Progress(args.target, args.result)
+    atexit.register(progress.write)
     app = create_app(args.app_id, progress)
     faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
     return 0

@@ -50,7 +50,7 @@ def stop_child(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
 
 @dataclass
 class Child:
-    """A child process with its log and round-trip counter file."""
+    """A child process with its log and round-trip counter file (written when it exits)."""
 
     name: str
     proc: subprocess.Popen[bytes]
@@ -71,12 +71,27 @@ class Child:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
         return ""
 
-    def counts(self) -> dict[str, int]:
-        """Round trips and commands counted so far (written by the child every second)."""
-        with contextlib.suppress(OSError, orjson.JSONDecodeError):
-            data: dict[str, int] = orjson.loads(self.counts_file.read_bytes())
-            return data
-        return {"round_trips": 0, "commands": 0}
+    def final_counts(self) -> dict[str, int]:
+        """Round trips and commands of the whole run, read after the child exited.
+
+        The child writes them once, when it exits (:mod:`pipeline.bench.counting`); a child
+        still running, or one that died without writing them (SIGKILL), is a
+        :class:`~pipeline.bench.harness.BenchError`, never a partial count.
+        """
+        from pipeline.bench.harness import BenchError
+
+        if self.alive():
+            raise BenchError(f"{self.name}: counters read before the process exited")
+        try:
+            data = orjson.loads(self.counts_file.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            data = {}
+        if not isinstance(data, dict) or data.get("final") is not True:
+            raise BenchError(
+                f"{self.name} exited with {self.proc.returncode} without writing its final "
+                f"counters: {self.tail(10)}"
+            )
+        return {"round_trips": int(data["round_trips"]), "commands": int(data["commands"])}
 
 
 def spawn(ctx: BenchContext, env: dict[str, str], name: str, argv: Sequence[str]) -> Child:
@@ -114,7 +129,7 @@ def stop_all(children: Sequence[Child]) -> dict[str, int]:
 class Progress:
     """The store's progress hashes of every input partition at one moment."""
 
-    at: float  # time.time()
+    at: float  # time.monotonic() (compared with send times of the same process)
     offsets: dict[tuple[str, int], int]  # (kind, partition) -> applied offset (-1: none)
     totals: dict[str, dict[str, int]]  # kind -> events/late/dead
 
@@ -134,7 +149,7 @@ def read_progress(r: redis.Redis, partitions: int) -> Progress:
         for p in range(partitions):
             pipe.hmget(keys.progress_key(kind, p), *PROGRESS_FIELDS)
     rows = iter(pipe.execute())
-    at = time.time()
+    at = time.monotonic()
     offsets: dict[tuple[str, int], int] = {}
     totals: dict[str, dict[str, int]] = {}
     for kind in EventKind:

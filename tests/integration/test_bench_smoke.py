@@ -28,8 +28,9 @@ PANELS = {"kpis", "events_per_minute", "latency_per_minute", "top_routes", "site
 
 
 def _bench(
-    stack: RunningStack, *argv: str, timeout: float = 240
+    stack: RunningStack, *argv: str, timeout: float = 500
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``pulse bench``; ``timeout`` is a deadline for a loaded machine, not a speed check."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "bench", *argv],
         env={**os.environ, **stack.env()},
@@ -76,8 +77,12 @@ def test_smoke_run_reports_every_case_consistently(stack: RunningStack, tmp_path
         assert 0 < c["measured_events"] <= params["events"]
         assert c["round_trips"] > 0 and c["store"]["aof_bytes"] > 0
 
-    cost = cases["write_cost"]
-    assert cost["naive"]["round_trips_per_event"] >= 4  # at least HINCRBY, HINCRBYFLOAT, 2x HGET
+    # Round trips are counted by the child processes and read after they exited, so they are
+    # exact. A well-formed naive event costs at least HINCRBY, HINCRBYFLOAT and 2x HGET; one the
+    # naive app skips as malformed may cost none.
+    naive, cost = cases["naive"], cases["write_cost"]
+    assert naive["round_trips"] >= 4 * (naive["events"] - naive["skipped_malformed"])
+    assert cost["naive"]["round_trips_per_event"] == naive["round_trips"] / naive["events"]
     assert 0 < cost["pulse_1w"]["round_trips_per_event"] < 1
 
     for name, rate in (("freshness", params["rate"]), ("freshness_low", params["rate"] // 4)):

@@ -8,17 +8,18 @@ just outside each query's range, and every number the queries return is checked 
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import redis
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from dashboard import queries
+from dashboard import panels, queries
 from pipeline import sketches
 from schemas import keys
 from schemas.events import EventKind
@@ -31,10 +32,15 @@ MIN = W1M.size_ms
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 
 
-def _free_port() -> int:
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A port nothing accepts on, reserved for the test: bound, never listening (refuses).
+
+    Holding the socket keeps other processes (stacks started by parallel runs) off the port.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        yield int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- writing helpers
@@ -86,8 +92,9 @@ def progress(r: redis.Redis, kind: EventKind, part: int, **fields: int) -> None:
     r.hset(keys.progress_key(kind, part), mapping={k: str(v) for k, v in fields.items()})
 
 
-# A minute boundary near the real clock, so the page (which reads the real clock) has data too.
-T0 = keys.window_start(time.time_ns() // 1_000_000, W1M)
+# A fixed minute boundary: the queries take ``now_ms``, and the page tests pin the page's clock
+# (``dashboard.panels.wall_clock_ms``) to NOW, so no result depends on when the tests run.
+T0 = keys.window_start(1_700_000_000_000, W1M)
 NOW = T0 + 25_000
 
 ORDERS = [float(x) for x in range(200, 900, 7)]  # api|/orders, high latency
@@ -264,8 +271,8 @@ def test_empty_store(store: redis.Redis) -> None:
     assert queries.read_site_metrics(store, topo, NOW).empty
 
 
-def test_unreachable_store_raises_redis_error() -> None:
-    r = queries.connect("127.0.0.1", _free_port(), timeout_s=0.5)
+def test_unreachable_store_raises_redis_error(dead_port: int) -> None:
+    r = queries.connect("127.0.0.1", dead_port, timeout_s=0.5)
     with pytest.raises(redis.ConnectionError):
         queries.read_kpis(r, queries.Topology.of(2), NOW)
 
@@ -274,13 +281,25 @@ def test_unreachable_store_raises_redis_error() -> None:
 
 
 def _app(monkeypatch: pytest.MonkeyPatch, port: int) -> AppTest:
+    """Run the page once against ``port`` with its clock pinned to NOW and no cached reads."""
     monkeypatch.setenv("PULSE_STORE_HOST", "127.0.0.1")
     monkeypatch.setenv("PULSE_STORE_PORT", str(port))
     monkeypatch.delenv("PULSE_STORE_PASSWORD", raising=False)
     monkeypatch.setenv("PULSE_KAFKA_PARTITIONS", "3")
     monkeypatch.setenv("PULSE_DASHBOARD_LOOKBACK_MIN", "10")
-    at = AppTest.from_file(str(APP), default_timeout=30)
+    monkeypatch.setenv("PULSE_DASHBOARD_REFRESH_S", "2")
+    monkeypatch.setattr(panels, "wall_clock_ms", lambda: NOW)
+    # Streamlit's caches live in this process: a page run of an earlier test (same store URL,
+    # same pinned tick) must not answer for this one.
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    # a deadline for one script run (a loaded machine can take long), not a speed check
+    at = AppTest.from_file(str(APP), default_timeout=120)
     return at.run()
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%H:%M:%S")
 
 
 def test_page_renders_populated_store(store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -292,6 +311,9 @@ def test_page_renders_populated_store(store: redis.Redis, monkeypatch: pytest.Mo
     assert metrics["Events"] == "200"
     assert metrics["Late"] == "4" and metrics["Dead-letter"] == "3"
     assert metrics["Durable ack p50/p99 ms"] == "3.0/7"
+    # the page's clock is the pinned one (rounded down to the 2 s refresh tick: NOW - 1 s)
+    assert metrics["Newest event (UTC)"] == _utc(NOW - 5_000)
+    assert metrics["Watermark lag"] == "44.0 s"
     # two charts, routes, sites, partitions and workers tables
     assert len(at.get("vega_lite_chart")) == 2
     assert len(at.dataframe) == 4
@@ -304,8 +326,8 @@ def test_page_reports_empty_store(store: redis.Redis, monkeypatch: pytest.Monkey
     assert not at.metric
 
 
-def test_page_reports_unreachable_store(monkeypatch: pytest.MonkeyPatch) -> None:
-    at = _app(monkeypatch, _free_port())
+def test_page_reports_unreachable_store(monkeypatch: pytest.MonkeyPatch, dead_port: int) -> None:
+    at = _app(monkeypatch, dead_port)
     assert not at.exception
     assert len(at.error) == 1 and "unreachable" in at.error[0].value
 

@@ -42,6 +42,20 @@ def listening(port: int) -> bool:
     return processes.port_accepts(port)
 
 
+def wait_replicated(client: redis.Redis, timeout_s: float = 120.0) -> None:
+    """Until one replica acknowledged everything written so far (a deadline, not a speed check)."""
+    deadline = time.monotonic() + timeout_s
+    while client.wait(1, 1000) < 1:
+        assert time.monotonic() < deadline, f"no replica acknowledged within {timeout_s:.0f} s"
+
+
+def wait_aof_everywhere(client: redis.Redis, timeout_s: float = 120.0) -> None:
+    """Until the writes so far are fsynced to the primary's and one replica's AOF."""
+    deadline = time.monotonic() + timeout_s
+    while (got := client.execute_command("WAITAOF", 1, 1, 1000)) != [1, 1]:
+        assert time.monotonic() < deadline, f"WAITAOF 1 1 answered {got} after {timeout_s:.0f} s"
+
+
 async def produce_and_consume(bootstrap: str, topic: str, payload: bytes) -> bytes:
     """Send one message with acks=all and read it back from the beginning."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -101,14 +115,14 @@ def test_kafka_round_trip(stack: RunningStack, new_topic: Callable[..., str]) ->
 
 def test_write_on_primary_is_visible_on_replica(stack: RunningStack, store: redis.Redis) -> None:
     store.set("pulse:test:key", "value")
-    assert store.wait(1, 5000) == 1
+    wait_replicated(store)
     with stack.redis(replica=True) as replica:
         assert replica.get("pulse:test:key") == "value"
 
 
 def test_waitaof_confirms_local_and_replica_fsync(store: redis.Redis) -> None:
     store.hincrby("pulse:test:h", "n", 1)
-    assert store.execute_command("WAITAOF", 1, 1, 5000) == [1, 1]
+    wait_aof_everywhere(store)
 
 
 def test_up_again_is_idempotent(stack: RunningStack) -> None:
@@ -130,7 +144,7 @@ def test_valkey_crash_restart_from_aof_and_promotion(
     assert primary.start() and replica.start()
     with running.redis() as client:
         client.set("survives", "crash")
-        assert client.execute_command("WAITAOF", 1, 1, 5000) == [1, 1]
+        wait_aof_everywhere(client)  # the replica may still be syncing: wait, with a deadline
 
     old_pid = primary.pid
     assert primary.kill(signal.SIGKILL)
@@ -224,12 +238,15 @@ def test_cli_bad_flag_is_one_sentence_and_exit_2() -> None:
 def test_cli_port_taken_by_someone_else(tmp_path: Path) -> None:
     running = make_stack(tmp_path / "home")
     with socket.socket() as someone_else:
-        someone_else.bind(("127.0.0.1", running.store_settings.port))
+        # a port the kernel hands to us (not the stack's released one, which a stack started by
+        # a parallel run could have taken meanwhile); the stack's primary is configured on it
+        someone_else.bind(("127.0.0.1", 0))
         someone_else.listen()
-        result = run_pulse("up", env=running.env())
+        taken = someone_else.getsockname()[1]
+        result = run_pulse("up", env={**running.env(), "PULSE_STORE_PORT": str(taken)})
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
-    assert f"Port {running.store_settings.port}" in result.stderr
+    assert f"Port {taken}" in result.stderr
     assert "Valkey primary" in result.stderr
     assert not listening(running.stack.kafka.port)
     assert not any(running.stack.home.glob(f"*/{processes.STATE_FILE}"))

@@ -6,12 +6,17 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import aggregation, sketches
 from schemas import keys
 from schemas.events import AppLogEvent, LogLevel, SensorReading
+
+# Examples are checked, never timed: a loaded machine must not fail a test (no deadline, and
+# no health check that times data generation).
+NOT_TIMED = [HealthCheck.too_slow]
+
 
 sensor_st = st.builds(
     SensorReading,
@@ -61,7 +66,7 @@ def sketch_rows(deltas: list[aggregation.WindowDelta]) -> dict[tuple[str, str, i
 
 
 @given(st.lists(sensor_st, min_size=1, max_size=60))
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=NOT_TIMED)
 def test_sensor_aggregates_match_naive(events: list[SensorReading]) -> None:
     deltas = aggregation.aggregate(aggregation.sensor_columns(events))
     got = rows(deltas)
@@ -78,7 +83,7 @@ def test_sensor_aggregates_match_naive(events: list[SensorReading]) -> None:
 
 
 @given(st.lists(applog_st, min_size=1, max_size=60))
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=NOT_TIMED)
 def test_applog_status_classes_and_errors(events: list[AppLogEvent]) -> None:
     got = rows(aggregation.aggregate(aggregation.applog_columns(events)))
     for w in keys.TUMBLING_WINDOWS:
@@ -94,7 +99,7 @@ def test_applog_status_classes_and_errors(events: list[AppLogEvent]) -> None:
 
 
 @given(st.lists(sensor_st, min_size=2, max_size=60), st.integers(min_value=1, max_value=59))
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=NOT_TIMED)
 def test_split_batches_merge_to_the_whole(events: list[SensorReading], cut: int) -> None:
     cut = min(cut, len(events) - 1)
     whole = rows(aggregation.aggregate(aggregation.sensor_columns(events)))

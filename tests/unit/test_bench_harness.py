@@ -78,6 +78,15 @@ def test_drain_rate_starts_at_first_progress() -> None:
         drain_rate([(0.0, 0), (1.0, 0)])
 
 
+def test_drain_rate_when_the_whole_drain_fell_between_two_polls() -> None:
+    # a starved poller: no progress, then everything at once; the clock starts a poll earlier
+    rate = drain_rate([(0.0, 0), (1.0, 0), (1.5, 2000)])
+    assert rate["events_per_s"] == pytest.approx(4000.0)
+    assert rate["measured_events"] == 2000 and rate["measured_s"] == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        drain_rate([(0.0, 2000)])  # one sample: no rate at all
+
+
 def test_drain_rate_median_ignores_a_pause() -> None:
     pts = [(0.0, 100), (1.0, 1100), (2.0, 2100), (3.0, 2100), (4.0, 3100), (5.0, 4100)]
     rate = drain_rate(pts)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import sketches
+
+# Examples are checked, never timed: a loaded machine must not fail a test (no deadline, and
+# no health check that times data generation).
+NOT_TIMED = [HealthCheck.too_slow]
+
 
 QS = (0.5, 0.9, 0.95, 0.99)
 
@@ -26,7 +31,7 @@ def _check(values: np.ndarray) -> None:
         max_size=400,
     )
 )
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=NOT_TIMED)
 def test_quantiles_within_one_percent_of_exact(values: list[float]) -> None:
     _check(np.array(values))
 
@@ -42,7 +47,7 @@ def test_realistic_distributions() -> None:
     st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=1, max_size=200),
     st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=1, max_size=200),
 )
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=NOT_TIMED)
 def test_merge_equals_sketch_of_union(a: list[float], b: list[float]) -> None:
     merged = sketches.merge([sketches.sketch_of(a), sketches.sketch_of(b)])
     assert merged == sketches.sketch_of(a + b)

@@ -67,13 +67,26 @@ def test_ownership_needs_pid_start_time_and_marker(tmp_path: Path) -> None:
         processes.send_signal(ours, signal.SIGKILL)
 
 
+def ignores_sigterm(pid: int) -> bool:
+    """Whether the process has set SIGTERM to ignored (its ``SigIgn`` mask, Linux /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+
+
 def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
     marker = str(tmp_path / "stubborn")
     pid = processes.spawn(
         [sys.executable, "-c", code, marker], cwd=tmp_path, log_file=tmp_path / "log"
     )
-    time.sleep(0.3)  # let it install the SIGTERM handler
+    deadline = time.monotonic() + 60  # Python's start-up on a loaded machine, not a speed check
+    while not ignores_sigterm(pid):
+        assert time.monotonic() < deadline, "the child never set SIGTERM to ignored"
+        time.sleep(0.01)
     ticks = processes.proc_start_ticks(pid)
     assert ticks is not None
     state = make_state(pid, ticks, marker)

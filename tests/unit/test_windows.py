@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import windows
+
+# Examples are checked, never timed: a loaded machine must not fail a test (no deadline, and
+# no health check that times data generation).
+NOT_TIMED = [HealthCheck.too_slow]
+
 
 L = 30_000
 
@@ -24,7 +29,7 @@ times_st = st.lists(st.integers(min_value=0, max_value=10_000_000), max_size=200
 
 
 @given(times_st)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=NOT_TIMED)
 def test_classify_matches_sequential_rule(times: list[int]) -> None:
     res = windows.classify(np.array(times, dtype=np.int64), windows.NO_EVENT_YET, L)
     want, max_seen = naive(times, None)
@@ -33,7 +38,7 @@ def test_classify_matches_sequential_rule(times: list[int]) -> None:
 
 
 @given(times_st, st.integers(min_value=0, max_value=200))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=NOT_TIMED)
 def test_batch_boundaries_do_not_matter(times: list[int], cut: int) -> None:
     arr = np.array(times, dtype=np.int64)
     whole = windows.classify(arr, windows.NO_EVENT_YET, L)

@@ -1,8 +1,8 @@
 """(d) Freshness: time from an event's production to its visibility in the store.
 
 A warmed-up worker runs on fresh topics; the load generator's records are sent at a fixed rate
-in 50 ms slices, and the wall-clock send time of every record is logged per partition in offset
-order. A thread polls the store's applied offsets every ~5 ms; a record is visible from the
+in 50 ms slices, and the send time of every record (monotonic clock) is logged per partition in
+offset order. A thread polls the store's applied offsets every ~5 ms; a record is visible from the
 first poll whose applied offset of its partition reaches the record's offset. Producer linger,
 broker, worker batching, apply and the durability wait are all inside the measured interval.
 """
@@ -68,6 +68,13 @@ class Poller(threading.Thread):
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
 
+    def saw(self, ends: dict[tuple[str, int], int]) -> bool:
+        """Whether the latest sample shows every partition applied up to ``ends``."""
+        if not self.samples:
+            return False
+        _, offsets = self.samples[-1]
+        return all(offsets.get(tp, -1) >= end - 1 for tp, end in ends.items())
+
     def run(self) -> None:
         try:
             with self._ctx.redis() as r:
@@ -132,7 +139,10 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
         send_s = max(max(sent) - min(sent), 1e-9)
         ends = end_offsets(ctx.kafka.bootstrap, topics, ctx.kafka.partitions)
         procs.wait_drained(ctx, ends, [worker], timeout_s=120)
-        time.sleep(0.05)
+        # every record is applied; the poller's samples must show it too (it polls on its own
+        # thread, which a loaded machine may not have run since)
+        if not procs.until(lambda: poller.saw(ends) or not poller.is_alive(), 60.0):
+            raise BenchError("the store poller never saw the drained offsets within 60 s")
     finally:
         sys.setswitchinterval(switch)
         poller.stop_event.set()

@@ -2,14 +2,14 @@
 
 Each run gets a fresh consumer group, fresh dead-letter/late topics and an empty store db. The
 drain is timed by polling the store's per-partition applied offsets against the topics' end
-offsets, from the first applied batch on (start-up and the group join are not counted). With
+offsets, from the first applied batch on (start-up and the group join are not counted). The
+workers' round trips are read after they stopped (each writes its counters as it exits). With
 ``--profile-dir``, the one-worker run is sampled by ``py-spy`` (which slows it slightly).
 """
 
 from __future__ import annotations
 
 import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -44,10 +44,7 @@ def drain_with_workers(ctx: BenchContext, workers: int, label: str) -> Metrics:
         drain = procs.wait_drained(ctx, pre.end_offsets, children)
         after = procs.StoreCounters.read(ctx)
         cpu = sum(procs.cpu_seconds(c.proc.pid) for c in children)
-        time.sleep(2.5)  # round-trip counts are written every 1 s, worker metrics every 2 s
-        counts = [c.counts() for c in children]
-        with ctx.redis() as r:
-            worker_metrics = [r.hgetall(keys.worker_key(c.name)) for c in children]
+        worker_metrics, metrics_complete = _published_metrics(ctx, children, pre.total)
     finally:
         if profiler is not None:
             profiler.stop()
@@ -56,7 +53,9 @@ def drain_with_workers(ctx: BenchContext, workers: int, label: str) -> Metrics:
     # got no partitions in a short smoke run may still be starting); it had nothing to lose.
     bad = {name: rc for name, rc in statuses.items() if rc not in (0, -signal.SIGTERM)}
     if bad:
-        raise BenchError(f"workers exited with {bad}: {children[0].tail()}")
+        first_bad = next(c for c in children if c.name in bad)
+        raise BenchError(f"workers exited with {bad}: {first_bad.tail()}")
+    counts = [c.final_counts() for c in children]  # written by each worker as it exited
     final = drain.final
     assert final is not None
     for kind, produced in pre.records.items():
@@ -81,6 +80,7 @@ def drain_with_workers(ctx: BenchContext, workers: int, label: str) -> Metrics:
             )
         },
         "worker_batches": sum(int(m.get("batches", 0)) for m in worker_metrics),
+        "worker_metrics_complete": metrics_complete,
         "round_trips": sum(c["round_trips"] for c in counts),
         "client_commands": sum(c["commands"] for c in counts),
         "store": after.delta(before),
@@ -89,6 +89,28 @@ def drain_with_workers(ctx: BenchContext, workers: int, label: str) -> Metrics:
     if profiler is not None:
         metrics["profile"] = str(profiler.output)
     return metrics
+
+
+def _published_metrics(
+    ctx: BenchContext, children: list[procs.Child], records: int, timeout_s: float = 30.0
+) -> tuple[list[dict[str, str]], bool]:
+    """The workers' metrics hashes once they cover every applied record; whether they do.
+
+    Workers publish their metrics on a timer (best-effort), so this waits, with a deadline, for
+    hashes whose events + late + dead add up to ``records``; past the deadline it returns what
+    is there (the report says so) rather than failing the case.
+    """
+    found: list[dict[str, str]] = []
+
+    def covered() -> bool:
+        nonlocal found
+        with ctx.redis() as r:
+            found = [r.hgetall(keys.worker_key(c.name)) for c in children]
+        counted = sum(int(m.get(k, 0)) for m in found for k in ("events", "late", "dead"))
+        return counted >= records
+
+    complete = procs.until(covered, timeout_s, interval_s=0.2)
+    return found, complete
 
 
 @bench_case("pulse_1w", description="the real pipeline, 1 worker process", order=30)
