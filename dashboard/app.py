@@ -17,9 +17,9 @@ from dashboard import panels as panels_module
 from dashboard import queries
 from dashboard.panels import Panels, read_panels
 from dashboard.settings import DashboardSettings
-from pipeline.settings import KafkaSettings, StoreSettings
-from schemas import keys
+from schemas import keys, packed
 from schemas.events import EventKind
+from schemas.settings import KafkaSettings, StoreSettings, store_client
 
 _TOPOLOGY = "pulse_topology"
 _TOPOLOGY_AT = "pulse_topology_at_ms"
@@ -27,7 +27,9 @@ _TOPOLOGY_AT = "pulse_topology_at_ms"
 
 @st.cache_resource
 def _client(host: str, port: int, db: int, password: str | None) -> redis.Redis:
-    return queries.connect(host, port, db, password)
+    # binary replies: window values are packed bytes (the queries decode names themselves)
+    store = StoreSettings(host=host, port=port, db=db, password=password)
+    return store_client(store, decode=False, timeout_s=2.0)
 
 
 @st.cache_resource
@@ -36,8 +38,8 @@ def pane_cache(url: str) -> queries.PaneCache:
     return queries.PaneCache()
 
 
-def store_client(store: StoreSettings) -> redis.Redis:
-    """The shared store client of this server process."""
+def shared_client(store: StoreSettings) -> redis.Redis:
+    """The shared store client of this server process (binary replies)."""
     password = store.password.get_secret_value() if store.password else None
     return _client(store.host, store.port, store.db, password)
 
@@ -139,6 +141,9 @@ def render_live(r: redis.Redis, settings: DashboardSettings, now_ms: int) -> Non
     except redis.RedisError as exc:
         st.error(f"The store is unreachable or failed: {exc}")
         return
+    except packed.PackedError as exc:
+        st.error(f"The store holds a window value the dashboard cannot read: {exc}")
+        return
     kpis, per_minute, latency = panels.kpis, panels.per_minute, panels.latency
     routes, sites = panels.routes, panels.sites
     if kpis.empty:
@@ -205,7 +210,7 @@ def main() -> None:
     st.set_page_config(page_title="Pulse", layout="wide")
     st.title("Pulse")
     st.caption(f"Store {store.url()}")
-    r = store_client(store)
+    r = shared_client(store)
 
     @st.fragment(run_every=settings.refresh_s)
     def live() -> None:

@@ -53,7 +53,7 @@ def child_env(args: argparse.Namespace, base: Mapping[str, str]) -> dict[str, st
         value = getattr(args, name, None)
         if value is not None:
             env[f"PULSE_DASHBOARD_{name.upper()}"] = str(value)
-    # the page imports `dashboard`, `pipeline`, `schemas` even when not installed
+    # the page imports `dashboard` and `schemas` even when not installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 

@@ -35,11 +35,16 @@ def read_panels(
     settings: DashboardSettings,
     cache: queries.PaneCache | None = None,
 ) -> Panels:
-    """Run every panel's query at ``now_ms`` (final panes from ``cache`` when given)."""
+    """Run every panel's query at ``now_ms`` (final panes from ``cache`` when given).
+
+    ``r`` returns bytes (``schemas.settings.store_client(store, decode=False)``). The events
+    per minute are read before the latency: both read the applog ``1m`` fleet panes, so the
+    latency finds the final ones in ``cache`` even on the first refresh.
+    """
     lookback = settings.lookback_min
     return Panels(
         kpis=queries.read_kpis(r, topo, now_ms, settings.rate_windows),
-        per_minute=queries.read_events_per_minute(r, topo, now_ms, lookback),
+        per_minute=queries.read_events_per_minute(r, topo, now_ms, lookback, cache=cache),
         latency=queries.read_latency_per_minute(r, topo, now_ms, lookback, cache=cache),
         routes=queries.read_top_routes(r, topo, now_ms, settings.top_routes, cache=cache),
         sites=queries.read_site_metrics(r, topo, now_ms, cache=cache),

@@ -1,114 +1,225 @@
 """The dashboard's one I/O point: read-only queries over the store, one panel per function.
 
-Every query takes a sync ``redis.Redis`` created with ``decode_responses=True``, the
+Every query takes a sync ``redis.Redis`` that returns bytes (window values are binary, see
+``schemas.packed``; build it with ``schemas.settings.store_client(store, decode=False)``), the
 :class:`Topology` (partitions and workers, from :func:`discover`) and ``now_ms`` (no hidden
 clock). Keys are computed from the clock with ``schemas.keys`` (window starts are
-deterministic), read in one pipeline per panel (two for the KPIs), and merged here: a view that
-spans partitions or panes adds counts, sums and sketch buckets and takes the min of mins and the
-max of maxes. The pure helpers below do that merging on plain dicts.
+deterministic). A panel reads its window hashes with HGETALL in one pipeline (the KPIs read
+the progress hashes first), decodes all values of one event kind with one ``packed.decode``
+call and merges them into panes (window instances merged over partitions, what
+:class:`PaneCache` keeps) with one ``packed.merge`` call, after factorizing entity names to
+group ids; a hopping window merges its panes with one more. The merge rule itself lives only
+in ``schemas.packed``. Quantiles come from ``packed.quantiles``, for every row at once; top-N
+and per-pane roll-ups are numpy too. No loop here runs per field or per bucket.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final, TypeAlias, cast
 
+import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import redis
+from redis.client import Pipeline
 
-from pipeline import sketches
-from schemas import keys
+from schemas import keys, packed
 from schemas.events import EventKind
 from schemas.keys import Dim, HoppingWindow, Progress, Stat, TumblingWindow
 
 # Fleet-wide dimension of each kind: summing its entities' counts gives the kind's event count.
 FLEET_DIM: Final[dict[EventKind, str]] = {EventKind.SENSOR: Dim.METRIC, EventKind.APPLOG: Dim.FLEET}
+NF: Final[dict[EventKind, int]] = {
+    EventKind.SENSOR: packed.NF_SENSOR,
+    EventKind.APPLOG: packed.NF_APPLOG,
+}
 DURABILITY_P50: Final = "durability_wait_p50_ms"
 DURABILITY_P99: Final = "durability_wait_p99_ms"
 LATENCY_QS: Final = (0.5, 0.95, 0.99)
 
-_MIN_AT: Final = Stat.PACKED.index(Stat.MIN)
-_MAX_AT: Final = Stat.PACKED.index(Stat.MAX)
+_ERRORS_AT: Final = Stat.PACKED_APPLOG.index(Stat.ERRORS)
+_5XX_AT: Final = Stat.PACKED_APPLOG.index("5xx")
 _KIND_VALUES: Final = frozenset(k.value for k in EventKind)
 
-Hash = Mapping[str, str]
+Hash: TypeAlias = Mapping[str, str]
+RawHash: TypeAlias = Mapping[bytes, bytes]
+F64: TypeAlias = npt.NDArray[np.float64]
+I64: TypeAlias = npt.NDArray[np.int64]
+Names: TypeAlias = npt.NDArray[np.object_]  # entity names (str), one per table row
+
+_NO_NAMES: Final[Names] = np.empty(0, dtype=object)
+_NO_ROWS: Final[I64] = np.empty(0, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- pure helpers
 
 
-def merge_agg_fields(hashes: Iterable[Mapping[str, Any]]) -> dict[str, list[float]]:
-    """Merge aggregate hashes (``"<entity>" -> packed statistics``) entity by entity.
+def concat(tables: Sequence[packed.Table], nf: int) -> packed.Table:
+    """The rows of ``tables`` one after the other (row numbers shifted, nothing merged)."""
+    if not tables:
+        return packed.Table.empty(nf)
+    if len(tables) == 1:
+        return tables[0]
+    sizes = np.fromiter((t.rows for t in tables), dtype=np.int64, count=len(tables))
+    offsets = (np.cumsum(sizes) - sizes).tolist()
+    return packed.Table(
+        np.concatenate([t.stats for t in tables]),
+        np.concatenate([t.row + off for t, off in zip(tables, offsets, strict=True)]),
+        np.concatenate([t.code for t in tables]),
+        np.concatenate([t.count for t in tables]),
+    )
 
-    Values are packed strings, or lists already unpacked (merged panes); in ``Stat.PACKED``
-    (or ``PACKED_APPLOG``) order. ``min``/``max`` take the min/max, every other statistic (n,
-    sum, sq, status classes, err) adds up. Inputs are never modified.
+
+def factorize(names: Sequence[object] | npt.NDArray[np.object_]) -> tuple[I64, Names]:
+    """Group id of each name and the distinct names (in order of first appearance)."""
+    if len(names) == 0:
+        return _NO_ROWS, _NO_NAMES
+    codes, uniques = pd.factorize(np.asarray(names, dtype=object))
+    return np.asarray(codes, dtype=np.int64), np.asarray(uniques, dtype=object)
+
+
+def merge_by(
+    table: packed.Table, names: Sequence[object] | Names, pane: I64 | None = None
+) -> tuple[I64, Names, packed.Table]:
+    """Rows of ``table`` with the same (pane, name) merged by ``packed.merge``, in one call.
+
+    ``names[i]`` (and ``pane[i]``, default 0) is row ``i``'s entity (and pane). Returns, per
+    merged row, its pane and its name, sorted by pane and, within a pane, by first appearance of
+    the name; and the merged table.
     """
-    acc: dict[str, list[float]] = {}
-    for h in hashes:
-        for ent, raw in h.items():
-            x = [float(v) for v in raw.split()] if isinstance(raw, str) else list(raw)
-            old = acc.get(ent)
-            if old is None:
-                acc[ent] = x
-                continue
-            for i, v in enumerate(x):
-                if i == _MIN_AT:
-                    old[i] = min(old[i], v)
-                elif i == _MAX_AT:
-                    old[i] = max(old[i], v)
-                else:
-                    old[i] += v
-    return acc
+    codes, uniques = factorize(names)
+    return merge_codes(table, codes, uniques, pane)
 
 
-def merge_sketch_fields(hashes: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Merge sketch hashes field by field (``"<entity>#<code>" -> count``)."""
-    acc: dict[str, int] = {}
-    for h in hashes:
-        for name, raw in h.items():
-            acc[name] = acc.get(name, 0) + int(raw)
-    return acc
+def merge_codes(
+    table: packed.Table, codes: I64, uniques: Names, pane: I64 | None = None
+) -> tuple[I64, Names, packed.Table]:
+    """:func:`merge_by` of names already factorized (``uniques[codes[i]]`` is row i's name)."""
+    if table.rows == 0:
+        return _NO_ROWS, _NO_NAMES, packed.Table.empty(table.nf)
+    n = len(uniques)
+    key = codes if pane is None else np.asarray(pane, dtype=np.int64) * n + codes
+    groups, inverse = np.unique(key, return_inverse=True)
+    merged = packed.merge(table, inverse.ravel(), int(groups.size))
+    return groups // n, uniques[groups % n], merged
 
 
-def split_aggs(fields: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
-    """Merged packed statistics as ``{entity: {stat: x}}``."""
-    out: dict[str, dict[str, float]] = {}
-    for ent, values in fields.items():
-        names = Stat.PACKED_APPLOG if len(values) > len(Stat.PACKED) else Stat.PACKED
-        out[ent] = dict(zip(names, values, strict=True))
-    return out
+def means(table: packed.Table) -> F64:
+    """Mean of each row (NaN for a row without values)."""
+    n = table.stats[:, packed.COUNT]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, table.stats[:, packed.SUM] / n, np.nan)
 
 
-def split_sketches(fields: Mapping[str, int]) -> dict[str, dict[int, int]]:
-    """``{"<entity>#<code>": n}`` as ``{entity: {code: n}}``."""
-    out: dict[str, dict[int, int]] = {}
-    for name, n in fields.items():
-        ent, code = keys.split_field(name)
-        out.setdefault(ent, {})[int(code)] = n
-    return out
+def stddevs(table: packed.Table) -> F64:
+    """Population standard deviation of each row (NaN for a row without values)."""
+    s = table.stats
+    n = s[:, packed.COUNT]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s[:, packed.SUM] / n
+        var = np.maximum(s[:, packed.SUMSQ] / n - mean * mean, 0.0)
+        return np.where(n > 0, np.sqrt(var), np.nan)
 
 
-def merge_aggs(hashes: Iterable[Hash]) -> dict[str, dict[str, float]]:
-    """Merge aggregate hashes into ``{entity: {stat: value}}``."""
-    return split_aggs(merge_agg_fields(hashes))
+def _freeze(table: packed.Table, names: Names | None = None) -> packed.Table:
+    for a in (table.stats, table.row, table.code, table.count, names):
+        if a is not None:
+            a.flags.writeable = False
+    return table
 
 
-def merge_sketches(hashes: Iterable[Hash]) -> dict[str, dict[int, int]]:
-    """Merge sketch hashes into ``{entity: {code: count}}``."""
-    return split_sketches(merge_sketch_fields(hashes))
+def _slice(table: packed.Table, lo: int, hi: int, b_lo: int, b_hi: int) -> packed.Table:
+    """Rows ``lo:hi`` (whose buckets are ``b_lo:b_hi``) as their own table (views)."""
+    return packed.Table(
+        table.stats[lo:hi], table.row[b_lo:b_hi] - lo, table.code[b_lo:b_hi], table.count[b_lo:b_hi]
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Pane:
-    """One window instance of one dimension, merged over partitions."""
+    """One window instance of one dimension, merged over partitions: row ``i`` is ``names[i]``.
 
-    aggs: dict[str, list[float]]  # entity -> statistics in Stat.PACKED[_APPLOG] order
-    sketch: dict[str, int]  # "<entity>#<code>" -> count
+    Shared between sessions through :class:`PaneCache`: its arrays are read-only.
+    """
+
+    names: Names
+    table: packed.Table
+
+    @staticmethod
+    def empty(nf: int) -> Pane:
+        """A pane without entities."""
+        return Pane(_NO_NAMES, _freeze(packed.Table.empty(nf), _NO_NAMES))
+
+
+def panes_of_hashes(
+    hashes: Sequence[RawHash], parts: int, nf: int, sketch: bool = True
+) -> list[Pane]:
+    """Window hashes ``(pane 0: partitions..., pane 1: ...)`` merged into one pane per start.
+
+    ``hashes`` are HGETALL replies (``entity -> packed value``, bytes), ``parts`` per pane.
+    All values are decoded in one call and merged in one call; without ``sketch`` the panes
+    keep only the statistics (no buckets to merge).
+    """
+    if parts <= 0:
+        return []
+    n_panes = len(hashes) // parts
+    sizes = np.fromiter(map(len, hashes), dtype=np.int64, count=len(hashes))
+    names: list[bytes] = []
+    values: list[bytes] = []
+    for h in hashes:
+        names.extend(h)
+        values.extend(h.values())
+    if not values:
+        return [Pane.empty(nf) for _ in range(n_panes)]
+    if not sketch:
+        # A packed value is its header and statistics, then its sketch: cut to the first part,
+        # it is a valid value without buckets (decoding and merging them would be wasted).
+        head = packed.HEADER_BYTES + 8 * nf
+        values = [v[:head] for v in values]
+    table = packed.decode(values, nf)
+    pane = np.repeat(np.arange(len(hashes), dtype=np.int64) // parts, sizes)
+    codes, uniques = factorize(names)
+    text = np.asarray([u.decode() for u in uniques], dtype=object)  # distinct names only
+    row_pane, row_name, merged = merge_codes(table, codes, text, pane)
+    lo = np.searchsorted(row_pane, np.arange(n_panes + 1))
+    b_lo = np.searchsorted(merged.row, lo)
+    return [
+        Pane(row_name[a:b], _freeze(_slice(merged, a, b, ba, bb), row_name))
+        for a, b, ba, bb in zip(
+            lo[:-1].tolist(), lo[1:].tolist(), b_lo[:-1].tolist(), b_lo[1:].tolist(), strict=True
+        )
+    ]
+
+
+def stack_panes(panes: Sequence[Pane], nf: int) -> tuple[I64, Names, packed.Table]:
+    """Every row of ``panes`` in one table: each row's pane index, its name, the table."""
+    if not panes:
+        return _NO_ROWS, _NO_NAMES, packed.Table.empty(nf)
+    sizes = np.fromiter((p.table.rows for p in panes), dtype=np.int64, count=len(panes))
+    pane = np.repeat(np.arange(len(panes), dtype=np.int64), sizes)
+    names = np.concatenate([p.names for p in panes]) if sizes.sum() else _NO_NAMES
+    return pane, names, concat([p.table for p in panes], nf)
+
+
+def merge_panes(panes: Sequence[Pane], nf: int) -> Pane:
+    """Several panes merged into one (a hopping window from its panes), entity by entity."""
+    _, names, table = stack_panes(panes, nf)
+    _, merged_names, merged = merge_by(table, names)
+    return Pane(merged_names, merged)
+
+
+def pane_counts(panes: Sequence[Pane]) -> I64:
+    """Events per pane: the sum of every entity's count."""
+    if not panes:
+        return _NO_ROWS
+    sizes = np.fromiter((p.table.rows for p in panes), dtype=np.int64, count=len(panes))
+    pane = np.repeat(np.arange(len(panes), dtype=np.int64), sizes)
+    n = np.concatenate([p.table.stats[:, packed.COUNT] for p in panes])
+    return np.rint(np.bincount(pane, weights=n, minlength=len(panes))).astype(np.int64)
 
 
 class PaneCache:
@@ -116,19 +227,26 @@ class PaneCache:
 
     A pane is final once every partition's watermark has passed its end: every event it could
     still get is late by then and goes to the late topic, never to a window. Watermarks only
-    grow, so one seen to shrink means the store was reset or replayed: the cache then empties.
-    Safe to share between Streamlit sessions (threads).
+    grow, so one seen to shrink (or a partition's progress gone) means the store was reset or
+    replayed: the cache then empties.
+    Panes are merged over partitions (their arrays read-only). Safe to share between Streamlit
+    sessions (threads).
     """
 
+    Key: TypeAlias = tuple[str, str, str, int, tuple[int, ...], bool]
+
     def __init__(self, max_entries: int = 2048) -> None:
-        self._panes: OrderedDict[tuple[str, str, str, int, int], Pane] = OrderedDict()
+        self._panes: OrderedDict[PaneCache.Key, Pane] = OrderedDict()
         self._watermarks: dict[str, int] = {}
         self._max = max_entries
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple[str, str, str, int, int]) -> Pane | None:
+    def __len__(self) -> int:
+        return len(self._panes)
+
+    def get(self, key: PaneCache.Key) -> Pane | None:
         """The final pane under ``key``, if known."""
         with self._lock:
             pane = self._panes.get(key)
@@ -139,13 +257,19 @@ class PaneCache:
                 self.misses += 1
             return pane
 
-    def put(self, key: tuple[str, str, str, int, int], pane: Pane) -> None:
+    def put(self, key: PaneCache.Key, pane: Pane) -> None:
         """Remember a final pane."""
         with self._lock:
             self._panes[key] = pane
             self._panes.move_to_end(key)
             while len(self._panes) > self._max:
                 self._panes.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every pane and watermark."""
+        with self._lock:
+            self._panes.clear()
+            self._watermarks.clear()
 
     def observe(self, kind: str, watermark: int) -> bool:
         """Note a kind's (minimum) watermark; a decrease empties the cache (returns True)."""
@@ -156,26 +280,6 @@ class PaneCache:
                 self._watermarks.clear()
             self._watermarks[kind] = watermark
             return reset
-
-
-def count_of(h: Hash) -> int:
-    """Sum of every entity's ``n`` in one aggregate hash."""
-    return sum(int(float(v.split(" ", 1)[0])) for v in h.values())
-
-
-def mean_of(stats: Mapping[str, float]) -> float | None:
-    """Mean of merged statistics; ``None`` without values."""
-    n = stats.get(Stat.COUNT, 0.0)
-    return stats.get(Stat.SUM, 0.0) / n if n > 0 else None
-
-
-def stddev_of(stats: Mapping[str, float]) -> float | None:
-    """Population standard deviation of merged statistics; ``None`` without values."""
-    n = stats.get(Stat.COUNT, 0.0)
-    if n <= 0:
-        return None
-    mean = stats.get(Stat.SUM, 0.0) / n
-    return math.sqrt(max(stats.get(Stat.SUMSQ, 0.0) / n - mean * mean, 0.0))
 
 
 def complete_window_starts(cutoff_ms: int, window: TumblingWindow, count: int) -> list[int]:
@@ -269,6 +373,11 @@ def numeric_fields(h: Hash) -> dict[str, float]:
     return out
 
 
+def text_hash(h: RawHash) -> dict[str, str]:
+    """A hash read as bytes, as text (progress and worker hashes hold text)."""
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in h.items()}
+
+
 # --------------------------------------------------------------------------- discovery
 
 
@@ -285,25 +394,155 @@ class Topology:
         return cls({k: tuple(range(partitions)) for k in EventKind}, tuple(workers))
 
 
+def _binary(r: redis.Redis) -> redis.Redis:
+    if r.get_connection_kwargs().get("decode_responses"):
+        raise TypeError(
+            "the dashboard queries read binary values: use a client without decode_responses "
+            "(schemas.settings.store_client(store, decode=False))"
+        )
+    return r
+
+
+def _pipe(r: redis.Redis) -> Pipeline:
+    return _binary(r).pipeline(transaction=False)
+
+
+def _text(key: bytes | str) -> str:
+    return key.decode(errors="replace") if isinstance(key, bytes) else key
+
+
+def _raw_int(raw: object) -> int | None:
+    """An integer field read as bytes (None when absent or empty)."""
+    return int(float(raw)) if isinstance(raw, bytes | str) and raw else None
+
+
 def discover(r: redis.Redis, min_partitions: int = 0, scan_count: int = 10_000) -> Topology:
     """Find partitions (progress hashes) and workers (``pulse:worker:*``) by SCAN.
 
     Partitions ``0..min_partitions-1`` are always included (a configured topic size). SCAN
     walks the whole keyspace: call this every few tens of seconds, not per refresh.
     """
+    _binary(r)
     found: dict[EventKind, set[int]] = {k: set(range(min_partitions)) for k in EventKind}
     pattern = f"{keys.PREFIX}:{{*}}:progress"
-    for key in r.scan_iter(match=pattern, count=scan_count):
+    for raw in r.scan_iter(match=pattern, count=scan_count):
+        key = _text(raw)
         tag = key[key.index("{") + 1 : key.index("}")]
         kind, _, part = tag.partition(".")
         if kind in _KIND_VALUES and part.isdigit():
             found[EventKind(kind)].add(int(part))
     prefix = keys.worker_key("")
     workers = {
-        key.removeprefix(prefix)
-        for key in r.scan_iter(match=keys.worker_key("*"), count=scan_count, _type="hash")
+        _text(raw).removeprefix(prefix)
+        for raw in r.scan_iter(match=keys.worker_key("*"), count=scan_count, _type="hash")
     }
     return Topology({k: tuple(sorted(v)) for k, v in found.items()}, tuple(sorted(workers)))
+
+
+# --------------------------------------------------------------------------- reading panes
+
+
+@dataclass(frozen=True, slots=True)
+class PaneRequest:
+    """Window instances of one dimension to read, each merged over ``parts``."""
+
+    kind: EventKind
+    parts: tuple[int, ...]
+    window: TumblingWindow
+    dim: str
+    starts: tuple[int, ...]
+    sketch: bool = True  # False: statistics only (counts), no sketch buckets
+
+    def cache_key(self, start: int) -> PaneCache.Key:
+        """The key of one of its panes in a :class:`PaneCache`."""
+        return (self.kind.value, self.window.name, self.dim, start, self.parts, self.sketch)
+
+
+def read_pane_sets(
+    r: redis.Redis, requests: Sequence[PaneRequest], cache: PaneCache | None = None
+) -> list[list[Pane]]:
+    """The panes of each request (in its ``starts`` order), all read in one round trip.
+
+    With a ``cache``, final panes come from it, and panes found final are added to it: the
+    partitions' watermarks are read first in the same pipeline, so a pane read after them
+    cannot have changed since it became final.
+    """
+    found: list[dict[int, Pane]] = []
+    todo: list[list[int]] = []
+    for req in requests:
+        hits: dict[int, Pane] = {}
+        if cache is not None and req.parts:
+            for s in req.starts:
+                if (hit := cache.get(req.cache_key(s))) is not None:
+                    hits[s] = hit
+        found.append(hits)
+        todo.append([s for s in dict.fromkeys(req.starts) if s not in hits])
+    watched = (
+        list(dict.fromkeys((req.kind, req.parts) for req in requests if req.parts))
+        if cache is not None
+        else []
+    )
+    pipe = _pipe(r)
+    for kind, parts in watched:
+        for p in parts:
+            pipe.hget(keys.progress_key(kind, p), Progress.WATERMARK)
+    for req, starts in zip(requests, todo, strict=True):
+        for s in starts:
+            for p in req.parts:
+                pipe.hgetall(keys.window_key(req.kind, p, req.window, req.dim, s))
+    replies: list[object] = pipe.execute() if len(pipe) else []
+    at = 0
+    final_before: dict[tuple[EventKind, tuple[int, ...]], int] = {}
+    stale = False
+    for kind, parts in watched:
+        marks = [_raw_int(m) for m in replies[at : at + len(parts)]]
+        at += len(parts)
+        if cache is None:
+            continue
+        if all(m is not None for m in marks):
+            lowest = min(m for m in marks if m is not None)
+            final_before[(kind, parts)] = lowest
+            stale |= cache.observe(kind.value, lowest)
+        elif any(hits for req, hits in zip(requests, found, strict=True) if req.kind is kind):
+            # panes were cached when every partition had a watermark: a progress hash that
+            # is gone now means the store was emptied
+            cache.clear()
+            stale = True
+    if stale and any(found):
+        return read_pane_sets(r, requests, cache)  # served from a cache that was stale
+    out: list[list[Pane]] = []
+    for req, starts, hits in zip(requests, todo, found, strict=True):
+        nf = NF[req.kind]
+        if not req.parts:
+            out.append([Pane.empty(nf) for _ in req.starts])
+            continue
+        n = len(starts) * len(req.parts)
+        chunk = cast(list[RawHash], replies[at : at + n])
+        at += n
+        mark = final_before.get((req.kind, req.parts))
+        merged = panes_of_hashes(chunk, len(req.parts), nf, req.sketch)
+        for s, pane in zip(starts, merged, strict=True):
+            hits[s] = pane
+            if cache is not None and mark is not None and s + req.window.size_ms <= mark:
+                cache.put(req.cache_key(s), pane)
+        out.append([hits[s] for s in req.starts])
+    return out
+
+
+def read_panes(
+    r: redis.Redis,
+    kind: EventKind,
+    parts: Sequence[int],
+    window: TumblingWindow,
+    dim: str,
+    starts: Sequence[int],
+    cache: PaneCache | None = None,
+) -> list[Pane]:
+    """Window instances of one dimension merged over partitions, in ``starts`` order."""
+    (panes,) = read_pane_sets(
+        r, [PaneRequest(kind, tuple(parts), window, dim, tuple(starts))], cache
+    )
+    return panes
 
 
 # --------------------------------------------------------------------------- panels
@@ -377,10 +616,6 @@ class Kpis:
         return self._worst(DURABILITY_P99)
 
 
-def _pipe(r: redis.Redis) -> Any:
-    return r.pipeline(transaction=False)
-
-
 def read_kpis(
     r: redis.Redis,
     topo: Topology,
@@ -401,35 +636,34 @@ def read_kpis(
             pipe.hgetall(keys.progress_key(kind, p))
     for name in topo.workers:
         pipe.hgetall(keys.worker_key(name))
-    replies = iter(pipe.execute())
+    replies = iter(pipe.execute() if len(pipe) else [])
     progress = {
-        kind: summarize_progress([next(replies) for _ in topo.partitions.get(kind, ())])
+        kind: summarize_progress([text_hash(next(replies)) for _ in topo.partitions.get(kind, ())])
         for kind in kinds
     }
-    workers = {name: numeric_fields(next(replies)) for name in topo.workers}
+    workers = {name: numeric_fields(text_hash(next(replies))) for name in topo.workers}
 
-    plan: list[tuple[EventKind, int]] = []
-    pipe = _pipe(r)
-    for kind in kinds:
-        frontier = progress[kind].frontier_ms
-        if frontier is None:
-            continue
-        for start in complete_window_starts(min(now_ms, frontier), rate_window, rate_windows):
-            for p in topo.partitions.get(kind, ()):
-                pipe.hgetall(keys.agg_key(kind, p, rate_window, FLEET_DIM[kind], start))
-                plan.append((kind, start))
-    counts: dict[EventKind, dict[int, int]] = {k: {} for k in kinds}
-    if plan:
-        for (kind, start), h in zip(plan, pipe.execute(), strict=True):
-            counts[kind][start] = counts[kind].get(start, 0) + count_of(h)
-    rates: dict[EventKind, float | None] = {}
-    for kind in kinds:
-        frontier = progress[kind].frontier_ms
-        rates[kind] = (
-            None
-            if frontier is None
-            else events_per_second(counts[kind], rate_window, min(now_ms, frontier), rate_windows)
+    cutoff = {
+        kind: min(now_ms, frontier)
+        for kind in kinds
+        if (frontier := progress[kind].frontier_ms) is not None
+    }
+    requests = [
+        PaneRequest(
+            kind,
+            topo.partitions.get(kind, ()),
+            rate_window,
+            FLEET_DIM[kind],
+            tuple(complete_window_starts(cut, rate_window, rate_windows)),
+            sketch=False,
         )
+        for kind, cut in cutoff.items()
+    ]
+    rates: dict[EventKind, float | None] = dict.fromkeys(kinds)
+    for req, panes in zip(requests, read_pane_sets(r, requests), strict=True):
+        counts = pane_counts(panes)
+        by_start = dict(zip(req.starts, counts.tolist(), strict=True))
+        rates[req.kind] = events_per_second(by_start, rate_window, cutoff[req.kind], rate_windows)
     return Kpis(now_ms=now_ms, progress=progress, events_per_s=rates, workers=workers)
 
 
@@ -438,34 +672,35 @@ def _minutes(starts: Sequence[int]) -> pd.DatetimeIndex:
 
 
 def read_events_per_minute(
-    r: redis.Redis, topo: Topology, now_ms: int, lookback_min: int
+    r: redis.Redis,
+    topo: Topology,
+    now_ms: int,
+    lookback_min: int,
+    cache: PaneCache | None = None,
 ) -> pd.DataFrame:
     """Events per complete minute of each kind over the last ``lookback_min`` minutes.
 
     Indexed by minute start (UTC); columns ``sensor`` and ``applog`` (ints). From the ``1m``
-    windows of the fleet-wide dims (sensor ``metric``, applog ``fleet``).
+    windows of the fleet-wide dims (sensor ``metric``, applog ``fleet``), one round trip.
     """
-    starts = complete_window_starts(now_ms, keys.WINDOW_1M, lookback_min)
-    pipe = _pipe(r)
-    plan: list[tuple[EventKind, int]] = []
-    for kind in EventKind:
-        for start in starts:
-            for p in topo.partitions.get(kind, ()):
-                key = keys.agg_key(kind, p, keys.WINDOW_1M, FLEET_DIM[kind], start)
-                if kind is EventKind.APPLOG:
-                    pipe.hget(key, keys.FLEET_ENTITY)
-                else:
-                    pipe.hgetall(key)
-                plan.append((kind, start))
-    totals: dict[EventKind, dict[int, int]] = {k: dict.fromkeys(starts, 0) for k in EventKind}
-    replies = pipe.execute() if plan else []
-    for (kind, start), reply in zip(plan, replies, strict=True):
-        if isinstance(reply, dict):
-            totals[kind][start] += count_of(reply)
-        elif reply is not None:
-            totals[kind][start] += int(float(reply.split(" ", 1)[0]))
+    starts = tuple(complete_window_starts(now_ms, keys.WINDOW_1M, lookback_min))
+    kinds = list(EventKind)
+    # Counts need no sketches; but the applog fleet panes are the ones the latency panel reads,
+    # so they are read whole and land in the cache for it.
+    requests = [
+        PaneRequest(
+            kind,
+            topo.partitions.get(kind, ()),
+            keys.WINDOW_1M,
+            FLEET_DIM[kind],
+            starts,
+            sketch=kind is EventKind.APPLOG,
+        )
+        for kind in kinds
+    ]
+    sets = read_pane_sets(r, requests, cache)
     return pd.DataFrame(
-        {kind.value: [totals[kind][s] for s in starts] for kind in EventKind},
+        {kind.value: pane_counts(panes) for kind, panes in zip(kinds, sets, strict=True)},
         index=_minutes(starts),
         dtype="int64",
     )
@@ -473,57 +708,6 @@ def read_events_per_minute(
 
 def _quantile_columns(qs: Sequence[float]) -> list[str]:
     return [f"p{round(q * 100)}" for q in qs]
-
-
-def read_panes(
-    r: redis.Redis,
-    kind: EventKind,
-    parts: Sequence[int],
-    window: TumblingWindow,
-    dim: str,
-    starts: Sequence[int],
-    cache: PaneCache | None = None,
-) -> list[Pane]:
-    """Window instances of one dimension merged over partitions, in ``starts`` order.
-
-    One round trip. With a ``cache``, final panes come from it, and panes found final are added
-    to it: the partitions' watermarks are read first in the same pipeline, so a pane read after
-    them cannot have changed since it became final.
-    """
-    if not parts:
-        return [Pane({}, {}) for _ in starts]
-    ckey = {s: (kind.value, window.name, dim, s, len(parts)) for s in starts}
-    found = {s: hit for s in starts if cache and (hit := cache.get(ckey[s])) is not None}
-    todo = [s for s in starts if s not in found]
-    pipe = _pipe(r)
-    if cache is not None:
-        for p in parts:
-            pipe.hget(keys.progress_key(kind, p), Progress.WATERMARK)
-    for start in todo:
-        for p in parts:
-            pipe.hgetall(keys.agg_key(kind, p, window, dim, start))
-            pipe.hgetall(keys.sketch_key(kind, p, window, dim, start))
-    replies = pipe.execute() if (todo or cache is not None) else []
-    final_before: int | None = None
-    if cache is not None:
-        marks = replies[: len(parts)]
-        replies = replies[len(parts) :]
-        if all(m is not None for m in marks):
-            final_before = min(int(m) for m in marks)
-            if cache.observe(kind.value, final_before) and found:
-                return read_panes(r, kind, parts, window, dim, starts, cache)  # served stale
-    step = 2 * len(parts)
-    for i, start in enumerate(todo):
-        chunk = replies[i * step : (i + 1) * step]
-        pane = Pane(merge_agg_fields(chunk[0::2]), merge_sketch_fields(chunk[1::2]))
-        found[start] = pane
-        if (
-            cache is not None
-            and final_before is not None
-            and start + window.size_ms <= final_before
-        ):
-            cache.put(ckey[start], pane)
-    return [found[s] for s in starts]
 
 
 def read_latency_per_minute(
@@ -541,28 +725,39 @@ def read_latency_per_minute(
     starts = complete_window_starts(now_ms, keys.WINDOW_1M, lookback_min)
     parts = topo.partitions.get(EventKind.APPLOG, ())
     panes = read_panes(r, EventKind.APPLOG, parts, keys.WINDOW_1M, Dim.FLEET, starts, cache)
-    rows = [
-        sketches.quantiles(split_sketches(p.sketch).get(keys.FLEET_ENTITY, {}), qs) for p in panes
-    ]
-    return pd.DataFrame(
-        rows, index=_minutes(starts), columns=_quantile_columns(qs), dtype="float64"
-    )
+    pane, names, table = stack_panes(panes, packed.NF_APPLOG)
+    fleet = np.flatnonzero(names == keys.FLEET_ENTITY)  # at most one row per pane
+    out = np.full((len(starts), len(qs)), np.nan)
+    out[pane[fleet]] = packed.quantiles(table.take(fleet), qs)
+    return pd.DataFrame(out, index=_minutes(starts), columns=_quantile_columns(qs), dtype="float64")
 
 
-def _read_hopping(
+def _split(names: Names) -> tuple[Names, Names]:
+    """``"<a>|<b>"`` entity names as two arrays ``a`` and ``b`` (one pass over the names)."""
+    parts = [str(n).partition(keys.ENTITY_SEP) for n in names.tolist()]
+    first = np.empty(len(parts), dtype=object)
+    second = np.empty(len(parts), dtype=object)
+    first[:] = [p[0] for p in parts]
+    second[:] = [p[2] for p in parts]
+    return first, second
+
+
+def _hopping(
     r: redis.Redis,
     kind: EventKind,
-    parts: Sequence[int],
+    topo: Topology,
     dim: str,
-    panes: Sequence[int],
     hop: HoppingWindow,
-    cache: PaneCache | None = None,
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[int, int]]]:
-    """Merged aggregates and sketches of one dim over the panes of a hopping window."""
-    read = read_panes(r, kind, parts, hop.pane, dim, panes, cache)
-    aggs = merge_agg_fields(p.aggs for p in read)
-    sks = merge_sketch_fields(p.sketch for p in read)
-    return split_aggs(aggs), split_sketches(sks)
+    now_ms: int,
+    cache: PaneCache | None,
+) -> tuple[Names, packed.Table]:
+    """One dim over the latest hopping window: entities with events, merged over panes."""
+    starts = hopping_pane_starts(hop, now_ms)
+    parts = topo.partitions.get(kind, ())
+    panes = read_panes(r, kind, parts, hop.pane, dim, starts, cache)
+    merged = merge_panes(panes, NF[kind])
+    seen = np.flatnonzero(merged.table.stats[:, packed.COUNT] > 0)
+    return merged.names[seen], merged.table.take(seen)
 
 
 ROUTE_COLUMNS: Final = (
@@ -574,6 +769,21 @@ ROUTE_COLUMNS: Final = (
     "error_rate",
     "rate_5xx",
 )
+
+
+def top_rows(first: F64, second: F64, limit: int) -> I64:
+    """Rows that can be among the ``limit`` largest by (``first``, ``second``), NaN smallest.
+
+    Every row tied with the ``limit``-th is kept, so a final sort with more tie-breakers
+    picks the same rows as sorting everything.
+    """
+    if first.size <= limit:
+        return np.arange(first.size, dtype=np.int64)
+    a = np.where(np.isnan(first), -np.inf, first)
+    b = np.where(np.isnan(second), -np.inf, second)
+    order = np.lexsort((-b, -a))
+    cut = order[limit - 1]
+    return np.flatnonzero((a > a[cut]) | ((a == a[cut]) & (b >= b[cut])))
 
 
 def read_top_routes(
@@ -590,36 +800,30 @@ def read_top_routes(
     of ERROR-level events) and ``rate_5xx`` (share of 5xx responses); ties on p99 break by error
     rate. At most ``limit`` rows.
     """
-    panes = hopping_pane_starts(hop, now_ms)
-    aggs, sks = _read_hopping(
-        r, EventKind.APPLOG, topo.partitions.get(EventKind.APPLOG, ()), Dim.ROUTE, panes, hop, cache
+    names, table = _hopping(r, EventKind.APPLOG, topo, Dim.ROUTE, hop, now_ms, cache)
+    s = table.stats
+    n = s[:, packed.COUNT]
+    q = packed.quantiles(table, (0.5, 0.99))
+    error_rate = s[:, _ERRORS_AT] / n  # every row has requests
+    top = top_rows(q[:, 1], error_rate, limit)
+    service, route = _split(names[top])
+    p99 = q[top, 1]
+    # worst p99 first (an empty sketch last), then most errors, then by name
+    worst = np.where(np.isnan(p99), np.inf, -p99)
+    at = np.lexsort((route, service, -error_rate[top], worst))[:limit]
+    order = top[at]
+    return pd.DataFrame(
+        {
+            "service": service[at],
+            "route": route[at],
+            "requests": np.rint(n[order]).astype(np.int64),
+            "p50_ms": q[order, 0],
+            "p99_ms": q[order, 1],
+            "error_rate": error_rate[order],
+            "rate_5xx": s[order, _5XX_AT] / n[order],
+        },
+        columns=list(ROUTE_COLUMNS),
     )
-    rows: list[tuple[object, ...]] = []
-    for ent, stats in aggs.items():
-        n = stats.get(Stat.COUNT, 0.0)
-        if n <= 0:
-            continue
-        service, _, route = ent.partition(keys.ENTITY_SEP)
-        p50, p99 = sketches.quantiles(sks.get(ent, {}), (0.5, 0.99))
-        rows.append(
-            (
-                service,
-                route,
-                int(n),
-                p50,
-                p99,
-                stats.get(Stat.ERRORS, 0.0) / n,
-                stats.get("5xx", 0.0) / n,
-            )
-        )
-    frame = pd.DataFrame(rows, columns=list(ROUTE_COLUMNS))
-    frame = frame.astype({"requests": "int64", "p50_ms": "float64", "p99_ms": "float64"})
-    frame = frame.sort_values(
-        ["p99_ms", "error_rate", "service", "route"],
-        ascending=[False, False, True, True],
-        na_position="last",
-    )
-    return frame.head(limit).reset_index(drop=True)
 
 
 SITE_COLUMNS: Final = ("site", "metric", "readings", "mean", "p95", "min", "max")
@@ -637,43 +841,19 @@ def read_site_metrics(
     Columns: ``site``, ``metric``, ``readings``, ``mean``, ``p95``, ``min``, ``max``; sorted by
     site then metric.
     """
-    panes = hopping_pane_starts(hop, now_ms)
-    aggs, sks = _read_hopping(
-        r, EventKind.SENSOR, topo.partitions.get(EventKind.SENSOR, ()), Dim.SITE, panes, hop, cache
-    )
-    rows: list[tuple[object, ...]] = []
-    for ent, stats in aggs.items():
-        n = stats.get(Stat.COUNT, 0.0)
-        if n <= 0:
-            continue
-        site, _, metric = ent.partition(keys.ENTITY_SEP)
-        (p95,) = sketches.quantiles(sks.get(ent, {}), (0.95,))
-        rows.append(
-            (
-                site,
-                metric,
-                int(n),
-                mean_of(stats),
-                p95,
-                stats.get(Stat.MIN),
-                stats.get(Stat.MAX),
-            )
-        )
-    frame = pd.DataFrame(rows, columns=list(SITE_COLUMNS))
-    frame = frame.astype({"readings": "int64", "mean": "float64", "p95": "float64"})
-    return frame.sort_values(["site", "metric"]).reset_index(drop=True)
-
-
-def connect(
-    host: str, port: int, db: int = 0, password: str | None = None, timeout_s: float = 2.0
-) -> redis.Redis:
-    """A client as the queries expect it (``decode_responses=True``, short timeouts)."""
-    return redis.Redis(
-        host=host,
-        port=port,
-        db=db,
-        password=password,
-        decode_responses=True,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
+    names, table = _hopping(r, EventKind.SENSOR, topo, Dim.SITE, hop, now_ms, cache)
+    site, metric = _split(names)
+    order = np.lexsort((metric, site))
+    s = table.stats[order]
+    return pd.DataFrame(
+        {
+            "site": site[order],
+            "metric": metric[order],
+            "readings": np.rint(s[:, packed.COUNT]).astype(np.int64),
+            "mean": means(table)[order],
+            "p95": packed.quantiles(table, (0.95,))[order, 0],
+            "min": s[:, packed.MIN],
+            "max": s[:, packed.MAX],
+        },
+        columns=list(SITE_COLUMNS),
     )

@@ -1,7 +1,9 @@
 """``pulse loadgen``: generate sensor and application-log events into Kafka or a JSONL file.
 
 Only the standard library and settings are imported at module level; numpy, orjson and aiokafka
-are imported inside :func:`run` so that building the ``pulse`` parser stays cheap.
+are imported inside :func:`run` so that building the ``pulse`` parser stays cheap. Nothing comes
+from ``pipeline``: the worker's event-time bounds are read from the same ``PULSE_WORKER_*``
+variables through :class:`schemas.settings.EventTimeSettings`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loadgen.settings import LoadgenSettings
-from pipeline.argtypes import fraction, non_negative_int, positive_int
+from schemas.argtypes import fraction, non_negative_int, positive_int
+from schemas.settings import EventTimeSettings, KafkaSettings
 
 if TYPE_CHECKING:
     from loadgen.generator import GenConfig
@@ -102,11 +105,10 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from loadgen.generator import GenConfig
-    from pipeline.settings import KafkaSettings, WorkerSettings
 
     settings = LoadgenSettings()
     kafka = KafkaSettings()
-    worker = WorkerSettings()
+    worker = EventTimeSettings()  # the worker's bounds, from PULSE_WORKER_*
     if args.bootstrap:
         kafka = kafka.model_copy(update={"bootstrap": args.bootstrap})
     now_ms = int(time.time()) * 1000

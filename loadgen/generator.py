@@ -220,7 +220,7 @@ class Fleet:
 
     def series_device_id(self, s: int) -> str:
         """Device id of a series."""
-        return self.device_ids[self.series_device[s]]
+        return self.device_ids[int(self.series_device[s])]
 
 
 def build_fleet(seed: int, devices: int, services: int) -> Fleet:

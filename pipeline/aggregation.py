@@ -2,24 +2,22 @@
 
 A partition's on-time events become, per tumbling window instance, dimension and entity: count,
 sum, sum of squares, min, max, quantile-sketch bucket counts and (application logs) status-class
-and error counts. Every one of these merges exactly with what the store already holds (adds, or
-min/max), which is what lets a batch be applied as increments.
+and error counts, as ``schemas.packed`` tables. Every one of these merges exactly (adds, or
+min/max): the worker folds each batch into the open windows it owns (``pipeline.state``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from pipeline import sketches, windows
-from schemas import keys
+from pipeline import windows
+from schemas import keys, packed
+from schemas import sketch as sketches
 from schemas.wire import AppLogRecord, SensorEvent
-
-_CODE_SPAN = 1 << 24  # sketch codes of finite doubles fit well within +-2**23
 
 
 @dataclass(slots=True)
@@ -49,17 +47,21 @@ class Columns:
 
 @dataclass(slots=True)
 class WindowDelta:
-    """Increments for one window instance and dimension.
+    """One batch's contribution to one window instance and dimension.
 
-    ``stats`` rows: ``[entity, n, sum, sumsq, min, max]``, for application logs followed by the
-    five status-class counts and the error count. ``sketch`` rows: ``[entity, code, count, ...]``.
+    Row ``i`` of ``table`` is entity ``names[i]``: its statistics (``keys.Stat.PACKED``, for
+    application logs ``PACKED_APPLOG``) and its sketch buckets, in ``schemas.packed`` form.
     """
 
     window: keys.TumblingWindow
     dim: str
     start_ms: int
-    stats: list[list[object]] = field(default_factory=list)
-    sketch: list[list[object]] = field(default_factory=list)
+    names: list[str]
+    table: packed.Table
+
+
+# Which dimensions each tumbling window keeps: ((window, dims), ...).
+WindowPlan = Sequence[tuple[keys.TumblingWindow, Sequence[str]]]
 
 
 def _factorize(names: Sequence[str]) -> tuple[npt.NDArray[np.int64], list[str]]:
@@ -70,31 +72,44 @@ def _factorize(names: Sequence[str]) -> tuple[npt.NDArray[np.int64], list[str]]:
     return codes, list(index)
 
 
+def _pairs(
+    a: tuple[npt.NDArray[np.int64], list[str]], b: tuple[npt.NDArray[np.int64], list[str]]
+) -> tuple[npt.NDArray[np.int64], list[str]]:
+    """The entity ``"<a>|<b>"`` of each event, from two factorized columns (names built once
+    per distinct pair, not per event)."""
+    (a_codes, a_names), (b_codes, b_names) = a, b
+    nb = len(b_names)
+    uniq, inv = np.unique(a_codes * nb + b_codes, return_inverse=True)
+    sep = keys.ENTITY_SEP
+    names = [f"{a_names[k // nb]}{sep}{b_names[k % nb]}" for k in uniq.tolist()]
+    return inv.ravel().astype(np.int64), names
+
+
 def sensor_columns(events: Sequence[SensorEvent]) -> Columns:
     """Columns of sensor readings: value statistics per device, site and metric."""
-    metrics = [e.metric for e in events]
-    sep = keys.ENTITY_SEP
+    n = len(events)
+    metric = _factorize([e.metric for e in events])
     return Columns(
-        np.fromiter((e.event_time for e in events), dtype=np.int64, count=len(events)),
-        np.fromiter((e.value for e in events), dtype=np.float64, count=len(events)),
+        np.fromiter((e.event_time for e in events), dtype=np.int64, count=n),
+        np.fromiter((e.value for e in events), dtype=np.float64, count=n),
         {
-            keys.Dim.DEVICE: _factorize([f"{e.device_id}{sep}{e.metric}" for e in events]),
-            keys.Dim.SITE: _factorize([f"{e.site}{sep}{e.metric}" for e in events]),
-            keys.Dim.METRIC: _factorize(metrics),
+            keys.Dim.DEVICE: _pairs(_factorize([e.device_id for e in events]), metric),
+            keys.Dim.SITE: _pairs(_factorize([e.site for e in events]), metric),
+            keys.Dim.METRIC: metric,
         },
     )
 
 
 def applog_columns(events: Sequence[AppLogRecord]) -> Columns:
     """Columns of application log events: latency statistics per route, service and fleet."""
-    sep = keys.ENTITY_SEP
     n = len(events)
+    service = _factorize([e.service for e in events])
     return Columns(
         np.fromiter((e.event_time for e in events), dtype=np.int64, count=n),
         np.fromiter((e.latency_ms for e in events), dtype=np.float64, count=n),
         {
-            keys.Dim.ROUTE: _factorize([f"{e.service}{sep}{e.route}" for e in events]),
-            keys.Dim.SERVICE: _factorize([e.service for e in events]),
+            keys.Dim.ROUTE: _pairs(service, _factorize([e.route for e in events])),
+            keys.Dim.SERVICE: service,
             keys.Dim.FLEET: (np.zeros(n, dtype=np.int64), [keys.FLEET_ENTITY]),
         },
         status_class=np.fromiter((e.status_code // 100 - 1 for e in events), np.int64, count=n),
@@ -102,23 +117,28 @@ def applog_columns(events: Sequence[AppLogRecord]) -> Columns:
     )
 
 
-def aggregate(
-    cols: Columns, tumbling: Sequence[keys.TumblingWindow] = keys.TUMBLING_WINDOWS
-) -> list[WindowDelta]:
-    """Group a batch by window instance, dimension and entity, and compute the increments."""
+def aggregate(cols: Columns, plan: WindowPlan | None = None) -> list[WindowDelta]:
+    """Group a batch by window instance, dimension and entity (every window and dimension of
+    ``cols`` when ``plan`` is None; else only the planned dimensions each window keeps)."""
     if len(cols) == 0:
         return []
+    if plan is None:
+        plan = [(w, tuple(cols.entities)) for w in keys.TUMBLING_WINDOWS]
     v = cols.values
     vsq = v * v
     codes = sketches.bucket_codes(v)
     out: list[WindowDelta] = []
-    for window in tumbling:
+    for window, dims in plan:
+        kept = [d for d in dims if d in cols.entities]
+        if not kept:
+            continue
         starts = windows.window_starts(cols.event_times, window.size_ms)
         uniq_starts, start_idx = np.unique(starts, return_inverse=True)
-        for dim, (ent_codes, names) in cols.entities.items():
+        for dim in kept:
+            ent_codes, names = cols.entities[dim]
             out.extend(
                 _aggregate_dim(
-                    window, dim, uniq_starts, start_idx, ent_codes, names, v, vsq, codes, cols
+                    window, dim, uniq_starts, start_idx, ent_codes, names, codes, cols, vsq
                 )
             )
     return out
@@ -131,62 +151,49 @@ def _aggregate_dim(
     start_idx: npt.NDArray[np.int64],
     ent_codes: npt.NDArray[np.int64],
     names: list[str],
-    v: npt.NDArray[np.float64],
-    vsq: npt.NDArray[np.float64],
     codes: npt.NDArray[np.int64],
     cols: Columns,
+    vsq: npt.NDArray[np.float64],
 ) -> list[WindowDelta]:
+    v = cols.values
     n_names = len(names)
     group_keys, g = np.unique(start_idx * n_names + ent_codes, return_inverse=True)
+    g = g.ravel()
     n_groups = group_keys.size
     count = np.bincount(g, minlength=n_groups)
-    total = np.bincount(g, weights=v, minlength=n_groups)
-    total_sq = np.bincount(g, weights=vsq, minlength=n_groups)
     order = np.argsort(g, kind="stable")
     first = np.concatenate(([0], np.cumsum(count)[:-1]))
     v_sorted = v[order]
-    vmin = np.minimum.reduceat(v_sorted, first)
-    vmax = np.maximum.reduceat(v_sorted, first)
-    columns: list[Any] = [
-        count.tolist(),
-        total.tolist(),
-        total_sq.tolist(),
-        vmin.tolist(),
-        vmax.tolist(),
+    columns = [
+        count.astype(np.float64),
+        np.bincount(g, weights=v, minlength=n_groups),
+        np.bincount(g, weights=vsq, minlength=n_groups),
+        np.minimum.reduceat(v_sorted, first),
+        np.maximum.reduceat(v_sorted, first),
     ]
     if cols.status_class is not None and cols.errors is not None:
         by_class = np.bincount(g * 5 + cols.status_class, minlength=n_groups * 5)
-        columns.extend(by_class.reshape(n_groups, 5).T.tolist())
-        columns.append(
-            np.bincount(g, weights=cols.errors, minlength=n_groups).astype(np.int64).tolist()
-        )
-    group_start = (group_keys // n_names).tolist()
-    group_name = [names[i] for i in (group_keys % n_names).tolist()]
+        columns.extend(by_class.reshape(n_groups, 5).T.astype(np.float64))
+        columns.append(np.bincount(g, weights=cols.errors, minlength=n_groups))
+    stats = np.column_stack(columns)
+    group_start = group_keys // n_names
+    group_name = group_keys % n_names
 
     # Sketch buckets per group: unique (group, code) pairs, sorted by group then code.
-    pair, pair_count = np.unique(
-        g.astype(np.int64) * _CODE_SPAN + (codes + _CODE_SPAN // 2), return_counts=True
+    bucket_row, bucket_code, bucket_count = packed.merge_buckets(
+        g.astype(np.int64), codes, np.ones(g.size, dtype=np.int64)
     )
-    pair_group = (pair // _CODE_SPAN).tolist()
-    pair_code = (pair % _CODE_SPAN - _CODE_SPAN // 2).tolist()
-    pair_n = pair_count.tolist()
-
-    deltas: dict[int, WindowDelta] = {}
-    group_delta: list[WindowDelta] = []
-    stat_rows = zip(group_name, *columns, strict=True)
-    for s_idx, row in zip(group_start, stat_rows, strict=True):
-        delta = deltas.get(s_idx)
-        if delta is None:
-            delta = deltas[s_idx] = WindowDelta(window, dim, int(uniq_starts[s_idx]))
-        delta.stats.append(list(row))
-        group_delta.append(delta)
-    current = -1
-    sk_row: list[object] = []
-    for grp, code, n in zip(pair_group, pair_code, pair_n, strict=True):
-        if grp != current:
-            current = grp
-            sk_row = [group_name[grp]]
-            group_delta[grp].sketch.append(sk_row)
-        sk_row.append(code)
-        sk_row.append(n)
-    return list(deltas.values())
+    # Groups are sorted by window start: each start's groups (and buckets) are one slice.
+    bounds = np.flatnonzero(np.diff(group_start)) + 1
+    lo = np.concatenate(([0], bounds))
+    hi = np.concatenate((bounds, [n_groups]))
+    b_lo = np.searchsorted(bucket_row, lo)
+    b_hi = np.searchsorted(bucket_row, hi)
+    out: list[WindowDelta] = []
+    for a, b, ba, bb in zip(lo.tolist(), hi.tolist(), b_lo.tolist(), b_hi.tolist(), strict=True):
+        table = packed.Table(
+            stats[a:b], bucket_row[ba:bb] - a, bucket_code[ba:bb], bucket_count[ba:bb]
+        )
+        ents = [names[i] for i in group_name[a:b].tolist()]
+        out.append(WindowDelta(window, dim, int(uniq_starts[group_start[a]]), ents, table))
+    return out

@@ -2,7 +2,9 @@
 
 Steps: drop records at or below the partition's applied offset (already in the store), validate
 (rejects become dead letters), classify on-time/late against the partition's watermark, and
-aggregate the on-time events into window deltas. The clock is passed in.
+aggregate the on-time events into window deltas. The clock is passed in. :func:`absorb` then
+folds the deltas into the partition's open windows, and :func:`commit` advances the state once
+the store applied the batch.
 
 Entity registries: a batch carries the entities the store's registries (``ent:<dim>``, sorted sets
 scored by last-seen ``1m`` window start) should hear about, and the partition state caches what
@@ -17,10 +19,12 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
+from typing import Protocol
 
 import numpy as np
 
 from pipeline import aggregation, windows
+from pipeline.state import HashWrite, Retention, WindowState
 from pipeline.validation import Rejected, TimeBounds, decode_applog, decode_sensor
 from schemas import keys
 from schemas.events import EventKind
@@ -28,9 +32,22 @@ from schemas.events import EventKind
 _NEVER = np.iinfo(np.int64).min
 
 
+class RawRecord(Protocol):
+    """A raw Kafka record of a partition: aiokafka's records are handed on as they are."""
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A raw Kafka record of a partition."""
+    """A raw Kafka record of a partition (a :class:`RawRecord` built by hand)."""
 
     offset: int
     key: bytes | None
@@ -44,6 +61,8 @@ class PartitionState:
     offset: int = -1
     max_event_time: int = windows.NO_EVENT_YET
     topic: str | None = None  # the topic the store's offsets belong to (None: not recorded)
+    # the open windows at ``offset`` (None: not restored from the store yet)
+    windows: WindowState | None = None
     # per dim: entity -> the last-seen 1m window start already sent to the store's registry
     # (a cache: losing it only re-sends names; bounded by BatchRules.entity_cap per dim)
     known_entities: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -53,7 +72,7 @@ class PartitionState:
 class Diverted:
     """A record sent to the dead-letter or late topic, with the reason."""
 
-    record: Record
+    record: RawRecord
     reason: str
 
 
@@ -75,6 +94,8 @@ class PartitionBatch:
     late: list[Diverted]
     entity_minutes: dict[str, list[int]] = field(default_factory=dict)
     entity_cap: int = keys.ENTITY_REGISTRY_CAP  # members a registry (and the cache) keeps per dim
+    # absolute values to write with the offset (the open windows' touched entities)
+    writes: list[HashWrite] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -82,19 +103,41 @@ class PartitionBatch:
         return self.last_offset <= self.expect_offset
 
 
+# Which dimensions each window keeps by default: everything the dashboard and verify read.
+# The per-device series are kept per minute only (10 s device windows were the largest share
+# of the store's writes, and nothing reads them).
+DEFAULT_PLAN: aggregation.WindowPlan = (
+    (keys.WINDOW_10S, (keys.Dim.METRIC, keys.Dim.FLEET)),
+    (
+        keys.WINDOW_1M,
+        (
+            keys.Dim.DEVICE,
+            keys.Dim.SITE,
+            keys.Dim.METRIC,
+            keys.Dim.ROUTE,
+            keys.Dim.SERVICE,
+            keys.Dim.FLEET,
+        ),
+    ),
+)
+DEFAULT_RETENTION = Retention({keys.WINDOW_10S.name: 6 * 3600, keys.WINDOW_1M.name: 3 * 86400})
+
+
 @dataclass(frozen=True, slots=True)
 class BatchRules:
-    """Validation bounds and lateness for batch processing."""
+    """Validation bounds, lateness, the windows kept and their retention."""
 
     bounds: TimeBounds
     allowed_lateness_ms: int
     entity_cap: int = keys.ENTITY_REGISTRY_CAP
+    plan: aggregation.WindowPlan = DEFAULT_PLAN
+    retention: Retention = DEFAULT_RETENTION
 
 
 def process(
     kind: EventKind,
     partition: int,
-    records: Sequence[Record],
+    records: Sequence[RawRecord],
     state: PartitionState,
     rules: BatchRules,
     now_ms: int,
@@ -134,7 +177,7 @@ def process(
             )
         cols = cols.select(on_time)
     batch.events = len(cols)
-    batch.deltas = aggregation.aggregate(cols)
+    batch.deltas = aggregation.aggregate(cols, rules.plan)
     _entities_to_register(batch, cols, state)
     return batch
 
@@ -171,10 +214,23 @@ def _decode(
     return aggregation.applog_columns(applog.events), applog.positions, applog.rejected
 
 
+def absorb(state: PartitionState, batch: PartitionBatch, rules: BatchRules) -> None:
+    """Fold the batch into the partition's open windows; the values to write go in the batch.
+
+    The state then runs ahead of the store until the apply succeeds; on any other outcome the
+    caller drops the state, and it is restored from the store.
+    """
+    if state.windows is None:
+        raise RuntimeError(f"partition {batch.partition}: open windows not restored")
+    batch.writes = state.windows.absorb(batch.deltas, rules.retention)
+
+
 def commit(state: PartitionState, batch: PartitionBatch) -> None:
     """Advance the cached partition state after the store applied ``batch``."""
     state.offset = batch.last_offset
     state.max_event_time = batch.max_event_time
+    if state.windows is not None:
+        state.windows.evict(batch.watermark)
     for dim, names in batch.new_entities.items():
         known = state.known_entities.setdefault(dim, {})
         known.update(zip(names, batch.entity_minutes[dim], strict=True))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -59,14 +61,24 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "compare the store's aggregates with a load generator truth file",
     ),
-    "bench": ("pipeline.bench.cli", "add_arguments", "run", "benchmark the pipeline side by side"),
+    "bench": ("pulse_bench.cli", "add_arguments", "run", "benchmark the pipeline side by side"),
 }
+# subcommands from development-only distributions, not part of this wheel, with how to install
+# each (pulse_bench: bench/pyproject.toml, installed by `make venv`); imported only when present
+OPTIONAL_COMMANDS: dict[str, str] = {
+    "bench": "the benchmark suite is not installed; install it from a Pulse checkout with "
+    "`pip install -e ./bench` (`make venv` does this).",
+}
+
+
+# where the settings models live, looked up by name to print a failing variable's full name
+_SETTINGS_MODULES = ("pipeline.settings", "schemas.settings", "loadgen.settings")
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one sentence on stderr and exit status 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: {message[0].upper()}{message[1:].rstrip('.')}.\n")
         sys.stderr.write(f"Run '{self.prog} --help' for usage.\n")
         raise SystemExit(2)
@@ -78,15 +90,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, (module, add_fn, run_fn, help_text) in COMMANDS.items():
+        try:
+            add_arguments = getattr(importlib.import_module(module), add_fn)
+        except ModuleNotFoundError as exc:
+            if name in OPTIONAL_COMMANDS and exc.name == module.partition(".")[0]:
+                continue
+            raise
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module, _run=run_fn)
-        getattr(importlib.import_module(module), add_fn)(p)
+        add_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pulse`` console script."""
-    args = build_parser().parse_args(argv)
+    command = next((a for a in (sys.argv[1:] if argv is None else argv) if a[:1] != "-"), "")
+    if command in OPTIONAL_COMMANDS and not _installed(COMMANDS[command][0]):
+        print(f"pulse {command}: {OPTIONAL_COMMANDS[command]}", file=sys.stderr)
+        return 2
+    try:
+        # option defaults come from PULSE_* settings: a bad one fails here already
+        args = build_parser().parse_args(argv)
+    except ValidationError as exc:
+        if not exc.title.endswith("Settings"):
+            raise
+        print(f"pulse: {settings_error(exc)}", file=sys.stderr)
+        return 2
     module = importlib.import_module(args._module)
     try:
         return int(getattr(module, args._run)(args) or 0)
@@ -99,11 +128,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _installed(module: str) -> bool:
+    """Whether the top-level package of ``module`` can be imported."""
+    return importlib.util.find_spec(module.partition(".")[0]) is not None
+
+
 def settings_error(exc: ValidationError) -> str:
     """One sentence naming the first bad ``PULSE_*`` setting and what is wrong with it."""
     err = exc.errors(include_url=False)[0]
     msg = str(err["msg"]).removeprefix("Value error, ")
-    model = getattr(importlib.import_module("pipeline.settings"), exc.title, None)
+    model = next(
+        (
+            found
+            for where in _SETTINGS_MODULES
+            if (found := getattr(importlib.import_module(where), exc.title, None)) is not None
+        ),
+        None,
+    )
     if err["loc"] and model is not None:
         name = f"{model.model_config.get('env_prefix', '')}{err['loc'][0]}".upper()
         if name not in msg:

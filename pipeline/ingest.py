@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.batch import PartitionState, Record
+from pipeline.batch import PartitionState, RawRecord
 from schemas.events import EventKind
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pulse.ingest")
 
 # kind -> {partition: records in offset order}; resolves once applied and durable
-PollHandler = Callable[[EventKind, dict[int, list[Record]]], Awaitable[None]]
+PollHandler = Callable[[EventKind, dict[int, list[RawRecord]]], Awaitable[None]]
 # kind, partitions -> what the store says about them (retries store outages itself)
 ProgressLoader = Callable[[EventKind, list[int]], Awaitable[dict[int, PartitionState]]]
 
@@ -60,11 +60,11 @@ class ReaderConfig:
 
 def split_poll(
     polled: dict[Any, list[Any]], topics: dict[str, EventKind]
-) -> dict[EventKind, dict[int, list[Record]]]:
-    """Group a ``getmany`` result by event kind and partition."""
-    out: dict[EventKind, dict[int, list[Record]]] = defaultdict(dict)
+) -> dict[EventKind, dict[int, list[RawRecord]]]:
+    """Group a ``getmany`` result by event kind and partition (the records as they are)."""
+    out: dict[EventKind, dict[int, list[RawRecord]]] = defaultdict(dict)
     for tp, msgs in polled.items():
-        out[topics[tp.topic]][tp.partition] = [Record(m.offset, m.key, m.value) for m in msgs]
+        out[topics[tp.topic]][tp.partition] = msgs
     return out
 
 
@@ -117,7 +117,9 @@ def _rebalance_listener(lock: asyncio.Lock, on_assigned: Callable[[Any], Awaitab
     """An aiokafka rebalance listener that hands partitions over only between polls."""
     from aiokafka import ConsumerRebalanceListener
 
-    class Rebalance(ConsumerRebalanceListener):
+    # aiokafka ships no types, so its base class is Any to mypy; subscribe() insists on an
+    # instance of it (isinstance check), so the subclass cannot be replaced by a Protocol.
+    class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         async def on_partitions_revoked(self, revoked: Any) -> None:
             async with lock:  # the poll in flight finishes (and commits) first
                 pass
@@ -166,7 +168,7 @@ class KafkaBatchReader:
 
     async def run(self) -> None:
         """Poll, apply, commit, until cancelled."""
-        from aiokafka.errors import CommitFailedError, KafkaError
+        from aiokafka.errors import KafkaError
 
         consumer = self._consumer_ = self._consumer()
         try:
@@ -189,16 +191,27 @@ class KafkaBatchReader:
                 async with self._lock:
                     groups = split_poll(polled, self._config.topics)
                     # Both kinds go to the store at once: their agents use separate connections.
+                    # Each handler checkpoints its kind, ending with commit_offsets.
                     await asyncio.gather(*(self._handle(k, g) for k, g in groups.items()))
-                    offsets = {tp: msgs[-1].offset + 1 for tp, msgs in polled.items()}
-                    try:
-                        await consumer.commit(offsets)
-                    except (CommitFailedError, KafkaError) as exc:
-                        # Applied and durable already: the next owner re-reads and skips them.
-                        log.warning("offset commit failed (%s); records will be skipped later", exc)
                     self.polls += 1
         finally:
             await consumer.stop()
+
+    async def commit_offsets(self, topic: str, offsets: dict[int, int]) -> None:
+        """Commit the next offsets to read of ``topic``'s partitions (a hint only).
+
+        The records are applied and durable already: should the commit fail, the next owner
+        re-reads them and the store skips them.
+        """
+        from aiokafka import TopicPartition
+        from aiokafka.errors import CommitFailedError, KafkaError
+
+        if self._consumer_ is None or not offsets:
+            return
+        try:
+            await self._consumer_.commit({TopicPartition(topic, p): o for p, o in offsets.items()})
+        except (CommitFailedError, KafkaError) as exc:
+            log.warning("offset commit failed (%s); records will be skipped later", exc)
 
     async def _position(self, assigned: Any) -> None:
         """Seek every newly assigned partition to the store's position, or refuse it.

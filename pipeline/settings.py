@@ -9,9 +9,21 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from schemas import keys
+from schemas.settings import EventTimeSettings, KafkaSettings, StoreSettings
+
+__all__ = [
+    "Durability",
+    "KafkaSettings",
+    "StackSettings",
+    "StoreSettings",
+    "WorkerSettings",
+]
 
 
 class Durability(StrEnum):
@@ -20,40 +32,6 @@ class Durability(StrEnum):
     NONE = "none"  # acknowledged once applied in the primary's memory
     LOCAL = "local"  # fsynced to the primary's AOF (WAITAOF 1 0)
     REPLICA = "replica"  # fsynced locally and on one replica's AOF (WAITAOF 1 1)
-
-
-class KafkaSettings(BaseSettings):
-    """Where the broker is and which topics Pulse uses."""
-
-    model_config = SettingsConfigDict(env_prefix="PULSE_KAFKA_", extra="ignore")
-
-    bootstrap: str = "127.0.0.1:9092"
-    partitions: int = Field(default=6, ge=1, le=256)
-    sensor_topic: str = "pulse.sensor"
-    applog_topic: str = "pulse.applog"
-    deadletter_topic: str = "pulse.deadletter"
-    late_topic: str = "pulse.late"
-
-    @property
-    def topics(self) -> list[str]:
-        """Every topic Pulse creates, in a stable order."""
-        return [self.sensor_topic, self.applog_topic, self.deadletter_topic, self.late_topic]
-
-
-class StoreSettings(BaseSettings):
-    """How to reach the durable store (the Valkey primary, and its replica if any)."""
-
-    model_config = SettingsConfigDict(env_prefix="PULSE_STORE_", extra="ignore")
-
-    host: str = "127.0.0.1"
-    port: int = Field(default=6379, ge=1, le=65535)
-    replica_port: int | None = Field(default=6380, ge=1, le=65535)
-    password: SecretStr | None = None
-    db: int = 0
-
-    def url(self, port: int | None = None) -> str:
-        """A redis:// URL without the password (safe to print)."""
-        return f"redis://{self.host}:{port or self.port}/{self.db}"
 
 
 class StackSettings(BaseSettings):
@@ -70,25 +48,49 @@ class StackSettings(BaseSettings):
     start_timeout_s: float = Field(default=60.0, gt=0)
 
 
-class WorkerSettings(BaseSettings):
-    """The stream worker: batching, event-time windows, durability."""
+class WorkerSettings(EventTimeSettings):
+    """The stream worker: batching, event-time windows (``EventTimeSettings``), durability.
+
+    ``max_event_age_s`` may be no longer than the shortest window retention: an older event
+    would be counted in a window whose keys expire at once (checked below).
+    """
 
     model_config = SettingsConfigDict(env_prefix="PULSE_WORKER_", extra="ignore")
 
     app_id: str = "pulse"
     batch_max: int = Field(default=5000, ge=1)
     batch_within_s: float = Field(default=0.1, gt=0)
-    allowed_lateness_s: float = Field(default=30.0, ge=0)
-    # No longer than the shortest window retention: an older event would be counted in a
-    # window whose keys expire at once (checked below).
-    max_event_age_s: float = Field(default=6 * 3600.0, gt=0)
-    max_clock_skew_s: float = Field(default=300.0, ge=0)
     durability: Durability = Durability.REPLICA
     durability_timeout_ms: int = Field(default=5000, ge=1)
     retention_10s_s: int = Field(default=6 * 3600, ge=60)
     retention_1m_s: int = Field(default=3 * 24 * 3600, ge=60)
     session_timeout_s: float = Field(default=10.0, ge=6.0, le=300.0)
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    # Which dimensions each tumbling window keeps (comma-separated; the defaults keep what the
+    # dashboard and verify read). Each dimension belongs to one event kind.
+    dims_10s: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["metric", "fleet"])
+    dims_1m: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["device", "site", "metric", "route", "service", "fleet"]
+    )
+
+    @field_validator("dims_10s", "dims_1m", mode="before")
+    @classmethod
+    def _split_dims(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [d.strip() for d in value.split(",") if d.strip()]
+        if isinstance(value, list):
+            known = sorted({d for dims in keys.DIMS.values() for d in dims})
+            unknown = [d for d in value if d not in known]
+            if unknown:
+                raise ValueError(f"unknown dimension {unknown[0]!r}; known: {', '.join(known)}")
+        return value
+
+    def window_plan(self) -> tuple[tuple[keys.TumblingWindow, tuple[str, ...]], ...]:
+        """Which dimensions each tumbling window keeps."""
+        return (
+            (keys.WINDOW_10S, tuple(self.dims_10s)),
+            (keys.WINDOW_1M, tuple(self.dims_1m)),
+        )
 
     @model_validator(mode="after")
     def _age_within_retention(self) -> WorkerSettings:

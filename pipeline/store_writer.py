@@ -1,9 +1,9 @@
 """The worker's one I/O point to the store: atomic, exactly-once, durable batch applies.
 
 Each partition batch becomes one ``FCALL pulse_apply`` (see ``store_functions.lua``) that checks
-the partition's applied offset and applies every increment in the same atomic step. All the
-batches of one poll go in one pipeline together with one ``WAITAOF``, so a poll costs one round
-trip, and nothing is acknowledged to Kafka before the store says it is durable.
+the partition's applied offset and writes the batch's absolute values in the same atomic step.
+All the batches of one poll go in one pipeline together with one ``WAITAOF``, so a poll costs
+one round trip, and nothing is acknowledged to Kafka before the store says it is durable.
 
 ``WAITAOF`` vouches only for the writes of the connection it is sent on, so the writer owns
 exactly one connection (:func:`connect`): the applies and the wait travel on it together, and it
@@ -18,19 +18,22 @@ import logging
 import time
 from dataclasses import dataclass
 from importlib import resources
+from itertools import chain
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from pipeline import windows
 from pipeline.batch import PartitionBatch, PartitionState
-from pipeline.settings import Durability, StoreSettings
+from pipeline.settings import Durability
+from pipeline.state import Retention
 from schemas import keys
 from schemas.events import EventKind
+from schemas.settings import StoreSettings, store_client
 
 FUNCTION_NAME = "pulse_apply"
+# Timeout of the WAITAOF that polls the replica (see StoreWriter._until_durable).
+POLL_MS = 1
 
 log = logging.getLogger("pulse.store_writer")
 
@@ -48,17 +51,6 @@ class ApplyOutcome:
     store_offset: int  # the partition's applied offset in the store after the call
 
 
-@dataclass(frozen=True, slots=True)
-class Retention:
-    """How long window keys live after their window ends, per tumbling window."""
-
-    seconds: dict[str, int]
-
-    def expire_at_s(self, window: keys.TumblingWindow, start_ms: int) -> int:
-        """Absolute expiry (Unix seconds) of a window instance's keys."""
-        return (start_ms + window.size_ms) // 1000 + self.seconds[window.name]
-
-
 def function_source() -> str:
     """The Lua source of the ``pulse`` function library."""
     return resources.files("pipeline").joinpath("store_functions.lua").read_text()
@@ -66,22 +58,23 @@ def function_source() -> str:
 
 def payload(
     batch: PartitionBatch, retention: Retention, now_ms: int, *, topic: str, owner: str
-) -> tuple[list[str], bytes]:
-    """The keys and JSON argument of one ``pulse_apply`` call (fields: ``store_functions.lua``).
+) -> tuple[list[str], list[bytes | str]]:
+    """The keys and arguments of one ``pulse_apply`` call (fields: ``store_functions.lua``).
 
-    ``topic`` is the Kafka topic the batch's offsets belong to and ``owner`` the applying worker;
-    both are stored in the partition's progress hash by the same atomic call.
+    The first argument is a JSON header, the rest the fields and values of ``batch.writes``.
+    ``topic`` is the Kafka topic the batch's offsets belong to and ``owner`` the applying
+    worker; both are stored in the partition's progress hash by the same atomic call.
     """
     kind, part = batch.kind, batch.partition
     key_list = [keys.progress_key(kind, part)]
-    aggs: list[list[object]] = []
-    sks: list[list[object]] = []
-    for d in batch.deltas:
-        expire = retention.expire_at_s(d.window, d.start_ms)
-        key_list.append(keys.agg_key(kind, part, d.window, d.dim, d.start_ms))
-        aggs.append([len(key_list), expire, d.stats])
-        key_list.append(keys.sketch_key(kind, part, d.window, d.dim, d.start_ms))
-        sks.append([len(key_list), expire, d.sketch])
+    args: list[bytes | str] = [b""]
+    hashes: list[list[int]] = []
+    for w in batch.writes:
+        if not w.fields:
+            continue
+        key_list.append(w.key)
+        hashes.append([len(key_list), w.expire_at_s, len(w.fields)])
+        args.extend(chain.from_iterable(zip(w.fields, w.values, strict=True)))
     ents: list[list[object]] = []
     for dim, names in batch.new_entities.items():
         key_list.append(keys.entities_key(kind, part, dim))
@@ -90,9 +83,8 @@ def payload(
             flat.append(minute)
             flat.append(name)
         ents.append([len(key_list), flat])
-    packed = keys.Stat.PACKED_APPLOG if kind is EventKind.APPLOG else keys.Stat.PACKED
     one_minute = keys.WINDOW_1M
-    body: dict[str, object] = {
+    header: dict[str, object] = {
         "expect": batch.expect_offset,
         "offset": batch.last_offset,
         "ev": batch.events,
@@ -101,39 +93,25 @@ def payload(
         "now": now_ms,
         "topic": topic,
         "owner": owner,
-        "nf": len(packed),
-        "a": aggs,
-        "s": sks,
+        "h": hashes,
         "e": ents,
         # a registry member whose last 1m window has expired (by the 1m retention) goes
         "ecut": now_ms - one_minute.size_ms - retention.seconds[one_minute.name] * 1000,
         "ecap": batch.entity_cap,
     }
     if batch.max_event_time != windows.NO_EVENT_YET:
-        body["mx"] = batch.max_event_time
-        body["wm"] = batch.watermark
-    return key_list, orjson.dumps(body)
+        header["mx"] = batch.max_event_time
+        header["wm"] = batch.watermark
+    args[0] = orjson.dumps(header)
+    return key_list, args
 
 
 def connect(store: StoreSettings, socket_timeout_s: float) -> aioredis.Redis:
-    """A writer's client: one connection, shared by pipelines and commands, never retried.
+    """A writer's client: one connection for pipelines and commands, never retried.
 
-    ``single_connection_client`` is not enough: redis-py's pipelines borrow another connection
-    from the pool, and a ``WAITAOF`` sent on the client's own connection would then vouch for
-    none of the pipeline's writes. A pool of exactly one connection carries both.
+    See :func:`schemas.settings.store_client` (``one_connection``) for why.
     """
-    pool = aioredis.BlockingConnectionPool(
-        max_connections=1,
-        timeout=None,
-        host=store.host,
-        port=store.port,
-        db=store.db,
-        password=store.password.get_secret_value() if store.password else None,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=5.0,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+    return store_client(store, timeout_s=socket_timeout_s, asyncio=True, one_connection=True)
 
 
 class StoreWriter:
@@ -163,12 +141,15 @@ class StoreWriter:
 
     async def load_functions(self) -> None:
         """Install (or replace) the ``pulse`` function library in the store."""
-        await self._client.execute_command("FUNCTION", "LOAD", "REPLACE", function_source())
+        # redis-py's asyncio execute_command has no annotations
+        await self._client.execute_command(  # type: ignore[no-untyped-call]
+            "FUNCTION", "LOAD", "REPLACE", function_source()
+        )
         self._functions_loaded = True
 
     async def close(self) -> None:
         """Close the store connection."""
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
 
     async def read_state(self, kind: EventKind, partitions: list[int]) -> dict[int, PartitionState]:
         """Each partition's applied offset, max event time and topic, as the store has them."""
@@ -190,6 +171,16 @@ class StoreWriter:
             )
         return out
 
+    async def read_hashes(self, names: list[str]) -> dict[str, dict[bytes, bytes]]:
+        """Every field of each hash (empty for a missing one), in one round trip."""
+        if not names:
+            return {}
+        pipe = self._client.pipeline(transaction=False)
+        for k in names:
+            pipe.hgetall(k)
+        rows = await pipe.execute()
+        return dict(zip(names, rows, strict=True))
+
     async def apply(
         self, batches: list[PartitionBatch], now_ms: int
     ) -> tuple[list[ApplyOutcome], float]:
@@ -205,14 +196,14 @@ class StoreWriter:
             await self.load_functions()
         pipe = self._client.pipeline(transaction=False)
         for b in todo:
-            key_list, arg = payload(
+            key_list, args = payload(
                 b,
                 self._retention,
                 now_ms,
                 topic=self._topic_names.get(b.kind, ""),
                 owner=self._owner,
             )
-            pipe.execute_command("FCALL", FUNCTION_NAME, len(key_list), *key_list, arg)
+            pipe.execute_command("FCALL", FUNCTION_NAME, len(key_list), *key_list, *args)
         self._queue_wait(pipe)
         t0 = time.perf_counter()
         try:
@@ -242,8 +233,9 @@ class StoreWriter:
         return await self._until_durable(results[-1], t0)
 
     def _queue_wait(self, pipe: aioredis.client.Pipeline) -> None:
+        # The local fsync first: the primary fsyncs before it answers, so this returns at once.
         if self._durability is not Durability.NONE:
-            pipe.execute_command("WAITAOF", 1, self._need_replicas, self._timeout_ms)
+            pipe.execute_command("WAITAOF", 1, 0, self._timeout_ms)
 
     @property
     def _need_replicas(self) -> int:
@@ -252,24 +244,35 @@ class StoreWriter:
     async def _until_durable(self, reply: object, t0: float) -> float:
         """Keep asking until this connection's writes meet the durability level.
 
-        ``reply`` is the answer of the ``WAITAOF`` sent with the writes. While the store cannot
-        confirm (a replica is down, a disk is stuck) this keeps waiting: acknowledging to Kafka
-        before that would break the durability promise.
+        ``reply`` is the answer of the local ``WAITAOF`` sent with the writes. A replica
+        answers the primary's ack request before it has fsynced the writes that came with it,
+        and otherwise acks only once a second; every ``WAITAOF`` that blocks makes the primary
+        ask again, so the replica is polled with short ones (their timeout fires on the
+        server's ``hz`` tick, 10 ms at the ``hz 100`` that ``pulse up`` configures). While the
+        store cannot confirm (a replica is down, a disk is stuck) this keeps waiting, with a
+        warning every ``durability_timeout_ms``: acknowledging to Kafka before that would break
+        the durability promise.
         """
         if self._durability is Durability.NONE:
             return 0.0
         need = self._need_replicas
+        warned_at = t0
         while True:
             local, replicas = reply if isinstance(reply, list | tuple) else (0, 0)
             if int(local) >= 1 and int(replicas) >= need:
                 return time.perf_counter() - t0
-            log.warning(
-                "store confirmed local=%s replicas=%s AOF fsyncs after %d ms; %s durability "
-                "needs local=1 replicas=%d: still waiting",
-                local,
-                replicas,
-                self._timeout_ms,
-                self._durability.value,
-                need,
+            now = time.perf_counter()
+            if (now - warned_at) * 1000 >= self._timeout_ms:
+                warned_at = now
+                log.warning(
+                    "store confirmed local=%s replicas=%s AOF fsyncs after %d ms; %s durability "
+                    "needs local=1 replicas=%d: still waiting",
+                    local,
+                    replicas,
+                    round((now - t0) * 1000),
+                    self._durability.value,
+                    need,
+                )
+            reply = await self._client.execute_command(  # type: ignore[no-untyped-call]
+                "WAITAOF", 1, need, POLL_MS if int(local) >= 1 else self._timeout_ms
             )
-            reply = await self._client.execute_command("WAITAOF", 1, need, self._timeout_ms)

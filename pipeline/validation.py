@@ -10,17 +10,33 @@ Kafka header values).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import msgspec
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from schemas.events import AppLogEvent, SensorReading
-from schemas.wire import APPLOG_DECODER, SENSOR_DECODER, AppLogRecord, SensorEvent
+from schemas.wire import (
+    APPLOG_DECODER,
+    SENSOR_DECODER,
+    AppLogRecord,
+    CheckedDecoder,
+    SensorEvent,
+)
+
+
+class _Timed(Protocol):
+    """A decoded event, as far as the time bounds care."""
+
+    @property
+    def event_time(self) -> int: ...
+
 
 E = TypeVar("E")
+W = TypeVar("W", bound=_Timed)  # a fast-path wire struct
+M = TypeVar("M", bound=_Timed)  # a model instance (the slow path)
 
 _MAX_REASON = 300
 _MAX_ECHO = 40  # characters of an input key quoted in a reason
@@ -71,37 +87,64 @@ def decode_sensor(
     raws: Sequence[bytes | None], now_ms: int, bounds: TimeBounds
 ) -> DecodedBatch[SensorEvent]:
     """Validate raw sensor readings and their event-time bounds."""
-    return _decode(SENSOR_DECODER, SensorReading, raws, now_ms, bounds)
+    return _decode(SENSOR_DECODER, SensorReading.model_validate_json, raws, now_ms, bounds)
 
 
 def decode_applog(
     raws: Sequence[bytes | None], now_ms: int, bounds: TimeBounds
 ) -> DecodedBatch[AppLogRecord]:
     """Validate raw application log events and their event-time bounds."""
-    return _decode(APPLOG_DECODER, AppLogEvent, raws, now_ms, bounds)
+    return _decode(APPLOG_DECODER, AppLogEvent.model_validate_json, raws, now_ms, bounds)
 
 
 def _decode(
-    decoder: msgspec.json.Decoder[Any],
-    model: type[BaseModel],
+    decoder: CheckedDecoder[W],
+    validate: Callable[[bytes], M],
     raws: Sequence[bytes | None],
     now_ms: int,
     bounds: TimeBounds,
-) -> DecodedBatch[Any]:
-    out: DecodedBatch[Any] = DecodedBatch()
-    fast = decoder.decode
-    oldest = now_ms - bounds.max_age_ms
-    newest = now_ms + bounds.max_skew_ms
+) -> DecodedBatch[W | M]:
+    out: DecodedBatch[W | M] = DecodedBatch()
+    fast = decoder.decode_unchecked
+    decoded: list[W | M] = []
+    at: list[int] = []
+    fast_at: list[int] = []  # positions in ``decoded`` of fast-path events
+    fast_events: list[W] = []
     for i, raw in enumerate(raws):
+        event: W | M | str
         try:
-            event = fast(raw)  # type: ignore[arg-type]  # None (a tombstone) raises TypeError
+            wire = fast(raw)  # type: ignore[arg-type]  # None (a tombstone) raises TypeError
+            fast_at.append(len(decoded))
+            fast_events.append(wire)
+            event = wire
         except Exception as exc:
             # Whatever the fast decoder raised (DecodeError, ValidationError,
             # UnicodeDecodeError, ...), the record's fate is decided on the slow path.
-            event = _slow_path(model, raw, exc)
+            event = _slow_path(validate, raw, exc)
             if isinstance(event, str):
                 out.rejected.append(Rejected(i, event))
                 continue
+        decoded.append(event)
+        at.append(i)
+    # Identifier patterns, once per distinct value; a record that breaks one is decided by the
+    # model, as if the struct had rejected it.
+    breaking = decoder.breaking(fast_events)
+    dropped: set[int] = set()
+    for k, names in breaking.items():
+        j = fast_at[k]
+        i = at[j]
+        reason = f"schema violation: {names[0]} does not match its pattern"
+        event = _slow_path(validate, raws[i], msgspec.ValidationError(reason))
+        if isinstance(event, str):
+            out.rejected.append(Rejected(i, event))
+            dropped.add(j)
+        else:
+            decoded[j] = event
+    oldest = now_ms - bounds.max_age_ms
+    newest = now_ms + bounds.max_skew_ms
+    for j, (i, event) in enumerate(zip(at, decoded, strict=True)):
+        if j in dropped:
+            continue
         t = event.event_time
         if t < oldest:
             out.rejected.append(
@@ -114,11 +157,16 @@ def _decode(
         else:
             out.events.append(event)
             out.positions.append(i)
+    if breaking or out.rejected:
+        out.rejected.sort(key=lambda r: r.index)
     return out
 
 
-def _slow_path(model: type[BaseModel], raw: bytes | None, fast_error: Exception) -> BaseModel | str:
-    """The model's event for a record the fast decoder rejected, or the reason to reject it."""
+def _slow_path(validate: Callable[[bytes], M], raw: bytes | None, fast_error: Exception) -> M | str:
+    """The model's event for a record the fast decoder rejected, or the reason to reject it.
+
+    ``validate`` is the model's ``model_validate_json``: it raises ``ValidationError``.
+    """
     if raw is None:
         return "null value (tombstone)"
     if not raw:
@@ -129,7 +177,7 @@ def _slow_path(model: type[BaseModel], raw: bytes | None, fast_error: Exception)
         if len(raw) > SLOW_PATH_MAX_BYTES:
             return _bounded(f"{_fast_reason(fast_error)} (in a value of {len(raw)} bytes)")
         try:
-            return model.model_validate_json(raw)
+            return validate(raw)
         except ValidationError as exc:
             return _describe(exc)
     except Exception as exc:  # not expected, but no record may stop the worker

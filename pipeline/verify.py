@@ -2,13 +2,14 @@
 
 Reads every window aggregate in the store (merging partitions, and 1-minute panes into hopping
 windows) and compares it with the truth file, which the load generator computed from the events
-it produced. It shares only the key layout (``schemas.keys``) and the sketch decoding with the
-pipeline, never the pipeline's aggregation arithmetic. Exit status 0 when everything matches,
-1 on any mismatch (each one is printed), 2 on bad input.
+it produced. It shares only the store contract (``schemas.keys``, the packed value codec of
+``schemas.packed``) with the pipeline, never the pipeline's aggregation arithmetic. Only the
+dimensions the worker keeps per window (``PULSE_WORKER_DIMS_*``) are compared. Exit status 0
+when everything matches, 1 on any mismatch (each one is printed), 2 on bad input.
 
 Besides the truth, the store must agree with itself, per partition:
 
-- every sketch holds as many values as its aggregate counts (per window instance, dim, entity);
+- every packed value is sound, and its sketch holds as many values as it counts;
 - the progress counters account for every record: ``events + late + dead == offset + 1``. This
   assumes the input topics' offsets are dense from 0: they are written by idempotent,
   non-transactional producers (no transaction markers take offsets) and nothing was deleted or
@@ -25,12 +26,12 @@ import argparse
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from schemas import keys
+from schemas import keys, packed
 from schemas.events import EventKind
 
 # Counts and min/max must match exactly; float sums may differ by summation order only.
@@ -57,10 +58,6 @@ class Merged:
     max: float = -math.inf
     counts: dict[str, int] = field(default_factory=dict)
     sketch: dict[int, int] = field(default_factory=dict)
-
-    def add_packed(self, value: str) -> None:
-        """Merge one packed aggregate field (``schemas.keys.unpack_stats``)."""
-        self.add(keys.unpack_stats(value))
 
     def add(self, stats: Mapping[str, float]) -> None:
         """Merge unpacked statistics (by name)."""
@@ -125,31 +122,6 @@ def _int(raw: object) -> int | None:
         return None
 
 
-def check_sketch_counts(where: str, agg: Mapping[str, str], sk: Mapping[str, str]) -> list[str]:
-    """Lines for every entity of one window key whose sketch total differs from its count."""
-    out: list[str] = []
-    sketch_n: dict[str, int] = {}
-    for name, raw in sk.items():
-        ent, code = keys.split_field(name)
-        n = _int(raw)
-        if not ent or _int(code) is None or n is None or n <= 0:
-            out.append(f"{where}: sketch field {name!r} = {raw!r} is not a bucket count")
-            continue
-        sketch_n[ent] = sketch_n.get(ent, 0) + n
-    for ent, packed in agg.items():
-        try:
-            n = int(keys.unpack_stats(packed)[keys.Stat.COUNT])
-        except ValueError:
-            out.append(f"{where} {ent}: aggregate {packed!r} cannot be read")
-            continue
-        got = sketch_n.pop(ent, 0)
-        if got != n:
-            out.append(f"{where} {ent}: sketch holds {got} values, aggregate count n={n}")
-    for ent, got in sketch_n.items():
-        out.append(f"{where} {ent}: sketch holds {got} values, no aggregate")
-    return out
-
-
 def check_partitions(parts: Mapping[tuple[str, int], PartitionCounts]) -> list[str]:
     """Lines for every partition whose progress counters do not add up (see the module doc)."""
     out: list[str] = []
@@ -203,54 +175,55 @@ def compare_partitions(
 
 
 def read_store(client: Any, batch: int = 500) -> StoreContents:
-    """Every tumbling-window aggregate, merged over partitions; totals; per-partition counts."""
+    """Every tumbling-window value, merged over partitions; totals; per-partition counts.
+
+    ``client`` must return bytes (values are binary packed values).
+    """
     view = _tree()
     parts: dict[tuple[str, int], PartitionCounts] = {}
     problems: list[str] = []
     for kind in EventKind:
         fleet = FLEET_DIM[kind]
-        # a sketch key without its aggregate key is found too
-        names = set(client.scan_iter(match=keys.agg_pattern(kind), count=1000))
-        for k in client.scan_iter(match=keys.sketch_pattern(kind), count=1000):
-            names.add(k.replace(":sk:", ":agg:", 1))
-        for chunk in _chunks(sorted(names), batch):
+        nf = packed.NF_APPLOG if kind is EventKind.APPLOG else packed.NF_SENSOR
+        names = sorted(
+            _text(k) for k in client.scan_iter(match=keys.window_pattern(kind), count=1000)
+        )
+        for chunk in _chunks(names, batch):
             pipe = client.pipeline(transaction=False)
-            parsed = []
             for k in chunk:
-                _, part, window, dim, start = keys.parse_agg_key(k)
-                parsed.append((part, window, dim, start))
                 pipe.hgetall(k)
-                pipe.hgetall(k.replace(":agg:", ":sk:", 1))
-            rows = pipe.execute()
-            for (part, window, dim, start), agg, sk in zip(
-                parsed, rows[::2], rows[1::2], strict=True
-            ):
+            for k, fields in zip(chunk, pipe.execute(), strict=True):
+                _, part, window, dim, start = keys.parse_window_key(k)
                 where = f"{kind.value} partition {part} {window} {dim} @{start}"
-                found = check_sketch_counts(where, agg, sk)
-                problems.extend(found)
                 pc = parts.setdefault((kind.value, part), PartitionCounts())
                 pc.windows += 1
+                ents = [_text(f) for f in fields]
+                try:
+                    table = packed.decode(list(fields.values()), nf)
+                except packed.PackedError as exc:
+                    ent = "" if exc.index is None else f" {ents[exc.index]}"
+                    problems.append(f"{where}{ent}: {exc}")
+                    continue
+                problems.extend(
+                    f"{where} {ents[r]}: {what}" for what, rs in packed.problems(table) for r in rs
+                )
                 bucket = view[kind.value][window][dim][start]
-                for ent, value in agg.items():
-                    try:
-                        stats = keys.unpack_stats(value)
-                    except ValueError:
-                        continue  # reported by check_sketch_counts
-                    bucket.setdefault(ent, Merged()).add(stats)
-                    if window == keys.WINDOW_1M.name and dim == fleet:
-                        pc.window_events += int(stats[keys.Stat.COUNT])
-                for name, value in sk.items():
-                    ent, code = keys.split_field(name)
-                    c, n = _int(code), _int(value)
-                    if c is not None and n is not None:
-                        m = bucket.setdefault(ent, Merged())
-                        m.sketch[c] = m.sketch.get(c, 0) + n
+                stat_names = keys.Stat.PACKED_APPLOG if nf == packed.NF_APPLOG else keys.Stat.PACKED
+                for ent, row in zip(ents, table.stats.tolist(), strict=True):
+                    bucket.setdefault(ent, Merged()).add(dict(zip(stat_names, row, strict=True)))
+                for r, c, n in zip(
+                    table.row.tolist(), table.code.tolist(), table.count.tolist(), strict=True
+                ):
+                    sk = bucket[ents[r]].sketch
+                    sk[c] = sk.get(c, 0) + n
+                if window == keys.WINDOW_1M.name and dim == fleet:
+                    pc.window_events += int(table.stats[:, packed.COUNT].sum())
     totals: dict[str, dict[str, int]] = {}
     for kind in EventKind:
         t = dict.fromkeys(COUNTERS, 0)
         for k in client.scan_iter(match=keys.progress_pattern(kind)):
-            row = client.hgetall(k)
-            part = int(keys.parse_tag(k)[1])
+            row = {_text(f): _text(v) for f, v in client.hgetall(k).items()}
+            part = int(keys.parse_tag(_text(k))[1])
             parts.setdefault((kind.value, part), PartitionCounts()).progress = row
             for name in t:
                 t[name] += _int(row.get(name, 0)) or 0
@@ -258,6 +231,10 @@ def read_store(client: Any, batch: int = 500) -> StoreContents:
     for kind_view in view.values():
         _add_hopping(kind_view)
     return StoreContents(view, totals, parts, problems)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _add_hopping(kind_view: dict[str, dict[str, dict[int, dict[str, Merged]]]]) -> None:
@@ -280,19 +257,41 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[i : i + size]
 
 
-def verify(truth: dict[str, Any], found: StoreContents) -> list[str]:
+# window name -> the dimensions the store keeps for it (None: compare every dimension)
+Kept = Mapping[str, frozenset[str]] | None
+
+
+def kept_dims(
+    plan: Sequence[tuple[keys.TumblingWindow, Sequence[str]]],
+) -> dict[str, frozenset[str]]:
+    """The dimensions compared per window name: the plan's, hopping windows their pane's."""
+    out = {w.name: frozenset(dims) for w, dims in plan}
+    for hop in keys.HOPPING_WINDOWS:
+        out[hop.name] = out.get(hop.pane.name, frozenset())
+    return out
+
+
+def verify(truth: dict[str, Any], found: StoreContents, kept: Kept = None) -> list[str]:
     """Every problem: the store against the truth, and against itself."""
     return [
-        *compare(truth, found.view, found.totals),
+        *compare(truth, found.view, found.totals, kept),
         *compare_partitions(truth, found.partitions),
         *found.problems,
         *check_partitions(found.partitions),
     ]
 
 
-def compare(truth: dict[str, Any], view: StoreView, totals: dict[str, dict[str, int]]) -> list[str]:
-    """Every difference between the truth file and the store, as readable lines."""
-    from pipeline.sketches import RELATIVE_ACCURACY, quantiles
+def compare(
+    truth: dict[str, Any],
+    view: StoreView,
+    totals: dict[str, dict[str, int]],
+    kept: Kept = None,
+) -> list[str]:
+    """Every difference between the truth file and the store, as readable lines.
+
+    With ``kept``, only the dimensions the store keeps per window are compared.
+    """
+    from schemas.sketch import RELATIVE_ACCURACY, quantiles
 
     problems: list[str] = []
     for kind in EventKind:
@@ -304,6 +303,8 @@ def compare(truth: dict[str, Any], view: StoreView, totals: dict[str, dict[str, 
                 problems.append(f"{k}: {name} total is {got} in the store, truth says {want}")
         for window, dims in truth.get("windows", {}).get(k, {}).items():
             for dim, starts in dims.items():
+                if kept is not None and dim not in kept.get(window, frozenset()):
+                    continue
                 stored_dim = view.get(k, {}).get(window, {}).get(dim, {})
                 for start_s, ents in starts.items():
                     start = int(start_s)
@@ -365,9 +366,10 @@ def _compare_entity(
 
 EPILOG = """\
 Besides comparing with the truth, verify checks that the store agrees with itself per partition:
-every sketch holds as many values as its aggregate counts; events + late + dead == offset + 1 in
-every progress hash (this assumes dense offsets from 0: the input topics are written by
-idempotent, non-transactional producers and nothing was deleted before the worker read it); the
+every packed value is sound and its sketch holds as many values as it counts;
+events + late + dead == offset + 1 in every progress hash (this assumes dense offsets from 0:
+the input topics are written by idempotent, non-transactional producers and nothing was deleted
+before the worker read it); the
 1m windows of the fleet-wide dim (sensor: metric, applog: fleet) count exactly the events
 counter (this assumes none of those windows has expired yet)."""
 
@@ -385,7 +387,8 @@ def run(args: argparse.Namespace) -> int:
     import orjson
     import redis
 
-    from pipeline.settings import StoreSettings
+    from pipeline.settings import StoreSettings, WorkerSettings
+    from schemas.settings import store_client
 
     try:
         truth = orjson.loads(args.truth.read_bytes())
@@ -393,25 +396,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"pulse verify: cannot read truth file {args.truth}: {exc}.", file=sys.stderr)
         return 2
     s = StoreSettings()
-    client = redis.Redis(
-        host=s.host,
-        port=s.port,
-        db=s.db,
-        password=s.password.get_secret_value() if s.password else None,
-        decode_responses=True,
-    )
+    kept = kept_dims(WorkerSettings().window_plan())
+    client = store_client(s, timeout_s=30.0)
     try:
         found = read_store(client)
     except redis.RedisError as exc:
         print(f"pulse verify: cannot read the store at {s.url()}: {exc}.", file=sys.stderr)
         return 2
     totals = found.totals
-    problems = verify(truth, found)
+    problems = verify(truth, found, kept)
     checked = sum(
         len(ents)
         for k in truth.get("windows", {}).values()
-        for dims in k.values()
-        for starts in dims.values()
+        for window, dims in k.items()
+        for dim, starts in dims.items()
+        if dim in kept.get(window, frozenset())
         for ents in starts.values()
     )
     for line in problems[: args.max_report]:

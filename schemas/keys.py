@@ -7,15 +7,16 @@ partition lands in one cluster slot and a partition's batch applies atomically i
 
     pulse:{sensor.3}:progress                    hash   applied offset, watermark, counters,
                                                         topic (the offsets' identity), owner
-    pulse:{sensor.3}:agg:<window>:<dim>:<start>  hash   "<entity>" -> packed statistics
-    pulse:{sensor.3}:sk:<window>:<dim>:<start>   hash   "<entity>#<bucket>" -> count (sketch)
+    pulse:{sensor.3}:w:<window>:<dim>:<start>    hash   "<entity>" -> packed value (statistics
+                                                        and quantile sketch, schemas.packed)
     pulse:{sensor.3}:ent:<dim>                   zset   entity -> last-seen 1m window start (ms)
     pulse:worker:<name>                          hash   a worker's live metrics
     pulse:fence                                  int    bumped by writers to fence durability
 
 ``<window>`` is a tumbling window name (``10s``, ``1m``); ``<start>`` its start in epoch ms.
-An entity's statistics are one field, ``"n sum sumsq min max"`` (application logs append the
-five status-class counts and the error count), see :func:`pack_stats` / :func:`unpack_stats`.
+An entity's value in a window instance is absolute: the worker that owns the partition keeps
+the open windows and rewrites the values a batch touched, with the offset, in one atomic call.
+Which dimensions each window keeps is a worker setting (``PULSE_WORKER_DIMS_10S``/``_1M``).
 Hopping windows (5 min advancing by 1 min) are not stored: they are exact merges of five
 consecutive ``1m`` windows (every statistic here is mergeable), see ``HOPPING_WINDOWS``.
 A view that spans partitions (a site, the fleet) merges the keys of every partition.
@@ -28,7 +29,6 @@ window has expired (scored at or below ``now - 1m - 1m retention``) and keeps at
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -38,7 +38,6 @@ PREFIX: Final = "pulse"
 
 # Separators: identifiers (schemas.events.Ident/Route) cannot contain them.
 ENTITY_SEP: Final = "|"
-FIELD_SEP: Final = "#"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +91,7 @@ ENTITY_REGISTRY_CAP: Final = 100_000
 
 
 class Stat:
-    """Names of the statistics packed in an aggregate hash field, in packing order."""
+    """Names of the statistics of a packed window value (``schemas.packed``), in order."""
 
     COUNT: Final = "n"
     SUM: Final = "sum"
@@ -122,6 +121,32 @@ class Progress:
     OWNER: Final = "owner"  # name of the worker that applied the last batch
 
 
+class WorkerMetric:
+    """Fields of a worker's live metrics hash (``worker_key``), published every few seconds."""
+
+    EVENTS: Final = "events"
+    LATE: Final = "late"
+    DEAD: Final = "dead"
+    BATCHES: Final = "batches"
+    CONFLICTS: Final = "conflicts"  # applies refused: another writer had advanced the offset
+    STORE_RETRIES: Final = "store_retries"
+    FENCES: Final = "fences"
+    ISOLATED: Final = "isolated"  # records that broke batch processing, dead-lettered alone
+    DEAD_TRUNCATED: Final = "dead_truncated"
+    DEAD_UNWRITABLE: Final = "dead_unwritable"
+    REFUSED: Final = "refused"  # assigned partitions not read (see refused_reasons)
+    REFUSED_REASONS: Final = "refused_reasons"
+    OPEN_WINDOWS: Final = "open_windows"
+    OPEN_ENTITIES: Final = "open_entities"
+    EVENTS_PER_S: Final = "events_per_s"
+    APPLY_P50_MS: Final = "apply_p50_ms"
+    APPLY_P99_MS: Final = "apply_p99_ms"
+    DURABILITY_P50_MS: Final = "durability_wait_p50_ms"
+    DURABILITY_P99_MS: Final = "durability_wait_p99_ms"
+    UPDATED_MS: Final = "updated_ms"
+    PID: Final = "pid"
+
+
 def partition_tag(kind: EventKind | str, partition: int) -> str:
     """The hash tag content shared by every key of one topic partition."""
     return f"{EventKind(kind).value}.{partition}"
@@ -132,18 +157,11 @@ def progress_key(kind: EventKind | str, partition: int) -> str:
     return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:progress"
 
 
-def agg_key(
+def window_key(
     kind: EventKind | str, partition: int, window: TumblingWindow, dim: str, start_ms: int
 ) -> str:
-    """Key of the aggregate hash of one partition, window instance and dimension."""
-    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:agg:{window.name}:{dim}:{start_ms}"
-
-
-def sketch_key(
-    kind: EventKind | str, partition: int, window: TumblingWindow, dim: str, start_ms: int
-) -> str:
-    """Key of the quantile-sketch hash of one partition, window instance and dimension."""
-    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:sk:{window.name}:{dim}:{start_ms}"
+    """Key of the window hash of one partition, window instance and dimension."""
+    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:w:{window.name}:{dim}:{start_ms}"
 
 
 def entities_key(kind: EventKind | str, partition: int, dim: str) -> str:
@@ -156,16 +174,10 @@ def progress_pattern(kind: EventKind | str) -> str:
     return f"{PREFIX}:{{{EventKind(kind).value}.*}}:progress"
 
 
-def agg_pattern(kind: EventKind | str, window: TumblingWindow | None = None) -> str:
-    """A SCAN pattern matching aggregate hashes of every partition of ``kind``."""
+def window_pattern(kind: EventKind | str, window: TumblingWindow | None = None) -> str:
+    """A SCAN pattern matching the window hashes of every partition of ``kind``."""
     w = window.name if window else "*"
-    return f"{PREFIX}:{{{EventKind(kind).value}.*}}:agg:{w}:*"
-
-
-def sketch_pattern(kind: EventKind | str, window: TumblingWindow | None = None) -> str:
-    """A SCAN pattern matching sketch hashes of every partition of ``kind``."""
-    w = window.name if window else "*"
-    return f"{PREFIX}:{{{EventKind(kind).value}.*}}:sk:{w}:*"
+    return f"{PREFIX}:{{{EventKind(kind).value}.*}}:w:{w}:*"
 
 
 def parse_tag(key: str) -> tuple[EventKind, int]:
@@ -175,32 +187,20 @@ def parse_tag(key: str) -> tuple[EventKind, int]:
     return EventKind(kind), int(partition)
 
 
-def parse_agg_key(key: str) -> tuple[EventKind, int, str, str, int]:
-    """Split an aggregate key into (kind, partition, window name, dim, start_ms)."""
+def parse_window_key(key: str) -> tuple[EventKind, int, str, str, int]:
+    """Split a window key into (kind, partition, window name, dim, start_ms)."""
     head, tag_rest = key.split("{", 1)
     tag, rest = tag_rest.split("}", 1)
     kind, partition = tag.split(".", 1)
-    _, _agg, window, dim, start = rest.split(":")
-    if head != f"{PREFIX}:" or _agg != "agg":
-        raise ValueError(f"not an aggregate key: {key!r}")
+    _, w, window, dim, start = rest.split(":")
+    if head != f"{PREFIX}:" or w != "w":
+        raise ValueError(f"not a window key: {key!r}")
     return EventKind(kind), int(partition), window, dim, int(start)
 
 
 def worker_key(name: str) -> str:
     """Key of a worker's live metrics hash."""
     return f"{PREFIX}:worker:{name}"
-
-
-def pack_stats(values: Sequence[float]) -> str:
-    """An aggregate field's value: statistics in ``Stat.PACKED[_APPLOG]`` order."""
-    return " ".join(repr(float(v)) if not float(v).is_integer() else str(int(v)) for v in values)
-
-
-def unpack_stats(value: str) -> dict[str, float]:
-    """The statistics of a packed aggregate field, by name."""
-    parts = value.split()
-    names = Stat.PACKED_APPLOG if len(parts) > len(Stat.PACKED) else Stat.PACKED
-    return {name: float(x) for name, x in zip(names, parts, strict=True)}
 
 
 def fence_key() -> str:
@@ -211,17 +211,6 @@ def fence_key() -> str:
 def entity(*parts: str) -> str:
     """Join identifier parts into one entity name."""
     return ENTITY_SEP.join(parts)
-
-
-def field(entity_name: str, bucket: str) -> str:
-    """The sketch-hash field of one bucket of one entity."""
-    return f"{entity_name}{FIELD_SEP}{bucket}"
-
-
-def split_field(name: str) -> tuple[str, str]:
-    """Split a sketch-hash field into (entity, bucket)."""
-    ent, _, bucket = name.rpartition(FIELD_SEP)
-    return ent, bucket
 
 
 def window_start(event_time_ms: int, window: TumblingWindow) -> int:

@@ -11,15 +11,22 @@ which decides, and names the reason when it rejects.
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+import re
+from collections.abc import Callable, Sequence
+from typing import Annotated, Final, Generic, Literal, TypeVar
 
 import msgspec
 
 from schemas.events import AppLogEvent, SensorReading
 
 # Python's re.search lets "$" match before a trailing newline; "\Z" does not, as pydantic's "$".
-_IDENT = msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+\Z")
-_ROUTE = msgspec.Meta(min_length=1, max_length=128, pattern=r"^/[A-Za-z0-9_./{}\-]*\Z")
+IDENT_PATTERN: Final = r"^[A-Za-z0-9_.\-]+\Z"
+ROUTE_PATTERN: Final = r"^/[A-Za-z0-9_./{}\-]*\Z"
+# Identifiers repeat across events (a few thousand devices send millions of readings): their
+# patterns are checked once per distinct value by CheckedDecoder, not per event by the struct,
+# which made decoding 3.5x slower. Only their lengths are checked by the struct.
+_IDENT = msgspec.Meta(min_length=1, max_length=64)
+_ROUTE = msgspec.Meta(min_length=1, max_length=128)
 _TRACE = msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\-]+\Z")
 
 Ident = Annotated[str, _IDENT]
@@ -55,8 +62,61 @@ class AppLogWire(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     schema_version: Literal[1] = 1
 
 
-SENSOR_DECODER: Final = msgspec.json.Decoder(SensorWire)
-APPLOG_DECODER: Final = msgspec.json.Decoder(AppLogWire)
+T = TypeVar("T")
+
+
+class CheckedDecoder(Generic[T]):
+    """A struct decoder whose identifier fields are checked against their patterns once per
+    distinct value (a bounded cache of the values seen valid).
+
+    :meth:`decode` behaves as a msgspec decoder of a struct with the patterns; the worker's
+    batch path uses ``decode_unchecked`` (no pattern checks) and then :meth:`breaking`, for one
+    pattern check per distinct identifier of the batch.
+    """
+
+    def __init__(self, struct: type[T], patterns: dict[str, str], cache: int = 100_000) -> None:
+        self._decoder = msgspec.json.Decoder(struct)
+        # the batch path calls this per record: the decoder's own method, no wrapper
+        self.decode_unchecked: Callable[[bytes], T] = self._decoder.decode
+        self._patterns = {f: re.compile(p) for f, p in patterns.items()}
+        self._valid: dict[str, set[str]] = {f: set() for f in patterns}
+        self._cache = cache
+
+    def decode(self, raw: bytes) -> T:
+        """Decode and check, raising ``msgspec.ValidationError`` as the struct would."""
+        event = self._decoder.decode(raw)
+        for name in self.breaking([event]).get(0, ()):
+            raise msgspec.ValidationError(
+                f"Expected `str` matching regex {self._patterns[name].pattern!r} - at `$.{name}`"
+            )
+        return event
+
+    def breaking(self, events: Sequence[T]) -> dict[int, list[str]]:
+        """The events whose identifiers break a pattern: index -> the fields that do."""
+        out: dict[int, list[str]] = {}
+        for name, pattern in self._patterns.items():
+            valid = self._valid[name]
+            values = [getattr(e, name) for e in events]
+            fresh = set(values) - valid
+            if not fresh:
+                continue
+            bad = {v for v in fresh if pattern.search(v) is None}
+            if len(valid) + len(fresh) > self._cache:
+                valid.clear()
+            valid.update(fresh - bad)
+            if bad:
+                for i, v in enumerate(values):
+                    if v in bad:
+                        out.setdefault(i, []).append(name)
+        return out
+
+
+SENSOR_DECODER: Final = CheckedDecoder(
+    SensorWire, {"device_id": IDENT_PATTERN, "site": IDENT_PATTERN, "metric": IDENT_PATTERN}
+)
+APPLOG_DECODER: Final = CheckedDecoder(
+    AppLogWire, {"service": IDENT_PATTERN, "route": ROUTE_PATTERN}
+)
 
 # A decoded event: a wire struct (fast path) or a model instance (records the model accepted).
 SensorEvent = SensorReading | SensorWire

@@ -372,7 +372,8 @@ class KafkaService(Service):
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
         await admin.start()
         try:
-            return await admin.describe_cluster()
+            cluster: dict[str, Any] = await admin.describe_cluster()
+            return cluster
         finally:
             await admin.close()
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,11 +31,11 @@ class RunningStack:
         """Kafka bootstrap servers."""
         return self.kafka_settings.bootstrap
 
-    def redis(self, replica: bool = False) -> redis.Redis:
-        """A sync client (``decode_responses=True``) to the primary, or to the replica."""
+    def redis(self, replica: bool = False, decode: bool = True) -> redis.Redis:
+        """A sync client to the primary, or to the replica (``decode``: decode_responses)."""
         node = self.stack.replica if replica else self.stack.primary
         assert node is not None, "this stack has no replica"
-        return node.client(timeout_s=10.0)
+        return node.client(timeout_s=10.0, decode=decode)
 
     def env(self) -> dict[str, str]:
         """``PULSE_*`` variables that point a subprocess (``pulse ...``, a worker) at this stack."""
@@ -71,3 +73,14 @@ def make_stack(home: Path, *, replica: bool = True, partitions: int = 6) -> Runn
     )
     stack = Stack(stack_settings, kafka_settings, store_settings)
     return RunningStack(stack, stack_settings, kafka_settings, store_settings)
+
+
+def stop_child(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+    """SIGTERM a child process, wait, SIGKILL it if it does not stop; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10)

@@ -22,8 +22,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from pipeline.bench.procs import stop_child
-from pipeline.stack.testing import RunningStack
+from pipeline.stack.testing import RunningStack, stop_child
 from schemas import keys
 from schemas.events import EventKind
 

@@ -1,8 +1,11 @@
-"""The dashboard's queries and page against a real Valkey, with data written per ``schemas.keys``.
+"""The dashboard's queries and page against a real Valkey, with data written by the worker's code.
 
-Uses the suite's ``store`` fixture (flushed per test). Data is written with plain HSET/HINCRBY
-(as the worker's layout prescribes) over several partitions, panes and windows, including keys
-just outside each query's range, and every number the queries return is checked exactly.
+Uses the suite's ``store`` fixture (flushed per test). Window values go through the real write
+path: ``pipeline.aggregation.aggregate`` deltas folded into a partition's
+``pipeline.state.WindowState``, whose absolute packed values are set with HSET (and EXPIREAT),
+as ``pulse_apply`` leaves them; over several partitions, panes and windows, including keys
+just outside each query's range. The queries read through a binary client, as the page does,
+and every number they return is checked against the raw values.
 """
 
 from __future__ import annotations
@@ -20,9 +23,14 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from dashboard import panels, queries
-from pipeline import sketches
+from dashboard.settings import DashboardSettings
+from pipeline.aggregation import Columns, aggregate
+from pipeline.stack.testing import RunningStack
+from pipeline.state import Retention, WindowState
 from schemas import keys
+from schemas import sketch as sketches
 from schemas.events import EventKind
+from schemas.settings import StoreSettings, store_client
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +38,13 @@ SENSOR, APPLOG = EventKind.SENSOR, EventKind.APPLOG
 W10, W1M = keys.WINDOW_10S, keys.WINDOW_1M
 MIN = W1M.size_ms
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+# every window and dimension (the test writes whatever it wants into any of them)
+PLAN = tuple(
+    (w, tuple(d for dims in keys.DIMS.values() for d in dims)) for w in keys.TUMBLING_WINDOWS
+)
+# The test's clock is in 2023: keys must outlive it (EXPIREAT in the past deletes them).
+RETENTION = Retention({w.name: 200 * 365 * 86_400 for w in keys.TUMBLING_WINDOWS})
+STATUS_CLASS = {s: i for i, s in enumerate(keys.Stat.STATUS_CLASSES)}
 
 
 @pytest.fixture
@@ -43,49 +58,72 @@ def dead_port() -> Iterator[int]:
         yield int(s.getsockname()[1])
 
 
+@pytest.fixture
+def reader(stack: RunningStack, store: redis.Redis) -> Iterator[redis.Redis]:
+    """The queries' client to the (flushed) store: binary replies, as the page builds it."""
+    client = store_client(stack.store_settings, decode=False)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 # --------------------------------------------------------------------------- writing helpers
 
 
-def put(
-    r: redis.Redis,
-    kind: EventKind,
-    part: int,
-    window: keys.TumblingWindow,
-    dim: str,
-    start: int,
-    ent: str,
-    values: Sequence[float],
-    extra: dict[str, int] | None = None,
-) -> None:
-    """Write one entity's statistics and sketch of ``values`` into one window key."""
-    agg = keys.agg_key(kind, part, window, dim, start)
-    sk = keys.sketch_key(kind, part, window, dim, start)
-    stats = [len(values), sum(values), sum(v * v for v in values), min(values), max(values)]
-    if kind is EventKind.APPLOG:
-        stats += [(extra or {}).get(s, 0) for s in keys.Stat.PACKED_APPLOG[5:]]
-    merge_packed(r, agg, ent, stats)
-    for code, n in sketches.sketch_of(values).items():
-        r.hincrby(sk, keys.field(ent, str(code)), n)
-    r.sadd(keys.entities_key(kind, part, dim), ent)
+class Writer:
+    """Writes window values as a worker owning the partitions would: absolute packed values."""
 
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+        self.states: dict[tuple[EventKind, int], WindowState] = {}
 
-def count_only(
-    r: redis.Redis, kind: EventKind, part: int, window: keys.TumblingWindow, start: int, **n: int
-) -> None:
-    """Write only ``n`` of fleet-wide entities (sensor metrics, or applog ``all``)."""
-    dim = queries.FLEET_DIM[kind]
-    width = len(keys.Stat.PACKED_APPLOG if kind is EventKind.APPLOG else keys.Stat.PACKED)
-    for ent, count in n.items():
-        stats = [count] + [0] * (width - 1)
-        merge_packed(r, keys.agg_key(kind, part, window, dim, start), ent, stats)
+    def put(
+        self,
+        kind: EventKind,
+        part: int,
+        window: keys.TumblingWindow,
+        dim: str,
+        start: int,
+        ent: str,
+        values: Sequence[float],
+        extra: dict[str, int] | None = None,
+    ) -> None:
+        """Add events with ``values`` to one entity of one window instance and dimension.
 
+        ``extra`` (applog): how many of the events are errors (``err``) or of a status class
+        (``"5xx"`` ...); the others are 2xx and not errors.
+        """
+        n = len(values)
+        status = errors = None
+        if kind is APPLOG:
+            status = np.full(n, STATUS_CLASS["2xx"], dtype=np.int64)
+            at = 0
+            for name, count in (extra or {}).items():
+                if name in STATUS_CLASS:
+                    status[at : at + count] = STATUS_CLASS[name]
+                    at += count
+            errors = (np.arange(n) < (extra or {}).get("err", 0)).astype(np.float64)
+        cols = Columns(
+            start + np.arange(n, dtype=np.int64) % window.size_ms,
+            np.asarray(values, dtype=np.float64),
+            {dim: (np.zeros(n, dtype=np.int64), [ent])},
+            status,
+            errors,
+        )
+        state = self.states.setdefault((kind, part), WindowState(kind, part, PLAN))
+        pipe = self.r.pipeline(transaction=False)
+        for w in state.absorb(aggregate(cols, [(window, (dim,))]), RETENTION):
+            pipe.hset(w.key, mapping=dict(zip(w.fields, w.values, strict=True)))
+            pipe.expireat(w.key, w.expire_at_s)
+        pipe.execute()
 
-def merge_packed(r: redis.Redis, key: str, ent: str, stats: Sequence[float]) -> None:
-    """Merge one entity's statistics into its packed field, as the worker's apply does."""
-    old = r.hget(key, ent)
-    merged = queries.merge_agg_fields([{ent: old}] if old else [])
-    merged = queries.merge_agg_fields([merged, {ent: list(stats)}])
-    r.hset(key, ent, keys.pack_stats(merged[ent]))
+    def count_only(
+        self, kind: EventKind, part: int, window: keys.TumblingWindow, start: int, **n: int
+    ) -> None:
+        """``n`` events (value 1.0) of fleet-wide entities (sensor metrics, or applog ``all``)."""
+        for ent, count in n.items():
+            self.put(kind, part, window, queries.FLEET_DIM[kind], start, ent, [1.0] * count)
 
 
 def progress(r: redis.Redis, kind: EventKind, part: int, **fields: int) -> None:
@@ -130,66 +168,84 @@ def populate(r: redis.Redis) -> None:
         keys.worker_key("w2"),
         mapping={"durability_wait_p50_ms": "3", "durability_wait_p99_ms": "6"},
     )
+    w = Writer(r)
 
     # 10 s fleet windows. Sensor frontier NOW-35 s = T0-10 s: complete windows T0-40..T0-20 s.
-    count_only(r, SENSOR, 0, W10, T0 - 20_000, temp=10, hum=5)
-    count_only(r, SENSOR, 2, W10, T0 - 30_000, temp=6)
-    count_only(r, SENSOR, 2, W10, T0 - 10_000, temp=1000)  # ends after the frontier
-    count_only(r, SENSOR, 0, W10, T0 - 50_000, temp=77)  # older than the rate windows
+    w.count_only(SENSOR, 0, W10, T0 - 20_000, temp=10, hum=5)
+    w.count_only(SENSOR, 2, W10, T0 - 30_000, temp=6)
+    w.count_only(SENSOR, 2, W10, T0 - 10_000, temp=1000)  # ends after the frontier
+    w.count_only(SENSOR, 0, W10, T0 - 50_000, temp=77)  # older than the rate windows
     # Applog frontier NOW-42 s = T0-17 s: complete windows T0-50..T0-30 s.
-    count_only(r, APPLOG, 1, W10, T0 - 50_000, all=9)
-    count_only(r, APPLOG, 0, W10, T0 - 40_000, all=6)
-    count_only(r, APPLOG, 1, W10, T0 - 30_000, all=3)
-    count_only(r, APPLOG, 0, W10, T0 - 20_000, all=500)
+    w.count_only(APPLOG, 1, W10, T0 - 50_000, all=9)
+    w.count_only(APPLOG, 0, W10, T0 - 40_000, all=6)
+    w.count_only(APPLOG, 1, W10, T0 - 30_000, all=3)
+    w.count_only(APPLOG, 0, W10, T0 - 20_000, all=500)
 
     # 1 m fleet windows: the complete minutes before NOW are T0-3m, T0-2m, T0-1m.
-    put(r, SENSOR, 0, W1M, "metric", T0 - MIN, "temp", [1.0] * 20)
-    put(r, SENSOR, 0, W1M, "metric", T0 - MIN, "hum", [2.0] * 4)
-    put(r, SENSOR, 2, W1M, "metric", T0 - MIN, "temp", [3.0] * 7)
-    put(r, SENSOR, 2, W1M, "metric", T0 - 3 * MIN, "hum", [4.0] * 2)
-    put(r, SENSOR, 0, W1M, "metric", T0, "temp", [1.0] * 99)  # current minute
-    put(r, SENSOR, 0, W1M, "metric", T0 - 4 * MIN, "temp", [1.0] * 55)  # before lookback
-    put(r, APPLOG, 1, W1M, "fleet", T0 - 2 * MIN, "all", LAT_C + [1.0] * 6)
-    put(r, APPLOG, 1, W1M, "fleet", T0 - MIN, "all", [*LAT_A, 20.0])
-    put(r, APPLOG, 0, W1M, "fleet", T0 - MIN, "all", LAT_B[:1])
-    put(r, APPLOG, 0, W1M, "fleet", T0 - MIN, "all", LAT_B[1:])  # same key again: adds up
-    put(r, APPLOG, 0, W1M, "fleet", T0, "all", [5000.0] * 3)  # current minute
+    w.put(SENSOR, 0, W1M, "metric", T0 - MIN, "temp", [1.0] * 20)
+    w.put(SENSOR, 0, W1M, "metric", T0 - MIN, "hum", [2.0] * 4)
+    w.put(SENSOR, 2, W1M, "metric", T0 - MIN, "temp", [3.0] * 7)
+    w.put(SENSOR, 2, W1M, "metric", T0 - 3 * MIN, "hum", [4.0] * 2)
+    w.put(SENSOR, 0, W1M, "metric", T0, "temp", [1.0] * 99)  # current minute
+    w.put(SENSOR, 0, W1M, "metric", T0 - 4 * MIN, "temp", [1.0] * 55)  # before lookback
+    w.put(APPLOG, 1, W1M, "fleet", T0 - 2 * MIN, "all", LAT_C + [1.0] * 6)
+    w.put(APPLOG, 1, W1M, "fleet", T0 - MIN, "all", [*LAT_A, 20.0])
+    w.put(APPLOG, 0, W1M, "fleet", T0 - MIN, "all", LAT_B[:1])
+    w.put(APPLOG, 0, W1M, "fleet", T0 - MIN, "all", LAT_B[1:])  # same key again: adds up
+    w.put(APPLOG, 0, W1M, "fleet", T0, "all", [5000.0] * 3)  # current minute
 
     # Routes per 1 m pane; the hopping window at NOW spans panes T0-4m .. T0.
-    put(r, APPLOG, 0, W1M, "route", T0, "api|/orders", ORDERS[:40], {"err": 1, "5xx": 1})
-    put(r, APPLOG, 1, W1M, "route", T0 - 2 * MIN, "api|/orders", ORDERS[40:], {"5xx": 2})
-    put(r, APPLOG, 1, W1M, "route", T0 - 5 * MIN, "api|/orders", [9e4] * 50, {"5xx": 50})
-    put(r, APPLOG, 0, W1M, "route", T0 - MIN, "api|/health", HEALTH, {"2xx": 10})
-    put(r, APPLOG, 1, W1M, "route", T0 - 4 * MIN, "web|/", WEB, {"err": 5})
+    w.put(APPLOG, 0, W1M, "route", T0, "api|/orders", ORDERS[:40], {"err": 1, "5xx": 1})
+    w.put(APPLOG, 1, W1M, "route", T0 - 2 * MIN, "api|/orders", ORDERS[40:], {"5xx": 2})
+    w.put(APPLOG, 1, W1M, "route", T0 - 5 * MIN, "api|/orders", [9e4] * 50, {"5xx": 50})
+    w.put(APPLOG, 0, W1M, "route", T0 - MIN, "api|/health", HEALTH, {"2xx": 10})
+    w.put(APPLOG, 1, W1M, "route", T0 - 4 * MIN, "web|/", WEB, {"err": 5})
 
     # Sites per 1 m pane.
-    put(r, SENSOR, 0, W1M, "site", T0 - MIN, "s1|temp", S1_A)
-    put(r, SENSOR, 2, W1M, "site", T0, "s1|temp", S1_B)
-    put(r, SENSOR, 2, W1M, "site", T0 - 2 * MIN, "s2|hum", S2)
-    put(r, SENSOR, 0, W1M, "site", T0 - 5 * MIN, "s1|temp", [1000.0])  # outside the window
+    w.put(SENSOR, 0, W1M, "site", T0 - MIN, "s1|temp", S1_A)
+    w.put(SENSOR, 2, W1M, "site", T0, "s1|temp", S1_B)
+    w.put(SENSOR, 2, W1M, "site", T0 - 2 * MIN, "s2|hum", S2)
+    w.put(SENSOR, 0, W1M, "site", T0 - 5 * MIN, "s1|temp", [1000.0])  # outside the window
 
 
 def _q(values: Sequence[float], qs: Sequence[float]) -> list[float | None]:
     return sketches.quantiles(sketches.sketch_of(values), qs)
 
 
+def approx(values: Sequence[float | None]) -> object:
+    """Sketch estimates as the one-at-a-time reference computes them (to the last bits)."""
+    return pytest.approx(values, rel=1e-12)
+
+
 # --------------------------------------------------------------------------- queries
 
 
-def test_discover_finds_partitions_and_workers(store: redis.Redis) -> None:
+def test_discover_finds_partitions_and_workers(store: redis.Redis, reader: redis.Redis) -> None:
     populate(store)
-    topo = queries.discover(store, scan_count=10)
+    topo = queries.discover(reader, scan_count=10)
     assert topo.partitions == {SENSOR: (0, 2), APPLOG: (0, 1)}
     assert topo.workers == ("w1", "w2")
-    assert queries.discover(store, min_partitions=3).partitions == {
+    assert queries.discover(reader, min_partitions=3).partitions == {
         SENSOR: (0, 1, 2),
         APPLOG: (0, 1, 2),
     }
 
 
-def test_kpis(store: redis.Redis) -> None:
+def test_window_values_are_the_worker_layout(store: redis.Redis) -> None:
     populate(store)
-    k = queries.read_kpis(store, queries.Topology.of(3, ["w1", "w2", "gone"]), NOW, rate_windows=3)
+    key = keys.window_key(APPLOG, 0, W1M, keys.Dim.ROUTE, T0)
+    assert store.hkeys(key) == ["api|/orders"]
+    assert store.ttl(key) > 0
+
+
+def test_queries_refuse_a_decoding_client(store: redis.Redis) -> None:
+    with pytest.raises(TypeError, match="decode"):
+        queries.read_kpis(store, queries.Topology.of(1), NOW)
+
+
+def test_kpis(store: redis.Redis, reader: redis.Redis) -> None:
+    populate(store)
+    k = queries.read_kpis(reader, queries.Topology.of(3, ["w1", "w2", "gone"]), NOW, rate_windows=3)
     assert not k.empty
     assert (k.events, k.late, k.dead) == (200, 4, 3)
     assert k.progress[SENSOR].partitions == 2 and k.progress[SENSOR].batches == 4
@@ -205,33 +261,34 @@ def test_kpis(store: redis.Redis) -> None:
     }
     assert k.workers["gone"] == {}
     # one 10 s window only: the latest complete one
-    k1 = queries.read_kpis(store, queries.Topology.of(3), NOW, rate_windows=1)
+    k1 = queries.read_kpis(reader, queries.Topology.of(3), NOW, rate_windows=1)
     assert k1.events_per_s == {SENSOR: pytest.approx(15 / 10), APPLOG: pytest.approx(3 / 10)}
 
 
-def test_events_per_minute(store: redis.Redis) -> None:
+def test_events_per_minute(store: redis.Redis, reader: redis.Redis) -> None:
     populate(store)
-    df = queries.read_events_per_minute(store, queries.Topology.of(3), NOW, lookback_min=3)
+    df = queries.read_events_per_minute(reader, queries.Topology.of(3), NOW, lookback_min=3)
     expected_index = pd.to_datetime([T0 - 3 * MIN, T0 - 2 * MIN, T0 - MIN], unit="ms", utc=True)
     assert list(df.index) == list(expected_index)
     assert df["sensor"].tolist() == [2, 0, 31]
     assert df["applog"].tolist() == [0, 8, 8]
     assert list(df.columns) == ["sensor", "applog"]
+    assert (df.dtypes == "int64").all()
 
 
-def test_latency_per_minute(store: redis.Redis) -> None:
+def test_latency_per_minute(store: redis.Redis, reader: redis.Redis) -> None:
     populate(store)
-    df = queries.read_latency_per_minute(store, queries.Topology.of(3), NOW, lookback_min=3)
+    df = queries.read_latency_per_minute(reader, queries.Topology.of(3), NOW, lookback_min=3)
     assert list(df.columns) == ["p50", "p95", "p99"]
     qs = (0.5, 0.95, 0.99)
     assert df.iloc[0].isna().all()
-    assert df.iloc[1].tolist() == _q(LAT_C + [1.0] * 6, qs)
-    assert df.iloc[2].tolist() == _q([*LAT_A, 20.0, *LAT_B], qs)
+    assert df.iloc[1].tolist() == approx(_q(LAT_C + [1.0] * 6, qs))
+    assert df.iloc[2].tolist() == approx(_q([*LAT_A, 20.0, *LAT_B], qs))
 
 
-def test_top_routes(store: redis.Redis) -> None:
+def test_top_routes(store: redis.Redis, reader: redis.Redis) -> None:
     populate(store)
-    df = queries.read_top_routes(store, queries.Topology.of(3), NOW, limit=10)
+    df = queries.read_top_routes(reader, queries.Topology.of(3), NOW, limit=10)
     assert list(df.columns) == list(queries.ROUTE_COLUMNS)
     assert df[["service", "route", "requests"]].values.tolist() == [
         ["api", "/orders", len(ORDERS)],
@@ -239,17 +296,39 @@ def test_top_routes(store: redis.Redis) -> None:
         ["api", "/health", 10],
     ]
     p50, p99 = zip(*(_q(v, (0.5, 0.99)) for v in (ORDERS, WEB, HEALTH)), strict=True)
-    assert df["p50_ms"].tolist() == list(p50)
-    assert df["p99_ms"].tolist() == list(p99)
+    assert df["p50_ms"].tolist() == approx(p50)
+    assert df["p99_ms"].tolist() == approx(p99)
     assert df["error_rate"].tolist() == [1 / len(ORDERS), 1.0, 0.0]
     assert df["rate_5xx"].tolist() == [3 / len(ORDERS), 0.0, 0.0]
-    top = queries.read_top_routes(store, queries.Topology.of(3), NOW, limit=1)
+    top = queries.read_top_routes(reader, queries.Topology.of(3), NOW, limit=1)
     assert top["route"].tolist() == ["/orders"]
 
 
-def test_site_metrics(store: redis.Redis) -> None:
+def test_top_routes_breaks_ties_by_errors_then_name(
+    store: redis.Redis, reader: redis.Redis
+) -> None:
+    w = Writer(store)
+    for i, (service, route, errors) in enumerate(
+        [("b", "/y", 0), ("a", "/z", 0), ("a", "/y", 0), ("c", "/x", 1), ("d", "/slow", 0)]
+    ):
+        latency = [900.0] * 3 if route == "/slow" else [10.0] * 3
+        w.put(
+            APPLOG,
+            i % 2,
+            W1M,
+            keys.Dim.ROUTE,
+            T0 - MIN,
+            f"{service}|{route}",
+            latency,
+            {"err": errors},
+        )
+    df = queries.read_top_routes(reader, queries.Topology.of(2), NOW, limit=3)
+    assert df[["service", "route"]].values.tolist() == [["d", "/slow"], ["c", "/x"], ["a", "/y"]]
+
+
+def test_site_metrics(store: redis.Redis, reader: redis.Redis) -> None:
     populate(store)
-    df = queries.read_site_metrics(store, queries.Topology.of(3), NOW)
+    df = queries.read_site_metrics(reader, queries.Topology.of(3), NOW)
     assert list(df.columns) == list(queries.SITE_COLUMNS)
     s1, s2 = S1_A + S1_B, S2
     assert df[["site", "metric", "readings", "min", "max"]].values.tolist() == [
@@ -257,22 +336,56 @@ def test_site_metrics(store: redis.Redis) -> None:
         ["s2", "hum", 2, 40.0, 50.0],
     ]
     assert df["mean"].tolist() == pytest.approx([np.mean(s1), np.mean(s2)], rel=1e-12)
-    assert df["p95"].tolist() == [_q(s1, (0.95,))[0], _q(s2, (0.95,))[0]]
+    assert df["p95"].tolist() == approx([_q(s1, (0.95,))[0], _q(s2, (0.95,))[0]])
 
 
-def test_empty_store(store: redis.Redis) -> None:
-    topo = queries.discover(store, min_partitions=2)
-    k = queries.read_kpis(store, topo, NOW)
+def test_empty_store(reader: redis.Redis) -> None:
+    topo = queries.discover(reader, min_partitions=2)
+    k = queries.read_kpis(reader, topo, NOW)
     assert k.empty and k.events == 0 and k.events_per_s == {SENSOR: None, APPLOG: None}
-    per_minute = queries.read_events_per_minute(store, topo, NOW, 5)
+    per_minute = queries.read_events_per_minute(reader, topo, NOW, 5)
     assert per_minute.shape == (5, 2) and int(per_minute.to_numpy().sum()) == 0
-    assert queries.read_latency_per_minute(store, topo, NOW, 5).isna().all().all()
-    assert queries.read_top_routes(store, topo, NOW).empty
-    assert queries.read_site_metrics(store, topo, NOW).empty
+    assert queries.read_latency_per_minute(reader, topo, NOW, 5).isna().all().all()
+    assert queries.read_top_routes(reader, topo, NOW).empty
+    assert queries.read_site_metrics(reader, topo, NOW).empty
+    # no partitions at all
+    none = queries.Topology({SENSOR: (), APPLOG: ()})
+    assert queries.read_events_per_minute(reader, none, NOW, 2).to_numpy().tolist() == [[0, 0]] * 2
+    assert queries.read_site_metrics(reader, none, NOW, cache=queries.PaneCache()).empty
+
+
+def test_cached_panels_equal_uncached_ones(store: redis.Redis, reader: redis.Redis) -> None:
+    populate(store)
+    topo = queries.discover(reader)  # every partition read has a watermark: panes can be final
+    settings = DashboardSettings(lookback_min=10, top_routes=10)
+    plain = panels.read_panels(reader, topo, NOW, settings)
+    cache = queries.PaneCache()
+    first = panels.read_panels(reader, topo, NOW, settings, cache)
+    assert len(cache) > 0
+    hits = cache.hits
+    second = panels.read_panels(reader, topo, NOW, settings, cache)
+    assert cache.hits > hits
+    for got in (first, second):
+        assert got.kpis == plain.kpis
+        for name in ("per_minute", "latency", "routes", "sites"):
+            pd.testing.assert_frame_equal(getattr(got, name), getattr(plain, name))
+    # an emptied store (progress hashes gone) is not served from the cache
+    store.flushall()
+    after = panels.read_panels(reader, topo, NOW, settings, cache)
+    assert int(after.per_minute.to_numpy().sum()) == 0 and after.latency.isna().all().all()
+    assert after.routes.empty and after.sites.empty
+
+
+def test_malformed_value_raises_packed_error(store: redis.Redis, reader: redis.Redis) -> None:
+    from schemas import packed
+
+    store.hset(keys.window_key(SENSOR, 0, W1M, keys.Dim.SITE, T0), "s1|temp", "not packed")
+    with pytest.raises(packed.PackedError):
+        queries.read_site_metrics(reader, queries.Topology.of(1), NOW)
 
 
 def test_unreachable_store_raises_redis_error(dead_port: int) -> None:
-    r = queries.connect("127.0.0.1", dead_port, timeout_s=0.5)
+    r = store_client(StoreSettings(host="127.0.0.1", port=dead_port), timeout_s=0.5)
     with pytest.raises(redis.ConnectionError):
         queries.read_kpis(r, queries.Topology.of(2), NOW)
 
@@ -317,6 +430,20 @@ def test_page_renders_populated_store(store: redis.Redis, monkeypatch: pytest.Mo
     # two charts, routes, sites, partitions and workers tables
     assert len(at.get("vega_lite_chart")) == 2
     assert len(at.dataframe) == 4
+    routes, sites = at.dataframe[0].value, at.dataframe[1].value
+    assert routes["route"].tolist() == ["/orders", "/", "/health"]
+    assert sites[["site", "metric", "readings"]].values.tolist() == [
+        ["s1", "temp", 5],
+        ["s2", "hum", 2],
+    ]
+
+
+def test_page_reports_malformed_values(store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    populate(store)
+    store.hset(keys.window_key(SENSOR, 0, W1M, keys.Dim.SITE, T0), "s9|temp", "not packed")
+    at = _app(monkeypatch, int(store.connection_pool.connection_kwargs["port"]))
+    assert not at.exception
+    assert len(at.error) == 1 and "cannot read" in at.error[0].value
 
 
 def test_page_reports_empty_store(store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -332,31 +459,35 @@ def test_page_reports_unreachable_store(monkeypatch: pytest.MonkeyPatch, dead_po
     assert len(at.error) == 1 and "unreachable" in at.error[0].value
 
 
-def test_pane_cache_serves_final_panes_and_rereads_open_ones(store: redis.Redis) -> None:
+def test_pane_cache_serves_final_panes_and_rereads_open_ones(
+    store: redis.Redis, reader: redis.Redis
+) -> None:
     from dashboard.queries import PaneCache, read_panes
 
     kind, window, dim = EventKind.APPLOG, keys.WINDOW_1M, keys.Dim.FLEET
     closed, open_ = 600_000, 660_000
+    w = Writer(store)
     for p in (0, 1):
         # watermark 660_000: the pane [600_000, 660_000) is final, [660_000, 720_000) is not
         store.hset(keys.progress_key(kind, p), keys.Progress.WATERMARK, 660_000)
         for start in (closed, open_):
-            store.hset(keys.agg_key(kind, p, window, dim, start), "all", "5 0 0 0 0")
-            store.hset(keys.sketch_key(kind, p, window, dim, start), "all#40", 5)
+            w.put(kind, p, window, dim, start, "all", [40.0] * 5)
     cache = PaneCache()
-    first = read_panes(store, kind, [0, 1], window, dim, [closed, open_], cache)
-    assert [p.aggs["all"][0] for p in first] == [10.0, 10.0]
-    assert cache.misses == 2 and cache.hits == 0
+    first = read_panes(reader, kind, [0, 1], window, dim, [closed, open_], cache)
+    assert [p.table.stats[0, 0] for p in first] == [10.0, 10.0]
+    assert [p.names.tolist() for p in first] == [["all"], ["all"]]
+    assert cache.misses == 2 and cache.hits == 0 and len(cache) == 1
 
     for p in (0, 1):
-        store.hset(keys.agg_key(kind, p, window, dim, open_), "all", "6 0 0 0 0")
-    second = read_panes(store, kind, [0, 1], window, dim, [closed, open_], cache)
+        w.put(kind, p, window, dim, open_, "all", [41.0])
+    second = read_panes(reader, kind, [0, 1], window, dim, [closed, open_], cache)
     assert cache.hits == 1  # the final pane was not read again
-    assert [p.aggs["all"][0] for p in second] == [10.0, 12.0]  # the open one was
+    assert [p.table.stats[0, 0] for p in second] == [10.0, 12.0]  # the open one was
 
     # a watermark that goes back (store reset, replay) empties the cache
     store.hset(keys.progress_key(kind, 0), keys.Progress.WATERMARK, 100)
-    for p in (0, 1):
-        store.hset(keys.agg_key(kind, p, window, dim, closed), "all", "1 0 0 0 0")
-    third = read_panes(store, kind, [0, 1], window, dim, [closed, open_], cache)
-    assert third[0].aggs["all"][0] == 2.0
+    store.delete(*(keys.window_key(kind, p, window, dim, closed) for p in (0, 1)))
+    Writer(store).put(kind, 0, window, dim, closed, "all", [1.0, 2.0])
+    third = read_panes(reader, kind, [0, 1], window, dim, [closed, open_], cache)
+    assert third[0].table.stats[0, 0] == 2.0
+    assert len(cache) == 0  # partition 0's watermark (100) makes no pane final

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from pipeline.stack.testing import RunningStack
-from schemas import keys
+from schemas import keys, packed
 from schemas.events import EventKind
 from tests.integration.harness import Pipeline
 
@@ -96,10 +96,13 @@ def test_verify_catches_a_tampered_store(
         worker.stop()
     assert pl.verify(truth_file).returncode == 0
     # one event counted twice in one window: verify must notice and say where
-    key = next(store.scan_iter(match=keys.agg_pattern(EventKind.SENSOR, keys.WINDOW_1M)))
-    entity, packed = next(iter(store.hgetall(key).items()))
-    n, rest = packed.split(" ", 1)
-    store.hset(key, entity, f"{int(n) + 1} {rest}")
+    raw = stack.redis(decode=False)
+    key = next(store.scan_iter(match=keys.window_pattern(EventKind.SENSOR, keys.WINDOW_1M)))
+    entity, value = next(iter(raw.hgetall(key).items()))
+    t = packed.decode([value])
+    t.stats[0, packed.COUNT] += 1
+    t.count[0] += 1
+    raw.hset(key, entity, packed.encode(t)[0])
     res = pl.verify(truth_file)
     assert res.returncode == 1
-    assert "MISMATCH" in res.stdout and entity in res.stdout
+    assert "MISMATCH" in res.stdout and entity.decode() in res.stdout

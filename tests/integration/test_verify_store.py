@@ -1,7 +1,8 @@
 """``pulse verify`` finds a store that disagrees with itself, after a real pipeline run.
 
-The truth comparison merges partitions; these checks are per partition: a sketch that no longer
-holds as many values as its aggregate counts, or counters that no longer account for the offsets.
+The truth comparison merges partitions; these checks are per partition: a packed value whose
+sketch no longer holds as many values as it counts, or counters that no longer account for the
+offsets.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import redis
 
 from pipeline.stack.testing import RunningStack
-from schemas import keys
+from schemas import keys, packed
 from schemas.events import EventKind
 from tests.integration.harness import Pipeline
 
@@ -39,21 +40,22 @@ def test_verify_catches_a_store_that_disagrees_with_itself(
     assert "sketches, counters and offsets agree" in res.stdout
 
     # one sketch bucket one too high: the merged quantiles barely move, the counts disagree
-    sk = next(store.scan_iter(match=keys.sketch_pattern(EventKind.SENSOR, keys.WINDOW_1M)))
-    name, count = next(iter(store.hgetall(sk).items()))
-    entity, _ = keys.split_field(str(name))
-    _kind, part = keys.parse_tag(sk)
-    store.hincrby(sk, name, 1)
+    raw = stack.redis(decode=False)
+    key = next(store.scan_iter(match=keys.window_pattern(EventKind.SENSOR, keys.WINDOW_1M)))
+    name, value = next(iter(raw.hgetall(key).items()))
+    t = packed.decode([value])
+    t.count[0] += 1
+    _kind, part = keys.parse_tag(key)
+    raw.hset(key, name, packed.encode(t)[0])
     res = pl.verify(truth_file)
     assert res.returncode == 1
     lines = [line for line in res.stdout.splitlines() if line.startswith("MISMATCH")]
     assert any(
         f"sensor partition {part} " in line
-        and f" {entity}: sketch holds " in line
-        and "aggregate count n=" in line
+        and f" {name.decode()}: has a sketch total unequal to its count" in line
         for line in lines
     ), res.stdout
-    store.hset(sk, name, count)
+    raw.hset(key, name, value)
     assert pl.verify(truth_file).returncode == 0
 
     # a progress hash whose counters no longer account for its applied offset

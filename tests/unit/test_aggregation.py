@@ -9,8 +9,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import aggregation, sketches
+from pipeline import aggregation
 from schemas import keys
+from schemas import sketch as sketches
 from schemas.events import AppLogEvent, LogLevel, SensorReading
 
 # Examples are checked, never timed: a loaded machine must not fail a test (no deadline, and
@@ -54,14 +55,19 @@ def naive_sensor(events: list[SensorReading]) -> dict[tuple[str, str, int, str],
 
 
 def rows(deltas: list[aggregation.WindowDelta]) -> dict[tuple[str, str, int, str], list[Any]]:
-    return {(d.window.name, d.dim, d.start_ms, r[0]): r[1:] for d in deltas for r in d.stats}
+    return {
+        (d.window.name, d.dim, d.start_ms, name): d.table.stats[i].tolist()
+        for d in deltas
+        for i, name in enumerate(d.names)
+    }
 
 
 def sketch_rows(deltas: list[aggregation.WindowDelta]) -> dict[tuple[str, str, int, str], dict]:
-    out = {}
+    out: dict[tuple[str, str, int, str], dict] = {}
     for d in deltas:
-        for r in d.sketch:
-            out[(d.window.name, d.dim, d.start_ms, r[0])] = dict(zip(r[1::2], r[2::2], strict=True))
+        t = d.table
+        for r, c, n in zip(t.row.tolist(), t.code.tolist(), t.count.tolist(), strict=True):
+            out.setdefault((d.window.name, d.dim, d.start_ms, d.names[r]), {})[c] = n
     return out
 
 
@@ -116,3 +122,32 @@ def test_split_batches_merge_to_the_whole(events: list[SensorReading], cut: int)
 
 def test_empty_batch() -> None:
     assert aggregation.aggregate(aggregation.sensor_columns([])) == []
+
+
+def test_a_plan_keeps_only_its_dimensions() -> None:
+    events = [
+        SensorReading(
+            device_id="d1",
+            site="s1",
+            event_time=t,
+            metric="temp",
+            value=1.0,
+            unit="C",
+            lat=1.0,
+            lon=2.0,
+            firmware="1.0",
+        )
+        for t in (0, 15_000, 70_000)
+    ]
+    plan = ((keys.WINDOW_10S, (keys.Dim.METRIC,)), (keys.WINDOW_1M, (keys.Dim.DEVICE, "route")))
+    got = {
+        (d.window.name, d.dim, d.start_ms)
+        for d in aggregation.aggregate(aggregation.sensor_columns(events), plan)
+    }
+    assert got == {
+        ("10s", "metric", 0),
+        ("10s", "metric", 10_000),
+        ("10s", "metric", 70_000),
+        ("1m", "device", 0),
+        ("1m", "device", 60_000),
+    }

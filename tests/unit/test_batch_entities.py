@@ -7,10 +7,11 @@ import copy
 
 import orjson
 
-from pipeline.batch import BatchRules, PartitionState, Record, commit, process
-from pipeline.store_writer import Retention, payload
+from pipeline.batch import DEFAULT_PLAN, BatchRules, PartitionState, Record, absorb, commit, process
+from pipeline.state import Retention, WindowState
+from pipeline.store_writer import payload
 from pipeline.validation import TimeBounds
-from schemas import keys
+from schemas import keys, packed
 from schemas.events import EventKind
 
 MIN = keys.WINDOW_1M.size_ms
@@ -107,10 +108,11 @@ def test_payload_carries_registrations_topic_owner_and_bounds() -> None:
     state = PartitionState()
     records = [reading(0, "a", T0 + 1_000), reading(1, "b", T0 + MIN + 2_000, metric="power")]
     batch = process(EventKind.SENSOR, 3, records, state, rules(cap=500), NOW)
-    key_list, arg = payload(batch, RETENTION, NOW, topic="pulse.sensor", owner="w-1")
-    body = orjson.loads(arg)
+    state.windows = WindowState(EventKind.SENSOR, 3, DEFAULT_PLAN)
+    absorb(state, batch, rules(cap=500))
+    key_list, args = payload(batch, RETENTION, NOW, topic="pulse.sensor", owner="w-1")
+    body = orjson.loads(args[0])
     assert body["topic"] == "pulse.sensor" and body["owner"] == "w-1"
-    assert body["nf"] == len(keys.Stat.PACKED)
     assert body["ecap"] == 500
     # a member goes once the last 1m window it was seen in has expired
     assert body["ecut"] == NOW - MIN - 3 * 86_400 * 1000
@@ -125,11 +127,22 @@ def test_payload_carries_registrations_topic_owner_and_bounds() -> None:
     ]
     assert len(regs) == len(keys.DIMS[EventKind.SENSOR])
     # every block refers to its own key
-    indexes = [blk[0] for sec in ("a", "s", "e") for blk in body[sec]]
+    indexes = [blk[0] for sec in ("h", "e") for blk in body[sec]]
     assert sorted(indexes) == list(range(2, len(key_list) + 1))
+    # the hash blocks account for every field/value argument, in order
+    assert len(args) == 1 + 2 * sum(n for _, _, n in body["h"])
+    device_1m = keys.window_key(EventKind.SENSOR, 3, keys.WINDOW_1M, keys.Dim.DEVICE, T0)
+    at = 1
+    for idx, expire, n in body["h"]:
+        if key_list[idx - 1] == device_1m:
+            assert args[at : at + 2 * n : 2] == ["a|temperature"]
+            assert expire == RETENTION.expire_at_s(keys.WINDOW_1M, T0)
+            table = packed.decode(args[at + 1 : at + 2 * n : 2], packed.NF_SENSOR)
+            assert table.stats[0, packed.COUNT] == 1
+        at += 2 * n
 
 
-def test_applog_payload_declares_its_row_width() -> None:
+def test_applog_payload_writes_applog_values() -> None:
     event = {
         "schema_version": 1,
         "service": "api",
@@ -141,10 +154,13 @@ def test_applog_payload_declares_its_row_width() -> None:
         "trace_id": "0" * 32,
         "message": "ok",
     }
+    state = PartitionState(windows=WindowState(EventKind.APPLOG, 0, DEFAULT_PLAN))
     batch = process(
-        EventKind.APPLOG, 0, [Record(0, None, orjson.dumps(event))], PartitionState(), rules(), NOW
+        EventKind.APPLOG, 0, [Record(0, None, orjson.dumps(event))], state, rules(), NOW
     )
-    _keys, arg = payload(batch, RETENTION, NOW, topic="", owner="")
-    body = orjson.loads(arg)
-    assert body["nf"] == len(keys.Stat.PACKED_APPLOG)
-    assert all(len(row) == body["nf"] + 1 for blk in body["a"] for row in blk[2])
+    absorb(state, batch, rules())
+    _keys, args = payload(batch, RETENTION, NOW, topic="", owner="")
+    values = [v for v in args[2::2] if isinstance(v, bytes)]
+    table = packed.decode(values, packed.NF_APPLOG)
+    assert table.rows == len(values) > 0
+    assert (table.stats[:, 6] == 1).all()  # one 2xx request in every window and dimension

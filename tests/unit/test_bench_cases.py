@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from pipeline.bench.cases.freshness import visibility_latencies
-from pipeline.bench.cases.reads import MINUTE_MS, plan_segments
-from pipeline.bench.cases.write_cost import per_event
-from pipeline.bench.procs import Progress
+from pulse_bench.cases.freshness import visibility_latencies
+from pulse_bench.cases.reads import MINUTE_MS, plan_segments
+from pulse_bench.cases.write_cost import per_event
+from pulse_bench.procs import Progress
 
 
 def test_visibility_is_the_first_poll_reaching_the_offset() -> None:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-
-from pipeline.bench.harness import BenchError
-from pipeline.bench.naive_app import Progress
-from pipeline.bench.procs import Child
+from pulse_bench.harness import BenchError
+from pulse_bench.naive_app import Progress
+from pulse_bench.procs import Child
 
 
 def _child(tmp_path: Path, proc: subprocess.Popen[bytes], name: str = "c") -> Child:
@@ -27,7 +26,7 @@ def test_counters_are_written_when_the_child_exits(tmp_path: Path) -> None:
     counts = tmp_path / "c.counts.json"
     # `pulse --help` exits at once (SystemExit from argparse): the exit path writes the counters
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.bench.counting", str(counts), "--help"],
+        [sys.executable, "-m", "pulse_bench.counting", str(counts), "--help"],
         stdout=subprocess.DEVNULL,
     )
     assert proc.wait(120) == 0
@@ -39,7 +38,7 @@ def test_a_sigterm_during_start_up_still_writes_the_counters(tmp_path: Path) -> 
     code = (
         "import signal, sys, time\n"
         "from pathlib import Path\n"
-        "from pipeline.bench import counting\n"
+        "from pulse_bench import counting\n"
         "counting._counts.update(round_trips=7, commands=9)\n"
         "signal.signal(signal.SIGTERM, counting._terminate_early(Path(sys.argv[1])))\n"
         "print('ready', flush=True)\n"

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from pipeline.bench.harness import (
+from pulse_bench.harness import (
     BenchCase,
     BenchContext,
     BenchParams,
+    BenchSkipped,
     Ratio,
     Registry,
     Target,
@@ -23,7 +23,8 @@ from pipeline.bench.harness import (
     percentiles,
     run_cases,
 )
-from pipeline.settings import KafkaSettings, StoreSettings
+
+from schemas.settings import KafkaSettings, StoreSettings
 
 
 def _case(name: str, requires: tuple[str, ...] = (), order: int = 100) -> BenchCase:
@@ -52,12 +53,29 @@ def test_resolve_rejects_unknown_names_and_misordered_requirements() -> None:
 
 
 def test_the_shipped_registry_resolves() -> None:
-    from pipeline.bench import cases  # noqa: F401
-    from pipeline.bench.harness import REGISTRY
+    from pulse_bench import cases  # noqa: F401
+    from pulse_bench.harness import REGISTRY
 
     names = [c.name for c in REGISTRY.resolve(["write_cost"])]
     assert names == ["naive", "pulse_1w", "write_cost"]
-    assert {"floor", "naive", "pulse_1w", "pulse_2w", "freshness", "reads"} <= set(REGISTRY.cases)
+    assert [c.name for c in REGISTRY.resolve(["freshness_half"])] == ["pulse_1w", "freshness_half"]
+    assert set(REGISTRY.cases) == {
+        "floor", "naive", "pulse_1w", "pulse_2w", "quix", "write_cost", "freshness",
+        "freshness_half", "reads",
+    }  # fmt: skip
+    assert REGISTRY.ratios["pulse_1w_vs_quix"].denominator == "cases.quix.events_per_s"
+    goals = {name: (t.op, t.threshold) for name, t in REGISTRY.targets.items()}
+    assert goals == {
+        "pulse_1w_vs_floor": (">=", 0.25),
+        "pulse_1w_vs_quix": (">=", 3.0),
+        "freshness_p99_ms": ("<=", 250.0),
+        "freshness_half_p99_ms": ("<=", 250.0),
+        "write_cost_store_commands": ("<=", 0.5),
+        "write_cost_aof_bytes": ("<=", 150.0),
+        "write_cost_replica_aof_bytes": ("<=", 150.0),
+        "reads_p99_ms": ("<=", 50.0),
+        "reads_first_refresh_ms": ("<=", 150.0),
+    }
 
 
 def test_percentiles_interpolate() -> None:
@@ -133,7 +151,8 @@ def test_build_report_shape_and_lookup() -> None:
     report = build_report(
         {"cpus": 2}, {"smoke": True}, {"a": {"x": 4.0}, "b": {"x": 1.0}}, {"c": "boom"}, reg
     )
-    assert set(report) == {"machine", "params", "cases", "errors", "ratios", "targets"}
+    assert set(report) == {"machine", "params", "cases", "errors", "skipped", "ratios", "targets"}
+    assert report["skipped"] == {}
     assert report["ratios"] == {"r": 4.0}
     assert report["targets"]["t"]["met"] is True
     assert lookup(report, "cases.a.x") == 4.0
@@ -157,7 +176,7 @@ def test_flatten_and_fmt() -> None:
 def test_params_smoke_is_smaller_and_overrides_apply() -> None:
     full, smoke = BenchParams.create(False), BenchParams.create(True)
     assert smoke.events < full.events and smoke.naive_events < full.naive_events
-    assert full.rate == 20_000 and full.read_devices == 10_000
+    assert full.rate == 5_000 and full.read_devices == 10_000
     p = BenchParams.create(False, events=500, rate=100, store_db=3)
     assert (p.events, p.naive_events, p.rate, p.store_db) == (500, 500, 100, 3)
 
@@ -175,3 +194,24 @@ def test_run_cases_records_failures_and_skips_dependants(tmp_path: Path) -> None
     results, errors = run_cases(ctx, cases)
     assert results["ok"]["v"] == 1 and "wall_s" in results["ok"]
     assert errors == {"bad": "RuntimeError: no broker", "needs_bad": "skipped: needs bad"}
+    assert ctx.skipped == {}
+
+
+def test_a_skipped_case_is_a_note_not_an_error(tmp_path: Path) -> None:
+    def absent(ctx: BenchContext) -> dict[str, object]:
+        raise BenchSkipped("somelib is not installed")
+
+    ctx = BenchContext(BenchParams.create(True), KafkaSettings(), StoreSettings(), tmp_path)
+    cases = [
+        BenchCase("opt", absent, ""),
+        BenchCase("needs_opt", lambda c: {"v": 1}, "", ("opt",)),
+        BenchCase("ok", lambda c: {"v": 2}, ""),
+    ]
+    results, errors = run_cases(ctx, cases)
+    assert errors == {} and set(results) == {"ok"}
+    assert ctx.skipped == {
+        "opt": "somelib is not installed",
+        "needs_opt": "needs opt, which did not run",
+    }
+    report = build_report({}, {}, results, errors, Registry(), skipped=ctx.skipped)
+    assert report["skipped"] == ctx.skipped

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.bench.profile import OTHER, area_of, parse_frame, report, summarise
+from pulse_bench.profile import OTHER, area_of, parse_frame, report, summarise
 
 LINES = [
     "main (pipeline/cli.py:90);run_forever (asyncio/base_events.py:607);"

@@ -61,6 +61,7 @@ def test_valkey_primary_and_replica_are_durable() -> None:
         cmd = svc["command"]
         assert cmd[cmd.index("--appendonly") + 1] == "yes"
         assert cmd[cmd.index("--appendfsync") + 1] == "always"
+        assert cmd[cmd.index("--hz") + 1] == "100"  # as pulse up configures it
     rcmd = replica["command"]
     assert rcmd[rcmd.index("--replicaof") + 1 : rcmd.index("--replicaof") + 3] == [
         "valkey",

@@ -22,6 +22,16 @@ def test_cli_module_does_not_import_streamlit() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_dashboard_imports_nothing_from_the_pipeline() -> None:
+    # the page, its queries and the CLI run beside the worker, not with it
+    code = "import sys, dashboard.app, dashboard.cli, dashboard.panels, dashboard.queries; "
+    code += "print(sorted(m for m in sys.modules if m == 'pipeline' or m.startswith('pipeline.')))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=cli.ROOT
+    )
+    assert out.stdout.strip() == "[]"
+
+
 def test_parser_accepts_dashboard_options() -> None:
     args = build_parser().parse_args(
         ["dashboard", "--port", "8600", "--refresh-s", "5", "--lookback-min", "30"]

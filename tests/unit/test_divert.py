@@ -10,7 +10,8 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, ProducerClosed
 
 from pipeline.batch import Diverted, PartitionBatch, Record
-from pipeline.worker import TRUNCATED_BYTES, Divert, Metrics
+from pipeline.divert import TRUNCATED_BYTES, Divert
+from pipeline.metrics import Metrics
 from schemas.events import EventKind
 
 

@@ -14,6 +14,8 @@ import pytest
 from loadgen.generator import GenConfig, Generator, Record
 from loadgen.producer import encode_jsonl, read_jsonl, run_load
 from pipeline.cli import main
+from pipeline.settings import WorkerSettings
+from schemas.settings import EventTimeSettings
 
 START = 1_700_000_000_000
 
@@ -81,10 +83,45 @@ def test_bad_arguments_are_one_sentence_errors(
     assert message in capsys.readouterr().err
 
 
+def test_worker_bounds_come_from_the_worker_variables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PULSE_WORKER_MAX_EVENT_AGE_S", "60")
+    argv = ["loadgen", "--rate", "0", "--duration", "2", "--devices", "2", "--services", "1",
+            "--start-ms", str(START), "--output", str(tmp_path / "events.jsonl")]  # fmt: skip
+    assert main(argv) == 0
+    assert "the worker will drop the events" in capsys.readouterr().err
+    monkeypatch.setenv("PULSE_WORKER_MAX_EVENT_AGE_S", "-1")
+    assert main(argv) == 2
+    assert "PULSE_WORKER_MAX_EVENT_AGE_S" in capsys.readouterr().err
+
+
+def test_event_time_settings_mirror_the_worker_settings() -> None:
+    """loadgen reads the worker's bounds without importing pipeline: both must agree."""
+    for name, field in EventTimeSettings.model_fields.items():
+        worker = WorkerSettings.model_fields[name]
+        assert (field.annotation, field.default, field.metadata) == (
+            worker.annotation,
+            worker.default,
+            worker.metadata,
+        ), name
+    assert EventTimeSettings.model_config.get("env_prefix") == WorkerSettings.model_config.get(
+        "env_prefix"
+    )
+
+
+def test_a_bad_loadgen_setting_is_one_sentence(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PULSE_LOADGEN_LINGER_MS", "-1")
+    assert main(["loadgen", "--help"]) == 2
+    assert capsys.readouterr().err.startswith("pulse: PULSE_LOADGEN_LINGER_MS: ")
+
+
 def test_cli_module_imports_stay_light() -> None:
     code = (
         "import sys, loadgen.cli; "
-        "print(sorted(m for m in ('numpy', 'aiokafka', 'orjson') if m in sys.modules))"
+        "print(sorted(m for m in ('numpy', 'aiokafka', 'orjson', 'pipeline') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

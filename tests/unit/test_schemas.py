@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 
 from schemas import export, keys
@@ -24,18 +25,15 @@ def test_json_schema_describes_the_model() -> None:
 
 
 def test_keys_share_a_hash_tag_per_partition() -> None:
-    k = keys.agg_key(EventKind.SENSOR, 3, keys.WINDOW_1M, keys.Dim.SITE, 120_000)
-    assert k == "pulse:{sensor.3}:agg:1m:site:120000"
-    assert keys.parse_agg_key(k) == (EventKind.SENSOR, 3, "1m", "site", 120_000)
+    k = keys.window_key(EventKind.SENSOR, 3, keys.WINDOW_1M, keys.Dim.SITE, 120_000)
+    assert k == "pulse:{sensor.3}:w:1m:site:120000"
+    assert keys.parse_window_key(k) == (EventKind.SENSOR, 3, "1m", "site", 120_000)
     tag = "{sensor.3}"
     for other in (
         keys.progress_key("sensor", 3),
-        keys.sketch_key("sensor", 3, keys.WINDOW_10S, "device", 0),
+        keys.window_key("sensor", 3, keys.WINDOW_10S, "device", 0),
         keys.entities_key("sensor", 3, "device"),
     ):
         assert tag in other
-
-
-def test_fields_split_on_the_last_separator() -> None:
-    ent = keys.entity("checkout", "/api/orders/{id}")
-    assert keys.split_field(keys.field(ent, "p99")) == (ent, "p99")
+    assert fnmatch.fnmatchcase(k, keys.window_pattern("sensor", keys.WINDOW_1M))
+    assert not fnmatch.fnmatchcase(k, keys.window_pattern("applog"))

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import sketches
+from schemas import sketch as sketches
 
 # Examples are checked, never timed: a loaded machine must not fail a test (no deadline, and
 # no health check that times data generation).

@@ -15,13 +15,14 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
 from pipeline import verify
-from pipeline.sketches import bucket_codes
-from schemas import keys
+from schemas import keys, packed
 from schemas.events import EventKind
+from schemas.sketch import bucket_codes
 
 SENSOR, APPLOG = EventKind.SENSOR, EventKind.APPLOG
 MIN = keys.WINDOW_1M.size_ms
@@ -36,21 +37,25 @@ class FakePipeline:
     def hgetall(self, key: str) -> None:
         self.queued.append(key)
 
-    def execute(self) -> list[dict[str, str]]:
+    def execute(self) -> list[dict[bytes, bytes]]:
         return [self.store.hgetall(k) for k in self.queued]
 
 
 class FakeRedis:
-    """Hashes only, as ``decode_responses=True`` returns them."""
+    """Hashes only, as a client without ``decode_responses`` returns them (bytes)."""
 
     def __init__(self) -> None:
-        self.hashes: dict[str, dict[str, str]] = {}
+        self.hashes: dict[str, dict[str, Any]] = {}
 
-    def scan_iter(self, match: str = "*", count: int = 0) -> Iterator[str]:
-        return iter([k for k in self.hashes if fnmatch.fnmatchcase(k, match)])
+    def scan_iter(self, match: str = "*", count: int = 0) -> Iterator[bytes]:
+        return iter([k.encode() for k in self.hashes if fnmatch.fnmatchcase(k, match)])
 
-    def hgetall(self, key: str) -> dict[str, str]:
-        return dict(self.hashes.get(key, {}))
+    def hgetall(self, key: str | bytes) -> dict[bytes, bytes]:
+        k = key.decode() if isinstance(key, bytes) else key
+        return {
+            f.encode(): v if isinstance(v, bytes) else str(v).encode()
+            for f, v in self.hashes.get(k, {}).items()
+        }
 
     def pipeline(self, transaction: bool = False) -> FakePipeline:
         return FakePipeline(self)
@@ -79,12 +84,12 @@ def build() -> tuple[FakeRedis, dict[str, Any]]:
             for window in keys.TUMBLING_WINDOWS:
                 start = keys.window_start(t, window)
                 for dim, ent in ents.items():
-                    k = keys.agg_key(kind, part, window, dim, start)
+                    k = keys.window_key(kind, part, window, dim, start)
                     stored.setdefault(k, {}).setdefault(ent, []).append(ev[2:])
         for k, by_ent in stored.items():
             if f"{{{kind.value}." not in k:
                 continue
-            _, _, wname, dim, start = keys.parse_agg_key(k)
+            _, _, wname, dim, start = keys.parse_window_key(k)
             tw = truth["windows"][kind.value].setdefault(wname, {}).setdefault(dim, {})
             for ent, rows in by_ent.items():
                 values = [row[0] for row in rows]
@@ -99,11 +104,7 @@ def build() -> tuple[FakeRedis, dict[str, Any]]:
                     stats += [*classes, errors]
                     want |= dict(zip(keys.Stat.STATUS_CLASSES, classes, strict=True))
                     want[keys.Stat.ERRORS] = errors
-                r.hashes.setdefault(k, {})[ent] = keys.pack_stats(stats)
-                sk = r.hashes.setdefault(k.replace(":agg:", ":sk:", 1), {})
-                for code in bucket_codes(values).tolist():
-                    f = keys.field(ent, str(code))
-                    sk[f] = str(int(sk.get(f, "0")) + 1)
+                r.hashes.setdefault(k, {})[ent] = value(stats, values)
                 tw.setdefault(str(start), {})[ent] = want
         n = len(events)
         r.hashes[keys.progress_key(kind, part)] = {
@@ -126,6 +127,30 @@ def build() -> tuple[FakeRedis, dict[str, Any]]:
 QS = (50, 90, 95, 99)
 
 
+def value(stats: list[float], values: list[float], extra: dict[int, int] | None = None) -> bytes:
+    """The packed value of an entity's statistics and the sketch of its values (+ extra)."""
+    codes = bucket_codes(values)
+    if extra:
+        codes = np.concatenate([codes, np.repeat(list(extra), list(extra.values()))])
+    table = packed.from_values(
+        np.array([stats], dtype=np.float64),
+        np.zeros(codes.size, dtype=np.int64),
+        codes.astype(np.int64),
+        np.ones(codes.size, dtype=np.int64),
+    )
+    return packed.encode(table)[0]
+
+
+def stats_of(r: FakeRedis, key: str, ent: str) -> tuple[list[float], list[float]]:
+    """An entity's stored statistics and one value per sketch bucket count (for rewriting)."""
+    t = packed.decode([r.hashes[key][ent]])
+    vals = np.repeat(
+        [float(packed.sketch.bucket_values(np.array([c]))[0]) for c in t.code.tolist()],
+        t.count,
+    )
+    return t.stats[0].tolist(), vals.tolist()
+
+
 def _std(values: list[float]) -> float:
     mean = sum(values) / len(values)
     return float((sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5)
@@ -142,50 +167,69 @@ def test_a_consistent_store_passes() -> None:
     assert problems(r, truth) == []
 
 
-def sk_key(kind: EventKind, part: int, dim: str, start: int) -> str:
-    return keys.sketch_key(kind, part, keys.WINDOW_1M, dim, start)
+def w_key(kind: EventKind, part: int, dim: str, start: int) -> str:
+    return keys.window_key(kind, part, keys.WINDOW_1M, dim, start)
 
 
 def test_a_sketch_bucket_off_by_one_is_named() -> None:
     r, truth = build()
-    sk = sk_key(SENSOR, 0, keys.Dim.DEVICE, T0)
-    field = next(f for f in r.hashes[sk] if f.startswith("d2|temp#"))
-    r.hashes[sk][field] = str(int(r.hashes[sk][field]) + 1)
+    k = w_key(SENSOR, 0, keys.Dim.DEVICE, T0)
+    stats, _ = stats_of(r, k, "d2|temp")
+    r.hashes[k]["d2|temp"] = value(stats, [21.25, 21.25])  # sketch of 2 values, n = 1
     lines = problems(r, truth)
-    assert (
-        f"sensor partition 0 1m device @{T0} d2|temp: sketch holds 2 values, aggregate count n=1"
-        in lines
-    )
+    want = f"sensor partition 0 1m device @{T0} d2|temp: has a sketch total unequal to its count"
+    assert want in lines, lines
 
 
-def test_a_sketch_without_aggregate_is_named() -> None:
+def test_an_entity_the_truth_does_not_have_is_named() -> None:
     r, truth = build()
-    sk = sk_key(APPLOG, 1, keys.Dim.ROUTE, T0)
-    r.hashes[sk]["ghost|/z#5"] = "3"
+    k = w_key(APPLOG, 1, keys.Dim.ROUTE, T0)
+    r.hashes[k]["ghost|/z"] = value([1, 2.0, 4.0, 2.0, 2.0, 0, 1, 0, 0, 0, 0], [2.0])
     lines = problems(r, truth)
-    assert (
-        f"applog partition 1 1m route @{T0} ghost|/z: sketch holds 3 values, no aggregate" in lines
-    )
+    assert lines == [f"applog 1m route @{T0} ghost|/z: in the store (n=1) but not in the truth"]
 
 
-def test_an_orphan_sketch_key_is_found() -> None:
+def test_a_window_the_truth_does_not_have_is_named() -> None:
     r, truth = build()
-    r.hashes[sk_key(SENSOR, 0, keys.Dim.SITE, T0 + 5 * MIN)] = {"s9|temp#12": "1"}
+    r.hashes[w_key(SENSOR, 0, keys.Dim.SITE, T0 + 5 * MIN)] = {
+        "s9|temp": value([1, 1.0, 1.0, 1.0, 1.0], [1.0])
+    }
     lines = problems(r, truth)
-    assert any(
-        "sketch holds 1 values, no aggregate" in line and "s9|temp" in line for line in lines
-    )
+    assert f"sensor 1m site @{T0 + 5 * MIN}: window in the store but not in the truth" in lines
 
 
-def test_unreadable_fields_are_mismatches_not_crashes() -> None:
+def test_unreadable_values_are_mismatches_not_crashes() -> None:
     r, truth = build()
-    agg = keys.agg_key(SENSOR, 0, keys.WINDOW_1M, keys.Dim.METRIC, T0)
-    r.hashes[agg]["temp"] = "2 x"
-    sk = sk_key(SENSOR, 0, keys.Dim.DEVICE, T0)
-    r.hashes[sk]["d1|temp#notacode"] = "1"
+    where = f"sensor partition 0 1m metric @{T0} temp: value 0"
+    r.hashes[w_key(SENSOR, 0, keys.Dim.METRIC, T0)]["temp"] = b"2 0.5 0.25 0.5 0.5"
     lines = problems(r, truth)
-    assert any("temp: aggregate '2 x' cannot be read" in line for line in lines)
-    assert any("sketch field 'd1|temp#notacode'" in line for line in lines)
+    assert any(x.startswith(where) and "not a version-1 packed value" in x for x in lines), lines
+    r.hashes[w_key(SENSOR, 0, keys.Dim.METRIC, T0)]["temp"] = b"2 x"
+    lines = problems(r, truth)
+    assert any(x.startswith(where) and "fewer than the 8-byte header" in x for x in lines), lines
+
+
+def test_values_that_break_the_codec_rules_are_named() -> None:
+    r, truth = build()
+    k = w_key(SENSOR, 0, keys.Dim.DEVICE, T0)
+    stats, vals = stats_of(r, k, "d1|temp")
+    stats[packed.MIN], stats[packed.MAX] = stats[packed.MAX] + 1, stats[packed.MIN]
+    r.hashes[k]["d1|temp"] = value(stats, vals)
+    lines = problems(r, truth)
+    assert f"sensor partition 0 1m device @{T0} d1|temp: has min > max" in lines, lines
+
+
+def test_only_the_kept_dimensions_are_compared() -> None:
+    r, truth = build()
+    for k in [k for k in r.hashes if ":w:10s:" in k or ":device:" in k]:
+        del r.hashes[k]
+    plan = (
+        (keys.WINDOW_10S, ()),
+        (keys.WINDOW_1M, ("site", "metric", "route", "service", "fleet")),
+    )
+    found = verify.read_store(r, batch=3)
+    assert verify.verify(truth, found, verify.kept_dims(plan)) == []
+    assert any("missing" in line for line in verify.verify(truth, found))
 
 
 def test_counters_that_miss_a_record_are_named() -> None:
@@ -255,9 +299,10 @@ def test_run_prints_each_mismatch_and_exits_1(
     r, truth = build()
     found = verify.read_store(r)
     r.hashes[keys.progress_key(SENSOR, 0)]["offset"] = "9"
+    monkeypatch.setenv("PULSE_WORKER_DIMS_10S", "device,site,metric,route,service,fleet")
     path = tmp_path / "truth.json"
     path.write_bytes(orjson.dumps(truth))
-    monkeypatch.setattr("redis.Redis", lambda **_kw: r)
+    monkeypatch.setattr("schemas.settings.store_client", lambda *_a, **_kw: r)
     out = io.StringIO()
     with redirect_stdout(out):
         code = verify.run(argparse.Namespace(truth=path, max_report=10))

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from loadgen import faults
 from schemas.events import AppLogEvent, EventKind, SensorReading
-from schemas.wire import APPLOG_DECODER, SENSOR_DECODER
+from schemas.wire import APPLOG_DECODER, SENSOR_DECODER, CheckedDecoder
 
 SENSOR: dict[str, Any] = {
     "device_id": "dev-0001",
@@ -67,7 +67,7 @@ def mutate(base: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
     )  # fmt: skip
 
 
-def check_subset(decoder: msgspec.json.Decoder[Any], model: type[BaseModel], raw: bytes) -> None:
+def check_subset(decoder: CheckedDecoder[Any], model: type[BaseModel], raw: bytes) -> None:
     try:
         fast = decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
@@ -167,3 +167,32 @@ def test_valid_events_take_the_fast_path() -> None:
     assert APPLOG_DECODER.decode(orjson.dumps(APPLOG)).status_code == 503
     # and integers where floats are declared, as JSON producers often write them
     assert SENSOR_DECODER.decode(orjson.dumps({**SENSOR, "value": 21})).value == 21.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("device_id", "dev 1"), ("site", "a|b"), ("metric", "t\n"), ("site", "é")]
+)
+def test_identifier_patterns_are_checked_once_per_value_and_reject_like_the_model(
+    field: str, value: str
+) -> None:
+    raw = orjson.dumps({**SENSOR, field: value})
+    with pytest.raises(msgspec.ValidationError, match=field):
+        SENSOR_DECODER.decode(raw)
+    with pytest.raises(ValidationError):
+        SensorReading.model_validate_json(raw)
+    good = SENSOR_DECODER.decode_unchecked(orjson.dumps(SENSOR))
+    bad = SENSOR_DECODER.decode_unchecked(raw)
+    assert SENSOR_DECODER.breaking([good, bad, good, bad]) == {1: [field], 3: [field]}
+    # a value seen valid is not checked again, and is still valid
+    assert SENSOR_DECODER.breaking([good]) == {}
+
+
+def test_the_valid_identifier_cache_is_bounded() -> None:
+    d = CheckedDecoder(type(SENSOR_DECODER.decode_unchecked(orjson.dumps(SENSOR))),
+                       {"device_id": r"^[a-z0-9-]+\Z"}, cache=10)  # fmt: skip
+    events = [
+        d.decode_unchecked(orjson.dumps({**SENSOR, "device_id": f"d-{i}"})) for i in range(25)
+    ]
+    for e in events:
+        assert d.breaking([e]) == {}
+    assert len(d._valid["device_id"]) <= 10

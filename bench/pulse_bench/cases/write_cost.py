@@ -3,14 +3,15 @@
 Derived from the drains of ``naive`` and ``pulse_1w``: round trips are counted in the child
 processes (one per write of a command or pipeline), commands and AOF growth are server-side
 deltas over the drain (``total_commands_processed`` includes the commands a function runs; the
-benchmark's own progress polls are subtracted).
+benchmark's own progress polls are subtracted). The replica's AOF growth is measured too; its
+command count is not (Valkey does not count the commands a replica applies from its primary).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pipeline.bench.harness import BenchContext, Metrics, bench_case, ratio
+from pulse_bench.harness import BenchContext, Metrics, bench_case, ratio, target
 
 
 def per_event(result: Metrics, events: int, poll_commands: int = 0) -> Metrics:
@@ -66,4 +67,25 @@ ratio(
     "naive_vs_pulse_aof_bytes",
     "cases.write_cost.naive.aof_bytes_per_event",
     "cases.write_cost.pulse_1w.aof_bytes_per_event",
+)
+target(
+    "write_cost_store_commands",
+    "cases.write_cost.pulse_1w.store_commands_per_event",
+    "<=",
+    0.5,
+    "store commands per event, 1 worker",
+)
+target(
+    "write_cost_aof_bytes",
+    "cases.write_cost.pulse_1w.aof_bytes_per_event",
+    "<=",
+    150.0,
+    "AOF bytes per event on the primary",
+)
+target(
+    "write_cost_replica_aof_bytes",
+    "cases.write_cost.pulse_1w.replica_aof_bytes_per_event",
+    "<=",
+    150.0,
+    "AOF bytes per event on the replica",
 )

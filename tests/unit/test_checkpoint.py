@@ -1,8 +1,9 @@
-"""The worker's checkpoint for one event kind: divert, apply, durable, then acknowledge.
+"""The worker's checkpoint for one event kind: divert, apply, durable, then commit offsets.
 
-``PartitionApplier`` is driven with a fake store writer and a fake divert, so each rule is seen
-in isolation: a fence before the first acknowledgement after an assignment or a lost
-connection, conflicts re-read the store, and no record can make a partition fail.
+``Checkpoint`` is driven with a fake store writer, a fake divert and a fake offset committer,
+so each rule is seen in isolation: the order of the steps, a fence before the first
+acknowledgement after an assignment or a lost connection, conflicts restore from the store,
+and no record can make a partition fail.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import orjson
 import pytest
 from redis.exceptions import ConnectionError as StoreConnectionError
 
+from pipeline import windows
 from pipeline.batch import BatchRules, PartitionBatch, PartitionState, Record, process
+from pipeline.checkpoint import Checkpoint
+from pipeline.metrics import Metrics
 from pipeline.store_writer import ApplyOutcome
 from pipeline.validation import TimeBounds
-from pipeline.worker import Metrics, PartitionApplier
+from schemas import keys, packed
 from schemas.events import EventKind
 
 NOW = 1_700_000_000_000
@@ -50,6 +54,8 @@ class FakeWriter:
     """Keeps per-partition offsets like the store; logs every call in order."""
 
     offsets: dict[int, int] = field(default_factory=dict)
+    max_event_times: dict[int, int] = field(default_factory=dict)
+    hashes: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     fail_next: list[str] = field(default_factory=list)  # call names that raise once
 
@@ -61,7 +67,16 @@ class FakeWriter:
 
     async def read_state(self, kind: EventKind, partitions: list[int]) -> dict[int, PartitionState]:
         self._maybe_fail("read")
-        return {p: PartitionState(offset=self.offsets.get(p, -1)) for p in partitions}
+        return {
+            p: PartitionState(
+                offset=self.offsets.get(p, -1),
+                max_event_time=self.max_event_times.get(p, windows.NO_EVENT_YET),
+            )
+            for p in partitions
+        }
+
+    async def read_hashes(self, names: list[str]) -> dict[str, dict[bytes, bytes]]:
+        return {k: dict(self.hashes.get(k, {})) for k in names}
 
     async def apply(
         self, batches: list[PartitionBatch], now_ms: int
@@ -77,6 +92,10 @@ class FakeWriter:
             ok = cur == b.expect_offset
             if ok:
                 self.offsets[b.partition] = b.last_offset
+                self.max_event_times[b.partition] = b.max_event_time
+                for w in b.writes:
+                    h = self.hashes.setdefault(w.key, {})
+                    h.update(zip((f.encode() for f in w.fields), w.values, strict=True))
             out.append(ApplyOutcome(b.partition, ok, self.offsets.get(b.partition, -1)))
         return out, 0.001
 
@@ -91,8 +110,11 @@ class FakeWriter:
 @dataclass
 class FakeDivert:
     sent: list[tuple[str, int, str]] = field(default_factory=list)  # (topic kind, offset, reason)
+    calls: list[str] | None = None  # a shared call log, to check the order of steps
 
     async def send(self, source_topic: str, batches: Sequence[PartitionBatch]) -> None:
+        if self.calls is not None:
+            self.calls.append("divert")
         for b in batches:
             self.sent += [("dead", d.record.offset, d.reason) for d in b.dead]
             self.sent += [("late", d.record.offset, d.reason) for d in b.late]
@@ -100,9 +122,9 @@ class FakeDivert:
 
 def applier(
     writer: FakeWriter, divert: FakeDivert | None = None, **kw: object
-) -> tuple[PartitionApplier, Metrics]:
+) -> tuple[Checkpoint, Metrics]:
     metrics = Metrics()
-    a = PartitionApplier(
+    a = Checkpoint(
         EventKind.SENSOR,
         "pulse.sensor",
         writer,  # type: ignore[arg-type]
@@ -123,7 +145,7 @@ def run(coro: object) -> None:
 def test_applies_and_advances_without_fencing_when_nothing_is_unsure() -> None:
     w = FakeWriter()
     a, m = applier(w)
-    run(a.handle({0: records(0, 5), 1: records(0, 3)}))
+    run(a.commit({0: records(0, 5), 1: records(0, 3)}))
     assert w.offsets == {0: 4, 1: 2}
     assert w.calls == ["read", "apply"]
     assert m.events == 8 and m.fences == 0
@@ -134,18 +156,18 @@ def test_after_an_assignment_a_poll_of_already_applied_records_is_fenced_before_
     w = FakeWriter(offsets={0: 9})
     a, m = applier(w)
     a.forget()  # what the reader calls on every assignment
-    run(a.handle({0: records(0, 10)}))
+    run(a.commit({0: records(0, 10)}))
     assert w.calls[0] == "fence", w.calls
     assert "apply" not in w.calls  # nothing new to apply, yet durability was confirmed
     assert m.fences == 1
-    run(a.handle({0: records(10, 2)}))
+    run(a.commit({0: records(10, 2)}))
     assert w.calls.count("fence") == 1  # only the first acknowledgement needs the fence
 
 
 def test_lost_connection_during_apply_is_unsure_and_fenced_before_ack() -> None:
     w = FakeWriter(fail_next=["apply"])
     a, m = applier(w)
-    run(a.handle({0: records(0, 5)}))
+    run(a.commit({0: records(0, 5)}))
     # apply failed (maybe applied, maybe not): re-read, fence, then the retry
     assert w.calls == ["read", "apply", "fence", "read", "apply"]
     assert w.offsets == {0: 4}
@@ -155,7 +177,7 @@ def test_lost_connection_during_apply_is_unsure_and_fenced_before_ack() -> None:
 def test_lost_connection_during_fence_fences_again() -> None:
     w = FakeWriter(fail_next=["apply", "fence"])
     a, m = applier(w)
-    run(a.handle({0: records(0, 3)}))
+    run(a.commit({0: records(0, 3)}))
     assert w.calls == ["read", "apply", "fence", "fence", "read", "apply"]
     assert m.fences == 1 and m.store_retries == 2
 
@@ -163,9 +185,9 @@ def test_lost_connection_during_fence_fences_again() -> None:
 def test_conflict_rereads_the_store_and_applies_only_what_is_new() -> None:
     w = FakeWriter()
     a, m = applier(w)
-    run(a.handle({0: records(0, 5)}))
+    run(a.commit({0: records(0, 5)}))
     w.offsets[0] = 7  # someone else (a previous owner) applied 5..7 meanwhile
-    run(a.handle({0: records(5, 5)}))
+    run(a.commit({0: records(5, 5)}))
     assert w.offsets == {0: 9}
     assert m.conflicts == 1
     assert m.events == 5 + 2  # 8 and 9 only
@@ -175,8 +197,8 @@ def test_conflict_rereads_the_store_and_applies_only_what_is_new() -> None:
 def test_redelivered_records_are_skipped() -> None:
     w = FakeWriter()
     a, m = applier(w)
-    run(a.handle({0: records(0, 5)}))
-    run(a.handle({0: records(0, 5)}))
+    run(a.commit({0: records(0, 5)}))
+    run(a.commit({0: records(0, 5)}))
     assert m.events == 5 and w.offsets == {0: 4}
 
 
@@ -184,11 +206,11 @@ def test_all_rejected_and_all_late_batches_still_advance_the_offset() -> None:
     w = FakeWriter()
     d = FakeDivert()
     a, m = applier(w, d)
-    run(a.handle({0: [Record(i, None, b"not json") for i in range(4)]}))
+    run(a.commit({0: [Record(i, None, b"not json") for i in range(4)]}))
     assert w.offsets == {0: 3} and m.dead == 4
-    run(a.handle({0: [Record(4, None, sensor(NOW))]}))
+    run(a.commit({0: [Record(4, None, sensor(NOW))]}))
     late = [Record(5 + i, None, sensor(NOW - 3_600_000)) for i in range(3)]
-    run(a.handle({0: late}))
+    run(a.commit({0: late}))
     assert w.offsets == {0: 7} and m.late == 3
     assert [k for k, _, _ in d.sent] == ["dead"] * 4 + ["late"] * 3
 
@@ -207,7 +229,7 @@ def test_a_record_that_breaks_processing_becomes_a_dead_letter_alone() -> None:
     recs = records(0, 5)
     recs[2] = Record(2, None, poison)
     recs.append(Record(5, None, poison))  # also the last record: the offset must pass it
-    run(a.handle({0: recs}))
+    run(a.commit({0: recs}))
     assert w.offsets == {0: 5}
     assert m.events == 4 and m.isolated == 2
     assert [(o, r) for _, o, r in d.sent] == [
@@ -223,3 +245,61 @@ def test_load_progress_retries_store_outages(fail: list[str]) -> None:
     got = asyncio.run(a.load_progress([3]))
     assert got[3].offset == 41
     assert m.store_retries == len(fail)
+
+
+def _window_count(w: FakeWriter, partition: int, dim: str = keys.Dim.METRIC) -> int:
+    start = keys.window_start(NOW - 1000, keys.WINDOW_1M)
+    key = keys.window_key(EventKind.SENSOR, partition, keys.WINDOW_1M, dim, start)
+    table = packed.decode(list(w.hashes[key].values()), packed.NF_SENSOR)
+    return int(table.stats[:, packed.COUNT].sum())
+
+
+def test_values_are_absolute_and_a_new_owner_restores_the_open_windows() -> None:
+    w = FakeWriter()
+    a, _ = applier(w)
+    run(a.commit({0: records(0, 5)}))
+    assert _window_count(w, 0) == 5
+    b, _ = applier(w)  # the next owner of partition 0, another process
+    b.forget()
+    run(b.commit({0: records(5, 3)}))
+    assert _window_count(w, 0) == 8  # 5 restored from the store + 3
+
+
+def test_a_conflict_restores_the_windows_the_other_writer_left() -> None:
+    w = FakeWriter()
+    a, _ = applier(w)
+    b, _ = applier(w)
+    run(a.commit({0: records(0, 4)}))
+    run(b.commit({0: records(0, 6)}))  # b restored a's 4, applied 4..5
+    assert _window_count(w, 0) == 6
+    run(a.commit({0: records(6, 2)}))  # a's cached windows are stale: conflict, restore
+    assert _window_count(w, 0) == 8 and w.offsets == {0: 7}
+
+
+def test_the_order_is_divert_apply_durable_then_commit_offsets() -> None:
+    w = FakeWriter()
+    d = FakeDivert(calls=w.calls)
+    committed: list[tuple[str, dict[int, int]]] = []
+
+    async def commit_offsets(topic: str, offsets: dict[int, int]) -> None:
+        w.calls.append("commit offsets")
+        committed.append((topic, offsets))
+
+    a, _ = applier(w, d, commit_offsets=commit_offsets)
+    recs = [*records(0, 3), Record(3, None, b"oops")]
+    run(a.commit({0: recs, 2: records(0, 2)}))
+    assert w.calls == ["read", "divert", "apply", "commit offsets"]
+    assert committed == [("pulse.sensor", {0: 4, 2: 2})]  # the next offsets to read
+
+
+def test_offsets_are_not_committed_while_the_store_is_unreachable() -> None:
+    w = FakeWriter(fail_next=["apply"])
+    committed: list[dict[int, int]] = []
+
+    async def commit_offsets(topic: str, offsets: dict[int, int]) -> None:
+        assert w.offsets == {0: 4}, "committed before the apply succeeded"
+        committed.append(offsets)
+
+    a, _ = applier(w, commit_offsets=commit_offsets)
+    run(a.commit({0: records(0, 5)}))
+    assert committed == [{0: 5}]

@@ -4,7 +4,7 @@ Each event is decoded with ``json.loads`` on its own and its 1-minute window sta
 sum, min, max of the device's reading or the route's latency) are updated with one awaited store
 command after another — no batching, no pipelining, no scripts, no offset bookkeeping. Malformed
 events (and values the store refuses, such as NaN) are skipped. It runs as a child process of the
-benchmark: ``python -m pipeline.bench.counting FILE naive --target N --result FILE``; it handles
+benchmark: ``python -m pulse_bench.counting FILE naive --target N --result FILE``; it handles
 exactly ``--target`` events (each agent claims an event before its first await, so the two
 agents never overshoot), then stops writing, and records when the first and the N-th event were
 handled. The result file is written at the N-th event and again when the process exits.
@@ -67,10 +67,9 @@ class Progress:
 def create_app(app_id: str, progress: Progress) -> Any:
     """The tutorial-style app: one agent per topic, one store command per statistic."""
     import faust
-    import redis.asyncio as aioredis
     from redis.exceptions import ResponseError
 
-    from pipeline.settings import KafkaSettings, StoreSettings
+    from schemas.settings import KafkaSettings, StoreSettings, store_client
 
     kafka, store = KafkaSettings(), StoreSettings()
     app = faust.App(
@@ -83,7 +82,7 @@ def create_app(app_id: str, progress: Progress) -> Any:
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
     )
-    r = aioredis.Redis(host=store.host, port=store.port, db=store.db)
+    r = store_client(store, asyncio=True)
 
     async def record(key: str, name: str, value: float) -> None:
         await r.hincrby(key, f"{name}#n", 1)

@@ -1,4 +1,8 @@
-"""Kafka helpers of the benchmarks: topics, preloading, end offsets, paced production."""
+"""Kafka helpers of the benchmarks: topics, preloading, end offsets, paced production.
+
+Below the harness in the import graph: these take the run's sizes and the Kafka settings, never
+the run context (:mod:`pulse_bench.harness` imports this module, not the other way round).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from pipeline.stack.kafka import run_sync
 
 if TYPE_CHECKING:
     from loadgen.generator import GenConfig, Record
-    from pipeline.bench.harness import BenchContext
+    from pulse_bench.params import BenchParams
+    from schemas.settings import KafkaSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +134,13 @@ async def _end_offsets(
         await c.stop()
 
 
-def gen_config(ctx: BenchContext, topics: TopicSet, **over: Any) -> GenConfig:
+def gen_config(
+    params: BenchParams, kafka: KafkaSettings, topics: TopicSet, **over: Any
+) -> GenConfig:
     """A load generator config for ``topics`` with the run's fleet and fault rates."""
     from loadgen.generator import GenConfig
 
-    p = ctx.params
+    p = params
     values: dict[str, Any] = {
         "seed": p.seed,
         "start_ms": int(time.time() * 1000),
@@ -144,8 +151,8 @@ def gen_config(ctx: BenchContext, topics: TopicSet, **over: Any) -> GenConfig:
         "anomaly_rate": 0.05,
         "bad_rate": p.bad_rate,
         "late_rate": p.late_rate,
-        "sensor_partitions": ctx.kafka.partitions,
-        "applog_partitions": ctx.kafka.partitions,
+        "sensor_partitions": kafka.partitions,
+        "applog_partitions": kafka.partitions,
         "sensor_topic": topics.sensor,
         "applog_topic": topics.applog,
         **over,
@@ -153,19 +160,19 @@ def gen_config(ctx: BenchContext, topics: TopicSet, **over: Any) -> GenConfig:
     return GenConfig(**values)
 
 
-def preload(ctx: BenchContext, topics: TopicSet) -> Preloaded:
-    """Produce ``ctx.params.events`` records as fast as possible (event times end now)."""
+def preload(params: BenchParams, kafka: KafkaSettings, topics: TopicSet) -> Preloaded:
+    """Produce ``params.events`` records as fast as possible (event times end now)."""
     from loadgen.generator import NOMINAL_RATE, Generator
 
-    duration = max(1, -(-ctx.params.events // NOMINAL_RATE))
+    duration = max(1, -(-params.events // NOMINAL_RATE))
     now = int(time.time() * 1000)
-    config = gen_config(ctx, topics, start_ms=now - duration * 1000, duration_s=duration)
+    config = gen_config(params, kafka, topics, start_ms=now - duration * 1000, duration_s=duration)
     gen = Generator(config)
-    records = [r for chunk in gen for r in chunk.records][: ctx.params.events]
+    records = [r for chunk in gen for r in chunk.records][: params.events]
     t0 = time.monotonic()
-    run_sync(lambda: send_all(ctx.kafka.bootstrap, records))
+    run_sync(lambda: send_all(kafka.bootstrap, records))
     elapsed = time.monotonic() - t0
-    ends = end_offsets(ctx.kafka.bootstrap, topics, ctx.kafka.partitions)
+    ends = end_offsets(kafka.bootstrap, topics, kafka.partitions)
     counts = {"sensor": 0, "applog": 0}
     for (kind, _), end in ends.items():
         counts[kind] += end
@@ -221,3 +228,68 @@ class SendLog:
                 self.times.setdefault((self.kinds[r.topic], r.partition), []).append(now)
 
         return on_slice
+
+
+async def watch_committed(
+    bootstrap: str,
+    group: str,
+    topic: str,
+    ends: dict[int, int],
+    alive: Callable[[], bool],
+    timeout_s: float,
+    interval_s: float = 0.02,
+) -> list[tuple[float, int]]:
+    """``(time, records committed)`` samples of ``group`` on ``topic`` until it reached ``ends``.
+
+    ``ends``: end offset per partition. Raises RuntimeError when ``alive()`` turns false or the
+    timeout passes first. Retriable broker errors (no group coordinator yet, on a broker whose
+    offsets topic is still being created) are retried until then.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    samples: list[tuple[float, int]] = []
+    total = sum(ends.values())
+    deadline = time.monotonic() + timeout_s
+    done = 0
+    try:
+        while True:
+            try:
+                committed = await admin.list_consumer_group_offsets(group)
+            except KafkaError as exc:
+                if not exc.retriable:
+                    raise
+            else:
+                by_partition = {
+                    tp.partition: om.offset for tp, om in committed.items() if tp.topic == topic
+                }
+                done = sum(min(max(by_partition.get(p, 0), 0), end) for p, end in ends.items())
+                samples.append((time.monotonic(), done))
+                if done >= total:
+                    return samples
+            now = time.monotonic()
+            if not alive():
+                raise RuntimeError(f"the consumer exited after {done:,} of {total:,} records")
+            if now > deadline:
+                raise RuntimeError(f"{done:,} of {total:,} records committed in {timeout_s:.0f} s")
+            await asyncio.sleep(interval_s)
+    finally:
+        await admin.close()
+
+
+def topics_containing(bootstrap: str, part: str) -> list[str]:
+    """Topics whose name contains ``part`` (those an app created for its consumer group)."""
+
+    async def listing() -> list[str]:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+        await admin.start()
+        try:
+            return sorted(t for t in await admin.list_topics() if part in t)
+        finally:
+            await admin.close()
+
+    return run_sync(listing)

@@ -8,7 +8,8 @@ columns), written per ``schemas.keys`` as ``pulse_apply`` leaves it in an empty 
 each) only in the last ``read_device_minutes``, since a day of it does not fit in memory. Each
 panel query of ``dashboard.queries`` then runs ``read_repeats`` times (fewer, at least 5, once
 a panel has taken 10 s), and once more with the dashboard's pane cache where the query takes
-one; panels over the target get a cProfile of a few calls in the report.
+one; panels over the target get a cProfile of a few calls in the report. A first refresh (every
+panel once, with a new empty pane cache) is timed as a whole.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench.harness import (
+from pulse_bench.harness import (
     BenchContext,
     BenchError,
     Metrics,
@@ -36,6 +37,7 @@ from pipeline.bench.harness import (
 
 MINUTE_MS = 60_000
 READ_TARGET_MS = 50.0
+FIRST_REFRESH_TARGET_MS = 150.0
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,9 @@ class Seeder:
                         last_offset=offset + count,
                         max_event_time=max_t,
                         watermark=max_t - 30_000,
-                        deltas=aggregation.aggregate(cols, windows),
+                        deltas=aggregation.aggregate(
+                            cols, [(w, tuple(cols.entities)) for w in windows]
+                        ),
                         new_entities=new,
                         events=count,
                         dead=[],
@@ -208,29 +212,29 @@ class Seeder:
 def write_batch(pipe: Any, batch: Any, retention: Any, now_ms: int) -> None:
     """Queue one partition batch as plain writes, for a store that has none of its keys yet.
 
-    Each window key of the seeded range comes from exactly one batch, so its fields can be set
-    outright (what ``pulse_apply`` would leave in an empty store) instead of going through the
-    function's per-field increments, which would block the store for seconds per call.
+    Each window key of the seeded range comes from exactly one batch, so its packed values are
+    the batch's own (what the worker would write into an empty store), written with plain
+    HSETs: seeding a day through ``pulse_apply`` would take minutes.
     """
-    from schemas import keys
+    from schemas import keys, packed
 
     kind, part = batch.kind, batch.partition
     for d in batch.deltas:
-        expire = retention.expire_at_s(d.window, d.start_ms)
-        agg = keys.agg_key(kind, part, d.window, d.dim, d.start_ms)
-        fields = {str(row[0]): keys.pack_stats(row[1:]) for row in d.stats}
-        pipe.hset(agg, mapping=fields)
-        pipe.expireat(agg, expire)
-        sk = keys.sketch_key(kind, part, d.window, d.dim, d.start_ms)
-        buckets: dict[str, object] = {}
-        for row in d.sketch:
-            for i in range(1, len(row), 2):
-                buckets[keys.field(row[0], str(row[i]))] = row[i + 1]
-        pipe.hset(sk, mapping=buckets)
-        pipe.expireat(sk, expire)
+        key = keys.window_key(kind, part, d.window, d.dim, d.start_ms)
+        values = packed.encode(d.table)
+        for i in range(0, len(values), 1000):
+            pipe.hset(
+                key, mapping=dict(zip(d.names[i : i + 1000], values[i : i + 1000], strict=True))
+            )
+        pipe.expireat(key, retention.expire_at_s(d.window, d.start_ms))
+    minute = keys.window_start(batch.max_event_time, keys.WINDOW_1M)
     for dim, names in batch.new_entities.items():
         for i in range(0, len(names), 1000):
-            pipe.sadd(keys.entities_key(kind, part, dim), *names[i : i + 1000])
+            pipe.zadd(
+                keys.entities_key(kind, part, dim),
+                dict.fromkeys(names[i : i + 1000], minute),
+                gt=True,
+            )
     progress = keys.progress_key(kind, part)
     pipe.hset(
         progress,
@@ -247,7 +251,7 @@ def write_batch(pipe: Any, batch: Any, retention: Any, now_ms: int) -> None:
 
 def _seed(ctx: BenchContext, segments: list[Segment], now_ms: int) -> Seeder:
     from pipeline.settings import WorkerSettings
-    from pipeline.store_writer import Retention
+    from pipeline.state import Retention
 
     ws = WorkerSettings()
     retention = Retention({"10s": ws.retention_10s_s, "1m": ws.retention_1m_s})
@@ -306,8 +310,8 @@ def run(ctx: BenchContext) -> Metrics:
     """Seed the store db, then time every panel query."""
     from dashboard import queries
     from dashboard.settings import DashboardSettings
+    from pipeline.metrics import Metrics as WorkerMetrics
     from pipeline.settings import WorkerSettings
-    from pipeline.worker import Metrics as WorkerMetrics
     from schemas import keys
 
     p = ctx.params
@@ -321,7 +325,7 @@ def run(ctx: BenchContext) -> Metrics:
     t0 = time.monotonic()
     seeder = _seed(ctx, segments, now_ms)
     seed_s = time.monotonic() - t0
-    with ctx.redis() as r:
+    with ctx.redis(decode=False) as r:  # the dashboard's client: packed values are binary
         r.hset(keys.worker_key("bench"), mapping=WorkerMetrics().snapshot())
         info = r.info("memory")
         key_count = int(r.dbsize())
@@ -342,10 +346,13 @@ def run(ctx: BenchContext) -> Metrics:
         # the dashboard hands panels that take one a cache of final panes: time both ways
         cache = queries.PaneCache() if hasattr(queries, "PaneCache") else None
         panels: dict[str, tuple[Callable[[], object], bool]] = {}
+        cached: set[str] = set()  # panels that take the pane cache
         for name, call in panel_calls.items():
             func = getattr(queries, f"read_{name}")
             takes_cache = cache is not None and "cache" in inspect.signature(func).parameters
             panels[name] = (functools.partial(call), not takes_cache)
+            if takes_cache:
+                cached.add(name)
             if takes_cache:
                 panels[f"{name}+cache"] = (functools.partial(call, cache=cache), True)
         _check(queries.read_events_per_minute(r, topo, now_ms, ds.lookback_min), seeder)
@@ -363,6 +370,17 @@ def run(ctx: BenchContext) -> Metrics:
             results[name] = entry
         dashboard = [fn for fn, as_dashboard in panels.values() if as_dashboard]
         refresh = _timed(lambda: [fn() for fn in dashboard], max(3, p.read_repeats // 10))
+
+        def first_refresh() -> None:
+            """Every panel once with a new, empty pane cache: a dashboard's first refresh."""
+            empty = queries.PaneCache() if cached else None
+            for name, call in panel_calls.items():
+                if name in cached:
+                    call(cache=empty)
+                else:
+                    call()
+
+        first = _timed(first_refresh, max(3, p.read_repeats // 10))
         discover = _timed(
             lambda: queries.discover(r, min_partitions=ctx.kafka.partitions),
             max(2, p.read_repeats // 20),
@@ -377,6 +395,7 @@ def run(ctx: BenchContext) -> Metrics:
             e["p99_ms"] for n, e in results.items() if not n.endswith("+cache")
         ),
         "refresh_all_panels": {f"{k}_ms": v for k, v in percentiles(refresh, (0.5, 0.99)).items()},
+        "first_refresh": {f"{k}_ms": v for k, v in percentiles(first, (0.5, 0.99)).items()},
         "discover_scan": {f"{k}_ms": v for k, v in percentiles(discover, (0.5, 0.99)).items()},
         "store": {
             "keys": key_count,
@@ -407,9 +426,9 @@ target(
     "worst panel, as the dashboard runs it (with its pane cache where it has one)",
 )
 target(
-    "reads_uncached_p99_ms",
-    "cases.reads.worst_uncached_p99_ms",
+    "reads_first_refresh_ms",
+    "cases.reads.first_refresh.p99_ms",
     "<=",
-    READ_TARGET_MS,
-    "worst panel without a cache (first refresh)",
+    FIRST_REFRESH_TARGET_MS,
+    "every panel once with an empty pane cache, p99",
 )

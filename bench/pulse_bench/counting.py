@@ -1,9 +1,9 @@
 """Run a ``pulse`` subcommand (or the naive baseline) with its store round trips counted.
 
-``python -m pipeline.bench.counting COUNTS_FILE ARGV...``: patches redis-py's asyncio connection
+``python -m pulse_bench.counting COUNTS_FILE ARGV...``: patches redis-py's asyncio connection
 so that every ``send_packed_command`` (one write of a command or of a whole pipeline: one round
 trip) and every packed command are counted, runs ``pulse ARGV`` (``naive`` runs
-:mod:`pipeline.bench.naive_app`) and, when the process exits (a normal exit, or a SIGTERM, also
+:mod:`pulse_bench.naive_app`) and, when the process exits (a normal exit, or a SIGTERM, also
 one that arrives before the app installed its own signal handlers), writes
 ``{"round_trips", "commands", "final": true}`` to ``COUNTS_FILE``. The counters are written only
 then, so a reader that waited for the process to exit reads every round trip it made, and a file
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     atexit.register(dump_final, path)
     signal.signal(signal.SIGTERM, _terminate_early(path))
     if rest and rest[0] == "naive":
-        from pipeline.bench import naive_app
+        from pulse_bench import naive_app
 
         return naive_app.main(rest[1:])
     from pipeline.cli import main as pulse_main

@@ -5,6 +5,9 @@ cases it needs (``requires``), whose results it finds in ``ctx.results``. Ratios
 registered the same way and refer to metrics by path (``"cases.floor.events_per_s"``,
 ``"ratios.pulse_1w_vs_floor"``), so a new part of the pipeline joins the report by registering a
 case (and, if it has one, a target) without touching the rest.
+
+Imports form a DAG: :mod:`~pulse_bench.params` and :mod:`~pulse_bench.kafka` sit below this
+module, :mod:`~pulse_bench.procs` and the cases above it.
 """
 
 from __future__ import annotations
@@ -20,11 +23,34 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from pulse_bench.kafka import Preloaded, TopicSet, create_topics, delete_topics, preload
+from pulse_bench.params import BenchParams
+from schemas.settings import KafkaSettings, StoreSettings, store_client
+
 if TYPE_CHECKING:
     import redis
 
-    from pipeline.bench.kafka import Preloaded, TopicSet
-    from pipeline.settings import KafkaSettings, StoreSettings
+__all__ = [
+    "REGISTRY",
+    "BenchCase",
+    "BenchContext",
+    "BenchError",
+    "BenchParams",
+    "BenchSkipped",
+    "Metrics",
+    "Ratio",
+    "Registry",
+    "Target",
+    "bench_case",
+    "build_report",
+    "check_targets",
+    "compute_ratios",
+    "drain_rate",
+    "percentiles",
+    "ratio",
+    "run_cases",
+    "target",
+]
 
 Metrics = dict[str, Any]
 CaseFn = Callable[["BenchContext"], Metrics]
@@ -32,6 +58,10 @@ CaseFn = Callable[["BenchContext"], Metrics]
 
 class BenchError(Exception):
     """A case could not produce a valid measurement."""
+
+
+class BenchSkipped(Exception):
+    """A case cannot run here (an optional package is missing, say): a note, not a failure."""
 
 
 # --------------------------------------------------------------------------- registry
@@ -255,14 +285,16 @@ def build_report(
     results: Mapping[str, Metrics],
     errors: Mapping[str, str],
     registry: Registry = REGISTRY,
+    skipped: Mapping[str, str] | None = None,
 ) -> Metrics:
-    """The JSON report of a run."""
+    """The JSON report of a run; ``skipped``: why each case that could not run did not."""
     ratios = compute_ratios(results, registry.ratios.values())
     return {
         "machine": machine,
         "params": params,
         "cases": dict(results),
         "errors": dict(errors),
+        "skipped": dict(skipped or {}),
         "ratios": ratios,
         "targets": check_targets(results, ratios, registry.targets.values()),
     }
@@ -320,6 +352,8 @@ def render(report: Mapping[str, Any]) -> None:
             table.add_row(case if first else "", name, fmt(value))
             first = False
     console.print(table)
+    for case, note in report.get("skipped", {}).items():
+        console.print(f"[yellow]{case} skipped:[/yellow] {note}")
     if report["errors"]:
         for case, err in report["errors"].items():
             console.print(f"[red]{case} failed:[/red] {err}")
@@ -394,62 +428,6 @@ def _hiredis() -> bool:
 
 
 @dataclass
-class BenchParams:
-    """Sizes of a run; ``smoke`` sizes check the harness in seconds, not speed."""
-
-    smoke: bool
-    events: int  # records preloaded for the drain cases (floor, naive, pulse)
-    naive_events: int  # records the naive baseline handles (it is slow)
-    rate: int  # freshness input rate, events/s
-    freshness_s: int
-    devices: int
-    services: int
-    seed: int = 7
-    bad_rate: float = 0.001
-    late_rate: float = 0.002
-    read_devices: int = 10_000
-    read_day_minutes: int = 1440  # windows written for the reads case
-    read_hot_minutes: int = 10  # the most recent minutes (the 5-min panels read), at read_hot_rate
-    read_hot_rate: int = 1000  # events/s in the hot minutes
-    read_background_per_min: int = 300  # events/min before the hot minutes
-    read_device_minutes: int = 10  # minutes that also get the device dimension
-    read_repeats: int = 100
-    store_db: int = 15
-    drain_timeout_s: float = 240.0
-    profile_dir: str | None = None
-
-    @classmethod
-    def create(
-        cls,
-        smoke: bool,
-        events: int | None = None,
-        rate: int | None = None,
-        **overrides: Any,
-    ) -> BenchParams:
-        """Defaults of a full or smoke run, with explicit overrides."""
-        if smoke:
-            base = cls(
-                smoke=True, events=20_000, naive_events=1_000, rate=2_000, freshness_s=3,
-                devices=200, services=5, read_devices=500, read_day_minutes=120,
-                read_hot_minutes=5, read_hot_rate=100, read_background_per_min=100,
-                read_device_minutes=2, read_repeats=10, drain_timeout_s=90.0,
-            )  # fmt: skip
-        else:
-            base = cls(
-                smoke=False, events=300_000, naive_events=20_000, rate=20_000, freshness_s=15,
-                devices=1000, services=10,
-            )  # fmt: skip
-        if events is not None:
-            base.events = events
-            base.naive_events = min(base.naive_events, events)
-        if rate is not None:
-            base.rate = rate
-        for name, value in overrides.items():
-            setattr(base, name, value)
-        return base
-
-
-@dataclass
 class BenchContext:
     """What a case gets: settings of the stack, a scratch directory, earlier results."""
 
@@ -458,23 +436,18 @@ class BenchContext:
     store: StoreSettings
     workdir: Path
     results: dict[str, Metrics] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # case -> why it did not run
     created_topics: list[str] = field(default_factory=list)
     _preloaded: Preloaded | None = None
     _rewrite_config: dict[bool, str] = field(default_factory=dict)  # replica? -> old value
 
-    def redis(self, timeout_s: float = 30.0, replica: bool = False) -> redis.Redis:
-        """A sync client (``decode_responses=True``) to the bench's store db."""
-        import redis
-
+    def redis(
+        self, timeout_s: float = 30.0, replica: bool = False, decode: bool = True
+    ) -> redis.Redis:
+        """A sync client to the bench's store db (``decode``: ``decode_responses``)."""
         port = self.store.replica_port if replica and self.store.replica_port else self.store.port
-        return redis.Redis(
-            host=self.store.host,
-            port=port,
-            db=self.params.store_db,
-            password=self.store.password.get_secret_value() if self.store.password else None,
-            decode_responses=True,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=5.0,
+        return store_client(
+            self.store, port=port, db=self.params.store_db, decode=decode, timeout_s=timeout_s
         )
 
     def flush(self) -> None:
@@ -484,8 +457,6 @@ class BenchContext:
 
     def topics(self, tag: str) -> TopicSet:
         """Four fresh topics (sensor, applog, deadletter, late), deleted when the run ends."""
-        from pipeline.bench.kafka import TopicSet, create_topics
-
         unique = f"bench.{tag}.{os.getpid()}.{time.monotonic_ns() % 10**9}"
         ts = TopicSet(*(f"{unique}.{k}" for k in ("sensor", "applog", "deadletter", "late")))
         self.created_topics.extend(ts.all)
@@ -495,10 +466,8 @@ class BenchContext:
     def preloaded(self) -> Preloaded:
         """The shared input of the drain cases, produced on first use."""
         if self._preloaded is None:
-            from pipeline.bench.kafka import preload
-
             ts = self.topics("pre")
-            self._preloaded = preload(self, ts)
+            self._preloaded = preload(self.params, self.kafka, ts)
         return self._preloaded
 
     def env(self, topics: TopicSet, app_id: str, **extra: str) -> dict[str, str]:
@@ -537,8 +506,6 @@ class BenchContext:
 
     def cleanup(self) -> None:
         """Delete the run's topics, empty the bench db, restore the AOF rewrite setting."""
-        from pipeline.bench.kafka import delete_topics
-
         try:
             if self.created_topics:
                 delete_topics(self.kafka.bootstrap, self.created_topics)
@@ -554,16 +521,26 @@ class BenchContext:
 def run_cases(
     ctx: BenchContext, cases: Sequence[BenchCase]
 ) -> tuple[dict[str, Metrics], dict[str, str]]:
-    """Run ``cases`` in order; a failed case is recorded and its dependants are skipped."""
+    """Run ``cases`` in order; a failed case is recorded and its dependants are skipped.
+
+    A case that raises :class:`BenchSkipped` lands in ``ctx.skipped`` with its reason, as do
+    its dependants; it is not an error.
+    """
     errors: dict[str, str] = {}
     for case in cases:
         missing = [r for r in case.requires if r not in ctx.results]
         if missing:
-            errors[case.name] = f"skipped: needs {', '.join(missing)}"
+            if all(r in ctx.skipped for r in missing):
+                ctx.skipped[case.name] = f"needs {', '.join(missing)}, which did not run"
+            else:
+                errors[case.name] = f"skipped: needs {', '.join(missing)}"
             continue
         t0 = time.monotonic()
         try:
             result = case.run(ctx)
+        except BenchSkipped as exc:
+            ctx.skipped[case.name] = str(exc)
+            continue
         except Exception as exc:  # one failed case must not lose the others' numbers
             errors[case.name] = f"{type(exc).__name__}: {exc}"
             continue

@@ -1,10 +1,11 @@
 """Benchmark cases; importing this package registers them (and their ratios and targets)."""
 
-from pipeline.bench.cases import (  # noqa: F401 - imported to register
+from pulse_bench.cases import (  # noqa: F401 - imported to register
     floor,
     freshness,
     naive,
     pipeline_case,
+    quix,
     reads,
     write_cost,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from pipeline.bench.harness import BenchContext, BenchError, Metrics, bench_case
+from pulse_bench.harness import BenchContext, BenchError, Metrics, bench_case
 
 
 @bench_case(

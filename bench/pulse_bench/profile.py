@@ -1,6 +1,6 @@
 """Summarise a ``py-spy record --format raw`` profile: self/inclusive time by function and area.
 
-``python -m pipeline.bench.profile FILE [--us-per-event X]``. Each sample is attributed to one
+``python -m pulse_bench.profile FILE [--us-per-event X]``. Each sample is attributed to one
 area of the worker by its innermost frame in a known file (library frames such as numpy or
 the interpreter's are passed over, so their time goes to the pipeline code that called them).
 """
@@ -25,7 +25,7 @@ AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "pipeline/validation.py", "pydantic/", "schemas/wire.py",
     )),
     ("aggregation (numpy columns, sketches)", (
-        "pipeline/aggregation.py", "pipeline/sketches.py", "pipeline/windows.py",
+        "pipeline/aggregation.py", "schemas/sketch.py", "pipeline/windows.py",
     )),
     ("batch bookkeeping (pipeline/batch.py)", ("pipeline/batch.py",)),
     ("store payload (store_writer, keys, orjson)", ("pipeline/store_writer.py", "schemas/keys.py")),
@@ -148,7 +148,7 @@ def report(s: Summary, us_per_event: float | None = None, top: int = 15) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the summary of a profile file."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.profile")
+    parser = argparse.ArgumentParser(prog="python -m pulse_bench.profile")
     parser.add_argument("file", type=Path)
     parser.add_argument("--us-per-event", type=float, help="worker CPU µs per event, to scale")
     parser.add_argument("--top", type=int, default=15)

@@ -1,6 +1,6 @@
 """(b) The naive baseline: a tutorial-style Faust agent, one store command per statistic.
 
-See :mod:`pipeline.bench.naive_app`. It handles the first ``naive_events`` records of the
+See :mod:`pulse_bench.naive_app`. It handles the first ``naive_events`` records of the
 preloaded topics (it is slow); events/s from the first handled event to the last. Its round
 trips are read after it stopped: the child writes its counters when it exits.
 """
@@ -11,8 +11,8 @@ import contextlib
 import json
 import uuid
 
-from pipeline.bench import procs
-from pipeline.bench.harness import BenchContext, BenchError, Metrics, bench_case
+from pulse_bench import procs
+from pulse_bench.harness import BenchContext, BenchError, Metrics, bench_case
 
 
 @bench_case(

@@ -1,6 +1,6 @@
 """Child processes of the benchmarks and what is read from the store while they run.
 
-Workers run as real ``pulse worker`` processes, started through :mod:`pipeline.bench.counting`
+Workers run as real ``pulse worker`` processes, started through :mod:`pulse_bench.counting`
 so that their store round trips are counted client-side (one per ``send_packed_command``: a
 pipeline is one write and one round trip).
 """
@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from pipeline.stack.testing import stop_child
+from pulse_bench.harness import BenchContext, BenchError
 from schemas import keys
 from schemas.events import EventKind
 
 if TYPE_CHECKING:
     import redis
-
-    from pipeline.bench.harness import BenchContext
 
 PROGRESS_FIELDS = (
     keys.Progress.OFFSET,
@@ -35,17 +35,6 @@ PROGRESS_FIELDS = (
     keys.Progress.LATE,
     keys.Progress.DEAD,
 )
-
-
-def stop_child(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
-    """SIGTERM a child process, wait, SIGKILL it if it does not stop; its exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(10)
 
 
 @dataclass
@@ -74,12 +63,10 @@ class Child:
     def final_counts(self) -> dict[str, int]:
         """Round trips and commands of the whole run, read after the child exited.
 
-        The child writes them once, when it exits (:mod:`pipeline.bench.counting`); a child
+        The child writes them once, when it exits (:mod:`pulse_bench.counting`); a child
         still running, or one that died without writing them (SIGKILL), is a
-        :class:`~pipeline.bench.harness.BenchError`, never a partial count.
+        :class:`~pulse_bench.harness.BenchError`, never a partial count.
         """
-        from pipeline.bench.harness import BenchError
-
         if self.alive():
             raise BenchError(f"{self.name}: counters read before the process exited")
         try:
@@ -94,16 +81,30 @@ class Child:
         return {"round_trips": int(data["round_trips"]), "commands": int(data["commands"])}
 
 
-def spawn(ctx: BenchContext, env: dict[str, str], name: str, argv: Sequence[str]) -> Child:
-    """Start ``python -m pipeline.bench.counting <argv>`` with ``env``."""
+def spawn(
+    ctx: BenchContext,
+    env: dict[str, str],
+    name: str,
+    argv: Sequence[str],
+    *,
+    counted: bool = True,
+) -> Child:
+    """Start ``python -m pulse_bench.counting <argv>`` with ``env``, in the run's scratch dir.
+
+    ``counted=False`` starts ``python <argv>`` instead (no round-trip counters: the child's
+    :meth:`Child.final_counts` is then a :class:`BenchError`). The working directory is
+    ``ctx.workdir``, so what a child leaves there (Faust's ``<app id>-data``) goes with it.
+    """
     log = ctx.workdir / f"{name}.log"
     counts_file = ctx.workdir / f"{name}.counts.json"
     counts_file.unlink(missing_ok=True)
+    prefix = ["-m", "pulse_bench.counting", str(counts_file)] if counted else []
     out = open(log, "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.bench.counting", str(counts_file), *argv],
+            [sys.executable, *prefix, *argv],
             env={**env, "PYTHONUNBUFFERED": "1"},
+            cwd=ctx.workdir,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -180,8 +181,6 @@ def wait_drained(
     timeout_s: float | None = None,
 ) -> Drain:
     """Poll the store's progress until caught up with ``ends``; fail if a child dies."""
-    from pipeline.bench.harness import BenchError
-
     drain = Drain()
     deadline = time.monotonic() + (timeout_s or ctx.params.drain_timeout_s)
     with ctx.redis() as r:

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.argtypes import positive_int
+from schemas.argtypes import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--smoke", action="store_true", help="tiny sizes: checks the harness in seconds, not speed")
     a("--events", type=positive_int, help="records preloaded for the drain cases (300000)")
     a("--cases", help="comma-separated cases to run, with what they need (default: all)")
-    a("--rate", type=positive_int, help="freshness input rate, events/s (20000)")
+    a("--rate", type=positive_int, help="fixed freshness input rate, events/s (5000)")
     a("--output", type=Path, help="JSON report file (default: bench-<timestamp>.json)")
     a("--store-db", type=int, default=15, help="store db the bench uses, must be empty (15)")
     a("--profile-dir", type=Path, help="sample the 1-worker drain with py-spy into this dir")
@@ -29,8 +29,11 @@ def run(args: argparse.Namespace) -> int:
     """Run ``pulse bench``; the exit status is 1 when a case failed."""
     import orjson
 
-    from pipeline.bench import cases  # noqa: F401 - registers the cases
-    from pipeline.bench.harness import (
+    from pipeline.settings import StackSettings
+    from pipeline.stack.errors import StackError
+    from pipeline.stack.stack import Stack
+    from pulse_bench import cases  # noqa: F401 - registers the cases
+    from pulse_bench.harness import (
         REGISTRY,
         BenchContext,
         BenchParams,
@@ -39,9 +42,7 @@ def run(args: argparse.Namespace) -> int:
         render,
         run_cases,
     )
-    from pipeline.settings import KafkaSettings, StackSettings, StoreSettings
-    from pipeline.stack.errors import StackError
-    from pipeline.stack.stack import Stack
+    from schemas.settings import KafkaSettings, StoreSettings
 
     prog = "pulse bench"
     if args.list:
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 except Exception as exc:  # the report is still worth writing
                     print(f"{prog}: warning: clean-up failed: {exc}", file=sys.stderr)
             machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-            report = build_report(machine, vars(params), results, errors)
+            report = build_report(machine, vars(params), results, errors, skipped=ctx.skipped)
             output.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
             render(report)
             print(f"{prog}: report written to {output}")

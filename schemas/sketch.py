@@ -5,13 +5,13 @@ sign; the bucket's representative value ``2 * gamma**i / (gamma + 1)`` is within
 ``RELATIVE_ACCURACY`` of every value in the bucket. Values nearer zero share one zero bucket.
 
 Sign and index are packed into one integer *code* (``index * 4 + sign + 1``) so a sketch is just
-``{code: count}``; in the store it is a hash with fields ``<entity>#<code>``, and two sketches
-merge by adding counts (``HINCRBY``), which is what makes partial results from partitions,
+``{code: count}``; in the store it travels inside the packed window value (``schemas.packed``),
+and two sketches merge by adding counts, which is what makes partial results from partitions,
 batches and panes combine exactly.
 
 Why not the ``ddsketch`` package: its sketches are Python objects updated one value at a time;
 here the bucket codes of a whole batch are computed in one vectorised numpy pass and the counts
-go to the store as increments, and the readers need only :func:`quantiles`.
+merge as columns (``schemas.packed``), and the readers need only the quantile estimates.
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ def bucket_codes(values: npt.ArrayLike) -> npt.NDArray[np.int64]:
     idx = np.zeros(v.shape, dtype=np.int64)
     idx[nonzero] = np.ceil(np.log(mag[nonzero]) / _LOG_GAMMA).astype(np.int64)
     return idx * 4 + sign + 1
+
+
+def bucket_values(codes: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Representative value of each bucket code (vectorised :func:`bucket_value`)."""
+    c = np.asarray(codes, dtype=np.int64)
+    sign = (c % 4 - 1).astype(np.float64)
+    return sign * 2.0 * np.power(GAMMA, (c // 4).astype(np.float64)) / (GAMMA + 1.0)
 
 
 @functools.lru_cache(maxsize=1 << 16)

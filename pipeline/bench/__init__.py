@@ -1,1 +1,0 @@
-"""``pulse bench``: side-by-side benchmarks of the pipeline against a floor and a naive baseline."""

@@ -1,0 +1,220 @@
+"""Partition state checkpointed with its offset: the open windows a worker owns.
+
+A worker owns the open window instances of the partitions it is assigned. Each batch is folded
+into them in numpy, and the apply writes the touched entities' *absolute* packed values
+(``schemas.packed``) together with the partition's offset, in one atomic call. The store's work
+then grows with the distinct (entity, window) pairs a poll touches, not with its events.
+
+The state is a pure function of the store at the partition's applied offset: on assignment (or
+after any doubt: a conflict, a lost connection) it is dropped and restored from the store, from
+the window instances that may still change (those ending after the stored watermark). Once the
+watermark passes a window's end no on-time event can reach it, so it is evicted.
+
+Other per-partition state (the anomaly detectors) follows the same shape: ``restore_keys`` →
+``restore`` → ``absorb`` (returns :class:`HashWrite` s) → ``evict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline import windows
+from pipeline.aggregation import WindowDelta, WindowPlan
+from schemas import keys, packed
+from schemas.events import EventKind
+
+_SPAN = 1 << 24  # bucket key = row * _SPAN + code + _SPAN // 2 (codes lie within +-2**18)
+_HALF = _SPAN // 2
+
+
+@dataclass(frozen=True, slots=True)
+class HashWrite:
+    """Fields to set in one store hash, and the hash's absolute expiry (Unix seconds)."""
+
+    key: str
+    expire_at_s: int
+    fields: list[str]
+    values: list[bytes]
+
+
+class OpenWindow:
+    """One window instance of one dimension: per entity, statistics and sketch, as columns."""
+
+    __slots__ = ("_bcount", "_bkey", "_index", "_stats", "names", "nf")
+
+    def __init__(self, nf: int) -> None:
+        self.nf = nf
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+        self._stats = np.zeros((0, nf), dtype=np.float64)
+        self._bkey = np.zeros(0, dtype=np.int64)  # sorted
+        self._bcount = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _rows(self, names: Sequence[str]) -> npt.NDArray[np.int64]:
+        index = self._index
+        known = len(self.names)
+        rows = np.fromiter(
+            (index.setdefault(n, len(index)) for n in names), dtype=np.int64, count=len(names)
+        )
+        if len(index) > known:
+            self.names.extend(list(index)[known:])
+            self._grow(len(index))
+        return rows
+
+    def _grow(self, rows: int) -> None:
+        have = self._stats.shape[0]
+        if rows <= have:
+            return
+        more = np.zeros((max(rows, 2 * have) - have, self.nf), dtype=np.float64)
+        more[:, packed.MIN] = np.inf
+        more[:, packed.MAX] = -np.inf
+        self._stats = np.concatenate((self._stats, more))
+
+    def absorb(self, names: Sequence[str], table: packed.Table) -> npt.NDArray[np.int64]:
+        """Fold a batch's rows (entities ``names``, unique) in; the rows they touched."""
+        rows = self._rows(names)
+        s = self._stats
+        d = table.stats
+        touched = s[rows]
+        touched[:, packed.MIN] = np.minimum(touched[:, packed.MIN], d[:, packed.MIN])
+        touched[:, packed.MAX] = np.maximum(touched[:, packed.MAX], d[:, packed.MAX])
+        adds = [j for j in range(self.nf) if j not in (packed.MIN, packed.MAX)]
+        touched[:, adds] += d[:, adds]
+        s[rows] = touched
+        self._add_buckets(rows[table.row] * _SPAN + (table.code + _HALF), table.count)
+        return rows
+
+    def _add_buckets(self, new: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]) -> None:
+        order = np.argsort(new, kind="stable")
+        new, counts = new[order], counts[order]
+        pos = np.searchsorted(self._bkey, new)
+        found = pos < self._bkey.size
+        found[found] = self._bkey[pos[found]] == new[found]
+        self._bcount[pos[found]] += counts[found]
+        fresh = ~found
+        if fresh.any():
+            self._bkey = np.insert(self._bkey, pos[fresh], new[fresh])
+            self._bcount = np.insert(self._bcount, pos[fresh], counts[fresh])
+
+    def table(self, rows: npt.NDArray[np.int64]) -> packed.Table:
+        """The given rows (in that order) as a table."""
+        lo = np.searchsorted(self._bkey, rows * _SPAN)
+        hi = np.searchsorted(self._bkey, (rows + 1) * _SPAN)
+        k = hi - lo
+        idx = np.repeat(lo - (np.cumsum(k) - k), k) + np.arange(int(k.sum()), dtype=np.int64)
+        return packed.Table(
+            self._stats[rows].copy(),
+            np.repeat(np.arange(rows.size, dtype=np.int64), k),
+            self._bkey[idx] % _SPAN - _HALF,
+            self._bcount[idx].copy(),
+        )
+
+    @classmethod
+    def restore(cls, names: Sequence[str], table: packed.Table) -> OpenWindow:
+        """An open window holding the given entities' stored values."""
+        w = cls(table.nf)
+        w.absorb(names, table)
+        return w
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long window keys live after their window ends, per tumbling window name."""
+
+    seconds: Mapping[str, int]
+
+    def expire_at_s(self, window: keys.TumblingWindow, start_ms: int) -> int:
+        """Absolute expiry (Unix seconds) of a window instance's key."""
+        return (start_ms + window.size_ms) // 1000 + self.seconds[window.name]
+
+
+InstanceKey = tuple[str, str, int]  # (window name, dim, start ms)
+
+
+class WindowState:
+    """The open window instances of one partition, restored from and written to the store."""
+
+    def __init__(self, kind: EventKind, partition: int, plan: WindowPlan) -> None:
+        self.kind = kind
+        self.partition = partition
+        self.plan = [(w, tuple(d for d in dims if d in keys.DIMS[kind])) for w, dims in plan]
+        self.nf = packed.NF_APPLOG if kind is EventKind.APPLOG else packed.NF_SENSOR
+        self.open: dict[InstanceKey, OpenWindow] = {}
+
+    def restore_keys(self, max_event_time: int, watermark: int | None) -> list[str]:
+        """Keys of the window instances that may still change after the stored offset."""
+        if watermark is None or max_event_time == windows.NO_EVENT_YET:
+            return []
+        out: list[str] = []
+        for window, dims in self.plan:
+            for start in _open_starts(window, max_event_time, watermark):
+                out.extend(
+                    keys.window_key(self.kind, self.partition, window, d, start) for d in dims
+                )
+        return out
+
+    def restore(self, hashes: Mapping[str, Mapping[bytes, bytes]]) -> None:
+        """Load stored window values (``key -> {entity: packed value}``, from restore_keys).
+
+        Raises :class:`schemas.packed.PackedError` when a stored value is malformed.
+        """
+        self.open.clear()
+        for key, fields in hashes.items():
+            if not fields:
+                continue
+            _, _, wname, dim, start = keys.parse_window_key(key)
+            names = [f.decode() for f in fields]
+            table = packed.decode(list(fields.values()), self.nf)
+            bad = [f"{names[r]} {what}" for what, rs in packed.problems(table) for r in rs]
+            if bad:
+                raise packed.PackedError(f"stored window {key}: {'; '.join(bad)}")
+            self.open[(wname, dim, start)] = OpenWindow.restore(names, table)
+
+    def absorb(self, deltas: Sequence[WindowDelta], retention: Retention) -> list[HashWrite]:
+        """Fold a batch's deltas in; the absolute values of every entity they touched."""
+        out: list[HashWrite] = []
+        for d in deltas:
+            ik = (d.window.name, d.dim, d.start_ms)
+            w = self.open.get(ik)
+            if w is None:
+                w = self.open[ik] = OpenWindow(self.nf)
+            rows = w.absorb(d.names, d.table)
+            values = packed.encode(w.table(rows))
+            out.append(
+                HashWrite(
+                    keys.window_key(self.kind, self.partition, d.window, d.dim, d.start_ms),
+                    retention.expire_at_s(d.window, d.start_ms),
+                    list(d.names),  # the rows of ``rows``, in order
+                    values,
+                )
+            )
+        return out
+
+    def evict(self, watermark: int | None) -> int:
+        """Drop the instances the watermark has passed (no on-time event can reach them)."""
+        if watermark is None:
+            return 0
+        sizes = {w.name: w.size_ms for w, _ in self.plan}
+        done = [ik for ik in self.open if ik[2] + sizes.get(ik[0], 0) <= watermark]
+        for ik in done:
+            del self.open[ik]
+        return len(done)
+
+    @property
+    def entities(self) -> int:
+        """Entity values held, over every open instance."""
+        return sum(len(w) for w in self.open.values())
+
+
+def _open_starts(window: keys.TumblingWindow, max_event_time: int, watermark: int) -> list[int]:
+    """Starts of the instances ending after ``watermark`` that hold times <= max_event_time."""
+    first = keys.window_start(watermark, window)
+    last = keys.window_start(max_event_time, window)
+    return [s for s in range(first, last + 1, window.size_ms) if s + window.size_ms > watermark]

@@ -1,0 +1,361 @@
+"""The packed window value: one entity's statistics and quantile sketch in one window instance.
+
+The worker writes one such value per entity per window instance (absolute, not increments);
+the dashboard, ``pulse verify`` and the worker itself (restoring its open windows) decode many
+of them at once. Every function here works on whole columns (numpy), never value by value: a
+dashboard panel decodes and merges tens of thousands of values per refresh.
+
+Layout (little-endian), version 1::
+
+    offset  type         field
+    0       u8           version (1)
+    1       u8           nf: number of statistics (5 sensor readings, 11 application logs)
+    2       u8           cw: bytes per sketch code offset (1, 2 or 4)
+    3       u8           nw: bytes per sketch bucket count (1, 2 or 4)
+    4       i32          base: the smallest sketch code of the value (0 when it has none)
+    8       nf x f64     statistics in ``keys.Stat.PACKED`` (``PACKED_APPLOG``) order
+    8+8nf   k x u{cw}    sketch codes minus base, strictly ascending
+            k x u{nw}    sketch bucket counts (> 0)
+
+``k = (len - 8 - 8 nf) / (cw + nw)``. Widths are the smallest that fit, per value: a device's
+readings in one minute span a few dozen buckets and counts below 256, so a bucket costs two
+bytes; the store's write volume (what MemoryDB bills) is dominated by these values.
+
+Merging (the one merge rule of the store's contract): counts, sums, sums of squares, status
+classes and error counts add; min takes the min and max the max; sketch buckets add by code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas import sketch
+from schemas.keys import Stat
+
+VERSION: Final = 1
+HEADER_BYTES: Final = 8
+COUNT: Final = Stat.PACKED.index(Stat.COUNT)
+SUM: Final = Stat.PACKED.index(Stat.SUM)
+SUMSQ: Final = Stat.PACKED.index(Stat.SUMSQ)
+MIN: Final = Stat.PACKED.index(Stat.MIN)
+MAX: Final = Stat.PACKED.index(Stat.MAX)
+NF_SENSOR: Final = len(Stat.PACKED)
+NF_APPLOG: Final = len(Stat.PACKED_APPLOG)
+_WIDTHS: Final = (1, 2, 4)
+_CODE_SPAN: Final = 1 << 24  # sketch codes of finite doubles lie within +-2**18
+_MAX_CODE: Final = (1 << 23) - 1
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+
+class PackedError(ValueError):
+    """A packed value that cannot be decoded (the message says why; ``index``: which one)."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass(slots=True)
+class Table:
+    """Many window values, decoded: statistics per row and sketch buckets per row.
+
+    ``row``/``code``/``count`` describe the sketch buckets, sorted by row and, within a row,
+    by code (codes unique within a row). ``stats[:, COUNT]`` equals each row's bucket count
+    total in every value the worker writes.
+    """
+
+    stats: F64  # [rows, nf]
+    row: I64
+    code: I64
+    count: I64
+
+    @property
+    def rows(self) -> int:
+        """Number of rows (values, entities or groups)."""
+        return int(self.stats.shape[0])
+
+    @property
+    def nf(self) -> int:
+        """Statistics per row."""
+        return int(self.stats.shape[1])
+
+    @staticmethod
+    def empty(nf: int) -> Table:
+        """A table with no rows."""
+        z = np.zeros(0, dtype=np.int64)
+        return Table(np.zeros((0, nf), dtype=np.float64), z, z.copy(), z.copy())
+
+    def take(self, rows: npt.ArrayLike) -> Table:
+        """The given rows (unique, any order), renumbered 0.. in that order."""
+        idx = np.asarray(rows, dtype=np.int64)
+        new_of = np.full(self.rows, -1, dtype=np.int64)
+        new_of[idx] = np.arange(idx.size, dtype=np.int64)
+        sel = new_of[self.row] >= 0
+        row = new_of[self.row[sel]]
+        order = np.argsort(row, kind="stable")
+        return Table(self.stats[idx], row[order], self.code[sel][order], self.count[sel][order])
+
+    def sketch_totals(self) -> I64:
+        """Each row's total bucket count."""
+        return np.bincount(self.row, weights=self.count, minlength=self.rows).astype(np.int64)
+
+
+def _width(x: I64) -> npt.NDArray[np.uint8]:
+    return np.where(x < 1 << 8, 1, np.where(x < 1 << 16, 2, 4)).astype(np.uint8)
+
+
+def _header_dtype(nf: int) -> np.dtype[np.void]:
+    return np.dtype(
+        [
+            ("v", "u1"),
+            ("nf", "u1"),
+            ("cw", "u1"),
+            ("nw", "u1"),
+            ("base", "<i4"),
+            ("stats", "<f8", (nf,)),
+        ]
+    )
+
+
+def encode(table: Table) -> list[bytes]:
+    """One packed value per row of ``table`` (buckets sorted by row, then code)."""
+    rows, nf = table.rows, table.nf
+    if rows == 0:
+        return []
+    k = np.bincount(table.row, minlength=rows).astype(np.int64)
+    ends = np.cumsum(k)
+    first = ends - k
+    has = k > 0
+    base = np.zeros(rows, dtype=np.int64)
+    span = np.zeros(rows, dtype=np.int64)
+    most = np.zeros(rows, dtype=np.int64)
+    if table.code.size:
+        base[has] = table.code[first[has]]
+        span[has] = table.code[ends[has] - 1] - base[has]
+        most[has] = np.maximum.reduceat(table.count, first[has])
+    cw, nw = _width(span), _width(most)
+    head = np.zeros(rows, dtype=_header_dtype(nf))
+    head["v"] = VERSION
+    head["nf"] = nf
+    head["cw"] = cw
+    head["nw"] = nw
+    head["base"] = base
+    head["stats"] = table.stats
+    hsize = head.dtype.itemsize
+    # Every value laid out in one byte buffer (header and statistics, code offsets, counts),
+    # then cut: no per-value numpy call.
+    length = hsize + k * (cw.astype(np.int64) + nw.astype(np.int64))
+    at = np.cumsum(length) - length
+    out = np.empty(int(length.sum()), dtype=np.uint8)
+    out[(at[:, None] + np.arange(hsize)).ravel()] = head.view(np.uint8)
+    if table.code.size:
+        row = table.row
+        pos = np.arange(row.size, dtype=np.int64) - first[row]
+        cwb = cw[row].astype(np.int64)
+        nwb = nw[row].astype(np.int64)
+        _scatter(out, at[row] + hsize + pos * cwb, cwb, table.code - base[row])
+        _scatter(out, at[row] + hsize + k[row] * cwb + pos * nwb, nwb, table.count)
+    buf = out.tobytes()
+    return [buf[a:b] for a, b in zip(at.tolist(), (at + length).tolist(), strict=True)]
+
+
+def _scatter(out: npt.NDArray[np.uint8], addr: I64, width: I64, values: I64) -> None:
+    """Write ``values`` as little-endian unsigned integers of ``width`` bytes at ``addr``."""
+    for w in _WIDTHS:
+        sel = np.flatnonzero(width == w)
+        if sel.size:
+            raw = values[sel].astype(f"<u{w}").view(np.uint8).reshape(-1, w)
+            out[addr[sel][:, None] + np.arange(w)] = raw
+
+
+def decode(values: Sequence[bytes], nf: int | None = None) -> Table:
+    """Decode packed values (all with ``nf`` statistics, or all alike when ``nf`` is None).
+
+    Raises :class:`PackedError` naming the first malformed value; semantic checks (finite
+    numbers, counts, min <= max) are :func:`problems`.
+    """
+    n = len(values)
+    if n == 0:
+        return Table.empty(nf or NF_SENSOR)
+    lens = np.fromiter(map(len, values), dtype=np.int64, count=n)
+    short = np.flatnonzero(lens < HEADER_BYTES)
+    if short.size:
+        i = int(short[0])
+        raise PackedError(
+            f"value {i} has {lens[i]} bytes, fewer than the {HEADER_BYTES}-byte header", i
+        )
+    buf = np.frombuffer(b"".join(values), dtype=np.uint8)
+    starts = np.cumsum(lens) - lens
+    head = buf[starts[:, None] + np.arange(HEADER_BYTES)]
+    version, nfs = head[:, 0].astype(np.int64), head[:, 1].astype(np.int64)
+    cw, nw = head[:, 2].astype(np.int64), head[:, 3].astype(np.int64)
+    base = np.ascontiguousarray(head[:, 4:8]).view("<i4").ravel().astype(np.int64)
+    want = int(nfs[0]) if nf is None else nf
+    body = lens - HEADER_BYTES - 8 * nfs
+    pair = cw + nw
+    bad = (
+        (version != VERSION)
+        | (nfs != want)
+        | ~np.isin(cw, _WIDTHS)
+        | ~np.isin(nw, _WIDTHS)
+        | (body < 0)
+    )
+    bad |= np.where(bad, True, body % np.where(pair > 0, pair, 1) != 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise PackedError(
+            f"value {i} is not a version-{VERSION} packed value with {want} statistics "
+            f"(version {version[i]}, nf {nfs[i]}, widths {cw[i]}/{nw[i]}, {lens[i]} bytes)",
+            i,
+        )
+    hsize = HEADER_BYTES + 8 * want
+    stats = (
+        buf[starts[:, None] + HEADER_BYTES + np.arange(8 * want)]
+        .view("<f8")
+        .reshape(n, want)
+        .astype(np.float64)
+    )
+    k = body // pair
+    total = int(k.sum())
+    row = np.repeat(np.arange(n, dtype=np.int64), k)
+    cw_b = np.repeat(cw, k)
+    nw_b = np.repeat(nw, k)
+    rel = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
+    code_addr = np.repeat(starts + hsize, k) + rel * cw_b
+    count_addr = np.repeat(starts + hsize + k * cw, k) + rel * nw_b
+    code = _gather(buf, code_addr, cw_b) + np.repeat(base, k)
+    count = _gather(buf, count_addr, nw_b)
+    return Table(stats, row, code, count)
+
+
+def _gather(buf: npt.NDArray[np.uint8], addr: I64, width: I64) -> I64:
+    """Little-endian unsigned integers of ``width`` (1, 2 or 4) bytes at ``addr``."""
+    out = buf[addr].astype(np.int64)
+    two = np.flatnonzero(width >= 2)
+    if two.size:
+        out[two] |= buf[addr[two] + 1].astype(np.int64) << 8
+        four = two[width[two] == 4]
+        if four.size:
+            a = addr[four]
+            out[four] |= (buf[a + 2].astype(np.int64) << 16) | (buf[a + 3].astype(np.int64) << 24)
+    return out
+
+
+def problems(table: Table, limit: int = 5) -> list[tuple[str, list[int]]]:
+    """What is wrong with decoded values: (what, first ``limit`` rows) per kind of problem."""
+    out: list[tuple[str, list[int]]] = []
+
+    def rows(mask: npt.NDArray[np.bool_]) -> list[int]:
+        return [int(i) for i in np.flatnonzero(mask)[:limit]]
+
+    s = table.stats
+    if table.rows:
+        finite = np.asarray(np.isfinite(s).all(axis=1), dtype=np.bool_)
+        if not finite.all():
+            out.append(("holds a non-finite statistic", rows(~finite)))
+        counts = np.c_[s[:, COUNT : COUNT + 1], s[:, NF_SENSOR:]]
+        bad = ((counts < 0) | (counts != np.floor(counts))).any(axis=1) & finite
+        if bad.any():
+            out.append(("holds a count that is not a whole number >= 0", rows(bad)))
+        inverted = (s[:, COUNT] > 0) & (s[:, MIN] > s[:, MAX])
+        if inverted.any():
+            out.append(("has min > max", rows(inverted)))
+    per_row = np.zeros(table.rows, dtype=np.bool_)
+    if table.count.size:
+        per_row[table.row[table.count <= 0]] = True
+    if table.code.size > 1:
+        same_row = table.row[1:] == table.row[:-1]
+        per_row[table.row[1:][same_row & (table.code[1:] <= table.code[:-1])]] = True
+    if per_row.any():
+        out.append(("has an empty or out-of-order sketch bucket", rows(per_row)))
+    if table.rows:
+        mismatch = table.sketch_totals() != s[:, COUNT]
+        if mismatch.any():
+            out.append(("has a sketch total unequal to its count", rows(mismatch)))
+    return out
+
+
+def merge(table: Table, groups: npt.ArrayLike, n_groups: int) -> Table:
+    """Rows merged by group (``groups[i]`` in ``0..n_groups-1`` is row ``i``'s group).
+
+    A group with no rows has count 0 and min/max of +inf/-inf.
+    """
+    g = np.asarray(groups, dtype=np.int64)
+    nf = table.nf
+    s = table.stats
+    out = np.empty((n_groups, nf), dtype=np.float64)
+    for j in range(nf):
+        if j == MIN:
+            col = np.full(n_groups, np.inf)
+            np.minimum.at(col, g, s[:, j])
+        elif j == MAX:
+            col = np.full(n_groups, -np.inf)
+            np.maximum.at(col, g, s[:, j])
+        else:
+            col = np.bincount(g, weights=s[:, j], minlength=n_groups)
+        out[:, j] = col
+    row, code, count = merge_buckets(g[table.row], table.code, table.count)
+    return Table(out, row, code, count)
+
+
+def merge_buckets(row: I64, code: I64, count: I64) -> tuple[I64, I64, I64]:
+    """Buckets added up by (row, code), sorted by row then code."""
+    if row.size == 0:
+        return row, code, count
+    lo, hi = int(code.min()), int(code.max())
+    span = hi - lo + 1
+    rows = int(row.max()) + 1
+    if rows * span <= 8 * row.size + (1 << 20):  # dense enough: count in place, no sort
+        dense = np.bincount(row * span + (code - lo), weights=count, minlength=rows * span)
+        nz = np.flatnonzero(dense)
+        return nz // span, nz % span + lo, dense[nz].astype(np.int64)
+    key = row * _CODE_SPAN + (code + _CODE_SPAN // 2)
+    uniq, inv = np.unique(key, return_inverse=True)
+    total = np.bincount(inv.ravel(), weights=count).astype(np.int64)
+    return uniq // _CODE_SPAN, uniq % _CODE_SPAN - _CODE_SPAN // 2, total
+
+
+def quantiles(table: Table, qs: Sequence[float] = sketch.QUANTILES) -> F64:
+    """Quantile estimates ``[rows, len(qs)]`` from each row's sketch (NaN for an empty one).
+
+    The same estimate as :func:`schemas.sketch.quantiles` (rank ``floor(q * (n - 1))``),
+    for every row at once.
+    """
+    for q in qs:
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile must be within [0, 1], got {q}")
+    out = np.full((table.rows, len(qs)), np.nan)
+    if table.code.size == 0:
+        return out
+    value = sketch.bucket_values(table.code)
+    order = np.lexsort((value, table.row))
+    row, value, count = table.row[order], value[order], table.count[order]
+    cum = np.cumsum(count)
+    totals = np.bincount(row, weights=count, minlength=table.rows).astype(np.int64)
+    first = np.searchsorted(row, np.arange(table.rows))
+    before = np.where(first > 0, cum[np.maximum(first - 1, 0)], 0)
+    has = np.flatnonzero(totals > 0)
+    for j, q in enumerate(qs):
+        rank = np.floor(q * (totals[has] - 1)).astype(np.int64)
+        pos = np.searchsorted(cum, before[has] + rank + 1, side="left")
+        out[has, j] = value[pos]
+    return out
+
+
+def from_values(stats: F64, bucket_row: I64, bucket_code: I64, bucket_count: I64) -> Table:
+    """A table from unsorted, possibly repeated buckets (they are added up and sorted)."""
+    row, code, count = merge_buckets(bucket_row, bucket_code, bucket_count)
+    return Table(np.asarray(stats, dtype=np.float64), row, code, count)
+
+
+def check_codes(code: I64) -> None:
+    """Raise :class:`PackedError` for sketch codes a value cannot hold."""
+    if code.size and (np.abs(code) > _MAX_CODE).any():
+        raise PackedError("a sketch code is outside the packed range")

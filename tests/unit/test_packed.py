@@ -1,0 +1,136 @@
+"""The packed window value: round trips, the smallest widths, one merge rule, vectorised quantiles,
+and clear errors (never a crash or a wrong table) for bytes that are not a packed value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas import packed, sketch
+
+NOT_TIMED = [HealthCheck.too_slow]
+finite = st.floats(min_value=-1e12, max_value=1e12, allow_nan=False, allow_infinity=False)
+
+
+def table_of(groups: list[list[float]], nf: int = packed.NF_SENSOR) -> packed.Table:
+    rows = []
+    for vals in groups:
+        v = np.asarray(vals, dtype=np.float64)
+        stats = [v.size, v.sum(), (v * v).sum(), v.min(), v.max()]
+        rows.append(stats + [float(i) for i in range(nf - len(stats))])
+    row = np.concatenate([np.full(len(v), i, dtype=np.int64) for i, v in enumerate(groups)])
+    codes = sketch.bucket_codes(np.concatenate([np.asarray(v, float) for v in groups]))
+    return packed.from_values(np.array(rows), row, codes, np.ones(codes.size, dtype=np.int64))
+
+
+@given(st.lists(st.lists(finite, min_size=1, max_size=40), min_size=1, max_size=20))
+@settings(max_examples=150, deadline=None, suppress_health_check=NOT_TIMED)
+def test_round_trip(groups: list[list[float]]) -> None:
+    t = table_of(groups)
+    d = packed.decode(packed.encode(t), packed.NF_SENSOR)
+    assert np.array_equal(d.stats, t.stats)
+    assert np.array_equal(d.row, t.row)
+    assert np.array_equal(d.code, t.code)
+    assert np.array_equal(d.count, t.count)
+    assert packed.problems(d) == []
+
+
+def test_applog_values_round_trip_with_their_eleven_statistics() -> None:
+    t = table_of([[1.0, 2.0], [3.0]], nf=packed.NF_APPLOG)
+    d = packed.decode(packed.encode(t))
+    assert d.nf == packed.NF_APPLOG and np.array_equal(d.stats, t.stats)
+    with pytest.raises(packed.PackedError, match="with 5 statistics"):
+        packed.decode(packed.encode(t), packed.NF_SENSOR)
+
+
+def test_widths_are_the_smallest_that_fit() -> None:
+    narrow = table_of([[20.0, 20.1, 20.2, 21.0]])
+    (value,) = packed.encode(narrow)
+    assert value[2:4] == b"\x01\x01"  # one-byte code offsets and counts
+    assert len(value) == 8 + 8 * 5 + 2 * narrow.code.size
+    many = packed.from_values(
+        narrow.stats.copy() * [1000, 1, 1, 1, 1],
+        np.zeros(1, np.int64),
+        narrow.code[:1],
+        np.array([1000]),
+    )
+    wide = packed.from_values(
+        np.array([[2, 0, 0, 1e-6, 1e9]]),
+        np.zeros(2, np.int64),
+        sketch.bucket_codes([1e-6, 1e9]),
+        np.ones(2, np.int64),
+    )
+    assert packed.encode(many)[0][2:4] == b"\x01\x02"
+    assert packed.encode(wide)[0][2:4] == b"\x02\x01"
+    for t in (many, wide):
+        assert np.array_equal(packed.decode(packed.encode(t)).count, t.count)
+
+
+@given(
+    st.lists(st.lists(finite, min_size=1, max_size=30), min_size=1, max_size=12),
+    st.integers(min_value=1, max_value=4),
+)
+@settings(max_examples=100, deadline=None, suppress_health_check=NOT_TIMED)
+def test_merge_equals_the_values_taken_together(groups: list[list[float]], n: int) -> None:
+    t = packed.decode(packed.encode(table_of(groups)))
+    g = np.arange(len(groups)) % n
+    m = packed.merge(t, g, n)
+    for j in range(n):
+        members = [groups[i] for i in range(len(groups)) if g[i] == j]
+        if not members:
+            assert m.stats[j, packed.COUNT] == 0
+            continue
+        whole = table_of([[x for vals in members for x in vals]])
+        assert m.stats[j, packed.COUNT] == whole.stats[0, packed.COUNT]
+        assert m.stats[j, packed.MIN] == whole.stats[0, packed.MIN]
+        assert m.stats[j, packed.MAX] == whole.stats[0, packed.MAX]
+        assert np.isclose(m.stats[j, packed.SUM], whole.stats[0, packed.SUM], rtol=1e-9, atol=1e-3)
+        sel = m.row == j
+        assert np.array_equal(m.code[sel], whole.code)
+        assert np.array_equal(m.count[sel], whole.count)
+
+
+@given(st.lists(st.lists(finite, min_size=0, max_size=50), min_size=1, max_size=10))
+@settings(max_examples=150, deadline=None, suppress_health_check=NOT_TIMED)
+def test_quantiles_match_the_scalar_estimate(groups: list[list[float]]) -> None:
+    nonempty = [g if g else [0.0] for g in groups]
+    t = table_of(nonempty)
+    empty = [i for i, g in enumerate(groups) if not g]
+    keep = t.row != -1
+    for i in empty:
+        keep &= t.row != i
+    t = packed.Table(t.stats, t.row[keep], t.code[keep], t.count[keep])
+    qs = (0.0, 0.5, 0.9, 0.99, 1.0)
+    got = packed.quantiles(t, qs)
+    for i, vals in enumerate(groups):
+        want = sketch.quantiles(sketch.sketch_of(vals), qs) if vals else [None] * len(qs)
+        for g, w in zip(got[i].tolist(), want, strict=True):
+            if w is None:
+                assert np.isnan(g)
+            else:
+                assert g == pytest.approx(w, rel=1e-12, abs=1e-300)
+
+
+@given(st.lists(st.binary(max_size=80), min_size=1, max_size=8))
+@settings(max_examples=400, deadline=None, suppress_health_check=NOT_TIMED)
+def test_arbitrary_bytes_decode_or_fail_clearly(values: list[bytes]) -> None:
+    try:
+        t = packed.decode(values)
+    except packed.PackedError as exc:
+        assert exc.index is not None and 0 <= exc.index < len(values)
+        return
+    assert t.rows == len(values)
+    packed.problems(t)  # never raises
+
+
+def test_corrupt_values_are_named_by_problems() -> None:
+    good = packed.encode(table_of([[1.0, 2.0]]))[0]
+    broken = bytearray(good)
+    broken[8:16] = np.float64(3).tobytes()  # n = 3, the sketch holds 2
+    t = packed.decode([good, bytes(broken)])
+    assert packed.problems(t) == [("has a sketch total unequal to its count", [1])]
+    nan = bytearray(good)
+    nan[16:24] = np.float64(np.nan).tobytes()
+    assert packed.problems(packed.decode([bytes(nan)])) == [("holds a non-finite statistic", [0])]
