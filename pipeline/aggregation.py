@@ -30,6 +30,7 @@ class Columns:
     entities: dict[str, tuple[npt.NDArray[np.int64], list[str]]]
     status_class: npt.NDArray[np.int64] | None = None  # 0..4 for 1xx..5xx (application logs)
     errors: npt.NDArray[np.float64] | None = None  # 1.0 where level is ERROR
+    partition: npt.NDArray[np.int64] | None = None  # per event, when it spans partitions
 
     def __len__(self) -> int:
         return int(self.event_times.size)
@@ -42,6 +43,7 @@ class Columns:
             {d: (c[mask], names) for d, (c, names) in self.entities.items()},
             None if self.status_class is None else self.status_class[mask],
             None if self.errors is None else self.errors[mask],
+            None if self.partition is None else self.partition[mask],
         )
 
 
@@ -58,6 +60,7 @@ class WindowDelta:
     start_ms: int
     names: list[str]
     table: packed.Table
+    partition: int = -1  # the partition, when the columns spanned partitions
 
 
 # Which dimensions each tumbling window keeps: ((window, dims), ...).
@@ -70,6 +73,42 @@ def _factorize(names: Sequence[str]) -> tuple[npt.NDArray[np.int64], list[str]]:
         (index.setdefault(n, len(index)) for n in names), dtype=np.int64, count=len(names)
     )
     return codes, list(index)
+
+
+def concat_columns(parts: Sequence[tuple[int, Columns]]) -> Columns:
+    """Several partitions' columns as one, each event tagged with its partition.
+
+    A poll is then aggregated in one pass, not one per partition: the fixed cost per pass
+    dominated small polls.
+    """
+    if len(parts) == 1:
+        p, c = parts[0]
+        return Columns(
+            c.event_times, c.values, c.entities, c.status_class, c.errors,
+            np.full(len(c), p, dtype=np.int64),
+        )  # fmt: skip
+    cols = [c for _, c in parts]
+    # Each partition's entity codes are shifted past the previous partitions' names: a name
+    # seen in two partitions gets two codes, which is right, as groups are per partition too.
+    entities: dict[str, tuple[npt.NDArray[np.int64], list[str]]] = {}
+    for dim in cols[0].entities:
+        names: list[str] = []
+        shifted = []
+        for c in cols:
+            codes, part_names = c.entities[dim]
+            shifted.append(codes + len(names))
+            names.extend(part_names)
+        entities[dim] = (np.concatenate(shifted), names)
+    status = [c.status_class for c in cols]
+    errors = [c.errors for c in cols]
+    return Columns(
+        np.concatenate([c.event_times for c in cols]),
+        np.concatenate([c.values for c in cols]),
+        entities,
+        None if any(x is None for x in status) else np.concatenate(status),  # type: ignore[arg-type]
+        None if any(x is None for x in errors) else np.concatenate(errors),  # type: ignore[arg-type]
+        np.concatenate([np.full(len(c), p, dtype=np.int64) for p, c in parts]),
+    )
 
 
 def _pairs(
@@ -133,21 +172,30 @@ def aggregate(cols: Columns, plan: WindowPlan | None = None) -> list[WindowDelta
         if not kept:
             continue
         starts = windows.window_starts(cols.event_times, window.size_ms)
-        uniq_starts, start_idx = np.unique(starts, return_inverse=True)
+        # a slot is a (partition, window start): the unit of a delta
+        first = int(starts.min())
+        span = (int(starts.max()) - first) // window.size_ms + 1
+        part = cols.partition if cols.partition is not None else np.zeros_like(starts)
+        uniq_slots, slot_idx = np.unique(
+            part * span + (starts - first) // window.size_ms, return_inverse=True
+        )
+        slot_part = uniq_slots // span if cols.partition is not None else -np.ones_like(uniq_slots)
+        slot_start = (uniq_slots % span) * window.size_ms + first
         for dim in kept:
             ent_codes, names = cols.entities[dim]
             out.extend(
                 _aggregate_dim(
-                    window, dim, uniq_starts, start_idx, ent_codes, names, codes, cols, vsq
+                    window, dim, (slot_part, slot_start), slot_idx.ravel(), ent_codes, names,
+                    codes, cols, vsq,
                 )
-            )
+            )  # fmt: skip
     return out
 
 
 def _aggregate_dim(
     window: keys.TumblingWindow,
     dim: str,
-    uniq_starts: npt.NDArray[np.int64],
+    slots: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
     start_idx: npt.NDArray[np.int64],
     ent_codes: npt.NDArray[np.int64],
     names: list[str],
@@ -195,5 +243,10 @@ def _aggregate_dim(
             stats[a:b], bucket_row[ba:bb] - a, bucket_code[ba:bb], bucket_count[ba:bb]
         )
         ents = [names[i] for i in group_name[a:b].tolist()]
-        out.append(WindowDelta(window, dim, int(uniq_starts[group_start[a]]), ents, table))
+        slot = group_start[a]
+        out.append(
+            WindowDelta(
+                window, dim, int(slots[1][slot]), ents, table, partition=int(slots[0][slot])
+            )
+        )
     return out

@@ -96,6 +96,8 @@ class PartitionBatch:
     entity_cap: int = keys.ENTITY_REGISTRY_CAP  # members a registry (and the cache) keeps per dim
     # absolute values to write with the offset (the open windows' touched entities)
     writes: list[HashWrite] = field(default_factory=list)
+    # on-time events not aggregated yet (see aggregate_batches)
+    columns: aggregation.Columns | None = None
 
     @property
     def empty(self) -> bool:
@@ -143,6 +145,35 @@ def process(
     now_ms: int,
 ) -> PartitionBatch:
     """Turn a partition's records (in offset order) into a :class:`PartitionBatch`."""
+    batch = process_columns(kind, partition, records, state, rules, now_ms)
+    aggregate_batches([batch], rules.plan)
+    return batch
+
+
+def aggregate_batches(batches: Sequence[PartitionBatch], plan: aggregation.WindowPlan) -> None:
+    """Aggregate the on-time events of several partitions' batches in one pass (their deltas)."""
+    parts = [(b.partition, b.columns) for b in batches if b.columns is not None and len(b.columns)]
+    todo = [b for b in batches if b.columns is not None and len(b.columns)]
+    if parts:
+        cols = aggregation.concat_columns(parts)
+        by_part: dict[int, list[aggregation.WindowDelta]] = {b.partition: [] for b in todo}
+        for d in aggregation.aggregate(cols, plan):
+            by_part[d.partition].append(d)
+        for b in todo:
+            b.deltas = by_part[b.partition]
+    for b in batches:
+        b.columns = None
+
+
+def process_columns(
+    kind: EventKind,
+    partition: int,
+    records: Sequence[RawRecord],
+    state: PartitionState,
+    rules: BatchRules,
+    now_ms: int,
+) -> PartitionBatch:
+    """:func:`process` up to aggregation: the on-time events are left in ``batch.columns``."""
     fresh = [r for r in records if r.offset > state.offset]
     batch = PartitionBatch(
         kind=kind,
@@ -177,7 +208,7 @@ def process(
             )
         cols = cols.select(on_time)
     batch.events = len(cols)
-    batch.deltas = aggregation.aggregate(cols, rules.plan)
+    batch.columns = cols
     _entities_to_register(batch, cols, state)
     return batch
 

@@ -32,8 +32,9 @@ from pipeline.batch import (
     PartitionState,
     RawRecord,
     absorb,
+    aggregate_batches,
     commit,
-    process,
+    process_columns,
 )
 from pipeline.metrics import Metrics, wall_clock_ms
 from pipeline.state import WindowState
@@ -91,7 +92,7 @@ class Checkpoint:
         metrics: Metrics,
         clock: Clock = wall_clock_ms,
         retry_delay_s: float = 0.5,
-        process_batch: ProcessBatch = process,
+        process_batch: ProcessBatch = process_columns,
         commit_offsets: OffsetCommitter = _no_offsets,
     ) -> None:
         self.kind = kind
@@ -147,6 +148,14 @@ class Checkpoint:
     def _prepare(self, pending: dict[int, list[RawRecord]]) -> list[PartitionBatch]:
         self._now = self._clock()
         batches = [self._process_safely(p, recs, self._now) for p, recs in pending.items()]
+        try:
+            aggregate_batches(batches, self._rules.plan)  # every partition in one pass
+        except Exception:
+            log.exception("aggregating a %s poll failed; isolating the records", self.kind.value)
+            batches = [
+                self._process_safely(p, recs, self._now, isolate=True)
+                for p, recs in pending.items()
+            ]
         for b in batches:
             if not b.empty:
                 absorb(self._states[b.partition], b, self._rules)
@@ -251,23 +260,42 @@ class Checkpoint:
             ws.restore({k: hashes[k] for k in ks})
             self._states[p].windows = ws
 
-    def _process_safely(self, partition: int, records: list[RawRecord], now: int) -> PartitionBatch:
+    def _run(
+        self, partition: int, records: list[RawRecord], state: PartitionState, now: int
+    ) -> PartitionBatch:
+        """Process and aggregate one partition's records alone."""
+        batch = self._process(self.kind, partition, records, state, self._rules, now)
+        aggregate_batches([batch], self._rules.plan)
+        return batch
+
+    def _process_safely(
+        self, partition: int, records: list[RawRecord], now: int, *, isolate: bool = False
+    ) -> PartitionBatch:
         """Process a partition's records; a record that makes processing fail is dead-lettered.
 
         Processing is pure and rejects bad input itself, so this is the net under it: if it
-        raises anyway, each record is tried alone to find the ones that fail, and the batch is
-        processed without them, so one record can never stop the partition.
+        raises anyway (or ``isolate``: the poll's aggregation raised), each record is tried
+        alone to find the ones that fail, and the batch is processed without them, so one
+        record can never stop the partition.
         """
         state = self._states[partition]
-        try:
-            return self._process(self.kind, partition, records, state, self._rules, now)
-        except Exception:
-            log.exception("processing a %s batch failed; isolating the records", self.kind.value)
+        if not isolate:
+            try:
+                return self._process(self.kind, partition, records, state, self._rules, now)
+            except Exception:
+                log.exception(
+                    "processing a %s batch failed; isolating the records", self.kind.value
+                )
+        else:
+            try:
+                return self._run(partition, records, state, now)
+            except Exception:
+                log.exception("aggregating %s partition %d failed", self.kind.value, partition)
         culprits: dict[int, str] = {}
         for r in records:
             probe = PartitionState(state.offset, state.max_event_time, state.topic)
             try:
-                self._process(self.kind, partition, [r], probe, self._rules, now)
+                self._run(partition, [r], probe, now)
             except Exception as exc:
                 culprits[r.offset] = f"could not be processed: {type(exc).__name__}: {exc}"[:300]
         # With no culprit found alone, the failure needs the records together: divert them all.
@@ -275,7 +303,7 @@ class Checkpoint:
             culprits = {r.offset: "could not be processed with its batch" for r in records}
         self._metrics.isolated += len(culprits)
         rest = [r for r in records if r.offset not in culprits]
-        batch = self._process(self.kind, partition, rest, state, self._rules, now)
+        batch = self._run(partition, rest, state, now)
         batch.dead.extend(Diverted(r, culprits[r.offset]) for r in records if r.offset in culprits)
         batch.last_offset = max(batch.last_offset, records[-1].offset)
         return batch

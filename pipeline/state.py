@@ -41,32 +41,43 @@ class HashWrite:
     values: list[bytes]
 
 
-class OpenWindow:
-    """One window instance of one dimension: per entity, statistics and sketch, as columns."""
+RowKey = tuple[tuple[str, str, int], str]  # ((window name, dim, start ms), entity)
 
-    __slots__ = ("_bcount", "_bkey", "_index", "_stats", "names", "nf")
+
+class OpenRows:
+    """Open window values as one table: a row per (window instance, entity) with its
+    statistics, and every row's sketch buckets in one sorted array.
+
+    One table for all of a partition's open instances, so a batch costs a fixed number of
+    numpy calls, whatever the number of windows and dimensions it touches.
+    """
+
+    __slots__ = ("_bcount", "_bkey", "_index", "_stats", "keys", "nf")
 
     def __init__(self, nf: int) -> None:
         self.nf = nf
-        self.names: list[str] = []
-        self._index: dict[str, int] = {}
+        self.keys: list[RowKey] = []
+        self._index: dict[RowKey, int] = {}
         self._stats = np.zeros((0, nf), dtype=np.float64)
-        self._bkey = np.zeros(0, dtype=np.int64)  # sorted
+        self._bkey = np.zeros(0, dtype=np.int64)  # row * _SPAN + code + _HALF, sorted
         self._bcount = np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.keys)
 
-    def _rows(self, names: Sequence[str]) -> npt.NDArray[np.int64]:
+    def _rows(self, keys: Sequence[RowKey]) -> tuple[npt.NDArray[np.int64], list[RowKey]]:
+        """The row of each key, adding the new ones; the new keys."""
         index = self._index
-        known = len(self.names)
+        known = len(self.keys)
         rows = np.fromiter(
-            (index.setdefault(n, len(index)) for n in names), dtype=np.int64, count=len(names)
+            (index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=len(keys)
         )
+        fresh: list[RowKey] = []
         if len(index) > known:
-            self.names.extend(list(index)[known:])
+            fresh = list(index)[known:]
+            self.keys.extend(fresh)
             self._grow(len(index))
-        return rows
+        return rows, fresh
 
     def _grow(self, rows: int) -> None:
         have = self._stats.shape[0]
@@ -77,9 +88,11 @@ class OpenWindow:
         more[:, packed.MAX] = -np.inf
         self._stats = np.concatenate((self._stats, more))
 
-    def absorb(self, names: Sequence[str], table: packed.Table) -> npt.NDArray[np.int64]:
-        """Fold a batch's rows (entities ``names``, unique) in; the rows they touched."""
-        rows = self._rows(names)
+    def absorb(
+        self, keys: Sequence[RowKey], table: packed.Table
+    ) -> tuple[npt.NDArray[np.int64], list[RowKey]]:
+        """Fold rows in (row ``i`` of ``table`` is ``keys[i]``, unique): their rows, new keys."""
+        rows, fresh = self._rows(keys)
         s = self._stats
         d = table.stats
         touched = s[rows]
@@ -89,7 +102,7 @@ class OpenWindow:
         touched[:, adds] += d[:, adds]
         s[rows] = touched
         self._add_buckets(rows[table.row] * _SPAN + (table.code + _HALF), table.count)
-        return rows
+        return rows, fresh
 
     def _add_buckets(self, new: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]) -> None:
         order = np.argsort(new, kind="stable")
@@ -116,12 +129,17 @@ class OpenWindow:
             self._bcount[idx].copy(),
         )
 
-    @classmethod
-    def restore(cls, names: Sequence[str], table: packed.Table) -> OpenWindow:
-        """An open window holding the given entities' stored values."""
-        w = cls(table.nf)
-        w.absorb(names, table)
-        return w
+    def keep(self, mask: npt.NDArray[np.bool_]) -> None:
+        """Keep only the rows where ``mask`` is true (renumbered in order)."""
+        n = len(self.keys)
+        new_of = np.cumsum(mask) - 1
+        self.keys = [k for k, m in zip(self.keys, mask.tolist(), strict=True) if m]
+        self._index = {k: i for i, k in enumerate(self.keys)}
+        self._stats = self._stats[:n][mask]
+        brow = self._bkey // _SPAN
+        kept = mask[brow]
+        self._bkey = new_of[brow[kept]] * _SPAN + self._bkey[kept] % _SPAN
+        self._bcount = self._bcount[kept]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +164,8 @@ class WindowState:
         self.partition = partition
         self.plan = [(w, tuple(d for d in dims if d in keys.DIMS[kind])) for w, dims in plan]
         self.nf = packed.NF_APPLOG if kind is EventKind.APPLOG else packed.NF_SENSOR
-        self.open: dict[InstanceKey, OpenWindow] = {}
+        self._rows = OpenRows(self.nf)
+        self.open: dict[InstanceKey, int] = {}  # instance -> entities held
 
     def restore_keys(self, max_event_time: int, watermark: int | None) -> list[str]:
         """Keys of the window instances that may still change after the stored offset."""
@@ -165,7 +184,10 @@ class WindowState:
 
         Raises :class:`schemas.packed.PackedError` when a stored value is malformed.
         """
+        self._rows = OpenRows(self.nf)
         self.open.clear()
+        row_keys: list[RowKey] = []
+        tables: list[packed.Table] = []
         for key, fields in hashes.items():
             if not fields:
                 continue
@@ -175,26 +197,41 @@ class WindowState:
             bad = [f"{names[r]} {what}" for what, rs in packed.problems(table) for r in rs]
             if bad:
                 raise packed.PackedError(f"stored window {key}: {'; '.join(bad)}")
-            self.open[(wname, dim, start)] = OpenWindow.restore(names, table)
+            ik = (wname, dim, start)
+            row_keys.extend((ik, n) for n in names)
+            tables.append(table)
+        if tables:
+            self._absorb(row_keys, packed.concat(tables))
+
+    def _absorb(self, row_keys: Sequence[RowKey], table: packed.Table) -> npt.NDArray[np.int64]:
+        rows, fresh = self._rows.absorb(row_keys, table)
+        for ik, _ in fresh:
+            self.open[ik] = self.open.get(ik, 0) + 1
+        return rows
 
     def absorb(self, deltas: Sequence[WindowDelta], retention: Retention) -> list[HashWrite]:
         """Fold a batch's deltas in; the absolute values of every entity they touched."""
-        out: list[HashWrite] = []
+        if not deltas:
+            return []
+        row_keys: list[RowKey] = []
         for d in deltas:
             ik = (d.window.name, d.dim, d.start_ms)
-            w = self.open.get(ik)
-            if w is None:
-                w = self.open[ik] = OpenWindow(self.nf)
-            rows = w.absorb(d.names, d.table)
-            values = packed.encode(w.table(rows))
+            row_keys.extend((ik, n) for n in d.names)
+        rows = self._absorb(row_keys, packed.concat([d.table for d in deltas]))
+        values = packed.encode(self._rows.table(rows))  # one encode for the whole batch
+        out: list[HashWrite] = []
+        at = 0
+        for d in deltas:
+            n = len(d.names)
             out.append(
                 HashWrite(
                     keys.window_key(self.kind, self.partition, d.window, d.dim, d.start_ms),
                     retention.expire_at_s(d.window, d.start_ms),
-                    list(d.names),  # the rows of ``rows``, in order
-                    values,
+                    list(d.names),
+                    values[at : at + n],
                 )
             )
+            at += n
         return out
 
     def evict(self, watermark: int | None) -> int:
@@ -202,15 +239,29 @@ class WindowState:
         if watermark is None:
             return 0
         sizes = {w.name: w.size_ms for w, _ in self.plan}
-        done = [ik for ik in self.open if ik[2] + sizes.get(ik[0], 0) <= watermark]
-        for ik in done:
-            del self.open[ik]
+        done = {ik for ik in self.open if ik[2] + sizes.get(ik[0], 0) <= watermark}
+        if done:
+            mask = np.fromiter(
+                (k[0] not in done for k in self._rows.keys), dtype=np.bool_, count=len(self._rows)
+            )
+            self._rows.keep(mask)
+            for ik in done:
+                del self.open[ik]
         return len(done)
 
     @property
     def entities(self) -> int:
         """Entity values held, over every open instance."""
-        return sum(len(w) for w in self.open.values())
+        return len(self._rows)
+
+    def values(self) -> dict[InstanceKey, dict[str, bytes]]:
+        """Every open instance's packed values by entity (what the store holds for them)."""
+        rows = np.arange(len(self._rows), dtype=np.int64)
+        out: dict[InstanceKey, dict[str, bytes]] = {}
+        encoded = packed.encode(self._rows.table(rows))
+        for (ik, name), value in zip(self._rows.keys, encoded, strict=True):
+            out.setdefault(ik, {})[name] = value
+        return out
 
 
 def _open_starts(window: keys.TumblingWindow, max_event_time: int, watermark: int) -> list[int]:

@@ -107,6 +107,21 @@ class Table:
         return np.bincount(self.row, weights=self.count, minlength=self.rows).astype(np.int64)
 
 
+def concat(tables: Sequence[Table]) -> Table:
+    """The rows of several tables, in order, as one table (they must agree on ``nf``)."""
+    if not tables:
+        return Table.empty(NF_SENSOR)
+    if len(tables) == 1:
+        return tables[0]
+    shift = np.cumsum([0] + [t.rows for t in tables[:-1]])
+    return Table(
+        np.concatenate([t.stats for t in tables]),
+        np.concatenate([t.row + int(o) for t, o in zip(tables, shift.tolist(), strict=True)]),
+        np.concatenate([t.code for t in tables]),
+        np.concatenate([t.count for t in tables]),
+    )
+
+
 def _width(x: I64) -> npt.NDArray[np.uint8]:
     return np.where(x < 1 << 8, 1, np.where(x < 1 << 16, 2, 4)).astype(np.uint8)
 

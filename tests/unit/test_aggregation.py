@@ -151,3 +151,25 @@ def test_a_plan_keeps_only_its_dimensions() -> None:
         ("1m", "device", 0),
         ("1m", "device", 60_000),
     }
+
+
+@given(
+    st.lists(st.tuples(st.integers(min_value=0, max_value=3), sensor_st), min_size=1, max_size=60)
+)
+@settings(max_examples=100, deadline=None, suppress_health_check=NOT_TIMED)
+def test_partitions_aggregated_together_equal_each_alone(
+    tagged: list[tuple[int, SensorReading]],
+) -> None:
+    by_part: dict[int, list[SensorReading]] = defaultdict(list)
+    for p, e in tagged:
+        by_part[p].append(e)
+    cols = aggregation.concat_columns(
+        [(p, aggregation.sensor_columns(evs)) for p, evs in sorted(by_part.items())]
+    )
+    together: dict[int, list[aggregation.WindowDelta]] = defaultdict(list)
+    for d in aggregation.aggregate(cols):
+        together[d.partition].append(d)
+    for p, evs in by_part.items():
+        alone = aggregation.aggregate(aggregation.sensor_columns(evs))
+        assert rows(together[p]) == rows(alone)
+        assert sketch_rows(together[p]) == sketch_rows(alone)

@@ -129,7 +129,10 @@ def test_eviction_follows_the_watermark() -> None:
         ("1m", 60_000),
     }
     assert ws.evict(None) == 0
-    ws.evict(60_000)  # ends at or before 60 s are final
+    before = ws.values()
+    assert ws.evict(60_000) == 5  # ends at or before 60 s are final (5 instances)
+    assert ws.values() == {ik: v for ik, v in before.items() if ik[2] == 60_000}
+    assert ws.entities == sum(ws.open.values()) == 5
     assert {(w, s) for w, _, s in ws.open} == {("10s", 60_000), ("1m", 60_000)}
 
 
