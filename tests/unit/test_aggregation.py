@@ -6,41 +6,17 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import aggregation
 from schemas import keys
 from schemas import sketch as sketches
-from schemas.events import AppLogEvent, LogLevel, SensorReading
+from schemas.events import AppLogEvent, SensorReading
+from tests.unit.events import NOT_TIMED, applog_events, reading, sensor_readings
 
-# Examples are checked, never timed: a loaded machine must not fail a test (no deadline, and
-# no health check that times data generation).
-NOT_TIMED = [HealthCheck.too_slow]
-
-
-sensor_st = st.builds(
-    SensorReading,
-    device_id=st.sampled_from(["d1", "d2", "d3"]),
-    site=st.sampled_from(["s1", "s2"]),
-    event_time=st.integers(min_value=0, max_value=300_000),
-    metric=st.sampled_from(["temp", "hum"]),
-    value=st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
-    unit=st.just("C"),
-    lat=st.just(1.0),
-    lon=st.just(2.0),
-    firmware=st.just("1.0"),
-)
-applog_st = st.builds(
-    AppLogEvent,
-    service=st.sampled_from(["api", "web"]),
-    route=st.sampled_from(["/a", "/b/{id}"]),
-    event_time=st.integers(min_value=0, max_value=300_000),
-    level=st.sampled_from([LogLevel.INFO, LogLevel.ERROR]),
-    status_code=st.sampled_from([200, 201, 302, 404, 500, 503]),
-    latency_ms=st.floats(min_value=0, max_value=1e5, allow_nan=False),
-    trace_id=st.just("t1"),
-)
+sensor_st = sensor_readings()
+applog_st = applog_events
 
 
 def naive_sensor(events: list[SensorReading]) -> dict[tuple[str, str, int, str], list[float]]:
@@ -125,20 +101,7 @@ def test_empty_batch() -> None:
 
 
 def test_a_plan_keeps_only_its_dimensions() -> None:
-    events = [
-        SensorReading(
-            device_id="d1",
-            site="s1",
-            event_time=t,
-            metric="temp",
-            value=1.0,
-            unit="C",
-            lat=1.0,
-            lon=2.0,
-            firmware="1.0",
-        )
-        for t in (0, 15_000, 70_000)
-    ]
+    events = [reading(t) for t in (0, 15_000, 70_000)]
     plan = ((keys.WINDOW_10S, (keys.Dim.METRIC,)), (keys.WINDOW_1M, (keys.Dim.DEVICE, "route")))
     got = {
         (d.window.name, d.dim, d.start_ms)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import aggregation
@@ -14,23 +14,10 @@ from pipeline.batch import DEFAULT_PLAN
 from pipeline.state import HashWrite, Retention, WindowState
 from schemas import keys, packed
 from schemas.events import EventKind, SensorReading
+from tests.unit.events import NOT_TIMED, reading, sensor_readings
 
-NOT_TIMED = [HealthCheck.too_slow]
 RETENTION = Retention({"10s": 3600, "1m": 86_400})
 PLAN = ((keys.WINDOW_10S, ("device", "metric")), (keys.WINDOW_1M, ("device", "site", "metric")))
-
-reading = st.builds(
-    SensorReading,
-    device_id=st.sampled_from(["d1", "d2", "d3", "d4"]),
-    site=st.sampled_from(["s1", "s2"]),
-    event_time=st.integers(min_value=0, max_value=150_000),
-    metric=st.sampled_from(["temp", "hum"]),
-    value=st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
-    unit=st.just("C"),
-    lat=st.just(1.0),
-    lon=st.just(2.0),
-    firmware=st.just("1.0"),
-)
 
 
 def stored(writes: list[HashWrite], into: dict[str, dict[bytes, bytes]]) -> None:
@@ -55,7 +42,7 @@ def contents(store: dict[str, dict[bytes, bytes]]) -> dict[tuple[str, str], tupl
 
 
 @given(
-    st.lists(reading, min_size=1, max_size=60),
+    st.lists(sensor_readings(devices=4, max_time_ms=150_000), min_size=1, max_size=60),
     st.lists(st.integers(min_value=1, max_value=59), max_size=4),
     st.integers(min_value=0, max_value=4),
 )
@@ -107,20 +94,7 @@ def test_restore_keys_cover_the_windows_ending_after_the_watermark() -> None:
 
 def test_eviction_follows_the_watermark() -> None:
     ws = WindowState(EventKind.SENSOR, 0, PLAN)
-    events = [
-        SensorReading(
-            device_id="d1",
-            site="s1",
-            event_time=t,
-            metric="temp",
-            value=1.0,
-            unit="C",
-            lat=0.0,
-            lon=0.0,
-            firmware="1",
-        )
-        for t in (5_000, 65_000)
-    ]
+    events = [reading(t) for t in (5_000, 65_000)]
     ws.absorb(aggregation.aggregate(aggregation.sensor_columns(events), PLAN), RETENTION)
     assert {(w, s) for w, _, s in ws.open} == {
         ("10s", 0),
@@ -138,16 +112,6 @@ def test_eviction_follows_the_watermark() -> None:
 
 def test_expiry_is_the_window_end_plus_its_retention() -> None:
     ws = WindowState(EventKind.SENSOR, 0, ((keys.WINDOW_1M, ("metric",)),))
-    ev = SensorReading(
-        device_id="d1",
-        site="s1",
-        event_time=61_000,
-        metric="temp",
-        value=1.0,
-        unit="C",
-        lat=0.0,
-        lon=0.0,
-        firmware="1",
-    )
+    ev = reading(61_000)
     (w,) = ws.absorb(aggregation.aggregate(aggregation.sensor_columns([ev]), ws.plan), RETENTION)
     assert w.expire_at_s == 120 + 86_400 and w.fields == ["temp"]
