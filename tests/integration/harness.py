@@ -32,12 +32,16 @@ T = TypeVar("T")
 Position = tuple[str, int, int]
 
 
+# How often the waits below look again: a polling interval, every wait has a deadline.
+POLL_S = 0.2
+
+
 def wait_for(
     condition: Callable[[], T],
     what: str,
     timeout_s: float = 120.0,
     alive: Callable[[], bool] | None = None,
-    interval_s: float = 0.2,
+    interval_s: float = POLL_S,
 ) -> T:
     """Poll ``condition`` until it returns something truthy (returned); fail after the deadline.
 
@@ -210,17 +214,18 @@ class Pipeline:
     ) -> None:
         """Wait until the store has applied every record the input topics hold."""
         ends = self.end_offsets()
-        deadline = time.monotonic() + timeout_s
         behind: dict[tuple[str, int], tuple[int, int]] = {}
-        while time.monotonic() < deadline:
+
+        def caught_up() -> bool:
+            nonlocal behind
             applied = self.applied_offsets(client)
             behind = {tp: (applied[tp], end) for tp, end in ends.items() if applied[tp] < end - 1}
-            if not behind:
-                return
-            if alive is not None:
-                assert alive(), "the worker died"
-            time.sleep(0.25)
-        raise AssertionError(f"store did not catch up within {timeout_s}s: {behind}")
+            return not behind
+
+        try:
+            wait_for(caught_up, "the store applied every record", timeout_s, alive)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; behind: {behind}") from None
 
     def read_topic(self, name: str) -> list[Any]:
         """Every record of a topic (all partitions)."""

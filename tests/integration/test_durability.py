@@ -99,12 +99,14 @@ def a_batch(partition: int, first: int, n: int, state: PartitionState) -> Partit
     return batch
 
 
-async def wait_for(cond: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+async def wait_for(
+    cond: Callable[[], bool], what: str, timeout_s: float = 30.0, interval_s: float = 0.02
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(interval_s)
 
 
 def waitaof_clients(client: redis.Redis) -> list[dict[str, str]]:

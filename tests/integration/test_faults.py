@@ -27,6 +27,7 @@ import redis
 from pipeline.stack.testing import RunningStack
 from schemas import keys
 from tests.integration.harness import (
+    POLL_S,
     LoadgenProcess,
     Pipeline,
     WorkerProcess,
@@ -336,7 +337,7 @@ def _hold(seconds: float, alive: Callable[[], bool], producer: LoadgenProcess) -
     while time.monotonic() < end:
         alive()
         assert producer.alive(), f"the load generator died during the outage:\n{producer.tail()}"
-        time.sleep(0.5)
+        time.sleep(POLL_S)
 
 
 # --- replica promotion ---------------------------------------------------------------------

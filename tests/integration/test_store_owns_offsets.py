@@ -7,7 +7,6 @@ what was applied) is refused with one clear error, and nothing is read from that
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import redis
 from pipeline.stack.testing import RunningStack
 from schemas import keys
 from schemas.events import EventKind
-from tests.integration.harness import Pipeline, WorkerProcess
+from tests.integration.harness import Pipeline, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -27,14 +26,11 @@ def verified(pl: Pipeline, truth: Path) -> None:
 
 
 def wait_log(worker: WorkerProcess, needle: str, count: int, timeout_s: float = 240.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def logged() -> str:
         text = worker.log.read_text(errors="replace")
-        if text.count(needle) >= count:
-            return text
-        assert worker.alive(), worker.tail()
-        time.sleep(0.2)
-    raise AssertionError(f"{needle!r} not logged {count} times:\n{worker.tail()}")
+        return text if text.count(needle) >= count else ""
+
+    return wait_for(logged, f"{needle!r} is logged {count} times", timeout_s, worker.alive)
 
 
 def test_a_lost_store_is_refilled_from_kafka_whatever_kafka_committed(
@@ -85,14 +81,12 @@ def test_a_position_kafka_cannot_serve_is_refused_not_guessed(
         # every other partition is applied in full meanwhile
         others = {tp: end for tp, end in ends.items()
                   if tp not in {(pl.topics["sensor"], 0), (pl.topics["applog"], 1)}}  # fmt: skip
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            applied = pl.applied_offsets(store)
-            if all(applied[tp] >= end - 1 for tp, end in others.items()):
-                break
-            time.sleep(0.25)
-        else:
-            raise AssertionError(f"other partitions not applied: {pl.applied_offsets(store)}")
+        wait_for(
+            lambda: all(pl.applied_offsets(store)[tp] >= end - 1 for tp, end in others.items()),
+            "every other partition is applied",
+            240,
+            worker.alive,
+        )
         assert worker.alive(), worker.tail()
     finally:
         assert worker.stop() == 0

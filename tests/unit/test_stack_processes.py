@@ -19,6 +19,9 @@ from pipeline.stack.processes import ProcessState
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
+POLL_S = 0.01  # how often a deadline-bounded wait looks again
+
+
 def make_state(pid: int, ticks: int, marker: str = "-c") -> ProcessState:
     return ProcessState(
         service="svc", pid=pid, start_ticks=ticks, marker=marker, argv=["x"], ports={"port": 1}
@@ -86,7 +89,7 @@ def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
     deadline = time.monotonic() + 60  # Python's start-up on a loaded machine, not a speed check
     while not ignores_sigterm(pid):
         assert time.monotonic() < deadline, "the child never set SIGTERM to ignored"
-        time.sleep(0.01)
+        time.sleep(POLL_S)
     ticks = processes.proc_start_ticks(pid)
     assert ticks is not None
     state = make_state(pid, ticks, marker)
