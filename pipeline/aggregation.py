@@ -75,39 +75,37 @@ def _factorize(names: Sequence[str]) -> tuple[npt.NDArray[np.int64], list[str]]:
     return codes, list(index)
 
 
-def concat_columns(parts: Sequence[tuple[int, Columns]]) -> Columns:
-    """Several partitions' columns as one, each event tagged with its partition.
+def concat_columns(parts: Sequence[Columns]) -> Columns:
+    """Several partitions' columns (each tagged with its events' partitions) as one.
 
     A poll is then aggregated in one pass, not one per partition: the fixed cost per pass
     dominated small polls.
     """
     if len(parts) == 1:
-        p, c = parts[0]
-        return Columns(
-            c.event_times, c.values, c.entities, c.status_class, c.errors,
-            np.full(len(c), p, dtype=np.int64),
-        )  # fmt: skip
-    cols = [c for _, c in parts]
-    # Each partition's entity codes are shifted past the previous partitions' names: a name
-    # seen in two partitions gets two codes, which is right, as groups are per partition too.
+        return parts[0]
+    # Each part's entity codes are shifted past the previous parts' names: a name seen in two
+    # parts gets two codes, which is right, as groups are per partition too.
     entities: dict[str, tuple[npt.NDArray[np.int64], list[str]]] = {}
-    for dim in cols[0].entities:
+    for dim in parts[0].entities:
         names: list[str] = []
         shifted = []
-        for c in cols:
+        for c in parts:
             codes, part_names = c.entities[dim]
             shifted.append(codes + len(names))
             names.extend(part_names)
         entities[dim] = (np.concatenate(shifted), names)
-    status = [c.status_class for c in cols]
-    errors = [c.errors for c in cols]
+    status = [c.status_class for c in parts]
+    errors = [c.errors for c in parts]
+    tags = [c.partition for c in parts]
+    if any(t is None for t in tags):
+        raise ValueError("columns to concatenate must be tagged with their partitions")
     return Columns(
-        np.concatenate([c.event_times for c in cols]),
-        np.concatenate([c.values for c in cols]),
+        np.concatenate([c.event_times for c in parts]),
+        np.concatenate([c.values for c in parts]),
         entities,
         None if any(x is None for x in status) else np.concatenate(status),  # type: ignore[arg-type]
         None if any(x is None for x in errors) else np.concatenate(errors),  # type: ignore[arg-type]
-        np.concatenate([np.full(len(c), p, dtype=np.int64) for p, c in parts]),
+        np.concatenate(tags),  # type: ignore[arg-type]
     )
 
 

@@ -16,12 +16,13 @@ like the registries (``BatchRules.entity_cap`` per dim): past the cap it keeps t
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from pipeline import aggregation, windows
 from pipeline.state import HashWrite, Retention, WindowState
@@ -151,11 +152,15 @@ def process(
 
 
 def aggregate_batches(batches: Sequence[PartitionBatch], plan: aggregation.WindowPlan) -> None:
-    """Aggregate the on-time events of several partitions' batches in one pass (their deltas)."""
-    parts = [(b.partition, b.columns) for b in batches if b.columns is not None and len(b.columns)]
+    """Aggregate the on-time events of several partitions' batches in one pass (their deltas).
+
+    Batches processed together share one :class:`aggregation.Columns` (tagged with each event's
+    partition); each distinct one is aggregated once.
+    """
     todo = [b for b in batches if b.columns is not None and len(b.columns)]
-    if parts:
-        cols = aggregation.concat_columns(parts)
+    distinct = list({id(b.columns): b.columns for b in todo if b.columns is not None}.values())
+    if distinct:
+        cols = distinct[0] if len(distinct) == 1 else aggregation.concat_columns(distinct)
         by_part: dict[int, list[aggregation.WindowDelta]] = {b.partition: [] for b in todo}
         for d in aggregation.aggregate(cols, plan):
             by_part[d.partition].append(d)
@@ -174,51 +179,101 @@ def process_columns(
     now_ms: int,
 ) -> PartitionBatch:
     """:func:`process` up to aggregation: the on-time events are left in ``batch.columns``."""
-    fresh = [r for r in records if r.offset > state.offset]
-    batch = PartitionBatch(
-        kind=kind,
-        partition=partition,
-        expect_offset=state.offset,
-        last_offset=fresh[-1].offset if fresh else state.offset,
-        max_event_time=state.max_event_time,
-        watermark=windows.watermark(state.max_event_time, rules.allowed_lateness_ms),
-        deltas=[],
-        new_entities={},
-        events=0,
-        dead=[],
-        late=[],
-        entity_cap=rules.entity_cap,
-    )
-    if not fresh:
-        return batch
-    cols, positions, rejected = _decode(kind, [r.value for r in fresh], now_ms, rules.bounds)
-    batch.dead = [Diverted(fresh[rej.index], rej.reason) for rej in rejected]
-    if len(cols) == 0:
-        return batch
-    lateness = windows.classify(cols.event_times, state.max_event_time, rules.allowed_lateness_ms)
-    batch.max_event_time = lateness.max_event_time
-    batch.watermark = windows.watermark(lateness.max_event_time, rules.allowed_lateness_ms)
-    on_time = lateness.on_time
-    if not on_time.all():
-        for i in np.flatnonzero(~on_time).tolist():
-            wm = int(lateness.seen_before[i]) - rules.allowed_lateness_ms
-            t = int(cols.event_times[i])
-            batch.late.append(
-                Diverted(fresh[positions[i]], f"late: event_time {t} < watermark {wm}")
-            )
-        cols = cols.select(on_time)
-    batch.events = len(cols)
-    batch.columns = cols
-    _entities_to_register(batch, cols, state)
+    (batch,) = process_partitions(kind, {partition: records}, {partition: state}, rules, now_ms)
     return batch
 
 
+def process_partitions(
+    kind: EventKind,
+    parts: Mapping[int, Sequence[RawRecord]],
+    states: Mapping[int, PartitionState],
+    rules: BatchRules,
+    now_ms: int,
+) -> list[PartitionBatch]:
+    """:func:`process_columns` for several partitions of one kind at once.
+
+    One decode and one set of columns for all of them (a fixed cost per call, not per
+    partition); lateness and entity registration still follow each partition's own state.
+    Every batch's ``columns`` is the shared columns, tagged with each event's partition.
+    """
+    batches: list[PartitionBatch] = []
+    fresh: list[RawRecord] = []
+    bounds = [0]  # partition i's fresh records are fresh[bounds[i]:bounds[i + 1]]
+    for partition, records in parts.items():
+        state = states[partition]
+        new = [r for r in records if r.offset > state.offset]
+        fresh.extend(new)
+        bounds.append(len(fresh))
+        batches.append(
+            PartitionBatch(
+                kind=kind,
+                partition=partition,
+                expect_offset=state.offset,
+                last_offset=new[-1].offset if new else state.offset,
+                max_event_time=state.max_event_time,
+                watermark=windows.watermark(state.max_event_time, rules.allowed_lateness_ms),
+                deltas=[],
+                new_entities={},
+                events=0,
+                dead=[],
+                late=[],
+                entity_cap=rules.entity_cap,
+            )
+        )
+    if not fresh:
+        return batches
+    cols, positions, rejected = _decode(kind, [r.value for r in fresh], now_ms, rules.bounds)
+    edges = np.asarray(bounds, dtype=np.int64)
+    for rej in rejected:
+        b = batches[int(np.searchsorted(edges, rej.index, side="right")) - 1]
+        b.dead.append(Diverted(fresh[rej.index], rej.reason))
+    if len(cols) == 0:
+        return batches
+    pos = np.asarray(positions, dtype=np.int64)
+    # events keep the records' order, so each partition's events are one slice
+    ev_bounds = np.searchsorted(pos, edges).tolist()
+    on_time = np.ones(len(cols), dtype=np.bool_)
+    part = np.empty(len(cols), dtype=np.int64)
+    lateness_ms = rules.allowed_lateness_ms
+    for i, b in enumerate(batches):
+        lo, hi = ev_bounds[i], ev_bounds[i + 1]
+        part[lo:hi] = b.partition
+        if lo == hi:
+            continue
+        late = windows.classify(cols.event_times[lo:hi], b.max_event_time, lateness_ms)
+        b.max_event_time = late.max_event_time
+        b.watermark = windows.watermark(late.max_event_time, lateness_ms)
+        on_time[lo:hi] = late.on_time
+        for j in np.flatnonzero(~late.on_time).tolist():
+            wm = int(late.seen_before[j]) - lateness_ms
+            t = int(cols.event_times[lo + j])
+            b.late.append(
+                Diverted(fresh[positions[lo + j]], f"late: event_time {t} < watermark {wm}")
+            )
+    cols.partition = part
+    if not on_time.all():
+        cols = cols.select(on_time)
+        part = cols.partition if cols.partition is not None else part
+    for b in batches:
+        mine = part == b.partition
+        b.events = int(np.count_nonzero(mine))
+        b.columns = cols
+        if b.events:
+            _entities_to_register(b, cols, states[b.partition], mine)
+    return batches
+
+
 def _entities_to_register(
-    batch: PartitionBatch, cols: aggregation.Columns, state: PartitionState
+    batch: PartitionBatch,
+    cols: aggregation.Columns,
+    state: PartitionState,
+    mine: npt.NDArray[np.bool_],
 ) -> None:
-    """Fill ``batch.new_entities``: entities not cached, or seen in a newer minute than cached."""
-    minute = windows.window_starts(cols.event_times, keys.WINDOW_1M.size_ms)
-    for dim, (codes, names) in cols.entities.items():
+    """Fill ``batch.new_entities``: entities not cached, or seen in a newer minute than cached
+    (of the events where ``mine`` is true)."""
+    minute = windows.window_starts(cols.event_times[mine], keys.WINDOW_1M.size_ms)
+    for dim, (all_codes, names) in cols.entities.items():
+        codes = all_codes[mine]
         last = np.full(len(names), _NEVER, dtype=np.int64)
         np.maximum.at(last, codes, minute)
         present = np.flatnonzero(last != _NEVER)
@@ -256,11 +311,12 @@ def absorb(state: PartitionState, batch: PartitionBatch, rules: BatchRules) -> N
     batch.writes = state.windows.absorb(batch.deltas, rules.retention)
 
 
-def commit(state: PartitionState, batch: PartitionBatch) -> None:
-    """Advance the cached partition state after the store applied ``batch``."""
+def commit(state: PartitionState, batch: PartitionBatch, *, evict: bool = True) -> None:
+    """Advance the cached partition state after the store applied ``batch`` (``evict``: drop
+    the windows its watermark has passed; else the caller evicts, for many partitions at once)."""
     state.offset = batch.last_offset
     state.max_event_time = batch.max_event_time
-    if state.windows is not None:
+    if evict and state.windows is not None:
         state.windows.evict(batch.watermark)
     for dim, names in batch.new_entities.items():
         known = state.known_entities.setdefault(dim, {})

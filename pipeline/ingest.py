@@ -1,10 +1,11 @@
 """Reading the input topics in polls, and committing a poll's offsets only once it is durable.
 
 The worker's Kafka side: one aiokafka consumer in the worker's consumer group reads whole polls
-(``getmany``) of raw records, groups them by event kind and partition, hands each group to the
-worker's agents and waits until they report the group applied and durable; only then does it
-commit the poll's offsets. A rebalance waits for the poll in flight, so a partition changes owner
-only between polls.
+(``getmany``) of raw records, groups them by event kind and partition, and hands each poll to
+the worker's checkpoint, which commits a poll's offsets once the store confirmed it durable
+(with the next poll, or on :data:`Flush` when no poll follows: an idle stream, a rebalance).
+A rebalance waits for the poll in flight and flushes, so a partition changes owner only between
+polls, acknowledged.
 
 Why not Faust's own topic streams: they handle every record as an event of its own (tasks,
 futures and acknowledgement bookkeeping per record). Measured on this project's 2-core machine,
@@ -35,8 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pulse.ingest")
 
-# kind -> {partition: records in offset order}; resolves once applied and durable
-PollHandler = Callable[[EventKind, dict[int, list[RawRecord]]], Awaitable[None]]
+# kind -> {partition: records in offset order}; resolves once applied
+PollHandler = Callable[[dict[EventKind, dict[int, list[RawRecord]]]], Awaitable[None]]
+# acknowledges (durable, offsets committed) everything handled so far
+Flush = Callable[[], Awaitable[None]]
 # kind, partitions -> what the store says about them (retries store outages itself)
 ProgressLoader = Callable[[EventKind, list[int]], Awaitable[dict[int, PartitionState]]]
 
@@ -113,7 +116,9 @@ def resume_position(
     return Resume(nxt)
 
 
-def _rebalance_listener(lock: asyncio.Lock, on_assigned: Callable[[Any], Awaitable[None]]) -> Any:
+def _rebalance_listener(
+    lock: asyncio.Lock, flush: Flush, on_assigned: Callable[[Any], Awaitable[None]]
+) -> Any:
     """An aiokafka rebalance listener that hands partitions over only between polls."""
     from aiokafka import ConsumerRebalanceListener
 
@@ -121,8 +126,8 @@ def _rebalance_listener(lock: asyncio.Lock, on_assigned: Callable[[Any], Awaitab
     # instance of it (isinstance check), so the subclass cannot be replaced by a Protocol.
     class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         async def on_partitions_revoked(self, revoked: Any) -> None:
-            async with lock:  # the poll in flight finishes (and commits) first
-                pass
+            async with lock:  # the poll in flight finishes first, then it is acknowledged
+                await flush()
 
         async def on_partitions_assigned(self, assigned: Any) -> None:
             await on_assigned(assigned)
@@ -139,9 +144,11 @@ class KafkaBatchReader:
         handle: PollHandler,
         load_progress: ProgressLoader,
         on_assigned: Callable[[], None],
+        flush: Flush,
     ) -> None:
         self._config = config
         self._handle = handle
+        self._flush = flush
         self._load_progress = load_progress
         self._on_assigned = on_assigned
         self._lock = asyncio.Lock()
@@ -176,7 +183,8 @@ class KafkaBatchReader:
         except KafkaError as exc:
             raise IngestError(f"cannot reach Kafka at {self._config.bootstrap}: {exc}") from exc
         consumer.subscribe(
-            list(self._config.topics), listener=_rebalance_listener(self._lock, self._position)
+            list(self._config.topics),
+            listener=_rebalance_listener(self._lock, self._flush, self._position),
         )
         timeout_ms = round(self._config.poll_timeout_s * 1000)
         try:
@@ -186,19 +194,17 @@ class KafkaBatchReader:
                 )
                 # Only records read from where the store stands (see _position) are handled.
                 polled = {tp: msgs for tp, msgs in polled.items() if tp in self._positioned}
-                if not polled:
-                    continue
                 async with self._lock:
-                    groups = split_poll(polled, self._config.topics)
-                    # Both kinds go to the store at once: their agents use separate connections.
-                    # Each handler checkpoints its kind, ending with commit_offsets.
-                    await asyncio.gather(*(self._handle(k, g) for k, g in groups.items()))
+                    if not polled:
+                        await self._flush()  # nothing follows for now: acknowledge the last poll
+                        continue
+                    await self._handle(split_poll(polled, self._config.topics))
                     self.polls += 1
         finally:
             await consumer.stop()
 
-    async def commit_offsets(self, topic: str, offsets: dict[int, int]) -> None:
-        """Commit the next offsets to read of ``topic``'s partitions (a hint only).
+    async def commit_offsets(self, offsets: dict[str, dict[int, int]]) -> None:
+        """Commit the next offsets to read (topic -> partition -> offset; a hint only).
 
         The records are applied and durable already: should the commit fail, the next owner
         re-reads them and the store skips them.
@@ -209,7 +215,9 @@ class KafkaBatchReader:
         if self._consumer_ is None or not offsets:
             return
         try:
-            await self._consumer_.commit({TopicPartition(topic, p): o for p, o in offsets.items()})
+            await self._consumer_.commit(
+                {TopicPartition(t, p): o for t, parts in offsets.items() for p, o in parts.items()}
+            )
         except (CommitFailedError, KafkaError) as exc:
             log.warning("offset commit failed (%s); records will be skipped later", exc)
 

@@ -38,6 +38,7 @@ class Metrics:
     state_size: dict[str, tuple[int, int]] = field(default_factory=dict)  # per kind
     durability_wait_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     apply_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+    prepare_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     started: float = field(default_factory=time.monotonic)
 
     def snapshot(self) -> dict[FieldT, EncodableT]:
@@ -63,6 +64,8 @@ class Metrics:
             M.OPEN_WINDOWS: self.open_windows,
             M.OPEN_ENTITIES: self.open_entities,
             M.EVENTS_PER_S: round(self.events / elapsed, 1),
+            M.PREPARE_P50_MS: pct(self.prepare_s, 50),
+            M.PREPARE_P99_MS: pct(self.prepare_s, 99),
             M.APPLY_P50_MS: pct(self.apply_s, 50),
             M.APPLY_P99_MS: pct(self.apply_s, 99),
             M.DURABILITY_P50_MS: pct(self.durability_wait_s, 50),

@@ -41,7 +41,8 @@ class HashWrite:
     values: list[bytes]
 
 
-RowKey = tuple[tuple[str, str, int], str]  # ((window name, dim, start ms), entity)
+# ((partition, window name, dim, start ms), entity)
+RowKey = tuple[tuple[int, str, str, int], str]
 
 
 class OpenRows:
@@ -156,36 +157,40 @@ class Retention:
 InstanceKey = tuple[str, str, int]  # (window name, dim, start ms)
 
 
-class WindowState:
-    """The open window instances of one partition, restored from and written to the store."""
+class KindWindows:
+    """The open window instances of one event kind's partitions, in one table.
 
-    def __init__(self, kind: EventKind, partition: int, plan: WindowPlan) -> None:
+    Every partition's rows live in one :class:`OpenRows` (a row is keyed by its partition,
+    instance and entity), so a poll is folded in and encoded with a fixed number of numpy calls
+    for all its partitions together: per-partition calls were most of a small poll's cost.
+    Each partition is still restored, evicted and dropped on its own.
+    """
+
+    def __init__(self, kind: EventKind, plan: WindowPlan) -> None:
         self.kind = kind
-        self.partition = partition
         self.plan = [(w, tuple(d for d in dims if d in keys.DIMS[kind])) for w, dims in plan]
         self.nf = packed.NF_APPLOG if kind is EventKind.APPLOG else packed.NF_SENSOR
+        self._sizes = {w.name: w.size_ms for w, _ in self.plan}
         self._rows = OpenRows(self.nf)
-        self.open: dict[InstanceKey, int] = {}  # instance -> entities held
+        # partition -> instance -> entities held
+        self.open: dict[int, dict[InstanceKey, int]] = {}
 
-    def restore_keys(self, max_event_time: int, watermark: int | None) -> list[str]:
-        """Keys of the window instances that may still change after the stored offset."""
+    def restore_keys(self, partition: int, max_event_time: int, watermark: int | None) -> list[str]:
+        """Keys of a partition's window instances that may still change after its offset."""
         if watermark is None or max_event_time == windows.NO_EVENT_YET:
             return []
         out: list[str] = []
         for window, dims in self.plan:
             for start in _open_starts(window, max_event_time, watermark):
-                out.extend(
-                    keys.window_key(self.kind, self.partition, window, d, start) for d in dims
-                )
+                out.extend(keys.window_key(self.kind, partition, window, d, start) for d in dims)
         return out
 
-    def restore(self, hashes: Mapping[str, Mapping[bytes, bytes]]) -> None:
-        """Load stored window values (``key -> {entity: packed value}``, from restore_keys).
+    def restore(self, partition: int, hashes: Mapping[str, Mapping[bytes, bytes]]) -> None:
+        """Replace a partition's rows with stored values (``key -> {entity: packed value}``).
 
         Raises :class:`schemas.packed.PackedError` when a stored value is malformed.
         """
-        self._rows = OpenRows(self.nf)
-        self.open.clear()
+        self.drop(partition)
         row_keys: list[RowKey] = []
         tables: list[packed.Table] = []
         for key, fields in hashes.items():
@@ -197,7 +202,7 @@ class WindowState:
             bad = [f"{names[r]} {what}" for what, rs in packed.problems(table) for r in rs]
             if bad:
                 raise packed.PackedError(f"stored window {key}: {'; '.join(bad)}")
-            ik = (wname, dim, start)
+            ik = (partition, wname, dim, start)
             row_keys.extend((ik, n) for n in names)
             tables.append(table)
         if tables:
@@ -205,27 +210,32 @@ class WindowState:
 
     def _absorb(self, row_keys: Sequence[RowKey], table: packed.Table) -> npt.NDArray[np.int64]:
         rows, fresh = self._rows.absorb(row_keys, table)
-        for ik, _ in fresh:
-            self.open[ik] = self.open.get(ik, 0) + 1
+        for (p, wname, dim, start), _ in fresh:
+            held = self.open.setdefault(p, {})
+            held[(wname, dim, start)] = held.get((wname, dim, start), 0) + 1
         return rows
 
-    def absorb(self, deltas: Sequence[WindowDelta], retention: Retention) -> list[HashWrite]:
-        """Fold a batch's deltas in; the absolute values of every entity they touched."""
+    def absorb(
+        self, deltas: Sequence[WindowDelta], retention: Retention, partition: int | None = None
+    ) -> dict[int, list[HashWrite]]:
+        """Fold deltas in (each of ``delta.partition``, or all of ``partition`` when given);
+        per partition, the absolute values of every entity they touched."""
         if not deltas:
-            return []
+            return {}
+        parts = [partition if partition is not None else d.partition for d in deltas]
         row_keys: list[RowKey] = []
-        for d in deltas:
-            ik = (d.window.name, d.dim, d.start_ms)
+        for p, d in zip(parts, deltas, strict=True):
+            ik = (p, d.window.name, d.dim, d.start_ms)
             row_keys.extend((ik, n) for n in d.names)
         rows = self._absorb(row_keys, packed.concat([d.table for d in deltas]))
-        values = packed.encode(self._rows.table(rows))  # one encode for the whole batch
-        out: list[HashWrite] = []
+        values = packed.encode(self._rows.table(rows))  # one encode for every partition
+        out: dict[int, list[HashWrite]] = {}
         at = 0
-        for d in deltas:
+        for p, d in zip(parts, deltas, strict=True):
             n = len(d.names)
-            out.append(
+            out.setdefault(p, []).append(
                 HashWrite(
-                    keys.window_key(self.kind, self.partition, d.window, d.dim, d.start_ms),
+                    keys.window_key(self.kind, p, d.window, d.dim, d.start_ms),
                     retention.expire_at_s(d.window, d.start_ms),
                     list(d.names),
                     values[at : at + n],
@@ -234,34 +244,98 @@ class WindowState:
             at += n
         return out
 
+    def evict(self, watermarks: Mapping[int, int | None]) -> int:
+        """Drop the instances each partition's watermark has passed (no on-time event can
+        reach them); the number of instances dropped."""
+        done: set[tuple[int, str, str, int]] = set()
+        for p, wm in watermarks.items():
+            if wm is None:
+                continue
+            done.update(
+                (p, *ik) for ik in self.open.get(p, ()) if ik[2] + self._sizes.get(ik[0], 0) <= wm
+            )
+        self._discard(done)
+        return len(done)
+
+    def drop(self, partition: int) -> None:
+        """Forget a partition's rows (before a restore, or when its state is in doubt)."""
+        self._discard({(partition, *ik) for ik in self.open.get(partition, ())})
+        self.open.pop(partition, None)
+
+    def _discard(self, instances: set[tuple[int, str, str, int]]) -> None:
+        if not instances:
+            return
+        mask = np.fromiter(
+            (k[0] not in instances for k in self._rows.keys), dtype=np.bool_, count=len(self._rows)
+        )
+        self._rows.keep(mask)
+        for p, wname, dim, start in instances:
+            self.open[p].pop((wname, dim, start), None)
+
+    def entities(self, partition: int) -> int:
+        """Entity values held for a partition, over its open instances."""
+        return sum(self.open.get(partition, {}).values())
+
+    def values(self, partition: int) -> dict[InstanceKey, dict[str, bytes]]:
+        """A partition's open instances' packed values by entity (what the store holds)."""
+        mine = [i for i, (ik, _) in enumerate(self._rows.keys) if ik[0] == partition]
+        rows = np.asarray(mine, dtype=np.int64)
+        out: dict[InstanceKey, dict[str, bytes]] = {}
+        encoded = packed.encode(self._rows.table(rows))
+        for i, value in zip(mine, encoded, strict=True):
+            (_, wname, dim, start), name = self._rows.keys[i]
+            out.setdefault((wname, dim, start), {})[name] = value
+        return out
+
+
+class WindowState:
+    """The open window instances of one partition: a view of its kind's :class:`KindWindows`
+    (shared with the kind's other partitions, or its own)."""
+
+    def __init__(
+        self,
+        kind: EventKind,
+        partition: int,
+        plan: WindowPlan,
+        shared: KindWindows | None = None,
+    ) -> None:
+        self.kind = kind
+        self.partition = partition
+        self.table = shared if shared is not None else KindWindows(kind, plan)
+        self.plan = self.table.plan
+
+    def restore_keys(self, max_event_time: int, watermark: int | None) -> list[str]:
+        """Keys of the window instances that may still change after the stored offset."""
+        return self.table.restore_keys(self.partition, max_event_time, watermark)
+
+    def restore(self, hashes: Mapping[str, Mapping[bytes, bytes]]) -> None:
+        """Load stored window values (``key -> {entity: packed value}``, from restore_keys).
+
+        Raises :class:`schemas.packed.PackedError` when a stored value is malformed.
+        """
+        self.table.restore(self.partition, hashes)
+
+    def absorb(self, deltas: Sequence[WindowDelta], retention: Retention) -> list[HashWrite]:
+        """Fold a batch's deltas in; the absolute values of every entity they touched."""
+        return self.table.absorb(deltas, retention, self.partition).get(self.partition, [])
+
     def evict(self, watermark: int | None) -> int:
         """Drop the instances the watermark has passed (no on-time event can reach them)."""
-        if watermark is None:
-            return 0
-        sizes = {w.name: w.size_ms for w, _ in self.plan}
-        done = {ik for ik in self.open if ik[2] + sizes.get(ik[0], 0) <= watermark}
-        if done:
-            mask = np.fromiter(
-                (k[0] not in done for k in self._rows.keys), dtype=np.bool_, count=len(self._rows)
-            )
-            self._rows.keep(mask)
-            for ik in done:
-                del self.open[ik]
-        return len(done)
+        return self.table.evict({self.partition: watermark})
+
+    @property
+    def open(self) -> dict[InstanceKey, int]:
+        """Open instance -> entities held."""
+        return self.table.open.get(self.partition, {})
 
     @property
     def entities(self) -> int:
         """Entity values held, over every open instance."""
-        return len(self._rows)
+        return self.table.entities(self.partition)
 
     def values(self) -> dict[InstanceKey, dict[str, bytes]]:
         """Every open instance's packed values by entity (what the store holds for them)."""
-        rows = np.arange(len(self._rows), dtype=np.int64)
-        out: dict[InstanceKey, dict[str, bytes]] = {}
-        encoded = packed.encode(self._rows.table(rows))
-        for (ik, name), value in zip(self._rows.keys, encoded, strict=True):
-            out.setdefault(ik, {})[name] = value
-        return out
+        return self.table.values(self.partition)
 
 
 def _open_starts(window: keys.TumblingWindow, max_event_time: int, watermark: int) -> list[int]:

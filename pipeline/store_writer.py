@@ -138,6 +138,8 @@ class StoreWriter:
         self._topic_names = dict(topic_names or {})
         self._owner = owner
         self._functions_loaded = False
+        # the local WAITAOF reply and send time of the oldest send not yet confirmed durable
+        self._unconfirmed: tuple[object, float] | None = None
 
     async def load_functions(self) -> None:
         """Install (or replace) the ``pulse`` function library in the store."""
@@ -184,14 +186,23 @@ class StoreWriter:
     async def apply(
         self, batches: list[PartitionBatch], now_ms: int
     ) -> tuple[list[ApplyOutcome], float]:
-        """Apply batches and wait until they are durable, in one round trip when all goes well.
+        """Apply batches and wait until they are durable (:meth:`send`, then :meth:`durable`).
 
-        Returns the outcome per batch and the seconds from sending the batches until the store
-        confirmed them durable (0 when nothing was applied or durability is ``none``).
+        Returns the outcome per non-empty batch and the seconds from sending the batches until
+        the store confirmed them durable (0 when nothing was applied or durability is ``none``).
+        """
+        outcomes = await self.send(batches, now_ms)
+        return outcomes, await self.durable()
+
+    async def send(self, batches: list[PartitionBatch], now_ms: int) -> list[ApplyOutcome]:
+        """Apply batches in one round trip; the outcomes of the non-empty ones, in order.
+
+        The primary has fsynced them (at ``local`` or ``replica`` durability) when this
+        returns; :meth:`durable` waits for the rest of the configured level.
         """
         todo = [b for b in batches if not b.empty]
         if not todo:
-            return [], 0.0
+            return []
         if not self._functions_loaded:
             await self.load_functions()
         pipe = self._client.pipeline(transaction=False)
@@ -214,9 +225,23 @@ class StoreWriter:
             ApplyOutcome(b.partition, int(r[0]) == 1, int(r[1]))
             for b, r in zip(todo, results, strict=False)
         ]
-        if not any(o.applied for o in outcomes):
-            return outcomes, 0.0
-        return outcomes, await self._until_durable(results[-1], t0)
+        if any(o.applied for o in outcomes):
+            # the newest local reply covers every earlier write; the wait counts from the oldest
+            first = t0 if self._unconfirmed is None else self._unconfirmed[1]
+            self._unconfirmed = (results[-1], first)
+        return outcomes
+
+    async def durable(self) -> float:
+        """Wait until every write sent on this connection meets the durability level.
+
+        Returns the seconds since the oldest unconfirmed :meth:`send` (0 when none).
+        """
+        if self._unconfirmed is None:
+            return 0.0
+        reply, t0 = self._unconfirmed
+        waited = await self._until_durable(reply, t0)
+        self._unconfirmed = None
+        return waited
 
     async def fence(self) -> float:
         """Make every write the store has accepted so far durable at our level.
@@ -230,7 +255,9 @@ class StoreWriter:
         self._queue_wait(pipe)
         t0 = time.perf_counter()
         results = await pipe.execute(raise_on_error=True)
-        return await self._until_durable(results[-1], t0)
+        waited = await self._until_durable(results[-1], t0)
+        self._unconfirmed = None
+        return waited
 
     def _queue_wait(self, pipe: aioredis.client.Pipeline) -> None:
         # The local fsync first: the primary fsyncs before it answers, so this returns at once.

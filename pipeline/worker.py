@@ -1,13 +1,13 @@
-"""``pulse worker``: the Faust app whose agents aggregate both event streams into the store.
+"""``pulse worker``: the Faust app whose agent aggregates both event streams into the store.
 
-What Faust does here: it is the worker's application framework. Its agents (one per event
-kind, concurrency 1, supervised) process the polls; its producer writes dead letters and late
+What Faust does here: it is the worker's application framework. Its agent (concurrency 1,
+supervised) processes the polls; its producer writes dead letters and late
 events; its timer publishes the worker's metrics; its lifecycle starts and stops everything and
 handles signals. What it does not do: read the input topics. Its per-record streams cost three
 quarters of the CPU in per-record tasks and acknowledgements, so a plain aiokafka consumer
 (``pipeline.ingest``) reads whole polls, seeks where the store stands, and hands each poll,
-split by event kind and partition, to that kind's agent through a channel. The agent runs the
-checkpoint (``pipeline.checkpoint``): divert, apply, durable, commit offsets.
+split by event kind and partition, to the agent through a channel. The agent runs the
+checkpoint (``pipeline.checkpoint``): prepare, divert, apply, durable, commit offsets.
 
 Failure policy (crash-only): the store's per-partition offset makes re-reading harmless, while
 committing a record that was not applied would lose it. So store outages are retried in place
@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.batch import BatchRules, PartitionState, RawRecord
+from pipeline.batch import BatchRules, RawRecord
 from pipeline.checkpoint import Checkpoint
 from pipeline.divert import PRODUCER_MAX_REQUEST_BYTES, Divert
 from pipeline.ingest import KafkaBatchReader, ReaderConfig
@@ -45,7 +45,7 @@ log = logging.getLogger("pulse.worker")
 def create_app(
     worker: WorkerSettings, kafka: KafkaSettings, store: StoreSettings, name: str | None = None
 ) -> faust.App:
-    """Build the Faust app: a poll reader feeding one agent per event kind."""
+    """Build the Faust app: a poll reader feeding the checkpoint agent."""
     import faust
 
     from pipeline.store_writer import StoreWriter, connect
@@ -74,44 +74,33 @@ def create_app(
     )
     metrics = Metrics()
     divert = Divert(app, kafka.deadletter_topic, kafka.late_topic, metrics)
-    checkpoints: dict[EventKind, Checkpoint] = {}
     socket_timeout_s = max(30.0, worker.durability_timeout_ms / 1000 * 3)
     topic_names = {EventKind.SENSOR: kafka.sensor_topic, EventKind.APPLOG: kafka.applog_topic}
 
-    channels: dict[EventKind, Any] = {}
+    async def commit_offsets(offsets: dict[str, dict[int, int]]) -> None:
+        await reader.commit_offsets(offsets)
 
-    async def commit_offsets(topic: str, offsets: dict[int, int]) -> None:
-        await reader.commit_offsets(topic, offsets)
+    writer = StoreWriter(
+        connect(store, socket_timeout_s),
+        worker.durability,
+        retention,
+        worker.durability_timeout_ms,
+        topic_names=topic_names,
+        owner=worker_name,
+    )
+    checkpoint = Checkpoint(
+        topic_names, writer, divert, rules, metrics, commit_offsets=commit_offsets
+    )
+    polls = app.channel()
+    app.agent(polls, name="pulse.checkpoint", concurrency=1)(_make_agent(checkpoint))
 
-    for kind, topic_name in topic_names.items():
-        writer = StoreWriter(
-            connect(store, socket_timeout_s),
-            worker.durability,
-            retention,
-            worker.durability_timeout_ms,
-            topic_names=topic_names,
-            owner=worker_name,
-        )
-        checkpoint = Checkpoint(
-            kind, topic_name, writer, divert, rules, metrics, commit_offsets=commit_offsets
-        )
-        checkpoints[kind] = checkpoint
-        channels[kind] = app.channel()
-        app.agent(channels[kind], name=f"pulse.{kind.value}", concurrency=1)(
-            _make_agent(checkpoint)
-        )
+    async def handle(poll: dict[EventKind, dict[int, list[RawRecord]]]) -> None:
+        task = Task(poll, asyncio.get_running_loop().create_future())
+        await polls.send(value=task)
+        await task.done
 
-    async def handle(kind: EventKind, by_partition: dict[int, list[RawRecord]]) -> None:
-        poll = Poll(by_partition, asyncio.get_running_loop().create_future())
-        await channels[kind].send(value=poll)
-        await poll.done
-
-    def on_assigned() -> None:
-        for c in checkpoints.values():
-            c.forget()
-
-    async def load_progress(kind: EventKind, partitions: list[int]) -> dict[int, PartitionState]:
-        return await checkpoints[kind].load_progress(partitions)
+    async def flush() -> None:
+        await handle({})  # through the agent: it alone touches the checkpoint
 
     reader = KafkaBatchReader(
         ReaderConfig(
@@ -124,8 +113,9 @@ def create_app(
             heartbeat_interval_ms=round(worker.heartbeat_interval_s * 1000),
         ),
         handle,
-        load_progress,
-        on_assigned,
+        checkpoint.load_progress,
+        checkpoint.forget,
+        flush,
     )
     metrics.refused = reader.refused
 
@@ -134,7 +124,7 @@ def create_app(
     @app.task  # type: ignore[untyped-decorator]  # faust's decorators are not annotated
     async def _ingest() -> None:
         # Faust opens its flow control after its own consumer's first rebalance; with the poll
-        # reader as the consumer, the agents' channels must be opened here.
+        # reader as the consumer, the agent's channel must be opened here.
         app.flow_control.resume()
         try:
             await reader.run()
@@ -144,8 +134,7 @@ def create_app(
             log.exception("ingest failed; exiting without committing the poll in flight")
             _die()
         finally:
-            for c in checkpoints.values():
-                await c.close()
+            await checkpoint.close()
             await metrics_client.aclose()
 
     @app.timer(interval=2.0)  # type: ignore[untyped-decorator]
@@ -165,23 +154,27 @@ def create_app(
 
 
 @dataclass(slots=True)
-class Poll:
-    """One poll's records of one event kind, and the future its agent resolves when durable."""
+class Task:
+    """One poll's records (empty: acknowledge what was applied), and the future the agent
+    resolves once it is checkpointed."""
 
-    by_partition: dict[int, list[RawRecord]]
+    poll: dict[EventKind, dict[int, list[RawRecord]]]
     done: asyncio.Future[None]
 
 
 def _make_agent(checkpoint: Checkpoint) -> Any:
     async def agent(stream: Any) -> None:
-        async for poll in stream:
+        async for task in stream:
             try:
-                await checkpoint.commit(poll.by_partition)
+                if task.poll:
+                    await checkpoint.commit(task.poll)
+                else:
+                    await checkpoint.flush()
             except BaseException as exc:
-                if not poll.done.done():
-                    poll.done.set_exception(exc)
+                if not task.done.done():
+                    task.done.set_exception(exc)
                 raise
-            poll.done.set_result(None)
+            task.done.set_result(None)
 
     return agent
 

@@ -139,6 +139,8 @@ class WorkerMetric:
     OPEN_WINDOWS: Final = "open_windows"
     OPEN_ENTITIES: Final = "open_entities"
     EVENTS_PER_S: Final = "events_per_s"
+    PREPARE_P50_MS: Final = "prepare_p50_ms"
+    PREPARE_P99_MS: Final = "prepare_p99_ms"
     APPLY_P50_MS: Final = "apply_p50_ms"
     APPLY_P99_MS: Final = "apply_p99_ms"
     DURABILITY_P50_MS: Final = "durability_wait_p50_ms"

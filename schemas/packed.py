@@ -327,7 +327,9 @@ def merge_buckets(row: I64, code: I64, count: I64) -> tuple[I64, I64, I64]:
     lo, hi = int(code.min()), int(code.max())
     span = hi - lo + 1
     rows = int(row.max()) + 1
-    if rows * span <= 8 * row.size + (1 << 20):  # dense enough: count in place, no sort
+    # dense enough: count in place, no sort (a dense table much larger than the input would
+    # cost more to clear and scan than sorting the input)
+    if rows * span <= 4 * row.size + 1024:
         dense = np.bincount(row * span + (code - lo), weights=count, minlength=rows * span)
         nz = np.flatnonzero(dense)
         return nz // span, nz % span + lo, dense[nz].astype(np.int64)

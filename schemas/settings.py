@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 if TYPE_CHECKING:
     import redis
     import redis.asyncio as aioredis
+    from redis.typing import EncodableT
 
 
 class KafkaSettings(BaseSettings):
@@ -137,11 +138,13 @@ def store_client(
         "socket_connect_timeout": 5.0 if timeout_s is None else min(timeout_s, 5.0),
     }
     if asyncio:
+        packing = _hiredis_packing()
         if not one_connection:
-            return redis_async.Redis(**kwargs)
+            pooled = redis_async.ConnectionPool(connection_class=packing, **kwargs)
+            return redis_async.Redis(connection_pool=pooled)
         no_retry = redis_async.retry.Retry(NoBackoff(), 0)
         pool = redis_async.BlockingConnectionPool(
-            max_connections=1, timeout=None, retry=no_retry, **kwargs
+            max_connections=1, timeout=None, retry=no_retry, connection_class=packing, **kwargs
         )
         return redis_async.Redis(connection_pool=pool, retry=no_retry)
     if not one_connection:
@@ -152,3 +155,31 @@ def store_client(
         max_connections=1, timeout=None, retry=no_retry_sync, **kwargs
     )
     return redis_sync.Redis(connection_pool=sync_pool, retry=no_retry_sync)
+
+
+def _hiredis_packing() -> type[aioredis.Connection]:
+    """redis-py's asyncio connection, packing commands with hiredis' C packer when present.
+
+    redis-py's asyncio connection packs in Python, re-joining its buffer for every argument; a
+    worker's apply carries thousands of field/value arguments, and packing them was most of
+    its client time (hiredis packs the same bytes about 6x faster).
+    """
+    import redis.asyncio as redis_async
+
+    try:
+        import hiredis
+    except ImportError:  # pragma: no cover - hiredis is a declared dependency
+        return redis_async.Connection
+    pack = hiredis.pack_command
+
+    class HiredisPacking(redis_async.Connection):
+        def pack_command(self, *args: EncodableT) -> list[bytes]:
+            # as redis-py does: a first argument with spaces is several ("CONFIG GET")
+            first = args[0]
+            if isinstance(first, str):
+                args = (*first.encode().split(), *args[1:])
+            elif isinstance(first, bytes) and b" " in first:
+                args = (*first.split(), *args[1:])
+            return [pack(args)]  # type: ignore[arg-type]  # its stub declares a 1-tuple
+
+    return HiredisPacking

@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,9 +127,12 @@ def test_partitions_aggregated_together_equal_each_alone(
     by_part: dict[int, list[SensorReading]] = defaultdict(list)
     for p, e in tagged:
         by_part[p].append(e)
-    cols = aggregation.concat_columns(
-        [(p, aggregation.sensor_columns(evs)) for p, evs in sorted(by_part.items())]
-    )
+    parts = []
+    for p, evs in sorted(by_part.items()):
+        c = aggregation.sensor_columns(evs)
+        c.partition = np.full(len(c), p, dtype=np.int64)
+        parts.append(c)
+    cols = aggregation.concat_columns(parts)
     together: dict[int, list[aggregation.WindowDelta]] = defaultdict(list)
     for d in aggregation.aggregate(cols):
         together[d.partition].append(d)

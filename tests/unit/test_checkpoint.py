@@ -1,9 +1,10 @@
-"""The worker's checkpoint for one event kind: divert, apply, durable, then commit offsets.
+"""The worker's checkpoint of a poll: prepare, divert, apply, durable, commit offsets.
 
 ``Checkpoint`` is driven with a fake store writer, a fake divert and a fake offset committer,
 so each rule is seen in isolation: the order of the steps, a fence before the first
 acknowledgement after an assignment or a lost connection, conflicts restore from the store,
-and no record can make a partition fail.
+no record can make a partition fail, and a poll is acknowledged (durable, then its offsets
+committed) only after the next poll is prepared, or on flush.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from redis.exceptions import ConnectionError as StoreConnectionError
 
 from pipeline import windows
-from pipeline.batch import BatchRules, PartitionBatch, PartitionState, Record, process
+from pipeline.batch import BatchRules, PartitionBatch, PartitionState, Record, process_partitions
 from pipeline.checkpoint import Checkpoint
 from pipeline.metrics import Metrics
 from pipeline.store_writer import ApplyOutcome
@@ -26,6 +27,8 @@ from schemas import keys, packed
 from schemas.events import EventKind
 
 NOW = 1_700_000_000_000
+S, A = EventKind.SENSOR, EventKind.APPLOG
+TOPICS = {S: "pulse.sensor", A: "pulse.applog"}
 RULES = BatchRules(TimeBounds(6 * 3600 * 1000, 300_000), 30_000)
 
 
@@ -53,8 +56,8 @@ def records(start: int, n: int) -> list[Record]:
 class FakeWriter:
     """Keeps per-partition offsets like the store; logs every call in order."""
 
-    offsets: dict[int, int] = field(default_factory=dict)
-    max_event_times: dict[int, int] = field(default_factory=dict)
+    offsets: dict[tuple[EventKind, int], int] = field(default_factory=dict)
+    max_event_times: dict[tuple[EventKind, int], int] = field(default_factory=dict)
     hashes: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     fail_next: list[str] = field(default_factory=list)  # call names that raise once
@@ -69,8 +72,8 @@ class FakeWriter:
         self._maybe_fail("read")
         return {
             p: PartitionState(
-                offset=self.offsets.get(p, -1),
-                max_event_time=self.max_event_times.get(p, windows.NO_EVENT_YET),
+                offset=self.offsets.get((kind, p), -1),
+                max_event_time=self.max_event_times.get((kind, p), windows.NO_EVENT_YET),
             )
             for p in partitions
         }
@@ -78,26 +81,29 @@ class FakeWriter:
     async def read_hashes(self, names: list[str]) -> dict[str, dict[bytes, bytes]]:
         return {k: dict(self.hashes.get(k, {})) for k in names}
 
-    async def apply(
-        self, batches: list[PartitionBatch], now_ms: int
-    ) -> tuple[list[ApplyOutcome], float]:
+    async def send(self, batches: list[PartitionBatch], now_ms: int) -> list[ApplyOutcome]:
         if all(b.empty for b in batches):
-            return [], 0.0  # like the real writer: nothing to send
+            return []  # like the real writer: nothing to send
         self._maybe_fail("apply")
         out = []
         for b in batches:
             if b.empty:
                 continue
-            cur = self.offsets.get(b.partition, -1)
+            pk = (b.kind, b.partition)
+            cur = self.offsets.get(pk, -1)
             ok = cur == b.expect_offset
             if ok:
-                self.offsets[b.partition] = b.last_offset
-                self.max_event_times[b.partition] = b.max_event_time
+                self.offsets[pk] = b.last_offset
+                self.max_event_times[pk] = b.max_event_time
                 for w in b.writes:
                     h = self.hashes.setdefault(w.key, {})
                     h.update(zip((f.encode() for f in w.fields), w.values, strict=True))
-            out.append(ApplyOutcome(b.partition, ok, self.offsets.get(b.partition, -1)))
-        return out, 0.001
+            out.append(ApplyOutcome(b.partition, ok, self.offsets.get(pk, -1)))
+        return out
+
+    async def durable(self) -> float:
+        self._maybe_fail("durable")
+        return 0.001
 
     async def fence(self) -> float:
         self._maybe_fail("fence")
@@ -125,10 +131,9 @@ def applier(
 ) -> tuple[Checkpoint, Metrics]:
     metrics = Metrics()
     a = Checkpoint(
-        EventKind.SENSOR,
-        "pulse.sensor",
-        writer,  # type: ignore[arg-type]
-        divert or FakeDivert(),  # type: ignore[arg-type]
+        TOPICS,
+        writer,
+        divert or FakeDivert(),
         RULES,
         metrics,
         clock=lambda: NOW,
@@ -142,53 +147,134 @@ def run(coro: object) -> None:
     asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def sensors(parts: dict[int, list[Record]]) -> dict[EventKind, dict[int, list[Record]]]:
+    """A poll of sensor records only."""
+    return {S: parts}
+
+
 def test_applies_and_advances_without_fencing_when_nothing_is_unsure() -> None:
     w = FakeWriter()
     a, m = applier(w)
-    run(a.commit({0: records(0, 5), 1: records(0, 3)}))
-    assert w.offsets == {0: 4, 1: 2}
-    assert w.calls == ["read", "apply"]
+    run(a.commit(sensors({0: records(0, 5), 1: records(0, 3)})))
+    assert w.offsets == {(S, 0): 4, (S, 1): 2}
+    assert w.calls == ["read", "apply"]  # acknowledged with the next poll, or on flush
+    run(a.flush())
+    assert w.calls == ["read", "apply", "durable"]
     assert m.events == 8 and m.fences == 0
+
+
+def test_both_kinds_of_a_poll_go_in_one_apply_and_one_durability_wait() -> None:
+    w = FakeWriter()
+    committed: list[dict[str, dict[int, int]]] = []
+
+    async def commit_offsets(offsets: dict[str, dict[int, int]]) -> None:
+        committed.append(offsets)
+
+    a, m = applier(w, commit_offsets=commit_offsets)
+    applog = Record(0, None, orjson.dumps({
+        "service": "api", "route": "/a", "event_time": NOW - 500, "latency_ms": 12.5,
+        "status_code": 200, "level": "INFO", "message": "ok", "trace_id": "t1",
+    }))  # fmt: skip
+    run(a.commit({S: {0: records(0, 3)}, A: {1: [applog]}}))
+    run(a.flush())
+    assert w.offsets == {(S, 0): 2, (A, 1): 0}
+    assert w.calls == ["read", "read", "apply", "durable"]
+    assert committed == [{"pulse.sensor": {0: 3}, "pulse.applog": {1: 1}}]
+    assert m.events == 4 and m.dead == 0
+
+
+def test_a_poll_is_acknowledged_after_the_next_poll_is_prepared() -> None:
+    w = FakeWriter()
+    d = FakeDivert(calls=w.calls)
+    committed: list[dict[str, dict[int, int]]] = []
+
+    async def commit_offsets(offsets: dict[str, dict[int, int]]) -> None:
+        w.calls.append("commit offsets")
+        assert w.calls[-2] == "durable", "offsets committed before the store confirmed"
+        committed.append(offsets)
+
+    a, _ = applier(w, d, commit_offsets=commit_offsets)
+    run(a.commit(sensors({0: records(0, 3)})))
+    run(a.commit(sensors({0: records(3, 2)})))
+    assert w.calls == [
+        "read", "divert", "divert", "apply",
+        # the second poll: prepared, then the first acknowledged, then diverted and applied
+        "durable", "commit offsets", "divert", "divert", "apply",
+    ]  # fmt: skip
+    assert committed == [{"pulse.sensor": {0: 3}}]
+    run(a.flush())
+    assert committed == [{"pulse.sensor": {0: 3}}, {"pulse.sensor": {0: 5}}]
+    run(a.flush())  # nothing new: nothing to wait for or commit
+    assert w.calls.count("durable") == 2 and len(committed) == 2
 
 
 def test_after_an_assignment_a_poll_of_already_applied_records_is_fenced_before_ack() -> None:
     # The previous owner applied offsets 0..9 and died before seeing them durable.
-    w = FakeWriter(offsets={0: 9})
+    w = FakeWriter(offsets={(S, 0): 9})
     a, m = applier(w)
     a.forget()  # what the reader calls on every assignment
-    run(a.commit({0: records(0, 10)}))
+    run(a.commit(sensors({0: records(0, 10)})))
     assert w.calls[0] == "fence", w.calls
     assert "apply" not in w.calls  # nothing new to apply, yet durability was confirmed
     assert m.fences == 1
-    run(a.commit({0: records(10, 2)}))
+    run(a.commit(sensors({0: records(10, 2)})))
+    run(a.flush())
     assert w.calls.count("fence") == 1  # only the first acknowledgement needs the fence
 
 
 def test_lost_connection_during_apply_is_unsure_and_fenced_before_ack() -> None:
     w = FakeWriter(fail_next=["apply"])
     a, m = applier(w)
-    run(a.commit({0: records(0, 5)}))
+    run(a.commit(sensors({0: records(0, 5)})))
     # apply failed (maybe applied, maybe not): re-read, fence, then the retry
     assert w.calls == ["read", "apply", "fence", "read", "apply"]
-    assert w.offsets == {0: 4}
+    assert w.offsets == {(S, 0): 4}
     assert m.store_retries == 1 and m.fences == 1 and m.events == 5
+
+
+def test_lost_connection_while_waiting_for_durability_fences_and_still_commits() -> None:
+    w = FakeWriter(fail_next=["durable"])
+    committed: list[dict[str, dict[int, int]]] = []
+
+    async def commit_offsets(offsets: dict[str, dict[int, int]]) -> None:
+        assert "fence" in w.calls, "committed before a fence vouched for the writes"
+        committed.append(offsets)
+
+    a, m = applier(w, commit_offsets=commit_offsets)
+    run(a.commit(sensors({0: records(0, 5)})))
+    run(a.commit(sensors({0: records(5, 2)})))
+    # the first poll's wait failed: unsure, so a fence vouches for it, and the second poll is
+    # prepared again from the store before it is applied
+    assert w.calls == ["read", "apply", "durable", "fence", "read", "apply"]
+    assert committed == [{"pulse.sensor": {0: 5}}]
+    assert w.offsets == {(S, 0): 6} and m.events == 7 and m.fences == 1
 
 
 def test_lost_connection_during_fence_fences_again() -> None:
     w = FakeWriter(fail_next=["apply", "fence"])
     a, m = applier(w)
-    run(a.commit({0: records(0, 3)}))
+    run(a.commit(sensors({0: records(0, 3)})))
     assert w.calls == ["read", "apply", "fence", "fence", "read", "apply"]
     assert m.fences == 1 and m.store_retries == 2
+
+
+def test_flush_retries_a_lost_connection_with_a_fence() -> None:
+    w = FakeWriter(fail_next=["durable"])
+    a, m = applier(w)
+    run(a.commit(sensors({0: records(0, 3)})))
+    run(a.flush())
+    assert w.calls == ["read", "apply", "durable", "fence"]
+    assert m.store_retries == 1 and m.fences == 1
 
 
 def test_conflict_rereads_the_store_and_applies_only_what_is_new() -> None:
     w = FakeWriter()
     a, m = applier(w)
-    run(a.commit({0: records(0, 5)}))
-    w.offsets[0] = 7  # someone else (a previous owner) applied 5..7 meanwhile
-    run(a.commit({0: records(5, 5)}))
-    assert w.offsets == {0: 9}
+    run(a.commit(sensors({0: records(0, 5)})))
+    w.offsets[(S, 0)] = 7  # someone else (a previous owner) applied 5..7 meanwhile
+    run(a.commit(sensors({0: records(5, 5)})))
+    run(a.flush())
+    assert w.offsets == {(S, 0): 9}
     assert m.conflicts == 1
     assert m.events == 5 + 2  # 8 and 9 only
     assert w.calls.count("fence") == 1  # their writes are fenced before we acknowledge
@@ -197,40 +283,40 @@ def test_conflict_rereads_the_store_and_applies_only_what_is_new() -> None:
 def test_redelivered_records_are_skipped() -> None:
     w = FakeWriter()
     a, m = applier(w)
-    run(a.commit({0: records(0, 5)}))
-    run(a.commit({0: records(0, 5)}))
-    assert m.events == 5 and w.offsets == {0: 4}
+    run(a.commit(sensors({0: records(0, 5)})))
+    run(a.commit(sensors({0: records(0, 5)})))
+    assert m.events == 5 and w.offsets == {(S, 0): 4}
 
 
 def test_all_rejected_and_all_late_batches_still_advance_the_offset() -> None:
     w = FakeWriter()
     d = FakeDivert()
     a, m = applier(w, d)
-    run(a.commit({0: [Record(i, None, b"not json") for i in range(4)]}))
-    assert w.offsets == {0: 3} and m.dead == 4
-    run(a.commit({0: [Record(4, None, sensor(NOW))]}))
+    run(a.commit(sensors({0: [Record(i, None, b"not json") for i in range(4)]})))
+    assert w.offsets == {(S, 0): 3} and m.dead == 4
+    run(a.commit(sensors({0: [Record(4, None, sensor(NOW))]})))
     late = [Record(5 + i, None, sensor(NOW - 3_600_000)) for i in range(3)]
-    run(a.commit({0: late}))
-    assert w.offsets == {0: 7} and m.late == 3
+    run(a.commit(sensors({0: late})))
+    assert w.offsets == {(S, 0): 7} and m.late == 3
     assert [k for k, _, _ in d.sent] == ["dead"] * 4 + ["late"] * 3
 
 
 def test_a_record_that_breaks_processing_becomes_a_dead_letter_alone() -> None:
     poison = b'{"poison": true}'
 
-    def fragile(kind, partition, recs, state, rules, now):  # type: ignore[no-untyped-def]
-        if any(r.value == poison for r in recs):
+    def fragile(kind, parts, states, rules, now):  # type: ignore[no-untyped-def]
+        if any(r.value == poison for recs in parts.values() for r in recs):
             raise RuntimeError("boom")
-        return process(kind, partition, recs, state, rules, now)
+        return process_partitions(kind, parts, states, rules, now)
 
     w = FakeWriter()
     d = FakeDivert()
-    a, m = applier(w, d, process_batch=fragile)
+    a, m = applier(w, d, process=fragile)
     recs = records(0, 5)
     recs[2] = Record(2, None, poison)
     recs.append(Record(5, None, poison))  # also the last record: the offset must pass it
-    run(a.commit({0: recs}))
-    assert w.offsets == {0: 5}
+    run(a.commit(sensors({0: recs})))
+    assert w.offsets == {(S, 0): 5}
     assert m.events == 4 and m.isolated == 2
     assert [(o, r) for _, o, r in d.sent] == [
         (2, "could not be processed: RuntimeError: boom"),
@@ -240,9 +326,9 @@ def test_a_record_that_breaks_processing_becomes_a_dead_letter_alone() -> None:
 
 @pytest.mark.parametrize("fail", [["read"], ["read", "read"]])
 def test_load_progress_retries_store_outages(fail: list[str]) -> None:
-    w = FakeWriter(offsets={3: 41}, fail_next=list(fail))
+    w = FakeWriter(offsets={(S, 3): 41}, fail_next=list(fail))
     a, m = applier(w)
-    got = asyncio.run(a.load_progress([3]))
+    got = asyncio.run(a.load_progress(S, [3]))
     assert got[3].offset == 41
     assert m.store_retries == len(fail)
 
@@ -257,11 +343,11 @@ def _window_count(w: FakeWriter, partition: int, dim: str = keys.Dim.METRIC) -> 
 def test_values_are_absolute_and_a_new_owner_restores_the_open_windows() -> None:
     w = FakeWriter()
     a, _ = applier(w)
-    run(a.commit({0: records(0, 5)}))
+    run(a.commit(sensors({0: records(0, 5)})))
     assert _window_count(w, 0) == 5
     b, _ = applier(w)  # the next owner of partition 0, another process
     b.forget()
-    run(b.commit({0: records(5, 3)}))
+    run(b.commit(sensors({0: records(5, 3)})))
     assert _window_count(w, 0) == 8  # 5 restored from the store + 3
 
 
@@ -269,37 +355,39 @@ def test_a_conflict_restores_the_windows_the_other_writer_left() -> None:
     w = FakeWriter()
     a, _ = applier(w)
     b, _ = applier(w)
-    run(a.commit({0: records(0, 4)}))
-    run(b.commit({0: records(0, 6)}))  # b restored a's 4, applied 4..5
+    run(a.commit(sensors({0: records(0, 4)})))
+    run(b.commit(sensors({0: records(0, 6)})))  # b restored a's 4, applied 4..5
     assert _window_count(w, 0) == 6
-    run(a.commit({0: records(6, 2)}))  # a's cached windows are stale: conflict, restore
-    assert _window_count(w, 0) == 8 and w.offsets == {0: 7}
+    run(a.commit(sensors({0: records(6, 2)})))  # a's cached windows are stale: conflict, restore
+    assert _window_count(w, 0) == 8 and w.offsets == {(S, 0): 7}
 
 
-def test_the_order_is_divert_apply_durable_then_commit_offsets() -> None:
+def test_the_order_is_prepare_divert_apply_then_durable_and_commit_offsets() -> None:
     w = FakeWriter()
     d = FakeDivert(calls=w.calls)
-    committed: list[tuple[str, dict[int, int]]] = []
+    committed: list[dict[str, dict[int, int]]] = []
 
-    async def commit_offsets(topic: str, offsets: dict[int, int]) -> None:
+    async def commit_offsets(offsets: dict[str, dict[int, int]]) -> None:
         w.calls.append("commit offsets")
-        committed.append((topic, offsets))
+        committed.append(offsets)
 
     a, _ = applier(w, d, commit_offsets=commit_offsets)
     recs = [*records(0, 3), Record(3, None, b"oops")]
-    run(a.commit({0: recs, 2: records(0, 2)}))
-    assert w.calls == ["read", "divert", "apply", "commit offsets"]
-    assert committed == [("pulse.sensor", {0: 4, 2: 2})]  # the next offsets to read
+    run(a.commit(sensors({0: recs, 2: records(0, 2)})))
+    run(a.flush())
+    assert w.calls == ["read", "divert", "divert", "apply", "durable", "commit offsets"]
+    assert committed == [{"pulse.sensor": {0: 4, 2: 2}}]  # the next offsets to read
 
 
 def test_offsets_are_not_committed_while_the_store_is_unreachable() -> None:
     w = FakeWriter(fail_next=["apply"])
-    committed: list[dict[int, int]] = []
+    committed: list[dict[str, dict[int, int]]] = []
 
-    async def commit_offsets(topic: str, offsets: dict[int, int]) -> None:
-        assert w.offsets == {0: 4}, "committed before the apply succeeded"
+    async def commit_offsets(offsets: dict[str, dict[int, int]]) -> None:
+        assert w.offsets == {(S, 0): 4}, "committed before the apply succeeded"
         committed.append(offsets)
 
     a, _ = applier(w, commit_offsets=commit_offsets)
-    run(a.commit({0: records(0, 5)}))
-    assert committed == [{0: 5}]
+    run(a.commit(sensors({0: records(0, 5)})))
+    run(a.flush())
+    assert committed == [{"pulse.sensor": {0: 5}}]
