@@ -19,17 +19,24 @@ from dashboard.panels import Panels, read_panels
 from dashboard.settings import DashboardSettings
 from schemas import keys, packed
 from schemas.events import EventKind
-from schemas.settings import KafkaSettings, StoreSettings, store_client
+from schemas.settings import KafkaSettings, StoreSettings
 
 _TOPOLOGY = "pulse_topology"
 _TOPOLOGY_AT = "pulse_topology_at_ms"
+# the site table's widgets (session state keys)
+_SITE = "pulse_site_filter"
+_METRIC = "pulse_metric_filter"
+_ORDER = "pulse_site_order"
+_FIRST = "pulse_site_first"
+ALL = "(all)"
+_LARGEST, _SMALLEST = "largest first", "smallest first"
 
 
 @st.cache_resource
 def _client(host: str, port: int, db: int, password: str | None) -> redis.Redis:
     # binary replies: window values are packed bytes (the queries decode names themselves)
     store = StoreSettings(host=host, port=port, db=db, password=password)
-    return store_client(store, decode=False, timeout_s=2.0)
+    return queries.reader_client(store, timeout_s=2.0)
 
 
 @st.cache_resource
@@ -120,10 +127,60 @@ def _progress_table(k: queries.Kpis) -> pd.DataFrame:
 # one server share one set of reads per tick instead of each reading the store.
 @st.cache_data(ttl=60, max_entries=16, show_spinner=False)
 def load_panels(
-    _r: redis.Redis, url: str, topo: queries.Topology, now_ms: int, settings: DashboardSettings
+    _r: redis.Redis,
+    url: str,
+    topo: queries.Topology,
+    now_ms: int,
+    settings: DashboardSettings,
+    site_view: queries.SiteView,
 ) -> Panels:
     """Every panel at ``now_ms`` (``url`` names the store ``_r`` reaches, for the cache key)."""
-    return read_panels(_r, topo, now_ms, settings, pane_cache(url))
+    return read_panels(_r, topo, now_ms, settings, pane_cache(url), site_view)
+
+
+def site_view(settings: DashboardSettings) -> queries.SiteView:
+    """The site table's rows as its widgets (their session state) choose them."""
+    state = st.session_state
+    site, metric = state.get(_SITE, ALL), state.get(_METRIC, ALL)
+    order = state.get(_ORDER, queries.SITE_ORDER[0])
+    return queries.SiteView(
+        limit=settings.top_sites,
+        order_by=order if order in queries.SITE_ORDER else queries.SITE_ORDER[0],
+        ascending=state.get(_FIRST) == _SMALLEST,
+        site=None if site == ALL else site,
+        metric=None if metric == ALL else metric,
+    )
+
+
+def _choices(values: tuple[str, ...], chosen: str | None) -> list[str]:
+    # a chosen value the window no longer has stays selectable (its filter then shows no rows)
+    extra = [chosen] if chosen is not None and chosen not in values else []
+    return [ALL, *extra, *values]
+
+
+def render_sites(sites: queries.SiteMetrics, view: queries.SiteView, since: str) -> None:
+    """The site table: its filters and order, the top rows, and how many rows there are."""
+    st.subheader(f"Sites and metrics ({since})")
+    cols = st.columns(4)
+    cols[0].selectbox("Site", _choices(sites.sites, view.site), key=_SITE)
+    cols[1].selectbox("Metric", _choices(sites.metrics, view.metric), key=_METRIC)
+    cols[2].selectbox("Order by", queries.SITE_ORDER, key=_ORDER)
+    cols[3].selectbox("Show", (_LARGEST, _SMALLEST), key=_FIRST)
+    if sites.empty:
+        st.caption("No readings in this window.")
+        return
+    filtered = view.site is not None or view.metric is not None
+    of = f"{sites.matching:,} matching ({sites.total:,} in all)" if filtered else f"{sites.total:,}"
+    st.caption(f"{len(sites.rows):,} of {of} site × metric rows, by {view.order_by}")
+    if not sites.rows.empty:
+        st.dataframe(
+            sites.rows,
+            hide_index=True,
+            column_config={
+                c: st.column_config.NumberColumn(c, format="%.2f")
+                for c in ("mean", "p95", "min", "max")
+            },
+        )
 
 
 def _url(r: redis.Redis) -> str:
@@ -135,9 +192,10 @@ def render_live(r: redis.Redis, settings: DashboardSettings, now_ms: int) -> Non
     """Everything that refreshes: read the store (once per tick) and draw it."""
     tick_ms = round(settings.refresh_s * 1000)
     now_ms -= now_ms % tick_ms
+    view = site_view(settings)
     try:
         topo = topology(r, settings, now_ms)
-        panels = load_panels(r, _url(r), topo, now_ms, settings)
+        panels = load_panels(r, _url(r), topo, now_ms, settings, view)
     except redis.RedisError as exc:
         st.error(f"The store is unreachable or failed: {exc}")
         return
@@ -181,18 +239,7 @@ def render_live(r: redis.Redis, settings: DashboardSettings, now_ms: int) -> Non
                 },
             )
     with right:
-        st.subheader(f"Sites and metrics ({since})")
-        if sites.empty:
-            st.caption("No readings in this window.")
-        else:
-            st.dataframe(
-                sites,
-                hide_index=True,
-                column_config={
-                    c: st.column_config.NumberColumn(c, format="%.2f")
-                    for c in ("mean", "p95", "min", "max")
-                },
-            )
+        render_sites(sites, view, since)
 
     with st.expander("Partitions and workers"):
         st.dataframe(_progress_table(kpis), hide_index=True)

@@ -1,23 +1,28 @@
 """The dashboard's one I/O point: read-only queries over the store, one panel per function.
 
 Every query takes a sync ``redis.Redis`` that returns bytes (window values are binary, see
-``schemas.packed``; build it with ``schemas.settings.store_client(store, decode=False)``), the
-:class:`Topology` (partitions and workers, from :func:`discover`) and ``now_ms`` (no hidden
-clock). Keys are computed from the clock with ``schemas.keys`` (window starts are
-deterministic). A panel reads its window hashes with HGETALL in one pipeline (the KPIs read
-the progress hashes first), decodes all values of one event kind with one ``packed.decode``
-call and merges them into panes (window instances merged over partitions, what
-:class:`PaneCache` keeps) with one ``packed.merge`` call, after factorizing entity names to
-group ids; a hopping window merges its panes with one more. The merge rule itself lives only
-in ``schemas.packed``. Quantiles come from ``packed.quantiles``, for every row at once; top-N
-and per-pane roll-ups are numpy too. No loop here runs per field or per bucket.
+``schemas.packed``; build it with :func:`reader_client`, which speaks RESP2: a hash arrives as a
+flat list, parsed 2-3 times faster than RESP3's map), the :class:`Topology` (partitions and
+workers, from :func:`discover`) and ``now_ms`` (no hidden clock). Keys are computed from the
+clock with ``schemas.keys`` (window starts are deterministic). A panel reads its window hashes
+with HGETALL in one raw pipeline (:func:`execute_raw`: no per-command packing or callbacks; the
+KPIs read the progress hashes first), decodes all values of one event kind with one
+``packed.decode`` call and merges them into panes (window instances merged over partitions,
+what :class:`PaneCache` keeps) with one ``packed.merge`` call, after factorizing entity names to
+group ids; a hopping window merges its panes with one more. The site table reads statistics
+only (``packed.decode_stats``) for every site x metric, into a :class:`Rollup` of the final
+panes that the cache keeps, picks its top rows, and merges sketches for those rows alone. The
+merge rule itself lives only in ``schemas.packed``. Quantiles come from ``packed.quantiles``,
+for every row at once; top-N and per-pane roll-ups are numpy too. No loop here runs per bucket,
+or per field of a window except to pick out the few values of the rows a table shows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias, cast
 
@@ -28,8 +33,10 @@ import redis
 from redis.client import Pipeline
 
 from schemas import keys, packed
+from schemas import sketch as sketches
 from schemas.events import EventKind
 from schemas.keys import Dim, HoppingWindow, Progress, Stat, TumblingWindow
+from schemas.settings import StoreSettings
 
 # Fleet-wide dimension of each kind: summing its entities' counts gives the kind's event count.
 FLEET_DIM: Final[dict[EventKind, str]] = {EventKind.SENSOR: Dim.METRIC, EventKind.APPLOG: Dim.FLEET}
@@ -155,32 +162,33 @@ class Pane:
         return Pane(_NO_NAMES, _freeze(packed.Table.empty(nf), _NO_NAMES))
 
 
+HashReply: TypeAlias = RawHash | Sequence[bytes]  # HGETALL: a map (RESP3) or a flat list (RESP2)
+
+
 def panes_of_hashes(
-    hashes: Sequence[RawHash], parts: int, nf: int, sketch: bool = True
+    hashes: Sequence[HashReply], parts: int, nf: int, sketch: bool = True
 ) -> list[Pane]:
     """Window hashes ``(pane 0: partitions..., pane 1: ...)`` merged into one pane per start.
 
-    ``hashes`` are HGETALL replies (``entity -> packed value``, bytes), ``parts`` per pane.
-    All values are decoded in one call and merged in one call; without ``sketch`` the panes
-    keep only the statistics (no buckets to merge).
+    ``hashes`` are HGETALL replies (``entity -> packed value``, bytes; a map, or RESP2's flat
+    list ``[name, value, ...]``), ``parts`` per pane. All values are decoded in one call and
+    merged in one call; without ``sketch`` the panes keep only the statistics (no buckets to
+    decode or merge).
     """
     if parts <= 0:
         return []
     n_panes = len(hashes) // parts
-    sizes = np.fromiter(map(len, hashes), dtype=np.int64, count=len(hashes))
     names: list[bytes] = []
     values: list[bytes] = []
-    for h in hashes:
-        names.extend(h)
-        values.extend(h.values())
+    sizes = np.zeros(len(hashes), dtype=np.int64)
+    for i, h in enumerate(hashes):
+        n, v = _names_values(h)
+        names += n
+        values += v
+        sizes[i] = len(n)
     if not values:
         return [Pane.empty(nf) for _ in range(n_panes)]
-    if not sketch:
-        # A packed value is its header and statistics, then its sketch: cut to the first part,
-        # it is a valid value without buckets (decoding and merging them would be wasted).
-        head = packed.HEADER_BYTES + 8 * nf
-        values = [v[:head] for v in values]
-    table = packed.decode(values, nf)
+    table = packed.decode(values, nf) if sketch else packed.decode_stats(values, nf)
     pane = np.repeat(np.arange(len(hashes), dtype=np.int64) // parts, sizes)
     codes, uniques = factorize(names)
     text = np.asarray([u.decode() for u in uniques], dtype=object)  # distinct names only
@@ -193,6 +201,14 @@ def panes_of_hashes(
             lo[:-1].tolist(), lo[1:].tolist(), b_lo[:-1].tolist(), b_lo[1:].tolist(), strict=True
         )
     ]
+
+
+def _names_values(h: HashReply) -> tuple[list[bytes], list[bytes]]:
+    """The names and values of an HGETALL reply."""
+    if isinstance(h, Mapping):
+        return list(h), list(h.values())
+    flat = h if isinstance(h, list) else list(h)
+    return flat[0::2], flat[1::2]
 
 
 def stack_panes(panes: Sequence[Pane], nf: int) -> tuple[I64, Names, packed.Table]:
@@ -235,8 +251,11 @@ class PaneCache:
 
     Key: TypeAlias = tuple[str, str, str, int, tuple[int, ...], bool]
 
-    def __init__(self, max_entries: int = 2048) -> None:
+    def __init__(self, max_entries: int = 2048, max_rollups: int = 16) -> None:
         self._panes: OrderedDict[PaneCache.Key, Pane] = OrderedDict()
+        # merges of several final panes (see :class:`Rollup`), by (kind, dim, starts, parts)
+        self._rollups: OrderedDict[tuple[object, ...], Rollup] = OrderedDict()
+        self._max_rollups = max_rollups
         self._watermarks: dict[str, int] = {}
         self._max = max_entries
         self._lock = threading.Lock()
@@ -265,10 +284,27 @@ class PaneCache:
             while len(self._panes) > self._max:
                 self._panes.popitem(last=False)
 
+    def rollup(self, key: tuple[object, ...]) -> Rollup | None:
+        """The roll-up of final panes under ``key``, if known."""
+        with self._lock:
+            found = self._rollups.get(key)
+            if found is not None:
+                self._rollups.move_to_end(key)
+            return found
+
+    def put_rollup(self, key: tuple[object, ...], rollup: Rollup) -> None:
+        """Remember a roll-up of final panes."""
+        with self._lock:
+            self._rollups[key] = rollup
+            self._rollups.move_to_end(key)
+            while len(self._rollups) > self._max_rollups:
+                self._rollups.popitem(last=False)
+
     def clear(self) -> None:
-        """Forget every pane and watermark."""
+        """Forget every pane, roll-up and watermark."""
         with self._lock:
             self._panes.clear()
+            self._rollups.clear()
             self._watermarks.clear()
 
     def observe(self, kind: str, watermark: int) -> bool:
@@ -277,6 +313,7 @@ class PaneCache:
             reset = watermark < self._watermarks.get(kind, watermark)
             if reset:
                 self._panes.clear()
+                self._rollups.clear()
                 self._watermarks.clear()
             self._watermarks[kind] = watermark
             return reset
@@ -394,6 +431,25 @@ class Topology:
         return cls({k: tuple(range(partitions)) for k in EventKind}, tuple(workers))
 
 
+def reader_client(
+    store: StoreSettings, *, db: int | None = None, timeout_s: float | None = 2.0
+) -> redis.Redis:
+    """The queries' client: ``store_client``'s settings (binary replies), speaking RESP2.
+
+    A hash comes back as a flat list in RESP2 and as a map in RESP3 (redis-py's default):
+    the parser builds a map of tens of thousands of fields 2-3 times slower.
+    """
+    return redis.Redis(
+        host=store.host,
+        port=store.port,
+        db=store.db if db is None else db,
+        password=store.password.get_secret_value() if store.password else None,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=5.0 if timeout_s is None else min(timeout_s, 5.0),
+        protocol=2,
+    )
+
+
 def _binary(r: redis.Redis) -> redis.Redis:
     if r.get_connection_kwargs().get("decode_responses"):
         raise TypeError(
@@ -405,6 +461,48 @@ def _binary(r: redis.Redis) -> redis.Redis:
 
 def _pipe(r: redis.Redis) -> Pipeline:
     return _binary(r).pipeline(transaction=False)
+
+
+def _resp(*args: bytes | str) -> bytes:
+    """One command in the store's wire protocol (RESP)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def execute_raw(r: redis.Redis, commands: Sequence[bytes]) -> list[object]:
+    """The replies of ``commands`` (from :func:`_resp`), sent in one pipeline on one connection.
+
+    The replies are as the parser gives them (a hash as a map, or a flat list of names and
+    values in RESP2): no per-command packing or reply callback, which cost more than the store
+    for the dashboard's hundreds of small reads.
+    """
+    return list(stream_raw(r, commands))
+
+
+def stream_raw(r: redis.Redis, commands: Sequence[bytes]) -> Generator[object, None, None]:
+    """:func:`execute_raw`, each reply yielded as it arrives: the caller can work on the first
+    replies while the store still produces the others.
+
+    A failed command raises; the connection is then dropped (its remaining replies unread),
+    as it is when the caller stops early, so it is never reused mid-stream.
+    """
+    if not commands:
+        return
+    pool = _binary(r).connection_pool
+    conn = pool.get_connection()
+    done = False
+    try:
+        conn.send_packed_command([b"".join(commands)])  # type: ignore[no-untyped-call]
+        for _ in commands:
+            yield conn.read_response()
+        done = True
+    finally:
+        if not done:
+            conn.disconnect()  # type: ignore[no-untyped-call]
+        pool.release(conn)
 
 
 def _text(key: bytes | str) -> str:
@@ -459,7 +557,9 @@ class PaneRequest:
 
 
 def read_pane_sets(
-    r: redis.Redis, requests: Sequence[PaneRequest], cache: PaneCache | None = None
+    r: redis.Redis,
+    requests: Sequence[PaneRequest],
+    cache: PaneCache | None = None,
 ) -> list[list[Pane]]:
     """The panes of each request (in its ``starts`` order), all read in one round trip.
 
@@ -482,15 +582,18 @@ def read_pane_sets(
         if cache is not None
         else []
     )
-    pipe = _pipe(r)
-    for kind, parts in watched:
-        for p in parts:
-            pipe.hget(keys.progress_key(kind, p), Progress.WATERMARK)
+    commands = [
+        _resp(b"HGET", keys.progress_key(kind, p), Progress.WATERMARK)
+        for kind, parts in watched
+        for p in parts
+    ]
     for req, starts in zip(requests, todo, strict=True):
-        for s in starts:
-            for p in req.parts:
-                pipe.hgetall(keys.window_key(req.kind, p, req.window, req.dim, s))
-    replies: list[object] = pipe.execute() if len(pipe) else []
+        commands += [
+            _resp(b"HGETALL", keys.window_key(req.kind, p, req.window, req.dim, s))
+            for s in starts
+            for p in req.parts
+        ]
+    replies = execute_raw(r, commands)
     at = 0
     final_before: dict[tuple[EventKind, tuple[int, ...]], int] = {}
     stale = False
@@ -517,7 +620,7 @@ def read_pane_sets(
             out.append([Pane.empty(nf) for _ in req.starts])
             continue
         n = len(starts) * len(req.parts)
-        chunk = cast(list[RawHash], replies[at : at + n])
+        chunk = cast(list[HashReply], replies[at : at + n])
         at += n
         mark = final_before.get((req.kind, req.parts))
         merged = panes_of_hashes(chunk, len(req.parts), nf, req.sketch)
@@ -827,33 +930,408 @@ def read_top_routes(
 
 
 SITE_COLUMNS: Final = ("site", "metric", "readings", "mean", "p95", "min", "max")
+SITE_ORDER: Final = ("readings", "mean", "p95", "min", "max")  # columns the table sorts by
+_SITE_QS: Final = (0.95,)
+
+
+@dataclass(frozen=True, slots=True)
+class SiteView:
+    """Which site x metric rows the site table shows: filters, order and how many."""
+
+    limit: int = 20
+    order_by: str = "readings"  # one of SITE_ORDER
+    ascending: bool = False  # False: the largest first
+    site: str | None = None  # only this site
+    metric: str | None = None  # only this metric
+
+    def __post_init__(self) -> None:
+        if self.order_by not in SITE_ORDER:
+            raise ValueError(f"order_by must be one of {', '.join(SITE_ORDER)}: {self.order_by!r}")
+        if self.limit < 1:
+            raise ValueError(f"limit must be at least 1: {self.limit}")
+
+
+@dataclass(frozen=True, slots=True)
+class SiteMetrics:
+    """The site table: its first ``limit`` rows, and how many rows there are in all."""
+
+    rows: pd.DataFrame  # SITE_COLUMNS
+    matching: int  # site x metric rows with readings that pass the view's filters
+    total: int  # site x metric rows with readings in the window
+    sites: tuple[str, ...]  # sites with readings, sorted (a filter's choices)
+    metrics: tuple[str, ...]
+
+    @property
+    def empty(self) -> bool:
+        """True when the window has no readings at all."""
+        return self.total == 0
+
+
+def first_rows(key: F64, limit: int) -> I64:
+    """Rows that can be among the ``limit`` smallest of ``key`` (NaN largest), ties kept.
+
+    Every row tied with the ``limit``-th is kept, so a final sort with tie-breakers picks the
+    same rows as sorting everything.
+    """
+    if key.size <= limit:
+        return np.arange(key.size, dtype=np.int64)
+    k = np.where(np.isnan(key), np.inf, key)
+    cut = np.partition(k, limit - 1)[limit - 1]
+    return np.flatnonzero(k <= cut)
+
+
+@dataclass(frozen=True, slots=True)
+class Rollup:
+    """Panes of one dimension merged over partitions and panes, statistics only (no sketch).
+
+    Row ``i`` is entity ``names[i]`` (bytes, as stored; ``index`` finds a name's row), split at
+    ``keys.ENTITY_SEP`` into ``first`` and ``second`` (text). Cached in a :class:`PaneCache`
+    for the final panes of a hopping window, so a refresh merges only the open panes into it.
+    """
+
+    starts: tuple[int, ...]
+    names: Names
+    index: pd.Index
+    stats: F64
+    first: Names
+    second: Names
+    firsts: tuple[str, ...] = ()  # distinct values of ``first``, sorted
+    seconds: tuple[str, ...] = ()
+
+    @staticmethod
+    def empty(nf: int) -> Rollup:
+        """No panes, no entities."""
+        return Rollup(
+            (), _NO_NAMES, pd.Index([], dtype=object), np.zeros((0, nf)), _NO_NAMES, _NO_NAMES
+        )
+
+    @property
+    def rows(self) -> int:
+        """Number of entities."""
+        return int(self.names.size)
+
+    def extended(self, names: Names, split: tuple[Names, Names] | None = None) -> Rollup:
+        """The same with rows for ``names`` (new entities, no statistics yet) appended.
+
+        ``split``: the names' two parts, when known.
+        """
+        if names.size == 0:
+            return self
+        text = np.asarray([n.decode() for n in names.tolist()], dtype=object)
+        first, second = split if split is not None else _split(text)
+        nf = self.stats.shape[1]
+        added = np.zeros((names.size, nf))
+        added[:, packed.MIN], added[:, packed.MAX] = np.inf, -np.inf
+        all_names = np.concatenate([self.names, names])
+        return Rollup(
+            self.starts,
+            all_names,
+            pd.Index(all_names, dtype=object),
+            np.concatenate([self.stats, added]),
+            np.concatenate([self.first, first]),
+            np.concatenate([self.second, second]),
+            tuple(sorted(set(self.firsts).union(first.tolist()))),
+            tuple(sorted(set(self.seconds).union(second.tolist()))),
+        )
+
+    def merged(self, other: Rollup) -> Rollup:
+        """The same with ``other`` (a roll-up of other panes) merged in."""
+        if self.rows == 0:
+            return dataclasses.replace(other, starts=(*self.starts, *other.starts))
+        rows = np.asarray(self.index.get_indexer(other.names))
+        new = np.flatnonzero(rows < 0)
+        base = self.extended(other.names[new], (other.first[new], other.second[new]))
+        rows[new] = self.rows + np.arange(new.size)
+        return base.plus(other.starts, other.stats, rows)
+
+    def one_pane(self, start: int, stats: F64, rows: I64) -> Rollup:
+        """A roll-up of one pane: its values (``stats[i]`` of entity ``rows[i]`` of this one)."""
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        table = packed.Table(stats, _NO_ROWS, _NO_ROWS, _NO_ROWS)
+        merged = packed.merge(table, inverse.ravel(), int(uniq.size)).stats
+        merged.flags.writeable = False
+        first, second = self.first[uniq], self.second[uniq]
+        return Rollup(
+            (start,),
+            self.names[uniq],
+            pd.Index(self.names[uniq], dtype=object),
+            merged,
+            first,
+            second,
+            tuple(sorted(set(first.tolist()))),
+            tuple(sorted(set(second.tolist()))),
+        )
+
+    def plus(self, starts: Sequence[int], stats: F64, rows: I64) -> Rollup:
+        """The same with the values of panes ``starts`` merged in (``stats[i]`` of ``rows[i]``)."""
+        n = self.rows
+        table = packed.Table(np.concatenate([self.stats, stats]), _NO_ROWS, _NO_ROWS, _NO_ROWS)
+        groups = np.concatenate([np.arange(n, dtype=np.int64), rows])
+        merged = packed.merge(table, groups, n).stats
+        merged.flags.writeable = False
+        return Rollup(
+            (*self.starts, *starts),
+            self.names,
+            self.index,
+            merged,
+            self.first,
+            self.second,
+            self.firsts,
+            self.seconds,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _HopStats:
+    """Every entity of a dimension over a hopping window's panes, and how to find its values."""
+
+    rollup: Rollup  # all panes
+    cached: tuple[int, ...]  # panes that came from a cached roll-up (not read this time)
+    raw_rows: I64  # entity of each value read this time
+    raw_values: list[bytes]
+
+
+def _rollup_key(req: PaneRequest, starts: Sequence[int]) -> tuple[object, ...]:
+    return (req.kind.value, req.window.name, req.dim, tuple(starts), req.parts)
+
+
+def _cached_rollup(req: PaneRequest, cache: PaneCache | None) -> Rollup:
+    """The longest run of leading panes of ``req`` that a cache holds as final, merged.
+
+    From a roll-up of the run, or of a shorter one extended by roll-ups of single panes (each
+    pane found final is also kept alone: the next hopping window starts a minute later).
+    """
+    base = Rollup.empty(NF[req.kind])
+    if cache is None or not req.parts:
+        return base
+    starts = req.starts
+    for k in range(len(starts), 0, -1):
+        if (found := cache.rollup(_rollup_key(req, starts[:k]))) is not None:
+            base = found
+            break
+    k = len(base.starts)
+    while k < len(starts) and (one := cache.rollup(_rollup_key(req, starts[k : k + 1]))):
+        base = base.merged(one)
+        k += 1
+    if k > 1 and cache.rollup(_rollup_key(req, starts[:k])) is None:
+        cache.put_rollup(_rollup_key(req, starts[:k]), base)
+    return base
+
+
+def _hop_stats(r: redis.Redis, req: PaneRequest, cache: PaneCache | None) -> _HopStats:
+    """The statistics of every entity of ``req`` over its panes, merged; one round trip.
+
+    With a ``cache``, the leading panes that were final when last read come from cached
+    roll-ups, and only the other panes are read; panes read and found final join a
+    new roll-up (the partitions' watermarks are read in the same pipeline). Each pane is
+    decoded and merged as its replies arrive, while the store sends the next.
+    """
+    nf = NF[req.kind]
+    base = _cached_rollup(req, cache)
+    todo = req.starts[len(base.starts) :] if req.parts else ()
+    watch = req.parts if cache is not None else ()
+    commands = [_resp(b"HGET", keys.progress_key(req.kind, p), Progress.WATERMARK) for p in watch]
+    commands += [
+        _resp(b"HGETALL", keys.window_key(req.kind, p, req.window, req.dim, s))
+        for s in todo
+        for p in req.parts
+    ]
+    replies = stream_raw(r, commands)
+    try:
+        lowest: int | None = None
+        if cache is not None and watch:
+            marks = [_raw_int(next(replies)) for _ in watch]
+            if all(m is not None for m in marks):
+                lowest = min(m for m in marks if m is not None)
+            reset = lowest is None or cache.observe(req.kind.value, lowest)
+            if reset and base.starts:
+                # the roll-up came from a cache that is stale now (a watermark went back, or
+                # a progress hash is gone: the store was reset)
+                cache.clear()
+                replies.close()
+                return _hop_stats(r, req, cache)
+        cached = base.starts
+        rows: list[I64] = []
+        values: list[bytes] = []
+        open_starts: list[int] = []
+        open_stats: list[F64] = []
+        open_rows: list[I64] = []
+        final = base
+        for s in todo:
+            names: list[bytes] = []
+            first = len(values)
+            for _ in req.parts:
+                n, v = _names_values(cast(HashReply, next(replies)))
+                names += n
+                values += v
+            stats = packed.decode_stats(values[first:], nf).stats
+            at = np.full(len(names), -1, dtype=np.int64)
+            if names:
+                objects = np.asarray(names, dtype=object)
+                if base.rows:
+                    at = np.asarray(base.index.get_indexer(objects))
+                new = np.flatnonzero(at < 0)
+                if new.size:
+                    codes, uniques = factorize(objects[new])
+                    at[new] = base.rows + codes
+                    base = base.extended(uniques)
+            rows.append(at)
+            if (
+                cache is not None
+                and lowest is not None
+                and not open_starts
+                and (s + req.window.size_ms <= lowest)
+            ):
+                cache.put_rollup(_rollup_key(req, (s,)), base.one_pane(s, stats, at))
+                base = final = base.plus([s], stats, at)
+            else:
+                open_starts.append(s)
+                open_stats.append(stats)
+                open_rows.append(at)
+    finally:
+        replies.close()  # unread replies (an error above) drop the connection
+    if cache is not None and len(final.starts) > len(cached):
+        cache.put_rollup(_rollup_key(req, final.starts), final)
+    total = base.plus(
+        open_starts,
+        np.concatenate(open_stats) if open_stats else np.zeros((0, nf)),
+        np.concatenate(open_rows) if open_rows else _NO_ROWS,
+    )
+    return _HopStats(total, cached, np.concatenate(rows) if rows else _NO_ROWS, values)
+
+
+def _sketches(r: redis.Redis, req: PaneRequest, hop: _HopStats, top: I64) -> packed.Table:
+    """Row ``i``: entity ``top[i]`` of ``hop`` with its sketch, merged over every pane.
+
+    Values read in this refresh come from those replies: the same state as the statistics
+    that ranked the rows. Panes of a cached roll-up are final and cannot change: their values
+    of just these entities are read again (HMGET, one round trip).
+    """
+    if top.size == 0:
+        return packed.Table.empty(NF[req.kind])
+    at = np.full(hop.rollup.rows, -1, dtype=np.int64)
+    at[top] = np.arange(top.size, dtype=np.int64)
+    mine = np.flatnonzero(at[hop.raw_rows] >= 0) if hop.raw_rows.size else _NO_ROWS
+    rows = [at[hop.raw_rows[mine]]]
+    values = [hop.raw_values[i] for i in mine.tolist()]
+    fields = hop.rollup.names[top].tolist()
+    commands = [
+        _resp(b"HMGET", keys.window_key(req.kind, p, req.window, req.dim, s), *fields)
+        for s in hop.cached
+        for p in req.parts
+    ]
+    for reply in cast(list[list[bytes | None]], execute_raw(r, commands)):
+        got = np.flatnonzero(np.fromiter((v is not None for v in reply), dtype=np.bool_))
+        rows.append(got)
+        values += [cast(bytes, reply[i]) for i in got.tolist()]
+    table = packed.decode(values, NF[req.kind])
+    return packed.merge(table, np.concatenate(rows), int(top.size))
 
 
 def read_site_metrics(
     r: redis.Redis,
     topo: Topology,
     now_ms: int,
+    view: SiteView = SiteView(),
     hop: HoppingWindow = keys.HOPPING_5M,
     cache: PaneCache | None = None,
-) -> pd.DataFrame:
-    """Per site and metric over the latest hopping window (5 min up to now).
+) -> SiteMetrics:
+    """Site x metric over the latest hopping window (5 min up to now): the view's top rows.
 
     Columns: ``site``, ``metric``, ``readings``, ``mean``, ``p95``, ``min``, ``max``; sorted by
-    site then metric.
+    ``view.order_by`` (then site, then metric), at most ``view.limit`` rows of the ones that
+    pass the filters. Every row's statistics are merged over partitions and panes without
+    sketches (final panes once, into a cached roll-up); only the rows shown get their sketch
+    merged for p95. Ordered by p95, rows get theirs while their bounds can still place them
+    in the top rows: a p95 estimate lies between the sketch values of the row's min and max.
     """
-    names, table = _hopping(r, EventKind.SENSOR, topo, Dim.SITE, hop, now_ms, cache)
-    site, metric = _split(names)
-    order = np.lexsort((metric, site))
-    s = table.stats[order]
-    return pd.DataFrame(
+    starts = hopping_pane_starts(hop, now_ms)
+    parts = topo.partitions.get(EventKind.SENSOR, ())
+    req = PaneRequest(EventKind.SENSOR, parts, hop.pane, Dim.SITE, tuple(starts), sketch=False)
+    hs = _hop_stats(r, req, cache)
+    stats, all_site, all_metric = hs.rollup.stats, hs.rollup.first, hs.rollup.second
+    seen = stats[:, packed.COUNT] > 0
+    choices = hs.rollup.firsts, hs.rollup.seconds
+    if not seen.all():
+        choices = (
+            tuple(sorted(pd.unique(all_site[seen]).tolist())),
+            tuple(sorted(pd.unique(all_metric[seen]).tolist())),
+        )
+    keep = seen.copy()
+    if view.site is not None:
+        keep &= all_site == view.site
+    if view.metric is not None:
+        keep &= all_metric == view.metric
+    rows = np.flatnonzero(keep)
+    s = stats[rows]
+    column = {
+        "readings": s[:, packed.COUNT],
+        "mean": s[:, packed.SUM] / s[:, packed.COUNT],
+        "min": s[:, packed.MIN],
+        "max": s[:, packed.MAX],
+    }
+    sign = 1.0 if view.ascending else -1.0
+    p95: dict[int, float] = {}  # exact p95 of the rows (positions in ``rows``) merged so far
+
+    def merge_p95(at: I64) -> None:
+        q = packed.quantiles(_sketches(r, req, hs, rows[at]), _SITE_QS)[:, 0]
+        p95.update(zip(at.tolist(), q.tolist(), strict=True))
+
+    if view.order_by == "p95":
+        # The best key a row's p95 can have (bucket values grow with the value): merge the
+        # sketches of the rows that can still beat the limit-th exact key, until none can.
+        best = sign * sketches.bucket_values(
+            sketches.bucket_codes(column["max"] if sign < 0 else column["min"])
+        )
+        todo = first_rows(best, view.limit)
+        while todo.size:
+            merge_p95(todo)
+            done = np.fromiter(p95, dtype=np.int64, count=len(p95))
+            exact = sign * np.fromiter(p95.values(), dtype=np.float64, count=len(p95))
+            cut = np.partition(exact, min(view.limit, exact.size) - 1)[
+                min(view.limit, exact.size) - 1
+            ]
+            open_ = np.ones(rows.size, dtype=np.bool_)
+            open_[done] = False
+            todo = (
+                np.flatnonzero(open_ & (best <= cut))
+                if exact.size >= view.limit
+                else (np.flatnonzero(open_))
+            )
+        key = np.full(rows.size, np.inf)
+        key[np.fromiter(p95, dtype=np.int64, count=len(p95))] = sign * np.fromiter(
+            p95.values(), dtype=np.float64, count=len(p95)
+        )
+    else:
+        key = sign * column[view.order_by]
+    if view.order_by == "mean":
+        # a sum's last bits depend on the order partitions and panes were merged in: equal
+        # means must tie (and break by name) however they were summed
+        mantissa, exponent = np.frexp(key)
+        key = np.ldexp(np.round(mantissa * 2.0**40) / 2.0**40, exponent)
+    top = first_rows(key, view.limit)
+    site, metric = all_site[rows[top]], all_metric[rows[top]]
+    order = np.lexsort((metric, site, np.where(np.isnan(key[top]), np.inf, key[top])))
+    shown = top[order][: view.limit]
+    missing = np.asarray([i for i in shown.tolist() if i not in p95], dtype=np.int64)
+    if missing.size:
+        merge_p95(missing)
+    frame = pd.DataFrame(
         {
-            "site": site[order],
-            "metric": metric[order],
-            "readings": np.rint(s[:, packed.COUNT]).astype(np.int64),
-            "mean": means(table)[order],
-            "p95": packed.quantiles(table, (0.95,))[order, 0],
-            "min": s[:, packed.MIN],
-            "max": s[:, packed.MAX],
+            "site": all_site[rows[shown]],
+            "metric": all_metric[rows[shown]],
+            "readings": np.rint(column["readings"][shown]).astype(np.int64),
+            "mean": column["mean"][shown],
+            "p95": np.asarray([p95[i] for i in shown.tolist()], dtype=np.float64),
+            "min": column["min"][shown],
+            "max": column["max"][shown],
         },
         columns=list(SITE_COLUMNS),
+    )
+    return SiteMetrics(
+        rows=frame,
+        matching=int(rows.size),
+        total=int(np.count_nonzero(seen)),
+        sites=choices[0],
+        metrics=choices[1],
     )

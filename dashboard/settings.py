@@ -16,6 +16,8 @@ class DashboardSettings(BaseSettings):
     refresh_s: float = Field(default=2.0, gt=0)
     lookback_min: int = Field(default=60, ge=1, le=24 * 60)
     top_routes: int = Field(default=10, ge=1, le=1000)
+    # site x metric rows the site table shows (the top ones by the chosen column)
+    top_sites: int = Field(default=20, ge=1, le=1000)
     # 10 s windows averaged for the events/s figure
     rate_windows: int = Field(default=3, ge=1, le=60)
     # how often partitions and workers are rediscovered (each discovery SCANs the keyspace)

@@ -328,7 +328,8 @@ def test_top_routes_breaks_ties_by_errors_then_name(
 
 def test_site_metrics(store: redis.Redis, reader: redis.Redis) -> None:
     populate(store)
-    df = queries.read_site_metrics(reader, queries.Topology.of(3), NOW)
+    got = queries.read_site_metrics(reader, queries.Topology.of(3), NOW)
+    df = got.rows
     assert list(df.columns) == list(queries.SITE_COLUMNS)
     s1, s2 = S1_A + S1_B, S2
     assert df[["site", "metric", "readings", "min", "max"]].values.tolist() == [
@@ -337,6 +338,140 @@ def test_site_metrics(store: redis.Redis, reader: redis.Redis) -> None:
     ]
     assert df["mean"].tolist() == pytest.approx([np.mean(s1), np.mean(s2)], rel=1e-12)
     assert df["p95"].tolist() == approx([_q(s1, (0.95,))[0], _q(s2, (0.95,))[0]])
+    assert (got.matching, got.total) == (2, 2)
+    assert (got.sites, got.metrics) == (("s1", "s2"), ("hum", "temp"))
+    assert not got.empty
+
+
+def _site_truth(raw: dict[tuple[str, str], list[float]], view: queries.SiteView) -> pd.DataFrame:
+    """The site table recomputed from the raw readings, as ``view`` picks and orders rows."""
+    rows = []
+    for (site, metric), values in raw.items():
+        if view.site not in (None, site) or view.metric not in (None, metric):
+            continue
+        v = np.asarray(values)
+        rows.append([site, metric, v.size, v.mean(), _q(values, (0.95,))[0], v.min(), v.max()])
+    frame = pd.DataFrame(rows, columns=list(queries.SITE_COLUMNS))
+    key = frame[view.order_by] if view.ascending else -frame[view.order_by]
+    order = np.lexsort((frame["metric"], frame["site"], key.to_numpy(dtype=float)))
+    return frame.iloc[order[: view.limit]].reset_index(drop=True)
+
+
+def _check_sites(
+    got: queries.SiteMetrics, raw: dict[tuple[str, str], list[float]], view: queries.SiteView
+) -> None:
+    want = _site_truth(raw, view)
+    assert got.rows[["site", "metric", "readings", "min", "max"]].values.tolist() == (
+        want[["site", "metric", "readings", "min", "max"]].values.tolist()
+    )
+    assert got.rows["mean"].tolist() == pytest.approx(want["mean"].tolist(), rel=1e-12)
+    assert got.rows["p95"].tolist() == approx(want["p95"].tolist())
+    matching = [k for k in raw if view.site in (None, k[0]) and view.metric in (None, k[1])]
+    assert (got.matching, got.total) == (len(matching), len(raw))
+    assert got.sites == tuple(sorted({k[0] for k in raw}))
+    assert got.metrics == tuple(sorted({k[1] for k in raw}))
+
+
+SITE_VIEWS = [
+    queries.SiteView(limit=5),
+    queries.SiteView(limit=4, order_by="max"),
+    queries.SiteView(limit=6, order_by="mean", ascending=True),
+    queries.SiteView(limit=3, order_by="min", ascending=True, metric="hum"),
+    queries.SiteView(limit=5, order_by="p95"),
+    queries.SiteView(limit=2, order_by="p95", ascending=True, site="s03"),
+    queries.SiteView(limit=50, site="s05", metric="temp"),
+    queries.SiteView(limit=3, site="nowhere"),
+]
+
+
+def _write_sites(
+    w: Writer,
+    rng: np.random.Generator,
+    starts: Sequence[int],
+    raw: dict[tuple[str, str], list[float]],
+) -> None:
+    """Random readings of 8 sites x 3 metrics over partitions 0-2 and the panes ``starts``."""
+    for start in starts:
+        for part in range(3):
+            for site in range(8):
+                for metric in ("temp", "hum", "co2"):
+                    if rng.random() < 0.5:
+                        continue
+                    # few distinct counts: the limit cuts through ties, broken by name
+                    values = rng.integers(0, 40, int(rng.integers(1, 4))).astype(float).tolist()
+                    raw.setdefault((f"s{site:02d}", metric), []).extend(values)
+                    w.put(SENSOR, part, W1M, "site", start, f"s{site:02d}|{metric}", values)
+
+
+def test_site_metrics_top_rows_equal_truth_cached_or_not(
+    store: redis.Redis, reader: redis.Redis
+) -> None:
+    """Every view (order, direction, filters, limit) over final and open panes, cached or not."""
+    rng = np.random.default_rng(11)
+    raw: dict[tuple[str, str], list[float]] = {}
+    w = Writer(store)
+    # a pane before the window and after now: never in the table
+    w.put(SENSOR, 0, W1M, "site", T0 - 5 * MIN, "s00|temp", [1e6])
+    w.put(SENSOR, 1, W1M, "site", T0 + MIN, "s00|temp", [-1e6])
+    _write_sites(w, rng, [T0 - k * MIN for k in range(4, -1, -1)], raw)
+    for p in range(3):  # panes up to T0 - 2 min are final, T0 - 1 min and T0 open
+        progress(store, SENSOR, p, watermark=T0 - MIN + 5_000 + p)
+    topo = queries.discover(reader)
+    cache = queries.PaneCache()
+    for view in SITE_VIEWS:
+        _check_sites(queries.read_site_metrics(reader, topo, NOW, view), raw, view)
+        for _ in range(2):  # the second read merges the open panes into the cached roll-up
+            _check_sites(queries.read_site_metrics(reader, topo, NOW, view, cache=cache), raw, view)
+    # the open panes change: the cached roll-up of the final ones and fresh reads still agree
+    _write_sites(w, rng, [T0 - MIN, T0], raw)
+    for view in SITE_VIEWS:
+        _check_sites(queries.read_site_metrics(reader, topo, NOW, view, cache=cache), raw, view)
+    # a pane becomes final: the roll-up grows by it
+    for p in range(3):
+        progress(store, SENSOR, p, watermark=T0 + 1_000)
+    for view in SITE_VIEWS[:3]:
+        _check_sites(queries.read_site_metrics(reader, topo, NOW, view, cache=cache), raw, view)
+    # the store is emptied: nothing comes from the cache
+    store.flushall()
+    assert queries.read_site_metrics(reader, topo, NOW, cache=cache).empty
+
+
+def test_site_metrics_next_minute_reads_only_the_panes_not_final(
+    store: redis.Redis, reader: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A minute later the hopping window moves: its final panes come from the cache."""
+    rng = np.random.default_rng(5)
+    panes: dict[int, dict[tuple[str, str], list[float]]] = {}
+    w = Writer(store)
+    for k in range(4, -2, -1):
+        _write_sites(w, rng, [T0 - k * MIN], panes.setdefault(T0 - k * MIN, {}))
+    for p in range(3):
+        progress(store, SENSOR, p, watermark=T0 + 1_000)  # panes before T0 are final
+    topo = queries.discover(reader)
+    cache = queries.PaneCache()
+    view = queries.SiteView(limit=6, order_by="max")
+    queries.read_site_metrics(reader, topo, NOW, view, cache=cache)
+
+    for p in range(3):  # a minute later T0 is final too
+        progress(store, SENSOR, p, watermark=T0 + MIN + 1_000)
+    read: list[bytes] = []
+    stream = queries.stream_raw
+
+    def spy(r: redis.Redis, commands: Sequence[bytes]) -> object:
+        read.extend(c for c in commands if c.startswith(b"*2\r\n$7\r\nHGETALL"))
+        return stream(r, commands)
+
+    monkeypatch.setattr(queries, "stream_raw", spy)
+    got = queries.read_site_metrics(reader, topo, NOW + MIN, view, cache=cache)
+    raw: dict[tuple[str, str], list[float]] = {}
+    for k in range(3, -2, -1):
+        for key, values in panes[T0 - k * MIN].items():
+            raw.setdefault(key, []).extend(values)
+    _check_sites(got, raw, view)
+    # T0 (open when first read) and T0 + 1 min, from 3 partitions; T0 - 3 .. T0 - 1 min cached
+    assert len(read) == 2 * 3
+    assert all(str(T0 - MIN).encode() not in c for c in read)
+    assert sum(str(T0).encode() in c for c in read) == 3
 
 
 def test_empty_store(reader: redis.Redis) -> None:
@@ -367,13 +502,36 @@ def test_cached_panels_equal_uncached_ones(store: redis.Redis, reader: redis.Red
     assert cache.hits > hits
     for got in (first, second):
         assert got.kpis == plain.kpis
-        for name in ("per_minute", "latency", "routes", "sites"):
+        for name in ("per_minute", "latency", "routes"):
             pd.testing.assert_frame_equal(getattr(got, name), getattr(plain, name))
+        pd.testing.assert_frame_equal(got.sites.rows, plain.sites.rows)
+        assert got.sites.total == plain.sites.total == 2
     # an emptied store (progress hashes gone) is not served from the cache
     store.flushall()
     after = panels.read_panels(reader, topo, NOW, settings, cache)
     assert int(after.per_minute.to_numpy().sum()) == 0 and after.latency.isna().all().all()
     assert after.routes.empty and after.sites.empty
+
+
+def test_resp2_reader_reads_the_same_panels(store: redis.Redis, stack: RunningStack) -> None:
+    """The page's client speaks RESP2 (hashes as flat lists): the panels are the same."""
+    populate(store)
+    settings = DashboardSettings(lookback_min=10)
+    resp3 = store_client(stack.store_settings, decode=False)
+    resp2 = queries.reader_client(stack.store_settings)
+    try:
+        assert resp2.connection_pool.connection_kwargs["protocol"] == 2
+        topo = queries.discover(resp2)
+        for cache in (None, queries.PaneCache()):
+            a = panels.read_panels(resp3, topo, NOW, settings, cache)
+            b = panels.read_panels(resp2, topo, NOW, settings, cache)
+            assert a.kpis == b.kpis
+            for name in ("per_minute", "latency", "routes"):
+                pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name))
+            pd.testing.assert_frame_equal(a.sites.rows, b.sites.rows)
+    finally:
+        resp2.close()
+        resp3.close()
 
 
 def test_malformed_value_raises_packed_error(store: redis.Redis, reader: redis.Redis) -> None:
@@ -436,6 +594,31 @@ def test_page_renders_populated_store(store: redis.Redis, monkeypatch: pytest.Mo
         ["s1", "temp", 5],
         ["s2", "hum", 2],
     ]
+
+
+def test_page_site_table_filters_and_orders(
+    store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    populate(store)
+    monkeypatch.setenv("PULSE_DASHBOARD_TOP_SITES", "1")
+    at = _app(monkeypatch, int(store.connection_pool.connection_kwargs["port"]))
+    assert not at.exception
+    sites = at.dataframe[1].value
+    assert sites[["site", "metric", "readings"]].values.tolist() == [["s1", "temp", 5]]
+    assert any("1 of 2 site × metric rows, by readings" in c.value for c in at.caption)
+    site = at.selectbox(key="pulse_site_filter")
+    assert site.options == ["(all)", "s1", "s2"]
+    site.set_value("s2").run()
+    assert not at.exception
+    assert at.dataframe[1].value[["site", "metric", "readings"]].values.tolist() == [
+        ["s2", "hum", 2]
+    ]
+    assert any("1 of 1 matching (2 in all)" in c.value for c in at.caption)
+    at.selectbox(key="pulse_site_filter").set_value("(all)").run()
+    at.selectbox(key="pulse_site_order").set_value("max").run()
+    assert at.dataframe[1].value["site"].tolist() == ["s2"]  # max 50 beats 25
+    at.selectbox(key="pulse_site_first").set_value("smallest first").run()
+    assert at.dataframe[1].value["site"].tolist() == ["s1"]
 
 
 def test_page_reports_malformed_values(store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
