@@ -62,6 +62,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "compare the store's aggregates with a load generator truth file",
     ),
     "bench": ("pulse_bench.cli", "add_arguments", "run", "benchmark the pipeline side by side"),
+    "eval": (
+        "pipeline.nab",
+        "add_arguments",
+        "run",
+        "score the anomaly detectors on a benchmark corpus (NAB)",
+    ),
 }
 # subcommands from development-only distributions, not part of this wheel, with how to install
 # each (pulse_bench: bench/pyproject.toml, installed by `make venv`); imported only when present

@@ -30,6 +30,8 @@ class BenchParams:
     store_db: int = 15
     drain_timeout_s: float = 240.0
     quix_commit_interval_s: float = 1.0  # how often the Quix app flushes its sink and commits
+    hnsw_vectors: int = 100_000  # vectors in the similar-anomaly index of the hnsw case
+    hnsw_queries: int = 1_000  # queries the hnsw case times (and checks recall on)
     profile_dir: str | None = None
 
     @classmethod
@@ -47,6 +49,7 @@ class BenchParams:
                 devices=200, services=5, read_devices=500, read_day_minutes=120,
                 read_hot_minutes=5, read_hot_rate=100, read_background_per_min=100,
                 read_device_minutes=2, read_repeats=10, drain_timeout_s=90.0,
+                hnsw_vectors=5_000, hnsw_queries=200,
             )  # fmt: skip
         else:
             base = cls(

@@ -25,11 +25,12 @@ pytestmark = pytest.mark.integration
 
 CASES = {
     "floor", "naive", "pulse_1w", "pulse_2w", "write_cost", "freshness", "freshness_half", "reads",
+    "hnsw",
 }  # fmt: skip
 TARGETS = {
     "pulse_1w_vs_floor", "freshness_p99_ms", "freshness_half_p99_ms", "reads_p99_ms",
     "reads_first_refresh_ms", "write_cost_store_commands", "write_cost_aof_bytes",
-    "write_cost_replica_aof_bytes",
+    "write_cost_replica_aof_bytes", "hnsw_recall_at_10", "hnsw_query_p99_ms",
 }  # fmt: skip
 QUIX = importlib.util.find_spec("quixstreams") is not None
 PANELS = {"kpis", "events_per_minute", "latency_per_minute", "top_routes", "site_metrics"}

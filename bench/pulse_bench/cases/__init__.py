@@ -3,6 +3,7 @@
 from pulse_bench.cases import (  # noqa: F401 - imported to register
     floor,
     freshness,
+    hnsw,
     naive,
     pipeline_case,
     quix,

@@ -1,0 +1,463 @@
+"""Streaming anomaly detectors: one row of numpy state per entity, vectorised over entities.
+
+A :class:`DetectorBank` holds the state of many entities (device×metric series, services) as
+rows of one float64 array. :meth:`DetectorBank.step` advances a set of *distinct* rows by one
+observation each with a fixed number of numpy operations, whatever the number of rows;
+:meth:`DetectorBank.score_batch` splits a poll's events into such rounds (the k-th event of each
+entity) and returns per-event results in input order. A score depends only on the observation
+and the ones before it of the same entity, and on nothing else (no wall clock, no randomness),
+so a replay from a snapshot taken with the partition's offset yields the same scores.
+
+Method (per entity; see docs/anomaly-detection.md):
+
+* two predictors of the next value, the value itself and the value minus a time-of-day profile
+  (48 half-hour bins); the one with the lower long-run error is used;
+* surprises: the one-step residual against a fast level, and the short-run mean of the
+  residual against a slow level (level shifts, drifts), each in units of a robust scale
+  (winsorised mean absolute deviation); a run of repeated values (stuck sensor) against the
+  entity's own rate of repeats; a value beyond the range seen so far;
+* each surprise becomes a tail probability against its own long-run distribution (Numenta's
+  "anomaly likelihood" idea), so heavy tails and autocorrelation calibrate themselves; the
+  one-step surprise counts only when two consecutive observations deviate on the same side
+  (the larger of their two probabilities), so a lone outlying sample raises nothing unless it
+  leaves the range seen so far; the score is ``L / (L + 5)`` with ``L = -log10(3 p)`` of the
+  smallest probability ``p`` (Bonferroni over the three tests);
+* an episode starts when the score reaches ``threshold`` and lasts until the score has stayed
+  below ``release`` for ``refractory`` observations; within it scores are capped below the
+  threshold, so one episode raises one alarm at a deterministic observation.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas import anomaly
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+DAY_MS: Final = 86_400_000
+BINS: Final = 48  # time-of-day profile: half-hour bins
+RING: Final = anomaly.WINDOW_LEN
+
+
+class _Layout:
+    """Column offsets of a state row (all float64)."""
+
+    def __init__(self) -> None:
+        self.width = 0
+
+    def col(self, size: int = 1) -> int:
+        at = self.width
+        self.width += size
+        return at
+
+
+_L = _Layout()
+N = _L.col()  # observations seen
+T_LAST = _L.col()  # event time of the last one (ms)
+DT = _L.col()  # smoothed sampling interval (ms)
+X_PREV = _L.col()
+LEV = _L.col(2)  # fast level, per predictor (0: value, 1: value minus time-of-day profile)
+SC = _L.col(2)  # robust scale of the one-step residual, per predictor
+ERR = _L.col(2)  # long-run squared one-step error, per predictor
+LS = _L.col(2)  # slow level, per predictor
+SS = _L.col(2)  # robust scale around the slow level, per predictor
+EWZ = _L.col()  # short-run mean of the residual against the slow level (chosen predictor)
+SVAR = _L.col()  # short-run mean squared one-step z (variance ratio feature)
+MU = _L.col(2)  # long-run mean of each surprise
+VAR = _L.col(2)  # long-run variance of each surprise
+REP = _L.col()  # long-run rate of a value repeating the previous one
+RUN = _L.col()  # current run of repeats
+LO = _L.col()  # range seen so far
+HI = _L.col()
+EP = _L.col()  # 1 while an episode is open
+QUIET = _L.col()  # observations in a row below the release level, within an episode
+Z_LAST = _L.col()  # last one-step z (signed), for the anomaly vector
+SPK_LP = _L.col()  # log10 tail probability of the last observation's one-step surprise
+SEAS = _L.col(BINS)  # time-of-day profile: mean of (value - slow level) per bin
+SEAS_N = _L.col(BINS)  # visits per bin
+RING_POS = _L.col()  # observations written to the ring (mod RING is the next slot)
+RING_V = _L.col(RING)  # the last RING values
+WIDTH: Final = _L.width
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorParams:
+    """Tuning of the detectors; counts are in observations of the entity."""
+
+    threshold: float = 0.5  # default alarm level of the score
+    release: float = 0.225  # an episode ends after `refractory` observations below this
+    refractory: int = 60
+    cap: float = 0.25  # scores within an open episode are capped here (below threshold)
+    warmup: int = 100  # no scores before this many observations
+    fast: float = 0.5  # weight of the newest value in the fast level
+    slow: float = 0.02  # ... in the slow level
+    scale_rate: float = 0.01  # long-run weight of the robust scales
+    long_rate: float = 0.001  # long-run weight of the surprise distributions
+    short: float = 0.1  # weight of the newest residual in the short-run mean
+    winsor: float = 4.0  # residuals are clipped at this many scales before updating levels
+    scale_winsor: float = 2.5  # ... and at this many before updating scales
+    seasonal_days: float = 2.0  # the time-of-day predictor is used after this much history
+    seasonal_rate: float = 0.1  # weight of the newest visit of a time-of-day bin
+    range_margin: float = 0.05  # beyond the seen range by this share of it = anomaly
+    range_scales: float = 2.0  # ... and by this many robust scales
+    range_log10p: float = 10.0  # ... as surprising as a tail probability of 10^-this
+    half_score: float = 5.0  # the score is 0.5 at a tail probability of 10^-this
+
+
+DEFAULT_PARAMS: Final = DetectorParams()
+
+_STATS_FROM: Final = 10  # surprises enter their long-run distributions from this observation
+_LOG10E: Final = math.log10(math.e)
+_SQRT1_2: Final = math.sqrt(0.5)
+
+
+def log10_tail(z: FloatArray) -> FloatArray:
+    """log10 of the standard normal upper tail Q(z), accurate deep into the tail.
+
+    Uses the Chebyshev fit of erfc from Numerical Recipes (relative error < 1.2e-7).
+    """
+    x = np.abs(z) * _SQRT1_2
+    t = 1.0 / (1.0 + 0.5 * x)
+    poly = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277))))))))  # fmt: skip
+    ln_erfc = np.log(t) - x * x + poly
+    upper = (ln_erfc + math.log(0.5)) * _LOG10E  # Q(|z|)
+    lower = np.log10(np.maximum(1.0 - 0.5 * np.exp(ln_erfc), 1e-300))  # 1 - Q(|z|)
+    out: FloatArray = np.where(z >= 0, upper, lower)
+    return out
+
+
+class StepResult(NamedTuple):
+    """Per observation: anomaly score in [0, 1] and whether an anomaly episode starts there."""
+
+    score: FloatArray
+    alarm: BoolArray
+
+
+class BatchResult(NamedTuple):
+    """Per event (input order): score and alarm; and the anomaly vector of each alarm."""
+
+    score: FloatArray
+    alarm: BoolArray
+    alarm_index: IntArray  # event positions of the alarms, ascending
+    vectors: npt.NDArray[np.float32]  # (len(alarm_index), VECTOR_DIM)
+
+
+class SnapshotError(ValueError):
+    """Bytes that are not a detector state snapshot; the message says why."""
+
+
+_MAGIC: Final = b"PDS"
+_VERSION: Final = 2
+_HEADER: Final = struct.Struct("<3sBHH")  # magic, version, row width, ring length
+_ROW_BYTES: Final = 8 * WIDTH
+SNAPSHOT_BYTES: Final = _HEADER.size + _ROW_BYTES
+
+
+def fresh_rows(count: int) -> FloatArray:
+    """State of ``count`` entities that have seen nothing."""
+    return np.zeros((count, WIDTH))
+
+
+class DetectorBank:
+    """The detector state of many entities, a row each."""
+
+    __slots__ = ("params", "state")
+
+    def __init__(self, capacity: int = 0, params: DetectorParams = DEFAULT_PARAMS) -> None:
+        self.params = params
+        self.state: FloatArray = fresh_rows(capacity)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    def add(self, count: int) -> IntArray:
+        """Append ``count`` fresh rows; returns their indices."""
+        first = len(self.state)
+        self.state = np.concatenate([self.state, fresh_rows(count)])
+        return np.arange(first, first + count, dtype=np.int64)
+
+    def clear(self, rows: IntArray) -> None:
+        """Forget what ``rows`` have seen."""
+        self.state[rows] = 0.0
+
+    # --- scoring -------------------------------------------------------------------------
+
+    def step(self, rows: IntArray, t_ms: IntArray, values: FloatArray) -> StepResult:
+        """Advance distinct ``rows`` by one observation each (event time ``t_ms``, ``values``)."""
+        with np.errstate(all="ignore"):
+            return self._step(rows, t_ms, values)
+
+    def _step(self, rows: IntArray, t_ms: IntArray, values: FloatArray) -> StepResult:
+        p = self.params
+        x = np.asarray(values, dtype=np.float64)
+        t = np.asarray(t_ms, dtype=np.int64)
+        st = self.state[rows]
+        m = len(rows)
+        ar = np.arange(m)
+        n0 = st[:, N].copy()
+        seen = n0 > 0
+        finite = np.isfinite(x)
+        x = np.where(finite, x, st[:, X_PREV])  # a non-finite reading is held at the last one
+
+        # sampling interval
+        dt = (t - st[:, T_LAST]).astype(np.float64)
+        first_dt = n0 == 1
+        st[:, DT] = np.where(
+            first_dt, dt, np.where(seen, st[:, DT] + 0.05 * (np.maximum(dt, 0.0) - st[:, DT]), 0.0)
+        )
+
+        # predictors: the value, and the value minus its time-of-day profile
+        b = ((t % DAY_MS) * BINS // DAY_MS).astype(np.int64)
+        seas = st[ar, SEAS + b]
+        span_ok = (n0 * st[:, DT] >= p.seasonal_days * DAY_MS) & (st[:, DT] < DAY_MS / BINS * 2)
+        v = np.stack([x, x - seas], axis=1)  # (m, 2)
+        lev, sc, ls, ss = (
+            st[:, LEV : LEV + 2],
+            st[:, SC : SC + 2],
+            st[:, LS : LS + 2],
+            st[:, SS : SS + 2],
+        )
+        v = np.where(seen[:, None], v, x[:, None])
+        lev0 = np.where(seen[:, None], lev, v)
+        ls0 = np.where(seen[:, None], ls, v)
+        floor = 1e-9 + 1e-9 * np.abs(v)
+        sig = np.maximum(sc * 1.2533, floor)
+        sig_s = np.maximum(ss * 1.2533, floor)
+        r = v - lev0
+        rs = v - ls0
+        z = r / sig
+        zs = rs / sig_s
+        err = st[:, ERR : ERR + 2]
+        use_seas = span_ok & (err[:, 1] < err[:, 0])
+        k = use_seas.astype(np.int64)
+        zk, zsk = z[ar, k], zs[ar, k]
+
+        # repeats of the same value (a stuck reading carries no information on the scale)
+        rep = seen & (x == st[:, X_PREV])
+        run = np.where(rep, st[:, RUN] + 1.0, 0.0)
+        w_long = np.maximum(1.0 / (n0 + 1.0), p.long_rate)
+        rep_rate = np.where(seen, st[:, REP] + w_long * (rep - st[:, REP]), 0.5)
+
+        # surprises and their tail probabilities against their own long-run distributions
+        ewz = st[:, EWZ] + p.short * (np.clip(zsk, -1e3, 1e3) - st[:, EWZ])
+        u = np.stack([np.minimum(np.abs(zk), 1e3), np.abs(ewz)], axis=1)
+        mu, var = st[:, MU : MU + 2], st[:, VAR : VAR + 2]
+        zu = (u - mu) / np.sqrt(np.maximum(var, 1e-12))
+        lp_u = log10_tail(zu)
+        # a one-step surprise counts once the next observation confirms it on the same side:
+        # a lone outlying sample (a glitch, a burst of one count) is left to the range test
+        same_side = seen & (zk * st[:, Z_LAST] > 0)
+        lp_spike = np.where(same_side, np.maximum(lp_u[:, 0], st[:, SPK_LP]), 0.0)
+        lp = np.minimum(lp_spike, lp_u[:, 1])
+        lp_stuck = np.where(run >= 2, run * np.log10(np.clip(st[:, REP], 1e-6, 1.0)), 0.0)
+        lp = np.minimum(lp, lp_stuck) + math.log10(3.0)
+        tol = np.maximum(p.range_margin * (st[:, HI] - st[:, LO]), p.range_scales * sig_s[ar, k])
+        outside = (x > st[:, HI] + tol) | (x < st[:, LO] - tol)
+        outside &= tol > 0
+        lp = np.where(outside, np.minimum(lp, -p.range_log10p), lp)
+        surprise = np.maximum(-lp, 0.0)
+        raw = surprise / (surprise + p.half_score)
+        raw = np.where((n0 >= p.warmup) & finite, raw, 0.0)
+
+        # episodes: one alarm each, then scores capped until quiet for `refractory` observations
+        open_ = st[:, EP] > 0
+        alarm = ~open_ & (raw >= p.threshold)
+        quiet = np.where(raw < p.release, st[:, QUIET] + 1.0, 0.0)
+        still = open_ & (quiet < p.refractory)
+        st[:, EP] = (alarm | still).astype(np.float64)
+        st[:, QUIET] = np.where(alarm, 0.0, quiet)
+        score = np.where(open_, np.minimum(raw, p.cap), raw)
+
+        # updates
+        wsc = np.maximum(1.0 / (n0 + 1.0), p.scale_rate)[:, None]
+        lim = p.winsor * sig
+        rc = np.clip(r, -lim, lim)
+        st[:, LEV : LEV + 2] = np.where(seen[:, None], lev0 + p.fast * rc, v)
+        upd = (seen & ~rep & finite)[:, None]
+        first_sc = (n0 == 1)[:, None]
+        # the scales learn only from unremarkable observations, and each by at most a few
+        # percent: otherwise a drift inflates the scale it is measured by, and hides itself
+        upd &= (raw < p.threshold)[:, None]
+        cap_sc = p.scale_winsor * sig
+        new_sc = np.where(first_sc, np.abs(r), sc + wsc * (np.minimum(np.abs(r), cap_sc) - sc))
+        st[:, SC : SC + 2] = np.where(upd, new_sc, sc)
+        lim_s = p.winsor * sig_s
+        rsc = np.clip(rs, -lim_s, lim_s)
+        w_slow = np.maximum(1.0 / (n0 + 1.0), p.slow)[:, None]
+        st[:, LS : LS + 2] = np.where(seen[:, None], ls0 + w_slow * rsc, v)
+        cap_ss = p.scale_winsor * sig_s
+        new_ss = np.where(first_sc, np.abs(rs), ss + wsc * (np.minimum(np.abs(rs), cap_ss) - ss))
+        st[:, SS : SS + 2] = np.where(upd, new_ss, ss)
+        e2 = np.minimum(r * r, (p.winsor * sig) ** 2)
+        st[:, ERR : ERR + 2] = np.where(
+            seen[:, None] & finite[:, None], err + wsc * (e2 - err), err
+        )
+        st[:, EWZ] = np.where(seen, ewz, 0.0)
+        st[:, SVAR] = np.where(
+            seen, st[:, SVAR] + p.short * (np.minimum(zk * zk, 1e6) - st[:, SVAR]), 1.0
+        )
+        ok = ((n0 >= _STATS_FROM) & finite)[:, None]
+        d = u - mu
+        wl = np.maximum(1.0 / np.maximum(n0 - _STATS_FROM + 1.0, 1.0), p.long_rate)[:, None]
+        st[:, MU : MU + 2] = np.where(ok, mu + wl * d, mu)
+        st[:, VAR : VAR + 2] = np.where(ok, (1.0 - wl) * (var + wl * d * d), var)
+        st[:, REP] = rep_rate
+        st[:, RUN] = run
+        st[:, LO] = np.where(seen, np.minimum(st[:, LO], x), x)
+        st[:, HI] = np.where(seen, np.maximum(st[:, HI], x), x)
+        st[:, Z_LAST] = np.where(seen, np.clip(zk, -1e3, 1e3), 0.0)
+        st[:, SPK_LP] = np.where((n0 >= _STATS_FROM) & finite, np.maximum(lp_u[:, 0], -1e3), 0.0)
+        # time-of-day profile of the value around the slow level of the raw predictor
+        sn = st[ar, SEAS_N + b]
+        ws = np.maximum(1.0 / (sn + 1.0), p.seasonal_rate)
+        dev = x - st[:, LS]
+        st[ar, SEAS + b] = np.where(finite, seas + ws * (dev - seas), seas)
+        st[ar, SEAS_N + b] = sn + finite
+        pos = st[:, RING_POS].astype(np.int64)
+        st[ar, RING_V + pos % RING] = x
+        st[:, RING_POS] = (pos + 1) % (RING * 1_000_000)
+        st[:, X_PREV] = x
+        st[:, T_LAST] = t
+        st[:, N] = n0 + 1.0
+        # values near the float64 limit can overflow the statistics: such an entity starts over
+        # (deterministically), so that every state stays finite and its snapshot decodable
+        broken = ~np.isfinite(st).all(axis=1)
+        st[broken] = 0.0
+        self.state[rows] = st
+        score = np.where(np.isfinite(score), score, 0.0)
+        return StepResult(score, alarm & ~broken)
+
+    def score_batch(self, rows: IntArray, t_ms: IntArray, values: FloatArray) -> BatchResult:
+        """Score a poll's events: ``rows[i]`` is event i's entity row; per entity, events must
+        be in time order. Runs one :meth:`step` per round (the k-th event of each entity)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        t_ms = np.asarray(t_ms, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float64)
+        n = len(rows)
+        score = np.zeros(n)
+        alarm = np.zeros(n, dtype=bool)
+        vec_at: list[IntArray] = []
+        vecs: list[npt.NDArray[np.float32]] = []
+        if n:
+            by_row = np.argsort(rows, kind="stable")
+            sr = rows[by_row]
+            start = np.r_[True, sr[1:] != sr[:-1]]
+            first = np.maximum.accumulate(np.where(start, np.arange(n), 0))
+            rank = np.empty(n, dtype=np.int64)
+            rank[by_row] = np.arange(n) - first
+            st = t_ms[by_row]
+            if bool(np.any((st[1:] < st[:-1]) & ~start[1:])):
+                raise ValueError("events of an entity must be in time order")
+            order = np.lexsort((rows, rank))
+            bounds = np.r_[0, np.cumsum(np.bincount(rank))]
+            for k in range(len(bounds) - 1):
+                idx = order[bounds[k] : bounds[k + 1]]
+                res = self.step(rows[idx], t_ms[idx], values[idx])
+                score[idx] = res.score
+                alarm[idx] = res.alarm
+                if res.alarm.any():
+                    hit = idx[res.alarm]
+                    vec_at.append(hit)
+                    vecs.append(self.anomaly_vector(rows[hit], res.score[res.alarm]))
+        if vec_at:
+            at = np.concatenate(vec_at)
+            o = np.argsort(at)
+            return BatchResult(score, alarm, at[o], np.concatenate(vecs)[o])
+        return BatchResult(
+            score, alarm, np.zeros(0, np.int64), np.zeros((0, anomaly.VECTOR_DIM), np.float32)
+        )
+
+    # --- anomaly vector ------------------------------------------------------------------
+
+    def anomaly_vector(self, rows: IntArray, scores: FloatArray) -> npt.NDArray[np.float32]:
+        """(len(rows), VECTOR_DIM) float32 vectors of the rows' current state (layout in
+        ``schemas.anomaly``); ``scores`` are the scores of their last observations."""
+        st = self.state[np.asarray(rows, dtype=np.int64)]
+        m = len(st)
+        c = anomaly.CLIP
+        out = np.zeros((m, anomaly.VECTOR_DIM))
+        n = st[:, N]
+        pos = st[:, RING_POS].astype(np.int64)
+        idx = (pos[:, None] - RING + np.arange(RING)[None, :]) % RING  # oldest first
+        ring = np.take_along_axis(st[:, RING_V : RING_V + RING], idx, axis=1)
+        sig = np.maximum(st[:, SS] * 1.2533, 1e-9 + 1e-9 * np.abs(st[:, LS]))
+        zw = np.clip((ring - st[:, LS, None]) / sig[:, None], -c, c) / c
+        have = np.arange(RING)[None, :] >= (RING - np.minimum(n, RING))[:, None]
+        out[:, :RING] = np.where(have, zw, 0.0)
+        out[:, anomaly.F_SCORE] = scores
+        hour = 2 * np.pi * (st[:, T_LAST] % DAY_MS) / DAY_MS
+        out[:, anomaly.F_HOUR_SIN] = np.sin(hour)
+        out[:, anomaly.F_HOUR_COS] = np.cos(hour)
+        out[:, anomaly.F_LEVEL_SHIFT] = np.clip((st[:, LEV] - st[:, LS]) / sig, -c, c) / c
+        out[:, anomaly.F_VARIANCE_RATIO] = (
+            np.clip(np.log(np.maximum(st[:, SVAR], 1e-12)), -c, c) / c
+        )
+        out[:, anomaly.F_SURPRISE] = np.clip(st[:, Z_LAST], -c, c) / c
+        out[:, anomaly.F_STUCK] = np.minimum(np.log1p(st[:, RUN]) / math.log1p(64.0), 1.0)
+        out[:, anomaly.F_INTERVAL] = np.clip(
+            np.log10(np.maximum(st[:, DT], 1.0) / 1000.0) / 6.0, -1, 1
+        )
+        return out.astype(np.float32)
+
+    # --- snapshots -----------------------------------------------------------------------
+
+    def snapshot(self, rows: Sequence[int] | IntArray) -> list[bytes]:
+        """Each row's state as bytes (versioned header + little-endian float64 row)."""
+        head = _HEADER.pack(_MAGIC, _VERSION, WIDTH, RING)
+        block = np.ascontiguousarray(self.state[np.asarray(rows, dtype=np.int64)], dtype="<f8")
+        return [head + block[i].tobytes() for i in range(len(block))]
+
+    def restore(self, rows: Sequence[int] | IntArray, blobs: Sequence[bytes]) -> None:
+        """Load snapshots into ``rows``; raises :class:`SnapshotError` (nothing loaded) if any
+        blob is not a valid snapshot."""
+        if len(rows) != len(blobs):
+            raise ValueError("rows and blobs differ in length")
+        decoded = np.stack([decode(b) for b in blobs]) if blobs else fresh_rows(0)
+        self.state[np.asarray(rows, dtype=np.int64)] = decoded
+
+
+def decode(blob: bytes) -> FloatArray:
+    """One snapshot's state row; :class:`SnapshotError` says what is wrong with bad bytes."""
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise SnapshotError(f"snapshot must be bytes, got {type(blob).__name__}")
+    data = bytes(blob)
+    if len(data) < _HEADER.size:
+        raise SnapshotError(f"snapshot too short: {len(data)} bytes")
+    magic, version, width, ring = _HEADER.unpack_from(data)
+    if magic != _MAGIC:
+        raise SnapshotError("not a detector snapshot (bad magic)")
+    if version != _VERSION:
+        raise SnapshotError(f"unsupported snapshot version {version} (this code reads {_VERSION})")
+    if width != WIDTH or ring != RING:
+        raise SnapshotError(
+            f"snapshot layout {width}x{ring} differs from this code's {WIDTH}x{RING}"
+        )
+    if len(data) != SNAPSHOT_BYTES:
+        raise SnapshotError(f"snapshot is {len(data)} bytes, expected {SNAPSHOT_BYTES}")
+    row = np.frombuffer(data, dtype="<f8", offset=_HEADER.size).astype(np.float64)
+    if not bool(np.all(np.isfinite(row))):
+        raise SnapshotError("snapshot holds a non-finite number")
+    counts = row[[N, RUN, QUIET, RING_POS, *range(SEAS_N, SEAS_N + BINS)]]
+    if bool(np.any(counts < 0)) or bool(np.any(counts != np.floor(counts))):
+        raise SnapshotError("snapshot holds a negative or fractional count")
+    if row[EP] not in (0.0, 1.0):
+        raise SnapshotError("snapshot holds an invalid episode flag")
+    if bool(np.any(row[[DT, *range(SC, SC + 2), *range(SS, SS + 2), *range(VAR, VAR + 2)]] < 0)):
+        raise SnapshotError("snapshot holds a negative scale")
+    if not -1e3 <= row[SPK_LP] <= 0.0:
+        raise SnapshotError("snapshot holds a log10 probability outside [-1000, 0]")
+    if not 0.0 <= row[REP] <= 1.0:
+        raise SnapshotError("snapshot holds a repeat rate outside [0, 1]")
+    return row

@@ -1,0 +1,395 @@
+"""The Numenta Anomaly Benchmark (NAB) scorer and the ``pulse eval nab`` command.
+
+The scorer follows NAB v1.1 (``nab/sweeper.py``, ``nab/optimizer.py``, ``nab/runner.py``):
+every row after the probationary period gets a sweep score, +A_TP·σ(position) inside an
+anomaly window (only the window's earliest detection counts) and A_FP·σ(distance after the
+preceding window) outside, where σ(x) = 2/(1 + e^{5x}) − 1; an undetected window costs A_FN.
+Each profile's threshold is the one that maximises the raw score over the whole corpus, and
+the result is normalised to ``100·(raw − null)/(perfect − null)``.
+
+``pulse eval nab DIR`` streams every series of ``DIR/data`` through the detector bank the
+worker runs (all series as entities of one bank, one vectorised step per round) and prints
+the scores; ``--out RESULTS`` writes NAB-style result files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A NAB cost matrix."""
+
+    name: str
+    tp: float
+    fp: float
+    fn: float
+
+
+PROFILES: Final = (
+    Profile("standard", 1.0, 0.11, 1.0),
+    Profile("reward_low_FP", 1.0, 0.22, 1.0),
+    Profile("reward_low_FN", 1.0, 0.11, 2.0),
+)
+PROBATION_PERCENT: Final = 0.15
+
+
+class NabError(Exception):
+    """A NAB directory or result that cannot be used; the message is one sentence."""
+
+
+def probation_length(rows: int, percent: float = PROBATION_PERCENT) -> int:
+    """Rows at the start of a series that are not scored (``getProbationPeriod`` in NAB)."""
+    return int(min(math.floor(percent * rows), percent * 5000))
+
+
+def scaled_sigmoid(x: FloatArray) -> FloatArray:
+    """NAB's ``scaledSigmoid``: 2·sigmoid(−5x) − 1, and −1 beyond x > 3."""
+    out: FloatArray = 2.0 / (1.0 + np.exp(5.0 * np.minimum(x, 3.0))) - 1.0
+    return np.where(x > 3.0, -1.0, out)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRows:
+    """A series' scorable rows: anomaly score, unweighted sweep score and window id (−1 = none).
+
+    ``tp_part`` is the sigmoid weight of a row inside a window (to be scaled by A_TP) and
+    ``fp_part`` that of a row outside (to be scaled by A_FP); windows are numbered from
+    ``window_base``.
+    """
+
+    score: FloatArray
+    tp_part: FloatArray
+    fp_part: FloatArray
+    window: IntArray
+
+
+def window_bounds(
+    timestamps: npt.NDArray[np.datetime64], windows: Sequence[Sequence[str]]
+) -> list[tuple[int, int]]:
+    """Row index ranges ``[first, last]`` of each window (its limits must be rows of the series)."""
+    out = []
+    for start, end in windows:
+        try:
+            lo, hi = (np.datetime64(start, "ms"), np.datetime64(end, "ms"))
+        except ValueError:
+            raise NabError(f"window [{start}, {end}] has a malformed timestamp") from None
+        # the first row with each limit's time, as NAB's `timestamps.index(...)`
+        i, j = np.flatnonzero(timestamps == lo), np.flatnonzero(timestamps == hi)
+        if len(i) == 0 or len(j) == 0 or j[0] < i[0]:
+            raise NabError(f"window [{start}, {end}] does not start and end on rows of the series")
+        out.append((int(i[0]), int(j[0])))
+    return out
+
+
+def sweep_rows(
+    scores: FloatArray, bounds: Sequence[tuple[int, int]], window_base: int = 0
+) -> SweepRows:
+    """Per-row sweep weights of one series, as ``Sweeper.calcSweepScore`` computes them."""
+    n = len(scores)
+    idx = np.arange(n)
+    window = np.full(n, -1, dtype=np.int64)
+    tp_part = np.zeros(n)
+    fp_part = np.full(n, -1.0)  # no preceding window: as far away as can be
+    max_tp = float(scaled_sigmoid(np.array([-1.0]))[0])
+    for w, (lo, hi) in enumerate(bounds):
+        width = hi - lo + 1
+        inside = slice(lo, hi + 1)
+        window[inside] = window_base + w
+        tp_part[inside] = scaled_sigmoid(-(hi - idx[inside] + 1) / width) / max_tp
+        nxt = bounds[w + 1][0] if w + 1 < len(bounds) else n
+        after = slice(hi + 1, nxt)
+        # NAB divides by (width - 1); a one-row window would divide by zero there too
+        fp_part[after] = scaled_sigmoid(np.abs(hi - idx[after]) / max(width - 1, 1e-12))
+    keep = idx >= probation_length(n)
+    return SweepRows(scores[keep], tp_part[keep], fp_part[keep], window[keep])
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """Raw corpus score for every candidate threshold (descending), for one profile."""
+
+    thresholds: FloatArray
+    raw: FloatArray
+    null: float
+
+    def best(self) -> tuple[float, float]:
+        """(threshold, raw score) of the best threshold; the first (highest) on ties."""
+        i = int(np.argmax(self.raw))
+        return float(self.thresholds[i]), float(self.raw[i])
+
+    def at(self, threshold: float) -> float:
+        """Raw score when rows with ``score >= threshold`` are detections."""
+        i = int(np.searchsorted(-self.thresholds, -threshold, side="right")) - 1
+        return float(self.raw[max(i, 0)])
+
+
+def sweep(rows: Sequence[SweepRows], profile: Profile) -> Sweep:
+    """Raw NAB score at every distinct score value (``Sweeper.calcScoreByThreshold``)."""
+    score = np.concatenate([r.score for r in rows]) if rows else np.zeros(0)
+    window = np.concatenate([r.window for r in rows]) if rows else np.zeros(0, np.int64)
+    tp = np.concatenate([r.tp_part for r in rows]) if rows else np.zeros(0)
+    fp = np.concatenate([r.fp_part for r in rows]) if rows else np.zeros(0)
+    n_windows = len(np.unique(window[window >= 0]))
+    null = -profile.fn * n_windows
+    order = np.argsort(-score, kind="stable")
+    score, window, tp, fp = score[order], window[order], tp[order], fp[order]
+    gain = np.where(window < 0, profile.fp * fp, 0.0)
+    inw = np.flatnonzero(window >= 0)
+    if len(inw):
+        # a window counts its best (earliest) detection so far: add each increase of the max
+        w = window[inw]
+        by_w = np.lexsort((inw, w))
+        ws, vals = w[by_w], profile.tp * tp[inw][by_w]
+        offset = 10.0 * (np.cumsum(np.r_[True, ws[1:] != ws[:-1]]) - 1)  # keeps groups apart
+        run = np.maximum.accumulate(np.maximum(vals, -profile.fn) + offset) - offset
+        first = np.r_[True, ws[1:] != ws[:-1]]
+        prev = np.where(first, -profile.fn, np.r_[-profile.fn, run[:-1]])
+        gain[inw[by_w]] = run - prev
+    raw = null + np.cumsum(gain)
+    last = np.r_[score[1:] != score[:-1], True] if len(score) else np.zeros(0, bool)
+    thresholds = np.r_[1.1, score[last]]
+    return Sweep(thresholds, np.r_[null, raw[last]], null)
+
+
+def normalised(raw: float, null: float, perfect: float) -> float:
+    """NAB's final score: 0 for the null detector, 100 for the perfect one."""
+    return 100.0 * (raw - null) / (perfect - null)
+
+
+# --- corpus ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One NAB data file."""
+
+    name: str  # "<group>/<file>.csv"
+    stamps: list[str]
+    raw_values: list[str]
+    t: npt.NDArray[np.datetime64]
+    values: FloatArray
+
+
+def load_corpus(root: Path) -> tuple[list[Series], dict[str, list[list[str]]]]:
+    """The series under ``root/data`` and the windows of ``root/windows.json``."""
+    data = root / "data"
+    if not root.is_dir():
+        raise NabError(f"{root} is not a directory")
+    if not data.is_dir():
+        raise NabError(f"{root} has no data/ directory (expected data/<group>/<series>.csv)")
+    try:
+        windows = json.loads((root / "windows.json").read_text())
+    except FileNotFoundError:
+        raise NabError(f"{root} has no windows.json") from None
+    except (OSError, ValueError) as exc:
+        raise NabError(f"{root / 'windows.json'} cannot be read: {exc}") from None
+    if not isinstance(windows, dict):
+        raise NabError(f"{root / 'windows.json'} is not an object of series -> windows")
+    series = []
+    for path in sorted(data.glob("*/*.csv")):
+        name = f"{path.parent.name}/{path.name}"
+        series.append(read_series(path, name))
+    if not series:
+        raise NabError(f"{data} holds no <group>/<series>.csv files")
+    for s in series:
+        if s.name not in windows:
+            raise NabError(f"windows.json has no entry for {s.name}")
+    return series, windows
+
+
+def read_series(path: Path, name: str) -> Series:
+    """One ``timestamp,value`` CSV file."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NabError(f"{path} cannot be read: {exc}") from None
+    if not rows or [c.strip() for c in rows[0][:2]] != ["timestamp", "value"]:
+        raise NabError(f"{path} does not start with the header 'timestamp,value'")
+    body = [r for r in rows[1:] if r]
+    try:
+        stamps = [r[0] for r in body]
+        raw_values = [r[1] for r in body]
+        t = np.array(stamps, dtype="datetime64[ms]")
+        values = np.array(raw_values, dtype=np.float64)
+    except (IndexError, ValueError) as exc:
+        raise NabError(f"{path} has a malformed row: {exc}") from None
+    if len(body) == 0:
+        raise NabError(f"{path} has no rows")
+    if not bool(np.all(np.isfinite(values))):
+        raise NabError(f"{path} holds a value that is not a finite number")
+    return Series(name, stamps, raw_values, t, values)
+
+
+def detect(series: Sequence[Series]) -> list[FloatArray]:
+    """Anomaly scores of every series, from one detector bank with a row per series."""
+    from pipeline import detectors
+
+    bank = detectors.DetectorBank(len(series))
+    codes = np.concatenate(
+        [np.full(len(s.values), i, dtype=np.int64) for i, s in enumerate(series)]
+    )
+    # a few NAB files step back an hour at a DST change: the detector's clock never does
+    t_ms = np.concatenate([np.maximum.accumulate(s.t.astype(np.int64)) for s in series])
+    values = np.concatenate([s.values for s in series])
+    scores = bank.score_batch(codes, t_ms, values).score
+    out, pos = [], 0
+    for s in series:
+        out.append(scores[pos : pos + len(s.values)])
+        pos += len(s.values)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileResult:
+    """A profile's best threshold, its normalised corpus score and the score of each group."""
+
+    profile: Profile
+    threshold: float
+    score: float
+    groups: dict[str, float]
+    counts: tuple[int, int, int]  # windows detected, windows, false-positive rows
+
+
+def evaluate(
+    series: Sequence[Series],
+    windows: Mapping[str, Sequence[Sequence[str]]],
+    scores: Sequence[FloatArray],
+    threshold: float | None = None,
+) -> list[ProfileResult]:
+    """Score a corpus per profile (threshold optimised unless one is given)."""
+    rows: list[SweepRows] = []
+    group_of: list[str] = []
+    base = 0
+    for s, sc in zip(series, scores, strict=True):
+        bounds = window_bounds(s.t, windows[s.name])
+        rows.append(sweep_rows(np.asarray(sc, dtype=np.float64), bounds, base))
+        base += len(bounds)
+        group_of.append(s.name.split("/")[0])
+    n_windows = base
+    results = []
+    for profile in PROFILES:
+        sw = sweep(rows, profile)
+        thr, raw = sw.best() if threshold is None else (threshold, sw.at(threshold))
+        total = normalised(raw, sw.null, profile.tp * n_windows)
+        groups: dict[str, float] = {}
+        for g in sorted(set(group_of)):
+            sub = [r for r, gg in zip(rows, group_of, strict=True) if gg == g]
+            gw = sum(len(np.unique(r.window[r.window >= 0])) for r in sub)
+            if gw == 0:
+                groups[g] = float("nan")
+                continue
+            gs = sweep(sub, profile)
+            groups[g] = normalised(gs.at(thr), gs.null, profile.tp * gw)
+        all_score = np.concatenate([r.score for r in rows])
+        all_win = np.concatenate([r.window for r in rows])
+        hit = all_score >= thr
+        detected = len(np.unique(all_win[hit & (all_win >= 0)]))
+        results.append(
+            ProfileResult(
+                profile, thr, total, groups, (detected, n_windows, int((hit & (all_win < 0)).sum()))
+            )
+        )
+    return results
+
+
+def write_results(out: Path, series: Sequence[Series], scores: Sequence[FloatArray]) -> None:
+    """``out/<group>/<series>.csv`` with ``timestamp,value,anomaly_score``."""
+    for s, sc in zip(series, scores, strict=True):
+        path = out / s.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["timestamp", "value", "anomaly_score"])
+            w.writerows(zip(s.stamps, s.raw_values, (repr(float(x)) for x in sc), strict=True))
+
+
+# --- command -----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``pulse eval nab DIR [--out RESULTS] [--threshold T]``."""
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
+    sub.required = True
+    p = sub.add_parser(
+        "nab",
+        help="score the detectors on a NAB-layout corpus",
+        description="Stream every series of DIR/data through the anomaly detectors and print "
+        "the NAB score per profile (threshold optimised over the corpus, as NAB does).",
+    )
+    p.add_argument(
+        "dir", type=Path, metavar="DIR", help="NAB layout: data/<group>/*.csv, windows.json"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="RESULTS",
+        help="write RESULTS/<group>/<series>.csv (timestamp,value,anomaly_score)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="score at this fixed threshold instead of optimising it per profile",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``pulse eval nab``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 120))
+    try:
+        began = time.perf_counter()
+        series, windows = load_corpus(args.dir)
+        loaded = time.perf_counter()
+        scores = detect(series)
+        detected = time.perf_counter()
+        results = evaluate(series, windows, scores, args.threshold)
+        if args.out is not None:
+            write_results(args.out, series, scores)
+    except NabError as exc:
+        print(f"pulse eval nab: {exc}.", file=sys.stderr)
+        return 2
+    rows = sum(len(s.values) for s in series)
+    groups = sorted({g for r in results for g in r.groups})
+    table = Table(title=f"NAB scores: {len(series)} series, {rows} rows")
+    for col in ("profile", "threshold", "score", "detected", "FP rows", *groups):
+        table.add_column(col, justify="left" if col == "profile" else "right")
+    for r in results:
+        d, w, fp = r.counts
+        table.add_row(
+            r.profile.name,
+            f"{r.threshold:.4f}",
+            f"{r.score:.1f}",
+            f"{d}/{w}",
+            str(fp),
+            *(f"{r.groups[g]:.1f}" if not math.isnan(r.groups[g]) else "-" for g in groups),
+        )
+    console.print(table)
+    per_row = (detected - loaded) / rows * 1e6
+    console.print(
+        f"load {loaded - began:.1f} s, detect {detected - loaded:.1f} s ({per_row:.1f} µs/row), "
+        f"score {time.perf_counter() - detected:.1f} s"
+    )
+    return 0

@@ -1,0 +1,154 @@
+"""The NAB scorer on hand-computed cases, and ``pulse eval nab`` on a tiny synthetic corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import cli, nab
+
+STD, LOW_FP, LOW_FN = nab.PROFILES
+MAX_TP = 2 / (1 + math.exp(-5)) - 1  # scaledSigmoid(-1)
+
+
+def sig(x: float) -> float:
+    return 2 / (1 + math.exp(5 * x)) - 1
+
+
+def raw_score(scores: np.ndarray, bounds: list[tuple[int, int]], thr: float = 0.5) -> float:
+    rows = nab.sweep_rows(scores, bounds)
+    return nab.sweep([rows], STD).at(thr)
+
+
+def one_hot(n: int, *at: int) -> np.ndarray:
+    s = np.zeros(n)
+    s[list(at)] = 1.0
+    return s
+
+
+def test_scaled_sigmoid_and_probation() -> None:
+    assert nab.scaled_sigmoid(np.array([-1.0, 0.0, 1.0, 3.5])) == pytest.approx(
+        [MAX_TP, 0.0, -MAX_TP, -1.0]
+    )
+    assert nab.probation_length(100) == 15
+    assert nab.probation_length(4032) == 604
+    assert nab.probation_length(22695) == 750
+
+
+# 100 rows: probation 15; one window, rows 50..59 (width 10)
+W = [(50, 59)]
+
+
+def test_detection_at_window_start_scores_one() -> None:
+    assert raw_score(one_hot(100, 50), W) == pytest.approx(1.0)
+
+
+def test_detection_at_window_end_scores_little() -> None:
+    assert raw_score(one_hot(100, 59), W) == pytest.approx(sig(-0.1) / MAX_TP)
+
+
+def test_only_the_first_detection_in_a_window_counts() -> None:
+    assert raw_score(one_hot(100, 55, 50, 58), W) == pytest.approx(1.0)
+
+
+def test_false_positive_right_after_a_window_costs_less_than_far_after() -> None:
+    near = raw_score(one_hot(100, 50, 60), W) - 1.0
+    far = raw_score(one_hot(100, 50, 99), W) - 1.0
+    assert near == pytest.approx(0.11 * sig(1 / 9))
+    assert far == pytest.approx(-0.11)  # 40/9 > 3 widths: full penalty
+    before = raw_score(one_hot(100, 30, 50), W) - 1.0
+    assert before == pytest.approx(-0.11)  # no preceding window
+
+
+def test_missed_window_and_probation() -> None:
+    assert raw_score(np.zeros(100), W) == pytest.approx(-1.0)
+    # a detection in the probationary period neither hits nor costs
+    assert raw_score(one_hot(100, 10), W) == pytest.approx(-1.0)
+    assert raw_score(one_hot(100, 10), [(5, 20)]) == pytest.approx(-1.0)
+
+
+def test_sweep_picks_the_best_threshold_over_the_corpus() -> None:
+    a = np.zeros(100)
+    a[52], a[80] = 0.9, 0.95  # hit early in the window, and an FP at a higher score
+    b = np.zeros(100)
+    b[30] = 0.7  # an FP in a series without windows
+    rows = [nab.sweep_rows(a, W, 0), nab.sweep_rows(b, [], 1)]
+    sw = nab.sweep(rows, STD)
+    thr, raw = sw.best()
+    hit = sig(-(59 - 52 + 1) / 10) / MAX_TP
+    fp80 = 0.11 * sig(21 / 9)
+    assert thr == pytest.approx(0.9)
+    assert raw == pytest.approx(hit + fp80)
+    assert sw.at(0.7) == pytest.approx(hit + fp80 - 0.11)
+    assert sw.at(2.0) == sw.null == -1.0
+    assert nab.sweep(rows, LOW_FN).null == -2.0
+    assert nab.normalised(sw.null, sw.null, 1.0) == 0.0
+    assert nab.normalised(1.0, sw.null, 1.0) == 100.0
+
+
+def make_corpus(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    t0 = np.datetime64("2014-04-01T00:00")
+    windows: dict[str, list[list[str]]] = {}
+    for group, name, jump in (("synA", "a.csv", True), ("synB", "b.csv", False)):
+        n = 1200
+        t = t0 + np.arange(n) * np.timedelta64(5, "m")
+        v = 10 + rng.normal(0, 1, n)
+        if jump:
+            v[900:] += 25
+        stamps = [str(x).replace("T", " ") for x in t.astype("datetime64[s]")]
+        (root / "data" / group).mkdir(parents=True)
+        lines = ["timestamp,value", *(f"{s},{x:.3f}" for s, x in zip(stamps, v, strict=True))]
+        (root / "data" / group / name).write_text("\n".join(lines) + "\n")
+        windows[f"{group}/{name}"] = (
+            [[stamps[880] + ".000000", stamps[960] + ".000000"]] if jump else []
+        )
+    (root / "windows.json").write_text(json.dumps(windows))
+
+
+def test_eval_nab_scores_a_corpus_and_writes_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_corpus(tmp_path / "nab")
+    assert cli.main(["eval", "nab", str(tmp_path / "nab"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "standard" in out and "reward_low_FN" in out
+    res = (tmp_path / "out" / "synA" / "a.csv").read_text().splitlines()
+    assert res[0] == "timestamp,value,anomaly_score" and len(res) == 1201
+    scores = np.array([float(r.split(",")[2]) for r in res[1:]])
+    assert scores.min() >= 0 and scores.max() <= 1
+    assert scores[900:960].max() >= 0.66  # the jump is found inside its window
+    series, windows = nab.load_corpus(tmp_path / "nab")
+    std = nab.evaluate(series, windows, nab.detect(series))[0]
+    assert std.score > 50
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: None, "is not a directory"),
+        (lambda p: (p / "data").mkdir(parents=True), "has no windows.json"),
+        (lambda p: p.mkdir(), "has no data/ directory"),
+    ],
+)
+def test_eval_nab_bad_dirs_get_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: object, message: str
+) -> None:
+    root = tmp_path / "nab"
+    setup(root)  # type: ignore[operator]
+    assert cli.main(["eval", "nab", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and err.endswith(".")
+
+
+def test_eval_nab_rejects_a_malformed_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_corpus(tmp_path / "nab")
+    (tmp_path / "nab" / "data" / "synB" / "b.csv").write_text("timestamp,value\nnot a time,1\n")
+    assert cli.main(["eval", "nab", str(tmp_path / "nab")]) == 2
+    assert "malformed row" in capsys.readouterr().err
