@@ -21,6 +21,20 @@ from schemas.wire import AppLogRecord, SensorEvent
 
 
 @dataclass(slots=True)
+class Positions:
+    """Where each sensor event was taken: its device (code into ``names``) and coordinates."""
+
+    device: npt.NDArray[np.int64]
+    names: list[str]
+    lat: npt.NDArray[np.float64]
+    lon: npt.NDArray[np.float64]
+
+    def select(self, mask: npt.NDArray[np.bool_]) -> Positions:
+        """The rows where ``mask`` is true."""
+        return Positions(self.device[mask], self.names, self.lat[mask], self.lon[mask])
+
+
+@dataclass(slots=True)
 class Columns:
     """A batch of on-time events as columns: the input of :func:`aggregate`."""
 
@@ -31,6 +45,7 @@ class Columns:
     status_class: npt.NDArray[np.int64] | None = None  # 0..4 for 1xx..5xx (application logs)
     errors: npt.NDArray[np.float64] | None = None  # 1.0 where level is ERROR
     partition: npt.NDArray[np.int64] | None = None  # per event, when it spans partitions
+    positions: Positions | None = None  # sensor events: device and coordinates
 
     def __len__(self) -> int:
         return int(self.event_times.size)
@@ -44,6 +59,7 @@ class Columns:
             None if self.status_class is None else self.status_class[mask],
             None if self.errors is None else self.errors[mask],
             None if self.partition is None else self.partition[mask],
+            None if self.positions is None else self.positions.select(mask),
         )
 
 
@@ -126,14 +142,21 @@ def sensor_columns(events: Sequence[SensorEvent]) -> Columns:
     """Columns of sensor readings: value statistics per device, site and metric."""
     n = len(events)
     metric = _factorize([e.metric for e in events])
+    device = _factorize([e.device_id for e in events])
     return Columns(
         np.fromiter((e.event_time for e in events), dtype=np.int64, count=n),
         np.fromiter((e.value for e in events), dtype=np.float64, count=n),
         {
-            keys.Dim.DEVICE: _pairs(_factorize([e.device_id for e in events]), metric),
+            keys.Dim.DEVICE: _pairs(device, metric),
             keys.Dim.SITE: _pairs(_factorize([e.site for e in events]), metric),
             keys.Dim.METRIC: metric,
         },
+        positions=Positions(
+            device[0],
+            device[1],
+            np.fromiter((e.lat for e in events), dtype=np.float64, count=n),
+            np.fromiter((e.lon for e in events), dtype=np.float64, count=n),
+        ),
     )
 
 

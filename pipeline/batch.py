@@ -19,7 +19,7 @@ import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -67,6 +67,23 @@ class PartitionState:
     # per dim: entity -> the last-seen 1m window start already sent to the store's registry
     # (a cache: losing it only re-sends names; bounded by BatchRules.entity_cap per dim)
     known_entities: dict[str, dict[str, int]] = field(default_factory=dict)
+    # device -> (lat, lon, minute) of the position last sent to the store's geo set (a cache
+    # like known_entities: losing it only re-sends positions)
+    known_positions: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+
+
+# The geo index takes latitudes within +-85.05112878 (Web Mercator); readings beyond it are
+# aggregated as usual but their position is not indexed.
+GEO_MAX_LAT = 85.05112878
+
+
+class Position(NamedTuple):
+    """A device's latest position as of an event time."""
+
+    device: str
+    event_time: int
+    lat: float
+    lon: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +111,8 @@ class PartitionBatch:
     dead: list[Diverted]
     late: list[Diverted]
     entity_minutes: dict[str, list[int]] = field(default_factory=dict)
+    # devices whose latest position the store should hear about: (device, event time, lat, lon)
+    positions: list[Position] = field(default_factory=list)
     entity_cap: int = keys.ENTITY_REGISTRY_CAP  # members a registry (and the cache) keeps per dim
     # absolute values to write with the offset (the open windows' touched entities)
     writes: list[HashWrite] = field(default_factory=list)
@@ -260,7 +279,38 @@ def process_partitions(
         b.columns = cols
         if b.events:
             _entities_to_register(b, cols, states[b.partition], mine)
+            _positions_to_send(b, cols, states[b.partition], mine)
     return batches
+
+
+def _positions_to_send(
+    batch: PartitionBatch,
+    cols: aggregation.Columns,
+    state: PartitionState,
+    mine: npt.NDArray[np.bool_],
+) -> None:
+    """Fill ``batch.positions``: each device's latest position (of the events where ``mine``),
+    when it moved or was last sent in an older minute (so the store hears of each device at
+    most about once a minute while it stands still)."""
+    pos = cols.positions
+    if pos is None:
+        return
+    sel = np.flatnonzero(mine & (np.abs(pos.lat) <= GEO_MAX_LAT))
+    if sel.size == 0:
+        return
+    dev, t = pos.device[sel], cols.event_times[sel]
+    # the last of each device's latest events (times tie: the later offset wins)
+    order = np.lexsort((sel, t, dev))
+    last = order[np.r_[np.flatnonzero(np.diff(dev[order])), order.size - 1]]
+    at = sel[last]
+    minutes = windows.window_starts(cols.event_times[at], keys.WINDOW_1M.size_ms)
+    known = state.known_positions
+    for i, m in zip(at.tolist(), minutes.tolist(), strict=True):
+        name = pos.names[int(pos.device[i])]
+        lat, lon = float(pos.lat[i]), float(pos.lon[i])
+        sent = known.get(name)
+        if sent is None or sent[0] != lat or sent[1] != lon or sent[2] < m:
+            batch.positions.append(Position(name, int(cols.event_times[i]), lat, lon))
 
 
 def _entities_to_register(
@@ -318,6 +368,17 @@ def commit(state: PartitionState, batch: PartitionBatch, *, evict: bool = True) 
     state.max_event_time = batch.max_event_time
     if evict and state.windows is not None:
         state.windows.evict(batch.watermark)
+    if batch.positions:
+        minute = keys.WINDOW_1M.size_ms
+        for p in batch.positions:
+            state.known_positions[p.device] = (p.lat, p.lon, p.event_time - p.event_time % minute)
+        if len(state.known_positions) > batch.entity_cap:
+            latest = heapq.nlargest(
+                max(batch.entity_cap // 2, 1),
+                state.known_positions.items(),
+                key=lambda kv: kv[1][2],
+            )
+            state.known_positions = dict(latest)
     for dim, names in batch.new_entities.items():
         known = state.known_entities.setdefault(dim, {})
         known.update(zip(names, batch.entity_minutes[dim], strict=True))

@@ -61,6 +61,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "compare the store's aggregates with a load generator truth file",
     ),
+    "near": (
+        "dashboard.geo",
+        "add_arguments",
+        "run",
+        "list the devices near a point, with their latest reading and status",
+    ),
     "bench": ("pulse_bench.cli", "add_arguments", "run", "benchmark the pipeline side by side"),
     "eval": (
         "pipeline.nab",

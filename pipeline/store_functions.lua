@@ -29,6 +29,10 @@ ARGV[1] is a JSON header (pipeline.store_writer.payload builds it):
   ecut     integer (when e is not empty): registry members scored at or below it are removed
            (every 1m window they were seen in has expired)
   ecap     integer >= 1 (when e is not empty): a registry keeps at most its ecap newest members
+  g        optional device positions {geo key index, seen key index, {t, lat, lon, device, ...}}:
+           each device whose event time t is newer than the one in the "seen" sorted set (ZADD
+           GT CH) gets that time there and its position in the geo set (|lat| <= 85.05112878,
+           |lon| <= 180)
 ARGV[2..] are the fields and values of the h blocks, in order: 1 + 2 * sum(n) arguments in all.
 Returns {1, new applied offset} when applied, {0, applied offset} when the expectation failed, and
 an error reply "ERR pulse_apply: <what is wrong>" for a malformed call.
@@ -42,6 +46,7 @@ hash, chunked), and none of its commands can fail on what the first phase accept
 local MAX_INT = 9007199254740992 -- 2^53: integers beyond it are not exact in a Lua number
 local CHUNK = 500 -- fields per HSET and members per ZADD: unpack() is bounded by the C stack
 local PACKED_VERSION = 1
+local GEO_MAX_LAT = 85.05112878 -- the geo index's latitude range (Web Mercator)
 
 local function bad(fmt, ...)
   error(string.format(fmt, ...), 0)
@@ -74,14 +79,8 @@ local function fmt_int(x)
   return string.format('%d', x)
 end
 
--- a block {key index, ...} of header array `name`: its key, checked (2..#KEYS, used once)
-local function block_key(p, name, i, size, keys, used)
-  local blk = p[name][i]
-  local where = string.format('%s[%d]', name, i)
-  if not is_array(blk) or #blk ~= size then
-    bad('%s: a block must be an array of %d elements', where, size)
-  end
-  local idx = blk[1]
+-- the key at index `idx` (2..#KEYS, each index and name used once)
+local function key_at(idx, where, keys, used)
   if not is_int(idx) or idx < 2 or idx > #keys then
     bad('%s: key index %s is not within 2..%d', where, tostring(idx), #keys)
   end
@@ -95,7 +94,42 @@ local function block_key(p, name, i, size, keys, used)
     bad('%s: key %s is named twice', where, name)
   end
   used[name] = true
-  return blk, name, where
+  return name
+end
+
+-- a block {key index, ...} of header array `name`: its key, checked (2..#KEYS, used once)
+local function block_key(p, name, i, size, keys, used)
+  local blk = p[name][i]
+  local where = string.format('%s[%d]', name, i)
+  if not is_array(blk) or #blk ~= size then
+    bad('%s: a block must be an array of %d elements', where, size)
+  end
+  return blk, key_at(blk[1], where, keys, used), where
+end
+
+local function is_coord(x, limit)
+  return type(x) == 'number' and x == x and x >= -limit and x <= limit
+end
+
+-- the header's optional positions block g (see the header doc), or nil
+local function positions(p, keys, used)
+  local g = p.g
+  if g == nil then return nil end
+  if not is_array(g) or #g ~= 3 then bad('g must be {geo key index, seen key index, positions}') end
+  local geo = key_at(g[1], 'g (geo)', keys, used)
+  local seen = key_at(g[2], 'g (seen)', keys, used)
+  local m = g[3]
+  if not is_array(m) or #m == 0 or #m % 4 ~= 0 then
+    bad('g: needs (time, lat, lon, device) quadruples')
+  end
+  for c = 1, #m, 4 do
+    local at = (c + 3) / 4
+    if not is_int(m[c]) then bad('g: time %d is not an integer', at) end
+    if not is_coord(m[c + 1], GEO_MAX_LAT) then bad('g: latitude %d is not within +-%s', at, GEO_MAX_LAT) end
+    if not is_coord(m[c + 2], 180) then bad('g: longitude %d is not within +-180', at) end
+    if type(m[c + 3]) ~= 'string' or m[c + 3] == '' then bad('g: device %d is not a name', at) end
+  end
+  return {geo, seen, m}
 end
 
 -- Phase 1: validate and check the expectation. Writes nothing; raises a message on any problem.
@@ -172,6 +206,7 @@ local function prepare(keys, args)
     end
     plan.e[i] = {k, m}
   end
+  plan.g = positions(p, keys, used)
 
   -- the call is sound: check the expectation and the stored values it adds to
   local cur = redis.call('HMGET', plan.progress, 'offset', 'events', 'late', 'dead', 'batches')
@@ -202,6 +237,13 @@ local function prepare(keys, args)
     end
     b[3] = t == 'set' -- a registry from before they were scored: replaced
   end
+  if plan.g then
+    for i = 1, 2 do
+      local t = redis.call('TYPE', plan.g[i])
+      t = type(t) == 'table' and t.ok or t
+      if t ~= 'none' and t ~= 'zset' then bad('position key %s holds a %s, not a sorted set', plan.g[i], t) end
+    end
+  end
   return plan
 end
 
@@ -224,6 +266,14 @@ local function write(plan, args)
     end
     redis.call('ZREMRANGEBYSCORE', k, '-inf', fmt_int(plan.ecut))
     redis.call('ZREMRANGEBYRANK', k, 0, -plan.ecap - 1)
+  end
+  if plan.g then
+    local geo, seen, m = plan.g[1], plan.g[2], plan.g[3]
+    for c = 1, #m, 4 do
+      if redis.call('ZADD', seen, 'GT', 'CH', m[c], m[c + 3]) == 1 then
+        redis.call('GEOADD', geo, m[c + 2], m[c + 1], m[c + 3])
+      end
+    end
   end
   local offset = fmt_int(plan.offset)
   local fields = {'offset', offset, 'updated_ms', fmt_int(plan.now), 'topic', plan.topic,

@@ -84,6 +84,14 @@ def payload(
             flat.append(name)
         ents.append([len(key_list), flat])
     one_minute = keys.WINDOW_1M
+    geo: list[object] | None = None
+    if batch.positions:
+        key_list.append(keys.geo_key(part))
+        key_list.append(keys.seen_key(part))
+        flat_pos: list[object] = []
+        for p in batch.positions:
+            flat_pos.extend((p.event_time, p.lat, p.lon, p.device))
+        geo = [len(key_list) - 1, len(key_list), flat_pos]
     header: dict[str, object] = {
         "expect": batch.expect_offset,
         "offset": batch.last_offset,
@@ -99,6 +107,8 @@ def payload(
         "ecut": now_ms - one_minute.size_ms - retention.seconds[one_minute.name] * 1000,
         "ecap": batch.entity_cap,
     }
+    if geo is not None:
+        header["g"] = geo
     if batch.max_event_time != windows.NO_EVENT_YET:
         header["mx"] = batch.max_event_time
         header["wm"] = batch.watermark

@@ -171,6 +171,17 @@ def entities_key(kind: EventKind | str, partition: int, dim: str) -> str:
     return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:ent:{dim}"
 
 
+def geo_key(partition: int) -> str:
+    """Key of a sensor partition's geo set: each device's latest position (GEOADD)."""
+    return f"{PREFIX}:{{{partition_tag(EventKind.SENSOR, partition)}}}:geo"
+
+
+def seen_key(partition: int) -> str:
+    """Key of a sensor partition's sorted set of devices by the event time of their latest
+    position (epoch ms)."""
+    return f"{PREFIX}:{{{partition_tag(EventKind.SENSOR, partition)}}}:seen"
+
+
 def progress_pattern(kind: EventKind | str) -> str:
     """A SCAN pattern matching the progress hashes of every partition of ``kind``."""
     return f"{PREFIX}:{{{EventKind(kind).value}.*}}:progress"

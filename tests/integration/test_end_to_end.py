@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from loadgen.generator import build_fleet
 from pipeline.stack.testing import RunningStack
 from schemas import keys, packed
 from schemas.events import EventKind
@@ -57,6 +58,22 @@ def test_pipeline_counts_every_event_exactly_once(
     res = pl.verify(truth_file)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "verify: OK" in res.stdout
+
+    # every device's latest position is in its partition's geo set, and `pulse near` finds it
+    fleet = build_fleet(11, 40, 4)
+    where: dict[str, tuple[float, float]] = {}
+    for p in range(stack.kafka_settings.partitions):
+        members = store.zrange(keys.geo_key(p), 0, -1)
+        for name, pos in zip(members, store.geopos(keys.geo_key(p), *members), strict=True):
+            assert name not in where and pos is not None
+            where[name] = (pos[1], pos[0])
+    assert sorted(where) == sorted(fleet.device_ids)
+    for d, lat, lon in zip(fleet.device_ids, fleet.device_lat, fleet.device_lon, strict=True):
+        assert abs(where[d][0] - lat) < 1e-4 and abs(where[d][1] - lon) < 1e-4
+    d0, lat0, lon0 = fleet.device_ids[0], fleet.device_lat[0], fleet.device_lon[0]
+    res = pl.pulse("near", str(lat0), str(lon0), "--km=0.5", "-n=50")
+    assert res.returncode == 0, res.stderr
+    assert d0 in res.stdout
 
     # The dead-letter and late topics are at-least-once (a record is sent again after a re-read):
     # compare the distinct source positions with the truth per input partition, not raw counts.

@@ -127,7 +127,7 @@ def test_payload_carries_registrations_topic_owner_and_bounds() -> None:
     ]
     assert len(regs) == len(keys.DIMS[EventKind.SENSOR])
     # every block refers to its own key
-    indexes = [blk[0] for sec in ("h", "e") for blk in body[sec]]
+    indexes = [blk[0] for sec in ("h", "e") for blk in body[sec]] + body["g"][:2]
     assert sorted(indexes) == list(range(2, len(key_list) + 1))
     # the hash blocks account for every field/value argument, in order
     assert len(args) == 1 + 2 * sum(n for _, _, n in body["h"])

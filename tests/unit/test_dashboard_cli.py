@@ -24,7 +24,8 @@ def test_cli_module_does_not_import_streamlit() -> None:
 
 def test_dashboard_imports_nothing_from_the_pipeline() -> None:
     # the page, its queries and the CLI run beside the worker, not with it
-    code = "import sys, dashboard.app, dashboard.cli, dashboard.panels, dashboard.queries; "
+    code = "import sys, dashboard.app, dashboard.cli, dashboard.geo, dashboard.panels, "
+    code += "dashboard.queries; "
     code += "print(sorted(m for m in sys.modules if m == 'pipeline' or m.startswith('pipeline.')))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=cli.ROOT
