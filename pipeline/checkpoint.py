@@ -3,23 +3,26 @@
 :meth:`Checkpoint.commit` is the whole order, in one place, for every event kind of a poll:
 
 1. **prepare** each partition's records (pure): drop what the store already applied, validate,
-   classify late, aggregate, and fold into the partition's open windows (``pipeline.state``);
-2. **acknowledge the previous poll**: wait until the store says its writes are fsynced at the
-   configured level (4.), then commit its offsets to Kafka (5.);
-3. **divert** rejected and late records to their topics, acknowledged by Kafka;
-4. **apply** every partition's absolute values with its offset, atomically, in one round trip
-   (the primary has fsynced them when it answers);
-5. and the acknowledgement of this poll — durable, then commit offsets — is step 2 of the next
-   poll, or :meth:`Checkpoint.flush` when no poll follows.
+   classify late, aggregate, and fold into the partition's open windows (``pipeline.state``),
+   while the store applies the previous poll;
+2. **settle the previous poll**: read its apply's outcomes; a partition someone else had
+   advanced is restored from the store and its records are prepared again with this poll's;
+3. **acknowledge the previous poll**: wait until the store says its writes are fsynced at the
+   configured level, then commit its offsets to Kafka;
+4. **divert** this poll's rejected and late records to their topics, acknowledged by Kafka;
+5. **apply**: send every partition's absolute values with its offset, atomically, in one round
+   trip, and return; steps 2 and 3 of the next poll (or :meth:`Checkpoint.flush`) finish it.
 
-Why the acknowledgement trails by one poll: the replica fsyncs a poll's writes while the next
-poll is prepared (CPU in this process), so asking for its confirmation after preparing answers
-at once instead of polling a replica still busy. At most one poll is applied and unconfirmed;
-its offsets reach Kafka only once the store confirmed it durable, and Kafka's offsets are a hint
+Why the apply trails by one poll: the store runs a poll's functions (tens of ms for a large
+poll) while this process prepares the next one, instead of the two in series. The states are
+advanced as if the apply succeeds; a partition where it did not (rare: a rebalance, a lost
+reply) is dropped and restored. At most one poll is in flight and one applied but unconfirmed;
+offsets reach Kafka only once the store confirmed them durable, and Kafka's offsets are a hint
 anyway (the store owns the offsets).
 
-A store outage is retried in place; anything that leaves a write unsure (a lost connection, a
-new assignment) drops the cached state and fences before the next acknowledgement. The store
+A store outage is retried in place: the poll in flight is sent again with the current one (the
+store skips what it applied); anything that leaves a write unsure (a lost connection, a new
+assignment) drops the cached state and fences before the next acknowledgement. The store
 writer, the divert and the offset committer are injected, so the unit tests drive every rule
 with fakes.
 """
@@ -27,10 +30,12 @@ with fakes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from pipeline import windows
@@ -98,6 +103,16 @@ async def _no_offsets(offsets: dict[str, dict[int, int]]) -> None:
     return None
 
 
+@dataclass(slots=True)
+class _Inflight:
+    """A poll whose apply was sent: its task, the batches sent, all its records and offsets."""
+
+    task: asyncio.Future[list[ApplyOutcome]]
+    batches: list[PartitionBatch]
+    records: dict[PartKey, Sequence[RawRecord]]
+    offsets: dict[str, dict[int, int]]
+
+
 class Checkpoint:
     """The partitions of every event kind: their cached state and the checkpoint of each poll."""
 
@@ -128,53 +143,145 @@ class Checkpoint:
         self._unsure = False
         self._unconfirmed = False  # something was applied and not yet confirmed durable
         self._to_commit: dict[str, dict[int, int]] = {}  # applied offsets awaiting durability
+        self._inflight: _Inflight | None = None  # the poll sent and not yet settled
         self._now = 0
 
     # ------------------------------------------------------------------ the checkpoint
 
     async def commit(self, poll: Poll) -> None:
-        """Checkpoint one poll; the previous poll is acknowledged once this one is prepared."""
+        """Checkpoint one poll: prepare it while the store applies the previous one, settle and
+        acknowledge that one, then divert and send this one (its outcome is read next time)."""
         pending: dict[PartKey, Sequence[RawRecord]] = {
             (kind, p): recs for kind, parts in poll.items() for p, recs in parts.items() if recs
         }
-        while pending:
+        while True:
             try:
-                await self._fence_if_unsure()
-                await self._load_states(list(pending))
-                t0 = time.perf_counter()
-                batches = self._prepare(pending)  # 1. prepare (pure)
-                self._metrics.prepare_s.append(time.perf_counter() - t0)
+                batches = await self._prepared(pending)  # 1. prepare (pure)
+                redo = await self._settle()  # the previous poll's outcomes
+                if redo:
+                    # Someone else had advanced these partitions: their states are dropped,
+                    # and the previous poll's records are prepared again with this poll's.
+                    batches = [b for b in batches if (b.kind, b.partition) not in redo]
+                    for pk, recs in redo.items():
+                        pending[pk] = [*recs, *pending.get(pk, ())]
+                    batches += await self._prepared({pk: pending[pk] for pk in redo})
                 await self._acknowledge()  # 2. the previous poll: durable, commit offsets
                 for kind, topic in self.topics.items():  # 3. divert
-                    await self._divert.send(topic, [b for b in batches if b.kind is kind])
-                t0 = time.perf_counter()
-                outcomes = await self._writer.send(batches, self._now)  # 4. apply
-                self._metrics.apply_s.append(time.perf_counter() - t0)
-                pending = self._advance(batches, outcomes, pending)
+                    if kind_batches := [b for b in batches if b.kind is kind]:
+                        await self._divert.send(topic, kind_batches)
+                await self._launch(batches, pending)  # 4. apply (read by the next call)
+                break
             except self._store_errors() as exc:
+                # the poll in flight may or may not have been applied: its records go again
+                # (the store skips what it holds), with every state restored from the store
+                for pk, recs in (await self._abandon()).items():
+                    pending[pk] = [*recs, *pending.get(pk, ())]
                 self._store_unavailable(exc)
                 await asyncio.sleep(self._retry_delay_s)
         self._publish_state_size()
-        for kind, parts in poll.items():  # 5. acknowledged with the next poll, or by flush()
-            offsets = self._to_commit.setdefault(self.topics[kind], {})
-            offsets.update({p: recs[-1].offset + 1 for p, recs in parts.items() if recs})
 
     async def flush(self) -> None:
-        """Acknowledge what was applied: wait until it is durable, then commit its offsets.
+        """Acknowledge everything: read the outcome of the poll in flight, apply again what it
+        could not, wait until durable, then commit its offsets.
 
         Called when no poll follows (an idle stream, a rebalance); retries store outages.
         """
         while True:
-            try:
-                await self._fence_if_unsure()
-                await self._acknowledge()
+            await self.commit({})
+            if self._inflight is None:
                 return
-            except self._store_errors() as exc:
-                self._store_unavailable(exc)
-                await asyncio.sleep(self._retry_delay_s)
+
+    async def _prepared(
+        self, pending: Mapping[PartKey, Sequence[RawRecord]]
+    ) -> list[PartitionBatch]:
+        """States loaded (fenced first if unsure), then the batches of ``pending``."""
+        if not pending:
+            return []
+        await self._fence_if_unsure()
+        await self._load_states(list(pending))
+        t0 = time.perf_counter()
+        batches = self._prepare(pending)
+        self._metrics.prepare_s.append(time.perf_counter() - t0)
+        return batches
+
+    async def _launch(
+        self, batches: list[PartitionBatch], records: Mapping[PartKey, Sequence[RawRecord]]
+    ) -> None:
+        """Send the batches' apply without waiting for its outcome; advance the states as if it
+        succeeds (:meth:`_settle` undoes a partition where it did not)."""
+        offsets: dict[str, dict[int, int]] = {}
+        for (kind, p), recs in records.items():
+            offsets.setdefault(self.topics[kind], {})[p] = recs[-1].offset + 1
+        sent = [b for b in batches if not b.empty]
+        passed: dict[EventKind, dict[int, int | None]] = defaultdict(dict)
+        for b in sent:
+            commit(self._states[(b.kind, b.partition)], b, evict=False)
+            passed[b.kind][b.partition] = b.watermark
+        for kind, watermarks in passed.items():
+            self._kind_windows(kind).evict(watermarks)
+        if not sent:  # nothing to apply: acknowledged with what is applied already
+            self._add_offsets(offsets)
+            return
+
+        async def send() -> list[ApplyOutcome]:
+            t0 = time.perf_counter()
+            outcomes = await self._writer.send(sent, self._now)
+            self._metrics.apply_s.append(time.perf_counter() - t0)
+            return outcomes
+
+        self._inflight = _Inflight(asyncio.ensure_future(send()), sent, dict(records), offsets)
+        await asyncio.sleep(0)  # the send is written before this task prepares the next poll
+
+    async def _settle(self) -> dict[PartKey, Sequence[RawRecord]]:
+        """The outcome of the poll in flight: count what was applied; a partition someone else
+        had advanced is dropped, and its records are returned to be prepared again."""
+        if self._inflight is None:
+            return {}
+        outcomes = await self._inflight.task  # a store error propagates: see _abandon
+        flight, self._inflight = self._inflight, None
+        redo: dict[PartKey, Sequence[RawRecord]] = {}
+        for b, outcome in zip(flight.batches, outcomes, strict=True):
+            pk = (b.kind, b.partition)
+            if outcome.applied:
+                self._unconfirmed = True
+                self._metrics.events += b.events
+                self._metrics.late += len(b.late)
+                self._metrics.dead += len(b.dead)
+                self._metrics.batches += 1
+            else:
+                # Someone else advanced this partition (a previous owner after a rebalance,
+                # or our own apply whose reply was lost): restore and keep what is new.
+                self._metrics.conflicts += 1
+                self._unsure = True
+                self._drop(pk)
+                redo[pk] = flight.records[pk]
+        done = {pk for pk in flight.records if pk not in redo}
+        self._add_offsets(
+            {
+                t: {p: o for p, o in parts.items() if (kind, p) in done}
+                for kind, t in self.topics.items()
+                if (parts := flight.offsets.get(t))
+            }
+        )
+        return redo
+
+    async def _abandon(self) -> dict[PartKey, Sequence[RawRecord]]:
+        """After a store error: the records of the poll in flight, whatever its outcome."""
+        if self._inflight is None:
+            return {}
+        flight, self._inflight = self._inflight, None
+        with contextlib.suppress(Exception):
+            await flight.task
+        return flight.records
+
+    def _add_offsets(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
+        for topic, parts in offsets.items():
+            if parts:
+                self._to_commit.setdefault(topic, {}).update(parts)
 
     async def _acknowledge(self) -> None:
         """Wait until everything applied is durable, then commit the applied offsets."""
+        await self._fence_if_unsure()  # after a lost connection only a fence vouches
         if self._unconfirmed:
             self._metrics.durability_wait_s.append(await self._writer.durable())
             self._unconfirmed = False
@@ -198,7 +305,7 @@ class Checkpoint:
 
         return (StoreConnectionError, StoreTimeoutError, OSError)
 
-    def _prepare(self, pending: dict[PartKey, Sequence[RawRecord]]) -> list[PartitionBatch]:
+    def _prepare(self, pending: Mapping[PartKey, Sequence[RawRecord]]) -> list[PartitionBatch]:
         self._now = self._clock()
         by_kind: dict[EventKind, list[PartKey]] = defaultdict(list)
         for pk in pending:
@@ -234,43 +341,9 @@ class Checkpoint:
             self._windows[kind] = KindWindows(kind, self._rules.plan)
         return self._windows[kind]
 
-    def _advance(
-        self,
-        batches: list[PartitionBatch],
-        outcomes: list[ApplyOutcome],
-        pending: dict[PartKey, Sequence[RawRecord]],
-    ) -> dict[PartKey, Sequence[RawRecord]]:
-        """Advance what was applied; what someone else had advanced is re-read and retried.
-
-        ``outcomes`` are those of the non-empty batches, in order.
-        """
-        sent = [b for b in batches if not b.empty]
-        retry: dict[PartKey, Sequence[RawRecord]] = {}
-        passed: dict[EventKind, dict[int, int | None]] = defaultdict(dict)
-        for b, outcome in zip(sent, outcomes, strict=True):
-            pk = (b.kind, b.partition)
-            if outcome.applied:
-                self._unconfirmed = True
-                commit(self._states[pk], b, evict=False)
-                passed[b.kind][b.partition] = b.watermark
-                self._metrics.events += b.events
-                self._metrics.late += len(b.late)
-                self._metrics.dead += len(b.dead)
-                self._metrics.batches += 1
-            else:
-                # Someone else advanced this partition (a previous owner after a rebalance,
-                # or our own apply whose reply was lost): restore and keep what is new.
-                self._metrics.conflicts += 1
-                self._unsure = True
-                self._drop(pk)
-                retry[pk] = pending[pk]
-        for kind, watermarks in passed.items():
-            self._kind_windows(kind).evict(watermarks)
-        return retry
-
     def _drop(self, pk: PartKey) -> None:
         """Forget a partition's cached state: it is restored from the store when next needed."""
-        del self._states[pk]
+        self._states.pop(pk, None)
         if pk[0] in self._windows:
             self._windows[pk[0]].drop(pk[1])
 

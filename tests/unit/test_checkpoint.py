@@ -197,9 +197,10 @@ def test_a_poll_is_acknowledged_after_the_next_poll_is_prepared() -> None:
     run(a.commit(sensors({0: records(0, 3)})))
     run(a.commit(sensors({0: records(3, 2)})))
     assert w.calls == [
-        "read", "divert", "divert", "apply",
-        # the second poll: prepared, then the first acknowledged, then diverted and applied
-        "durable", "commit offsets", "divert", "divert", "apply",
+        "read", "divert", "apply",
+        # the second poll: prepared, then the first settled and acknowledged, then diverted
+        # and sent
+        "durable", "commit offsets", "divert", "apply",
     ]  # fmt: skip
     assert committed == [{"pulse.sensor": {0: 3}}]
     run(a.flush())
@@ -226,8 +227,10 @@ def test_lost_connection_during_apply_is_unsure_and_fenced_before_ack() -> None:
     w = FakeWriter(fail_next=["apply"])
     a, m = applier(w)
     run(a.commit(sensors({0: records(0, 5)})))
-    # apply failed (maybe applied, maybe not): re-read, fence, then the retry
-    assert w.calls == ["read", "apply", "fence", "read", "apply"]
+    assert w.calls == ["read", "apply"]  # its outcome is read with the next poll, or on flush
+    run(a.flush())
+    # apply failed (maybe applied, maybe not): fence, re-read, apply again, then acknowledge
+    assert w.calls == ["read", "apply", "fence", "read", "apply", "durable"]
     assert w.offsets == {(S, 0): 4}
     assert m.store_retries == 1 and m.fences == 1 and m.events == 5
 
@@ -247,6 +250,7 @@ def test_lost_connection_while_waiting_for_durability_fences_and_still_commits()
     # prepared again from the store before it is applied
     assert w.calls == ["read", "apply", "durable", "fence", "read", "apply"]
     assert committed == [{"pulse.sensor": {0: 5}}]
+    run(a.flush())
     assert w.offsets == {(S, 0): 6} and m.events == 7 and m.fences == 1
 
 
@@ -254,7 +258,8 @@ def test_lost_connection_during_fence_fences_again() -> None:
     w = FakeWriter(fail_next=["apply", "fence"])
     a, m = applier(w)
     run(a.commit(sensors({0: records(0, 3)})))
-    assert w.calls == ["read", "apply", "fence", "fence", "read", "apply"]
+    run(a.flush())
+    assert w.calls == ["read", "apply", "fence", "fence", "read", "apply", "durable"]
     assert m.fences == 1 and m.store_retries == 2
 
 
@@ -293,10 +298,12 @@ def test_all_rejected_and_all_late_batches_still_advance_the_offset() -> None:
     d = FakeDivert()
     a, m = applier(w, d)
     run(a.commit(sensors({0: [Record(i, None, b"not json") for i in range(4)]})))
+    run(a.flush())
     assert w.offsets == {(S, 0): 3} and m.dead == 4
     run(a.commit(sensors({0: [Record(4, None, sensor(NOW))]})))
     late = [Record(5 + i, None, sensor(NOW - 3_600_000)) for i in range(3)]
     run(a.commit(sensors({0: late})))
+    run(a.flush())
     assert w.offsets == {(S, 0): 7} and m.late == 3
     assert [k for k, _, _ in d.sent] == ["dead"] * 4 + ["late"] * 3
 
@@ -316,6 +323,7 @@ def test_a_record_that_breaks_processing_becomes_a_dead_letter_alone() -> None:
     recs[2] = Record(2, None, poison)
     recs.append(Record(5, None, poison))  # also the last record: the offset must pass it
     run(a.commit(sensors({0: recs})))
+    run(a.flush())
     assert w.offsets == {(S, 0): 5}
     assert m.events == 4 and m.isolated == 2
     assert [(o, r) for _, o, r in d.sent] == [
@@ -359,10 +367,11 @@ def test_a_conflict_restores_the_windows_the_other_writer_left() -> None:
     run(b.commit(sensors({0: records(0, 6)})))  # b restored a's 4, applied 4..5
     assert _window_count(w, 0) == 6
     run(a.commit(sensors({0: records(6, 2)})))  # a's cached windows are stale: conflict, restore
+    run(a.flush())
     assert _window_count(w, 0) == 8 and w.offsets == {(S, 0): 7}
 
 
-def test_the_order_is_prepare_divert_apply_then_durable_and_commit_offsets() -> None:
+def test_the_order_is_prepare_divert_apply_then_settle_durable_and_commit_offsets() -> None:
     w = FakeWriter()
     d = FakeDivert(calls=w.calls)
     committed: list[dict[str, dict[int, int]]] = []
@@ -375,7 +384,7 @@ def test_the_order_is_prepare_divert_apply_then_durable_and_commit_offsets() -> 
     recs = [*records(0, 3), Record(3, None, b"oops")]
     run(a.commit(sensors({0: recs, 2: records(0, 2)})))
     run(a.flush())
-    assert w.calls == ["read", "divert", "divert", "apply", "durable", "commit offsets"]
+    assert w.calls == ["read", "divert", "apply", "durable", "commit offsets"]
     assert committed == [{"pulse.sensor": {0: 4, 2: 2}}]  # the next offsets to read
 
 
@@ -391,3 +400,20 @@ def test_offsets_are_not_committed_while_the_store_is_unreachable() -> None:
     run(a.commit(sensors({0: records(0, 5)})))
     run(a.flush())
     assert committed == [{"pulse.sensor": {0: 5}}]
+
+
+def test_a_conflict_found_while_the_next_poll_is_prepared_redoes_only_that_partition() -> None:
+    w = FakeWriter()
+    a, m = applier(w)
+    run(a.commit(sensors({0: records(0, 3), 1: records(0, 3)})))
+    w.offsets[(S, 1)] = 4  # someone else applies offsets 3..4 of partition 1
+    run(a.commit(sensors({0: records(3, 2), 1: records(3, 4)})))  # sent: p1's is refused
+    # the third poll is prepared on top of the second; settling the second finds p1 refused:
+    # p1 is restored from the store and prepared again with the second poll's records
+    run(a.commit(sensors({0: records(5, 1), 1: records(7, 1)})))
+    run(a.flush())
+    assert w.offsets == {(S, 0): 5, (S, 1): 7}
+    assert m.conflicts == 1 and m.fences == 1
+    assert m.events == 3 + 3 + 2 + 1 + 3  # p1: 5, 6 and 7 once; 3 and 4 are someone else's
+    assert _window_count(w, 0) == 6
+    assert _window_count(w, 1) == 3 + 3  # our first 3, restored, then 5..7
