@@ -126,9 +126,8 @@ def _readings(
                 where.append((device, m, s))
     if not values:
         return {}
-    head = packed.HEADER_BYTES + 8 * packed.NF_SENSOR
     try:
-        table = packed.decode([v[:head] for v in values], packed.NF_SENSOR)
+        table = packed.decode_stats(values, packed.NF_SENSOR)
     except packed.PackedError:
         return {}  # a malformed stored value: show positions without readings
     mean = table.stats[:, packed.SUM] / np.maximum(table.stats[:, packed.COUNT], 1)
@@ -142,8 +141,8 @@ def _readings(
 
 def check_point(lat: float, lon: float, km: float) -> None:
     """Refuse a point or radius the geo index cannot search, in one sentence."""
-    if not (math.isfinite(lat) and -85.05112878 <= lat <= 85.05112878):
-        raise ValueError(f"latitude must be within +-85.05112878 degrees, got {lat:g}")
+    if not (math.isfinite(lat) and -keys.GEO_MAX_LAT <= lat <= keys.GEO_MAX_LAT):
+        raise ValueError(f"latitude must be within +-{keys.GEO_MAX_LAT} degrees, got {lat:g}")
     if not (math.isfinite(lon) and -180.0 <= lon <= 180.0):
         raise ValueError(f"longitude must be within +-180 degrees, got {lon:g}")
     if not (math.isfinite(km) and km > 0):

@@ -72,11 +72,6 @@ class PartitionState:
     known_positions: dict[str, tuple[float, float, int]] = field(default_factory=dict)
 
 
-# The geo index takes latitudes within +-85.05112878 (Web Mercator); readings beyond it are
-# aggregated as usual but their position is not indexed.
-GEO_MAX_LAT = 85.05112878
-
-
 class Position(NamedTuple):
     """A device's latest position as of an event time."""
 
@@ -165,7 +160,7 @@ def process(
     now_ms: int,
 ) -> PartitionBatch:
     """Turn a partition's records (in offset order) into a :class:`PartitionBatch`."""
-    batch = process_columns(kind, partition, records, state, rules, now_ms)
+    (batch,) = process_partitions(kind, {partition: records}, {partition: state}, rules, now_ms)
     aggregate_batches([batch], rules.plan)
     return batch
 
@@ -189,19 +184,6 @@ def aggregate_batches(batches: Sequence[PartitionBatch], plan: aggregation.Windo
         b.columns = None
 
 
-def process_columns(
-    kind: EventKind,
-    partition: int,
-    records: Sequence[RawRecord],
-    state: PartitionState,
-    rules: BatchRules,
-    now_ms: int,
-) -> PartitionBatch:
-    """:func:`process` up to aggregation: the on-time events are left in ``batch.columns``."""
-    (batch,) = process_partitions(kind, {partition: records}, {partition: state}, rules, now_ms)
-    return batch
-
-
 def process_partitions(
     kind: EventKind,
     parts: Mapping[int, Sequence[RawRecord]],
@@ -209,7 +191,7 @@ def process_partitions(
     rules: BatchRules,
     now_ms: int,
 ) -> list[PartitionBatch]:
-    """:func:`process_columns` for several partitions of one kind at once.
+    """:func:`process` up to aggregation, for several partitions of one kind at once.
 
     One decode and one set of columns for all of them (a fixed cost per call, not per
     partition); lateness and entity registration still follow each partition's own state.
@@ -295,7 +277,7 @@ def _positions_to_send(
     pos = cols.positions
     if pos is None:
         return
-    sel = np.flatnonzero(mine & (np.abs(pos.lat) <= GEO_MAX_LAT))
+    sel = np.flatnonzero(mine & (np.abs(pos.lat) <= keys.GEO_MAX_LAT))
     if sel.size == 0:
         return
     dev, t = pos.device[sel], cols.event_times[sel]

@@ -105,12 +105,11 @@ async def _no_offsets(offsets: dict[str, dict[int, int]]) -> None:
 
 @dataclass(slots=True)
 class _Inflight:
-    """A poll whose apply was sent: its task, the batches sent, all its records and offsets."""
+    """A poll whose apply was sent: its task, the batches sent, and all its records."""
 
     task: asyncio.Future[list[ApplyOutcome]]
     batches: list[PartitionBatch]
     records: dict[PartKey, Sequence[RawRecord]]
-    offsets: dict[str, dict[int, int]]
 
 
 class Checkpoint:
@@ -209,9 +208,6 @@ class Checkpoint:
     ) -> None:
         """Send the batches' apply without waiting for its outcome; advance the states as if it
         succeeds (:meth:`_settle` undoes a partition where it did not)."""
-        offsets: dict[str, dict[int, int]] = {}
-        for (kind, p), recs in records.items():
-            offsets.setdefault(self.topics[kind], {})[p] = recs[-1].offset + 1
         sent = [b for b in batches if not b.empty]
         passed: dict[EventKind, dict[int, int | None]] = defaultdict(dict)
         for b in sent:
@@ -220,7 +216,7 @@ class Checkpoint:
         for kind, watermarks in passed.items():
             self._kind_windows(kind).evict(watermarks)
         if not sent:  # nothing to apply: acknowledged with what is applied already
-            self._add_offsets(offsets)
+            self._add_offsets(records)
             return
 
         async def send() -> list[ApplyOutcome]:
@@ -229,7 +225,7 @@ class Checkpoint:
             self._metrics.apply_s.append(time.perf_counter() - t0)
             return outcomes
 
-        self._inflight = _Inflight(asyncio.ensure_future(send()), sent, dict(records), offsets)
+        self._inflight = _Inflight(asyncio.ensure_future(send()), sent, dict(records))
         await asyncio.sleep(0)  # the send is written before this task prepares the next poll
 
     async def _settle(self) -> dict[PartKey, Sequence[RawRecord]]:
@@ -255,14 +251,7 @@ class Checkpoint:
                 self._unsure = True
                 self._drop(pk)
                 redo[pk] = flight.records[pk]
-        done = {pk for pk in flight.records if pk not in redo}
-        self._add_offsets(
-            {
-                t: {p: o for p, o in parts.items() if (kind, p) in done}
-                for kind, t in self.topics.items()
-                if (parts := flight.offsets.get(t))
-            }
-        )
+        self._add_offsets({pk: r for pk, r in flight.records.items() if pk not in redo})
         return redo
 
     async def _abandon(self) -> dict[PartKey, Sequence[RawRecord]]:
@@ -274,10 +263,10 @@ class Checkpoint:
             await flight.task
         return flight.records
 
-    def _add_offsets(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
-        for topic, parts in offsets.items():
-            if parts:
-                self._to_commit.setdefault(topic, {}).update(parts)
+    def _add_offsets(self, records: Mapping[PartKey, Sequence[RawRecord]]) -> None:
+        """Note the next offsets to read after ``records``: committed once they are durable."""
+        for (kind, p), recs in records.items():
+            self._to_commit.setdefault(self.topics[kind], {})[p] = recs[-1].offset + 1
 
     async def _acknowledge(self) -> None:
         """Wait until everything applied is durable, then commit the applied offsets."""

@@ -171,6 +171,11 @@ def entities_key(kind: EventKind | str, partition: int, dim: str) -> str:
     return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:ent:{dim}"
 
 
+# The geo sets take latitudes within +-GEO_MAX_LAT (Web Mercator): the worker indexes no position
+# beyond it (the reading still counts) and readers refuse to search beyond it.
+GEO_MAX_LAT: Final = 85.05112878
+
+
 def geo_key(partition: int) -> str:
     """Key of a sensor partition's geo set: each device's latest position (GEOADD)."""
     return f"{PREFIX}:{{{partition_tag(EventKind.SENSOR, partition)}}}:geo"
