@@ -139,10 +139,14 @@ def log10_tail(z: FloatArray) -> FloatArray:
 
 
 class StepResult(NamedTuple):
-    """Per observation: anomaly score in [0, 1] and whether an anomaly episode starts there."""
+    """Per observation: anomaly score in [0, 1], whether an anomaly episode starts there, what
+    raised the score (an index into ``schemas.anomaly.CAUSES``: the test with the smallest tail
+    probability) and the value the detector expected (its prediction before the observation)."""
 
     score: FloatArray
     alarm: BoolArray
+    cause: IntArray
+    expected: FloatArray
 
 
 class BatchResult(NamedTuple):
@@ -267,6 +271,10 @@ class DetectorBank:
         outside = (x > st[:, HI] + tol) | (x < st[:, LO] - tol)
         outside &= tol > 0
         lp = np.where(outside, np.minimum(lp, -p.range_log10p), lp)
+        # which test raised it (CAUSES order: spike, shift, stuck, range)
+        cause = np.argmin(np.stack([lp_spike, lp_u[:, 1], lp_stuck], axis=1), axis=1)
+        cause = np.where(outside & (lp <= -p.range_log10p), 3, cause)
+        expected = np.where(use_seas, lev0[:, 1] + seas, lev0[:, 0])
         surprise = np.maximum(-lp, 0.0)
         raw = surprise / (surprise + p.half_score)
         raw = np.where((n0 >= p.warmup) & finite, raw, 0.0)
@@ -337,7 +345,8 @@ class DetectorBank:
         st[broken] = 0.0
         self.state[rows] = st
         score = np.where(np.isfinite(score), score, 0.0)
-        return StepResult(score, alarm & ~broken)
+        alarm &= ~broken
+        return StepResult(score, alarm, np.where(alarm, cause, -1), expected)
 
     def score_batch(self, rows: IntArray, t_ms: IntArray, values: FloatArray) -> BatchResult:
         """Score a poll's events: ``rows[i]`` is event i's entity row; per entity, events must

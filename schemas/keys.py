@@ -10,6 +10,12 @@ partition lands in one cluster slot and a partition's batch applies atomically i
     pulse:{sensor.3}:w:<window>:<dim>:<start>    hash   "<entity>" -> packed value (statistics
                                                         and quantile sketch, schemas.packed)
     pulse:{sensor.3}:ent:<dim>                   zset   entity -> last-seen 1m window start (ms)
+    pulse:{sensor.3}:top:<board>:<start>         zset   a leaderboard of one 1m window instance
+                                                        (this partition's share, see BOARDS)
+    pulse:{sensor.3}:det                         hash   "<entity>~<signal>" -> detector state
+    pulse:{sensor.3}:anom                        hash   anomaly id -> record (schemas.anomaly)
+    pulse:{sensor.3}:anom:t                      zset   anomaly id -> window start (ms)
+    pulse:{sensor.3}:feed                        stream the live anomaly feed (capped)
     pulse:worker:<name>                          hash   a worker's live metrics
     pulse:fence                                  int    bumped by writers to fence durability
 
@@ -185,6 +191,104 @@ def seen_key(partition: int) -> str:
     """Key of a sensor partition's sorted set of devices by the event time of their latest
     position (epoch ms)."""
     return f"{PREFIX}:{{{partition_tag(EventKind.SENSOR, partition)}}}:seen"
+
+
+# --- leaderboards -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBoard:
+    """A sorted set the worker writes per partition and ``1m`` window instance.
+
+    ``merge`` says how readers combine the partitions' sets into the fleet's board: ``sum``
+    (a count, each partition holds its share), ``max`` (each member lives in one partition, or
+    the fleet's value is the largest), or ``sketch`` (a partition's p99 is only its own: the
+    fleet's exact value is read from the merged sketches of the window hashes, see
+    :data:`BOARD_SOURCES`; the set names the candidates and ranks within the partition).
+    """
+
+    name: str
+    kind: EventKind
+    dim: str  # the window dimension the scores come from (members: its entities, see member)
+    merge: str  # "sum" | "max" | "sketch"
+
+
+class Board:
+    """Names of the stored boards (``top:<name>:<start>``); members are ``member`` of the
+    dim's entity: the device, site, service, or ``service|route``."""
+
+    SITE_EVENTS: Final = "site.events"  # site -> valid on-time events
+    DEVICE_ANOMALIES: Final = "device.anomalies"  # device -> anomalies raised in the window
+    DEVICE_MAX: Final = "device.max"  # one set per metric: "device.max.<metric>", device -> max
+    SERVICE_REQUESTS: Final = "service.requests"
+    SERVICE_ERRORS: Final = "service.errors"  # ERROR-level events
+    SERVICE_P99: Final = "service.p99"  # latency p99 (ms) within the partition
+    ROUTE_REQUESTS: Final = "route.requests"  # members "service|route"
+    ROUTE_ERRORS: Final = "route.errors"
+    ROUTE_P99: Final = "route.p99"
+    SERVICE_ANOMALIES: Final = "service.anomalies"
+
+
+BOARDS: Final[dict[str, StoredBoard]] = {
+    b.name: b
+    for b in (
+        StoredBoard(Board.SITE_EVENTS, EventKind.SENSOR, Dim.SITE, "sum"),
+        StoredBoard(Board.DEVICE_ANOMALIES, EventKind.SENSOR, Dim.DEVICE, "sum"),
+        StoredBoard(Board.DEVICE_MAX, EventKind.SENSOR, Dim.DEVICE, "max"),
+        StoredBoard(Board.SERVICE_REQUESTS, EventKind.APPLOG, Dim.SERVICE, "sum"),
+        StoredBoard(Board.SERVICE_ERRORS, EventKind.APPLOG, Dim.SERVICE, "sum"),
+        StoredBoard(Board.SERVICE_P99, EventKind.APPLOG, Dim.SERVICE, "sketch"),
+        StoredBoard(Board.ROUTE_REQUESTS, EventKind.APPLOG, Dim.ROUTE, "sum"),
+        StoredBoard(Board.ROUTE_ERRORS, EventKind.APPLOG, Dim.ROUTE, "sum"),
+        StoredBoard(Board.ROUTE_P99, EventKind.APPLOG, Dim.ROUTE, "sketch"),
+        StoredBoard(Board.SERVICE_ANOMALIES, EventKind.APPLOG, Dim.SERVICE, "sum"),
+    )
+}
+BOARD_WINDOW: Final = WINDOW_1M  # boards are kept per 1m window instance, with its retention
+
+
+def board_key(kind: EventKind | str, partition: int, board: str, start_ms: int) -> str:
+    """Key of a partition's share of a leaderboard in one ``1m`` window instance.
+
+    ``board`` is a :class:`Board` name; ``device.max`` takes its metric: ``device.max.<metric>``.
+    """
+    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:top:{board}:{start_ms}"
+
+
+def board_member(dim: str, entity_name: str) -> str:
+    """The board member of a window entity: the device of ``device|metric``, else the entity."""
+    if dim == Dim.DEVICE:
+        return entity_name.split(ENTITY_SEP, 1)[0]
+    if dim == Dim.SITE:
+        return entity_name.split(ENTITY_SEP, 1)[0]
+    return entity_name
+
+
+# --- anomalies ------------------------------------------------------------------------------
+
+# Newest entries a partition's live feed keeps (XADD MAXLEN ~).
+FEED_CAP: Final = 10_000
+
+
+def detector_key(kind: EventKind | str, partition: int) -> str:
+    """Key of a partition's detector states: ``"<entity>~<signal>"`` -> snapshot bytes."""
+    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:det"
+
+
+def anomalies_key(kind: EventKind | str, partition: int) -> str:
+    """Key of a partition's anomaly records: anomaly id -> record (``schemas.anomaly``)."""
+    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:anom"
+
+
+def anomaly_index_key(kind: EventKind | str, partition: int) -> str:
+    """Key of a partition's anomaly ids scored by their window start (ms), for time ranges
+    and retention."""
+    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:anom:t"
+
+
+def feed_key(kind: EventKind | str, partition: int) -> str:
+    """Key of a partition's live anomaly feed: a stream capped near :data:`FEED_CAP`."""
+    return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:feed"
 
 
 def progress_pattern(kind: EventKind | str) -> str:
