@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate",
         type=non_negative_int,
         default=s.rate,
-        help="events/s; 0 = as fast as possible, sim clock at 1000/s (default: %(default)s)",
+        help="events/s; 0 = as fast as possible (see --sim-rate) (default: %(default)s)",
     )
     a(
         "--duration",
@@ -59,6 +59,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=s.anomaly_rate,
         metavar="P",
         help="probability that a device or service gets one anomaly episode (default: %(default)s)",
+    )
+    a(
+        "--sim-rate",
+        type=non_negative_int,
+        default=0,
+        metavar="R",
+        help="with --rate 0: events per simulated second, e.g. a sparse day produced in "
+        "seconds (default: 1000)",
+    )
+    a(
+        "--anomaly-after",
+        type=non_negative_int,
+        default=s.anomaly_after_s,
+        metavar="S",
+        help="no anomaly episode starts in the first S seconds of the run, so that detectors "
+        "have learned what is normal (default: %(default)s)",
     )
     a(
         "--bad-rate",
@@ -125,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
             devices=args.devices,
             services=args.services,
             anomaly_rate=args.anomaly_rate,
+            anomaly_after_s=args.anomaly_after,
+            sim_rate=args.sim_rate,
             bad_rate=args.bad_rate,
             late_rate=args.late_rate,
             applog_share=args.applog_share,

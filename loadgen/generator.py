@@ -132,6 +132,8 @@ class GenConfig:
     devices: int
     services: int
     anomaly_rate: float = 0.0
+    anomaly_after_s: int = 0  # no episode starts before start + this (detector warm-up)
+    sim_rate: int = 0  # events per sim-second of an unpaced run (0: NOMINAL_RATE)
     bad_rate: float = 0.0
     late_rate: float = 0.0
     applog_share: float = 0.3
@@ -145,7 +147,11 @@ class GenConfig:
             "seed must be >= 0": self.seed >= 0,
             "start_ms must be >= 0": self.start_ms >= 0,
             "rate must be >= 0": self.rate >= 0,
+            "sim_rate must be >= 0": self.sim_rate >= 0,
             "duration_s must be >= 1": self.duration_s >= 1,
+            "anomaly_after_s must be >= 0 and shorter than the run": 0
+            <= self.anomaly_after_s
+            < self.duration_s,
             "devices must be >= 1": self.devices >= 1,
             "services must be >= 1": self.services >= 1,
             "partitions must be >= 1": min(self.sensor_partitions, self.applog_partitions) >= 1,
@@ -160,7 +166,7 @@ class GenConfig:
     @property
     def clock_rate(self) -> int:
         """Events per sim-second."""
-        return self.rate or NOMINAL_RATE
+        return self.rate or self.sim_rate or NOMINAL_RATE
 
     @property
     def total(self) -> int:
@@ -321,10 +327,12 @@ def plan_anomalies(config: GenConfig, fleet: Fleet) -> list[Episode]:
     run_ms = config.duration_s * 1000
     out: list[Episode] = []
 
+    after_ms = config.anomaly_after_s * 1000
+
     def window(kind: str) -> tuple[int, int]:
         lo, hi = (2_000, 10_000) if kind == "spike" else (10_000, 60_000)
-        length = min(int(rng.integers(lo, hi + 1)), run_ms)
-        start = config.start_ms + int(rng.integers(0, run_ms - length + 1))
+        length = min(int(rng.integers(lo, hi + 1)), run_ms - after_ms)
+        start = config.start_ms + after_ms + int(rng.integers(0, run_ms - after_ms - length + 1))
         return start, start + length
 
     for d in range(len(fleet.device_ids)):

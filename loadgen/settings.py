@@ -17,6 +17,7 @@ class LoadgenSettings(BaseSettings):
     services: int = Field(default=5, ge=1)
     seed: int = Field(default=42, ge=0)
     anomaly_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    anomaly_after_s: int = Field(default=0, ge=0)
     bad_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     late_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     applog_share: float = Field(default=0.3, ge=0.0, le=1.0)

@@ -25,6 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline import aggregation, windows
+from pipeline.detection import Detected
+from pipeline.leaderboards import ZsetWrite
 from pipeline.state import HashWrite, Retention, WindowState
 from pipeline.validation import Rejected, TimeBounds, decode_applog, decode_sensor
 from schemas import keys
@@ -111,6 +113,10 @@ class PartitionBatch:
     entity_cap: int = keys.ENTITY_REGISTRY_CAP  # members a registry (and the cache) keeps per dim
     # absolute values to write with the offset (the open windows' touched entities)
     writes: list[HashWrite] = field(default_factory=list)
+    # leaderboard writes of the 1m instances this batch touched (pipeline.leaderboards)
+    boards: list[ZsetWrite] = field(default_factory=list)
+    # detector states stepped by the windows this batch closed, and the anomalies they raised
+    detected: Detected | None = None
     # on-time events not aggregated yet (see aggregate_batches)
     columns: aggregation.Columns | None = None
 

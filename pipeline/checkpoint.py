@@ -38,7 +38,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline import windows
+import numpy as np
+
+from pipeline import leaderboards, windows
+from pipeline.aggregation import WindowDelta
 from pipeline.batch import (
     BatchRules,
     Diverted,
@@ -49,9 +52,11 @@ from pipeline.batch import (
     commit,
     process_partitions,
 )
+from pipeline.detection import KindDetectors
 from pipeline.metrics import Metrics, wall_clock_ms
 from pipeline.state import KindWindows, WindowState
 from pipeline.store_writer import ApplyOutcome
+from schemas import keys, packed
 from schemas.events import EventKind
 
 log = logging.getLogger("pulse.checkpoint")
@@ -126,6 +131,7 @@ class Checkpoint:
         retry_delay_s: float = 0.5,
         process: ProcessPartitions = process_partitions,
         commit_offsets: OffsetCommitter = _no_offsets,
+        detectors: Mapping[EventKind, KindDetectors] | None = None,
     ) -> None:
         self.topics = dict(topics)
         self._writer = writer
@@ -136,6 +142,8 @@ class Checkpoint:
         self._retry_delay_s = retry_delay_s
         self._process = process
         self._commit_offsets = commit_offsets
+        # each kind's anomaly detectors (partition state like the windows; none: not detecting)
+        self._detectors: dict[EventKind, KindDetectors] = dict(detectors or {})
         self._states: dict[PartKey, PartitionState] = {}
         # each kind's open windows, one table for all its partitions (their states view it)
         self._windows: dict[EventKind, KindWindows] = {}
@@ -244,6 +252,8 @@ class Checkpoint:
                 self._metrics.late += len(b.late)
                 self._metrics.dead += len(b.dead)
                 self._metrics.batches += 1
+                if b.detected is not None:
+                    self._metrics.anomalies += len(b.detected.anomalies)
             else:
                 # Someone else advanced this partition (a previous owner after a rebalance,
                 # or our own apply whose reply was lost): restore and keep what is new.
@@ -319,11 +329,67 @@ class Checkpoint:
             for b in todo:
                 for d in b.deltas:
                     d.partition = b.partition
-            writes = self._kind_windows(kind).absorb(deltas, self._rules.retention)
+            writes, table = self._kind_windows(kind).absorb_values(deltas, self._rules.retention)
             for b in todo:
                 b.writes = writes.get(b.partition, [])
+            self._analyse(kind, todo, deltas, table)
             batches.extend(kind_batches)
         return batches
+
+    def _analyse(
+        self,
+        kind: EventKind,
+        todo: Sequence[PartitionBatch],
+        deltas: Sequence[WindowDelta],
+        table: packed.Table,
+    ) -> None:
+        """Each batch's leaderboard writes, and the detectors of the windows it closes."""
+        retention = self._rules.retention
+        bounds = np.cumsum([0, *(len(d.names) for d in deltas)])
+        need = [i for i, d in enumerate(deltas) if leaderboards.needs_p99(kind, d)]
+        p99 = np.full(table.rows, np.nan)
+        if need:
+            rows = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in need])
+            p99[rows] = packed.quantiles(table.take(rows), (0.99,))[:, 0]
+        per: dict[int, list[int]] = defaultdict(list)
+        for i, d in enumerate(deltas):
+            if d.window == keys.BOARD_WINDOW:
+                per[d.partition].append(i)
+        detectors = self._detectors.get(kind)
+        for b in todo:
+            mine = per.get(b.partition, [])
+            b.boards = leaderboards.board_writes(
+                kind,
+                b.partition,
+                [deltas[i] for i in mine],
+                [table.stats[bounds[i] : bounds[i + 1]] for i in mine],
+                [p99[bounds[i] : bounds[i + 1]] for i in mine],
+                [retention.expire_at_s(deltas[i].window, deltas[i].start_ms) for i in mine],
+            )
+            if detectors is None:
+                continue
+            closing = self._kind_windows(kind).closing(
+                b.partition, b.watermark, detectors.window, detectors.dim
+            )
+            if not closing:
+                continue
+            b.detected = found = detectors.detect(b.partition, closing)
+            if found.anomalies:
+                board = (
+                    keys.Board.DEVICE_ANOMALIES
+                    if kind is EventKind.SENSOR
+                    else keys.Board.SERVICE_ANOMALIES
+                )
+                b.boards += leaderboards.count_writes(
+                    kind,
+                    b.partition,
+                    board,
+                    [
+                        (keys.board_member(detectors.dim, a.entity), a.window_start_ms)
+                        for a in found.anomalies
+                    ],
+                    lambda start: retention.expire_at_s(keys.BOARD_WINDOW, start),
+                )
 
     def _kind_windows(self, kind: EventKind) -> KindWindows:
         if kind not in self._windows:
@@ -335,6 +401,8 @@ class Checkpoint:
         self._states.pop(pk, None)
         if pk[0] in self._windows:
             self._windows[pk[0]].drop(pk[1])
+        if pk[0] in self._detectors:
+            self._detectors[pk[0]].drop(pk[1])
 
     # ------------------------------------------------------------------ partition state
 
@@ -344,9 +412,14 @@ class Checkpoint:
         A previous owner may have applied records it never saw durable (it died waiting); the
         store skips them as applied, and only a fence of ours vouches that they are durable.
         """
+        self._clear_states()
+        self._unsure = True
+
+    def _clear_states(self) -> None:
         self._states.clear()
         self._windows.clear()
-        self._unsure = True
+        for detectors in self._detectors.values():
+            detectors.clear()
 
     async def load_progress(
         self, kind: EventKind, partitions: list[int]
@@ -382,8 +455,7 @@ class Checkpoint:
     def _store_unavailable(self, exc: BaseException) -> None:
         self._metrics.store_retries += 1
         log.warning("store unavailable (%s); retrying in %.1fs", exc, self._retry_delay_s)
-        self._states.clear()
-        self._windows.clear()
+        self._clear_states()
         self._unsure = True
 
     async def _load_states(self, pks: list[PartKey]) -> None:
@@ -411,10 +483,14 @@ class Checkpoint:
             ws = WindowState(kind, p, self._rules.plan, shared=self._kind_windows(kind))
             wm = windows.watermark(st.max_event_time, lateness)
             restoring[(kind, p)] = (ws, ws.restore_keys(st.max_event_time, wm))
-        hashes = await self._writer.read_hashes([k for _, ks in restoring.values() for k in ks])
+        names = [k for _, ks in restoring.values() for k in ks]
+        names += [keys.detector_key(kind, p) for kind, p in pks if kind in self._detectors]
+        hashes = await self._writer.read_hashes(names)
         for pk, (ws, ks) in restoring.items():
             ws.restore({k: hashes[k] for k in ks})
             self._states[pk].windows = ws
+            if pk[0] in self._detectors:  # the detectors at the same offset as the windows
+                self._detectors[pk[0]].restore(pk[1], hashes[keys.detector_key(*pk)])
 
     def _run(
         self, pk: PartKey, records: Sequence[RawRecord], state: PartitionState, now: int

@@ -26,6 +26,7 @@ class Metrics:
     late: int = 0
     dead: int = 0
     batches: int = 0
+    anomalies: int = 0  # anomalies raised and applied
     conflicts: int = 0
     store_retries: int = 0
     fences: int = 0
@@ -53,6 +54,7 @@ class Metrics:
             M.LATE: self.late,
             M.DEAD: self.dead,
             M.BATCHES: self.batches,
+            M.ANOMALIES: self.anomalies,
             M.CONFLICTS: self.conflicts,
             M.STORE_RETRIES: self.store_retries,
             M.FENCES: self.fences,

@@ -72,6 +72,10 @@ class WorkerSettings(EventTimeSettings):
     dims_1m: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["device", "site", "metric", "route", "service", "fleet"]
     )
+    # Anomaly detection on closed 10 s windows (device|metric and service): adds those
+    # dimensions to the 10 s windows it reads.
+    detect: bool = True
+    detect_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
 
     @field_validator("dims_10s", "dims_1m", mode="before")
     @classmethod
@@ -87,8 +91,11 @@ class WorkerSettings(EventTimeSettings):
 
     def window_plan(self) -> tuple[tuple[keys.TumblingWindow, tuple[str, ...]], ...]:
         """Which dimensions each tumbling window keeps."""
+        dims_10s = list(self.dims_10s)
+        if self.detect:
+            dims_10s += [d for d in (keys.Dim.DEVICE, keys.Dim.SERVICE) if d not in dims_10s]
         return (
-            (keys.WINDOW_10S, tuple(self.dims_10s)),
+            (keys.WINDOW_10S, tuple(dims_10s)),
             (keys.WINDOW_1M, tuple(self.dims_1m)),
         )
 

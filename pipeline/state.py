@@ -220,15 +220,23 @@ class KindWindows:
     ) -> dict[int, list[HashWrite]]:
         """Fold deltas in (each of ``delta.partition``, or all of ``partition`` when given);
         per partition, the absolute values of every entity they touched."""
+        return self.absorb_values(deltas, retention, partition)[0]
+
+    def absorb_values(
+        self, deltas: Sequence[WindowDelta], retention: Retention, partition: int | None = None
+    ) -> tuple[dict[int, list[HashWrite]], packed.Table]:
+        """:meth:`absorb`, and the touched entities' absolute values as one table (the
+        deltas' rows, in order)."""
         if not deltas:
-            return {}
+            return {}, packed.Table.empty(self.nf)
         parts = [partition if partition is not None else d.partition for d in deltas]
         row_keys: list[RowKey] = []
         for p, d in zip(parts, deltas, strict=True):
             ik = (p, d.window.name, d.dim, d.start_ms)
             row_keys.extend((ik, n) for n in d.names)
         rows = self._absorb(row_keys, packed.concat([d.table for d in deltas]))
-        values = packed.encode(self._rows.table(rows))  # one encode for every partition
+        table = self._rows.table(rows)
+        values = packed.encode(table)  # one encode for every partition
         out: dict[int, list[HashWrite]] = {}
         at = 0
         for p, d in zip(parts, deltas, strict=True):
@@ -242,7 +250,34 @@ class KindWindows:
                 )
             )
             at += n
-        return out
+        return out, table
+
+    def closing(
+        self, partition: int, watermark: int | None, window: keys.TumblingWindow, dim: str
+    ) -> list[tuple[int, list[str], packed.Table]]:
+        """The ``window``/``dim`` instances of a partition that ``watermark`` closes (the next
+        :meth:`evict` drops them), oldest first: (start, entities, their final values)."""
+        if watermark is None:
+            return []
+        starts = sorted(
+            start
+            for (wname, d, start) in self.open.get(partition, ())
+            if wname == window.name and d == dim and start + window.size_ms <= watermark
+        )
+        if not starts:
+            return []
+        wanted = {(partition, window.name, dim, s): s for s in starts}
+        found: dict[int, tuple[list[str], list[int]]] = {s: ([], []) for s in starts}
+        for i, (ik, name) in enumerate(self._rows.keys):
+            s = wanted.get(ik)
+            if s is not None:
+                found[s][0].append(name)
+                found[s][1].append(i)
+        return [
+            (s, names, self._rows.table(np.asarray(rows, dtype=np.int64)))
+            for s, (names, rows) in found.items()
+            if names
+        ]
 
     def evict(self, watermarks: Mapping[int, int | None]) -> int:
         """Drop the instances each partition's watermark has passed (no on-time event can

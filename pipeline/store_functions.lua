@@ -33,7 +33,17 @@ ARGV[1] is a JSON header (pipeline.store_writer.payload builds it):
            each device whose event time t is newer than the one in the "seen" sorted set (ZADD
            GT CH) gets that time there and its position in the geo set (|lat| <= 85.05112878,
            |lon| <= 180)
-ARGV[2..] are the fields and values of the h blocks, in order: 1 + 2 * sum(n) arguments in all.
+  z        optional leaderboard blocks {key index, expire-at (s), mode, {score, member, ...}}:
+           sorted sets whose scores are set ("set"), raised only ("gt") or incremented
+           ("incr", counts: exact because the whole call applies once) by finite numbers
+  d        optional detector-state block {key index, n}: the next n (field, value) pairs of
+           ARGV after the h pairs are set in that hash (values: non-empty)
+  a        optional anomalies block {record key, index key, feed key, cut, cap,
+           {id, t, entity, signal, cause, score, value, ...}}: one record per id follows in
+           ARGV after the d pairs; each is set in the record hash, indexed by t in the index
+           sorted set and added to the feed stream (MAXLEN ~ cap); then ids indexed at or
+           below cut (expired) are removed from the index and the record hash
+ARGV[2..] are the fields and values of the h blocks, then the d pairs, then the anomaly records.
 Returns {1, new applied offset} when applied, {0, applied offset} when the expectation failed, and
 an error reply "ERR pulse_apply: <what is wrong>" for a malformed call.
 
@@ -132,6 +142,86 @@ local function positions(p, keys, used)
   return {geo, seen, m}
 end
 
+local function expect_type(key, want)
+  local t = redis.call('TYPE', key)
+  t = type(t) == 'table' and t.ok or t
+  if t ~= 'none' and t ~= want then bad('%s holds a %s, not a %s', key, t, want) end
+end
+
+local function is_score(x)
+  return type(x) == 'number' and x == x and x > -1e300 and x < 1e300
+end
+
+-- the header's optional leaderboard blocks z (see the header doc)
+local function boards(p, keys, used)
+  local out = {}
+  if p.z == nil then return out end
+  if not is_array(p.z) then bad('z must be an array') end
+  for i = 1, #p.z do
+    local blk, k, where = block_key(p, 'z', i, 4, keys, used)
+    if not is_int(blk[2]) then bad('%s: expire-at must be an integer', where) end
+    local mode = blk[3]
+    if mode ~= 'set' and mode ~= 'gt' and mode ~= 'incr' then
+      bad('%s: mode must be set, gt or incr', where)
+    end
+    local m = blk[4]
+    if not is_array(m) or #m == 0 or #m % 2 == 1 then bad('%s: needs (score, member) pairs', where) end
+    for c = 1, #m, 2 do
+      if not is_score(m[c]) then bad('%s: score %d is not a finite number', where, (c + 1) / 2) end
+      if type(m[c + 1]) ~= 'string' or m[c + 1] == '' then
+        bad('%s: member %d is not a name', where, (c + 1) / 2)
+      end
+      m[c] = string.format('%.17g', m[c])
+    end
+    out[i] = {k, blk[2], mode, m}
+  end
+  return out
+end
+
+-- the optional detector-state block d: {key, first ARGV index, last}; returns the next index
+local function detector_states(p, keys, used, args, at, plan)
+  if p.d == nil then return at end
+  if not is_array(p.d) or #p.d ~= 2 then bad('d must be {key index, n}') end
+  local k = key_at(p.d[1], 'd', keys, used)
+  local n = p.d[2]
+  if not is_int(n) or n < 1 then bad('d: n must be an integer >= 1') end
+  local last = at + 2 * n - 1
+  if last > #args then bad('d: needs %d field/value pairs, the call has %d arguments', n, #args) end
+  for a = at, last, 2 do
+    if #args[a] == 0 or #args[a + 1] == 0 then bad('d: field or value %d is empty', (a - at) / 2 + 1) end
+  end
+  plan.d = {k, at, last}
+  return last + 1
+end
+
+-- the optional anomalies block a (see the header doc); returns the next ARGV index
+local function anomalies(p, keys, used, args, at, plan)
+  if p.a == nil then return at end
+  if not is_array(p.a) or #p.a ~= 6 then
+    bad('a must be {record key, index key, feed key, cut, cap, entries}')
+  end
+  local rec = key_at(p.a[1], 'a (records)', keys, used)
+  local idx = key_at(p.a[2], 'a (index)', keys, used)
+  local feed = key_at(p.a[3], 'a (feed)', keys, used)
+  if not is_int(p.a[4]) then bad('a: cut must be an integer') end
+  if not is_int(p.a[5]) or p.a[5] < 1 then bad('a: cap must be an integer >= 1') end
+  local m = p.a[6]
+  if not is_array(m) or #m == 0 or #m % 7 ~= 0 then bad('a: needs 7 elements per anomaly') end
+  local n = #m / 7
+  if at + n - 1 > #args then bad('a: needs %d records, the call has %d arguments', n, #args) end
+  for c = 1, #m, 7 do
+    local i = (c + 6) / 7
+    if type(m[c]) ~= 'string' or m[c] == '' then bad('a: id %d is not a name', i) end
+    if not is_int(m[c + 1]) then bad('a: time %d is not an integer', i) end
+    for j = 2, 6 do
+      if type(m[c + j]) ~= 'string' then bad('a: field %d of anomaly %d is not a string', j + 1, i) end
+    end
+    if #args[at + i - 1] == 0 then bad('a: record %d is empty', i) end
+  end
+  plan.a = {rec, idx, feed, p.a[4], p.a[5], m, at}
+  return at + n
+end
+
 -- Phase 1: validate and check the expectation. Writes nothing; raises a message on any problem.
 local function prepare(keys, args)
   if #keys < 1 then bad('no keys: KEYS[1] must be the progress hash') end
@@ -187,9 +277,6 @@ local function prepare(keys, args)
     plan.h[i] = {k, blk[2], at, last}
     at = last + 1
   end
-  if at ~= #args + 1 then
-    bad('the header accounts for %d arguments, the call has %d', at - 1, #args)
-  end
   -- entity registries: (score, name) pairs
   plan.e = {}
   for i = 1, #p.e do
@@ -207,6 +294,12 @@ local function prepare(keys, args)
     plan.e[i] = {k, m}
   end
   plan.g = positions(p, keys, used)
+  plan.z = boards(p, keys, used)
+  at = detector_states(p, keys, used, args, at, plan)
+  at = anomalies(p, keys, used, args, at, plan)
+  if at ~= #args + 1 then
+    bad('the header accounts for %d arguments, the call has %d', at - 1, #args)
+  end
 
   -- the call is sound: check the expectation and the stored values it adds to
   local cur = redis.call('HMGET', plan.progress, 'offset', 'events', 'late', 'dead', 'batches')
@@ -244,6 +337,13 @@ local function prepare(keys, args)
       if t ~= 'none' and t ~= 'zset' then bad('position key %s holds a %s, not a sorted set', plan.g[i], t) end
     end
   end
+  for _, b in ipairs(plan.z) do expect_type(b[1], 'zset') end
+  if plan.d then expect_type(plan.d[1], 'hash') end
+  if plan.a then
+    expect_type(plan.a[1], 'hash')
+    expect_type(plan.a[2], 'zset')
+    expect_type(plan.a[3], 'stream')
+  end
   return plan
 end
 
@@ -273,6 +373,44 @@ local function write(plan, args)
       if redis.call('ZADD', seen, 'GT', 'CH', m[c], m[c + 3]) == 1 then
         redis.call('GEOADD', geo, m[c + 2], m[c + 1], m[c + 3])
       end
+    end
+  end
+  for _, w in ipairs(plan.z) do
+    local k, mode, m = w[1], w[3], w[4]
+    if mode == 'incr' then
+      for c = 1, #m, 2 do redis.call('ZINCRBY', k, m[c], m[c + 1]) end
+    else
+      for i = 1, #m, 2 * CHUNK do
+        local chunk = {unpack(m, i, math.min(i + 2 * CHUNK - 1, #m))}
+        if mode == 'gt' then
+          redis.call('ZADD', k, 'GT', unpack(chunk))
+        else
+          redis.call('ZADD', k, unpack(chunk))
+        end
+      end
+    end
+    redis.call('EXPIREAT', k, w[2])
+  end
+  if plan.d then
+    local k, first, last = plan.d[1], plan.d[2], plan.d[3]
+    for i = first, last, 2 * CHUNK do
+      redis.call('HSET', k, unpack(args, i, math.min(i + 2 * CHUNK - 1, last)))
+    end
+  end
+  if plan.a then
+    local rec, idx, feed, cut, cap, m, at = unpack(plan.a)
+    for c = 1, #m, 7 do
+      local i = (c + 6) / 7
+      redis.call('HSET', rec, m[c], args[at + i - 1])
+      redis.call('ZADD', idx, fmt_int(m[c + 1]), m[c])
+      redis.call('XADD', feed, 'MAXLEN', '~', cap, '*', 'id', m[c], 'entity', m[c + 2],
+                 'signal', m[c + 3], 'cause', m[c + 4], 'score', m[c + 5], 't', fmt_int(m[c + 1]),
+                 'value', m[c + 6])
+    end
+    local gone = redis.call('ZRANGEBYSCORE', idx, '-inf', fmt_int(cut), 'LIMIT', 0, CHUNK)
+    if #gone > 0 then
+      redis.call('HDEL', rec, unpack(gone))
+      redis.call('ZREM', idx, unpack(gone))
     end
   end
   local offset = fmt_int(plan.offset)

@@ -27,7 +27,7 @@ from pipeline import windows
 from pipeline.batch import PartitionBatch, PartitionState
 from pipeline.settings import Durability
 from pipeline.state import Retention
-from schemas import keys
+from schemas import anomaly, keys
 from schemas.events import EventKind
 from schemas.settings import StoreSettings, store_client
 
@@ -109,6 +109,43 @@ def payload(
     }
     if geo is not None:
         header["g"] = geo
+    if batch.boards:
+        zb: list[list[object]] = []
+        for z in batch.boards:
+            key_list.append(z.key)
+            flat_z: list[object] = []
+            for member, score in zip(z.members, z.scores, strict=True):
+                flat_z.append(score)
+                flat_z.append(member)
+            zb.append([len(key_list), z.expire_at_s, z.mode, flat_z])
+        header["z"] = zb
+    det = batch.detected
+    if det is not None and det.fields:
+        key_list.append(keys.detector_key(kind, part))
+        header["d"] = [len(key_list), len(det.fields)]
+        args.extend(chain.from_iterable(zip(det.fields, det.states, strict=True)))
+    if det is not None and det.anomalies:
+        key_list.append(keys.anomalies_key(kind, part))
+        key_list.append(keys.anomaly_index_key(kind, part))
+        key_list.append(keys.feed_key(kind, part))
+        entries: list[object] = []
+        for a in det.anomalies:
+            entries.extend(
+                (
+                    a.id,
+                    a.window_start_ms,
+                    a.entity,
+                    a.signal,
+                    a.cause,
+                    f"{a.score:.4f}",
+                    f"{a.value:.6g}",
+                )
+            )
+            args.append(anomaly.encode_record(a))
+        # an anomaly goes with the aggregates of its window (the 1m retention)
+        cut = now_ms - one_minute.size_ms - retention.seconds[one_minute.name] * 1000
+        n = len(key_list)
+        header["a"] = [n - 2, n - 1, n, cut, keys.FEED_CAP, entries]
     if batch.max_event_time != windows.NO_EVENT_YET:
         header["mx"] = batch.max_event_time
         header["wm"] = batch.watermark

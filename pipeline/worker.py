@@ -28,12 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.batch import BatchRules, RawRecord
 from pipeline.checkpoint import Checkpoint
+from pipeline.detection import KindDetectors
+from pipeline.detectors import DetectorParams
 from pipeline.divert import PRODUCER_MAX_REQUEST_BYTES, Divert
 from pipeline.ingest import KafkaBatchReader, ReaderConfig
 from pipeline.metrics import Metrics
-from pipeline.settings import KafkaSettings, StoreSettings, WorkerSettings
+from pipeline.settings import KafkaSettings, StackSettings, StoreSettings, WorkerSettings
 from pipeline.state import Retention
 from pipeline.validation import TimeBounds
+from schemas import keys
 from schemas.events import EventKind
 
 if TYPE_CHECKING:
@@ -51,8 +54,11 @@ def create_app(
     from pipeline.store_writer import StoreWriter, connect
 
     worker_name = name or f"{socket.gethostname()}-{os.getpid()}"
+    datadir = StackSettings().home / "faust"  # Faust's own files, not in the working directory
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         worker.app_id,
+        datadir=str(datadir),
         broker=f"kafka://{kafka.bootstrap}",
         store="memory://",
         key_serializer="raw",
@@ -88,8 +94,18 @@ def create_app(
         topic_names=topic_names,
         owner=worker_name,
     )
+    detectors = {}
+    if worker.detect:
+        params = DetectorParams(threshold=worker.detect_threshold)
+        detectors = {kind: KindDetectors(kind, keys.WINDOW_10S, params) for kind in EventKind}
     checkpoint = Checkpoint(
-        topic_names, writer, divert, rules, metrics, commit_offsets=commit_offsets
+        topic_names,
+        writer,
+        divert,
+        rules,
+        metrics,
+        commit_offsets=commit_offsets,
+        detectors=detectors,
     )
     polls = app.channel()
     app.agent(polls, name="pulse.checkpoint", concurrency=1)(_make_agent(checkpoint))
@@ -140,8 +156,6 @@ def create_app(
     @app.timer(interval=2.0)  # type: ignore[untyped-decorator]
     async def _publish_metrics() -> None:
         from redis.exceptions import RedisError
-
-        from schemas import keys
 
         try:
             key = keys.worker_key(worker_name)

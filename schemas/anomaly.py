@@ -64,7 +64,7 @@ class Signal:
     MEAN: Final = "mean"  # sensor: mean reading of device|metric
     MAX: Final = "max"  # sensor: highest reading
     MIN: Final = "min"  # sensor: lowest reading
-    LATENCY: Final = "latency_p99"  # applog: a service's p99 latency (ms)
+    LATENCY: Final = "latency_p50"  # applog: a service's median latency (ms)
     ERROR_RATE: Final = "error_rate"  # applog: a service's share of ERROR-level events
 
 

@@ -134,6 +134,7 @@ class WorkerMetric:
     LATE: Final = "late"
     DEAD: Final = "dead"
     BATCHES: Final = "batches"
+    ANOMALIES: Final = "anomalies"  # anomalies raised and applied
     CONFLICTS: Final = "conflicts"  # applies refused: another writer had advanced the offset
     STORE_RETRIES: Final = "store_retries"
     FENCES: Final = "fences"

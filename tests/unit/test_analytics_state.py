@@ -1,0 +1,224 @@
+"""Leaderboard writes and window detectors as partition state (pure, no services)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import orjson
+import pytest
+
+from pipeline import aggregation, leaderboards
+from pipeline.batch import BatchRules, PartitionBatch, Record
+from pipeline.checkpoint import Checkpoint
+from pipeline.detection import KindDetectors, signal_values
+from pipeline.metrics import Metrics
+from pipeline.validation import TimeBounds
+from schemas import anomaly, keys, packed
+from schemas.events import AppLogEvent, EventKind, LogLevel, SensorReading
+from tests.unit.test_checkpoint import TOPICS, FakeDivert, FakeWriter
+
+S, A = EventKind.SENSOR, EventKind.APPLOG
+T0 = 1_700_000_040_000  # a 1m boundary
+
+
+def reading(t: int, device: str, metric: str, value: float, site: str = "s1") -> SensorReading:
+    return SensorReading(
+        device_id=device, site=site, event_time=t, metric=metric, value=value, unit="u",
+        lat=1.0, lon=2.0, firmware="1",
+    )  # fmt: skip
+
+
+def request(t: int, service: str, route: str, latency: float, status: int) -> AppLogEvent:
+    return AppLogEvent(
+        service=service, route=route, event_time=t, latency_ms=latency, status_code=status,
+        level=LogLevel.ERROR if status >= 500 else LogLevel.INFO, trace_id="t",
+    )  # fmt: skip
+
+
+def one_minute(cols: aggregation.Columns, dims: tuple[str, ...]) -> list[aggregation.WindowDelta]:
+    return aggregation.aggregate(cols, [(keys.WINDOW_1M, dims)])
+
+
+def test_site_counts_add_up_over_metrics_and_device_maxima_are_raised_per_metric() -> None:
+    evs = [
+        reading(T0 + 1, "d1", "temp", 5.0, "s1"),
+        reading(T0 + 2, "d1", "hum", 50.0, "s1"),
+        reading(T0 + 3, "d2", "temp", 7.0, "s2"),
+        reading(T0 + 4, "d1", "temp", 9.0, "s1"),
+    ]
+    deltas = one_minute(aggregation.sensor_columns(evs), (keys.Dim.SITE, keys.Dim.DEVICE))
+    stats = [d.table.stats for d in deltas]
+    nan = [np.full(len(d.names), np.nan) for d in deltas]
+    writes = leaderboards.board_writes(S, 3, deltas, stats, nan, [99] * len(deltas))
+    by_key = {w.key: w for w in writes}
+    site = by_key[keys.board_key(S, 3, keys.Board.SITE_EVENTS, T0)]
+    assert (site.mode, dict(zip(site.members, site.scores, strict=True))) == (
+        "incr",
+        {"s1": 3.0, "s2": 1.0},
+    )
+    temp = by_key[keys.board_key(S, 3, "device.max.temp", T0)]
+    assert temp.mode == "gt" and dict(zip(temp.members, temp.scores, strict=True)) == {
+        "d1": 9.0,
+        "d2": 7.0,
+    }
+    hum = by_key[keys.board_key(S, 3, "device.max.hum", T0)]
+    assert dict(zip(hum.members, hum.scores, strict=True)) == {"d1": 50.0}
+    assert {w.expire_at_s for w in writes} == {99}
+
+
+def test_service_and_route_boards_count_requests_errors_and_set_p99() -> None:
+    evs = [request(T0 + i, "api", "/a", float(i), 500 if i % 4 == 0 else 200) for i in range(8)]
+    evs.append(request(T0 + 9, "web", "/b", 3.0, 200))
+    deltas = one_minute(aggregation.applog_columns(evs), (keys.Dim.SERVICE, keys.Dim.ROUTE))
+    assert all(leaderboards.needs_p99(A, d) for d in deltas)
+    p99 = [packed.quantiles(d.table, (0.99,))[:, 0] for d in deltas]
+    writes = leaderboards.board_writes(
+        A, 0, deltas, [d.table.stats for d in deltas], p99, [1] * len(deltas)
+    )
+    got = {(w.key, w.mode): dict(zip(w.members, w.scores, strict=True)) for w in writes}
+    assert got[(keys.board_key(A, 0, keys.Board.SERVICE_REQUESTS, T0), "incr")] == {
+        "api": 8.0,
+        "web": 1.0,
+    }
+    assert got[(keys.board_key(A, 0, keys.Board.SERVICE_ERRORS, T0), "incr")] == {"api": 2.0}
+    assert got[(keys.board_key(A, 0, keys.Board.ROUTE_ERRORS, T0), "incr")] == {"api|/a": 2.0}
+    p99_api = got[(keys.board_key(A, 0, keys.Board.SERVICE_P99, T0), "set")]["api"]
+    assert p99_api == pytest.approx(6.0, rel=0.02)  # rank floor(0.99 * 7) of 0..7
+
+
+def test_anomaly_counts_go_to_the_1m_instance_of_their_window() -> None:
+    writes = leaderboards.count_writes(
+        S,
+        1,
+        keys.Board.DEVICE_ANOMALIES,
+        [("d1", T0 + 10_000), ("d1", T0 + 20_000), ("d2", T0 + 70_000)],
+        lambda start: start // 1000 + 5,
+    )
+    assert [(w.key, w.members, w.scores, w.expire_at_s) for w in writes] == [
+        (keys.board_key(S, 1, keys.Board.DEVICE_ANOMALIES, T0), ["d1"], [2.0], T0 // 1000 + 5),
+        (
+            keys.board_key(S, 1, keys.Board.DEVICE_ANOMALIES, T0 + 60_000),
+            ["d2"],
+            [1.0],
+            (T0 + 60_000) // 1000 + 5,
+        ),
+    ]
+
+
+# --------------------------------------------------------------------- window detectors
+
+
+def windows_of(values: list[float], start: int = T0) -> list[tuple[int, list[str], packed.Table]]:
+    """One closed 10 s window per value: entity d1|temp with three readings around it."""
+    out = []
+    for i, v in enumerate(values):
+        t = start + i * 10_000
+        evs = [reading(t + j, "d1", "temp", v + j * 0.01) for j in range(3)]
+        (d,) = aggregation.aggregate(
+            aggregation.sensor_columns(evs), [(keys.WINDOW_10S, (keys.Dim.DEVICE,))]
+        )
+        out.append((d.start_ms, list(d.names), d.table))
+    return out
+
+
+def series(n: int, spike_at: int) -> list[float]:
+    rng = np.random.default_rng(7)
+    v = (20 + rng.standard_normal(n)).tolist()
+    v[spike_at] += 60.0
+    return v
+
+
+def test_signals_of_a_window() -> None:
+    (_, _, table), *_ = windows_of([10.0])
+    got = signal_values(S, table)
+    assert got[anomaly.Signal.MEAN][0] == pytest.approx(10.01)
+    assert got[anomaly.Signal.MAX][0] == pytest.approx(10.02)
+    assert got[anomaly.Signal.MIN][0] == pytest.approx(10.0)
+
+
+def test_a_spike_raises_an_anomaly_with_a_stable_id_and_vector() -> None:
+    det = KindDetectors(S, keys.WINDOW_10S)
+    wins = windows_of(series(200, 150))
+    found = [a for w in wins for a in det.detect(2, [w]).anomalies]
+    spike_start = wins[150][0]
+    hits = [a for a in found if a.window_start_ms == spike_start]
+    assert hits, [(a.window_start_ms, a.signal) for a in found]
+    a = hits[0]
+    assert a.id == anomaly.anomaly_id("sensor", 2, spike_start, "d1|temp", a.signal)
+    assert anomaly.parse_anomaly_id(a.id)[1:3] == (2, spike_start)
+    assert a.context["device"] == "d1" and a.context["metric"] == "temp"
+    assert a.vector.shape == (anomaly.VECTOR_DIM,) and a.vector.dtype == np.float32
+    assert anomaly.decode_record(anomaly.encode_record(a)).id == a.id
+
+
+def test_restored_detectors_continue_exactly_like_uninterrupted_ones() -> None:
+    wins = windows_of(series(220, 180))
+    whole = KindDetectors(S, keys.WINDOW_10S)
+    expected = [a for w in wins for a in whole.detect(0, [w]).anomalies]
+
+    first = KindDetectors(S, keys.WINDOW_10S)
+    stored: dict[bytes, bytes] = {}
+    got = []
+    for i, w in enumerate(wins):
+        if i == 120:  # the worker dies; a new one restores the partition from the store
+            first = KindDetectors(S, keys.WINDOW_10S)
+            first.restore(0, stored)
+        found = first.detect(0, [w])
+        stored.update(zip((f.encode() for f in found.fields), found.states, strict=True))
+        got += found.anomalies
+    assert [(a.id, a.score) for a in got] == [(a.id, a.score) for a in expected]
+
+
+def test_a_damaged_stored_state_starts_afresh_and_never_raises() -> None:
+    det = KindDetectors(S, keys.WINDOW_10S)
+    det.restore(4, {b"d1|temp~mean": b"garbage", b"d1|temp~max": b""})
+    assert det.refused == 2 and det.restored(4)
+    det.detect(4, windows_of([1.0, 2.0]))  # the rows work
+    det.drop(4)
+    assert not det.restored(4)
+
+
+# ------------------------------------------------------------ through the checkpoint
+
+
+def sensor_record(offset: int, t: int, value: float) -> Record:
+    return Record(
+        offset,
+        None,
+        orjson.dumps({
+            "device_id": "d1", "site": "s1", "event_time": t, "metric": "temp", "value": value,
+            "unit": "C", "lat": 1.0, "lon": 2.0, "firmware": "1",
+        }),
+    )  # fmt: skip
+
+
+def test_the_batch_that_closes_a_window_carries_its_detector_states_and_boards() -> None:
+    now = T0 + 3_600_000
+    rules = BatchRules(
+        TimeBounds(6 * 3600 * 1000, 300_000),
+        0,
+        plan=((keys.WINDOW_10S, (keys.Dim.DEVICE,)), (keys.WINDOW_1M, (keys.Dim.SITE,))),
+    )
+    sent: list[PartitionBatch] = []
+
+    class Capture(FakeWriter):
+        async def send(self, batches: list[PartitionBatch], now_ms: int) -> list:  # type: ignore[type-arg]
+            sent.extend(batches)
+            return await super().send(batches, now_ms)
+
+    w = Capture()
+    cp = Checkpoint(
+        TOPICS, w, FakeDivert(), rules, Metrics(), clock=lambda: now, retry_delay_s=0.0,
+        detectors={S: KindDetectors(S, keys.WINDOW_10S)},
+    )  # fmt: skip
+    asyncio.run(cp.commit({S: {0: [sensor_record(0, T0 + 1000, 1.0)]}}))
+    asyncio.run(cp.commit({S: {0: [sensor_record(1, T0 + 12_000, 2.0)]}}))  # closes [T0, +10s)
+    asyncio.run(cp.flush())
+    first, second = sent
+    assert first.detected is None
+    assert second.detected is not None
+    assert sorted(second.detected.fields) == [
+        f"d1|temp~{s}" for s in sorted(("mean", "max", "min"))
+    ]
+    assert [b.key for b in first.boards] == [keys.board_key(S, 0, keys.Board.SITE_EVENTS, T0)]
