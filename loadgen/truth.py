@@ -5,11 +5,19 @@ letters and leave the watermark alone; a valid event is late when the partition 
 event before and ``event_time < max_event_time_seen - allowed_lateness_ms``; every other event is
 counted in each window instance that contains it. Statistics are plain numpy arithmetic over the
 exact values (no sketches): quantiles are ``numpy.quantile(values, q, method="lower")``.
+
+The truth also holds the expected leaderboards (``schemas.keys.BOARDS``) the worker keeps per
+partition and ``1m`` window instance, for the boards whose scores follow from the events alone
+(not the anomaly boards): ``boards[kind][partition][start][board] = {member: score}``. Counts
+are whole numbers, maxima the exact readings, p99 ``numpy.quantile(..., method="lower")`` over
+the partition's own events (what its sketch estimates); an errors board lists every member
+with requests (0 when it had no errors). Older truth files have no ``boards``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,10 +36,12 @@ from loadgen.generator import (
 )
 from schemas.events import EventKind
 from schemas.keys import (
+    BOARD_WINDOW,
     DIMS,
     FLEET_ENTITY,
     HOPPING_WINDOWS,
     TUMBLING_WINDOWS,
+    Board,
     Dim,
     Stat,
     entity,
@@ -39,6 +49,7 @@ from schemas.keys import (
 
 FORMAT: Final = 1
 QUANTILES: Final = (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99))
+BOARD_P99: Final = 0.99
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -146,7 +157,9 @@ class TruthBuilder:
         cfg = self.config
         kinds = (EventKind.SENSOR, EventKind.APPLOG)
         sections = {kind: self._section(kind) for kind in kinds}
-        summary = {k: v for k, v in sections[EventKind.SENSOR].items() if k != "windows"}
+        summary = {
+            k: v for k, v in sections[EventKind.SENSOR].items() if k not in ("windows", "boards")
+        }
         doc: dict[str, Any] = {
             "format": FORMAT,
             "seed": cfg.seed,
@@ -163,6 +176,7 @@ class TruthBuilder:
         for name in summary:
             doc[name] = {k.value: sections[k][name] for k in kinds}
         doc["windows"] = {k.value: sections[k]["windows"] for k in kinds}
+        doc["boards"] = {k.value: sections[k]["boards"] for k in kinds}
         doc["anomalies"] = [e.as_truth() for e in self.episodes]
         return orjson.dumps(doc)
 
@@ -259,6 +273,12 @@ class TruthBuilder:
                         orjson.dumps(dict(sorted(named.items())))
                     )
             windows[name] = per_dim
+        ok_part = part[ok][order]
+        if kind is EventKind.SENSOR:
+            boards = sensor_boards(self.fleet, ok_part, t_ok, codes_ok[Dim.DEVICE], v_ok)
+        else:
+            assert er_ok is not None
+            boards = applog_boards(self.fleet, ok_part, t_ok, codes_ok[Dim.ROUTE], v_ok, er_ok)
         return {
             "produced": int(valid_pp.sum() + dead.sum()),
             "events": int(events_pp.sum()),
@@ -266,7 +286,134 @@ class TruthBuilder:
             "dead": int(dead.sum()),
             "per_partition": per_partition,
             "windows": windows,
+            "boards": {
+                str(q): orjson.Fragment(orjson.dumps(by_start, option=orjson.OPT_NON_STR_KEYS))
+                for q, by_start in sorted(boards.items())
+            },
         }
+
+
+# partition -> 1m window start -> board name -> member -> score
+Boards = dict[int, dict[int, dict[str, dict[str, float | int]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Groups:
+    """On-time events grouped by (partition, 1m window start, member), values sorted within.
+
+    ``order`` sorts the events; group ``g`` is ``order[lo[g]:hi[g]]``.
+    """
+
+    part: list[int]
+    start: list[int]
+    member: list[int]
+    order: IntArray
+    lo: IntArray
+    hi: IntArray
+
+    @property
+    def n(self) -> IntArray:
+        """Events per group."""
+        return self.hi - self.lo
+
+    def rows(self) -> Iterator[tuple[int, int, int, int]]:
+        """(group, partition, start, member) of every group."""
+        for g, (p, s, m) in enumerate(zip(self.part, self.start, self.member, strict=True)):
+            yield g, p, s, m
+
+
+def board_groups(
+    partition: IntArray, event_time: IntArray, member: IntArray, values: FloatArray
+) -> Groups:
+    """Group events by partition, ``1m`` window instance and member (a code), values sorted."""
+    start = event_time - event_time % BOARD_WINDOW.size_ms
+    order = np.lexsort((values, member, start, partition))
+    p, s, m = partition[order], start[order], member[order]
+    change = np.r_[True, (p[1:] != p[:-1]) | (s[1:] != s[:-1]) | (m[1:] != m[:-1])]
+    lo = np.flatnonzero(change) if len(order) else np.zeros(0, dtype=np.int64)
+    hi = np.r_[lo[1:], len(order)].astype(np.int64)
+    return Groups(p[lo].tolist(), s[lo].tolist(), m[lo].tolist(), order, lo, hi)
+
+
+def _put(
+    out: Boards,
+    groups: Groups,
+    board: str | Callable[[int], str],
+    name: Callable[[int], str],
+    scores: list[Any],
+) -> None:
+    for g, p, s, m in groups.rows():
+        b = board if isinstance(board, str) else board(m)
+        out.setdefault(p, {}).setdefault(s, {}).setdefault(b, {})[name(m)] = scores[g]
+
+
+def _p99(groups: Groups, values: FloatArray) -> list[float]:
+    pos = groups.lo + np.floor((groups.n - 1) * BOARD_P99).astype(np.int64)
+    result: list[float] = values[groups.order[pos]].tolist()
+    return result
+
+
+def sensor_boards(
+    fleet: Fleet, partition: IntArray, event_time: IntArray, series: IntArray, values: FloatArray
+) -> Boards:
+    """The value boards of on-time sensor events: ``site.events``, ``device.max.<metric>``."""
+    out: Boards = {}
+    site = fleet.device_site[fleet.series_device[series]]
+    g = board_groups(partition, event_time, site, values)
+    _put(out, g, Board.SITE_EVENTS, lambda c: fleet.sites[c], g.n.tolist())
+    # one member per (metric, device): code metric * devices + device
+    devices = len(fleet.device_ids)
+    code = fleet.series_metric[series] * devices + fleet.series_device[series]
+    g = board_groups(partition, event_time, code, values)
+    _put(
+        out,
+        g,
+        lambda c: f"{Board.DEVICE_MAX}.{METRICS[c // devices].name}",
+        lambda c: fleet.device_ids[c % devices],
+        values[g.order[g.hi - 1]].tolist(),
+    )
+    return _sorted(out)
+
+
+def applog_boards(
+    fleet: Fleet,
+    partition: IntArray,
+    event_time: IntArray,
+    route: IntArray,
+    latency: FloatArray,
+    error: npt.NDArray[np.bool_],
+) -> Boards:
+    """The value boards of on-time application-log events: requests, errors (ERROR-level
+    events) and latency p99 per service and per route (``service|route``)."""
+    out: Boards = {}
+    errors = error.astype(np.int64)
+    for member, names, requests, errs, p99 in (
+        (
+            fleet.route_service[route],
+            lambda c: fleet.services[c],
+            Board.SERVICE_REQUESTS,
+            Board.SERVICE_ERRORS,
+            Board.SERVICE_P99,
+        ),
+        (route, fleet.route_entity, Board.ROUTE_REQUESTS, Board.ROUTE_ERRORS, Board.ROUTE_P99),
+    ):
+        g = board_groups(partition, event_time, member, latency)
+        _put(out, g, requests, names, g.n.tolist())
+        sums = np.add.reduceat(errors[g.order], g.lo) if len(g.lo) else g.lo
+        _put(out, g, errs, names, sums.tolist())
+        _put(out, g, p99, names, _p99(g, latency))
+    return _sorted(out)
+
+
+def _sorted(out: Boards) -> Boards:
+    """The same boards with partitions, starts, boards and members in sorted order."""
+    return {
+        p: {
+            s: {b: dict(sorted(members.items())) for b, members in sorted(by_board.items())}
+            for s, by_board in sorted(by_start.items())
+        }
+        for p, by_start in sorted(out.items())
+    }
 
 
 def _cat(parts: list[Any], dtype: type) -> Any:

@@ -67,6 +67,24 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "list the devices near a point, with their latest reading and status",
     ),
+    "top": (
+        "dashboard.boards",
+        "add_arguments",
+        "run",
+        "show a leaderboard (top sites, devices, services, routes) over 1m, 5m or 1h",
+    ),
+    "anomalies": (
+        "dashboard.anomalies",
+        "anomalies_arguments",
+        "run_anomalies",
+        "list the latest anomalies, newest first",
+    ),
+    "similar": (
+        "dashboard.anomalies",
+        "similar_arguments",
+        "run_similar",
+        "list the past anomalies most similar to one (cosine over anomaly vectors)",
+    ),
     "bench": ("pulse_bench.cli", "add_arguments", "run", "benchmark the pipeline side by side"),
     "eval": (
         "pipeline.nab",

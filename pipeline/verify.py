@@ -18,6 +18,14 @@ Besides the truth, the store must agree with itself, per partition:
   event never touches a window and an on-time one lands in exactly one ``1m`` window per dim.
   This assumes none of the partition's ``1m`` windows has expired yet (a run younger than the
   ``1m`` retention, as the truth comparison does anyway).
+
+Leaderboards (``schemas.keys.BOARDS``, one sorted set per partition, board and ``1m`` window
+instance) are compared per partition with the truth's ``boards`` (truth files without them skip
+this): counts and maxima exactly, p99 within the sketch's relative accuracy, missing and extra
+members named (a count of 0 equals an absent member). The anomaly boards are checked against
+the partition's stored anomaly records (``schemas.anomaly``): each member's score is the number
+of records of its device (sensor records are per ``device|metric``) or service whose detection
+window starts within the ``1m`` instance. This too assumes nothing has expired yet.
 """
 
 from __future__ import annotations
@@ -271,14 +279,207 @@ def kept_dims(
     return out
 
 
-def verify(truth: dict[str, Any], found: StoreContents, kept: Kept = None) -> list[str]:
-    """Every problem: the store against the truth, and against itself."""
-    return [
+def verify(
+    truth: dict[str, Any],
+    found: StoreContents,
+    kept: Kept = None,
+    boards: BoardContents | None = None,
+) -> list[str]:
+    """Every problem: the store against the truth, and against itself (with ``boards``:
+    the leaderboards too)."""
+    out = [
         *compare(truth, found.view, found.totals, kept),
         *compare_partitions(truth, found.partitions),
         *found.problems,
         *check_partitions(found.partitions),
     ]
+    if boards is not None:
+        out += [
+            *compare_boards(truth, boards, kept),
+            *boards.problems,
+            *check_anomaly_boards(boards),
+        ]
+    return out
+
+
+# --------------------------------------------------------------------------- leaderboards
+
+# (kind, partition, 1m window start) -> board name -> member -> score
+BoardView = dict[tuple[str, int, int], dict[str, dict[str, float]]]
+ANOMALY_BOARDS: Final = {
+    EventKind.SENSOR.value: keys.Board.DEVICE_ANOMALIES,
+    EventKind.APPLOG.value: keys.Board.SERVICE_ANOMALIES,
+}
+
+
+@dataclass
+class BoardContents:
+    """What :func:`read_boards` found."""
+
+    boards: BoardView  # every stored board
+    anomalies: BoardView  # the anomaly boards the stored anomaly records imply
+    records: int = 0  # anomaly records read
+    problems: list[str] = field(default_factory=list)  # unreadable records, unknown boards
+
+
+def stored_board(name: str) -> keys.StoredBoard | None:
+    """The contract's entry of a stored board name (``device.max.<metric>``: ``device.max``)."""
+    found = keys.BOARDS.get(name)
+    if found is None and name.startswith(f"{keys.Board.DEVICE_MAX}."):
+        return keys.BOARDS[keys.Board.DEVICE_MAX]
+    return found
+
+
+def parse_board_key(key: str) -> tuple[EventKind, int, str, int]:
+    """Split a board key into (kind, partition, board name, start_ms)."""
+    kind, part = keys.parse_tag(key)
+    _, sep, rest = key.partition("}:top:")
+    name, _, start = rest.rpartition(":")
+    if not sep or not name or not start.isdigit():
+        raise ValueError(f"not a board key: {key!r}")
+    return kind, part, name, int(start)
+
+
+def read_boards(client: Any, batch: int = 500) -> BoardContents:
+    """Every leaderboard in the store, and the anomaly boards its anomaly records imply.
+
+    ``client`` must return bytes (anomaly records are binary).
+    """
+    from schemas.anomaly import decode_record
+
+    out = BoardContents({}, {})
+    for kind in EventKind:
+        pattern = f"{keys.PREFIX}:{{{kind.value}.*}}:top:*"
+        names = sorted(_text(k) for k in client.scan_iter(match=pattern, count=1000))
+        for chunk in _chunks(names, batch):
+            pipe = client.pipeline(transaction=False)
+            for k in chunk:
+                pipe.zrange(k, 0, -1, withscores=True)
+            for k, pairs in zip(chunk, pipe.execute(), strict=True):
+                try:
+                    _, part, name, start = parse_board_key(k)
+                except ValueError as exc:
+                    out.problems.append(f"{kind.value}: {exc}")
+                    continue
+                if stored_board(name) is None:
+                    out.problems.append(f"{kind.value} partition {part}: unknown board {k!r}")
+                    continue
+                board = out.boards.setdefault((kind.value, part, start), {}).setdefault(name, {})
+                for member, score in pairs:
+                    board[_text(member)] = float(score)
+        dim = keys.BOARDS[ANOMALY_BOARDS[kind.value]].dim
+        anom_pattern = f"{keys.PREFIX}:{{{kind.value}.*}}:anom"
+        for k in sorted(_text(k) for k in client.scan_iter(match=anom_pattern, count=1000)):
+            part = keys.parse_tag(k)[1]
+            if k != keys.anomalies_key(kind, part):
+                continue
+            for anomaly_id, blob in sorted(client.hgetall(k).items()):
+                try:
+                    rec = decode_record(blob)
+                except ValueError as exc:
+                    out.problems.append(
+                        f"{kind.value} partition {part} anomaly {_text(anomaly_id)}: {exc}"
+                    )
+                    continue
+                out.records += 1
+                start = keys.window_start(rec.window_start_ms, keys.BOARD_WINDOW)
+                member = keys.board_member(dim, rec.entity)
+                counts = out.anomalies.setdefault((kind.value, part, start), {}).setdefault(
+                    ANOMALY_BOARDS[kind.value], {}
+                )
+                counts[member] = counts.get(member, 0) + 1
+    return out
+
+
+def _board_lines(
+    where: str,
+    got: Mapping[str, float],
+    want: Mapping[str, float],
+    merge: str,
+    accuracy: float,
+    source: str = "truth",
+) -> list[str]:
+    """Every difference between a stored board and its expected members and scores (what
+    ``source`` says)."""
+    if merge == "sum":  # a count of 0 is no entry
+        got = {m: s for m, s in got.items() if s != 0}
+        want = {m: s for m, s in want.items() if s != 0}
+    out: list[str] = []
+    for member, w in want.items():
+        g = got.get(member)
+        if g is None:
+            out.append(f"{where} {member}: missing ({source} {w!r})")
+        elif merge == "sketch":
+            if abs(g - float(w)) > accuracy * abs(float(w)) + 1e-9:
+                out.append(f"{where} {member}: {g!r}, {source} {w!r} (±{accuracy:.1%})")
+        elif g != float(w):
+            out.append(f"{where} {member}: {g!r}, {source} {w!r}")
+    for member in sorted(got.keys() - want.keys()):
+        out.append(f"{where} {member}: in the store ({got[member]!r}) but not in the {source}")
+    return out
+
+
+def compare_boards(truth: dict[str, Any], found: BoardContents, kept: Kept = None) -> list[str]:
+    """The stored value boards (not the anomaly boards) against the truth's, per partition
+    and ``1m`` instance; nothing for a truth file without boards. With ``kept``, only the
+    boards of dimensions the ``1m`` windows keep."""
+    from schemas.sketch import RELATIVE_ACCURACY
+
+    if "boards" not in truth:
+        return []
+    window = keys.BOARD_WINDOW.name
+
+    def compared(name: str) -> keys.StoredBoard | None:
+        b = stored_board(name)
+        if b is None or name in ANOMALY_BOARDS.values():
+            return None
+        if kept is not None and b.dim not in kept.get(window, frozenset()):
+            return None
+        return b
+
+    out: list[str] = []
+    expected: set[tuple[str, int, int, str]] = set()
+    for kind_s, parts in truth["boards"].items():
+        for part_s, starts in sorted(parts.items(), key=lambda kv: int(kv[0])):
+            for start_s, by_board in sorted(starts.items(), key=lambda kv: int(kv[0])):
+                at = (kind_s, int(part_s), int(start_s))
+                stored = found.boards.get(at, {})
+                for name, want in sorted(by_board.items()):
+                    b = compared(name)
+                    if b is None:
+                        continue
+                    expected.add((*at, name))
+                    where = f"{kind_s} partition {part_s} board {name} @{start_s}"
+                    if name not in stored and any(want.values()):
+                        out.append(f"{where}: missing (truth has {len(want)} members)")
+                        continue
+                    out += _board_lines(
+                        where, stored.get(name, {}), want, b.merge, RELATIVE_ACCURACY
+                    )
+    for (kind_s, part, start), by_board in sorted(found.boards.items()):
+        for name, got in sorted(by_board.items()):
+            b = compared(name)
+            if b is None or (kind_s, part, start, name) in expected:
+                continue
+            if any(got.values()):
+                out.append(
+                    f"{kind_s} partition {part} board {name} @{start}: in the store "
+                    f"({len(got)} members) but not in the truth"
+                )
+    return out
+
+
+def check_anomaly_boards(found: BoardContents) -> list[str]:
+    """Each partition's anomaly boards against what its stored anomaly records imply."""
+    out: list[str] = []
+    for at in sorted(found.boards.keys() | found.anomalies.keys()):
+        kind_s, part, start = at
+        name = ANOMALY_BOARDS[kind_s]
+        got = found.boards.get(at, {}).get(name, {})
+        want = found.anomalies.get(at, {}).get(name, {})
+        where = f"{kind_s} partition {part} board {name} @{start}"
+        out += _board_lines(where, got, want, "sum", 0.0, "anomaly records")
+    return out
 
 
 def compare(
@@ -371,7 +572,9 @@ events + late + dead == offset + 1 in every progress hash (this assumes dense of
 the input topics are written by idempotent, non-transactional producers and nothing was deleted
 before the worker read it); the
 1m windows of the fleet-wide dim (sensor: metric, applog: fleet) count exactly the events
-counter (this assumes none of those windows has expired yet)."""
+counter (this assumes none of those windows has expired yet). Leaderboards are compared with
+the truth's per partition and 1m window (truth files without boards skip this), and the anomaly
+boards with the stored anomaly records."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -400,11 +603,12 @@ def run(args: argparse.Namespace) -> int:
     client = store_client(s, timeout_s=30.0)
     try:
         found = read_store(client)
+        boards = read_boards(client)
     except redis.RedisError as exc:
         print(f"pulse verify: cannot read the store at {s.url()}: {exc}.", file=sys.stderr)
         return 2
     totals = found.totals
-    problems = verify(truth, found, kept)
+    problems = verify(truth, found, kept, boards)
     checked = sum(
         len(ents)
         for k in truth.get("windows", {}).values()
@@ -412,6 +616,14 @@ def run(args: argparse.Namespace) -> int:
         for dim, starts in dims.items()
         if dim in kept.get(window, frozenset())
         for ents in starts.values()
+    )
+    board_entries = sum(
+        len(members)
+        for parts in truth.get("boards", {}).values()
+        for starts in parts.values()
+        for by_board in starts.values()
+        for name, members in by_board.items()
+        if (b := stored_board(name)) is not None and b.dim in kept.get(keys.BOARD_WINDOW.name, ())
     )
     for line in problems[: args.max_report]:
         print(f"MISMATCH {line}")
@@ -423,8 +635,14 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         print(f"verify: FAILED, {len(problems)} mismatches in {checked} aggregates ({summary})")
         return 1
+    leaderboards = (
+        f"{board_entries} leaderboard entries match the truth; "
+        if "boards" in truth
+        else "the truth file has no leaderboards; "
+    )
     print(
-        f"verify: OK, {checked} window aggregates match the truth exactly; sketches, counters "
+        f"verify: OK, {checked} window aggregates match the truth exactly; {leaderboards}"
+        f"anomaly boards agree with {boards.records} anomaly records; sketches, counters "
         f"and offsets agree in {len(found.partitions)} partitions ({summary})"
     )
     return 0
