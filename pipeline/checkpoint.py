@@ -486,11 +486,37 @@ class Checkpoint:
         names = [k for _, ks in restoring.values() for k in ks]
         names += [keys.detector_key(kind, p) for kind, p in pks if kind in self._detectors]
         hashes = await self._writer.read_hashes(names)
+        replays: dict[PartKey, list[str]] = {}
         for pk, (ws, ks) in restoring.items():
             ws.restore({k: hashes[k] for k in ks})
             self._states[pk].windows = ws
             if pk[0] in self._detectors:  # the detectors at the same offset as the windows
-                self._detectors[pk[0]].restore(pk[1], hashes[keys.detector_key(*pk)])
+                det = self._detectors[pk[0]]
+                since = det.restore(pk[1], hashes[keys.detector_key(*pk)])
+                st = self._states[pk]
+                wm = windows.watermark(st.max_event_time, lateness)
+                if since is not None and wm is not None:
+                    size = det.window.size_ms
+                    replays[pk] = [
+                        keys.window_key(pk[0], pk[1], det.window, det.dim, start)
+                        for start in range(since, wm - size + 1, size)
+                    ]
+        if replays:
+            await self._replay_detectors(replays)
+
+    async def _replay_detectors(self, replays: Mapping[PartKey, list[str]]) -> None:
+        """Step restored detectors through the stored windows closed since their snapshots."""
+        hashes = await self._writer.read_hashes([k for ks in replays.values() for k in ks])
+        for (kind, p), ks in replays.items():
+            det = self._detectors[kind]
+            nf = packed.NF_APPLOG if kind is EventKind.APPLOG else packed.NF_SENSOR
+            closed = []
+            for k in ks:
+                if fields := hashes[k]:
+                    start = keys.parse_window_key(k)[4]
+                    table = packed.decode(list(fields.values()), nf)
+                    closed.append((start, [f.decode() for f in fields], table))
+            det.replay(p, closed)
 
     def _run(
         self, pk: PartKey, records: Sequence[RawRecord], state: PartitionState, now: int

@@ -4,24 +4,36 @@ Each kind watches one dimension (sensor: ``device|metric``; applog: the service)
 (10 s by default). When a partition's watermark closes an instance, every entity in it steps
 its detectors once per signal (``schemas.anomaly.SIGNALS``) with the instance's final
 statistics: the mean, maximum and minimum reading; a service's median latency and error rate.
-Detector state is partition state checkpointed with the offset: the rows a poll stepped are
-written (snapshots) in the same atomic apply as its offset and its anomalies, and restored from
-the store with the partition's windows. A window closes at a fixed point of the partition's
-record sequence (when its watermark passes the window's end), so a crash, a rebalance or a
-replay steps the same detectors with the same values, and raises the same anomalies under the
-same ids, once.
+Detector state is partition state checkpointed with the offset. A row's state (about a
+kilobyte) is written every ``SNAPSHOT_EVERY`` of its steps (rows are staggered), not every
+step: the inputs of the steps since are the closed windows' final values, which the store holds
+anyway (written with the offsets that closed them). Each apply that steps detectors also writes
+the partition's *replay point* (``@from``): the oldest window a row stepped since its snapshot.
+A restore loads the snapshots and steps each row again through the stored windows from the
+replay point on (raising nothing: those anomalies are stored). A window closes at a fixed point
+of the partition's record sequence (when its watermark passes the window's end), so a crash, a
+rebalance or a replay steps the same detectors with the same values, and raises the same
+anomalies under the same ids, once.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.detectors import DEFAULT_PARAMS, DetectorBank, DetectorParams, SnapshotError
+from pipeline.detectors import (
+    DEFAULT_PARAMS,
+    DetectorBank,
+    DetectorParams,
+    SnapshotError,
+    StepResult,
+)
 from schemas import anomaly, keys, packed
 from schemas.events import EventKind
 
@@ -33,6 +45,9 @@ DETECT_DIMS: dict[EventKind, str] = {
     EventKind.APPLOG: keys.Dim.SERVICE,
 }
 _FIELD_SEP = "~"  # detector state field: "<entity>~<signal>" (identifiers cannot hold it)
+REPLAY_FIELD = "@from"  # the partition's replay point (decimal window start; -1: none)
+SNAPSHOT_EVERY = 30  # a row's state is written every this many of its steps (5 min at 10 s)
+_ROW_HEAD = struct.Struct("<qq")  # the row's last window start stepped, its steps so far
 _ERRORS_AT = keys.Stat.PACKED_APPLOG.index(keys.Stat.ERRORS)
 
 
@@ -64,25 +79,36 @@ def signal_values(kind: EventKind, table: packed.Table) -> dict[str, npt.NDArray
 
 class KindDetectors:
     """The detectors of one event kind's partitions: a row of one bank per (partition, entity,
-    signal)."""
+    signal), with each row's last window start, step count and first unsaved step."""
 
     def __init__(
-        self, kind: EventKind, window: keys.TumblingWindow, params: DetectorParams = DEFAULT_PARAMS
+        self,
+        kind: EventKind,
+        window: keys.TumblingWindow,
+        params: DetectorParams = DEFAULT_PARAMS,
+        snapshot_every: int = SNAPSHOT_EVERY,
     ) -> None:
         self.kind = kind
         self.window = window
         self.dim = DETECT_DIMS[kind]
         self.bank = DetectorBank(0, params)
+        self.snapshot_every = snapshot_every
         self._rows: dict[int, dict[str, int]] = {}  # partition -> field -> row
         self._free: list[int] = []
+        self._last = np.zeros(0, np.int64)  # per row: window start of its last step
+        self._steps = np.zeros(0, np.int64)  # per row: steps so far
+        self._unsaved = np.zeros(0, np.int64)  # per row: first step's start since saved, or -1
+        self._phase = np.zeros(0, np.int64)  # per row: which step count % every saves it
         self.refused = 0  # stored states that could not be decoded (started afresh)
 
     def restored(self, partition: int) -> bool:
         """Whether the partition's detectors are loaded."""
         return partition in self._rows
 
-    def restore(self, partition: int, stored: Mapping[bytes, bytes]) -> None:
-        """Load a partition's stored detector states (``field -> snapshot``), replacing any.
+    def restore(self, partition: int, stored: Mapping[bytes, bytes]) -> int | None:
+        """Load a partition's stored detector states (``field -> snapshot``), replacing any;
+        returns the replay point: the first window start to step again from the store's
+        closed windows (:meth:`replay`), or None.
 
         A state that does not decode (another version, damaged) is logged and started afresh:
         one entity's history is lost, never the worker.
@@ -90,17 +116,27 @@ class KindDetectors:
         self.drop(partition)
         mine: dict[str, int] = {}
         self._rows[partition] = mine
-        if not stored:
-            return
-        names = [f.decode("utf-8", "replace") for f in stored]
-        rows = self._alloc(len(names))
-        for name, row, blob in zip(names, rows.tolist(), stored.values(), strict=True):
-            mine[name] = row
+        replay_from: int | None = None
+        for raw_name, blob in stored.items():
+            name = raw_name.decode("utf-8", "replace")
+            if name == REPLAY_FIELD:
+                try:
+                    at = int(blob)
+                except ValueError:
+                    self.refused += 1
+                    continue
+                replay_from = at if at >= 0 else None
+                continue
+            (row,) = self._rows_for(mine, [name]).tolist()
             try:
-                self.bank.restore([row], [blob])
-            except SnapshotError as exc:  # the row stays fresh
+                last, steps = _ROW_HEAD.unpack_from(blob)
+                self.bank.restore([row], [bytes(blob[_ROW_HEAD.size :])])
+            except (SnapshotError, struct.error) as exc:  # the row stays fresh
                 self.refused += 1
                 log.warning("detector state %s of partition %d refused: %s", name, partition, exc)
+                continue
+            self._last[row], self._steps[row] = last, steps
+        return replay_from
 
     def drop(self, partition: int) -> None:
         """Forget a partition's detectors (restored from the store when next needed)."""
@@ -108,6 +144,9 @@ class KindDetectors:
         if rows:
             idx = np.asarray(rows, dtype=np.int64)
             self.bank.clear(idx)
+            self._last[idx] = 0
+            self._steps[idx] = 0
+            self._unsaved[idx] = -1
             self._free.extend(rows)
 
     def clear(self) -> None:
@@ -115,11 +154,26 @@ class KindDetectors:
         for p in list(self._rows):
             self.drop(p)
 
+    def replay(
+        self, partition: int, closing: Sequence[tuple[int, list[str], packed.Table]]
+    ) -> None:
+        """Step the rows again through stored closed windows (oldest first), each only past
+        its snapshot; raises nothing (those anomalies are stored) and saves nothing."""
+        mine = self._rows.setdefault(partition, {})
+        for start, names, table in closing:
+            for signal, values in signal_values(self.kind, table).items():
+                at = np.flatnonzero(np.isfinite(values))
+                fields = [f"{names[i]}{_FIELD_SEP}{signal}" for i in at.tolist()]
+                rows = self._rows_for(mine, fields)
+                behind = self._last[rows] < start
+                if behind.any():
+                    self._step(rows[behind], start, values[at][behind])
+
     def detect(
         self, partition: int, closing: Sequence[tuple[int, list[str], packed.Table]]
     ) -> Detected:
-        """Step the detectors of the closed instances (oldest first): the states to write and
-        the anomalies raised."""
+        """Step the detectors of the closed instances (oldest first): the states to write (the
+        rows due a snapshot, and the replay point) and the anomalies raised."""
         out = Detected()
         if not closing:
             return out
@@ -133,8 +187,7 @@ class KindDetectors:
                 at = np.flatnonzero(ok)
                 fields = [f"{names[i]}{_FIELD_SEP}{signal}" for i in at.tolist()]
                 rows = self._rows_for(mine, fields)
-                t = np.full(len(rows), start, dtype=np.int64)
-                res = self.bank.step(rows, t, values[at])
+                res = self._step(rows, start, values[at])
                 stepped.update(zip(fields, rows.tolist(), strict=True))
                 if res.alarm.any():
                     hit = np.flatnonzero(res.alarm)
@@ -155,20 +208,52 @@ class KindDetectors:
                                 vectors[j],
                             )
                         )
-        out.fields = list(stepped)
-        out.states = self.bank.snapshot(np.fromiter(stepped.values(), np.int64, len(stepped)))
+        # rows due a snapshot: on their first step, then every `snapshot_every` steps (staggered)
+        names = list(stepped)
+        rows = np.fromiter(stepped.values(), np.int64, len(stepped))
+        due = (self._steps[rows] == 1) | (
+            self._steps[rows] % self.snapshot_every == self._phase[rows]
+        )
+        save = rows[due]
+        self._unsaved[save] = -1
+        out.fields = [n for n, d in zip(names, due.tolist(), strict=True) if d]
+        heads = [_ROW_HEAD.pack(int(self._last[r]), int(self._steps[r])) for r in save.tolist()]
+        out.states = [h + b for h, b in zip(heads, self.bank.snapshot(save), strict=True)]
+        all_rows = np.fromiter(mine.values(), np.int64, len(mine))
+        unsaved = self._unsaved[all_rows]
+        unsaved = unsaved[unsaved >= 0]
+        out.fields.append(REPLAY_FIELD)
+        out.states.append(str(int(unsaved.min()) if unsaved.size else -1).encode())
         return out
+
+    def _step(
+        self, rows: npt.NDArray[np.int64], start: int, values: npt.NDArray[np.float64]
+    ) -> StepResult:
+        res = self.bank.step(rows, np.full(len(rows), start, dtype=np.int64), values)
+        self._last[rows] = start
+        self._steps[rows] += 1
+        self._unsaved[rows] = np.where(self._unsaved[rows] < 0, start, self._unsaved[rows])
+        return res
 
     def _rows_for(self, mine: dict[str, int], fields: list[str]) -> npt.NDArray[np.int64]:
         new = [f for f in fields if f not in mine]
         if new:
-            for f, r in zip(new, self._alloc(len(new)).tolist(), strict=True):
+            rows = self._alloc(len(new))
+            for f, r in zip(new, rows.tolist(), strict=True):
                 mine[f] = r
+                # a row's snapshot phase is a function of its name: the same after a restore
+                self._phase[r] = zlib.crc32(f.encode()) % self.snapshot_every
         return np.fromiter((mine[f] for f in fields), np.int64, len(fields))
 
     def _alloc(self, count: int) -> npt.NDArray[np.int64]:
         reuse = [self._free.pop() for _ in range(min(count, len(self._free)))]
         fresh = self.bank.add(count - len(reuse)) if count > len(reuse) else np.zeros(0, np.int64)
+        if fresh.size:
+            grow = np.zeros(fresh.size, np.int64)
+            self._last = np.concatenate([self._last, grow])
+            self._steps = np.concatenate([self._steps, grow])
+            self._unsaved = np.concatenate([self._unsaved, grow - 1])
+            self._phase = np.concatenate([self._phase, grow])
         return np.concatenate([np.asarray(reuse, dtype=np.int64), fresh])
 
     def _record(

@@ -11,7 +11,7 @@ import pytest
 from pipeline import aggregation, leaderboards
 from pipeline.batch import BatchRules, PartitionBatch, Record
 from pipeline.checkpoint import Checkpoint
-from pipeline.detection import KindDetectors, signal_values
+from pipeline.detection import SNAPSHOT_EVERY, KindDetectors, signal_values
 from pipeline.metrics import Metrics
 from pipeline.validation import TimeBounds
 from schemas import anomaly, keys, packed
@@ -152,7 +152,8 @@ def test_a_spike_raises_an_anomaly_with_a_stable_id_and_vector() -> None:
     assert anomaly.decode_record(anomaly.encode_record(a)).id == a.id
 
 
-def test_restored_detectors_continue_exactly_like_uninterrupted_ones() -> None:
+@pytest.mark.parametrize("crash_at", [1, 37, 120, 181])
+def test_restored_detectors_continue_exactly_like_uninterrupted_ones(crash_at: int) -> None:
     wins = windows_of(series(220, 180))
     whole = KindDetectors(S, keys.WINDOW_10S)
     expected = [a for w in wins for a in whole.detect(0, [w]).anomalies]
@@ -160,14 +161,20 @@ def test_restored_detectors_continue_exactly_like_uninterrupted_ones() -> None:
     first = KindDetectors(S, keys.WINDOW_10S)
     stored: dict[bytes, bytes] = {}
     got = []
+    saved = 0
     for i, w in enumerate(wins):
-        if i == 120:  # the worker dies; a new one restores the partition from the store
+        if i == crash_at:  # the worker dies; a new one restores the partition from the store
             first = KindDetectors(S, keys.WINDOW_10S)
-            first.restore(0, stored)
+            since = first.restore(0, stored)
+            # the closed windows the store holds from the replay point on
+            first.replay(0, [x for x in wins[:i] if since is not None and x[0] >= since])
         found = first.detect(0, [w])
+        saved += len(found.fields) - 1
         stored.update(zip((f.encode() for f in found.fields), found.states, strict=True))
         got += found.anomalies
     assert [(a.id, a.score) for a in got] == [(a.id, a.score) for a in expected]
+    # states are written on a row's first step and then every SNAPSHOT_EVERY steps, not each
+    assert saved <= 3 * (2 + len(wins) // SNAPSHOT_EVERY)
 
 
 def test_a_damaged_stored_state_starts_afresh_and_never_raises() -> None:
@@ -218,7 +225,9 @@ def test_the_batch_that_closes_a_window_carries_its_detector_states_and_boards()
     first, second = sent
     assert first.detected is None
     assert second.detected is not None
+    # each row's first step saves its state; the replay point goes with them
     assert sorted(second.detected.fields) == [
-        f"d1|temp~{s}" for s in sorted(("mean", "max", "min"))
+        "@from",
+        *(f"d1|temp~{s}" for s in sorted(("mean", "max", "min"))),
     ]
     assert [b.key for b in first.boards] == [keys.board_key(S, 0, keys.Board.SITE_EVENTS, T0)]

@@ -26,13 +26,14 @@ from pulse_bench.harness import (
 from schemas import keys
 
 
-def drain_with_workers(ctx: BenchContext, workers: int, label: str) -> Metrics:
-    """Run ``workers`` worker processes over the preloaded topics until everything is applied."""
+def drain_with_workers(ctx: BenchContext, workers: int, label: str, **extra_env: str) -> Metrics:
+    """Run ``workers`` worker processes over the preloaded topics until everything is applied
+    (``extra_env``: worker settings of this run)."""
     pre = ctx.preloaded()
     ctx.flush()
     out = ctx.topics(f"{label}-out")
     topics = type(out)(pre.topics.sensor, pre.topics.applog, out.deadletter, out.late)
-    env = ctx.env(topics, app_id=f"bench-{label}-{uuid.uuid4().hex[:8]}")
+    env = ctx.env(topics, app_id=f"bench-{label}-{uuid.uuid4().hex[:8]}", **extra_env)
     before = procs.StoreCounters.read(ctx)
     children = [procs.spawn_worker(ctx, env, f"{label}-w{i + 1}") for i in range(workers)]
     profiler: procs.Profiler | None = None
@@ -125,8 +126,26 @@ def run_two(ctx: BenchContext) -> Metrics:
     return drain_with_workers(ctx, 2, "pulse_2w")
 
 
+@bench_case(
+    "pulse_1w_nodetect",
+    description="the real pipeline, 1 worker, anomaly detection off (its cost, side by side)",
+    order=32,
+)
+def run_one_without_detection(ctx: BenchContext) -> Metrics:
+    """Pulse with one worker and ``PULSE_WORKER_DETECT=false``."""
+    return drain_with_workers(ctx, 1, "pulse_1w_nodetect", PULSE_WORKER_DETECT="false")
+
+
 ratio("pulse_1w_vs_floor", "cases.pulse_1w.events_per_s", "cases.floor.events_per_s")
 ratio("pulse_1w_vs_naive", "cases.pulse_1w.events_per_s", "cases.naive.events_per_s")
 ratio("pulse_2w_vs_1w", "cases.pulse_2w.events_per_s", "cases.pulse_1w.events_per_s")
 ratio("pulse_2w_vs_floor", "cases.pulse_2w.events_per_s", "cases.floor.events_per_s")
 target("pulse_1w_vs_floor", "ratios.pulse_1w_vs_floor", ">=", 0.25, "one worker vs the floor")
+ratio("detection_cost", "cases.pulse_1w.events_per_s", "cases.pulse_1w_nodetect.events_per_s")
+target(
+    "detection_cost",
+    "ratios.detection_cost",
+    ">=",
+    0.8,
+    "detection costs at most 20% of one worker's throughput",
+)
