@@ -355,7 +355,6 @@ class Checkpoint:
         for i, d in enumerate(deltas):
             if d.window == keys.BOARD_WINDOW:
                 per[d.partition].append(i)
-        detectors = self._detectors.get(kind)
         for b in todo:
             mine = per.get(b.partition, [])
             b.boards = leaderboards.board_writes(
@@ -366,27 +365,32 @@ class Checkpoint:
                 [p99[bounds[i] : bounds[i + 1]] for i in mine],
                 [retention.expire_at_s(deltas[i].window, deltas[i].start_ms) for i in mine],
             )
-            if detectors is None:
+        detectors = self._detectors.get(kind)
+        if detectors is None:
+            return
+        closings = self._kind_windows(kind).closing(
+            {b.partition: b.watermark for b in todo}, detectors.window, detectors.dim
+        )
+        if not closings:
+            return
+        board = (
+            keys.Board.DEVICE_ANOMALIES
+            if kind is EventKind.SENSOR
+            else keys.Board.SERVICE_ANOMALIES
+        )
+        found = detectors.detect_many(closings)
+        for b in todo:
+            if (detected := found.get(b.partition)) is None:
                 continue
-            closing = self._kind_windows(kind).closing(
-                b.partition, b.watermark, detectors.window, detectors.dim
-            )
-            if not closing:
-                continue
-            b.detected = found = detectors.detect(b.partition, closing)
-            if found.anomalies:
-                board = (
-                    keys.Board.DEVICE_ANOMALIES
-                    if kind is EventKind.SENSOR
-                    else keys.Board.SERVICE_ANOMALIES
-                )
+            b.detected = detected
+            if detected.anomalies:
                 b.boards += leaderboards.count_writes(
                     kind,
                     b.partition,
                     board,
                     [
                         (keys.board_member(detectors.dim, a.entity), a.window_start_ms)
-                        for a in found.anomalies
+                        for a in detected.anomalies
                     ],
                     lambda start: retention.expire_at_s(keys.BOARD_WINDOW, start),
                 )

@@ -167,48 +167,80 @@ class KindDetectors:
                 rows = self._rows_for(mine, fields)
                 behind = self._last[rows] < start
                 if behind.any():
-                    self._step(rows[behind], start, values[at][behind])
+                    n = int(behind.sum())
+                    self._step(rows[behind], np.full(n, start, np.int64), values[at][behind])
 
     def detect(
         self, partition: int, closing: Sequence[tuple[int, list[str], packed.Table]]
     ) -> Detected:
-        """Step the detectors of the closed instances (oldest first): the states to write (the
-        rows due a snapshot, and the replay point) and the anomalies raised."""
-        out = Detected()
-        if not closing:
-            return out
-        mine = self._rows.setdefault(partition, {})
-        stepped: dict[str, int] = {}
-        for start, names, table in closing:
-            for signal, values in signal_values(self.kind, table).items():
-                ok = np.isfinite(values)
-                if not ok.any():
+        """:meth:`detect_many` for one partition."""
+        return self.detect_many({partition: closing}).get(partition, Detected())
+
+    def detect_many(
+        self, closings: Mapping[int, Sequence[tuple[int, list[str], packed.Table]]]
+    ) -> dict[int, Detected]:
+        """Step the detectors of each partition's closed instances (oldest first): per
+        partition, the states to write (the rows due a snapshot, and the replay point) and the
+        anomalies raised. One bank step per round (the k-th closed instance of every
+        partition, every signal): the step's cost is per call more than per row."""
+        out = {p: Detected() for p, c in closings.items() if c}
+        stepped: dict[int, dict[str, int]] = {p: {} for p in out}
+        for k in range(max((len(c) for c in closings.values()), default=0)):
+            segs: list[tuple[int, int, list[str], packed.Table, str, npt.NDArray[np.int64]]] = []
+            rows_l: list[npt.NDArray[np.int64]] = []
+            vals_l: list[npt.NDArray[np.float64]] = []
+            t_l: list[npt.NDArray[np.int64]] = []
+            for p, closing in closings.items():
+                if k >= len(closing):
                     continue
-                at = np.flatnonzero(ok)
-                fields = [f"{names[i]}{_FIELD_SEP}{signal}" for i in at.tolist()]
-                rows = self._rows_for(mine, fields)
-                res = self._step(rows, start, values[at])
-                stepped.update(zip(fields, rows.tolist(), strict=True))
-                if res.alarm.any():
-                    hit = np.flatnonzero(res.alarm)
-                    vectors = self.bank.anomaly_vector(rows[hit], res.score[hit])
-                    for j, h in enumerate(hit.tolist()):
-                        i = int(at[h])
-                        out.anomalies.append(
-                            self._record(
-                                partition,
-                                start,
-                                names[i],
-                                signal,
-                                int(res.cause[h]),
-                                float(res.score[h]),
-                                float(values[i]),
-                                float(res.expected[h]),
-                                int(table.stats[i, packed.COUNT]),
-                                vectors[j],
-                            )
-                        )
-        # rows due a snapshot: on their first step, then every `snapshot_every` steps (staggered)
+                start, names, table = closing[k]
+                mine = self._rows.setdefault(p, {})
+                for signal, values in signal_values(self.kind, table).items():
+                    at = np.flatnonzero(np.isfinite(values))
+                    if not at.size:
+                        continue
+                    fields = [f"{names[i]}{_FIELD_SEP}{signal}" for i in at.tolist()]
+                    rows = self._rows_for(mine, fields)
+                    stepped[p].update(zip(fields, rows.tolist(), strict=True))
+                    segs.append((p, start, names, table, signal, at))
+                    rows_l.append(rows)
+                    vals_l.append(values[at])
+                    t_l.append(np.full(at.size, start, dtype=np.int64))
+            if not segs:
+                continue
+            rows = np.concatenate(rows_l)
+            values = np.concatenate(vals_l)
+            res = self._step(rows, np.concatenate(t_l), values)
+            if not res.alarm.any():
+                continue
+            hit = np.flatnonzero(res.alarm)
+            vectors = self.bank.anomaly_vector(rows[hit], res.score[hit])
+            bounds = np.cumsum([0, *(len(a) for *_, a in segs)])
+            seg_of = np.searchsorted(bounds, hit, side="right") - 1
+            for j, (h, s_i) in enumerate(zip(hit.tolist(), seg_of.tolist(), strict=True)):
+                p, start, names, table, signal, at = segs[s_i]
+                i = int(at[h - bounds[s_i]])
+                out[p].anomalies.append(
+                    self._record(
+                        p,
+                        start,
+                        names[i],
+                        signal,
+                        int(res.cause[h]),
+                        float(res.score[h]),
+                        float(values[h]),
+                        float(res.expected[h]),
+                        int(table.stats[i, packed.COUNT]),
+                        vectors[j],
+                    )
+                )
+        for p, found in out.items():
+            self._save(p, stepped[p], found)
+        return out
+
+    def _save(self, partition: int, stepped: dict[str, int], out: Detected) -> None:
+        """The states of the stepped rows due a snapshot (on their first step, then every
+        ``snapshot_every`` steps, staggered by name), and the partition's replay point."""
         names = list(stepped)
         rows = np.fromiter(stepped.values(), np.int64, len(stepped))
         due = (self._steps[rows] == 1) | (
@@ -219,20 +251,19 @@ class KindDetectors:
         out.fields = [n for n, d in zip(names, due.tolist(), strict=True) if d]
         heads = [_ROW_HEAD.pack(int(self._last[r]), int(self._steps[r])) for r in save.tolist()]
         out.states = [h + b for h, b in zip(heads, self.bank.snapshot(save), strict=True)]
-        all_rows = np.fromiter(mine.values(), np.int64, len(mine))
-        unsaved = self._unsaved[all_rows]
+        mine = self._rows[partition]
+        unsaved = self._unsaved[np.fromiter(mine.values(), np.int64, len(mine))]
         unsaved = unsaved[unsaved >= 0]
         out.fields.append(REPLAY_FIELD)
         out.states.append(str(int(unsaved.min()) if unsaved.size else -1).encode())
-        return out
 
     def _step(
-        self, rows: npt.NDArray[np.int64], start: int, values: npt.NDArray[np.float64]
+        self, rows: npt.NDArray[np.int64], t: npt.NDArray[np.int64], values: npt.NDArray[np.float64]
     ) -> StepResult:
-        res = self.bank.step(rows, np.full(len(rows), start, dtype=np.int64), values)
-        self._last[rows] = start
+        res = self.bank.step(rows, t, values)
+        self._last[rows] = t
         self._steps[rows] += 1
-        self._unsaved[rows] = np.where(self._unsaved[rows] < 0, start, self._unsaved[rows])
+        self._unsaved[rows] = np.where(self._unsaved[rows] < 0, t, self._unsaved[rows])
         return res
 
     def _rows_for(self, mine: dict[str, int], fields: list[str]) -> npt.NDArray[np.int64]:

@@ -253,31 +253,31 @@ class KindWindows:
         return out, table
 
     def closing(
-        self, partition: int, watermark: int | None, window: keys.TumblingWindow, dim: str
-    ) -> list[tuple[int, list[str], packed.Table]]:
-        """The ``window``/``dim`` instances of a partition that ``watermark`` closes (the next
+        self, watermarks: Mapping[int, int | None], window: keys.TumblingWindow, dim: str
+    ) -> dict[int, list[tuple[int, list[str], packed.Table]]]:
+        """Per partition, the ``window``/``dim`` instances its watermark closes (the next
         :meth:`evict` drops them), oldest first: (start, entities, their final values)."""
-        if watermark is None:
-            return []
-        starts = sorted(
-            start
-            for (wname, d, start) in self.open.get(partition, ())
-            if wname == window.name and d == dim and start + window.size_ms <= watermark
-        )
-        if not starts:
-            return []
-        wanted = {(partition, window.name, dim, s): s for s in starts}
-        found: dict[int, tuple[list[str], list[int]]] = {s: ([], []) for s in starts}
+        wanted: dict[tuple[int, str, str, int], list[int]] = {}
+        for p, wm in watermarks.items():
+            if wm is None:
+                continue
+            for wname, d, start in self.open.get(p, ()):
+                if wname == window.name and d == dim and start + window.size_ms <= wm:
+                    wanted[(p, wname, d, start)] = []
+        if not wanted:
+            return {}
+        names: dict[tuple[int, str, str, int], list[str]] = {ik: [] for ik in wanted}
         for i, (ik, name) in enumerate(self._rows.keys):
-            s = wanted.get(ik)
-            if s is not None:
-                found[s][0].append(name)
-                found[s][1].append(i)
-        return [
-            (s, names, self._rows.table(np.asarray(rows, dtype=np.int64)))
-            for s, (names, rows) in found.items()
-            if names
-        ]
+            rows = wanted.get(ik)
+            if rows is not None:
+                rows.append(i)
+                names[ik].append(name)
+        out: dict[int, list[tuple[int, list[str], packed.Table]]] = {}
+        for ik in sorted(wanted, key=lambda k: (k[0], k[3])):
+            if wanted[ik]:
+                table = self._rows.table(np.asarray(wanted[ik], dtype=np.int64))
+                out.setdefault(ik[0], []).append((ik[3], names[ik], table))
+        return out
 
     def evict(self, watermarks: Mapping[int, int | None]) -> int:
         """Drop the instances each partition's watermark has passed (no on-time event can
