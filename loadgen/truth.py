@@ -169,6 +169,7 @@ class TruthBuilder:
             "duration_s": cfg.duration_s,
             "devices": cfg.devices,
             "services": cfg.services,
+            "anomaly_after_s": cfg.anomaly_after_s,
             "partitions": {"sensor": cfg.sensor_partitions, "applog": cfg.applog_partitions},
             "allowed_lateness_ms": self.allowed_lateness_ms,
             "topics": {"sensor": cfg.sensor_topic, "applog": cfg.applog_topic},

@@ -42,6 +42,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "run the stream worker (Faust agents) that aggregates into the store",
     ),
+    "archive": (
+        "pipeline.archive.command",
+        "add_arguments",
+        "run",
+        "archive every valid event once, as time-partitioned Parquet files",
+    ),
     "loadgen": (
         "loadgen.cli",
         "add_arguments",
@@ -90,7 +96,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "pipeline.nab",
         "add_arguments",
         "run",
-        "score the anomaly detectors on a benchmark corpus (NAB)",
+        "score the anomaly detectors: on a NAB corpus, or the store's against a truth file",
     ),
 }
 # subcommands from development-only distributions, not part of this wheel, with how to install

@@ -16,12 +16,15 @@ Method (per entity; see docs/anomaly-detection.md):
   residual against a slow level (level shifts, drifts), each in units of a robust scale
   (winsorised mean absolute deviation); a run of repeated values (stuck sensor) against the
   entity's own rate of repeats; a value beyond the range seen so far;
+* a contextual test (KNN-CAD style): the window of the last 10 values against the 48 windows
+  before it (non-overlapping lags 10..57), the non-conformity being the root mean squared
+  distance to the nearest in robust scales (kept as running sums, O(48) per observation);
 * each surprise becomes a tail probability against its own long-run distribution (Numenta's
   "anomaly likelihood" idea), so heavy tails and autocorrelation calibrate themselves; the
   one-step surprise counts only when two consecutive observations deviate on the same side
   (the larger of their two probabilities), so a lone outlying sample raises nothing unless it
-  leaves the range seen so far; the score is ``L / (L + 5)`` with ``L = -log10(3 p)`` of the
-  smallest probability ``p`` (Bonferroni over the three tests);
+  leaves the range seen so far; the score is ``L / (L + 5)`` with ``L = -log10(4 p)`` of the
+  smallest probability ``p`` (Bonferroni over the four tests);
 * an episode starts when the score reaches ``threshold`` and lasts until the score has stayed
   below ``release`` for ``refractory`` observations; within it scores are capped below the
   threshold, so one episode raises one alarm at a deterministic observation.
@@ -73,8 +76,8 @@ LS = _L.col(2)  # slow level, per predictor
 SS = _L.col(2)  # robust scale around the slow level, per predictor
 EWZ = _L.col()  # short-run mean of the residual against the slow level (chosen predictor)
 SVAR = _L.col()  # short-run mean squared one-step z (variance ratio feature)
-MU = _L.col(2)  # long-run mean of each surprise
-VAR = _L.col(2)  # long-run variance of each surprise
+MU = _L.col(3)  # long-run mean of each surprise (one-step, short-run mean, kNN distance)
+VAR = _L.col(3)  # long-run variance of each surprise
 REP = _L.col()  # long-run rate of a value repeating the previous one
 RUN = _L.col()  # current run of repeats
 LO = _L.col()  # range seen so far
@@ -85,8 +88,13 @@ Z_LAST = _L.col()  # last one-step z (signed), for the anomaly vector
 SPK_LP = _L.col()  # log10 tail probability of the last observation's one-step surprise
 SEAS = _L.col(BINS)  # time-of-day profile: mean of (value - slow level) per bin
 SEAS_N = _L.col(BINS)  # visits per bin
-RING_POS = _L.col()  # observations written to the ring (mod RING is the next slot)
-RING_V = _L.col(RING)  # the last RING values
+KNN_W: Final = 10  # values per window of the contextual (kNN) test
+KNN_GAP: Final = KNN_W  # reference windows end this many observations back (no overlap) ...
+KNN_REF: Final = 48  # ... or up to KNN_REF - 1 more: one reference window per lag
+HIST_LEN: Final = KNN_W + KNN_GAP + KNN_REF  # values kept: enough to drop the oldest pair
+HIST = _L.col(HIST_LEN)  # the last HIST_LEN values, oldest first
+KNN_D = _L.col(KNN_REF)  # squared distance of the newest window to the one L observations
+# back, for L = KNN_GAP + KNN_REF - 1 down to KNN_GAP (running sums; one recomputed per step)
 WIDTH: Final = _L.width
 
 
@@ -112,11 +120,13 @@ class DetectorParams:
     range_scales: float = 2.0  # ... and by this many robust scales
     range_log10p: float = 10.0  # ... as surprising as a tail probability of 10^-this
     half_score: float = 5.0  # the score is 0.5 at a tail probability of 10^-this
+    knn_k: int = 1  # the contextual non-conformity: mean distance to the k nearest windows
 
 
 DEFAULT_PARAMS: Final = DetectorParams()
 
 _STATS_FROM: Final = 10  # surprises enter their long-run distributions from this observation
+_KNN_FROM: Final = 50  # the kNN test counts once its distribution has this many samples
 _LOG10E: Final = math.log10(math.e)
 _SQRT1_2: Final = math.sqrt(0.5)
 
@@ -163,7 +173,7 @@ class SnapshotError(ValueError):
 
 
 _MAGIC: Final = b"PDS"
-_VERSION: Final = 2
+_VERSION: Final = 3
 _HEADER: Final = struct.Struct("<3sBHH")  # magic, version, row width, ring length
 _ROW_BYTES: Final = 8 * WIDTH
 SNAPSHOT_BYTES: Final = _HEADER.size + _ROW_BYTES
@@ -256,23 +266,51 @@ class DetectorBank:
 
         # surprises and their tail probabilities against their own long-run distributions
         ewz = st[:, EWZ] + p.short * (np.clip(zsk, -1e3, 1e3) - st[:, EWZ])
-        u = np.stack([np.minimum(np.abs(zk), 1e3), np.abs(ewz)], axis=1)
-        mu, var = st[:, MU : MU + 2], st[:, VAR : VAR + 2]
+        # contextual test (KNN-CAD style): the window of the last KNN_W values against the
+        # windows of the history (running sums: the pair entering minus the pair leaving);
+        # the non-conformity is the root mean squared distance to the nearest, in slow scales
+        st[:, HIST : HIST + HIST_LEN - 1] = st[:, HIST + 1 : HIST + HIST_LEN]
+        st[:, HIST + HIST_LEN - 1] = x
+        hist = st[:, HIST : HIST + HIST_LEN]
+        h0, h1 = HIST_LEN - KNN_GAP - KNN_REF, HIST_LEN - KNN_W - KNN_GAP - KNN_REF
+        d2 = np.subtract(x[:, None], hist[:, h0 : h0 + KNN_REF])
+        np.square(d2, out=d2)
+        gone = np.subtract(hist[:, HIST_LEN - 1 - KNN_W, None], hist[:, h1 : h1 + KNN_REF])
+        np.square(gone, out=gone)
+        d2 -= gone
+        d2 += st[:, KNN_D : KNN_D + KNN_REF]
+        # one lag a step is recomputed from the values, so rounding residue (say, of a huge
+        # value that has left the windows) lasts at most KNN_REF observations
+        c = (n0 % KNN_REF).astype(np.int64)
+        at = (ar * WIDTH + HIST + h1 + 1 + c)[:, None] + np.arange(KNN_W)
+        exact = np.square(st.reshape(-1)[at] - hist[:, HIST_LEN - KNN_W :])
+        d2[ar, c] = exact.sum(axis=1)
+        np.maximum(d2, 0.0, out=d2)
+        kk = min(max(p.knn_k, 1), KNN_REF)
+        near = np.partition(d2, kk - 1, axis=1)[:, :kk].mean(axis=1) if kk > 1 else d2.min(1)
+        nc = np.sqrt(near / KNN_W) / sig_s[:, 0]
+        u = np.stack([np.minimum(np.abs(zk), 1e3), np.abs(ewz), np.minimum(nc, 1e3)], axis=1)
+        u = np.where(np.isfinite(u), u, 1e3)
+        mu, var = st[:, MU : MU + 3], st[:, VAR : VAR + 3]
+        # samples each surprise's long-run distribution has seen (the kNN one: full history)
+        cnt = np.stack([n0 - _STATS_FROM, n0 - _STATS_FROM, n0 + 1.0 - HIST_LEN], axis=1)
         zu = (u - mu) / np.sqrt(np.maximum(var, 1e-12))
         lp_u = log10_tail(zu)
         # a one-step surprise counts once the next observation confirms it on the same side:
         # a lone outlying sample (a glitch, a burst of one count) is left to the range test
         same_side = seen & (zk * st[:, Z_LAST] > 0)
         lp_spike = np.where(same_side, np.maximum(lp_u[:, 0], st[:, SPK_LP]), 0.0)
-        lp = np.minimum(lp_spike, lp_u[:, 1])
+        lp_knn = np.where(cnt[:, 2] >= _KNN_FROM, lp_u[:, 2], 0.0)
+        lp = np.minimum(np.minimum(lp_spike, lp_u[:, 1]), lp_knn)
         lp_stuck = np.where(run >= 2, run * np.log10(np.clip(st[:, REP], 1e-6, 1.0)), 0.0)
-        lp = np.minimum(lp, lp_stuck) + math.log10(3.0)
+        lp = np.minimum(lp, lp_stuck) + math.log10(4.0)
         tol = np.maximum(p.range_margin * (st[:, HI] - st[:, LO]), p.range_scales * sig_s[ar, k])
         outside = (x > st[:, HI] + tol) | (x < st[:, LO] - tol)
         outside &= tol > 0
         lp = np.where(outside, np.minimum(lp, -p.range_log10p), lp)
         # which test raised it (CAUSES order: spike, shift, stuck, range)
-        cause = np.argmin(np.stack([lp_spike, lp_u[:, 1], lp_stuck], axis=1), axis=1)
+        # (a contextual anomaly is a change of the recent pattern: reported as a shift)
+        cause = np.argmin(np.stack([lp_spike, np.minimum(lp_u[:, 1], lp_knn), lp_stuck], 1), 1)
         cause = np.where(outside & (lp <= -p.range_log10p), 3, cause)
         expected = np.where(use_seas, lev0[:, 1] + seas, lev0[:, 0])
         surprise = np.maximum(-lp, 0.0)
@@ -316,11 +354,11 @@ class DetectorBank:
         st[:, SVAR] = np.where(
             seen, st[:, SVAR] + p.short * (np.minimum(zk * zk, 1e6) - st[:, SVAR]), 1.0
         )
-        ok = ((n0 >= _STATS_FROM) & finite)[:, None]
+        ok = (cnt >= 0) & finite[:, None]
         d = u - mu
-        wl = np.maximum(1.0 / np.maximum(n0 - _STATS_FROM + 1.0, 1.0), p.long_rate)[:, None]
-        st[:, MU : MU + 2] = np.where(ok, mu + wl * d, mu)
-        st[:, VAR : VAR + 2] = np.where(ok, (1.0 - wl) * (var + wl * d * d), var)
+        wl = np.maximum(1.0 / (np.maximum(cnt, 0.0) + 1.0), p.long_rate)
+        st[:, MU : MU + 3] = np.where(ok, mu + wl * d, mu)
+        st[:, VAR : VAR + 3] = np.where(ok, (1.0 - wl) * (var + wl * d * d), var)
         st[:, REP] = rep_rate
         st[:, RUN] = run
         st[:, LO] = np.where(seen, np.minimum(st[:, LO], x), x)
@@ -333,9 +371,7 @@ class DetectorBank:
         dev = x - st[:, LS]
         st[ar, SEAS + b] = np.where(finite, seas + ws * (dev - seas), seas)
         st[ar, SEAS_N + b] = sn + finite
-        pos = st[:, RING_POS].astype(np.int64)
-        st[ar, RING_V + pos % RING] = x
-        st[:, RING_POS] = (pos + 1) % (RING * 1_000_000)
+        st[:, KNN_D : KNN_D + KNN_REF] = d2
         st[:, X_PREV] = x
         st[:, T_LAST] = t
         st[:, N] = n0 + 1.0
@@ -398,9 +434,7 @@ class DetectorBank:
         c = anomaly.CLIP
         out = np.zeros((m, anomaly.VECTOR_DIM))
         n = st[:, N]
-        pos = st[:, RING_POS].astype(np.int64)
-        idx = (pos[:, None] - RING + np.arange(RING)[None, :]) % RING  # oldest first
-        ring = np.take_along_axis(st[:, RING_V : RING_V + RING], idx, axis=1)
+        ring = st[:, HIST + HIST_LEN - RING : HIST + HIST_LEN]  # oldest first
         sig = np.maximum(st[:, SS] * 1.2533, 1e-9 + 1e-9 * np.abs(st[:, LS]))
         zw = np.clip((ring - st[:, LS, None]) / sig[:, None], -c, c) / c
         have = np.arange(RING)[None, :] >= (RING - np.minimum(n, RING))[:, None]
@@ -458,13 +492,14 @@ def decode(blob: bytes) -> FloatArray:
     row = np.frombuffer(data, dtype="<f8", offset=_HEADER.size).astype(np.float64)
     if not bool(np.all(np.isfinite(row))):
         raise SnapshotError("snapshot holds a non-finite number")
-    counts = row[[N, RUN, QUIET, RING_POS, *range(SEAS_N, SEAS_N + BINS)]]
+    counts = row[[N, RUN, QUIET, *range(SEAS_N, SEAS_N + BINS)]]
     if bool(np.any(counts < 0)) or bool(np.any(counts != np.floor(counts))):
         raise SnapshotError("snapshot holds a negative or fractional count")
     if row[EP] not in (0.0, 1.0):
         raise SnapshotError("snapshot holds an invalid episode flag")
-    if bool(np.any(row[[DT, *range(SC, SC + 2), *range(SS, SS + 2), *range(VAR, VAR + 2)]] < 0)):
-        raise SnapshotError("snapshot holds a negative scale")
+    scales = [DT, *range(SC, SC + 2), *range(SS, SS + 2), *range(VAR, VAR + 3)]
+    if bool(np.any(row[scales] < 0)) or bool(np.any(row[KNN_D : KNN_D + KNN_REF] < 0)):
+        raise SnapshotError("snapshot holds a negative scale or distance")
     if not -1e3 <= row[SPK_LP] <= 0.0:
         raise SnapshotError("snapshot holds a log10 probability outside [-1000, 0]")
     if not 0.0 <= row[REP] <= 1.0:

@@ -351,10 +351,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help="score at this fixed threshold instead of optimising it per profile",
     )
+    from pipeline import quality
+
+    quality.add_arguments(
+        sub.add_parser(
+            "anomalies",
+            help="precision and recall of the store's anomalies against a truth file",
+            description="Match the anomalies the worker stored with the episodes the load "
+            "generator injected (its truth file): precision per event kind, recall per "
+            "injected anomaly kind.",
+        )
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``pulse eval nab``."""
+    """Run ``pulse eval nab`` or ``pulse eval anomalies``."""
+    if args.action == "anomalies":
+        from pipeline import quality
+
+        return quality.run(args)
     from rich.console import Console
     from rich.table import Table
 

@@ -60,8 +60,8 @@ def test_the_shipped_registry_resolves() -> None:
     assert names == ["naive", "pulse_1w", "write_cost"]
     assert [c.name for c in REGISTRY.resolve(["freshness_half"])] == ["pulse_1w", "freshness_half"]
     assert set(REGISTRY.cases) == {
-        "floor", "naive", "pulse_1w", "pulse_2w", "quix", "write_cost", "freshness",
-        "freshness_half", "reads", "hnsw",
+        "floor", "naive", "pulse_1w", "pulse_2w", "pulse_1w_nodetect", "quix", "write_cost",
+        "freshness", "freshness_half", "reads", "hnsw",
     }  # fmt: skip
     assert REGISTRY.ratios["pulse_1w_vs_quix"].denominator == "cases.quix.events_per_s"
     goals = {name: (t.op, t.threshold) for name, t in REGISTRY.targets.items()}
@@ -77,6 +77,7 @@ def test_the_shipped_registry_resolves() -> None:
         "reads_first_refresh_ms": ("<=", 150.0),
         "hnsw_recall_at_10": (">=", 0.95),
         "hnsw_query_p99_ms": ("<=", 2.0),
+        "detection_cost": (">=", 0.8),
     }
 
 

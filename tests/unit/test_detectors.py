@@ -1,6 +1,7 @@
 """The detector bank: vectorised steps equal single-entity runs, snapshots replay bit-identically,
 bad snapshot bytes fail with one exception type, and the injected anomaly kinds of the load
-generator (spike, drift, stuck, level shift) raise exactly one alarm each on noisy daily cycles."""
+generator (spike, drift, stuck, level shift) raise exactly one alarm each on noisy daily cycles,
+and a change of pattern within the usual range raises one through the contextual (kNN) test."""
 
 from __future__ import annotations
 
@@ -113,6 +114,47 @@ def test_a_lone_outlier_inside_the_range_needs_a_second_observation() -> None:
     assert alarms.tolist() == [at + 1]
 
 
+@pytest.mark.parametrize("kind", ["frequency", "shape"])
+def test_a_pattern_change_within_the_range_raises_one_contextual_alarm(kind: str) -> None:
+    # a clean 24-sample cycle turns twice as fast, or square: every value stays in the range
+    # and the level and scale stay put, but the recent windows match none of the past ones
+    rng = np.random.default_rng(11)
+    n, at = 900, 700
+    i = np.arange(n)
+    v = np.sin(2 * np.pi * i / 24) + rng.normal(0, 0.05, n)
+    if kind == "frequency":
+        v[at:] = np.sin(2 * np.pi * i[at:] / 12) + rng.normal(0, 0.05, n - at)
+    else:
+        v[at:] = 0.9 * np.sign(np.sin(2 * np.pi * i[at:] / 24)) + rng.normal(0, 0.05, n - at)
+    bank = DetectorBank(1)
+    t = T0 + i * 60_000
+    alarms, causes = [], []
+    for j in range(n):
+        res = bank.step(np.array([0]), t[j : j + 1], v[j : j + 1])
+        if res.alarm[0]:
+            alarms.append(j)
+            causes.append(anomaly.CAUSES[int(res.cause[0])])
+    assert len(alarms) == 1 and at <= alarms[0] < at + detectors.KNN_W, alarms
+    assert causes == ["shift"]
+
+
+def test_running_window_distances_equal_direct_ones() -> None:
+    # running sums over a random walk with a huge spike, long gone
+    rng = np.random.default_rng(2)
+    v = np.cumsum(rng.normal(size=400))
+    v[250] = 1e12
+    bank = DetectorBank(1)
+    bank.score_batch(np.zeros(len(v), np.int64), T0 + np.arange(len(v)) * 1000, v)
+    row = bank.state[0]
+    hist = row[detectors.HIST : detectors.HIST + detectors.HIST_LEN]
+    assert np.array_equal(hist, v[-detectors.HIST_LEN :])
+    w, h = detectors.KNN_W, detectors.HIST_LEN
+    for c in range(detectors.KNN_REF):
+        lag = detectors.KNN_GAP + detectors.KNN_REF - 1 - c
+        want = np.sum((hist[h - w :] - hist[h - w - lag : h - lag]) ** 2)
+        assert row[detectors.KNN_D + c] == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
 def test_alarm_vectors_follow_the_layout() -> None:
     t, v = sensor_series(1000, 9)
     v[700] += 60.0
@@ -166,7 +208,7 @@ def test_snapshot_header_and_size() -> None:
     bank = DetectorBank(2)
     blobs = bank.snapshot([0, 1])
     assert all(len(b) == detectors.SNAPSHOT_BYTES and b[:3] == b"PDS" for b in blobs)
-    assert blobs[0][3] == 2  # version
+    assert blobs[0][3] == 3  # version
 
 
 @pytest.mark.parametrize(
@@ -175,7 +217,7 @@ def test_snapshot_header_and_size() -> None:
         (lambda b: b[:5], "too short"),
         (lambda b: b"XXX" + b[3:], "bad magic"),
         (lambda b: b[:3] + b"\x09" + b[4:], "version 9"),
-        (lambda b: b[:3] + b"\x01" + b[4:], "version 1"),
+        (lambda b: b[:3] + b"\x02" + b[4:], "version 2"),
         (lambda b: b + b"\x00", "expected"),
         (lambda b: b[:-8] + np.float64(np.nan).tobytes(), "non-finite"),
         (lambda b: b[:8] + np.float64(-1.0).tobytes() + b[16:], "negative or fractional"),
@@ -235,7 +277,9 @@ def test_restore_loads_nothing_when_a_blob_is_bad() -> None:
 
 def test_huge_values_keep_the_state_finite() -> None:
     bank = DetectorBank(1, detectors.DetectorParams(warmup=2))
-    v = np.array([1.0, 2.0, 1e308, -1e308, 3.0, np.inf, 1.0])
-    res = bank.score_batch(np.zeros(len(v), np.int64), T0 + np.arange(len(v)), v)
+    v = np.array([1.0, 2.0, 1e308, -1e308, 3.0, np.inf, 1.0, 1e150, -np.inf, np.nan, 1e-300])
+    v = np.tile(v, 20)  # long enough for the contextual test to run
+    t = T0 + np.arange(len(v)) // 3 * 10**15  # repeated timestamps, huge gaps
+    res = bank.score_batch(np.zeros(len(v), np.int64), t, v)
     assert np.all((res.score >= 0) & (res.score <= 1))
     detectors.decode(bank.snapshot([0])[0])
