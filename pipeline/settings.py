@@ -18,6 +18,7 @@ from schemas import keys
 from schemas.settings import EventTimeSettings, KafkaSettings, StoreSettings
 
 __all__ = [
+    "ArchiveSettings",
     "Durability",
     "KafkaSettings",
     "StackSettings",
@@ -109,3 +110,28 @@ class WorkerSettings(EventTimeSettings):
                 "windows that expire at once"
             )
         return self
+
+
+class ArchiveSettings(BaseSettings):
+    """The raw-event archive (``pulse archive``): where it writes and when it flushes.
+
+    ``url`` is a local path or any fsspec URL (``s3://bucket/pulse``, ``memory://x``); empty
+    means ``$PULSE_HOME/archive``. A partition's buffered rows become Parquet files (one per
+    event-time hour) once it holds ``max_rows`` rows or its oldest unflushed record was read
+    ``max_seconds`` ago.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PULSE_ARCHIVE_", extra="ignore")
+
+    url: str = ""
+    max_rows: int = Field(default=100_000, ge=1, le=10_000_000)
+    max_seconds: float = Field(default=60.0, gt=0, le=86_400.0)
+    group_id: str = Field(default="pulse-archive", min_length=1)
+    batch_max: int = Field(default=20_000, ge=1)
+    poll_timeout_s: float = Field(default=0.5, gt=0)
+    session_timeout_s: float = Field(default=10.0, ge=6.0, le=300.0)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+
+    def resolved_url(self) -> str:
+        """``url``, or ``$PULSE_HOME/archive`` when it is empty."""
+        return self.url or str(StackSettings().home / "archive")

@@ -23,11 +23,18 @@ def host_ports(service: dict[str, Any]) -> set[int]:
 
 def test_services_and_profiles() -> None:
     services = compose()["services"]
-    assert {"kafka", "topics", "valkey", "valkey-replica", "worker", "dashboard", "loadgen"} <= set(
-        services
-    )
+    assert {
+        "kafka",
+        "topics",
+        "valkey",
+        "valkey-replica",
+        "worker",
+        "archive",
+        "dashboard",
+        "loadgen",
+    } <= set(services)
     assert services["loadgen"]["profiles"] == ["loadgen"]
-    for name in ("worker", "dashboard", "loadgen"):
+    for name in ("worker", "archive", "dashboard", "loadgen"):
         assert services[name]["build"] == "."
     assert (ROOT / "Dockerfile").exists()
 
@@ -77,5 +84,16 @@ def test_pulse_services_share_settings() -> None:
     assert int(env["PULSE_KAFKA_PARTITIONS"]) == KafkaSettings().partitions
     assert env["PULSE_WORKER_DURABILITY"] == WorkerSettings().durability.value
     assert env["PULSE_STORE_HOST"] == "valkey"
-    for name in ("worker", "dashboard", "loadgen"):
+    for name in ("worker", "archive", "dashboard", "loadgen"):
         assert c["services"][name]["environment"] == env
+
+
+def test_archive_runs_like_the_worker_on_a_volume() -> None:
+    services = compose()["services"]
+    archive, worker = services["archive"], services["worker"]
+    assert archive["command"][0] == "archive"
+    assert archive["depends_on"]["topics"] == worker["depends_on"]["topics"]
+    assert archive["restart"] == worker["restart"]
+    url = archive["command"][archive["command"].index("--url") + 1]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in archive["volumes"]}
+    assert url in mounts and mounts[url] in compose()["volumes"]
