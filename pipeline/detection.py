@@ -3,7 +3,8 @@
 Each kind watches one dimension (sensor: ``device|metric``; applog: the service) in one window
 (10 s by default). When a partition's watermark closes an instance, every entity in it steps
 its detectors once per signal (``schemas.anomaly.SIGNALS``) with the instance's final
-statistics: the mean, maximum and minimum reading; a service's median latency and error rate.
+statistics: the mean and maximum reading and whether its readings were all equal (a stuck
+sensor); a service's median latency and error rate.
 Detector state is partition state checkpointed with the offset. A row's state (about a
 kilobyte) is written every ``SNAPSHOT_EVERY`` of its steps (rows are staggered), not every
 step: the inputs of the steps since are the closed windows' final values, which the store holds
@@ -19,10 +20,11 @@ anomalies under the same ids, once.
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +49,8 @@ DETECT_DIMS: dict[EventKind, str] = {
 _FIELD_SEP = "~"  # detector state field: "<entity>~<signal>" (identifiers cannot hold it)
 REPLAY_FIELD = "@from"  # the partition's replay point (decimal window start; -1: none)
 SNAPSHOT_EVERY = 30  # a row's state is written every this many of its steps (5 min at 10 s)
+FLAT_MIN_READINGS = 3  # "flat" is judged on windows of at least this many readings
+RANGE_SCALES = 5.0  # the range test of window signals: beyond the seen range by 5 scales
 _ROW_HEAD = struct.Struct("<qq")  # the row's last window start stepped, its steps so far
 _ERRORS_AT = keys.Stat.PACKED_APPLOG.index(keys.Stat.ERRORS)
 
@@ -69,12 +73,74 @@ def signal_values(kind: EventKind, table: packed.Table) -> dict[str, npt.NDArray
             return {
                 anomaly.Signal.MEAN: np.where(n > 0, st[:, packed.SUM] / n, np.nan),
                 anomaly.Signal.MAX: np.where(n > 0, st[:, packed.MAX], np.nan),
-                anomaly.Signal.MIN: np.where(n > 0, st[:, packed.MIN], np.nan),
+                # a stuck sensor repeats one value: equal readings are surprising only
+                # against the entity's own history of them (the detector learns that)
+                anomaly.Signal.FLAT: np.where(
+                    n >= FLAT_MIN_READINGS,
+                    (st[:, packed.MAX] == st[:, packed.MIN]).astype(np.float64),
+                    np.nan,
+                ),
             }
         return {
-            anomaly.Signal.LATENCY: packed.quantiles(table, (0.5,))[:, 0],
-            anomaly.Signal.ERROR_RATE: np.where(n > 0, st[:, _ERRORS_AT] / n, np.nan),
+            # latency is multiplicative (log-normal): detected as log(1 + ms), reported in ms
+            anomaly.Signal.LATENCY: np.log1p(packed.quantiles(table, (0.5,))[:, 0]),
+            anomaly.Signal.ERROR_RATE: np.where(
+                n > 0, error_evidence(st[:, _ERRORS_AT], n), np.nan
+            ),
         }
+
+
+ERROR_Z = 3.0  # the error-rate signal: the Wilson lower bound at this many standard errors
+ERROR_FLOOR = 0.1  # ... and a bound below this share counts as no evidence (0)
+
+
+def error_evidence(
+    errors: npt.NDArray[np.float64], n: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """The error-rate signal of a window: the share of errors it *shows*.
+
+    A window of a partition may see a handful of a service's requests: one error among eight is
+    a share of 12.5 % but evidence of almost nothing, while a burst (most requests failing)
+    keeps a high bound. The detectors watch the Wilson lower bound (``ERROR_Z``), and a bound
+    below ``ERROR_FLOOR`` counts as 0: a service whose windows mostly show no error would
+    otherwise alarm on the first that shows one.
+    """
+    bound = wilson_lower(errors, n, ERROR_Z)
+    out: npt.NDArray[np.float64] = np.where(bound < ERROR_FLOOR, 0.0, bound)
+    return out
+
+
+def wilson_lower(
+    k: npt.NDArray[np.float64], n: npt.NDArray[np.float64], z: float
+) -> npt.NDArray[np.float64]:
+    """The lower bound of the Wilson score interval of ``k`` successes in ``n`` trials."""
+    with np.errstate(all="ignore"):
+        nn = np.maximum(n, 1.0)
+        p = k / nn
+        z2 = z * z / nn
+        bound = (p + z2 / 2 - z * np.sqrt(p * (1 - p) / nn + z2 / (4 * nn))) / (1 + z2)
+    out: npt.NDArray[np.float64] = np.clip(bound, 0.0, 1.0)
+    return out
+
+
+def window_params(
+    kind: EventKind,
+    threshold: float = DEFAULT_PARAMS.threshold,
+    base: DetectorParams = DEFAULT_PARAMS,
+) -> DetectorParams:
+    """The detectors' tuning for window signals of ``kind`` at alarm level ``threshold``.
+
+    Each entity is watched through several signals, so each signal's alarm level is raised to
+    keep the entity's false-alarm rate (Bonferroni: the tail probability times the number of
+    signals; the score is ``L / (L + half_score)`` of ``L = -log10 p``). A window's statistics
+    trend with the daily cycle while a young entity's seen range is still narrow: the range
+    test asks for :data:`RANGE_SCALES` robust scales beyond it (a spike or a drift of a few
+    readings moves a window's maximum by far more).
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be within (0, 1), got {threshold}")
+    level = threshold * base.half_score / (1.0 - threshold) + math.log10(len(anomaly.SIGNALS[kind]))
+    return replace(base, threshold=level / (level + base.half_score), range_scales=RANGE_SCALES)
 
 
 class KindDetectors:
@@ -85,13 +151,13 @@ class KindDetectors:
         self,
         kind: EventKind,
         window: keys.TumblingWindow,
-        params: DetectorParams = DEFAULT_PARAMS,
+        params: DetectorParams | None = None,
         snapshot_every: int = SNAPSHOT_EVERY,
     ) -> None:
         self.kind = kind
         self.window = window
         self.dim = DETECT_DIMS[kind]
-        self.bank = DetectorBank(0, params)
+        self.bank = DetectorBank(0, params or window_params(kind))
         self.snapshot_every = snapshot_every
         self._rows: dict[int, dict[str, int]] = {}  # partition -> field -> row
         self._free: list[int] = []
@@ -306,13 +372,21 @@ class KindDetectors:
             context.update(device=device, metric=metric)
         else:
             context["service"] = entity
+        if signal == anomaly.Signal.LATENCY:  # back from the log scale it is detected on
+            value, expected = math.expm1(value), math.expm1(min(expected, 700.0))
         return anomaly.AnomalyRecord(
             id=anomaly.anomaly_id(self.kind.value, partition, start, entity, signal),
             kind=self.kind.value,
             partition=partition,
             entity=entity,
             signal=signal,
-            cause=anomaly.CAUSES[cause] if 0 <= cause < len(anomaly.CAUSES) else "range",
+            cause=(
+                "stuck"
+                if signal == anomaly.Signal.FLAT
+                else anomaly.CAUSES[cause]
+                if 0 <= cause < len(anomaly.CAUSES)
+                else "range"
+            ),
             window_start_ms=start,
             window_ms=self.window.size_ms,
             score=round(score, 6),

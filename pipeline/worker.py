@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.batch import BatchRules, RawRecord
 from pipeline.checkpoint import Checkpoint
-from pipeline.detection import KindDetectors
-from pipeline.detectors import DetectorParams
+from pipeline.detection import KindDetectors, window_params
 from pipeline.divert import PRODUCER_MAX_REQUEST_BYTES, Divert
 from pipeline.ingest import KafkaBatchReader, ReaderConfig
 from pipeline.metrics import Metrics
@@ -96,8 +95,10 @@ def create_app(
     )
     detectors = {}
     if worker.detect:
-        params = DetectorParams(threshold=worker.detect_threshold)
-        detectors = {kind: KindDetectors(kind, keys.WINDOW_10S, params) for kind in EventKind}
+        detectors = {
+            kind: KindDetectors(kind, keys.WINDOW_10S, window_params(kind, worker.detect_threshold))
+            for kind in EventKind
+        }
     checkpoint = Checkpoint(
         topic_names,
         writer,

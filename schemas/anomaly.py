@@ -63,13 +63,13 @@ class Signal:
 
     MEAN: Final = "mean"  # sensor: mean reading of device|metric
     MAX: Final = "max"  # sensor: highest reading
-    MIN: Final = "min"  # sensor: lowest reading
+    FLAT: Final = "flat"  # sensor: 1 when a window's readings (two or more) are all equal
     LATENCY: Final = "latency_p50"  # applog: a service's median latency (ms)
     ERROR_RATE: Final = "error_rate"  # applog: a service's share of ERROR-level events
 
 
 SIGNALS: Final[dict[str, tuple[str, ...]]] = {
-    "sensor": (Signal.MEAN, Signal.MAX, Signal.MIN),
+    "sensor": (Signal.MEAN, Signal.MAX, Signal.FLAT),
     "applog": (Signal.LATENCY, Signal.ERROR_RATE),
 }
 # What raised the alarm (the detector test with the smallest tail probability).

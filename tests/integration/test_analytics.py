@@ -176,7 +176,10 @@ def test_anomalies_and_boards_exactly_once_through_a_crash(
     start = truth["start_ms"] + RUN["anomaly_after"] * 1000
     q = quality.score(quality.episodes_of(truth), got.values(), from_ms=start)
     print(quality.report(q))
-    assert q["sensor"].recall() >= 0.8 and q["sensor"].precision >= 0.5, quality.report(q)
+    # measured on this seed: sensor precision 0.87, recall 1.0; applog 0.8 and 1.0 (the offline
+    # runs of docs/anomaly-detection.md measure more seeds); bounds leave room for the others
+    assert q["sensor"].recall() >= 0.9 and q["sensor"].precision >= 0.8, quality.report(q)
+    assert q["applog"].recall() >= 0.9 and q["applog"].precision >= 0.6, quality.report(q)
 
     res = pl.verify(truth_file)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]

@@ -11,7 +11,13 @@ import pytest
 from pipeline import aggregation, leaderboards
 from pipeline.batch import BatchRules, PartitionBatch, Record
 from pipeline.checkpoint import Checkpoint
-from pipeline.detection import SNAPSHOT_EVERY, KindDetectors, signal_values
+from pipeline.detection import (
+    SNAPSHOT_EVERY,
+    KindDetectors,
+    error_evidence,
+    signal_values,
+    window_params,
+)
 from pipeline.metrics import Metrics
 from pipeline.validation import TimeBounds
 from schemas import anomaly, keys, packed
@@ -134,7 +140,7 @@ def test_signals_of_a_window() -> None:
     got = signal_values(S, table)
     assert got[anomaly.Signal.MEAN][0] == pytest.approx(10.01)
     assert got[anomaly.Signal.MAX][0] == pytest.approx(10.02)
-    assert got[anomaly.Signal.MIN][0] == pytest.approx(10.0)
+    assert got[anomaly.Signal.FLAT][0] == 0.0  # 10.0, 10.01, 10.02: not all equal
 
 
 def test_a_spike_raises_an_anomaly_with_a_stable_id_and_vector() -> None:
@@ -228,6 +234,36 @@ def test_the_batch_that_closes_a_window_carries_its_detector_states_and_boards()
     # each row's first step saves its state; the replay point goes with them
     assert sorted(second.detected.fields) == [
         "@from",
-        *(f"d1|temp~{s}" for s in sorted(("mean", "max", "min"))),
+        *(f"d1|temp~{s}" for s in ("max", "mean")),  # one reading: no "flat" signal
     ]
     assert [b.key for b in first.boards] == [keys.board_key(S, 0, keys.Board.SITE_EVENTS, T0)]
+
+
+def test_error_evidence_ignores_a_lone_error_among_few_requests_but_not_a_burst() -> None:
+    errors = np.array([0.0, 1.0, 2.0, 6.0, 7.0, 70.0])
+    n = np.array([8.0, 8.0, 8.0, 8.0, 8.0, 100.0])
+    got = error_evidence(errors, n)
+    assert got[:3].tolist() == [0.0, 0.0, 0.0]
+    assert 0.2 < got[3] < got[4] < 0.75 and 0.4 < got[5] < 0.7
+
+
+def test_a_window_of_equal_readings_is_flat_when_it_has_three() -> None:
+    def flat(values: list[float]) -> float:
+        evs = [reading(T0 + j, "d1", "temp", v) for j, v in enumerate(values)]
+        (d,) = aggregation.aggregate(
+            aggregation.sensor_columns(evs), [(keys.WINDOW_10S, (keys.Dim.DEVICE,))]
+        )
+        return float(signal_values(S, d.table)[anomaly.Signal.FLAT][0])
+
+    assert flat([5.0, 5.0, 5.0]) == 1.0
+    assert flat([5.0, 5.0, 5.01]) == 0.0
+    assert np.isnan(flat([5.0, 5.0]))  # two equal readings are too common to judge
+
+
+def test_window_params_split_the_alarm_level_over_the_signals() -> None:
+    one = window_params(A, 0.5)  # two signals per service
+    three = window_params(S, 0.5)  # three per device|metric
+    assert 0.5 < one.threshold < three.threshold < 0.55
+    assert three.range_scales == 5.0
+    with pytest.raises(ValueError, match="threshold"):
+        window_params(S, 1.0)
