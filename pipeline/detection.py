@@ -343,15 +343,18 @@ class KindDetectors:
         return np.fromiter((mine[f] for f in fields), np.int64, len(fields))
 
     def _alloc(self, count: int) -> npt.NDArray[np.int64]:
-        reuse = [self._free.pop() for _ in range(min(count, len(self._free)))]
-        fresh = self.bank.add(count - len(reuse)) if count > len(reuse) else np.zeros(0, np.int64)
-        if fresh.size:
+        """``count`` free rows; the bank grows by doubling (adding rows copies the whole state,
+        and new entities arrive a few at a time)."""
+        short = count - len(self._free)
+        if short > 0:
+            fresh = self.bank.add(max(short, len(self.bank), 64))
             grow = np.zeros(fresh.size, np.int64)
             self._last = np.concatenate([self._last, grow])
             self._steps = np.concatenate([self._steps, grow])
             self._unsaved = np.concatenate([self._unsaved, grow - 1])
             self._phase = np.concatenate([self._phase, grow])
-        return np.concatenate([np.asarray(reuse, dtype=np.int64), fresh])
+            self._free.extend(reversed(fresh.tolist()))
+        return np.asarray([self._free.pop() for _ in range(count)], dtype=np.int64)
 
     def _record(
         self,

@@ -50,34 +50,46 @@ class OpenRows:
     statistics, and every row's sketch buckets in one sorted array.
 
     One table for all of a partition's open instances, so a batch costs a fixed number of
-    numpy calls, whatever the number of windows and dimensions it touches.
+    numpy calls, whatever the number of windows and dimensions it touches. Released rows are
+    reused by new keys (no renumbering: eviction costs what it evicts, not what stays).
     """
 
-    __slots__ = ("_bcount", "_bkey", "_index", "_stats", "keys", "nf")
+    __slots__ = ("_bcount", "_bkey", "_free", "_index", "_stats", "keys", "nf")
 
     def __init__(self, nf: int) -> None:
         self.nf = nf
-        self.keys: list[RowKey] = []
+        self.keys: list[RowKey | None] = []  # None: a free row
         self._index: dict[RowKey, int] = {}
+        self._free: list[int] = []
         self._stats = np.zeros((0, nf), dtype=np.float64)
         self._bkey = np.zeros(0, dtype=np.int64)  # row * _SPAN + code + _HALF, sorted
         self._bcount = np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._index)
 
-    def _rows(self, keys: Sequence[RowKey]) -> tuple[npt.NDArray[np.int64], list[RowKey]]:
-        """The row of each key, adding the new ones; the new keys."""
+    def _rows(self, keys: Sequence[RowKey]) -> tuple[npt.NDArray[np.int64], list[int]]:
+        """The row of each key, adding the new ones; the rows of the new keys."""
         index = self._index
-        known = len(self.keys)
-        rows = np.fromiter(
-            (index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=len(keys)
-        )
-        fresh: list[RowKey] = []
-        if len(index) > known:
-            fresh = list(index)[known:]
-            self.keys.extend(fresh)
-            self._grow(len(index))
+        rows = np.fromiter((index.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        fresh: list[int] = []
+        new = np.flatnonzero(rows < 0)
+        for i in new.tolist():
+            k = keys[i]
+            if k in index:  # a key given twice
+                rows[i] = index[k]
+                continue
+            if self._free:
+                r = self._free.pop()
+                self.keys[r] = k
+            else:
+                r = len(self.keys)
+                self.keys.append(k)
+            index[k] = r
+            rows[i] = r
+            fresh.append(r)
+        if fresh:
+            self._grow(len(self.keys))
         return rows, fresh
 
     def _grow(self, rows: int) -> None:
@@ -91,8 +103,9 @@ class OpenRows:
 
     def absorb(
         self, keys: Sequence[RowKey], table: packed.Table
-    ) -> tuple[npt.NDArray[np.int64], list[RowKey]]:
-        """Fold rows in (row ``i`` of ``table`` is ``keys[i]``, unique): their rows, new keys."""
+    ) -> tuple[npt.NDArray[np.int64], list[int]]:
+        """Fold rows in (row ``i`` of ``table`` is ``keys[i]``, unique): their rows, the new
+        keys' rows."""
         rows, fresh = self._rows(keys)
         s = self._stats
         d = table.stats
@@ -130,16 +143,24 @@ class OpenRows:
             self._bcount[idx].copy(),
         )
 
-    def keep(self, mask: npt.NDArray[np.bool_]) -> None:
-        """Keep only the rows where ``mask`` is true (renumbered in order)."""
-        n = len(self.keys)
-        new_of = np.cumsum(mask) - 1
-        self.keys = [k for k, m in zip(self.keys, mask.tolist(), strict=True) if m]
-        self._index = {k: i for i, k in enumerate(self.keys)}
-        self._stats = self._stats[:n][mask]
-        brow = self._bkey // _SPAN
-        kept = mask[brow]
-        self._bkey = new_of[brow[kept]] * _SPAN + self._bkey[kept] % _SPAN
+    def release(self, rows: Sequence[int]) -> None:
+        """Free ``rows``: their keys are forgotten, their values cleared for reuse."""
+        if not rows:
+            return
+        idx = np.asarray(rows, dtype=np.int64)
+        for r in rows:
+            key = self.keys[r]
+            if key is not None:
+                del self._index[key]
+                self.keys[r] = None
+        self._free.extend(rows)
+        self._stats[idx] = 0.0
+        self._stats[idx, packed.MIN] = np.inf
+        self._stats[idx, packed.MAX] = -np.inf
+        gone = np.zeros(len(self.keys), dtype=np.bool_)
+        gone[idx] = True
+        kept = ~gone[self._bkey // _SPAN]
+        self._bkey = self._bkey[kept]
         self._bcount = self._bcount[kept]
 
 
@@ -174,6 +195,8 @@ class KindWindows:
         self._rows = OpenRows(self.nf)
         # partition -> instance -> entities held
         self.open: dict[int, dict[InstanceKey, int]] = {}
+        # (partition, window, dim, start) -> its rows, in the order they were added
+        self._members: dict[tuple[int, str, str, int], list[int]] = {}
 
     def restore_keys(self, partition: int, max_event_time: int, watermark: int | None) -> list[str]:
         """Keys of a partition's window instances that may still change after its offset."""
@@ -210,9 +233,14 @@ class KindWindows:
 
     def _absorb(self, row_keys: Sequence[RowKey], table: packed.Table) -> npt.NDArray[np.int64]:
         rows, fresh = self._rows.absorb(row_keys, table)
-        for (p, wname, dim, start), _ in fresh:
-            held = self.open.setdefault(p, {})
-            held[(wname, dim, start)] = held.get((wname, dim, start), 0) + 1
+        keys_of = self._rows.keys
+        for r in fresh:
+            key = keys_of[r]
+            assert key is not None
+            ik = key[0]
+            self._members.setdefault(ik, []).append(r)
+            held = self.open.setdefault(ik[0], {})
+            held[ik[1:]] = held.get(ik[1:], 0) + 1
         return rows
 
     def absorb(
@@ -257,26 +285,22 @@ class KindWindows:
     ) -> dict[int, list[tuple[int, list[str], packed.Table]]]:
         """Per partition, the ``window``/``dim`` instances its watermark closes (the next
         :meth:`evict` drops them), oldest first: (start, entities, their final values)."""
-        wanted: dict[tuple[int, str, str, int], list[int]] = {}
-        for p, wm in watermarks.items():
+        out: dict[int, list[tuple[int, list[str], packed.Table]]] = {}
+        keys_of = self._rows.keys
+        for p, wm in sorted(watermarks.items()):
             if wm is None:
                 continue
-            for wname, d, start in self.open.get(p, ()):
-                if wname == window.name and d == dim and start + window.size_ms <= wm:
-                    wanted[(p, wname, d, start)] = []
-        if not wanted:
-            return {}
-        names: dict[tuple[int, str, str, int], list[str]] = {ik: [] for ik in wanted}
-        for i, (ik, name) in enumerate(self._rows.keys):
-            rows = wanted.get(ik)
-            if rows is not None:
-                rows.append(i)
-                names[ik].append(name)
-        out: dict[int, list[tuple[int, list[str], packed.Table]]] = {}
-        for ik in sorted(wanted, key=lambda k: (k[0], k[3])):
-            if wanted[ik]:
-                table = self._rows.table(np.asarray(wanted[ik], dtype=np.int64))
-                out.setdefault(ik[0], []).append((ik[3], names[ik], table))
+            starts = sorted(
+                start
+                for wname, d, start in self.open.get(p, ())
+                if wname == window.name and d == dim and start + window.size_ms <= wm
+            )
+            for start in starts:
+                rows = self._members.get((p, window.name, dim, start), [])
+                if rows:
+                    names = [k[1] for r in rows if (k := keys_of[r]) is not None]
+                    table = self._rows.table(np.asarray(rows, dtype=np.int64))
+                    out.setdefault(p, []).append((start, names, table))
         return out
 
     def evict(self, watermarks: Mapping[int, int | None]) -> int:
@@ -300,10 +324,10 @@ class KindWindows:
     def _discard(self, instances: set[tuple[int, str, str, int]]) -> None:
         if not instances:
             return
-        mask = np.fromiter(
-            (k[0] not in instances for k in self._rows.keys), dtype=np.bool_, count=len(self._rows)
-        )
-        self._rows.keep(mask)
+        rows: list[int] = []
+        for ik in instances:
+            rows.extend(self._members.pop(ik, ()))
+        self._rows.release(rows)
         for p, wname, dim, start in instances:
             self.open[p].pop((wname, dim, start), None)
 
@@ -313,12 +337,13 @@ class KindWindows:
 
     def values(self, partition: int) -> dict[InstanceKey, dict[str, bytes]]:
         """A partition's open instances' packed values by entity (what the store holds)."""
-        mine = [i for i, (ik, _) in enumerate(self._rows.keys) if ik[0] == partition]
-        rows = np.asarray(mine, dtype=np.int64)
+        mine = [r for ik, rows in self._members.items() if ik[0] == partition for r in rows]
+        encoded = packed.encode(self._rows.table(np.asarray(mine, dtype=np.int64)))
         out: dict[InstanceKey, dict[str, bytes]] = {}
-        encoded = packed.encode(self._rows.table(rows))
-        for i, value in zip(mine, encoded, strict=True):
-            (_, wname, dim, start), name = self._rows.keys[i]
+        for r, value in zip(mine, encoded, strict=True):
+            key = self._rows.keys[r]
+            assert key is not None
+            (_, wname, dim, start), name = key
             out.setdefault((wname, dim, start), {})[name] = value
         return out
 
