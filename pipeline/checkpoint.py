@@ -3,8 +3,9 @@
 :meth:`Checkpoint.commit` is the whole order, in one place, for every event kind of a poll:
 
 1. **prepare** each partition's records (pure): drop what the store already applied, validate,
-   classify late, aggregate, and fold into the partition's open windows (``pipeline.state``),
-   while the store applies the previous poll;
+   classify late, aggregate, fold into the partition's open windows (``pipeline.state``), derive
+   the 1m leaderboard writes (``pipeline.leaderboards``) and step the detectors of the windows
+   the poll closes (``pipeline.detection``), while the store applies the previous poll;
 2. **settle the previous poll**: read its apply's outcomes; a partition someone else had
    advanced is restored from the store and its records are prepared again with this poll's;
 3. **acknowledge the previous poll**: wait until the store says its writes are fsynced at the
