@@ -10,8 +10,10 @@ KPIs read the progress hashes first), decodes all values of one event kind with 
 ``packed.decode`` call and merges them into panes (window instances merged over partitions,
 what :class:`PaneCache` keeps) with one ``packed.merge`` call, after factorizing entity names to
 group ids; a hopping window merges its panes with one more. The site table reads statistics
-only (``packed.decode_stats``) for every site x metric, into a :class:`Rollup` of the final
-panes that the cache keeps, picks its top rows, and merges sketches for those rows alone. The
+only for every site x metric (each reply's values cut to their statistics and its names
+numbered as it arrives, all checked as ``packed.decode_stats`` checks them), into a
+:class:`Rollup` of the final panes that the cache keeps, picks its top rows, and merges
+sketches for those rows alone. The
 merge rule itself lives only in ``schemas.packed``. Quantiles come from ``packed.quantiles``,
 for every row at once; top-N and per-pane roll-ups are numpy too. No loop here runs per bucket,
 or per field of a window except to pick out the few values of the rows a table shows.
@@ -24,6 +26,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Final, TypeAlias, cast
 
 import numpy as np
@@ -984,61 +987,94 @@ def first_rows(key: F64, limit: int) -> I64:
 class Rollup:
     """Panes of one dimension merged over partitions and panes, statistics only (no sketch).
 
-    Row ``i`` is entity ``names[i]`` (bytes, as stored; ``index`` finds a name's row), split at
-    ``keys.ENTITY_SEP`` into ``first`` and ``second`` (text). Cached in a :class:`PaneCache`
-    for the final panes of a hopping window, so a refresh merges only the open panes into it.
+    Row ``i`` is entity ``names[i]`` (bytes, as stored), split at ``keys.ENTITY_SEP`` into
+    ``first`` and ``second`` (text). Cached in a :class:`PaneCache` for the final panes of a
+    hopping window, so a refresh merges only the open panes into it. Its row of each name
+    (:meth:`ids`) and its distinct firsts and seconds (:meth:`choices`) are worked out when
+    first asked for, and kept with it.
     """
 
     starts: tuple[int, ...]
     names: Names
-    index: pd.Index
     stats: F64
     first: Names
     second: Names
-    firsts: tuple[str, ...] = ()  # distinct values of ``first``, sorted
-    seconds: tuple[str, ...] = ()
+    _ids: dict[bytes, int] | None = field(default=None, compare=False, repr=False)
+    _choices: tuple[tuple[str, ...], tuple[str, ...]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     @staticmethod
     def empty(nf: int) -> Rollup:
         """No panes, no entities."""
-        return Rollup(
-            (), _NO_NAMES, pd.Index([], dtype=object), np.zeros((0, nf)), _NO_NAMES, _NO_NAMES
-        )
+        return Rollup((), _NO_NAMES, np.zeros((0, nf)), _NO_NAMES, _NO_NAMES, {}, ((), ()))
 
     @property
     def rows(self) -> int:
         """Number of entities."""
         return int(self.names.size)
 
-    def extended(self, names: Names, split: tuple[Names, Names] | None = None) -> Rollup:
+    def ids(self) -> dict[bytes, int]:
+        """The row of each name (do not change it: the roll-up keeps it)."""
+        if self._ids is None:
+            ids = dict(zip(self.names.tolist(), range(self.rows), strict=True))
+            object.__setattr__(self, "_ids", ids)  # the same value, whoever sets it first
+            return ids
+        return self._ids
+
+    def choices(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The distinct values of ``first`` and of ``second``, sorted."""
+        if self._choices is None:
+            found = (
+                tuple(sorted(set(self.first.tolist()))),
+                tuple(sorted(set(self.second.tolist()))),
+            )
+            object.__setattr__(self, "_choices", found)
+            return found
+        return self._choices
+
+    def rows_of(self, names: Names) -> I64:
+        """The row of each of ``names`` (-1 for a name without one)."""
+        get = self.ids().get
+        return np.fromiter(map(get, names.tolist(), repeat(-1)), np.int64, count=names.size)
+
+    def extended(
+        self,
+        names: Names,
+        split: tuple[Names, Names] | None = None,
+        ids: dict[bytes, int] | None = None,
+    ) -> Rollup:
         """The same with rows for ``names`` (new entities, no statistics yet) appended.
 
-        ``split``: the names' two parts, when known.
+        ``split``: the names' two parts, when known; ``ids``: the row of every name after, when
+        known (the roll-up keeps it).
         """
         if names.size == 0:
             return self
-        text = np.asarray([n.decode() for n in names.tolist()], dtype=object)
-        first, second = split if split is not None else _split(text)
+        first, second = split if split is not None else split_names(names)
         nf = self.stats.shape[1]
         added = np.zeros((names.size, nf))
         added[:, packed.MIN], added[:, packed.MAX] = np.inf, -np.inf
-        all_names = np.concatenate([self.names, names])
+        firsts, seconds = self.choices()  # kept with this roll-up (a cached one: once)
+        choices = (
+            tuple(sorted(set(firsts).union(first.tolist()))),
+            tuple(sorted(set(seconds).union(second.tolist()))),
+        )
         return Rollup(
             self.starts,
-            all_names,
-            pd.Index(all_names, dtype=object),
+            np.concatenate([self.names, names]),
             np.concatenate([self.stats, added]),
             np.concatenate([self.first, first]),
             np.concatenate([self.second, second]),
-            tuple(sorted(set(self.firsts).union(first.tolist()))),
-            tuple(sorted(set(self.seconds).union(second.tolist()))),
+            ids,
+            choices,
         )
 
     def merged(self, other: Rollup) -> Rollup:
         """The same with ``other`` (a roll-up of other panes) merged in."""
         if self.rows == 0:
             return dataclasses.replace(other, starts=(*self.starts, *other.starts))
-        rows = np.asarray(self.index.get_indexer(other.names))
+        rows = self.rows_of(other.names)
         new = np.flatnonzero(rows < 0)
         base = self.extended(other.names[new], (other.first[new], other.second[new]))
         rows[new] = self.rows + np.arange(new.size)
@@ -1046,21 +1082,15 @@ class Rollup:
 
     def one_pane(self, start: int, stats: F64, rows: I64) -> Rollup:
         """A roll-up of one pane: its values (``stats[i]`` of entity ``rows[i]`` of this one)."""
-        uniq, inverse = np.unique(rows, return_inverse=True)
+        present = np.zeros(self.rows, dtype=np.bool_)
+        present[rows] = True
+        mine = np.flatnonzero(present)  # this roll-up's rows the pane has, in order
+        at = np.full(self.rows, -1, dtype=np.int64)
+        at[mine] = np.arange(mine.size)
         table = packed.Table(stats, _NO_ROWS, _NO_ROWS, _NO_ROWS)
-        merged = packed.merge(table, inverse.ravel(), int(uniq.size)).stats
+        merged = packed.merge(table, at[rows], int(mine.size)).stats
         merged.flags.writeable = False
-        first, second = self.first[uniq], self.second[uniq]
-        return Rollup(
-            (start,),
-            self.names[uniq],
-            pd.Index(self.names[uniq], dtype=object),
-            merged,
-            first,
-            second,
-            tuple(sorted(set(first.tolist()))),
-            tuple(sorted(set(second.tolist()))),
-        )
+        return Rollup((start,), self.names[mine], merged, self.first[mine], self.second[mine])
 
     def plus(self, starts: Sequence[int], stats: F64, rows: I64) -> Rollup:
         """The same with the values of panes ``starts`` merged in (``stats[i]`` of ``rows[i]``)."""
@@ -1072,13 +1102,37 @@ class Rollup:
         return Rollup(
             (*self.starts, *starts),
             self.names,
-            self.index,
             merged,
             self.first,
             self.second,
-            self.firsts,
-            self.seconds,
+            self._ids,
+            self._choices,
         )
+
+
+def split_names(names: Names) -> tuple[Names, Names]:
+    """Entity names (bytes, ``"<a>|<b>"``) as text, split at their first ``keys.ENTITY_SEP``.
+
+    All names are decoded in one call and split by a few calls on the joined text (no call per
+    name), when every name holds exactly one separator and no line break; else name by name.
+    """
+    n = names.size
+    if n == 0:
+        return _NO_NAMES, _NO_NAMES
+    joined = b"\n".join(names.tolist())
+    buf = np.frombuffer(joined, dtype=np.uint8)
+    sep = keys.ENTITY_SEP.encode()
+    if joined.count(b"\n") == n - 1 and len(sep) == 1:
+        line_of = np.cumsum(buf == ord("\n"))  # each byte's name
+        per_name = np.bincount(line_of[buf == sep[0]], minlength=n)
+        if (per_name == 1).all():
+            tokens = joined.decode(errors="replace").replace(keys.ENTITY_SEP, "\n").split("\n")
+            first = np.empty(n, dtype=object)
+            second = np.empty(n, dtype=object)
+            first[:] = tokens[0::2]
+            second[:] = tokens[1::2]
+            return first, second
+    return _split(np.asarray([b.decode(errors="replace") for b in names.tolist()], dtype=object))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1118,13 +1172,96 @@ def _cached_rollup(req: PaneRequest, cache: PaneCache | None) -> Rollup:
     return base
 
 
+_WIDTHS: Final = (1, 2, 4)  # packed bytes per sketch code offset or bucket count
+
+
+class _StatsReader:
+    """The statistics of many packed values, taken reply by reply and decoded at once.
+
+    :meth:`add` copies a reply's values' leading bytes (header and statistics) into one array
+    and notes their lengths, in two calls, while the values are fresh in the CPU's caches;
+    :meth:`stats` reads them all at once and checks each value as ``packed.decode_stats`` does.
+    When a value fails a check, ``packed.decode_stats`` raises its exact
+    :class:`packed.PackedError`.
+    """
+
+    def __init__(self, nf: int) -> None:
+        self.nf = nf
+        self.values: list[bytes] = []
+        self._dtype = packed.header_dtype(nf)
+        self._head = np.dtype(f"S{self._dtype.itemsize}")
+        self._lens: list[I64] = []
+        self._heads: list[npt.NDArray[np.bytes_]] = []
+
+    def add(self, values: list[bytes]) -> None:
+        """Values to decode after the ones added so far."""
+        self.values += values
+        self._lens.append(np.fromiter(map(len, values), dtype=np.int64, count=len(values)))
+        # each value's leading bytes, in one call (a shorter value is padded: caught by length)
+        self._heads.append(np.array(values, dtype=self._head))
+
+    def stats(self) -> F64:
+        """``packed.decode_stats(values, nf).stats`` of every value added, in order."""
+        nf, n = self.nf, len(self.values)
+        if n == 0:
+            return np.zeros((0, nf))
+        hsize = self._dtype.itemsize
+        lens = np.concatenate(self._lens)
+        if (lens < hsize).any():
+            return packed.decode_stats(self.values, nf).stats  # raises
+        head = np.concatenate(self._heads).view(self._dtype)
+        cw, nw = head["cw"].astype(np.int64), head["nw"].astype(np.int64)
+        pair = cw + nw
+        bad = (head["v"] != packed.VERSION) | (head["nf"] != nf)
+        bad |= ~np.isin(cw, _WIDTHS) | ~np.isin(nw, _WIDTHS)
+        bad |= np.where(bad, True, (lens - hsize) % np.where(pair > 0, pair, 1) != 0)
+        if bad.any():
+            return packed.decode_stats(self.values, nf).stats  # raises
+        return np.asarray(head["stats"], dtype=np.float64)
+
+
+class _Numbering:
+    """Row numbers of entity names over one read: a roll-up's rows, then new names in order.
+
+    One dict lookup per name read (names are numbered reply by reply, while they are fresh in
+    the CPU's caches), in a copy of the roll-up's own: what one read adds is not kept.
+    """
+
+    def __init__(self, base: Rollup) -> None:
+        self._ids: dict[bytes, int] = base.ids().copy()
+        self.fresh: list[bytes] = []  # names not known before, in order of first appearance
+
+    def snapshot(self) -> dict[bytes, int]:
+        """The row of every name so far."""
+        return self._ids.copy()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def rows(self, names: Sequence[bytes]) -> I64:
+        """The row of each of ``names`` (a name not seen yet gets the next free row)."""
+        ids = self._ids
+        at = np.fromiter(map(ids.get, names, repeat(-1)), dtype=np.int64, count=len(names))
+        miss = np.flatnonzero(at < 0)
+        if miss.size:
+            missing = [names[i] for i in miss.tolist()]
+            fresh = list(dict.fromkeys(missing))
+            n = len(ids)
+            ids.update(zip(fresh, range(n, n + len(fresh)), strict=True))
+            self.fresh += fresh
+            at[miss] = np.fromiter(map(ids.__getitem__, missing), np.int64, count=len(missing))
+        return at
+
+
 def _hop_stats(r: redis.Redis, req: PaneRequest, cache: PaneCache | None) -> _HopStats:
     """The statistics of every entity of ``req`` over its panes, merged; one round trip.
 
     With a ``cache``, the leading panes that were final when last read come from cached
     roll-ups, and only the other panes are read; panes read and found final join a
-    new roll-up (the partitions' watermarks are read in the same pipeline). Each pane is
-    decoded and merged as its replies arrive, while the store sends the next.
+    new roll-up (the partitions' watermarks are read in the same pipeline). Each reply's names
+    are numbered and its values set aside as it arrives, while the store sends the next; then
+    every value read is decoded at once, the roll-ups grow once by the new names and merge the
+    panes read in one call each.
     """
     nf = NF[req.kind]
     base = _cached_rollup(req, cache)
@@ -1136,6 +1273,12 @@ def _hop_stats(r: redis.Redis, req: PaneRequest, cache: PaneCache | None) -> _Ho
         for s in todo
         for p in req.parts
     ]
+    numbering = _Numbering(base)
+    reader = _StatsReader(nf)
+    rows: list[I64] = []  # entity of each value read
+    sizes: list[int] = []  # values per pane read
+    n_final = 0  # the leading panes read that are final (no event can still reach them)
+    final_ids: dict[bytes, int] | None = None  # entities of the base and those panes
     replies = stream_raw(r, commands)
     try:
         lowest: int | None = None
@@ -1150,54 +1293,42 @@ def _hop_stats(r: redis.Redis, req: PaneRequest, cache: PaneCache | None) -> _Ho
                 cache.clear()
                 replies.close()
                 return _hop_stats(r, req, cache)
-        cached = base.starts
-        rows: list[I64] = []
-        values: list[bytes] = []
-        open_starts: list[int] = []
-        open_stats: list[F64] = []
-        open_rows: list[I64] = []
-        final = base
-        for s in todo:
-            names: list[bytes] = []
-            first = len(values)
+        if cache is not None and lowest is not None:
+            while n_final < len(todo) and todo[n_final] + req.window.size_ms <= lowest:
+                n_final += 1
+        for i in range(len(todo)):
+            first = len(reader.values)
             for _ in req.parts:
-                n, v = _names_values(cast(HashReply, next(replies)))
-                names += n
-                values += v
-            stats = packed.decode_stats(values[first:], nf).stats
-            at = np.full(len(names), -1, dtype=np.int64)
-            if names:
-                objects = np.asarray(names, dtype=object)
-                if base.rows:
-                    at = np.asarray(base.index.get_indexer(objects))
-                new = np.flatnonzero(at < 0)
-                if new.size:
-                    codes, uniques = factorize(objects[new])
-                    at[new] = base.rows + codes
-                    base = base.extended(uniques)
-            rows.append(at)
-            if (
-                cache is not None
-                and lowest is not None
-                and not open_starts
-                and (s + req.window.size_ms <= lowest)
-            ):
-                cache.put_rollup(_rollup_key(req, (s,)), base.one_pane(s, stats, at))
-                base = final = base.plus([s], stats, at)
-            else:
-                open_starts.append(s)
-                open_stats.append(stats)
-                open_rows.append(at)
+                names, values = _names_values(cast(HashReply, next(replies)))
+                rows.append(numbering.rows(names))
+                reader.add(values)
+            sizes.append(len(reader.values) - first)
+            if i == n_final - 1:
+                final_ids = numbering.snapshot()
     finally:
         replies.close()  # unread replies (an error above) drop the connection
-    if cache is not None and len(final.starts) > len(cached):
+    stats = reader.stats()
+    at = _stack(rows)
+    bounds = np.cumsum([0, *sizes]).tolist()
+    fresh = np.asarray(numbering.fresh, dtype=object)
+    split = len(final_ids) - base.rows if final_ids is not None else 0
+    final = base.extended(fresh[:split], ids=final_ids)
+    cut = bounds[n_final]
+    if cache is not None and n_final:
+        # cached alone (the next hopping window starts a pane later) and merged in a roll-up
+        for s, lo, hi in zip(todo, bounds, bounds[1 : n_final + 1], strict=False):
+            cache.put_rollup(_rollup_key(req, (s,)), final.one_pane(s, stats[lo:hi], at[lo:hi]))
+        final = final.plus(todo[:n_final], stats[:cut], at[:cut])
         cache.put_rollup(_rollup_key(req, final.starts), final)
-    total = base.plus(
-        open_starts,
-        np.concatenate(open_stats) if open_stats else np.zeros((0, nf)),
-        np.concatenate(open_rows) if open_rows else _NO_ROWS,
-    )
-    return _HopStats(total, cached, np.concatenate(rows) if rows else _NO_ROWS, values)
+    total = final.extended(fresh[split:])
+    if n_final < len(todo):
+        total = total.plus(todo[n_final:], stats[cut:], at[cut:])
+    return _HopStats(total, base.starts, at, reader.values)
+
+
+def _stack(parts: Sequence[I64]) -> I64:
+    """``parts`` one after the other."""
+    return np.concatenate(parts) if parts else _NO_ROWS
 
 
 def _sketches(r: redis.Redis, req: PaneRequest, hop: _HopStats, top: I64) -> packed.Table:
@@ -1251,12 +1382,14 @@ def read_site_metrics(
     hs = _hop_stats(r, req, cache)
     stats, all_site, all_metric = hs.rollup.stats, hs.rollup.first, hs.rollup.second
     seen = stats[:, packed.COUNT] > 0
-    choices = hs.rollup.firsts, hs.rollup.seconds
-    if not seen.all():
-        choices = (
-            tuple(sorted(pd.unique(all_site[seen]).tolist())),
-            tuple(sorted(pd.unique(all_metric[seen]).tolist())),
+    choices = (
+        hs.rollup.choices()
+        if seen.all()
+        else (
+            tuple(sorted(set(all_site[seen].tolist()))),
+            tuple(sorted(set(all_metric[seen].tolist()))),
         )
+    )
     keep = seen.copy()
     if view.site is not None:
         keep &= all_site == view.site

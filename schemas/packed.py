@@ -126,7 +126,8 @@ def _width(x: I64) -> npt.NDArray[np.uint8]:
     return np.where(x < 1 << 8, 1, np.where(x < 1 << 16, 2, 4)).astype(np.uint8)
 
 
-def _header_dtype(nf: int) -> np.dtype[np.void]:
+def header_dtype(nf: int) -> np.dtype[np.void]:
+    """The leading bytes of a packed value with ``nf`` statistics: header, then statistics."""
     return np.dtype(
         [
             ("v", "u1"),
@@ -156,7 +157,7 @@ def encode(table: Table) -> list[bytes]:
         span[has] = table.code[ends[has] - 1] - base[has]
         most[has] = np.maximum.reduceat(table.count, first[has])
     cw, nw = _width(span), _width(most)
-    head = np.zeros(rows, dtype=_header_dtype(nf))
+    head = np.zeros(rows, dtype=header_dtype(nf))
     head["v"] = VERSION
     head["nf"] = nf
     head["cw"] = cw
@@ -259,7 +260,7 @@ def decode_stats(values: Sequence[bytes], nf: int) -> Table:
     n = len(values)
     if n == 0:
         return Table.empty(nf)
-    dtype = _header_dtype(nf)
+    dtype = header_dtype(nf)
     hsize = dtype.itemsize
     lens = np.fromiter(map(len, values), dtype=np.int64, count=n)
     if (lens < hsize).any():

@@ -7,7 +7,7 @@ import pytest
 
 from dashboard import queries
 from schemas import packed
-from tests.unit.test_dashboard_merge import _hashes, naive_stats, table_of
+from tests.unit.test_dashboard_merge import _hashes, table_of
 
 
 def test_decode_stats_equals_decode_without_buckets() -> None:
@@ -62,28 +62,6 @@ def test_panes_of_flat_replies_equal_panes_of_maps() -> None:
             assert m.names.tolist() == li.names.tolist()
             assert m.table.stats.tolist() == li.table.stats.tolist()
             assert m.table.code.tolist() == li.table.code.tolist()
-
-
-def test_rollup_grows_by_new_entities_and_merges_panes() -> None:
-    nf = packed.NF_SENSOR
-    empty = queries.Rollup.empty(nf)
-    names = np.asarray([b"s1|temp", b"s2|hum"], dtype=object)
-    base = empty.extended(names)
-    assert base.first.tolist() == ["s1", "s2"] and base.second.tolist() == ["temp", "hum"]
-    assert (base.firsts, base.seconds) == (("s1", "s2"), ("hum", "temp"))
-    assert base.stats[:, packed.COUNT].tolist() == [0.0, 0.0]
-    values = [[1.0, 4.0], [10.0], [2.0]]
-    stats = packed.decode_stats(packed.encode(table_of(values)), nf).stats
-    one = base.plus([60_000], stats, np.array([0, 1, 0]))
-    assert one.starts == (60_000,)
-    assert one.stats.tolist() == [naive_stats([1.0, 4.0, 2.0]), naive_stats([10.0])]
-    assert base.stats[:, packed.COUNT].tolist() == [0.0, 0.0]  # not changed in place
-    with pytest.raises(ValueError):
-        one.stats[0, 0] = 5.0  # shared through the cache: read-only
-    more = one.extended(np.asarray([b"s3|temp"], dtype=object))
-    assert more.index.get_indexer([b"s3|temp", b"s1|temp", b"nope"]).tolist() == [2, 0, -1]
-    assert more.firsts == ("s1", "s2", "s3") and more.seconds == ("hum", "temp")
-    assert more.extended(np.asarray([], dtype=object)) is more
 
 
 def test_pane_cache_forgets_rollups_when_a_watermark_goes_back() -> None:
