@@ -67,6 +67,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "compare the store's aggregates with a load generator truth file",
     ),
+    "replay": (
+        "pipeline.replay_command",
+        "add_arguments",
+        "run",
+        "recompute the aggregates and leaderboards of a time range from the archive or Kafka",
+    ),
     "near": (
         "dashboard.geo",
         "add_arguments",

@@ -441,4 +441,137 @@ local function apply_batch(keys, args)
   return {1, write(plan, args)}
 end
 
+--[[
+pulse_replace rebuilds whole keys of one partition atomically (``pulse replay``,
+pipeline/replay.py builds the call). KEYS[1] is the partition's progress hash, only read: the
+call refuses unless its watermark is at or past ``closed``, so the live worker can no longer
+change any key it replaces. KEYS[2..] are the keys the header refers to by index (each used
+once); every key must carry the hash tag of KEYS[1] (one partition, one slot).
+
+ARGV[1] is a JSON header:
+  closed   integer: the end (epoch ms) of the rebuilt range; the partition's stored watermark
+           must be >= closed, else nothing is written and the reply is {0, watermark or ''}
+  h        hash blocks {key index, expire-at (s), n}: the key's content becomes exactly the next
+           n (field, value) pairs of ARGV[2..] (packed values), then it expires at expire-at
+  z        sorted-set blocks {key index, expire-at (s), {score, member, ...}}: the key's content
+           becomes exactly these members (finite scores), then it expires at expire-at
+  x        key indexes to delete (keys of the range with nothing left to hold)
+Returns {1, keys written, keys deleted}, {0, stored watermark} when the range is not closed, or
+an error reply "ERR pulse_replace: <what is wrong>" for a malformed call; like pulse_apply it
+validates everything first and writes nothing on any problem.
+--]]
+
+local function tag_of(key)
+  local a = string.find(key, '{', 1, true)
+  if not a then return nil end
+  local b = string.find(key, '}', a + 1, true)
+  if not b or b == a + 1 then return nil end
+  return string.sub(key, a + 1, b - 1)
+end
+
+local function prepare_replace(keys, args)
+  if #keys < 1 then bad('no keys: KEYS[1] must be the progress hash') end
+  if #args < 1 or type(args[1]) ~= 'string' then bad('expected a JSON header first') end
+  local okj, p = pcall(cjson.decode, args[1])
+  if not okj then bad('header is not JSON: %s', tostring(p)) end
+  if type(p) ~= 'table' then bad('header must be a JSON object') end
+  local tag = tag_of(keys[1])
+  if not tag then bad('KEYS[1] %s has no hash tag', keys[1]) end
+  for i = 2, #keys do
+    if tag_of(keys[i]) ~= tag then bad('key %s is not of partition {%s}', keys[i], tag) end
+  end
+  local plan = {progress = keys[1], closed = int_field(p, 'closed'), h = {}, z = {}, x = {}}
+  for _, name in ipairs({'h', 'z', 'x'}) do
+    if p[name] == nil then p[name] = {} end
+    if not is_array(p[name]) then bad('%s must be an array', name) end
+  end
+  local used = {[keys[1]] = true}
+  local at = 2
+  for i = 1, #p.h do
+    local blk, k, where = block_key(p, 'h', i, 3, keys, used)
+    if not is_int(blk[2]) then bad('%s: expire-at must be an integer', where) end
+    local n = blk[3]
+    if not is_int(n) or n < 1 then bad('%s: n must be an integer >= 1', where) end
+    local last = at + 2 * n - 1
+    if last > #args then
+      bad('%s: needs %d field/value pairs, the call has %d arguments', where, n, #args)
+    end
+    for a = at, last, 2 do
+      local f, v = args[a], args[a + 1]
+      if #f == 0 then bad('%s: field %d is empty', where, (a - at) / 2 + 1) end
+      if #v < 8 or string.byte(v, 1) ~= PACKED_VERSION then
+        bad('%s: the value of %q is not a packed value', where, f)
+      end
+    end
+    plan.h[i] = {k, blk[2], at, last}
+    at = last + 1
+  end
+  if at ~= #args + 1 then
+    bad('the header accounts for %d arguments, the call has %d', at - 1, #args)
+  end
+  for i = 1, #p.z do
+    local blk, k, where = block_key(p, 'z', i, 3, keys, used)
+    if not is_int(blk[2]) then bad('%s: expire-at must be an integer', where) end
+    local m = blk[3]
+    if not is_array(m) or #m == 0 or #m % 2 == 1 then bad('%s: needs (score, member) pairs', where) end
+    for c = 1, #m, 2 do
+      if not is_score(m[c]) then bad('%s: score %d is not a finite number', where, (c + 1) / 2) end
+      if type(m[c + 1]) ~= 'string' or m[c + 1] == '' then
+        bad('%s: member %d is not a name', where, (c + 1) / 2)
+      end
+      m[c] = string.format('%.17g', m[c])
+    end
+    plan.z[i] = {k, blk[2], m}
+  end
+  for i = 1, #p.x do
+    plan.x[i] = key_at(p.x[i], string.format('x[%d]', i), keys, used)
+  end
+  if #keys ~= 1 + #plan.h + #plan.z + #plan.x then
+    bad('the header refers to %d keys, the call has %d', #plan.h + #plan.z + #plan.x, #keys - 1)
+  end
+  for _, b in ipairs(plan.h) do expect_type(b[1], 'hash') end
+  for _, b in ipairs(plan.z) do expect_type(b[1], 'zset') end
+  local wm = redis.call('HGET', plan.progress, 'watermark')
+  if not wm or not tonumber(wm) or tonumber(wm) < plan.closed then
+    plan.refused = wm or ''
+  end
+  return plan
+end
+
+local function write_replace(plan, args)
+  for _, w in ipairs(plan.h) do
+    local k = w[1]
+    redis.call('UNLINK', k)
+    for i = w[3], w[4], 2 * CHUNK do
+      redis.call('HSET', k, unpack(args, i, math.min(i + 2 * CHUNK - 1, w[4])))
+    end
+    redis.call('EXPIREAT', k, w[2])
+  end
+  for _, w in ipairs(plan.z) do
+    local k, m = w[1], w[3]
+    redis.call('UNLINK', k)
+    for i = 1, #m, 2 * CHUNK do
+      redis.call('ZADD', k, unpack(m, i, math.min(i + 2 * CHUNK - 1, #m)))
+    end
+    redis.call('EXPIREAT', k, w[2])
+  end
+  for _, k in ipairs(plan.x) do
+    redis.call('UNLINK', k)
+  end
+  return {1, #plan.h + #plan.z, #plan.x}
+end
+
+local function replace_keys(keys, args)
+  local ok, plan = pcall(prepare_replace, keys, args)
+  if not ok then
+    local msg = type(plan) == 'table' and (plan.err or 'store error') or tostring(plan)
+    return redis.error_reply('ERR pulse_replace: ' .. msg)
+  end
+  if plan.refused then
+    return {0, plan.refused}
+  end
+  return write_replace(plan, args)
+end
+
 redis.register_function('pulse_apply', apply_batch)
+redis.register_function('pulse_replace', replace_keys)

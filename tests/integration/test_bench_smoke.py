@@ -24,13 +24,13 @@ from schemas.settings import store_client
 pytestmark = pytest.mark.integration
 
 CASES = {
-    "floor", "naive", "pulse_1w", "pulse_2w", "write_cost", "freshness", "freshness_half", "reads",
-    "hnsw",
+    "floor", "naive", "pulse_1w", "pulse_2w", "pulse_1w_nodetect", "write_cost", "freshness",
+    "freshness_half", "reads", "hnsw", "replay",
 }  # fmt: skip
 TARGETS = {
     "pulse_1w_vs_floor", "freshness_p99_ms", "freshness_half_p99_ms", "reads_p99_ms",
     "reads_first_refresh_ms", "write_cost_store_commands", "write_cost_aof_bytes",
-    "write_cost_replica_aof_bytes", "hnsw_recall_at_10", "hnsw_query_p99_ms",
+    "write_cost_replica_aof_bytes", "hnsw_recall_at_10", "hnsw_query_p99_ms", "detection_cost",
 }  # fmt: skip
 QUIX = importlib.util.find_spec("quixstreams") is not None
 PANELS = {"kpis", "events_per_minute", "latency_per_minute", "top_routes", "site_metrics"}
@@ -89,6 +89,9 @@ def test_smoke_run_reports_every_case_consistently(stack: RunningStack, tmp_path
         assert applied == params["events"], name  # every record counted once: event, late or dead
         assert 0 < c["measured_events"] <= params["events"]
         assert c["round_trips"] > 0 and c["store"]["aof_bytes"] > 0
+    replayed = cases["replay"]
+    assert replayed["events_per_s"] > 0 and 0 < replayed["events_rebuilt"] <= params["events"]
+    assert replayed["records_read"] <= params["events"] and replayed["partitions"] > 0
 
     # Round trips are counted by the child processes and read after they exited, so they are
     # exact. A well-formed naive event costs at least HINCRBY, HINCRBYFLOAT and 2x HGET; one the

@@ -8,5 +8,6 @@ from pulse_bench.cases import (  # noqa: F401 - imported to register
     pipeline_case,
     quix,
     reads,
+    replay_case,
     write_cost,
 )
