@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from schemas import keys, packed
+from schemas.argtypes import parse_time
 from schemas.events import EventKind
 from schemas.keys import Board, Dim
 
@@ -357,25 +358,6 @@ def read_top(
 
 
 # --------------------------------------------------------------------------- pulse top
-
-
-def parse_time(text: str) -> int:
-    """A time as epoch ms: ISO 8601 (UTC unless it names a zone) or epoch seconds / ms
-    (a number below 10^11 is seconds)."""
-    t = text.strip()
-    try:
-        if re.fullmatch(r"\d+(\.\d+)?", t):
-            x = float(t)
-            return round(x * 1000) if x < 1e11 else round(x)
-        when = datetime.fromisoformat(t)
-    except (ValueError, OverflowError):
-        raise ValueError(
-            f"expected a time such as 2025-01-31T12:34 (UTC unless it names a zone) "
-            f"or epoch seconds or milliseconds, got {text!r}"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return round(when.timestamp() * 1000)
 
 
 def _board_arg(text: str) -> TopBoard:

@@ -37,7 +37,6 @@ Entity registries and device positions are left as they are (they only ever grow
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,25 +67,6 @@ class ReplayRefused(Exception):
 
 
 # --------------------------------------------------------------------------- times and the range
-
-
-def parse_time(text: str) -> int:
-    """A time as epoch ms: ISO 8601 (UTC unless it names a zone) or epoch seconds / ms
-    (a number below 10^11 is seconds)."""
-    t = text.strip()
-    try:
-        if re.fullmatch(r"\d+(\.\d+)?", t):
-            x = float(t)
-            return round(x * 1000) if x < 1e11 else round(x)
-        when = datetime.fromisoformat(t)
-    except (ValueError, OverflowError):
-        raise ValueError(
-            f"expected a time such as 2025-01-31T12:34 (UTC unless it names a zone) "
-            f"or epoch seconds or milliseconds, got {text!r}"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return round(when.timestamp() * 1000)
 
 
 def fmt_time(ms: int) -> str:

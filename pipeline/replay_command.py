@@ -28,7 +28,6 @@ from pipeline.replay import (
     anomaly_board,
     check_closed,
     fmt_time,
-    parse_time,
     range_key,
     replace_call,
     replay_bounds,
@@ -36,6 +35,7 @@ from pipeline.replay import (
 from pipeline.state import Retention
 from pipeline.validation import TimeBounds
 from schemas import keys
+from schemas.argtypes import parse_time
 from schemas.events import EventKind
 
 if TYPE_CHECKING:

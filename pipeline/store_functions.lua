@@ -117,6 +117,32 @@ local function block_key(p, name, i, size, keys, used)
   return blk, key_at(blk[1], where, keys, used), where
 end
 
+-- the header's hash blocks h (see the header docs): plan.h gets {key, expire-at, first ARGV
+-- index, last ARGV index} per block, every (field, packed value) pair checked; returns the next
+-- ARGV index
+local function hash_blocks(p, keys, used, args, at, plan)
+  for i = 1, #p.h do
+    local blk, k, where = block_key(p, 'h', i, 3, keys, used)
+    if not is_int(blk[2]) then bad('%s: expire-at must be an integer', where) end
+    local n = blk[3]
+    if not is_int(n) or n < 1 then bad('%s: n must be an integer >= 1', where) end
+    local last = at + 2 * n - 1
+    if last > #args then
+      bad('%s: needs %d field/value pairs, the call has %d arguments', where, n, #args)
+    end
+    for a = at, last, 2 do
+      local f, v = args[a], args[a + 1]
+      if #f == 0 then bad('%s: field %d is empty', where, (a - at) / 2 + 1) end
+      if #v < 8 or string.byte(v, 1) ~= PACKED_VERSION then
+        bad('%s: the value of %q is not a packed value', where, f)
+      end
+    end
+    plan.h[i] = {k, blk[2], at, last}
+    at = last + 1
+  end
+  return at
+end
+
 local function is_coord(x, limit)
   return type(x) == 'number' and x == x and x >= -limit and x <= limit
 end
@@ -255,28 +281,8 @@ local function prepare(keys, args)
   end
 
   local used = {[keys[1]] = true}
-  -- hashes: {key, expire-at, first ARGV index, last ARGV index}, every pair checked
   plan.h = {}
-  local at = 2
-  for i = 1, #p.h do
-    local blk, k, where = block_key(p, 'h', i, 3, keys, used)
-    if not is_int(blk[2]) then bad('%s: expire-at must be an integer', where) end
-    local n = blk[3]
-    if not is_int(n) or n < 1 then bad('%s: n must be an integer >= 1', where) end
-    local last = at + 2 * n - 1
-    if last > #args then
-      bad('%s: needs %d field/value pairs, the call has %d arguments', where, n, #args)
-    end
-    for a = at, last, 2 do
-      local f, v = args[a], args[a + 1]
-      if #f == 0 then bad('%s: field %d is empty', where, (a - at) / 2 + 1) end
-      if #v < 8 or string.byte(v, 1) ~= PACKED_VERSION then
-        bad('%s: the value of %q is not a packed value', where, f)
-      end
-    end
-    plan.h[i] = {k, blk[2], at, last}
-    at = last + 1
-  end
+  local at = hash_blocks(p, keys, used, args, 2, plan)
   -- entity registries: (score, name) pairs
   plan.e = {}
   for i = 1, #p.e do
@@ -486,26 +492,7 @@ local function prepare_replace(keys, args)
     if not is_array(p[name]) then bad('%s must be an array', name) end
   end
   local used = {[keys[1]] = true}
-  local at = 2
-  for i = 1, #p.h do
-    local blk, k, where = block_key(p, 'h', i, 3, keys, used)
-    if not is_int(blk[2]) then bad('%s: expire-at must be an integer', where) end
-    local n = blk[3]
-    if not is_int(n) or n < 1 then bad('%s: n must be an integer >= 1', where) end
-    local last = at + 2 * n - 1
-    if last > #args then
-      bad('%s: needs %d field/value pairs, the call has %d arguments', where, n, #args)
-    end
-    for a = at, last, 2 do
-      local f, v = args[a], args[a + 1]
-      if #f == 0 then bad('%s: field %d is empty', where, (a - at) / 2 + 1) end
-      if #v < 8 or string.byte(v, 1) ~= PACKED_VERSION then
-        bad('%s: the value of %q is not a packed value', where, f)
-      end
-    end
-    plan.h[i] = {k, blk[2], at, last}
-    at = last + 1
-  end
+  local at = hash_blocks(p, keys, used, args, 2, plan)
   if at ~= #args + 1 then
     bad('the header accounts for %d arguments, the call has %d', at - 1, #args)
   end

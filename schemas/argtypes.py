@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+from datetime import UTC, datetime
 
 
 def non_negative_int(text: str) -> int:
@@ -33,3 +35,22 @@ def fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
     return value
+
+
+def parse_time(text: str) -> int:
+    """A time as epoch ms: ISO 8601 (UTC unless it names a zone) or epoch seconds / ms
+    (a number below 10^11 is seconds); ValueError in one sentence otherwise."""
+    t = text.strip()
+    try:
+        if re.fullmatch(r"\d+(\.\d+)?", t):
+            x = float(t)
+            return round(x * 1000) if x < 1e11 else round(x)
+        when = datetime.fromisoformat(t)
+    except (ValueError, OverflowError):
+        raise ValueError(
+            f"expected a time such as 2025-01-31T12:34 (UTC unless it names a zone) "
+            f"or epoch seconds or milliseconds, got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return round(when.timestamp() * 1000)

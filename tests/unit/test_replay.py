@@ -18,7 +18,6 @@ from pipeline.replay import (
     ReplayRefused,
     anomaly_board,
     check_closed,
-    parse_time,
     range_key,
     replace_call,
     replay_bounds,
@@ -27,6 +26,7 @@ from pipeline.replay_command import _runs
 from pipeline.state import WindowState
 from pipeline.validation import TimeBounds
 from schemas import keys, packed
+from schemas.argtypes import parse_time
 from schemas.events import EventKind
 
 SENSOR, APPLOG = EventKind.SENSOR, EventKind.APPLOG
