@@ -5,8 +5,8 @@ Each kind watches one dimension (sensor: ``device|metric``; applog: the service)
 its detectors once per signal (``schemas.anomaly.SIGNALS``) with the instance's final
 statistics: the mean and maximum reading and whether its readings were all equal (a stuck
 sensor); a service's median latency and error rate.
-Detector state is partition state checkpointed with the offset. A row's state (about a
-kilobyte) is written every ``SNAPSHOT_EVERY`` of its steps (rows are staggered), not every
+Detector state is partition state checkpointed with the offset. A row's state (about 2 KB)
+is written every ``SNAPSHOT_EVERY`` of its steps (rows are staggered), not every
 step: the inputs of the steps since are the closed windows' final values, which the store holds
 anyway (written with the offsets that closed them). Each apply that steps detectors also writes
 the partition's *replay point* (``@from``): the oldest window a row stepped since its snapshot.
