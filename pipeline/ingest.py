@@ -117,7 +117,10 @@ def resume_position(
 
 
 def _rebalance_listener(
-    lock: asyncio.Lock, flush: Flush, on_assigned: Callable[[Any], Awaitable[None]]
+    lock: asyncio.Lock,
+    flush: Flush,
+    on_assigned: Callable[[Any], Awaitable[None]],
+    stopping: Callable[[], bool] = lambda: False,
 ) -> Any:
     """An aiokafka rebalance listener that hands partitions over only between polls."""
     from aiokafka import ConsumerRebalanceListener
@@ -126,6 +129,10 @@ def _rebalance_listener(
     # instance of it (isinstance check), so the subclass cannot be replaced by a Protocol.
     class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         async def on_partitions_revoked(self, revoked: Any) -> None:
+            if stopping():
+                # leaving the group as the worker stops: its agent may be gone, so nothing more
+                # is acknowledged; the next owner reads on from the store's offsets and fences
+                return
             async with lock:  # the poll in flight finishes first, then it is acknowledged
                 await flush()
 
@@ -152,6 +159,7 @@ class KafkaBatchReader:
         self._load_progress = load_progress
         self._on_assigned = on_assigned
         self._lock = asyncio.Lock()
+        self._stopping = False
         self._consumer_: AIOKafkaConsumer | None = None
         self._positioned: set[Any] = set()  # assigned partitions seeked to the store's position
         self.polls = 0
@@ -184,7 +192,9 @@ class KafkaBatchReader:
             raise IngestError(f"cannot reach Kafka at {self._config.bootstrap}: {exc}") from exc
         consumer.subscribe(
             list(self._config.topics),
-            listener=_rebalance_listener(self._lock, self._flush, self._position),
+            listener=_rebalance_listener(
+                self._lock, self._flush, self._position, lambda: self._stopping
+            ),
         )
         timeout_ms = round(self._config.poll_timeout_s * 1000)
         try:
@@ -201,6 +211,7 @@ class KafkaBatchReader:
                     await self._handle(split_poll(polled, self._config.topics))
                     self.polls += 1
         finally:
+            self._stopping = True
             await consumer.stop()
 
     async def commit_offsets(self, offsets: dict[str, dict[int, int]]) -> None:

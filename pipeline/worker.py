@@ -109,12 +109,23 @@ def create_app(
         detectors=detectors,
     )
     polls = app.channel()
-    app.agent(polls, name="pulse.checkpoint", concurrency=1)(_make_agent(checkpoint))
+    agent_gone = asyncio.Event()
+    app.agent(polls, name="pulse.checkpoint", concurrency=1)(_make_agent(checkpoint, agent_gone))
 
     async def handle(poll: dict[EventKind, dict[int, list[RawRecord]]]) -> None:
         task = Task(poll, asyncio.get_running_loop().create_future())
         await polls.send(value=task)
-        await task.done
+        # the agent resolves the task, unless it stops first (the worker is shutting down):
+        # then nothing more is acknowledged, and the next owner reads on from the store
+        gone = asyncio.ensure_future(agent_gone.wait())
+        waiters: set[asyncio.Future[Any]] = {task.done, gone}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not task.done.done():
+            raise asyncio.CancelledError("the checkpoint agent stopped")
+        task.done.result()
 
     async def flush() -> None:
         await handle({})  # through the agent: it alone touches the checkpoint
@@ -177,19 +188,22 @@ class Task:
     done: asyncio.Future[None]
 
 
-def _make_agent(checkpoint: Checkpoint) -> Any:
+def _make_agent(checkpoint: Checkpoint, gone: asyncio.Event) -> Any:
     async def agent(stream: Any) -> None:
-        async for task in stream:
-            try:
-                if task.poll:
-                    await checkpoint.commit(task.poll)
-                else:
-                    await checkpoint.flush()
-            except BaseException as exc:
-                if not task.done.done():
-                    task.done.set_exception(exc)
-                raise
-            task.done.set_result(None)
+        try:
+            async for task in stream:
+                try:
+                    if task.poll:
+                        await checkpoint.commit(task.poll)
+                    else:
+                        await checkpoint.flush()
+                except BaseException as exc:
+                    if not task.done.done():
+                        task.done.set_exception(exc)
+                    raise
+                task.done.set_result(None)
+        finally:
+            gone.set()  # whoever waits on a task stops waiting
 
     return agent
 
