@@ -24,8 +24,8 @@ from schemas.settings import store_client
 pytestmark = pytest.mark.integration
 
 CASES = {
-    "floor", "naive", "pulse_1w", "pulse_2w", "pulse_1w_nodetect", "write_cost", "freshness",
-    "freshness_half", "reads", "hnsw", "replay",
+    "floor", "naive", "pulse_1w", "pulse_2w", "pulse_3w", "pulse_1w_nodetect", "write_cost",
+    "freshness", "freshness_half", "reads", "hnsw", "replay",
 }  # fmt: skip
 TARGETS = {
     "pulse_1w_vs_floor", "freshness_p99_ms", "freshness_half_p99_ms", "reads_p99_ms",
@@ -80,9 +80,9 @@ def test_smoke_run_reports_every_case_consistently(stack: RunningStack, tmp_path
 
     assert cases["floor"]["events"] == params["events"]
     assert cases["naive"]["events"] == params["naive_events"] and cases["naive"]["complete"]
-    for name in ("floor", "naive", "pulse_1w", "pulse_2w"):
+    for name in ("floor", "naive", "pulse_1w", "pulse_2w", "pulse_3w"):
         assert cases[name]["events_per_s"] > 0, name
-    for name, workers in (("pulse_1w", 1), ("pulse_2w", 2)):
+    for name, workers in (("pulse_1w", 1), ("pulse_2w", 2), ("pulse_3w", 3)):
         c = cases[name]
         assert c["workers"] == workers and c["records"] == params["events"]
         applied = sum(sum(v.values()) for v in c["applied"].values())

@@ -391,23 +391,24 @@ def test_primary_lost_replica_promoted_keeps_every_acknowledged_batch(
 # --- rebalancing ---------------------------------------------------------------------------
 
 
-def test_two_workers_rebalancing_under_load(
+def test_three_workers_rebalancing_under_load(
     stack: RunningStack, store: redis.Redis, tmp_path: Path
 ) -> None:
-    """One worker killed, one joins, one leaves cleanly; each hand-over seen in the store."""
+    """Three workers share the partitions; one is killed, one joins, one leaves cleanly; each
+    hand-over is seen in the store, and the store equals the truth exactly."""
     seed = drill_seed()
     with replayable("rebalancing drill", seed):
         pl = Pipeline.create(stack, tmp_path, **FAST_GROUP)
         truth = tmp_path / "truth.json"
         producer = pl.start_loadgen(
-            "--rate=2000", "--duration=35", "--devices=60", "--services=4", f"--seed={seed}",
+            "--rate=2000", "--duration=40", "--devices=60", "--services=4", f"--seed={seed}",
             "--late-rate=0.01", truth=truth,
         )  # fmt: skip
-        workers = [pl.worker(name="a"), pl.worker(name="b")]
-        a, b = workers
+        workers = [pl.worker(name="a"), pl.worker(name="b"), pl.worker(name="c")]
+        a, b, c = workers
         alive = all_alive(workers)
         try:
-            for w in (a, b):
+            for w in (a, b, c):
                 wait_for(
                     lambda w=w: pl.owned_by(store, w.name),  # type: ignore[misc]
                     f"{w.name} owns a partition and applied a batch",
@@ -417,13 +418,13 @@ def test_two_workers_rebalancing_under_load(
             a.kill()
             workers.remove(a)
             wait_for(
-                lambda: a_owned & set(pl.owned_by(store, "b")),
-                "b took over a partition of the killed a",
+                lambda: a_owned & (set(pl.owned_by(store, "b")) | set(pl.owned_by(store, "c"))),
+                "b or c took over a partition of the killed a",
                 alive=alive,
             )
-            c = pl.worker(name="c")
-            workers.append(c)
-            wait_for(lambda: pl.owned_by(store, "c"), "c joined and applied a batch", alive=alive)
+            d = pl.worker(name="d")
+            workers.append(d)
+            wait_for(lambda: pl.owned_by(store, "d"), "d joined and applied a batch", alive=alive)
             b_owned = set(pl.owned_by(store, "b"))
             assert b_owned, "b owned nothing when it left"
             assert producer.alive(), "the load generator ended before b left: nothing under load"
@@ -431,8 +432,8 @@ def test_two_workers_rebalancing_under_load(
             assert b.stop() == 0, b.tail()
             workers.remove(b)
             wait_for(
-                lambda: b_owned & set(pl.owned_by(store, "c")),
-                "c took over a partition b left",
+                lambda: b_owned & (set(pl.owned_by(store, "c")) | set(pl.owned_by(store, "d"))),
+                "c or d took over a partition b left",
                 alive=alive,
             )
             producer.wait(180)
@@ -445,8 +446,8 @@ def test_two_workers_rebalancing_under_load(
             for tag, row in pl.progress(store).items()
             if int(row.get(off, -1)) > int(at_b_stop[tag].get(off, -1))
         }
-        assert after and set(after.values()) == {"c"}, f"applied after b left, by owner: {after}"
+        assert after and set(after.values()) <= {"c", "d"}, f"applied after b left: {after}"
         summary = assert_verified(pl, truth)
         print(
-            f"seed {seed}: a killed, c joined, b left; {len(after)} partitions moved on; {summary}"
+            f"seed {seed}: a killed, d joined, b left; {len(after)} partitions moved on; {summary}"
         )

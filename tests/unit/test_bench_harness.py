@@ -60,8 +60,8 @@ def test_the_shipped_registry_resolves() -> None:
     assert names == ["naive", "pulse_1w", "write_cost"]
     assert [c.name for c in REGISTRY.resolve(["freshness_half"])] == ["pulse_1w", "freshness_half"]
     assert set(REGISTRY.cases) == {
-        "floor", "naive", "pulse_1w", "pulse_2w", "pulse_1w_nodetect", "quix", "write_cost",
-        "freshness", "freshness_half", "reads", "hnsw", "replay",
+        "floor", "naive", "pulse_1w", "pulse_2w", "pulse_3w", "pulse_1w_nodetect", "quix",
+        "write_cost", "freshness", "freshness_half", "reads", "hnsw", "replay",
     }  # fmt: skip
     assert REGISTRY.ratios["pulse_1w_vs_quix"].denominator == "cases.quix.events_per_s"
     goals = {name: (t.op, t.threshold) for name, t in REGISTRY.targets.items()}

@@ -126,6 +126,12 @@ def run_two(ctx: BenchContext) -> Metrics:
     return drain_with_workers(ctx, 2, "pulse_2w")
 
 
+@bench_case("pulse_3w", description="the real pipeline, 3 worker processes", order=34)
+def run_three(ctx: BenchContext) -> Metrics:
+    """Pulse with three workers (one consumer group)."""
+    return drain_with_workers(ctx, 3, "pulse_3w")
+
+
 @bench_case(
     "pulse_1w_nodetect",
     description="the real pipeline, 1 worker, anomaly detection off (its cost, side by side)",
@@ -140,6 +146,7 @@ ratio("pulse_1w_vs_floor", "cases.pulse_1w.events_per_s", "cases.floor.events_pe
 ratio("pulse_1w_vs_naive", "cases.pulse_1w.events_per_s", "cases.naive.events_per_s")
 ratio("pulse_2w_vs_1w", "cases.pulse_2w.events_per_s", "cases.pulse_1w.events_per_s")
 ratio("pulse_2w_vs_floor", "cases.pulse_2w.events_per_s", "cases.floor.events_per_s")
+ratio("pulse_3w_vs_1w", "cases.pulse_3w.events_per_s", "cases.pulse_1w.events_per_s")
 target("pulse_1w_vs_floor", "ratios.pulse_1w_vs_floor", ">=", 0.25, "one worker vs the floor")
 ratio("detection_cost", "cases.pulse_1w.events_per_s", "cases.pulse_1w_nodetect.events_per_s")
 target(
