@@ -71,7 +71,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "pipeline.replay_command",
         "add_arguments",
         "run",
-        "recompute the aggregates and leaderboards of a time range from the archive or Kafka",
+        "recompute a time range's aggregates, leaderboards and anomalies from the archive or Kafka",
     ),
     "near": (
         "dashboard.geo",

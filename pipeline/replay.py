@@ -28,10 +28,19 @@ clock; the age bound is widened to reach the range (the worker applied it at its
 which a replay does not know: an event the worker dropped as too old, because it ran more than
 ``max_event_age_s`` behind, would be counted by a replay).
 
-Anomalies are **not** recomputed (that needs every detector's state at ``T1``): the anomaly
-records, the feed, the detector states and the progress hashes are never touched. The anomaly
-boards are rebuilt from the stored anomaly records of the range, as ``pulse verify`` checks them.
-Entity registries and device positions are left as they are (they only ever grow).
+Anomalies are recomputed too (:class:`Redetect`) while the worker detects
+(``PULSE_WORKER_DETECT``). The detectors' states at ``T1`` are not stored, so fresh detectors
+(the worker's :class:`~pipeline.detection.KindDetectors`, ``detect_many``) are stepped over the
+closed ``10s`` windows the store holds in a warm-up span before ``T1`` (``--warmup``, at most
+what the store still holds), then over the range's rebuilt windows, oldest first: a window's
+detectors see the same values in the same order as the worker's did once the warm-up reaches
+the start of the data, so the range raises the same anomalies under the same ids (a shorter
+warm-up starts the detectors younger: they may raise fewer, or others). Per partition the
+range's anomaly records and index entries become exactly these, and the anomaly boards count
+them, in the same ``pulse_replace`` call as the windows. The live feed is the live tail and is
+left as it is, like the detector states (the live detectors go on from their own), the
+progress hashes, entity registries and device positions (they only ever grow). With detection
+off, anomalies are not touched and the anomaly boards are rebuilt from the stored records.
 """
 
 from __future__ import annotations
@@ -47,14 +56,19 @@ import orjson
 
 from pipeline import aggregation, leaderboards, windows
 from pipeline.aggregation import WindowDelta, WindowPlan
+from pipeline.detection import DETECT_DIMS, KindDetectors, window_params
 from pipeline.leaderboards import ZsetWrite
 from pipeline.state import HashWrite, OpenRows, Retention, RowKey
 from pipeline.validation import TimeBounds, decode_applog, decode_sensor
-from schemas import keys, packed
+from schemas import anomaly, keys, packed
 from schemas.events import EventKind
 
 MINUTE_MS = keys.WINDOW_1M.size_ms
 FUNCTION_NAME = "pulse_replace"
+DETECT_WINDOW = keys.WINDOW_10S  # the window the worker's detectors step on
+# Default warm-up: the 10 s windows' default retention (all the store holds of them), about two
+# time constants of the detectors' slowest statistics (1000 steps: 2.8 h of 10 s windows).
+WARMUP_MS = 6 * 3_600_000
 # The anomaly board of each kind, and the dim its anomaly records' entities belong to.
 ANOMALY_BOARD = {
     EventKind.SENSOR: (keys.Board.DEVICE_ANOMALIES, keys.Dim.DEVICE),
@@ -250,10 +264,71 @@ class Rebuild:
         return out
 
 
+# --------------------------------------------------------------------------- anomalies
+
+Closing = list[tuple[int, list[str], packed.Table]]  # closed windows: (start, entities, values)
+
+
+class Redetect:
+    """The anomalies of one event kind's partitions over a range, raised again by the worker's
+    detectors: fresh ones stepped over the warm-up windows, then the range's (each partition's
+    oldest first, the warm-up's before the range's)."""
+
+    def __init__(self, kind: EventKind, rng: ReplayRange, threshold: float, warmup_ms: int) -> None:
+        self.kind = kind
+        self.rng = rng
+        self.dim = DETECT_DIMS[kind]
+        self.detectors = KindDetectors(kind, DETECT_WINDOW, window_params(kind, threshold))
+        size = DETECT_WINDOW.size_ms
+        self.warm_from = max(rng.start - max(warmup_ms, 0), 0) // size * size
+        self.found: dict[int, list[anomaly.AnomalyRecord]] = {}
+        self.warm_windows = 0  # warm-up windows stepped (over partitions)
+        self.first_warm: int | None = None  # the oldest of them
+        self._last: dict[int, int] = {}  # per partition: the newest window start stepped
+
+    def warmup_starts(self) -> range:
+        """Starts of the detected windows of the warm-up span, oldest first."""
+        return range(self.warm_from, self.rng.start, DETECT_WINDOW.size_ms)
+
+    def step(self, closings: Mapping[int, Closing]) -> None:
+        """Step each partition's next closed windows (oldest first, after those stepped
+        before); keep the anomalies raised in the range."""
+        for p, closing in closings.items():
+            starts = [start for start, _, _ in closing]
+            if starts != sorted(set(starts)) or (starts and starts[0] <= self._last.get(p, -1)):
+                raise ValueError(f"windows of partition {p} must come once each, oldest first")
+            if starts:
+                self._last[p] = starts[-1]
+                warm = [t for t in starts if t < self.rng.start]
+                self.warm_windows += len(warm)
+                if warm and (self.first_warm is None or warm[0] < self.first_warm):
+                    self.first_warm = warm[0]
+        for p, found in self.detectors.detect_many(closings).items():
+            self.found.setdefault(p, []).extend(
+                a for a in found.anomalies if self.rng.holds(a.window_start_ms)
+            )
+
+    def range_windows(self, instances: Sequence[WindowDelta]) -> Closing:
+        """The detected windows among a partition's rebuilt instances, oldest first."""
+        return sorted(
+            (
+                (d.start_ms, list(d.names), d.table)
+                for d in instances
+                if d.window == DETECT_WINDOW and d.dim == self.dim and d.names
+            ),
+            key=lambda w: w[0],
+        )
+
+    def anomalies(self, partition: int) -> list[anomaly.AnomalyRecord]:
+        """The partition's anomalies of the range, by id."""
+        return sorted(self.found.get(partition, []), key=lambda a: a.id)
+
+
 @dataclass(slots=True)
 class ReplaceCall:
     """One partition's ``pulse_replace`` call: the hashes and sorted sets of the range it
-    writes whole, and the keys of the range it deletes."""
+    writes whole, the keys of the range it deletes and, when recomputed, the anomalies the
+    range holds (``None``: anomalies untouched)."""
 
     kind: EventKind
     partition: int
@@ -261,6 +336,8 @@ class ReplaceCall:
     hashes: list[HashWrite] = field(default_factory=list)
     zsets: list[ZsetWrite] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
+    anomalies: list[anomaly.AnomalyRecord] | None = None
+    anomaly_span: tuple[int, int] = (0, 0)  # [from, to): the window starts they replace
 
     def payload(self) -> tuple[list[str], list[bytes | str]]:
         """KEYS and ARGV of the call (see ``store_functions.lua``)."""
@@ -285,7 +362,18 @@ class ReplaceCall:
         for k in self.delete:
             key_list.append(k)
             x.append(len(key_list))
-        args[0] = orjson.dumps({"closed": self.closed, "h": h, "z": z, "x": x})
+        header: dict[str, object] = {"closed": self.closed, "h": h, "z": z, "x": x}
+        if self.anomalies is not None:
+            key_list.append(keys.anomalies_key(self.kind, self.partition))
+            key_list.append(keys.anomaly_index_key(self.kind, self.partition))
+            entries: list[object] = []
+            for a in self.anomalies:
+                entries.append(a.id)
+                entries.append(a.window_start_ms)
+                args.append(anomaly.encode_record(a))
+            n = len(key_list)
+            header["a"] = [n - 1, n, *self.anomaly_span, entries]
+        args[0] = orjson.dumps(header)
         return key_list, args
 
 
@@ -316,16 +404,26 @@ def replace_call(
     existing: Iterable[str],
     retention: Retention,
     now_ms: int,
+    anomalies: Sequence[anomaly.AnomalyRecord] | None = None,
 ) -> ReplaceCall:
     """The call that makes a partition's range hold exactly ``instances`` (absolute values,
-    from :meth:`Rebuild.instances`) and their leaderboards, with the anomaly boards given.
+    from :meth:`Rebuild.instances`) and their leaderboards, with the anomaly boards given,
+    and, unless ``anomalies`` is None, exactly these anomalies of the range.
 
     ``existing``: the partition's window and board keys of the range the store holds now;
     those the rebuild does not write are deleted. Boards are written whole (a count board's
     scores are the instance's totals, not a poll's increments). Keys whose expiry has passed
-    are not written (the worker's would have expired too).
+    are not written (the worker's would have expired too), nor anomalies past the worker's
+    cut (they go with the ``1m`` windows).
     """
     call = ReplaceCall(kind, partition, rng.end)
+    if anomalies is not None:
+        cut = now_ms - keys.WINDOW_1M.size_ms - retention.seconds[keys.WINDOW_1M.name] * 1000
+        call.anomalies = sorted(
+            (a for a in anomalies if a.window_start_ms > cut and rng.holds(a.window_start_ms)),
+            key=lambda a: a.id,
+        )
+        call.anomaly_span = (rng.start, rng.end)
     now_s = now_ms // 1000
     writes: list[HashWrite] = []
     for d in instances:

@@ -4,7 +4,9 @@ The pure part (range, refusals, rebuild, the ``pulse_replace`` call) is :mod:`pi
 read its docstring for what a replay guarantees. Here: read each kind's partitions from the
 archive (``read_range``, rows in offset order) or Kafka (``offsets_for_times``, then each
 partition up to where the range closed), fold them into a :class:`~pipeline.replay.Rebuild`
-under a progress bar, and replace each partition's range with one atomic ``FCALL
+under a progress bar, raise the range's anomalies again (:class:`~pipeline.replay.Redetect`:
+fresh detectors warmed up on the store's closed ``10s`` windows before the range, then stepped
+over the rebuilt ones), and replace each partition's range with one atomic ``FCALL
 pulse_replace``. Every refusal is checked before the first write.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,9 +24,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.replay import (
+    DETECT_WINDOW,
     FUNCTION_NAME,
     MINUTE_MS,
+    WARMUP_MS,
+    Closing,
     Rebuild,
+    Redetect,
     ReplayRange,
     ReplayRefused,
     anomaly_board,
@@ -34,7 +42,7 @@ from pipeline.replay import (
 )
 from pipeline.state import Retention
 from pipeline.validation import TimeBounds
-from schemas import keys
+from schemas import keys, packed
 from schemas.argtypes import parse_time
 from schemas.events import EventKind
 
@@ -43,9 +51,12 @@ if TYPE_CHECKING:
 
     from pipeline.settings import WorkerSettings
 
+log = logging.getLogger("pulse.replay")
+
 # Records per Kafka fetch and rows per archive slice fed at once.
 CHUNK = 5_000
 KAFKA_TIMEOUT_S = 60.0
+WARMUP_SLICE = 90  # warm-up windows read from the store (and stepped) at once per partition
 
 EPILOG = """\
 The range is widened to whole minutes. It must be closed in every partition (the partition's
@@ -55,9 +66,15 @@ Kafka's retained log), else nothing is written and one sentence says why (exit s
 Per partition, one atomic call (FCALL pulse_replace) replaces every window and leaderboard key
 of the range as a whole (and deletes the range's keys with nothing left), after checking the
 watermark again: the live worker never writes a closed range, so a replay never double-counts,
-and replaying twice leaves the same store. Anomalies are not recomputed: anomaly records, the
-feed, detector states and progress hashes are left untouched; the anomaly boards are rebuilt
-from the stored anomaly records of the range. Entity registries and positions are untouched.
+and replaying twice leaves the same store.
+
+Anomalies (while PULSE_WORKER_DETECT is on): fresh detectors, the worker's, step over the
+closed 10 s windows the store holds from --warmup before T1 (default 6h), then over the
+range's rebuilt windows; the range's anomaly records, their index entries and the anomaly
+boards become what they raise, in the same atomic call. A warm-up that reaches the start of
+the data raises the worker's anomalies exactly (same ids); a shorter one starts the detectors
+younger. The live feed, detector states, progress hashes, entity registries and positions are
+never touched. With detection off, anomalies are left as they are.
 
 Kafka: each partition is read from offsets_for_times(T1 - clock skew - lateness) (record
 timestamps are the producers' clocks: an event may be at most max_clock_skew_s ahead of its
@@ -70,6 +87,21 @@ def _time_arg(text: str) -> int:
         return parse_time(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_UNITS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _duration_arg(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 0, 30m, 6h or 1d, got {text!r}"
+        )
+    ms = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if ms > 366 * _UNITS["d"]:
+        raise argparse.ArgumentTypeError(f"must be at most 366d, got {text!r}")
+    return int(ms)
 
 
 def _rate_arg(text: str) -> float:
@@ -102,6 +134,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rate", type=_rate_arg, default=0.0, metavar="R",
         help="read at most R events (records) per second; 0: as fast as possible",
+    )  # fmt: skip
+    parser.add_argument(
+        "--warmup", type=_duration_arg, default=WARMUP_MS, metavar="DURATION",
+        help="how far before T1 the detectors warm up on the stored 10 s windows, e.g. 30m, "
+        "6h, 1d, 0 for none (default: 6h; at most what the store holds)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -158,6 +195,59 @@ def existing_keys(
                 continue
             if range_key(k, p, key, rng, plan):
                 out.setdefault(p, []).append(key)
+    return out
+
+
+def warmup_windows(
+    client: redis.Redis, kind: EventKind, partitions: Sequence[int], dim: str, starts: range
+) -> dict[int, Closing]:
+    """Per partition, the detected windows the store holds among ``starts`` (oldest first);
+    one that does not decode is left out (logged), as a worker's restore does."""
+    if not starts:
+        return {}
+    per = {
+        p: [keys.window_key(kind, p, DETECT_WINDOW, dim, start) for start in starts]
+        for p in partitions
+    }
+    pipe = client.pipeline(transaction=False)
+    for ks in per.values():
+        pipe.exists(*ks)
+    held = [p for p, n in zip(per, pipe.execute(), strict=True) if n]  # most spans hold none
+    names = [(p, start, k) for p in held for start, k in zip(starts, per[p], strict=True)]
+    pipe = client.pipeline(transaction=False)
+    for _, _, k in names:
+        pipe.hgetall(k)
+    nf = packed.NF_APPLOG if kind is EventKind.APPLOG else packed.NF_SENSOR
+    out: dict[int, Closing] = {}
+    for (p, start, k), fields in zip(names, pipe.execute(), strict=True):
+        if not fields:
+            continue
+        try:
+            table = packed.decode(list(fields.values()), nf)
+        except packed.PackedError as exc:
+            log.warning("window %s left out of the detectors' warm-up: %s", k, exc)
+            continue
+        out.setdefault(p, []).append((start, [_text(f) for f in fields], table))
+    return out
+
+
+def redetect(
+    client: redis.Redis,
+    cfg: ReplayConfig,
+    rebuilds: dict[EventKind, Rebuild],
+    partitions: dict[EventKind, list[int]],
+) -> dict[EventKind, Redetect]:
+    """Each kind's anomalies of the range: the detectors warmed up on the store's windows,
+    a slice of starts at a time, then stepped over the rebuilt windows."""
+    out: dict[EventKind, Redetect] = {}
+    for kind, rb in rebuilds.items():
+        rd = Redetect(kind, cfg.rng, cfg.threshold, cfg.warmup_ms)
+        parts = partitions[kind]
+        starts = rd.warmup_starts()
+        for lo in range(0, len(starts), WARMUP_SLICE):
+            rd.step(warmup_windows(client, kind, parts, rd.dim, starts[lo : lo + WARMUP_SLICE]))
+        rd.step({p: rd.range_windows(rb.instances(p)) for p in parts})
+        out[kind] = rd
     return out
 
 
@@ -272,7 +362,11 @@ class ReplayConfig:
     archive_url: str
     rate: float = 0.0
     quiet: bool = False
+    detect: bool = False  # recompute the anomalies (the worker detects)
+    threshold: float = 0.5  # the worker's alarm level
+    warmup_ms: int = WARMUP_MS
     clock: Callable[[], int] = field(default=lambda: time.time_ns() // 1_000_000)
+    kafka_security: dict[str, Any] = field(default_factory=dict)  # KafkaSettings.client_kwargs()
 
     @classmethod
     def from_settings(
@@ -295,6 +389,9 @@ class ReplayConfig:
             topics={EventKind.SENSOR: kafka.sensor_topic, EventKind.APPLOG: kafka.applog_topic},
             bootstrap=kafka.bootstrap,
             archive_url=archive_url or ArchiveSettings().resolved_url(),
+            detect=worker.detect,
+            threshold=worker.detect_threshold,
+            kafka_security=kafka.client_kwargs(),
             **kw,
         )
 
@@ -427,6 +524,7 @@ async def read_kafka(
         auto_offset_reset="none",
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_bytes=32 * 1024 * 1024,
+        **cfg.kafka_security,
     )
     await consumer.start()
     meter: Meter | None = None
@@ -525,6 +623,10 @@ class ReplayReport:
     partitions: int = 0
     written: int = 0
     deleted: int = 0
+    anomalies: int | None = None  # anomalies the range holds now (None: not recomputed)
+    anomalies_removed: int = 0  # stored ones of the range no longer raised
+    warmup_windows: int = 0
+    warmup_from: int | None = None  # the oldest warm-up window stepped
     read_s: float = 0.0
     seconds: float = 0.0
 
@@ -560,6 +662,13 @@ def replay(
     reader = read_archive if source == "archive" else read_kafka
     meter = asyncio.run(reader(cfg, rebuilds, stored))
     report = ReplayReport(records=meter.read, read_s=meter.seconds)
+    found: dict[EventKind, Redetect] = {}
+    if cfg.detect:
+        found = redetect(client, cfg, rebuilds, {k: sorted(stored[k]) for k in kinds})
+        report.anomalies = 0
+        report.warmup_windows = sum(rd.warm_windows for rd in found.values())
+        firsts = [rd.first_warm for rd in found.values() if rd.first_warm is not None]
+        report.warmup_from = min(firsts, default=None)
     client.execute_command(  # type: ignore[no-untyped-call]
         "FUNCTION", "LOAD", "REPLACE", function_source()
     )
@@ -572,15 +681,22 @@ def replay(
             report.events += prog.events
             report.late += prog.late
             report.invalid += prog.invalid
+            raised = found[kind].anomalies(p) if kind in found else None
+            at = (
+                [(a.entity, a.window_start_ms) for a in raised]
+                if raised is not None
+                else stored_anomalies(client, kind, p, rng)
+            )
             call = replace_call(
                 kind,
                 p,
                 rng,
                 rb.instances(p),
-                anomaly_board(kind, p, stored_anomalies(client, kind, p, rng), cfg.retention),
+                anomaly_board(kind, p, at, cfg.retention),
                 existing.get(p, []),
                 cfg.retention,
                 now,
+                raised,
             )
             key_list, args = call.payload()
             reply = client.execute_command(  # type: ignore[no-untyped-call]
@@ -594,6 +710,9 @@ def replay(
             report.partitions += 1
             report.written += int(reply[1])
             report.deleted += int(reply[2])
+            if report.anomalies is not None:
+                report.anomalies += int(reply[3])
+                report.anomalies_removed += int(reply[4])
     report.seconds = time.monotonic() - t0
     return report
 
@@ -603,7 +722,7 @@ def run(args: argparse.Namespace) -> int:
     import redis as redis_mod
 
     from pipeline.settings import StoreSettings, WorkerSettings
-    from schemas.settings import store_client
+    from schemas.settings import StoreRole, store_client
 
     try:
         rng = ReplayRange.aligned(args.t1, args.t2)
@@ -611,13 +730,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"pulse replay: {exc}.", file=sys.stderr)
         return 2
     cfg = ReplayConfig.from_settings(
-        rng, WorkerSettings(), args.url, rate=args.rate, quiet=args.quiet
+        rng, WorkerSettings(), args.url, rate=args.rate, quiet=args.quiet, warmup_ms=args.warmup
     )
     if rng.end > cfg.clock() + MINUTE_MS:
         print(f"pulse replay: the range {rng} ends in the future.", file=sys.stderr)
         return 2
     store = StoreSettings()
-    client = store_client(store, timeout_s=60.0)
+    client = store_client(store, timeout_s=60.0, role=StoreRole.WORKER)
     try:
         report = replay(client, cfg, args.source)
     except ReplayRefused as exc:
@@ -628,11 +747,23 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         client.close()
+    if report.anomalies is None:
+        found = "anomalies not recomputed (detection is off)"
+    else:
+        since = (
+            f"from {fmt_time(report.warmup_from)}"
+            if report.warmup_from is not None
+            else "none stored before the range"
+        )
+        found = (
+            f"{report.anomalies:,} anomalies ({report.anomalies_removed:,} stored ones no "
+            f"longer raised; detectors warmed up on {report.warmup_windows:,} windows, {since})"
+        )
     print(
         f"replayed {rng} from {args.source}: {report.records:,} records read, "
         f"{report.events:,} on-time events in {report.partitions} partitions "
         f"({report.late:,} late, {report.invalid:,} invalid); {report.written:,} keys replaced, "
-        f"{report.deleted:,} deleted; {report.events_per_s:,.0f} events/s read, "
+        f"{report.deleted:,} deleted; {found}; {report.events_per_s:,.0f} events/s read, "
         f"{report.seconds:.1f} s in all"
     )
     return 0

@@ -462,9 +462,17 @@ ARGV[1] is a JSON header:
   z        sorted-set blocks {key index, expire-at (s), {score, member, ...}}: the key's content
            becomes exactly these members (finite scores), then it expires at expire-at
   x        key indexes to delete (keys of the range with nothing left to hold)
-Returns {1, keys written, keys deleted}, {0, stored watermark} when the range is not closed, or
-an error reply "ERR pulse_replace: <what is wrong>" for a malformed call; like pulse_apply it
-validates everything first and writes nothing on any problem.
+  a        optional anomalies block {record key index, index key index, from, to, {id, t, ...}}:
+           the partition's anomalies indexed within [from, to) (to <= closed) become exactly
+           these: each (id, t) pair, t within [from, to), takes the next record of ARGV after
+           the h pairs into the record hash and is indexed by t; ids indexed within [from, to)
+           and not given are removed from the index and the record hash. Records of an id
+           given again are overwritten in place, so the same call twice leaves the same
+           store. The live feed stream is not touched.
+Returns {1, keys written, keys deleted, anomalies written, anomalies removed}, {0, stored
+watermark} when the range is not closed, or an error reply "ERR pulse_replace: <what is
+wrong>" for a malformed call; like pulse_apply it validates everything first and writes
+nothing on any problem.
 --]]
 
 local function tag_of(key)
@@ -473,6 +481,38 @@ local function tag_of(key)
   local b = string.find(key, '}', a + 1, true)
   if not b or b == a + 1 then return nil end
   return string.sub(key, a + 1, b - 1)
+end
+
+-- the optional anomalies block a of pulse_replace (see its header doc); returns the next ARGV
+-- index
+local function replaced_anomalies(p, keys, used, args, at, plan)
+  if p.a == nil then return at end
+  if not is_array(p.a) or #p.a ~= 5 then
+    bad('a must be {record key index, index key index, from, to, entries}')
+  end
+  local rec = key_at(p.a[1], 'a (records)', keys, used)
+  local idx = key_at(p.a[2], 'a (index)', keys, used)
+  local from, to = p.a[3], p.a[4]
+  if not is_int(from) or not is_int(to) or from >= to then
+    bad('a: from and to must be integers, from < to')
+  end
+  if to > plan.closed then bad('a: to %s is after closed %s', fmt_int(to), fmt_int(plan.closed)) end
+  local m = p.a[5]
+  if not is_array(m) or #m % 2 == 1 then bad('a: needs (id, t) pairs') end
+  local n = #m / 2
+  if at + n - 1 > #args then bad('a: needs %d records, the call has %d arguments', n, #args) end
+  local seen = {}
+  for c = 1, #m, 2 do
+    local i = (c + 1) / 2
+    local id, t = m[c], m[c + 1]
+    if type(id) ~= 'string' or id == '' then bad('a: id %d is not a name', i) end
+    if seen[id] then bad('a: id %s is given twice', id) end
+    seen[id] = true
+    if not is_int(t) or t < from or t >= to then bad('a: time of %s is not within [from, to)', id) end
+    if #args[at + i - 1] == 0 then bad('a: record %d is empty', i) end
+  end
+  plan.a = {rec, idx, from, to, m, at, seen}
+  return at + n
 end
 
 local function prepare_replace(keys, args)
@@ -493,6 +533,7 @@ local function prepare_replace(keys, args)
   end
   local used = {[keys[1]] = true}
   local at = hash_blocks(p, keys, used, args, 2, plan)
+  at = replaced_anomalies(p, keys, used, args, at, plan)
   if at ~= #args + 1 then
     bad('the header accounts for %d arguments, the call has %d', at - 1, #args)
   end
@@ -513,11 +554,16 @@ local function prepare_replace(keys, args)
   for i = 1, #p.x do
     plan.x[i] = key_at(p.x[i], string.format('x[%d]', i), keys, used)
   end
-  if #keys ~= 1 + #plan.h + #plan.z + #plan.x then
-    bad('the header refers to %d keys, the call has %d', #plan.h + #plan.z + #plan.x, #keys - 1)
+  local referred = #plan.h + #plan.z + #plan.x + (plan.a and 2 or 0)
+  if #keys ~= 1 + referred then
+    bad('the header refers to %d keys, the call has %d', referred, #keys - 1)
   end
   for _, b in ipairs(plan.h) do expect_type(b[1], 'hash') end
   for _, b in ipairs(plan.z) do expect_type(b[1], 'zset') end
+  if plan.a then
+    expect_type(plan.a[1], 'hash')
+    expect_type(plan.a[2], 'zset')
+  end
   local wm = redis.call('HGET', plan.progress, 'watermark')
   if not wm or not tonumber(wm) or tonumber(wm) < plan.closed then
     plan.refused = wm or ''
@@ -545,7 +591,26 @@ local function write_replace(plan, args)
   for _, k in ipairs(plan.x) do
     redis.call('UNLINK', k)
   end
-  return {1, #plan.h + #plan.z, #plan.x}
+  local written, removed = 0, 0
+  if plan.a then
+    local rec, idx, from, to, m, at, given = unpack(plan.a)
+    local old = redis.call('ZRANGEBYSCORE', idx, fmt_int(from), '(' .. fmt_int(to))
+    local gone = {}
+    for _, id in ipairs(old) do
+      if not given[id] then gone[#gone + 1] = id end
+    end
+    for i = 1, #gone, CHUNK do
+      local part = {unpack(gone, i, math.min(i + CHUNK - 1, #gone))}
+      redis.call('HDEL', rec, unpack(part))
+      redis.call('ZREM', idx, unpack(part))
+    end
+    for c = 1, #m, 2 do
+      redis.call('HSET', rec, m[c], args[at + (c - 1) / 2])
+      redis.call('ZADD', idx, fmt_int(m[c + 1]), m[c])
+    end
+    written, removed = #m / 2, #gone
+  end
+  return {1, #plan.h + #plan.z, #plan.x, written, removed}
 end
 
 local function replace_keys(keys, args)

@@ -1,9 +1,10 @@
 """``pulse_replace`` (pipeline/store_functions.lua) against the real Valkey.
 
 The function replaces whole keys of one partition (window hashes, board sorted sets) and
-deletes others, in one atomic call, only once the partition's stored watermark has closed the
-range. As for ``pulse_apply``: a malformed call leaves the store exactly as it was (a full
-snapshot of every key's DUMP and expiry, before and after), the reply naming the problem.
+deletes others, and makes the range's anomaly records and index entries exactly the ones given,
+in one atomic call, only once the partition's stored watermark has closed the range. As for
+``pulse_apply``: a malformed call leaves the store exactly as it was (a full snapshot of every
+key's DUMP and expiry, before and after), the reply naming the problem.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from pipeline.replay import FUNCTION_NAME, ReplaceCall
 from pipeline.stack.testing import RunningStack
 from pipeline.state import HashWrite
 from pipeline.store_writer import function_source
-from schemas import keys, packed, sketch
+from schemas import anomaly, keys, packed, sketch
 from schemas.events import EventKind
+from tests.integration.test_store_functions import snapshot
 
 pytestmark = [pytest.mark.integration]
 
 SENSOR = EventKind.SENSOR
 START = 1_700_000_040_000  # a minute
 END = START + 60_000
-Snapshot = dict[bytes, tuple[bytes, int]]
 
 
 @pytest.fixture
@@ -44,16 +45,6 @@ def raw(stack: RunningStack) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
-
-
-def snapshot(raw: redis.Redis) -> Snapshot:
-    names = sorted(raw.scan_iter(count=1000))
-    pipe = raw.pipeline(transaction=False)
-    for k in names:
-        pipe.dump(k)
-        pipe.execute_command("PEXPIRETIME", k)
-    res = pipe.execute()
-    return {k: (res[2 * i], int(res[2 * i + 1])) for i, k in enumerate(names)}
 
 
 def value(x: float, n: int = 1) -> bytes:
@@ -104,7 +95,7 @@ def send(raw: redis.Redis, key_list: list[str], args: list[Any]) -> Any:
 def test_keys_are_replaced_whole_and_deleted(raw: redis.Redis) -> None:
     seed(raw)
     call = good_call()
-    assert send(raw, *call.payload()) == [1, 2, 2]
+    assert send(raw, *call.payload()) == [1, 2, 2, 0, 0]
     assert raw.hgetall(wkey()) == {b"temp": value(1.5, 3)}  # "stale" is gone
     assert raw.zrange(bkey(), 0, -1, withscores=True) == [(b"site-a", 3.0)]
     assert not raw.exists(wkey(keys.Dim.DEVICE), bkey("device.max.temp"))
@@ -117,7 +108,7 @@ def test_keys_are_replaced_whole_and_deleted(raw: redis.Redis) -> None:
     }
     # the same call again leaves the same store
     before = snapshot(raw)
-    assert send(raw, *call.payload()) == [1, 2, 2]
+    assert send(raw, *call.payload()) == [1, 2, 2, 0, 0]
     assert snapshot(raw) == before
 
 
@@ -229,5 +220,119 @@ def test_large_keys_are_written_in_chunks(raw: redis.Redis) -> None:
     call.hashes = [HashWrite(wkey(), far(), names, [value(float(i)) for i in range(n)])]
     call.zsets = [ZsetWrite(bkey(), far(), "set", [f"s{i}" for i in range(n)],
                             [float(i) for i in range(n)])]  # fmt: skip
-    assert send(raw, *copy.deepcopy(call.payload())) == [1, 2, 0]
+    assert send(raw, *copy.deepcopy(call.payload())) == [1, 2, 0, 0, 0]
     assert raw.hlen(wkey()) == n and raw.zcard(bkey()) == n
+
+
+ANOM = keys.anomalies_key(SENSOR, 0)
+INDEX = keys.anomaly_index_key(SENSOR, 0)
+FEED = keys.feed_key(SENSOR, 0)
+
+
+def record(start: int, entity: str, score: float = 0.9) -> anomaly.AnomalyRecord:
+    signal = anomaly.Signal.MEAN
+    return anomaly.AnomalyRecord(
+        id=anomaly.anomaly_id("sensor", 0, start, entity, signal), kind="sensor", partition=0,
+        entity=entity, signal=signal, cause="spike", window_start_ms=start, window_ms=10_000,
+        score=score, value=1.0, expected=0.0,
+    )  # fmt: skip
+
+
+def seed_anomalies(raw: redis.Redis) -> dict[str, anomaly.AnomalyRecord]:
+    """Stored anomalies before, in and after the range, indexed, and a feed entry."""
+    recs = {
+        r.id: r
+        for r in (
+            record(START - 10_000, "d1|temp"),
+            record(START, "d1|temp"),
+            record(START + 20_000, "d2|temp"),
+            record(END, "d1|temp"),
+        )
+    }
+    for r in recs.values():
+        raw.hset(ANOM, r.id, anomaly.encode_record(r))
+        raw.zadd(INDEX, {r.id: r.window_start_ms})
+    raw.xadd(FEED, {"id": next(iter(recs))})
+    return recs
+
+
+def anomaly_call(found: list[anomaly.AnomalyRecord]) -> ReplaceCall:
+    call = good_call()
+    call.anomalies = found
+    call.anomaly_span = (START, END)
+    return call
+
+
+def test_the_ranges_anomalies_become_the_ones_given(raw: redis.Redis) -> None:
+    seed(raw)
+    old = seed_anomalies(raw)
+    feed = raw.dump(FEED)
+    again = record(START, "d1|temp", score=0.7)  # raised again, with other values
+    new = record(START + 30_000, "d3|temp")
+    assert send(raw, *anomaly_call([again, new]).payload()) == [1, 2, 2, 2, 1]
+    stored = {k.decode(): anomaly.decode_record(v) for k, v in raw.hgetall(ANOM).items()}  # type: ignore[union-attr, arg-type]
+    assert sorted(stored) == sorted([*(i for i in old if ":1700000060000:" not in i), new.id])
+    assert stored[again.id].score == 0.7
+    outside = [i for i, r in old.items() if not START <= r.window_start_ms < END]
+    assert len(outside) == 2
+    assert all(raw.hget(ANOM, i) == anomaly.encode_record(old[i]) for i in outside)
+    index = {k.decode(): int(s) for k, s in raw.zrange(INDEX, 0, -1, withscores=True)}
+    assert index == {i: r.window_start_ms for i, r in stored.items()}
+    assert raw.dump(FEED) == feed  # the live feed is left as it is
+    before = snapshot(raw)
+    assert send(raw, *anomaly_call([again, new]).payload()) == [1, 2, 2, 2, 0]
+    assert snapshot(raw) == before
+    # none raised: the range holds none
+    assert send(raw, *anomaly_call([]).payload()) == [1, 2, 2, 0, 2]
+    assert sorted(k.decode() for k in raw.hkeys(ANOM)) == sorted(outside)
+    assert raw.zcard(INDEX) == 2
+
+
+def _outside_span(k: list[str], a: list[Any], h: dict[str, Any]) -> str:
+    h["a"][4][1] = END
+    return "is not within [from, to)"
+
+
+def _after_closed(k: list[str], a: list[Any], h: dict[str, Any]) -> str:
+    h["a"][3] = END + 1
+    return "is after closed"
+
+
+def _id_twice(k: list[str], a: list[Any], h: dict[str, Any]) -> str:
+    h["a"][4] += h["a"][4][:2]
+    a.append(a[-1])
+    return "given twice"
+
+
+def _missing_record(k: list[str], a: list[Any], h: dict[str, Any]) -> str:
+    a.pop()
+    return "records"
+
+
+def _empty_record(k: list[str], a: list[Any], h: dict[str, Any]) -> str:
+    a[-1] = b""
+    return "is empty"
+
+
+def _index_not_zset(k: list[str], a: list[Any], h: dict[str, Any]) -> str:
+    k[h["a"][1] - 1] = FEED
+    return "holds a stream, not a zset"
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [_outside_span, _after_closed, _id_twice, _missing_record, _empty_record, _index_not_zset],
+)
+def test_a_malformed_anomalies_block_writes_nothing(raw: redis.Redis, mutate: Mutate) -> None:
+    seed(raw)
+    seed_anomalies(raw)
+    key_list, args = anomaly_call([record(START + 30_000, "d3|temp")]).payload()
+    header = orjson.loads(args[0])
+    rest = list(args[1:])
+    key_list = list(key_list)
+    want = mutate(key_list, rest, header)
+    before = snapshot(raw)
+    with pytest.raises(redis.ResponseError) as err:
+        send(raw, key_list, [orjson.dumps(header), *rest])
+    assert "pulse_replace:" in str(err.value) and want in str(err.value), str(err.value)
+    assert snapshot(raw) == before

@@ -1,9 +1,11 @@
-"""``pulse replay`` on a real stack: delete a range of windows and boards, replay it from the
-archive and from Kafka, and ``pulse verify`` is exact each time; replaying twice leaves the
-same store; a range that is not closed or that the archive does not hold is refused.
+"""``pulse replay`` on a real stack: delete a range of windows, boards and anomalies, replay it
+from the archive and from Kafka, and ``pulse verify`` is exact each time and the anomalies are
+the worker's again; replaying twice leaves the same store; a range that is not closed or that
+the archive does not hold is refused.
 
 The run has late and bad records (``--late-rate``, ``--bad-rate``): the replay must classify
-every event of the range as the worker did.
+every event of the range as the worker did; and injected anomalies after the detectors' warm-up
+(``--anomaly-after``), in the range.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import redis
 from pipeline.archive.storage import ArchiveStore
 from pipeline.replay import MINUTE_MS
 from pipeline.stack.testing import RunningStack, stop_child
-from schemas import keys
+from schemas import anomaly, keys
+from schemas.events import EventKind
 from tests.integration.harness import Pipeline, wait_for
 from tests.integration.test_archive import start_archive
 
@@ -44,6 +47,58 @@ def dumps(client: redis.Redis, names: list[bytes]) -> dict[bytes, tuple[bytes, i
     return {k: (got[2 * i], got[2 * i + 1]) for i, k in enumerate(names)}
 
 
+def text(x: object) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def range_anomalies(raw: redis.Redis, parts: int, t1: int, t2: int) -> dict[str, bytes]:
+    """The stored anomaly records indexed within [t1, t2), by id."""
+    out: dict[str, bytes] = {}
+    for kind in EventKind:
+        for p in range(parts):
+            ids = [
+                text(i) for i in raw.zrangebyscore(keys.anomaly_index_key(kind, p), t1, f"({t2}")
+            ]
+            if ids:
+                blobs = raw.hmget(keys.anomalies_key(kind, p), ids)
+                out.update((i, b) for i, b in zip(ids, blobs, strict=True) if isinstance(b, bytes))
+    return out
+
+
+def delete_anomalies(raw: redis.Redis, ids: list[str]) -> None:
+    """Delete anomaly records and their index entries."""
+    for aid in ids:
+        kind, p, *_ = anomaly.parse_anomaly_id(aid)
+        raw.hdel(keys.anomalies_key(kind, p), aid)
+        raw.zrem(keys.anomaly_index_key(kind, p), aid)
+
+
+def same_anomalies(got: dict[str, bytes], want: dict[str, bytes]) -> int:
+    """Assert two sets of anomaly records are the same anomalies (floats may differ in the last
+    bits: a window's sums can add up in another order); how many are byte-identical."""
+    assert sorted(got) == sorted(want)
+    for aid, blob in got.items():
+        a, w = anomaly.decode_record(blob), anomaly.decode_record(want[aid])
+        assert (a.entity, a.signal, a.cause, a.window_start_ms, a.context) == (
+            w.entity, w.signal, w.cause, w.window_start_ms, w.context,
+        ), aid  # fmt: skip
+        assert a.score == pytest.approx(w.score, abs=1e-6), aid
+        assert a.value == pytest.approx(w.value, rel=1e-9), aid
+        assert a.expected == pytest.approx(w.expected, rel=1e-9, abs=1e-12), aid
+        assert a.vector.tolist() == pytest.approx(w.vector.tolist(), abs=1e-5), aid
+    return sum(got[i] == want[i] for i in got)
+
+
+def live_keys(raw: redis.Redis) -> dict[bytes, tuple[bytes, int]]:
+    """The keys a replay never writes: progress, detector states and live feeds."""
+    names = [
+        k
+        for pattern in ("*:progress", "*:det", "*:feed")
+        for k in raw.scan_iter(match=f"{keys.PREFIX}:{{*}}{pattern}", count=1000)
+    ]
+    return dumps(raw, sorted(names))
+
+
 def test_replay_rebuilds_a_deleted_range_exactly(stack: RunningStack, tmp_path: Path) -> None:
     pl = Pipeline.create(stack, tmp_path, PULSE_ARCHIVE_GROUP_ID=f"archive-{uuid.uuid4().hex[:8]}")
     client = stack.redis()
@@ -51,9 +106,9 @@ def test_replay_rebuilds_a_deleted_range_exactly(stack: RunningStack, tmp_path: 
     url = str(tmp_path / "archive")
     truth_path = tmp_path / "truth.json"
     pl.loadgen(
-        "--rate=0", "--sim-rate=12", "--duration=1500", "--devices=24", "--services=3",
-        "--seed=11", "--bad-rate=0.01", "--late-rate=0.03", "--anomaly-rate=0",
-        truth=truth_path,
+        "--rate=0", "--sim-rate=12", "--duration=1800", "--devices=16", "--services=3",
+        "--seed=11", "--bad-rate=0.01", "--late-rate=0.03", "--anomaly-rate=1",
+        "--anomaly-after=1260", truth=truth_path,
     )  # fmt: skip
     worker = pl.worker()
     archive = start_archive(pl, url, tmp_path / "archive.log")
@@ -79,24 +134,49 @@ def test_replay_rebuilds_a_deleted_range_exactly(stack: RunningStack, tmp_path: 
 
     ext = store.extent()
     lo = min(e.min_event_time for e in ext.values() if e.min_event_time is not None)
-    t1 = lo - lo % MINUTE_MS + 5 * MINUTE_MS
-    t2 = t1 + 7 * MINUTE_MS
+    progress = pl.progress(client)
+    # the last eight minutes closed in every partition: after the detectors' warm-up (100
+    # windows), where the injected anomalies are
+    closed = min(int(r[keys.Progress.WATERMARK]) for r in progress.values() if r)
+    t2 = closed - closed % MINUTE_MS
+    t1 = t2 - 8 * MINUTE_MS
+    assert t1 >= lo + 17 * MINUTE_MS
     raw = redis.Redis(host="127.0.0.1", port=stack.store_settings.port)
+    parts = stack.kafka_settings.partitions
     doomed = range_keys(raw, t1, t2)
     assert len(doomed) > 100
     assert any(b":top:" in k for k in doomed) and any(b":w:10s:" in k for k in doomed)
     before = {k: (raw.type(k), raw.hgetall(k) if raw.type(k) == b"hash" else
                   raw.zrange(k, 0, -1, withscores=True)) for k in doomed}  # fmt: skip
-    progress = pl.progress(client)
+    want = range_anomalies(raw, parts, t1, t2)
+    kinds = sorted({anomaly.parse_anomaly_id(i)[0] for i in want})
+    print(f"\n{len(want)} anomalies in the range, of {kinds}")
+    assert len(want) >= 5 and "sensor" in kinds, sorted(want)
+    others = {k: raw.hgetall(k) for k in raw.scan_iter(match=f"{keys.PREFIX}:{{*}}:anom")}
+    others = {k: {i: b for i, b in h.items() if text(i) not in want} for k, h in others.items()}
+    untouched = live_keys(raw)
+
+    def replay(*argv: str) -> None:
+        res = pl.pulse("replay", f"--from={t1}", f"--to={t2}", *argv)
+        assert res.returncode == 0, res.stderr[-3000:]
+        print(f"\n{' '.join(argv)}: {res.stdout.strip()}")
+
+    def delete_range() -> None:
+        raw.delete(*doomed)
+        delete_anomalies(raw, list(want))
+        assert range_anomalies(raw, parts, t1, t2) == {}
+
+    # detectors without a warm-up are too young (100 observations) to raise anything in eight
+    # minutes
+    delete_range()
+    res = pl.verify(truth_path)
+    assert res.returncode == 1, f"verify passed with the range deleted: {res.stdout[-500:]}"
+    replay("--source=kafka", "--warmup=0", "--quiet")
+    assert range_anomalies(raw, parts, t1, t2) == {}
 
     for source in ("archive", "kafka"):
-        raw.delete(*doomed)
-        res = pl.verify(truth_path)
-        assert res.returncode == 1, f"verify passed with the range deleted: {res.stdout[-500:]}"
-        res = pl.pulse("replay", f"--from={t1}", f"--to={t2}", f"--source={source}",
-                       f"--url={url}")  # fmt: skip
-        assert res.returncode == 0, res.stderr[-3000:]
-        print(f"\n{source}: {res.stdout.strip()}")
+        delete_range()
+        replay(f"--source={source}", f"--url={url}")
         assert range_keys(raw, t1, t2) == doomed, f"{source}: other keys than the worker's"
         res = pl.verify(truth_path)
         assert res.returncode == 0, f"{source}: {res.stdout[-3000:]}"
@@ -104,13 +184,21 @@ def test_replay_rebuilds_a_deleted_range_exactly(stack: RunningStack, tmp_path: 
         for k in doomed:
             if b":top:" in k and b".p99:" not in k:
                 assert raw.zrange(k, 0, -1, withscores=True) == before[k][1], k
+        # the worker's anomalies, under the same ids; the others, the feeds, the detector
+        # states and the progress hashes untouched
+        identical = same_anomalies(range_anomalies(raw, parts, t1, t2), want)
+        print(f"{source}: {len(want)} anomalies again, {identical} byte-identical")
+        for k, h in others.items():
+            assert {i: b for i, b in raw.hgetall(k).items() if text(i) not in want} == h
+        assert live_keys(raw) == untouched
 
     # replaying twice leaves the same store; progress hashes are never touched
-    first = dumps(raw, doomed)
-    res = pl.pulse("replay", f"--from={t1}", f"--to={t2}", "--source=kafka", "--quiet")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert dumps(raw, doomed) == first
+    anomaly_keys = sorted(raw.scan_iter(match=f"{keys.PREFIX}:{{*}}:anom*"))
+    first = dumps(raw, doomed + anomaly_keys)
+    replay("--source=kafka", "--quiet")
+    assert dumps(raw, doomed + anomaly_keys) == first
     assert pl.progress(client) == progress
+    assert live_keys(raw) == untouched
 
     # refusals: one sentence, exit 1, nothing written
     newest = max(int(r[keys.Progress.WATERMARK]) for r in progress.values() if r)
@@ -120,7 +208,7 @@ def test_replay_rebuilds_a_deleted_range_exactly(stack: RunningStack, tmp_path: 
     assert res.stderr.count("\n") == 1
     res = pl.pulse("replay", f"--from={lo - 3 * MINUTE_MS}", f"--to={t2}", f"--url={url}")
     assert res.returncode == 1 and "after the range" in res.stderr, res.stderr
-    assert dumps(raw, doomed) == first
+    assert dumps(raw, doomed + anomaly_keys) == first
     client.close()
     raw.close()
 

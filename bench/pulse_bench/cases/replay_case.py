@@ -5,7 +5,8 @@ topics span too little event time for that in a smoke run; so this case produces
 preloaded size (same fleet, faults and late events) over four minutes of event time into topics
 of its own, drains it with one worker, and replays every closed minute in-process with
 ``pipeline.replay_command.replay``: read from Kafka, validate, the lateness rule, aggregate,
-and one ``FCALL pulse_replace`` per partition.
+the anomalies raised again (detectors warmed up on the store's windows before the range), and
+one ``FCALL pulse_replace`` per partition.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def run(ctx: BenchContext) -> Metrics:
         "minutes": (rng.end - rng.start) // MINUTE_MS,
         "partitions": report.partitions,
         "keys_replaced": report.written,
+        "anomalies": report.anomalies if report.anomalies is not None else -1,
+        "warmup_windows": report.warmup_windows,
         "read_s": round(report.read_s, 3),
         "seconds": round(total_s, 3),
         "events_per_s_with_writes": report.records / max(total_s, 1e-9),
