@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pulse loadgen: warning: {warning}", file=sys.stderr)
     lateness_ms = round(worker.allowed_lateness_s * 1000)
     try:
-        return asyncio.run(_main(args, config, kafka.bootstrap, settings, lateness_ms))
+        return asyncio.run(_main(args, config, kafka, settings, lateness_ms))
     except (RuntimeError, OSError) as exc:
         print(f"pulse loadgen: {exc}", file=sys.stderr)
         return 1
@@ -180,7 +180,7 @@ def _bounds_warning(config: GenConfig, now_ms: int, max_age_s: float, skew_s: fl
 async def _main(
     args: argparse.Namespace,
     config: GenConfig,
-    bootstrap: str,
+    kafka: KafkaSettings,
     settings: LoadgenSettings,
     lateness_ms: int,
 ) -> int:
@@ -203,13 +203,13 @@ async def _main(
         out = args.output.open("wb")
         sink = JsonlSink(out)
     else:
-        producer = make_producer(bootstrap, settings.linger_ms)
+        producer = make_producer(kafka.bootstrap, settings.linger_ms, kafka.client_kwargs())
         try:
             await producer.start()
             counts = await topic_partitions(producer, [config.sensor_topic, config.applog_topic])
         except Exception as exc:  # aiokafka's connection and metadata errors
             await producer.stop()
-            raise RuntimeError(f"cannot use Kafka at {bootstrap}: {exc}") from exc
+            raise RuntimeError(f"cannot use Kafka at {kafka.bootstrap}: {exc}") from exc
         except BaseException:
             await producer.stop()
             raise
@@ -244,7 +244,7 @@ async def _main(
         sys.stderr.write("\n")
     if truth is not None:
         truth.write(args.truth)
-    where = str(args.output) if args.output is not None else f"Kafka at {bootstrap}"
+    where = str(args.output) if args.output is not None else f"Kafka at {kafka.bootstrap}"
     print(
         f"pulse loadgen: sent {progress.sent:,} records to {where} "
         f"(sensor {progress.sensor:,}, applog {progress.applog:,}) in {progress.elapsed:.1f} s, "

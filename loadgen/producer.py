@@ -11,7 +11,7 @@ import asyncio
 import base64
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -163,7 +163,10 @@ RETRY_BACKOFF_MS = 250
 
 
 def make_producer(
-    bootstrap: str, linger_ms: int, delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS
+    bootstrap: str,
+    linger_ms: int,
+    security: Mapping[str, Any] | None = None,
+    delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS,
 ) -> Any:
     """An idempotent aiokafka producer waiting for all in-sync replicas; rides out outages.
 
@@ -173,7 +176,8 @@ def make_producer(
     ``send_batch`` waits for room in a partition's queue and how long a batch may wait for a
     partition leader. Set well above a broker restart, a run keeps queueing (up to
     ``max_pending`` records, then it waits) while the broker is away and resumes where it was;
-    only an outage longer than ``delivery_timeout_ms`` fails the run, loudly.
+    only an outage longer than ``delivery_timeout_ms`` fails the run, loudly. ``security``:
+    ``KafkaSettings.client_kwargs()``.
     """
     from aiokafka import AIOKafkaProducer
 
@@ -186,6 +190,7 @@ def make_producer(
         max_request_size=1024 * 1024,
         request_timeout_ms=delivery_timeout_ms,
         retry_backoff_ms=RETRY_BACKOFF_MS,
+        **(security or {}),
     )
 
 

@@ -81,6 +81,10 @@ Poll = Mapping[EventKind, Mapping[int, Sequence[RawRecord]]]
 PartKey = tuple[EventKind, int]
 
 
+class StoreBehindError(Exception):
+    """The store holds less than this worker acknowledged: it must re-read from the store."""
+
+
 class Writer(Protocol):
     """The store side of a checkpoint (``pipeline.store_writer.StoreWriter``)."""
 
@@ -150,6 +154,10 @@ class Checkpoint:
         self._windows: dict[EventKind, KindWindows] = {}
         self._unsure = False
         self._unconfirmed = False  # something was applied and not yet confirmed durable
+        # the records whose offsets await durability (_to_commit): sent again after a store
+        # error, since a promoted replica may lack them (the store skips what it holds)
+        self._unacked: dict[PartKey, Sequence[RawRecord]] = {}
+        self._resumed = False  # a store error happened: check the store is not behind us
         self._to_commit: dict[str, dict[int, int]] = {}  # applied offsets awaiting durability
         self._inflight: _Inflight | None = None  # the poll sent and not yet settled
         self._now = 0
@@ -184,6 +192,10 @@ class Checkpoint:
                 # (the store skips what it holds), with every state restored from the store
                 for pk, recs in (await self._abandon()).items():
                     pending[pk] = [*recs, *pending.get(pk, ())]
+                for pk, recs in self._unacked.items():  # older still
+                    pending[pk] = [*recs, *pending.get(pk, ())]
+                self._unacked = {}
+                self._resumed = True
                 self._store_unavailable(exc)
                 await asyncio.sleep(self._retry_delay_s)
         self._publish_state_size()
@@ -207,6 +219,9 @@ class Checkpoint:
             return []
         await self._fence_if_unsure()
         await self._load_states(list(pending))
+        if self._resumed:
+            self._check_not_behind(pending)
+            self._prune_commits()
         t0 = time.perf_counter()
         batches = self._prepare(pending)
         self._metrics.prepare_s.append(time.perf_counter() - t0)
@@ -278,6 +293,7 @@ class Checkpoint:
         """Note the next offsets to read after ``records``: committed once they are durable."""
         for (kind, p), recs in records.items():
             self._to_commit.setdefault(self.topics[kind], {})[p] = recs[-1].offset + 1
+            self._unacked[(kind, p)] = [*self._unacked.get((kind, p), ()), *recs]
 
     async def _acknowledge(self) -> None:
         """Wait until everything applied is durable, then commit the applied offsets."""
@@ -285,6 +301,7 @@ class Checkpoint:
         if self._unconfirmed:
             self._metrics.durability_wait_s.append(await self._writer.durable())
             self._unconfirmed = False
+        self._unacked = {}
         if self._to_commit:
             offsets, self._to_commit = self._to_commit, {}
             await self._commit_offsets(offsets)
@@ -297,6 +314,37 @@ class Checkpoint:
             self._metrics.fences += 1
             self._unsure = False
             self._unconfirmed = False
+
+    def _check_not_behind(self, pending: Mapping[PartKey, Sequence[RawRecord]]) -> None:
+        """After a store error: every partition's records must follow on from the store's
+        offset. A gap means the store lost acknowledged batches (a failover at ``local`` or
+        ``none`` durability); applying on would skip them for good, while a restarted worker
+        seeks to the store's offsets and applies them again."""
+        gaps = [
+            f"{kind.value} partition {p}: the store is at offset {self._states[(kind, p)].offset}, "
+            f"this worker read on from {recs[0].offset}"
+            for (kind, p), recs in pending.items()
+            if recs and recs[0].offset > self._states[(kind, p)].offset + 1
+        ]
+        if gaps:
+            raise StoreBehindError(
+                "the store lost batches this worker had acknowledged (a failover to a replica "
+                "that lacked them?); exiting so that a restart re-reads them from Kafka: "
+                + "; ".join(gaps)
+            )
+        self._resumed = False
+
+    def _prune_commits(self) -> None:
+        """After a store error: keep only offsets to commit that the store holds (the records
+        of the others are pending again and are committed once applied and durable)."""
+        for kind, topic in self.topics.items():
+            parts = self._to_commit.get(topic, {})
+            for p, next_offset in list(parts.items()):
+                state = self._states.get((kind, p))
+                if state is None or next_offset > state.offset + 1:
+                    del parts[p]
+            if not parts:
+                self._to_commit.pop(topic, None)
 
     @staticmethod
     def _store_errors() -> tuple[type[BaseException], ...]:

@@ -25,7 +25,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.batch import PartitionState, RawRecord
@@ -59,6 +59,7 @@ class ReaderConfig:
     poll_timeout_s: float
     session_timeout_ms: int
     heartbeat_interval_ms: int
+    security: dict[str, Any] = field(default_factory=dict)  # KafkaSettings.client_kwargs()
 
 
 def split_poll(
@@ -179,6 +180,7 @@ class KafkaBatchReader:
             heartbeat_interval_ms=c.heartbeat_interval_ms,
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=32 * 1024 * 1024,
+            **c.security,
         )
 
     async def run(self) -> None:

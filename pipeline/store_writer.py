@@ -29,7 +29,7 @@ from pipeline.settings import Durability
 from pipeline.state import Retention
 from schemas import anomaly, keys
 from schemas.events import EventKind
-from schemas.settings import StoreSettings, store_client
+from schemas.settings import StoreRole, StoreSettings, store_client
 
 FUNCTION_NAME = "pulse_apply"
 # Timeout of the WAITAOF that polls the replica (see StoreWriter._until_durable).
@@ -158,7 +158,13 @@ def connect(store: StoreSettings, socket_timeout_s: float) -> aioredis.Redis:
 
     See :func:`schemas.settings.store_client` (``one_connection``) for why.
     """
-    return store_client(store, timeout_s=socket_timeout_s, asyncio=True, one_connection=True)
+    return store_client(
+        store,
+        timeout_s=socket_timeout_s,
+        asyncio=True,
+        one_connection=True,
+        role=StoreRole.WORKER,
+    )
 
 
 class StoreWriter:
@@ -340,12 +346,15 @@ class StoreWriter:
                 warned_at = now
                 log.warning(
                     "store confirmed local=%s replicas=%s AOF fsyncs after %d ms; %s durability "
-                    "needs local=1 replicas=%d: still waiting",
+                    "needs local=1 replicas=%d: still waiting%s",
                     local,
                     replicas,
                     round((now - t0) * 1000),
                     self._durability.value,
                     need,
+                    " (the replica is down or stuck, or not back yet after a failover)"
+                    if int(local) >= 1 and int(replicas) < need
+                    else "",
                 )
             reply = await self._client.execute_command(  # type: ignore[no-untyped-call]
                 "WAITAOF", 1, need, POLL_MS if int(local) >= 1 else self._timeout_ms

@@ -591,7 +591,8 @@ def run(args: argparse.Namespace) -> int:
     import redis
 
     from pipeline.settings import StoreSettings, WorkerSettings
-    from schemas.settings import store_client
+    from schemas.settings import StoreRole, store_client
+    from schemas.store_errors import describe
 
     try:
         truth = orjson.loads(args.truth.read_bytes())
@@ -600,12 +601,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     s = StoreSettings()
     kept = kept_dims(WorkerSettings().window_plan())
-    client = store_client(s, timeout_s=30.0)
+    client = store_client(s, timeout_s=30.0, role=StoreRole.READER)
     try:
         found = read_store(client)
         boards = read_boards(client)
     except redis.RedisError as exc:
-        print(f"pulse verify: cannot read the store at {s.url()}: {exc}.", file=sys.stderr)
+        print(f"pulse verify: {describe(exc, s, StoreRole.READER)}.", file=sys.stderr)
         return 2
     totals = found.totals
     problems = verify(truth, found, kept, boards)

@@ -67,6 +67,7 @@ def create_app(
         web_enabled=False,
         producer_acks=-1,
         producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
+        broker_credentials=kafka.ssl_context(),  # Faust's producer and admin: SSL or not
     )
     # The poll reader is this app's Kafka consumer; Faust's own would only stand beside it.
     app.boot_strategy = app.BootStrategy(app, enable_kafka_consumer=False)
@@ -139,6 +140,7 @@ def create_app(
             poll_timeout_s=worker.batch_within_s,
             session_timeout_ms=round(worker.session_timeout_s * 1000),
             heartbeat_interval_ms=round(worker.heartbeat_interval_s * 1000),
+            security=kafka.client_kwargs(),
         ),
         handle,
         checkpoint.load_progress,
@@ -223,9 +225,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the worker until interrupted."""
+    from schemas.settings import StoreRole
+    from schemas.store_errors import check
+
+    store = StoreSettings()
+    problem = check(store, StoreRole.WORKER)  # a wrong password is no outage to wait out
+    if problem is not None:
+        print(f"pulse worker: {problem}.", file=sys.stderr)
+        return 2
     import faust
 
-    app = create_app(WorkerSettings(), KafkaSettings(), StoreSettings(), name=args.name)
+    app = create_app(WorkerSettings(), KafkaSettings(), store, name=args.name)
     worker = faust.Worker(app, loglevel=args.loglevel.upper(), quiet=True)
     worker.execute_from_commandline()
     return 0

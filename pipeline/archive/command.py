@@ -280,6 +280,7 @@ async def _archive(args: argparse.Namespace) -> Counters:
             poll_timeout_s=settings.poll_timeout_s,
             session_timeout_ms=round(settings.session_timeout_s * 1000),
             heartbeat_interval_ms=round(settings.heartbeat_interval_s * 1000),
+            security=kafka.client_kwargs(),
         ),
         archiver.handle,
         archiver.load_progress,

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from pipeline.stack.errors import StackError
 from pipeline.stack.stack import Stack
+from schemas.settings import SECRETS_FILE
 
 
 def _home_argument(parser: argparse.ArgumentParser) -> None:
@@ -22,9 +23,43 @@ def _home_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _brokers(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 9:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 9, not {text!r}")
+    return count
+
+
 def up_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pulse up``."""
     _home_argument(parser)
+    parser.add_argument(
+        "--brokers",
+        type=_brokers,
+        metavar="N",
+        help="Kafka brokers to run (default: $PULSE_KAFKA_BROKERS or 1); with 3 or more, "
+        "topics are replicated 3 times with min.insync.replicas=2",
+    )
+    parser.add_argument(
+        "--acl",
+        action="store_true",
+        help="run the store with ACL users (admin, worker, reader, replication; default user "
+        "off), passwords generated into DIR/secrets.env unless set",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS to the store and an SSL listener on Kafka, with a throw-away CA in DIR/tls/",
+    )
+    parser.add_argument(
+        "--sentinel",
+        action="store_true",
+        help="three Valkey sentinels (127.0.0.1:26379-26381 unless PULSE_STORE_SENTINELS is "
+        "set) fail the primary over to the replica; noted in DIR/secrets.env for every client",
+    )
 
 
 def down_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,9 +74,36 @@ def status_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _stack(args: argparse.Namespace) -> Stack:
     from pipeline.settings import StackSettings
+    from pipeline.stack import envfile
 
-    home: Path | None = getattr(args, "home", None)
-    return Stack(StackSettings(home=home) if home is not None else None)
+    given = {
+        name: value
+        for name, value in (
+            ("home", getattr(args, "home", None)),
+            ("kafka_brokers", getattr(args, "brokers", None)),
+        )
+        if value is not None
+    }
+    settings = StackSettings(**given)
+    acl, tls = getattr(args, "acl", False), getattr(args, "tls", False)
+    if acl or tls:
+        before = Stack(settings, *envfile.load(settings.home))
+        store = before.store_settings
+        if ((acl and not store.acl) or (tls and not store.tls)) and any(
+            s.is_running() for s in before.services
+        ):
+            raise StackError(
+                f"The stack in {before.home} runs without the security asked for; stop it "
+                "with `pulse down` first (its data stays)."
+            )
+        envfile.prepare(settings.home, acl=acl, tls=tls)
+    if getattr(args, "sentinel", False):
+        from pipeline.stack.sentinel import remember_sentinels
+
+        remember_sentinels(settings.home)
+    # with --home, that home's secrets file (the other commands read $PULSE_HOME's)
+    kafka, store = envfile.load(settings.home)
+    return Stack(settings, kafka, store)
 
 
 def _fail(command: str, message: str) -> int:
@@ -72,6 +134,17 @@ def up(args: argparse.Namespace) -> int:
         print(f"Stack ready in {time.monotonic() - started_at:.1f} s (state in {stack.home}).")
     else:
         print(f"Stack already running (state in {stack.home}).")
+    secured = [
+        *(["ACL users"] if stack.store_settings.acl else []),
+        *(["TLS to the store"] if stack.store_settings.tls else []),
+        *(["SSL to Kafka"] if stack.kafka_settings.security_protocol == "SSL" else []),
+    ]
+    if secured:
+        print(
+            f"Secured ({', '.join(secured)}): settings and passwords in "
+            f"{stack.home / SECRETS_FILE}, which every pulse command reads with PULSE_HOME "
+            f"set to {stack.home}."
+        )
     return 0
 
 
@@ -94,7 +167,8 @@ def status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     try:
-        rows = _stack(args).status()
+        stack = _stack(args)
+        rows = stack.status()
     except StackError as exc:
         return _fail("status", str(exc))
     except ValidationError as exc:
@@ -104,4 +178,9 @@ def status(args: argparse.Namespace) -> int:
         state = "[green]running[/]" if row.running else "[red]stopped[/]"
         table.add_row(row.service, state, str(row.port), str(row.pid or "-"), str(row.data_dir))
     Console(width=200).print(table)
+    if stack.sentinels:  # after a failover the primary is whichever node Sentinel promoted
+        primary = stack.known_primary() or stack.store_settings.port
+        print(
+            f"Primary ({stack.store_settings.sentinel_service}, per Sentinel): 127.0.0.1:{primary}"
+        )
     return 0

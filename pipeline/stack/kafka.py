@@ -1,7 +1,12 @@
-"""A one-node Apache Kafka (KRaft, broker + controller) run from the official Maven Central jars.
+"""Apache Kafka in KRaft mode, run from the official Maven Central jars: one node, or several
+(``PULSE_KAFKA_BROKERS``), each acting as broker and controller.
 
 The jars are fetched once with Maven into ``cache_dir/kafka-<scala>-<version>/libs`` and shared by
 every stack home; ``KAFKA_HOME`` (an unpacked Kafka distribution) is used instead when set.
+
+With three or more brokers, Pulse's topics and Kafka's internal ones are replicated three times
+and need two in-sync replicas (``min.insync.replicas=2``): with the producers' ``acks=all``, a
+record acknowledged to the load generator or the worker survives the loss of any one broker.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -25,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pipeline.stack import processes
 from pipeline.stack.errors import PrerequisiteError, StackError, StartupError
 from pipeline.stack.service import Service
+from pipeline.stack.tls import TlsFiles, tls_files
 
 if TYPE_CHECKING:
     from pipeline.settings import KafkaSettings, StackSettings
@@ -204,33 +211,90 @@ def parse_bootstrap(bootstrap: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def replication(brokers: int) -> tuple[int, int]:
+    """(replication factor, min in-sync replicas) of every topic on ``brokers`` brokers."""
+    factor = min(brokers, 3)
+    return factor, 2 if factor >= 3 else 1
+
+
+def broker_ports(kafka: KafkaSettings, stack: StackSettings) -> list[tuple[int, int]]:
+    """(client, controller) port of each broker.
+
+    Broker ``i`` serves the ``i``-th server of ``PULSE_KAFKA_BOOTSTRAP`` (or, past the list, the
+    first one's port + 2i) and its controller ``PULSE_KAFKA_CONTROLLER_PORTS[i]`` (or
+    ``PULSE_KAFKA_CONTROLLER_PORT`` + 2i): the defaults interleave 9092, 9093, 9094, ...
+    """
+    count = stack.kafka_brokers
+    servers = [parse_bootstrap(s)[1] for s in kafka.bootstrap.split(",") if s.strip()]
+    if not servers:
+        raise StackError("PULSE_KAFKA_BOOTSTRAP names no server.")
+    controllers = list(stack.kafka_controller_ports)
+    if controllers and len(controllers) < count:
+        raise StackError(
+            f"PULSE_KAFKA_CONTROLLER_PORTS lists {len(controllers)} ports for {count} brokers."
+        )
+    return [
+        (
+            servers[i] if i < len(servers) else servers[0] + 2 * i,
+            controllers[i] if controllers else stack.kafka_controller_port + 2 * i,
+        )
+        for i in range(count)
+    ]
+
+
 def render_server_properties(
-    *, port: int, controller_port: int, log_dir: Path, partitions: int
+    *,
+    port: int,
+    controller_port: int,
+    log_dir: Path,
+    partitions: int,
+    node_id: int = 1,
+    voters: str | None = None,
+    brokers: int = 1,
+    tls: TlsFiles | None = None,
 ) -> str:
-    """server.properties of a single KRaft node acting as broker and controller."""
+    """server.properties of a KRaft node acting as broker and controller (``voters``: the
+    quorum, ``id@host:port,...``; one node by default; ``tls``: an SSL client listener)."""
+    factor, min_isr = replication(brokers)
+    listener = "PLAINTEXT" if tls is None else "SSL"
+    quorum = voters or f"{node_id}@127.0.0.1:{controller_port}"
     return f"""# Written by `pulse up`; rewritten on every start.
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+node.id={node_id}
+controller.quorum.voters={quorum}
+listeners={listener}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners={listener}://127.0.0.1:{port}
+listener.security.protocol.map={listener}:{listener},CONTROLLER:PLAINTEXT
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
+inter.broker.listener.name={listener}
 log.dirs={log_dir}
 num.partitions={partitions}
-default.replication.factor=1
-min.insync.replicas=1
-offsets.topic.replication.factor=1
+default.replication.factor={factor}
+min.insync.replicas={min_isr}
+offsets.topic.replication.factor={factor}
 offsets.topic.num.partitions={partitions}
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor={factor}
+transaction.state.log.min.isr={min_isr}
 group.initial.rebalance.delay.ms=0
 # One local node: a broker restarted after a crash re-registers only once its previous
 # session expired (DUPLICATE_BROKER_REGISTRATION until then); the 9 s default slows restarts.
 broker.heartbeat.interval.ms=500
 broker.session.timeout.ms=4000
 auto.create.topics.enable=false
+{ssl_properties(tls) if tls is not None else ""}"""
+
+
+def ssl_properties(tls: TlsFiles) -> str:
+    """The SSL listener's keystore (PEM, Kafka 2.7+) and truststore; clients need certificates.
+
+    The controller listener stays PLAINTEXT on the loopback interface: only the brokers of this
+    stack speak to it, and KRaft's controller channel would need the same keystore wiring twice.
+    """
+    return f"""ssl.keystore.type=PEM
+ssl.keystore.location={tls.server_keystore}
+ssl.truststore.type=PEM
+ssl.truststore.location={tls.ca_cert}
+ssl.client.auth=required
 """
 
 
@@ -281,18 +345,33 @@ async def _as_coroutine(make: Callable[[], Awaitable[T]]) -> T:
 # --- the service --------------------------------------------------------------------------
 
 
-class KafkaService(Service):
-    """The broker; ``wait_ready`` also creates Pulse's topics (idempotently)."""
+CLUSTER_FILE = "kafka-cluster.json"
 
-    name = "kafka"
-    label = "the Kafka broker"
+
+def formatted_brokers(home: Path) -> int | None:
+    """How many brokers the Kafka of the stack home ``home`` was formatted for, if known."""
+    try:
+        count = json.loads((home / CLUSTER_FILE).read_text()).get("brokers")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return count if isinstance(count, int) and count >= 1 else None
+
+
+class KafkaService(Service):
+    """One broker (``node``: 0, 1, ...); the first one's ``wait_ready`` waits until every
+    broker has registered and then creates Pulse's topics (idempotently)."""
+
     stop_timeout_s = 30.0
 
-    def __init__(self, stack: StackSettings, kafka: KafkaSettings) -> None:
+    def __init__(self, stack: StackSettings, kafka: KafkaSettings, node: int = 0) -> None:
+        self.name = "kafka" if node == 0 else f"kafka-{node + 1}"
+        self.label = "the Kafka broker" if stack.kafka_brokers == 1 else f"Kafka broker {node + 1}"
         super().__init__(stack.home, stack.start_timeout_s)
         self.stack = stack
         self.kafka = kafka
-        self.host, self._port = parse_bootstrap(kafka.bootstrap)
+        self.node = node
+        self.nodes = broker_ports(kafka, stack)
+        self._port, self._controller_port = self.nodes[node]
 
     @property
     def port(self) -> int:
@@ -302,7 +381,7 @@ class KafkaService(Service):
     @property
     def ports(self) -> dict[str, int]:
         """Client and controller ports."""
-        return {"port": self._port, "controller_port": self.stack.kafka_controller_port}
+        return {"port": self._port, "controller_port": self._controller_port}
 
     @property
     def bootstrap(self) -> str:
@@ -329,13 +408,18 @@ class KafkaService(Service):
         classpath = kafka_classpath(self.stack)
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(self.nodes))
         processes.atomic_write(
             self.config_file,
             render_server_properties(
                 port=self._port,
-                controller_port=self.stack.kafka_controller_port,
+                controller_port=self._controller_port,
                 log_dir=self.data_dir,
                 partitions=self.kafka.partitions,
+                node_id=self.node + 1,
+                voters=voters,
+                brokers=len(self.nodes),
+                tls=self._tls_files(),
             ),
         )
         log4j = self.dir / "log4j.properties"
@@ -347,9 +431,48 @@ class KafkaService(Service):
                 "kafka.Kafka", str(self.config_file)]  # fmt: skip
         return argv, str(self.config_file), self.dir / "logs" / "stdout.log"
 
+    def _tls_files(self) -> TlsFiles | None:
+        if self.kafka.security_protocol != "SSL":
+            return None
+        files = tls_files(self.stack.home)
+        if not all(p.is_file() for p in files.all()):
+            raise StackError(
+                f"PULSE_KAFKA_SECURITY_PROTOCOL is SSL but {files.dir} holds no certificates: "
+                "start the stack with `pulse up --tls`."
+            )
+        return files
+
+    def cluster_id(self) -> str:
+        """The KRaft cluster id every broker of this home is formatted with (made once).
+
+        A home formatted for another number of brokers is refused: its quorum is fixed.
+        """
+        path = self.dir.parent / CLUSTER_FILE
+        brokers = len(self.nodes)
+        with _file_lock(self.dir.parent / f".{CLUSTER_FILE}.lock"):
+            try:
+                known = json.loads(path.read_text())
+            except FileNotFoundError:
+                # a home from before this file held one broker, formatted already
+                meta = self.dir.parent / "kafka" / "data" / "meta.properties"
+                text = meta.read_text() if meta.is_file() else ""
+                if found := re.search(r"^cluster\.id=(\S+)", text, re.M):
+                    known = {"id": found.group(1), "brokers": 1}
+                else:
+                    known = {"id": random_cluster_id(), "brokers": brokers}
+                processes.atomic_write(path, json.dumps(known) + "\n")
+            except ValueError as exc:
+                raise StackError(f"{path} is damaged ({exc}); remove the stack home.") from exc
+        if known.get("brokers") != brokers:
+            raise StackError(
+                f"This stack home's Kafka was formatted for {known.get('brokers')} broker(s), "
+                f"not {brokers}: run 'pulse down' and use another --home (or remove {path.parent})."
+            )
+        return str(known["id"])
+
     def _format(self, base: list[str], classpath: str) -> None:
         argv = [*base, "-cp", classpath, "kafka.tools.StorageTool", "format",
-                "-t", random_cluster_id(), "-c", str(self.config_file)]  # fmt: skip
+                "-t", self.cluster_id(), "-c", str(self.config_file)]  # fmt: skip
         out = subprocess.run(
             argv, cwd=self.dir, capture_output=True, text=True, timeout=120, check=False
         )
@@ -364,12 +487,15 @@ class KafkaService(Service):
             cluster = run_sync(self._describe_cluster)
         except Exception:  # not answering metadata requests yet
             return False
-        return bool(cluster.get("brokers"))
+        # the first broker is ready once all are: topics need their replicas' brokers
+        return len(cluster.get("brokers") or ()) >= (len(self.nodes) if self.node == 0 else 1)
 
     async def _describe_cluster(self) -> dict[str, Any]:
         from aiokafka.admin import AIOKafkaAdminClient
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, request_timeout_ms=5000, **self.kafka.client_kwargs()
+        )
         await admin.start()
         try:
             cluster: dict[str, Any] = await admin.describe_cluster()
@@ -378,11 +504,13 @@ class KafkaService(Service):
             await admin.close()
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
-        """Wait until the broker answers metadata requests, then ensure Pulse's topics exist."""
+        """Wait until the broker answers metadata requests; the first broker then ensures that
+        Pulse's topics exist."""
         started = time.monotonic()
         super().wait_ready(timeout_s)
-        left = (timeout_s or self.start_timeout_s) - (time.monotonic() - started)
-        self.create_topics(self.kafka.topics, self.kafka.partitions, timeout_s=max(left, 10.0))
+        if self.node == 0:
+            left = (timeout_s or self.start_timeout_s) - (time.monotonic() - started)
+            self.create_topics(self.kafka.topics, self.kafka.partitions, timeout_s=max(left, 10.0))
 
     def create_topics(
         self, names: list[str], partitions: int | None = None, timeout_s: float = 30.0
@@ -394,14 +522,17 @@ class KafkaService(Service):
     async def _create_topics(self, names: list[str], partitions: int, timeout_s: float) -> None:
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, request_timeout_ms=10000, **self.kafka.client_kwargs()
+        )
         await admin.start()
         try:
             existing = set(await admin.list_topics())
             missing = [n for n in names if n not in existing]
             if missing:
+                factor, _ = replication(len(self.nodes))
                 response = await admin.create_topics(
-                    [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in missing]
+                    [NewTopic(n, partitions, replication_factor=factor) for n in missing]
                 )
                 for topic, code, *_ in response.topic_errors:
                     if code not in (0, TOPIC_ALREADY_EXISTS):

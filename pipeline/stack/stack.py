@@ -1,14 +1,16 @@
-"""The whole local stack: the Kafka broker, the Valkey primary and (optionally) its replica."""
+"""The whole local stack: the Kafka broker(s), the Valkey primary and (optionally) its replica."""
 
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.settings import KafkaSettings, StackSettings, StoreSettings
 from pipeline.stack import processes
 from pipeline.stack.errors import StackError
-from pipeline.stack.kafka import KafkaService, kafka_classpath, require_java
+from pipeline.stack.kafka import KafkaService, formatted_brokers, kafka_classpath, require_java
+from pipeline.stack.sentinel import SentinelService, SentinelSettings, known_primary
 from pipeline.stack.service import Service, ServiceStatus
 from pipeline.stack.valkey import ValkeyService, valkey_binary
 
@@ -26,25 +28,62 @@ class Stack:
         stack_settings: StackSettings | None = None,
         kafka_settings: KafkaSettings | None = None,
         store_settings: StoreSettings | None = None,
+        sentinel_settings: SentinelSettings | None = None,
     ) -> None:
-        self.stack_settings = stack_settings or StackSettings()
+        settings = stack_settings or StackSettings()
+        self.home = settings.home.expanduser().resolve()
+        formatted = formatted_brokers(self.home)
+        if formatted is not None and "kafka_brokers" not in settings.model_fields_set:
+            # as many brokers as this home was made with
+            settings = settings.model_copy(update={"kafka_brokers": formatted})
+        self.stack_settings = settings
         self.kafka_settings = kafka_settings or KafkaSettings()
         self.store_settings = store_settings or StoreSettings()
-        self.home = self.stack_settings.home.expanduser().resolve()
         timeout = self.stack_settings.start_timeout_s
-        self.kafka = KafkaService(self.stack_settings, self.kafka_settings)
-        self.primary = ValkeyService(self.home, timeout, self.store_settings)
+        self.kafkas = [
+            KafkaService(self.stack_settings, self.kafka_settings, node=i)
+            for i in range(self.stack_settings.kafka_brokers)
+        ]
+        self.kafka = self.kafkas[0]
+        store = self.store_settings
+        # with PULSE_STORE_SENTINELS: the sentinels, which the nodes follow (see sentinel.py)
+        self.sentinels: list[SentinelService] = []
+        follow = self.known_primary if store.sentinels else None
+        if store.sentinels:
+            tuning = sentinel_settings or SentinelSettings()
+            self.sentinels = [
+                SentinelService(
+                    self.home,
+                    timeout,
+                    store,
+                    tuning,
+                    i,
+                    self._monitor_port,
+                    server=settings.valkey_server,
+                )
+                for i in range(len(store.sentinels))
+            ]
+        server = settings.valkey_server
+        self.primary = ValkeyService(self.home, timeout, store, follow=follow, server=server)
         self.replica = (
-            ValkeyService(self.home, timeout, self.store_settings, replica=True)
-            if self.store_settings.replica_port is not None
+            ValkeyService(self.home, timeout, store, replica=True, follow=follow, server=server)
+            if store.replica_port is not None
             else None
         )
 
+    def known_primary(self) -> int | None:
+        """Under Sentinel, the port of the current primary (None: the configured one)."""
+        return known_primary(self.sentinels)
+
+    def _monitor_port(self) -> int:
+        return self.known_primary() or self.store_settings.port
+
     @property
     def services(self) -> list[Service]:
-        """Every configured service, in start-up order of readiness (primary before replica)."""
+        """Every configured service, in start-up order of readiness (primary before replica,
+        sentinels last: they watch the nodes)."""
         replica: list[Service] = [self.replica] if self.replica else []
-        return [self.primary, *replica, self.kafka]
+        return [self.primary, *replica, *self.kafkas, *self.sentinels]
 
     def check_prerequisites(self, services: list[Service] | None = None) -> None:
         """Fail early (before anything starts) if Java, the Kafka jars or valkey-server are missing.
@@ -52,11 +91,11 @@ class Stack:
         Fetches the Kafka jars into the cache on first use.
         """
         todo = self.services if services is None else services
-        if self.kafka in todo:
+        if any(k in todo for k in self.kafkas):
             require_java()
             kafka_classpath(self.stack_settings)
-        if any(isinstance(s, ValkeyService) for s in todo):
-            valkey_binary()
+        if any(isinstance(s, ValkeyService | SentinelService) for s in todo):
+            valkey_binary(self.stack_settings.valkey_server, tls=self.store_settings.tls)
 
     def up(self) -> list[tuple[ServiceStatus, bool]]:
         """Start whatever is not running and wait until all of it is ready; idempotent.
@@ -71,12 +110,20 @@ class Stack:
             ports.update(service.port_descriptions())
         processes.require_free_ports(ports)
         launched: list[Service] = []
+        sentinels = [s for s in missing if s in self.sentinels]
+        nodes = [s for s in missing if s not in sentinels]
         try:
             # Launch the slow JVM first so it boots while the Valkey nodes come up.
-            for service in sorted(missing, key=lambda s: s is not self.kafka):
+            for service in sorted(nodes, key=lambda s: s not in self.kafkas):
                 service.launch()
                 launched.append(service)
-            for service in missing:
+            for service in nodes:
+                service.wait_ready()
+            # the sentinels once the nodes run: they watch the primary from their start
+            for service in sentinels:
+                service.launch()
+                launched.append(service)
+            for service in sentinels:
                 service.wait_ready()
         except BaseException:
             for service in reversed(launched):
@@ -90,9 +137,15 @@ class Stack:
 
         Processes whose pid now belongs to something else are never signalled.
         """
-        results: list[tuple[str, bool]] = []
-        known: set[str] = set()
-        for service in [self.kafka, *([self.replica] if self.replica else []), self.primary]:
+        # The brokers at once: one stopped after the others would lose its controller quorum
+        # and wait out its controlled shutdown.
+        with ThreadPoolExecutor(len(self.kafkas)) as pool:
+            stopped = list(pool.map(Service.stop, self.kafkas))
+        results = [(k.name, was) for k, was in zip(self.kafkas, stopped, strict=True)]
+        known = {k.name for k in self.kafkas}
+        # the sentinels before the nodes: stopping the primary under them would fail it over
+        nodes = [*self.sentinels, *([self.replica] if self.replica else [])]
+        for service in [*nodes, self.primary]:
             known.add(service.name)
             results.append((service.name, service.stop()))
         # A service of an earlier configuration (e.g. a replica since disabled) still gets stopped.
@@ -122,8 +175,8 @@ class Stack:
 
     @property
     def bootstrap(self) -> str:
-        """Kafka bootstrap servers for clients."""
-        return self.kafka.bootstrap
+        """Kafka bootstrap servers for clients (every broker)."""
+        return ",".join(k.bootstrap for k in self.kafkas)
 
     def data_dirs(self) -> dict[str, Path]:
         """Each service's data directory."""

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.settings import KafkaSettings, StackSettings, StoreSettings
+from pipeline.stack import envfile
+from pipeline.stack.sentinel import SentinelSettings
 from pipeline.stack.stack import Stack
 
 if TYPE_CHECKING:
@@ -47,8 +49,13 @@ class RunningStack:
             "PULSE_KAFKA_PARTITIONS": str(self.kafka_settings.partitions),
             "PULSE_STORE_PORT": str(self.store_settings.port),
         }
+        if self.stack_settings.kafka_brokers > 1:
+            env["PULSE_KAFKA_BROKERS"] = str(self.stack_settings.kafka_brokers)
+            env["PULSE_KAFKA_CONTROLLER_PORTS"] = str(self.stack_settings.kafka_controller_ports)
         if self.store_settings.replica_port is not None:
             env["PULSE_STORE_REPLICA_PORT"] = str(self.store_settings.replica_port)
+        if self.store_settings.sentinels:
+            env["PULSE_STORE_SENTINELS"] = ",".join(self.store_settings.sentinels)
         return env
 
 
@@ -61,17 +68,46 @@ def free_ports(count: int) -> list[int]:
         return [int(sock.getsockname()[1]) for sock in socks]
 
 
-def make_stack(home: Path, *, replica: bool = True, partitions: int = 6) -> RunningStack:
-    """A (not yet started) stack in ``home`` on fresh free ports, using the shared jar cache."""
-    kafka_port, controller_port, primary_port, replica_port = free_ports(4)
+def make_stack(
+    home: Path,
+    *,
+    replica: bool = True,
+    partitions: int = 6,
+    brokers: int = 1,
+    sentinels: int = 0,
+    sentinel_settings: SentinelSettings | None = None,
+    acl: bool = False,
+    tls: bool = False,
+) -> RunningStack:
+    """A (not yet started) stack in ``home`` on fresh free ports, using the shared jar cache.
+
+    ``sentinels``: that many Valkey sentinels watch the primary (``sentinel_settings``: their
+    timings), and the settings' clients find the primary through them. ``acl``/``tls``: as
+    ``pulse up --acl``/``--tls``, with ``home/secrets.env`` (which ``env()``'s PULSE_HOME
+    points subprocesses at); the settings read only that home's file, never the caller's.
+    """
+    if acl or tls:
+        envfile.prepare(home, acl=acl, tls=tls)
+    secrets = envfile.env_file(home)
+    primary_port, replica_port, *kafka_ports = free_ports(2 + 2 * brokers)
+    clients, controllers = kafka_ports[:brokers], kafka_ports[brokers:]
     stack_settings = StackSettings(
-        home=home, kafka_controller_port=controller_port, start_timeout_s=120.0
+        home=home,
+        kafka_controller_port=controllers[0],
+        kafka_controller_ports=controllers if brokers > 1 else [],
+        kafka_brokers=brokers,
+        start_timeout_s=120.0,
     )
-    kafka_settings = KafkaSettings(bootstrap=f"127.0.0.1:{kafka_port}", partitions=partitions)
+    bootstrap = ",".join(f"127.0.0.1:{port}" for port in clients)
+    kafka_settings = KafkaSettings(_env_file=secrets, bootstrap=bootstrap, partitions=partitions)
     store_settings = StoreSettings(
-        host="127.0.0.1", port=primary_port, replica_port=replica_port if replica else None
+        _env_file=secrets,
+        host="127.0.0.1",
+        port=primary_port,
+        replica_port=replica_port if replica else None,
+        sentinels=[f"127.0.0.1:{port}" for port in free_ports(sentinels)] if sentinels else [],
     )
-    stack = Stack(stack_settings, kafka_settings, store_settings)
+    stack = Stack(stack_settings, kafka_settings, store_settings, sentinel_settings)
     return RunningStack(stack, stack_settings, kafka_settings, store_settings)
 
 

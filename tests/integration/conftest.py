@@ -61,14 +61,20 @@ def new_topic(stack: RunningStack) -> Callable[..., str]:
 def fresh_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RunningStack]]:
     """A factory of private stacks for destructive tests; all are torn down after the test.
 
-    ``fresh_stack(start=True, replica=True, partitions=6)``; with ``start=False`` nothing runs yet,
-    so a test can start single services (``running.stack.primary.start()``) and skip Kafka.
+    ``fresh_stack(start=True, replica=True, partitions=6, brokers=1)``; with ``start=False``
+    nothing runs yet, so a test can start single services (``running.stack.primary.start()``)
+    and skip Kafka.
     """
     made: list[RunningStack] = []
 
-    def make(start: bool = True, replica: bool = True, partitions: int = 6) -> RunningStack:
+    def make(
+        start: bool = True, replica: bool = True, partitions: int = 6, brokers: int = 1
+    ) -> RunningStack:
         running = make_stack(
-            tmp_path_factory.mktemp("pulse-fresh"), replica=replica, partitions=partitions
+            tmp_path_factory.mktemp("pulse-fresh"),
+            replica=replica,
+            partitions=partitions,
+            brokers=brokers,
         )
         made.append(running)
         if start:

@@ -59,6 +59,21 @@ def wait_for(
         time.sleep(interval_s)
 
 
+class Timeline:
+    """Seconds since it was made at each named step of a drill (printed with the result)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.at: dict[str, float] = {}
+
+    def mark(self, what: str) -> None:
+        """Note that ``what`` happened now."""
+        self.at[what] = time.monotonic() - self.t0
+
+    def __str__(self) -> str:
+        return "timeline: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.at.items())
+
+
 def drill_seed() -> int:
     """The seed of a drill's random choices: ``PULSE_DRILL_SEED`` if set, else a fresh one."""
     env = os.environ.get("PULSE_DRILL_SEED", "").strip()
@@ -240,6 +255,20 @@ class Pipeline:
         for msg in self.read_topic(name):
             out.setdefault(source_position(msg), []).append(msg)
         return out
+
+    def assert_kafka_holds_truth(self, truth_file: Path) -> int:
+        """Each input partition holds exactly the records the load generator produced (none
+        lost or duplicated across a fault); returns how many in all."""
+        truth = self.truth(truth_file)
+        ends = self.end_offsets()
+        for kind in ("sensor", "applog"):
+            for p, row in truth["per_partition"][kind].items():
+                tp = (self.topics[kind], int(p))
+                assert ends[tp] == row["produced"], (
+                    f"{tp}: {ends[tp]} records in Kafka, the load generator produced "
+                    f"{row['produced']}: lost or duplicated"
+                )
+        return sum(ends.values())
 
     def committed(self) -> dict[tuple[str, int], int]:
         """The worker group's committed offsets on the input topics (-1 where none)."""
