@@ -191,7 +191,12 @@ def _wrong_type(k: list[str], a: list[Any], h: dict[str, Any]) -> str:
 )  # fmt: skip
 def test_a_malformed_call_writes_nothing(raw: redis.Redis, mutate: Mutate) -> None:
     seed(raw)
-    key_list, args = good_call().payload()
+    assert_refused_whole(raw, good_call(), mutate)
+
+
+def assert_refused_whole(raw: redis.Redis, call: ReplaceCall, mutate: Mutate) -> None:
+    """``call`` broken by ``mutate`` is refused with its reason, and the store is unchanged."""
+    key_list, args = call.payload()
     header = orjson.loads(args[0])
     rest = list(args[1:])
     key_list = list(key_list)
@@ -326,13 +331,4 @@ def _index_not_zset(k: list[str], a: list[Any], h: dict[str, Any]) -> str:
 def test_a_malformed_anomalies_block_writes_nothing(raw: redis.Redis, mutate: Mutate) -> None:
     seed(raw)
     seed_anomalies(raw)
-    key_list, args = anomaly_call([record(START + 30_000, "d3|temp")]).payload()
-    header = orjson.loads(args[0])
-    rest = list(args[1:])
-    key_list = list(key_list)
-    want = mutate(key_list, rest, header)
-    before = snapshot(raw)
-    with pytest.raises(redis.ResponseError) as err:
-        send(raw, key_list, [orjson.dumps(header), *rest])
-    assert "pulse_replace:" in str(err.value) and want in str(err.value), str(err.value)
-    assert snapshot(raw) == before
+    assert_refused_whole(raw, anomaly_call([record(START + 30_000, "d3|temp")]), mutate)
