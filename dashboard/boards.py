@@ -330,10 +330,29 @@ def read_top(
     Raises ``redis.RedisError`` when the store cannot be read and ``packed.PackedError`` for a
     malformed window value (p99 boards).
     """
-    starts = window_starts(window, last_start_ms)
+    return read_top_over(r, b, partitions, window, window_starts(window, last_start_ms), n)
+
+
+def range_starts(start_ms: int, end_ms: int) -> list[int]:
+    """The ``1m`` instance starts, oldest first, overlapping ``[start_ms, end_ms)``."""
+    first = keys.window_start(start_ms, keys.BOARD_WINDOW)
+    last = keys.window_start(end_ms - 1, keys.BOARD_WINDOW)
+    return list(range(first, last + 1, MINUTE))
+
+
+def read_top_over(
+    r: redis.Redis,
+    b: TopBoard,
+    partitions: Sequence[int],
+    window: str,
+    starts: Sequence[int],
+    n: int = 10,
+) -> Top:
+    """:func:`read_top` over any ``1m`` instances ``starts`` (oldest first; ``window`` names
+    them, e.g. a dashboard's time range), merged exactly the same way."""
     rows: list[Row] = []
     members = 0
-    if partitions:
+    if partitions and starts:
         if b.rank == "rate":
             assert b.requests is not None
             req = combine(_union(r, b, b.requests, partitions, starts), "sum")

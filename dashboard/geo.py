@@ -139,6 +139,53 @@ def _readings(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A device's latest position and when it was taken (the dashboard's map)."""
+
+    device: str
+    partition: int
+    lat: float
+    lon: float
+    seen_ms: int  # event time of its latest position
+
+
+def positions(r: redis.Redis, partitions: Sequence[int], limit: int = 2000) -> list[Position]:
+    """The most recently seen ``limit`` devices of every partition, with their positions.
+
+    Two round trips: each partition's newest ``limit`` devices (``seen_key``), then their
+    positions (``GEOPOS``). A device whose position is gone meanwhile is left out.
+    """
+    if not partitions or limit <= 0:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for p in partitions:
+        pipe.zrevrange(keys.seen_key(p), 0, limit - 1, withscores=True)
+    seen = pipe.execute()
+    pipe = r.pipeline(transaction=False)
+    asked: list[tuple[int, list[tuple[str, int]]]] = []
+    for p, rows in zip(partitions, seen, strict=True):
+        members = [(_text(m), int(score)) for m, score in rows]
+        if members:
+            pipe.geopos(keys.geo_key(p), *[m for m, _ in members])
+            asked.append((p, members))
+    out: list[Position] = []
+    for (p, members), coords in zip(asked, pipe.execute() if asked else [], strict=True):
+        for (device, t), xy in zip(members, coords, strict=True):
+            if xy is not None:
+                out.append(Position(device, p, float(xy[1]), float(xy[0]), t))
+    out.sort(key=lambda d: (-d.seen_ms, d.device))
+    return out[:limit]
+
+
+def status(seen_ms: int, now_ms: int, anomalous: bool = False) -> str:
+    """A device's status on the map: ``anomaly`` (one in the range), ``stale`` (no position
+    for :data:`STALE_AFTER_MS`) or ``ok``."""
+    if anomalous:
+        return "anomaly"
+    return "ok" if now_ms - seen_ms <= STALE_AFTER_MS else "stale"
+
+
 def check_point(lat: float, lon: float, km: float) -> None:
     """Refuse a point or radius the geo index cannot search, in one sentence."""
     if not (math.isfinite(lat) and -keys.GEO_MAX_LAT <= lat <= keys.GEO_MAX_LAT):
@@ -175,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from dashboard.queries import discover
-    from schemas.settings import StoreSettings, store_client
+    from schemas.settings import StoreRole, StoreSettings, store_client
 
     try:
         check_point(args.lat, args.lon, args.km)
@@ -183,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pulse near: {exc}", file=sys.stderr)
         return 2
     store = StoreSettings()
-    r = store_client(store, decode=False)
+    r = store_client(store, decode=False, role=StoreRole.READER)
     try:
         topo = discover(r)
         found = near(

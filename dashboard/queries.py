@@ -442,15 +442,9 @@ def reader_client(
     A hash comes back as a flat list in RESP2 and as a map in RESP3 (redis-py's default):
     the parser builds a map of tens of thousands of fields 2-3 times slower.
     """
-    return redis.Redis(
-        host=store.host,
-        port=store.port,
-        db=store.db if db is None else db,
-        password=store.password.get_secret_value() if store.password else None,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=5.0 if timeout_s is None else min(timeout_s, 5.0),
-        protocol=2,
-    )
+    from schemas.settings import StoreRole, store_client
+
+    return store_client(store, db=db, timeout_s=timeout_s, role=StoreRole.READER, protocol=2)
 
 
 def _binary(r: redis.Redis) -> redis.Redis:

@@ -1,4 +1,4 @@
-"""The dashboard's queries and page against a real Valkey, with data written by the worker's code.
+"""The dashboard's queries against a real Valkey, with data written by the worker's code.
 
 Uses the suite's ``store`` fixture (flushed per test). Window values go through the real write
 path: ``pipeline.aggregation.aggregate`` deltas folded into a partition's
@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import redis
-import streamlit as st
-from streamlit.testing.v1 import AppTest
 
 from dashboard import panels, queries
 from dashboard.settings import DashboardSettings
@@ -37,7 +33,6 @@ pytestmark = pytest.mark.integration
 SENSOR, APPLOG = EventKind.SENSOR, EventKind.APPLOG
 W10, W1M = keys.WINDOW_10S, keys.WINDOW_1M
 MIN = W1M.size_ms
-APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 # every window and dimension (the test writes whatever it wants into any of them)
 PLAN = tuple(
     (w, tuple(d for dims in keys.DIMS.values() for d in dims)) for w in keys.TUMBLING_WINDOWS
@@ -548,98 +543,7 @@ def test_unreachable_store_raises_redis_error(dead_port: int) -> None:
         queries.read_kpis(r, queries.Topology.of(2), NOW)
 
 
-# --------------------------------------------------------------------------- the page
-
-
-def _app(monkeypatch: pytest.MonkeyPatch, port: int) -> AppTest:
-    """Run the page once against ``port`` with its clock pinned to NOW and no cached reads."""
-    monkeypatch.setenv("PULSE_STORE_HOST", "127.0.0.1")
-    monkeypatch.setenv("PULSE_STORE_PORT", str(port))
-    monkeypatch.delenv("PULSE_STORE_PASSWORD", raising=False)
-    monkeypatch.setenv("PULSE_KAFKA_PARTITIONS", "3")
-    monkeypatch.setenv("PULSE_DASHBOARD_LOOKBACK_MIN", "10")
-    monkeypatch.setenv("PULSE_DASHBOARD_REFRESH_S", "2")
-    monkeypatch.setattr(panels, "wall_clock_ms", lambda: NOW)
-    # Streamlit's caches live in this process: a page run of an earlier test (same store URL,
-    # same pinned tick) must not answer for this one.
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    # a deadline for one script run (a loaded machine can take long), not a speed check
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    return at.run()
-
-
-def _utc(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%H:%M:%S")
-
-
-def test_page_renders_populated_store(store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    populate(store)
-    at = _app(monkeypatch, int(store.connection_pool.connection_kwargs["port"]))
-    assert not at.exception
-    assert not at.error
-    metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Events"] == "200"
-    assert metrics["Late"] == "4" and metrics["Dead-letter"] == "3"
-    assert metrics["Durable ack p50/p99 ms"] == "3.0/7"
-    # the page's clock is the pinned one (rounded down to the 2 s refresh tick: NOW - 1 s)
-    assert metrics["Newest event (UTC)"] == _utc(NOW - 5_000)
-    assert metrics["Watermark lag"] == "44.0 s"
-    # two charts, routes, sites, partitions and workers tables
-    assert len(at.get("vega_lite_chart")) == 2
-    assert len(at.dataframe) == 4
-    routes, sites = at.dataframe[0].value, at.dataframe[1].value
-    assert routes["route"].tolist() == ["/orders", "/", "/health"]
-    assert sites[["site", "metric", "readings"]].values.tolist() == [
-        ["s1", "temp", 5],
-        ["s2", "hum", 2],
-    ]
-
-
-def test_page_site_table_filters_and_orders(
-    store: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    populate(store)
-    monkeypatch.setenv("PULSE_DASHBOARD_TOP_SITES", "1")
-    at = _app(monkeypatch, int(store.connection_pool.connection_kwargs["port"]))
-    assert not at.exception
-    sites = at.dataframe[1].value
-    assert sites[["site", "metric", "readings"]].values.tolist() == [["s1", "temp", 5]]
-    assert any("1 of 2 site × metric rows, by readings" in c.value for c in at.caption)
-    site = at.selectbox(key="pulse_site_filter")
-    assert site.options == ["(all)", "s1", "s2"]
-    site.set_value("s2").run()
-    assert not at.exception
-    assert at.dataframe[1].value[["site", "metric", "readings"]].values.tolist() == [
-        ["s2", "hum", 2]
-    ]
-    assert any("1 of 1 matching (2 in all)" in c.value for c in at.caption)
-    at.selectbox(key="pulse_site_filter").set_value("(all)").run()
-    at.selectbox(key="pulse_site_order").set_value("max").run()
-    assert at.dataframe[1].value["site"].tolist() == ["s2"]  # max 50 beats 25
-    at.selectbox(key="pulse_site_first").set_value("smallest first").run()
-    assert at.dataframe[1].value["site"].tolist() == ["s1"]
-
-
-def test_page_reports_malformed_values(store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    populate(store)
-    store.hset(keys.window_key(SENSOR, 0, W1M, keys.Dim.SITE, T0), "s9|temp", "not packed")
-    at = _app(monkeypatch, int(store.connection_pool.connection_kwargs["port"]))
-    assert not at.exception
-    assert len(at.error) == 1 and "cannot read" in at.error[0].value
-
-
-def test_page_reports_empty_store(store: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    at = _app(monkeypatch, int(store.connection_pool.connection_kwargs["port"]))
-    assert not at.exception
-    assert [i.value for i in at.info] and "empty" in at.info[0].value
-    assert not at.metric
-
-
-def test_page_reports_unreachable_store(monkeypatch: pytest.MonkeyPatch, dead_port: int) -> None:
-    at = _app(monkeypatch, dead_port)
-    assert not at.exception
-    assert len(at.error) == 1 and "unreachable" in at.error[0].value
+# The page itself (dashboard/app.py) is tested in test_dashboard_page.py.
 
 
 def test_pane_cache_serves_final_panes_and_rereads_open_ones(
