@@ -10,23 +10,33 @@ exactly one connection (:func:`connect`): the applies and the wait travel on it 
 never retries. A retry would re-send a command on a fresh connection, where ``WAITAOF`` has
 nothing to wait for and answers at once; instead a connection error surfaces to the caller,
 which treats what it wrote as unsure and calls :meth:`StoreWriter.fence` before acknowledging.
+
+On a cluster (``PULSE_STORE_CLUSTER``) the writer holds a :class:`~pipeline.store_router.
+StoreRouter` instead: each partition's apply goes, with its ``WAITAOF``, on the connection of the
+primary that serves its slot, the nodes' pipelines at once; :meth:`StoreWriter.durable` waits on
+every node written since the last acknowledgement and :meth:`StoreWriter.fence` fences every
+primary.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from importlib import resources
 from itertools import chain
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisClusterException
 
 from pipeline import windows
 from pipeline.batch import PartitionBatch, PartitionState
 from pipeline.settings import Durability
 from pipeline.state import Retention
+from pipeline.store_router import REDIRECTS, Node, SlotMovedError, StoreRouter
 from schemas import anomaly, keys
 from schemas.events import EventKind
 from schemas.settings import StoreRole, StoreSettings, store_client
@@ -36,6 +46,8 @@ FUNCTION_NAME = "pulse_apply"
 POLL_MS = 1
 
 log = logging.getLogger("pulse.store_writer")
+# what a cluster read may raise when the slot map changes under it, or no node answers
+READ_REDIRECTS: tuple[type[Exception], ...] = (RedisClusterException, *REDIRECTS)
 
 
 class StoreWriteError(Exception):
@@ -167,15 +179,24 @@ def connect(store: StoreSettings, socket_timeout_s: float) -> aioredis.Redis:
     )
 
 
+def connect_writer(store: StoreSettings, socket_timeout_s: float) -> aioredis.Redis | StoreRouter:
+    """What a :class:`StoreWriter` writes through: :func:`connect`, or on a cluster a router
+    with one such connection per primary."""
+    if store.cluster:
+        return StoreRouter(store, socket_timeout_s)
+    return connect(store, socket_timeout_s)
+
+
 class StoreWriter:
     """Applies partition batches to the store and waits for the configured durability.
 
-    The client must come from :func:`connect`: one connection, no retries (see the module doc).
+    The client must come from :func:`connect`: one connection, no retries (see the module doc),
+    or be a :class:`StoreRouter` (a cluster: :func:`connect_writer`).
     """
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | StoreRouter,
         durability: Durability,
         retention: Retention,
         durability_timeout_ms: int = 5000,
@@ -183,7 +204,11 @@ class StoreWriter:
         topic_names: dict[EventKind, str] | None = None,
         owner: str = "",
     ) -> None:
-        self._client = client
+        self._router = client if isinstance(client, StoreRouter) else None
+        # on a cluster, the client of the writer's reads (it follows the slot map itself)
+        self._client: aioredis.Redis = (
+            cast("aioredis.Redis", client.cluster) if isinstance(client, StoreRouter) else client
+        )
         self._durability = durability
         self._retention = retention
         self._timeout_ms = durability_timeout_ms
@@ -193,9 +218,17 @@ class StoreWriter:
         self._functions_loaded = False
         # the local WAITAOF reply and send time of the oldest send not yet confirmed durable
         self._unconfirmed: tuple[object, float] | None = None
+        # on a cluster: the same per node written since the last acknowledgement
+        self._node_unconfirmed: dict[str, tuple[Node, object, float]] = {}
+        self._loaded_on: set[str] = set()  # primaries holding the function library
 
     async def load_functions(self) -> None:
-        """Install (or replace) the ``pulse`` function library in the store."""
+        """Install (or replace) the ``pulse`` function library in the store (every primary)."""
+        if self._router is not None:
+            for node in await self._router.primaries():
+                await self._load_on(node)
+            self._functions_loaded = True
+            return
         # redis-py's asyncio execute_command has no annotations
         await self._client.execute_command(  # type: ignore[no-untyped-call]
             "FUNCTION", "LOAD", "REPLACE", function_source()
@@ -203,7 +236,10 @@ class StoreWriter:
         self._functions_loaded = True
 
     async def close(self) -> None:
-        """Close the store connection."""
+        """Close the store connection(s)."""
+        if self._router is not None:
+            await self._router.close()
+            return
         await self._client.aclose(close_connection_pool=True)
 
     async def read_state(self, kind: EventKind, partitions: list[int]) -> dict[int, PartitionState]:
@@ -216,7 +252,7 @@ class StoreWriter:
                 keys.Progress.MAX_EVENT_TIME,
                 keys.Progress.TOPIC,
             )
-        rows = await pipe.execute()
+        rows = await pipe.execute() if self._router is None else await self._read_routed(pipe)
         out: dict[int, PartitionState] = {}
         for p, (offset, max_et, topic) in zip(partitions, rows, strict=True):
             out[p] = PartitionState(
@@ -233,7 +269,7 @@ class StoreWriter:
         pipe = self._client.pipeline(transaction=False)
         for k in names:
             pipe.hgetall(k)
-        rows = await pipe.execute()
+        rows = await pipe.execute() if self._router is None else await self._read_routed(pipe)
         return dict(zip(names, rows, strict=True))
 
     async def apply(
@@ -256,6 +292,8 @@ class StoreWriter:
         todo = [b for b in batches if not b.empty]
         if not todo:
             return []
+        if self._router is not None:
+            return await self._send_routed(self._router, todo, now_ms)
         if not self._functions_loaded:
             await self.load_functions()
         pipe = self._client.pipeline(transaction=False)
@@ -289,6 +327,8 @@ class StoreWriter:
 
         Returns the seconds since the oldest unconfirmed :meth:`send` (0 when none).
         """
+        if self._router is not None:
+            return await self._durable_routed(self._router)
         if self._unconfirmed is None:
             return 0.0
         reply, t0 = self._unconfirmed
@@ -301,8 +341,10 @@ class StoreWriter:
 
         WAITAOF only covers the writes of its own connection; after a reconnect (or a batch
         someone else applied) one small write of ours, ordered after theirs in the AOF and the
-        replication stream, lets WAITAOF vouch for all of them.
+        replication stream, lets WAITAOF vouch for all of them. On a cluster: on every primary.
         """
+        if self._router is not None:
+            return await self._fence_routed(self._router)
         pipe = self._client.pipeline(transaction=False)
         pipe.incr(keys.fence_key())
         self._queue_wait(pipe)
@@ -321,7 +363,9 @@ class StoreWriter:
     def _need_replicas(self) -> int:
         return 1 if self._durability is Durability.REPLICA else 0
 
-    async def _until_durable(self, reply: object, t0: float) -> float:
+    async def _until_durable(
+        self, reply: object, t0: float, client: aioredis.Redis | None = None
+    ) -> float:
         """Keep asking until this connection's writes meet the durability level.
 
         ``reply`` is the answer of the local ``WAITAOF`` sent with the writes. A replica
@@ -356,6 +400,125 @@ class StoreWriter:
                     if int(local) >= 1 and int(replicas) < need
                     else "",
                 )
-            reply = await self._client.execute_command(  # type: ignore[no-untyped-call]
+            reply = await (client or self._client).execute_command(  # type: ignore[no-untyped-call]
                 "WAITAOF", 1, need, POLL_MS if int(local) >= 1 else self._timeout_ms
             )
+
+    # ------------------------------------------------------------------ on a cluster
+
+    async def _read_routed(self, pipe: aioredis.client.Pipeline) -> list[Any]:
+        """Run a read pipeline through the cluster client; no node answering, or a redirect it
+        could not follow, is a lost connection to the caller (which retries)."""
+        assert self._router is not None
+        try:
+            await self._router.refresh()
+            return list(await pipe.execute())
+        except READ_REDIRECTS as exc:
+            self._router.stale()
+            raise SlotMovedError(f"reading the cluster: {exc}") from exc
+
+    async def _load_on(self, node: Node) -> None:
+        await node.client.execute_command(  # type: ignore[no-untyped-call]
+            "FUNCTION", "LOAD", "REPLACE", function_source()
+        )
+        self._loaded_on.add(node.name)
+
+    async def _on_node(
+        self, router: StoreRouter, node: Node, pipe: aioredis.client.Pipeline
+    ) -> list[object]:
+        """Run ``pipe`` on ``node``; a redirect or a lost connection re-maps the cluster and
+        surfaces as a connection error (what was sent is unsure)."""
+        try:
+            return list(await pipe.execute(raise_on_error=True))
+        except REDIRECTS as exc:
+            router.stale()
+            raise SlotMovedError(f"{node.name} answered {type(exc).__name__} ({exc})") from exc
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+            await router.lost(node)
+            raise
+        except aioredis.ResponseError as exc:
+            raise StoreWriteError(f"store rejected a batch apply on {node.name}: {exc}") from exc
+
+    async def _send_routed(
+        self, router: StoreRouter, todo: list[PartitionBatch], now_ms: int
+    ) -> list[ApplyOutcome]:
+        """:meth:`send` on a cluster: each node's partitions in one pipeline, all at once."""
+        groups: dict[str, tuple[Node, list[int]]] = {}
+        calls = []
+        for i, b in enumerate(todo):
+            key_list, args = payload(
+                b,
+                self._retention,
+                now_ms,
+                topic=self._topic_names.get(b.kind, ""),
+                owner=self._owner,
+            )
+            calls.append((key_list, args))
+            node = await router.node_for(key_list[0])
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        for node, _ in groups.values():
+            if node.name not in self._loaded_on:
+                await self._load_on(node)
+
+        async def one(node: Node, members: list[int]) -> tuple[Node, list[object], float]:
+            pipe = node.client.pipeline(transaction=False)
+            for i in members:
+                key_list, args = calls[i]
+                pipe.execute_command("FCALL", FUNCTION_NAME, len(key_list), *key_list, *args)
+            self._queue_wait(pipe)
+            t0 = time.perf_counter()
+            return node, await self._on_node(router, node, pipe), t0
+
+        done = await asyncio.gather(*(one(n, m) for n, m in groups.values()))
+        results: list[object] = [None] * len(todo)
+        for (node, members), (_, replies, t0) in zip(groups.values(), done, strict=True):
+            applied = False
+            for i, r in zip(members, replies, strict=False):
+                results[i] = r
+                applied |= int(r[0]) == 1  # type: ignore[index]
+            if applied:
+                before = self._node_unconfirmed.get(node.name)
+                first = t0 if before is None else before[2]
+                self._node_unconfirmed[node.name] = (node, replies[-1], first)
+        return [
+            ApplyOutcome(b.partition, int(r[0]) == 1, int(r[1]))  # type: ignore[index]
+            for b, r in zip(todo, results, strict=True)
+        ]
+
+    async def _durable_routed(self, router: StoreRouter) -> float:
+        """:meth:`durable` on a cluster: every node written since the last acknowledgement."""
+        if not self._node_unconfirmed:
+            return 0.0
+        todo = list(self._node_unconfirmed.values())
+
+        async def one(node: Node, reply: object, t0: float) -> float:
+            try:
+                return await self._until_durable(reply, t0, node.client)
+            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+                await router.lost(node)
+                raise
+
+        waited = await asyncio.gather(*(one(*entry) for entry in todo))
+        self._node_unconfirmed.clear()
+        return max(waited)
+
+    async def _fence_routed(self, router: StoreRouter) -> float:
+        """:meth:`fence` on a cluster: a write of ours on every primary, and its wait."""
+        nodes = await router.primaries()
+        fence_keys = [await router.fence_key(n) for n in nodes]
+
+        async def one(node: Node, key: str) -> float:
+            pipe = node.client.pipeline(transaction=False)
+            pipe.incr(key)
+            self._queue_wait(pipe)
+            t0 = time.perf_counter()
+            replies = await self._on_node(router, node, pipe)
+            try:
+                return await self._until_durable(replies[-1], t0, node.client)
+            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+                await router.lost(node)
+                raise
+
+        waited = await asyncio.gather(*(one(n, k) for n, k in zip(nodes, fence_keys, strict=True)))
+        self._node_unconfirmed.clear()
+        return max(waited, default=0.0)

@@ -589,6 +589,7 @@ def run(args: argparse.Namespace) -> int:
     """Compare the store with the truth file; 0 if they agree."""
     import orjson
     import redis
+    from redis.exceptions import RedisClusterException
 
     from pipeline.settings import StoreSettings, WorkerSettings
     from schemas.settings import StoreRole, store_client
@@ -601,11 +602,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     s = StoreSettings()
     kept = kept_dims(WorkerSettings().window_plan())
-    client = store_client(s, timeout_s=30.0, role=StoreRole.READER)
-    try:
+    try:  # on a cluster, the client reads every primary (SCAN) and routes by slot
+        client = store_client(s, timeout_s=30.0, role=StoreRole.READER)
         found = read_store(client)
         boards = read_boards(client)
-    except redis.RedisError as exc:
+    except (redis.RedisError, RedisClusterException) as exc:
         print(f"pulse verify: {describe(exc, s, StoreRole.READER)}.", file=sys.stderr)
         return 2
     totals = found.totals

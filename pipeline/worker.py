@@ -50,7 +50,8 @@ def create_app(
     """Build the Faust app: a poll reader feeding the checkpoint agent."""
     import faust
 
-    from pipeline.store_writer import StoreWriter, connect
+    from pipeline.store_writer import StoreWriter, connect_writer
+    from schemas.settings import StoreRole, store_client
 
     worker_name = name or f"{socket.gethostname()}-{os.getpid()}"
     datadir = StackSettings().home / "faust"  # Faust's own files, not in the working directory
@@ -87,7 +88,7 @@ def create_app(
         await reader.commit_offsets(offsets)
 
     writer = StoreWriter(
-        connect(store, socket_timeout_s),
+        connect_writer(store, socket_timeout_s),
         worker.durability,
         retention,
         worker.durability_timeout_ms,
@@ -149,7 +150,9 @@ def create_app(
     )
     metrics.refused = reader.refused
 
-    metrics_client = connect(store, socket_timeout_s)
+    metrics_client = store_client(
+        store, timeout_s=socket_timeout_s, asyncio=True, role=StoreRole.WORKER
+    )
 
     @app.task  # type: ignore[untyped-decorator]  # faust's decorators are not annotated
     async def _ingest() -> None:

@@ -18,6 +18,7 @@ partition lands in one cluster slot and a partition's batch applies atomically i
     pulse:{sensor.3}:feed                        stream the live anomaly feed (capped)
     pulse:worker:<name>                          hash   a worker's live metrics
     pulse:fence                                  int    bumped by writers to fence durability
+    pulse:{fence.<n>}                            int    the same, per primary of a cluster
 
 ``<window>`` is a tumbling window name (``10s``, ``1m``); ``<start>`` its start in epoch ms.
 An entity's value in a window instance is absolute: the worker that owns the partition keeps
@@ -326,9 +327,13 @@ def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
-def fence_key() -> str:
-    """Key the writer increments to make earlier writes durable after a reconnect."""
-    return f"{PREFIX}:fence"
+def fence_key(node: int | None = None) -> str:
+    """Key the writer increments to make earlier writes durable after a reconnect.
+
+    On a cluster the writer fences every primary, each with a key of a slot it serves:
+    ``pulse:{fence.<n>}`` for the first ``n`` that lands there.
+    """
+    return f"{PREFIX}:fence" if node is None else f"{PREFIX}:{{fence.{node}}}"
 
 
 def entity(*parts: str) -> str:

@@ -14,9 +14,9 @@ import functools
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict, overload
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict, cast, overload
 
-from pydantic import Field, FilePath, SecretStr, field_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -124,10 +124,13 @@ USERNAMES: dict[StoreRole, str] = {
     StoreRole.READER: "pulse-reader",
 }
 REPLICATION_USER = "pulse-replication"
+#: nodes of the cluster `pulse up --cluster` runs: CLUSTER_PRIMARIES primaries, one replica each
+CLUSTER_PRIMARIES = 3
+CLUSTER_NODES = 2 * CLUSTER_PRIMARIES
 
 
 class StoreSettings(_HomeEnvFile):
-    """How to reach the durable store (the Valkey primary, and its replica if any).
+    """How to reach the durable store (the Valkey primary, and its replica if any, or a cluster).
 
     With ``sentinels`` (``PULSE_STORE_SENTINELS=127.0.0.1:26379,127.0.0.1:26380,...``) every
     client finds the primary (and replica) of ``sentinel_service`` through Valkey Sentinel
@@ -157,6 +160,45 @@ class StoreSettings(_HomeEnvFile):
     tls_key_file: FilePath | None = None
     sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
     sentinel_service: str = Field(default="pulse", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    # a Valkey cluster (`pulse up --cluster`): 3 primaries and 3 replicas on `cluster_ports`
+    # (default: port + i), their cluster bus on `cluster_bus_ports` (default: port + 10000);
+    # clients start from `host:port` and follow the slot map
+    cluster: bool = False
+    cluster_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    cluster_bus_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
+
+    @field_validator("cluster_ports", "cluster_bus_ports", mode="before")
+    @classmethod
+    def _split_ports(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [p.strip() for p in value.strip("[]").split(",") if p.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_layout(self) -> StoreSettings:
+        if not self.cluster:
+            return self
+        if self.sentinels:
+            raise ValueError("a cluster fails over by itself: PULSE_STORE_SENTINELS must be unset")
+        if self.db != 0:
+            raise ValueError("a cluster has only database 0 (PULSE_STORE_DB)")
+        for name in ("cluster_ports", "cluster_bus_ports"):
+            ports: list[int] = getattr(self, name)
+            if ports and (len(ports) != CLUSTER_NODES or len(set(ports)) != CLUSTER_NODES):
+                raise ValueError(f"{name} must name {CLUSTER_NODES} distinct ports")
+            if any(not 1 <= p <= 65535 for p in ports):
+                raise ValueError(f"{name} must be ports from 1 to 65535")
+        return self
+
+    @property
+    def node_ports(self) -> list[int]:
+        """The client ports of the cluster's nodes: the primaries first, then their replicas."""
+        return self.cluster_ports or [self.port + i for i in range(CLUSTER_NODES)]
+
+    @property
+    def bus_ports(self) -> list[int]:
+        """The cluster bus port of each node of :attr:`node_ports`."""
+        return self.cluster_bus_ports or [p + 10000 for p in self.node_ports]
 
     @field_validator("sentinels", mode="before")
     @classmethod
@@ -299,6 +341,10 @@ def store_client(
     the primary for ``port`` None or ``store.port``, a replica (else the primary) for
     ``store.replica_port``; any other port is that node, directly.
 
+    With ``store.cluster`` (and ``port`` None or ``store.port``) the client is redis-py's
+    ``RedisCluster``, routing each command by its keys' slot; the writer, which needs one
+    connection per primary, uses ``pipeline.store_router`` instead.
+
     ``one_connection`` is the writer's client: a pool of exactly one connection, shared by
     pipelines and plain commands, and no retries. ``WAITAOF`` vouches only for the writes of
     its own connection; redis-py's pipelines borrow another pooled connection, and its retries
@@ -320,6 +366,13 @@ def store_client(
         "socket_timeout": timeout_s,
         "socket_connect_timeout": 5.0 if timeout_s is None else min(timeout_s, 5.0),
     }
+    if store.cluster and port in (None, store.port):
+        if one_connection:
+            raise ValueError(
+                "a cluster has no one connection to write on: the worker's writer keeps one "
+                "per primary (pipeline.store_router)"
+            )
+        return _cluster_client(store, kwargs, asyncio=asyncio)
     if store.sentinels and port in (None, store.port, store.replica_port):
         replica = port is not None and port == store.replica_port and port != store.port
         return _sentinel_client(
@@ -350,6 +403,26 @@ def store_client(
         max_connections=1, timeout=None, retry=no_retry_sync, **kwargs, **sync_tls
     )
     return redis_sync.Redis(connection_pool=sync_pool, retry=no_retry_sync)
+
+
+def _cluster_client(
+    store: StoreSettings, kwargs: _ConnectionKwargs, *, asyncio: bool
+) -> redis.Redis | aioredis.Redis:
+    """:func:`store_client` on a cluster: redis-py's ``RedisCluster``, started from
+    ``host:port``, which routes each command by its keys' slot and follows ``MOVED``/``ASK``.
+
+    Typed as the plain client the readers take: it answers the same commands (a pipeline
+    splits by node, ``SCAN`` and ``FUNCTION LOAD`` run on every primary); keys of one command
+    must share a slot, which Pulse's keys of one partition do (``schemas.keys``).
+    """
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import RedisCluster
+
+    node: dict[str, Any] = {k: v for k, v in kwargs.items() if k != "db"}
+    tls = store.tls_kwargs()
+    if asyncio:
+        return cast("aioredis.Redis", AsyncRedisCluster(**node, ssl=bool(tls), **tls))
+    return cast("redis.Redis", RedisCluster(**node, ssl=bool(tls), **tls))
 
 
 def _sentinel_client(

@@ -8,7 +8,7 @@ passwords as SHA-256 hashes) and turns the ``default`` user off:
   LOAD``), every command those functions run, ``WAITAOF``, the fence's ``INCR``, its metrics
   hash and the reads of a restore, on ``pulse:*`` keys only;
 - ``pulse-reader``: the dashboard, ``pulse verify``/``top``/``anomalies``/``similar``/``near``:
-  read commands on ``pulse:*`` keys, nothing else;
+  read commands on ``pulse:*`` keys and ``INFO``, nothing else;
 - ``pulse-replication``: the replica's link to the primary (``PSYNC``, ``REPLCONF``, ``PING``).
 
 ACL rules apply to the commands a function runs as well, so the worker's list is read from
@@ -24,8 +24,12 @@ from importlib import resources
 from schemas import keys
 from schemas.settings import REPLICATION_USER, USERNAMES, StoreRole, StoreSettings
 
-# what any client's connection set-up sends (redis-py: HELLO/AUTH, CLIENT SETINFO, SELECT)
-CONNECTION = ("hello", "auth", "ping", "select", "client|setinfo", "client|setname")
+# what any client's connection set-up sends (redis-py: HELLO/AUTH, CLIENT SETINFO, SELECT;
+# its cluster client: CLUSTER SLOTS, the slot map, and COMMAND, where each command's keys are)
+CONNECTION = (
+    *("hello", "auth", "ping", "select", "client|setinfo", "client|setname"),
+    *("cluster|slots", "command"),
+)
 # what the worker sends itself, besides reads (store_writer, worker metrics, replay_command)
 WORKER_DIRECT = (
     "fcall",
@@ -57,6 +61,10 @@ def role_rules(role: StoreRole) -> str:
     if role is StoreRole.ADMIN:
         return "~* &* +@all"
     allowed = [*CONNECTION, "@read"]
+    if role is StoreRole.READER:
+        # the dashboard's store health (memory, ops/s, AOF, replication); CONFIG stays refused:
+        # CONFIG GET would show the passwords
+        allowed.append("info")
     if role is StoreRole.WORKER:
         allowed += [*WORKER_DIRECT, *function_commands()]
     return " ".join([pattern, "resetchannels", "-@all", *(f"+{c}" for c in allowed)])

@@ -60,6 +60,13 @@ def up_arguments(parser: argparse.ArgumentParser) -> None:
         help="three Valkey sentinels (127.0.0.1:26379-26381 unless PULSE_STORE_SENTINELS is "
         "set) fail the primary over to the replica; noted in DIR/secrets.env for every client",
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a Valkey cluster of 3 primaries, each with a replica, instead of the primary and "
+        "replica (ports PULSE_STORE_PORT + 0..5 unless PULSE_STORE_CLUSTER_PORTS is set); "
+        "noted in DIR/secrets.env for every client",
+    )
 
 
 def down_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +92,10 @@ def _stack(args: argparse.Namespace) -> Stack:
         if value is not None
     }
     settings = StackSettings(**given)
+    if getattr(args, "cluster", False) and getattr(args, "sentinel", False):
+        raise StackError(
+            "--cluster and --sentinel exclude each other: a cluster fails over by itself."
+        )
     acl, tls = getattr(args, "acl", False), getattr(args, "tls", False)
     if acl or tls:
         before = Stack(settings, *envfile.load(settings.home))
@@ -101,6 +112,16 @@ def _stack(args: argparse.Namespace) -> Stack:
         from pipeline.stack.sentinel import remember_sentinels
 
         remember_sentinels(settings.home)
+    if getattr(args, "cluster", False):
+        from pipeline.stack.cluster import remember_cluster
+
+        before = Stack(settings, *envfile.load(settings.home))
+        if not before.store_settings.cluster and any(s.is_running() for s in before.services):
+            raise StackError(
+                f"The stack in {before.home} runs a single Valkey primary; stop it with "
+                "`pulse down` first (its data stays, but the cluster starts empty)."
+            )
+        remember_cluster(settings.home)
     # with --home, that home's secrets file (the other commands read $PULSE_HOME's)
     kafka, store = envfile.load(settings.home)
     return Stack(settings, kafka, store)
@@ -114,6 +135,8 @@ def _fail(command: str, message: str) -> int:
 def _settings_error(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
+    if not where:  # a rule between settings
+        return f"Invalid settings ({exc.title}): {first['msg'].removeprefix('Value error, ')}."
     return f"Invalid setting {where} ({exc.title}): {first['msg']}."
 
 
@@ -178,9 +201,36 @@ def status(args: argparse.Namespace) -> int:
         state = "[green]running[/]" if row.running else "[red]stopped[/]"
         table.add_row(row.service, state, str(row.port), str(row.pid or "-"), str(row.data_dir))
     Console(width=200).print(table)
+    if stack.nodes:
+        _print_cluster(stack)
     if stack.sentinels:  # after a failover the primary is whichever node Sentinel promoted
         primary = stack.known_primary() or stack.store_settings.port
         print(
             f"Primary ({stack.store_settings.sentinel_service}, per Sentinel): 127.0.0.1:{primary}"
         )
     return 0
+
+
+def _print_cluster(stack: Stack) -> None:
+    """Each shard of the cluster: its slots, its primary and replicas, as a node sees them."""
+    import redis
+
+    from pipeline.stack.cluster import shards
+
+    for node in stack.nodes:
+        if not node.is_running():
+            continue
+        try:
+            with node.client() as client:
+                found = shards(client)
+        except redis.RedisError as exc:
+            print(f"Cluster: {node.label} did not say ({exc}).")
+            continue
+        for shard in found:
+            ranges = ", ".join(f"{a}-{b}" for a, b in shard.slots) or "none"
+            members = ", ".join(
+                f"127.0.0.1:{p} {role} ({health})" for p, role, health in shard.nodes
+            )
+            print(f"Cluster shard, slots {ranges}: {members}")
+        return
+    print("Cluster: no node is running.")

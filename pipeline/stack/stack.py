@@ -1,4 +1,5 @@
-"""The whole local stack: the Kafka broker(s), the Valkey primary and (optionally) its replica."""
+"""The whole local stack: the Kafka broker(s), the Valkey primary and (optionally) its replica,
+or a Valkey cluster (``PULSE_STORE_CLUSTER``, see ``cluster.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from pipeline.settings import KafkaSettings, StackSettings, StoreSettings
 from pipeline.stack import processes
+from pipeline.stack.cluster import ClusterNodeService, form_cluster
 from pipeline.stack.errors import StackError
 from pipeline.stack.kafka import KafkaService, formatted_brokers, kafka_classpath, require_java
 from pipeline.stack.sentinel import SentinelService, SentinelSettings, known_primary
@@ -20,7 +22,8 @@ class Stack:
 
     ``kafka``, ``primary`` and ``replica`` (None when ``StoreSettings.replica_port`` is None) offer
     ``start()``, ``stop()``, ``kill(signal)`` and ``is_running()``; ``start()`` after ``kill()``
-    restarts on the same data (Kafka log dirs, Valkey AOF).
+    restarts on the same data (Kafka log dirs, Valkey AOF). On a cluster, ``nodes`` are its six
+    nodes, ``primary`` is the first of them and ``replica`` is None.
     """
 
     def __init__(
@@ -64,10 +67,19 @@ class Stack:
                 for i in range(len(store.sentinels))
             ]
         server = settings.valkey_server
-        self.primary = ValkeyService(self.home, timeout, store, follow=follow, server=server)
+        # with PULSE_STORE_CLUSTER: six cluster nodes (see cluster.py) instead of the pair
+        self.nodes = [
+            ClusterNodeService(self.home, timeout, store, i, server=server)
+            for i in range(len(store.node_ports) if store.cluster else 0)
+        ]
+        self.primary: ValkeyService = (
+            self.nodes[0]
+            if self.nodes
+            else ValkeyService(self.home, timeout, store, follow=follow, server=server)
+        )
         self.replica = (
             ValkeyService(self.home, timeout, store, replica=True, follow=follow, server=server)
-            if store.replica_port is not None
+            if store.replica_port is not None and not self.nodes
             else None
         )
 
@@ -82,6 +94,8 @@ class Stack:
     def services(self) -> list[Service]:
         """Every configured service, in start-up order of readiness (primary before replica,
         sentinels last: they watch the nodes)."""
+        if self.nodes:
+            return [*self.nodes, *self.kafkas]
         replica: list[Service] = [self.replica] if self.replica else []
         return [self.primary, *replica, *self.kafkas, *self.sentinels]
 
@@ -125,6 +139,8 @@ class Stack:
                 launched.append(service)
             for service in sentinels:
                 service.wait_ready()
+            if self.nodes:
+                form_cluster(self.nodes, self.stack_settings.start_timeout_s)
         except BaseException:
             for service in reversed(launched):
                 with contextlib.suppress(StackError):
@@ -144,8 +160,13 @@ class Stack:
         results = [(k.name, was) for k, was in zip(self.kafkas, stopped, strict=True)]
         known = {k.name for k in self.kafkas}
         # the sentinels before the nodes: stopping the primary under them would fail it over
-        nodes = [*self.sentinels, *([self.replica] if self.replica else [])]
-        for service in [*nodes, self.primary]:
+        # replicas before their primaries (a replica left alone would try to take over)
+        store_nodes = (
+            list(reversed(self.nodes))
+            if self.nodes
+            else [*([self.replica] if self.replica else []), self.primary]
+        )
+        for service in [*self.sentinels, *store_nodes]:
             known.add(service.name)
             results.append((service.name, service.stop()))
         # A service of an earlier configuration (e.g. a replica since disabled) still gets stopped.

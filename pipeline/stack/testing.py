@@ -56,6 +56,10 @@ class RunningStack:
             env["PULSE_STORE_REPLICA_PORT"] = str(self.store_settings.replica_port)
         if self.store_settings.sentinels:
             env["PULSE_STORE_SENTINELS"] = ",".join(self.store_settings.sentinels)
+        if self.store_settings.cluster:
+            env["PULSE_STORE_CLUSTER"] = "true"
+            env["PULSE_STORE_CLUSTER_PORTS"] = ",".join(map(str, self.store_settings.node_ports))
+            env["PULSE_STORE_CLUSTER_BUS_PORTS"] = ",".join(map(str, self.store_settings.bus_ports))
         return env
 
 
@@ -78,6 +82,7 @@ def make_stack(
     sentinel_settings: SentinelSettings | None = None,
     acl: bool = False,
     tls: bool = False,
+    cluster: bool = False,
 ) -> RunningStack:
     """A (not yet started) stack in ``home`` on fresh free ports, using the shared jar cache.
 
@@ -85,6 +90,7 @@ def make_stack(
     timings), and the settings' clients find the primary through them. ``acl``/``tls``: as
     ``pulse up --acl``/``--tls``, with ``home/secrets.env`` (which ``env()``'s PULSE_HOME
     points subprocesses at); the settings read only that home's file, never the caller's.
+    ``cluster``: a Valkey cluster of six nodes (as ``pulse up --cluster``) instead of the pair.
     """
     if acl or tls:
         envfile.prepare(home, acl=acl, tls=tls)
@@ -100,12 +106,16 @@ def make_stack(
     )
     bootstrap = ",".join(f"127.0.0.1:{port}" for port in clients)
     kafka_settings = KafkaSettings(_env_file=secrets, bootstrap=bootstrap, partitions=partitions)
+    nodes = free_ports(12) if cluster else []
     store_settings = StoreSettings(
         _env_file=secrets,
         host="127.0.0.1",
-        port=primary_port,
-        replica_port=replica_port if replica else None,
+        port=nodes[0] if cluster else primary_port,
+        replica_port=replica_port if replica and not cluster else None,
         sentinels=[f"127.0.0.1:{port}" for port in free_ports(sentinels)] if sentinels else [],
+        cluster=cluster,
+        cluster_ports=nodes[:6],
+        cluster_bus_ports=nodes[6:],
     )
     stack = Stack(stack_settings, kafka_settings, store_settings, sentinel_settings)
     return RunningStack(stack, stack_settings, kafka_settings, store_settings)

@@ -78,8 +78,9 @@ def test_reader_may_only_read_pulse_keys() -> None:
     rules = acl.role_rules(StoreRole.READER).split()
     assert rules[:3] == ["~pulse:*", "resetchannels", "-@all"]
     granted = {r[1:] for r in rules if r.startswith("+")}
-    assert "@read" in granted
+    assert "@read" in granted and "info" in granted  # the dashboard's store health
     assert not granted & {"@write", "@all", "hset", "fcall", "function|load", "flushall"}
+    assert not granted & {"config", "config|get", "acl"}  # these would show the passwords
 
 
 def test_worker_gets_every_command_its_functions_run_and_nothing_dangerous() -> None:
