@@ -130,7 +130,7 @@ def topology(r: redis.Redis, settings: DashboardSettings, now_ms: int) -> querie
 
 
 def _url(r: redis.Redis) -> str:
-    kw = r.connection_pool.connection_kwargs
+    kw = r.get_connection_kwargs()  # a cluster client answers this too (its startup node)
     return f"redis://{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
 
 

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Final, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +40,9 @@ from schemas import sketch as sketches
 from schemas.events import EventKind
 from schemas.keys import Dim, HoppingWindow, Progress, Stat, TumblingWindow
 from schemas.settings import StoreSettings
+
+if TYPE_CHECKING:
+    from redis.cluster import RedisCluster
 
 # Fleet-wide dimension of each kind: summing its entities' counts gives the kind's event count.
 FLEET_DIM: Final[dict[EventKind, str]] = {EventKind.SENSOR: Dim.METRIC, EventKind.APPLOG: Dim.FLEET}
@@ -488,6 +491,11 @@ def stream_raw(r: redis.Redis, commands: Sequence[bytes]) -> Generator[object, N
     """
     if not commands:
         return
+    from redis.cluster import RedisCluster
+
+    if isinstance(r, RedisCluster):
+        yield from _stream_cluster(r, commands)
+        return
     pool = _binary(r).connection_pool
     conn = pool.get_connection()
     done = False
@@ -500,6 +508,45 @@ def stream_raw(r: redis.Redis, commands: Sequence[bytes]) -> Generator[object, N
         if not done:
             conn.disconnect()  # type: ignore[no-untyped-call]
         pool.release(conn)
+
+
+def _key_of(command: bytes) -> bytes:
+    """The key of a command packed by :func:`_resp` (its first argument)."""
+    return command.split(b"\r\n", 5)[4]
+
+
+def _stream_cluster(rc: RedisCluster, commands: Sequence[bytes]) -> Generator[object, None, None]:
+    """:func:`stream_raw` on a cluster: each node's commands (by their key's slot) sent on one
+    connection of that node, the replies read back in the order of ``commands``.
+
+    A ``MOVED`` reply (a slot changed hands) reloads the slot map before it is raised: the
+    next refresh reads from the right nodes.
+    """
+    _binary(rc)  # type: ignore[arg-type]  # RedisCluster answers the same
+    nodes = [rc.get_node_from_key(_key_of(c)) for c in commands]  # type: ignore[no-untyped-call]
+    batches: dict[str, list[bytes]] = {}
+    for node, command in zip(nodes, commands, strict=True):
+        batches.setdefault(node.name, []).append(command)
+    conns: dict[str, tuple[Any, Any]] = {}
+    done = False
+    try:
+        for node in {n.name: n for n in nodes}.values():
+            pool = node.redis_connection.connection_pool
+            conn = pool.get_connection()
+            conns[node.name] = (pool, conn)
+            conn.send_packed_command([b"".join(batches[node.name])])
+        for node in nodes:
+            yield conns[node.name][1].read_response()
+        done = True
+    except redis.ResponseError as exc:
+        if str(exc).startswith(("MOVED", "ASK")):
+            rc.nodes_manager.initialize()
+        raise
+    finally:
+        for pool, conn in conns.values():
+            if not done:
+                conn.disconnect()
+            pool.release(conn)
 
 
 def _text(key: bytes | str) -> str:

@@ -9,6 +9,7 @@ another partition mid-run; nothing is lost.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from dashboard import queries, timerange
+from dashboard.page import read_page
+from dashboard.queries import reader_client
+from dashboard.settings import DashboardSettings
 from pipeline.stack import StackError
 from pipeline.stack.cluster import ClusterNodeService, move_slot, shards
 from pipeline.stack.testing import RunningStack, make_stack
@@ -115,6 +120,19 @@ def test_cluster_pipeline_is_exact(
     for i in range(6):
         assert f"valkey-node-{i}" in status.stdout
     assert status.stdout.count("Cluster shard, slots") == 3
+
+    # the dashboard reads the cluster: one refresh over the run's minutes merges every node
+    reader = reader_client(settings, timeout_s=10.0)
+    first = keys.window_start(int(truth["start_ms"]), keys.WINDOW_1M)
+    rng = timerange.checked(first, first + 2 * keys.WINDOW_1M.size_ms)
+    topo = queries.discover(reader, min_partitions=cluster.kafka_settings.partitions)
+    data = read_page(reader, topo, rng, time.time_ns() // 1_000_000, DashboardSettings())
+    counted = sum(
+        row["events"] for kind in EventKind for row in truth["per_partition"][kind.value].values()
+    )
+    assert data.range_kpis.events == counted > 0
+    assert data.store is not None and len(data.offsets) == len(pl.input_partitions())
+    reader.close()
 
 
 def test_slot_migration_during_a_run_loses_nothing(

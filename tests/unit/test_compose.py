@@ -97,3 +97,30 @@ def test_archive_runs_like_the_worker_on_a_volume() -> None:
     url = archive["command"][archive["command"].index("--url") + 1]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in archive["volumes"]}
     assert url in mounts and mounts[url] in compose()["volumes"]
+
+
+def test_cluster_profile_is_a_durable_three_by_two_cluster() -> None:
+    data = compose()
+    services = data["services"]
+    nodes = {n: s for n, s in services.items() if n.startswith("valkey-c")}
+    assert len(nodes) == 6
+    subnet = data["networks"]["cluster"]["ipam"]["config"][0]["subnet"]
+    prefix = subnet.rsplit(".", 1)[0] + "."
+    addresses = []
+    for node in nodes.values():
+        command = node["command"]
+        flags = dict(zip(command[1::2], command[2::2], strict=False))
+        assert flags["--cluster-enabled"] == "yes" and flags["--appendfsync"] == "always"
+        address = node["networks"]["cluster"]["ipv4_address"]
+        assert flags["--cluster-announce-ip"] == address and address.startswith(prefix)
+        addresses.append(address)
+    assert len(set(addresses)) == 6
+    init = " ".join(services["cluster-init"]["command"])
+    assert "--cluster-replicas 1" in init
+    assert all(f"{a}:6379" in init for a in addresses)
+    env = services["worker-cluster"]["environment"]
+    assert env["PULSE_STORE_CLUSTER"] == "true" and env["PULSE_STORE_HOST"] in addresses
+    assert StoreSettings(cluster=True, host=env["PULSE_STORE_HOST"]).cluster  # a valid layout
+    assert services["dashboard-cluster"]["environment"] == env
+    for name in (*nodes, "cluster-init", "worker-cluster", "dashboard-cluster"):
+        assert services[name]["profiles"] == ["cluster"], name
