@@ -64,6 +64,23 @@ class Detected:
     anomalies: list[anomaly.AnomalyRecord] = field(default_factory=list)
 
 
+MEAN_DIGITS = 10  # significant digits of a window mean the detectors see
+
+
+def steady(x: npt.NDArray[np.float64], digits: int = MEAN_DIGITS) -> npt.NDArray[np.float64]:
+    """``x`` rounded to ``digits`` significant digits.
+
+    A window's sum is a float sum whose last bits depend on how its events were grouped into
+    polls (a crash or a restart groups them differently); the detectors, whose kNN and rank
+    tests can turn a last-bit difference into another score, see the same value either way.
+    """
+    with np.errstate(all="ignore"):
+        exp = np.floor(np.log10(np.abs(x)))
+        scale = np.where(np.isfinite(exp), 10.0 ** (digits - 1 - exp), 1.0)
+        rounded = np.round(x * scale) / scale
+        return np.where(np.isfinite(rounded) & (x != 0), rounded, x)
+
+
 def signal_values(kind: EventKind, table: packed.Table) -> dict[str, npt.NDArray[np.float64]]:
     """Each signal's value per row of a window table (NaN where the row has no events)."""
     st = table.stats
@@ -71,7 +88,7 @@ def signal_values(kind: EventKind, table: packed.Table) -> dict[str, npt.NDArray
     with np.errstate(all="ignore"):
         if kind is EventKind.SENSOR:
             return {
-                anomaly.Signal.MEAN: np.where(n > 0, st[:, packed.SUM] / n, np.nan),
+                anomaly.Signal.MEAN: steady(np.where(n > 0, st[:, packed.SUM] / n, np.nan)),
                 anomaly.Signal.MAX: np.where(n > 0, st[:, packed.MAX], np.nan),
                 # a stuck sensor repeats one value: equal readings are surprising only
                 # against the entity's own history of them (the detector learns that)

@@ -16,6 +16,7 @@ from pipeline.detection import (
     KindDetectors,
     error_evidence,
     signal_values,
+    steady,
     window_params,
 )
 from pipeline.metrics import Metrics
@@ -141,6 +142,16 @@ def test_signals_of_a_window() -> None:
     assert got[anomaly.Signal.MEAN][0] == pytest.approx(10.01)
     assert got[anomaly.Signal.MAX][0] == pytest.approx(10.02)
     assert got[anomaly.Signal.FLAT][0] == 0.0  # 10.0, 10.01, 10.02: not all equal
+
+
+def test_a_window_mean_does_not_depend_on_how_its_events_were_grouped() -> None:
+    rng = np.random.default_rng(3)
+    values = rng.uniform(-50.0, 150.0, size=(500, 40))
+    whole = values.sum(axis=1)
+    in_two = values[:, :17].sum(axis=1) + values[:, 17:].sum(axis=1)  # another poll split
+    assert (whole != in_two).any()  # float sums do differ in their last bits
+    assert (steady(whole / 40) == steady(in_two / 40)).mean() > 0.999
+    assert steady(np.array([np.nan, 0.0]))[1] == 0.0 and np.isnan(steady(np.array([np.nan]))[0])
 
 
 def test_a_spike_raises_an_anomaly_with_a_stable_id_and_vector() -> None:
