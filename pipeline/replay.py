@@ -58,7 +58,7 @@ from pipeline import aggregation, leaderboards, windows
 from pipeline.aggregation import WindowDelta, WindowPlan
 from pipeline.detection import DETECT_DIMS, KindDetectors, window_params
 from pipeline.leaderboards import ZsetWrite
-from pipeline.state import HashWrite, OpenRows, Retention, RowKey
+from pipeline.state import HashWrite, OpenRows, Retention
 from pipeline.validation import TimeBounds, decode_applog, decode_sensor
 from schemas import anomaly, keys, packed
 from schemas.events import EventKind
@@ -235,11 +235,8 @@ class Rebuild:
         deltas = aggregation.aggregate(cols, self.plan)
         if not deltas:
             return
-        row_keys: list[RowKey] = []
-        for d in deltas:
-            ik = (partition, d.window.name, d.dim, d.start_ms)
-            row_keys.extend((ik, n) for n in d.names)
-        self.rows.absorb(row_keys, packed.concat([d.table for d in deltas]))
+        groups = [((partition, d.window.name, d.dim, d.start_ms), d.names) for d in deltas]
+        self.rows.absorb(groups, packed.concat([d.table for d in deltas]))
 
     def instances(self, partition: int) -> list[WindowDelta]:
         """A partition's rebuilt window instances with their final values, by window, dim and

@@ -41,8 +41,10 @@ class HashWrite:
     values: list[bytes]
 
 
-# ((partition, window name, dim, start ms), entity)
-RowKey = tuple[tuple[int, str, str, int], str]
+# (partition, window name, dim, start ms): one window instance of a partition
+Instance = tuple[int, str, str, int]
+# (instance, entity)
+RowKey = tuple[Instance, str]
 
 
 class OpenRows:
@@ -59,35 +61,45 @@ class OpenRows:
     def __init__(self, nf: int) -> None:
         self.nf = nf
         self.keys: list[RowKey | None] = []  # None: a free row
-        self._index: dict[RowKey, int] = {}
+        self._index: dict[Instance, dict[str, int]] = {}  # instance -> entity -> row
         self._free: list[int] = []
         self._stats = np.zeros((0, nf), dtype=np.float64)
         self._bkey = np.zeros(0, dtype=np.int64)  # row * _SPAN + code + _HALF, sorted
         self._bcount = np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self.keys) - len(self._free)
 
-    def _rows(self, keys: Sequence[RowKey]) -> tuple[npt.NDArray[np.int64], list[int]]:
-        """The row of each key, adding the new ones; the rows of the new keys."""
-        index = self._index
-        rows = np.fromiter((index.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+    def _rows(
+        self, groups: Sequence[tuple[Instance, Sequence[str]]]
+    ) -> tuple[npt.NDArray[np.int64], list[int]]:
+        """The row of each (instance, entity), in order, adding the new ones; the new rows."""
+        total = sum(len(names) for _, names in groups)
+        rows = np.empty(total, dtype=np.int64)
         fresh: list[int] = []
-        new = np.flatnonzero(rows < 0)
-        for i in new.tolist():
-            k = keys[i]
-            if k in index:  # a key given twice
-                rows[i] = index[k]
-                continue
-            if self._free:
-                r = self._free.pop()
-                self.keys[r] = k
-            else:
-                r = len(self.keys)
-                self.keys.append(k)
-            index[k] = r
-            rows[i] = r
-            fresh.append(r)
+        at = 0
+        for ik, names in groups:
+            # one dict per instance: names are looked up by their (cached) string hash, with no
+            # key tuple built per entity (that was a fifth of a poll's fold)
+            index = self._index.setdefault(ik, {})
+            n = len(names)
+            mine = np.fromiter((index.get(name, -1) for name in names), dtype=np.int64, count=n)
+            for i in np.flatnonzero(mine < 0).tolist():
+                name = names[i]
+                if name in index:  # a name given twice
+                    mine[i] = index[name]
+                    continue
+                if self._free:
+                    r = self._free.pop()
+                    self.keys[r] = (ik, name)
+                else:
+                    r = len(self.keys)
+                    self.keys.append((ik, name))
+                index[name] = r
+                mine[i] = r
+                fresh.append(r)
+            rows[at : at + n] = mine
+            at += n
         if fresh:
             self._grow(len(self.keys))
         return rows, fresh
@@ -102,11 +114,11 @@ class OpenRows:
         self._stats = np.concatenate((self._stats, more))
 
     def absorb(
-        self, keys: Sequence[RowKey], table: packed.Table
+        self, groups: Sequence[tuple[Instance, Sequence[str]]], table: packed.Table
     ) -> tuple[npt.NDArray[np.int64], list[int]]:
-        """Fold rows in (row ``i`` of ``table`` is ``keys[i]``, unique): their rows, the new
-        keys' rows."""
-        rows, fresh = self._rows(keys)
+        """Fold rows in (the rows of ``table`` are each group's entities in turn, unique
+        within a group): their rows, the new keys' rows."""
+        rows, fresh = self._rows(groups)
         s = self._stats
         d = table.stats
         touched = s[rows]
@@ -151,7 +163,11 @@ class OpenRows:
         for r in rows:
             key = self.keys[r]
             if key is not None:
-                del self._index[key]
+                ik, name = key
+                held = self._index[ik]
+                del held[name]
+                if not held:
+                    del self._index[ik]
                 self.keys[r] = None
         self._free.extend(rows)
         self._stats[idx] = 0.0
@@ -196,7 +212,7 @@ class KindWindows:
         # partition -> instance -> entities held
         self.open: dict[int, dict[InstanceKey, int]] = {}
         # (partition, window, dim, start) -> its rows, in the order they were added
-        self._members: dict[tuple[int, str, str, int], list[int]] = {}
+        self._members: dict[Instance, list[int]] = {}
 
     def restore_keys(self, partition: int, max_event_time: int, watermark: int | None) -> list[str]:
         """Keys of a partition's window instances that may still change after its offset."""
@@ -214,7 +230,7 @@ class KindWindows:
         Raises :class:`schemas.packed.PackedError` when a stored value is malformed.
         """
         self.drop(partition)
-        row_keys: list[RowKey] = []
+        groups: list[tuple[Instance, list[str]]] = []
         tables: list[packed.Table] = []
         for key, fields in hashes.items():
             if not fields:
@@ -225,14 +241,15 @@ class KindWindows:
             bad = [f"{names[r]} {what}" for what, rs in packed.problems(table) for r in rs]
             if bad:
                 raise packed.PackedError(f"stored window {key}: {'; '.join(bad)}")
-            ik = (partition, wname, dim, start)
-            row_keys.extend((ik, n) for n in names)
+            groups.append(((partition, wname, dim, start), names))
             tables.append(table)
         if tables:
-            self._absorb(row_keys, packed.concat(tables))
+            self._absorb(groups, packed.concat(tables))
 
-    def _absorb(self, row_keys: Sequence[RowKey], table: packed.Table) -> npt.NDArray[np.int64]:
-        rows, fresh = self._rows.absorb(row_keys, table)
+    def _absorb(
+        self, groups: Sequence[tuple[Instance, Sequence[str]]], table: packed.Table
+    ) -> npt.NDArray[np.int64]:
+        rows, fresh = self._rows.absorb(groups, table)
         keys_of = self._rows.keys
         for r in fresh:
             key = keys_of[r]
@@ -258,11 +275,11 @@ class KindWindows:
         if not deltas:
             return {}, packed.Table.empty(self.nf)
         parts = [partition if partition is not None else d.partition for d in deltas]
-        row_keys: list[RowKey] = []
-        for p, d in zip(parts, deltas, strict=True):
-            ik = (p, d.window.name, d.dim, d.start_ms)
-            row_keys.extend((ik, n) for n in d.names)
-        rows = self._absorb(row_keys, packed.concat([d.table for d in deltas]))
+        groups = [
+            ((p, d.window.name, d.dim, d.start_ms), d.names)
+            for p, d in zip(parts, deltas, strict=True)
+        ]
+        rows = self._absorb(groups, packed.concat([d.table for d in deltas]))
         table = self._rows.table(rows)
         values = packed.encode(table)  # one encode for every partition
         out: dict[int, list[HashWrite]] = {}
@@ -306,7 +323,7 @@ class KindWindows:
     def evict(self, watermarks: Mapping[int, int | None]) -> int:
         """Drop the instances each partition's watermark has passed (no on-time event can
         reach them); the number of instances dropped."""
-        done: set[tuple[int, str, str, int]] = set()
+        done: set[Instance] = set()
         for p, wm in watermarks.items():
             if wm is None:
                 continue
@@ -321,7 +338,7 @@ class KindWindows:
         self._discard({(partition, *ik) for ik in self.open.get(partition, ())})
         self.open.pop(partition, None)
 
-    def _discard(self, instances: set[tuple[int, str, str, int]]) -> None:
+    def _discard(self, instances: set[Instance]) -> None:
         if not instances:
             return
         rows: list[int] = []
