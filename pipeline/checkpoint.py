@@ -5,17 +5,21 @@
 1. **prepare** each partition's records (pure): drop what the store already applied, validate,
    classify late, aggregate, fold into the partition's open windows (``pipeline.state``), derive
    the 1m leaderboard writes (``pipeline.leaderboards``) and step the detectors of the windows
-   the poll closes (``pipeline.detection``), while the store applies the previous poll;
+   the poll closes (``pipeline.detection``), while the store applies the previous poll and
+   makes it durable;
 2. **settle the previous poll**: read its apply's outcomes; a partition someone else had
    advanced is restored from the store and its records are prepared again with this poll's;
-3. **acknowledge the previous poll**: wait until the store says its writes are fsynced at the
-   configured level, then commit its offsets to Kafka;
+3. **acknowledge the previous poll**: once the store said its writes are fsynced at the
+   configured level (the wait ran with its apply; after a conflict or a lost connection it is
+   done here), commit its offsets to Kafka;
 4. **divert** this poll's rejected and late records to their topics, acknowledged by Kafka;
 5. **apply**: send every partition's absolute values with its offset, atomically, in one round
-   trip, and return; steps 2 and 3 of the next poll (or :meth:`Checkpoint.flush`) finish it.
+   trip, then wait for its durability, in the background; steps 2 and 3 of the next poll (or
+   :meth:`Checkpoint.flush`) finish it.
 
 Why the apply trails by one poll: the store runs a poll's functions (tens of ms for a large
-poll) while this process prepares the next one, instead of the two in series. The states are
+poll) and its fsyncs and replica acknowledgement (tens of ms more) while this process prepares
+the next one, instead of the three in series. The states are
 advanced as if the apply succeeds; a partition where it did not (rare: a rebalance, a lost
 reply) is dropped and restored. At most one poll is in flight and one applied but unconfirmed;
 offsets reach Kafka only once the store confirmed them durable, and Kafka's offsets are a hint
@@ -113,11 +117,21 @@ async def _no_offsets(offsets: dict[str, dict[int, int]]) -> None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """What became of an apply: its outcomes, whether what it applied is confirmed durable,
+    and the store error that interrupted the durability wait, if one did."""
+
+    outcomes: list[ApplyOutcome]
+    durable: bool = False
+    error: BaseException | None = None
+
+
 @dataclass(slots=True)
 class _Inflight:
     """A poll whose apply was sent: its task, the batches sent, and all its records."""
 
-    task: asyncio.Future[list[ApplyOutcome]]
+    task: asyncio.Future[_Sent]
     batches: list[PartitionBatch]
     records: dict[PartKey, Sequence[RawRecord]]
 
@@ -165,8 +179,9 @@ class Checkpoint:
     # ------------------------------------------------------------------ the checkpoint
 
     async def commit(self, poll: Poll) -> None:
-        """Checkpoint one poll: prepare it while the store applies the previous one, settle and
-        acknowledge that one, then divert and send this one (its outcome is read next time)."""
+        """Checkpoint one poll: prepare it while the store applies the previous one and makes it
+        durable, settle and acknowledge that one, then divert and send this one (its outcome is
+        read next time)."""
         pending: dict[PartKey, Sequence[RawRecord]] = {
             (kind, p): recs for kind, parts in poll.items() for p, recs in parts.items() if recs
         }
@@ -243,11 +258,19 @@ class Checkpoint:
             self._add_offsets(records)
             return
 
-        async def send() -> list[ApplyOutcome]:
+        async def send() -> _Sent:
             t0 = time.perf_counter()
             outcomes = await self._writer.send(sent, self._now)
             self._metrics.apply_s.append(time.perf_counter() - t0)
-            return outcomes
+            if not any(o.applied for o in outcomes):
+                return _Sent(outcomes)
+            # the durability wait runs here too, while the next poll is prepared: it used to
+            # sit between that prepare and the next apply, on every poll's critical path
+            try:
+                self._metrics.durability_wait_s.append(await self._writer.durable())
+            except self._store_errors() as exc:  # the outcomes stand; _settle raises it
+                return _Sent(outcomes, error=exc)
+            return _Sent(outcomes, durable=True)
 
         self._inflight = _Inflight(asyncio.ensure_future(send()), sent, dict(records))
         await asyncio.sleep(0)  # the send is written before this task prepares the next poll
@@ -257,13 +280,13 @@ class Checkpoint:
         had advanced is dropped, and its records are returned to be prepared again."""
         if self._inflight is None:
             return {}
-        outcomes = await self._inflight.task  # a store error propagates: see _abandon
+        sent = await self._inflight.task  # a store error of the apply propagates: see _abandon
         flight, self._inflight = self._inflight, None
         redo: dict[PartKey, Sequence[RawRecord]] = {}
-        for b, outcome in zip(flight.batches, outcomes, strict=True):
+        for b, outcome in zip(flight.batches, sent.outcomes, strict=True):
             pk = (b.kind, b.partition)
             if outcome.applied:
-                self._unconfirmed = True
+                self._unconfirmed = self._unconfirmed or not sent.durable
                 self._metrics.events += b.events
                 self._metrics.late += len(b.late)
                 self._metrics.dead += len(b.dead)
@@ -278,6 +301,12 @@ class Checkpoint:
                 self._drop(pk)
                 redo[pk] = flight.records[pk]
         self._add_offsets({pk: r for pk, r in flight.records.items() if pk not in redo})
+        if sent.error is not None:
+            # the durability wait failed: everything unacknowledged goes again (the store
+            # skips what it holds), the redone partitions' records too
+            for pk, recs in redo.items():
+                self._unacked[pk] = [*self._unacked.get(pk, ()), *recs]
+            raise sent.error
         return redo
 
     async def _abandon(self) -> dict[PartKey, Sequence[RawRecord]]:

@@ -157,7 +157,8 @@ def test_applies_and_advances_without_fencing_when_nothing_is_unsure() -> None:
     a, m = applier(w)
     run(a.commit(sensors({0: records(0, 5), 1: records(0, 3)})))
     assert w.offsets == {(S, 0): 4, (S, 1): 2}
-    assert w.calls == ["read", "apply"]  # acknowledged with the next poll, or on flush
+    # durable with its apply (in the background); acknowledged with the next poll, or on flush
+    assert w.calls == ["read", "apply", "durable"]
     run(a.flush())
     assert w.calls == ["read", "apply", "durable"]
     assert m.events == 8 and m.fences == 0
@@ -198,15 +199,63 @@ def test_a_poll_is_acknowledged_after_the_next_poll_is_prepared() -> None:
     run(a.commit(sensors({0: records(3, 2)})))
     assert w.calls == [
         "read", "divert", "apply",
+        "durable",  # the first poll's durability wait, with its apply
         # the second poll: prepared, then the first settled and acknowledged, then diverted
         # and sent
-        "durable", "commit offsets", "divert", "apply",
+        "commit offsets", "divert", "apply", "durable",
     ]  # fmt: skip
     assert committed == [{"pulse.sensor": {0: 3}}]
     run(a.flush())
     assert committed == [{"pulse.sensor": {0: 3}}, {"pulse.sensor": {0: 5}}]
     run(a.flush())  # nothing new: nothing to wait for or commit
     assert w.calls.count("durable") == 2 and len(committed) == 2
+
+
+def test_the_durability_wait_runs_while_the_next_poll_is_prepared() -> None:
+    # the store confirms durability only once the next poll is being prepared: were the wait
+    # in series with that prepare (as it once was), this would never finish
+    prepared_while_waiting: list[bool] = []
+
+    class SlowDurable(FakeWriter):
+        waiting = False
+        release: asyncio.Event | None = None
+
+        async def durable(self) -> float:
+            self.release = self.release or asyncio.Event()
+            self.waiting = True
+            await self.release.wait()
+            self.waiting = False
+            self.release = None
+            return await super().durable()
+
+    w = SlowDurable()
+
+    def process(*args: object, **kw: object) -> list[PartitionBatch]:
+        prepared_while_waiting.append(w.waiting)
+        if w.release is not None:
+            w.release.set()
+        return process_partitions(*args, **kw)  # type: ignore[arg-type]
+
+    committed: list[dict[str, dict[int, int]]] = []
+
+    async def commit_offsets(offsets: dict[str, dict[int, int]]) -> None:
+        committed.append(offsets)
+
+    async def go() -> None:
+        a, _ = applier(w, process=process, commit_offsets=commit_offsets)
+        await a.commit(sensors({0: records(0, 3)}))
+        await asyncio.sleep(0)  # the apply is sent; its durability wait has begun
+        assert w.waiting and not committed
+        await asyncio.wait_for(a.commit(sensors({0: records(3, 2)})), timeout=10)
+        assert committed == [{"pulse.sensor": {0: 3}}]  # acknowledged once durable
+        await asyncio.sleep(0)
+        assert w.waiting and w.release is not None  # the second poll's wait
+        w.release.set()
+        await asyncio.wait_for(a.flush(), timeout=10)
+
+    run(go())
+    assert prepared_while_waiting == [False, True]
+    assert committed == [{"pulse.sensor": {0: 3}}, {"pulse.sensor": {0: 5}}]
 
 
 def test_after_an_assignment_a_poll_of_already_applied_records_is_fenced_before_ack() -> None:
@@ -248,7 +297,7 @@ def test_lost_connection_while_waiting_for_durability_fences_and_still_commits()
     run(a.commit(sensors({0: records(5, 2)})))
     # the first poll's wait failed: unsure, so a fence vouches for it, and the second poll is
     # prepared again from the store before it is applied
-    assert w.calls == ["read", "apply", "durable", "fence", "read", "apply"]
+    assert w.calls == ["read", "apply", "durable", "fence", "read", "apply", "durable"]
     assert committed == [{"pulse.sensor": {0: 5}}]
     run(a.flush())
     assert w.offsets == {(S, 0): 6} and m.events == 7 and m.fences == 1
