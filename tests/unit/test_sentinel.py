@@ -359,9 +359,11 @@ def test_an_unconfirmed_poll_the_promoted_replica_lacks_is_applied_again() -> No
 def test_a_store_that_lost_acknowledged_batches_stops_the_worker() -> None:
     w = FailoverWriter()
     a, _ = applier(w)
-    run(a.commit(sensors({0: records(0, 5)})))
-    run(a.commit(sensors({0: records(5, 2)})))  # 0..4 durable and acknowledged
-    w.promoted = {(S, 0): 1}  # a replica that lacks acknowledged 2..4 (durability "local")
+    run(a.commit(sensors({0: records(0, 5)})))  # 0..4 applied and durable
+    # the primary is lost during the next durability wait, and the promoted replica lacks
+    # 2..4 (durability "local")
+    w.promoted = {(S, 0): 1}
+    run(a.commit(sensors({0: records(5, 2)})))  # 0..4 acknowledged; 5..6 applied, wait fails
     with pytest.raises(StoreBehindError, match="the store is at offset 1, this worker read on"):
         run(a.flush())
 
