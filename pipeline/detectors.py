@@ -11,16 +11,21 @@ so a replay from a snapshot taken with the partition's offset yields the same sc
 Method (per entity; see docs/anomaly-detection.md):
 
 * two predictors of the next value, the value itself and the value minus a time-of-day profile
-  (48 half-hour bins); the one with the lower long-run error is used;
+  (48 half-hour bins, learned outside anomaly episodes); the one with the lower long-run error
+  is used;
 * surprises: the one-step residual against a fast level, and the short-run mean of the
   residual against a slow level (level shifts, drifts), each in units of a robust scale
   (winsorised mean absolute deviation); a run of repeated values (stuck sensor) against the
-  entity's own rate of repeats; a value beyond the range seen so far;
+  entity's own rate of repeats and of repeats following a repeat (runs as a Markov chain); a
+  value beyond the range seen so far;
 * a contextual test (KNN-CAD style): the window of the last 10 values against the 48 windows
   before it (non-overlapping lags 10..57), the non-conformity being the root mean squared
   distance to the nearest in robust scales (kept as running sums, O(48) per observation);
 * each surprise becomes a tail probability against its own long-run distribution (Numenta's
-  "anomaly likelihood" idea), so heavy tails and autocorrelation calibrate themselves; the
+  "anomaly likelihood" idea), so heavy tails and autocorrelation calibrate themselves; that
+  mean and variance are estimates, so the tail is a Student t's with the effective samples
+  seen as degrees of freedom (a young entity needs more evidence), scaled up by how much more
+  often than that t says the surprise has gone beyond a moderate level (z = 2); the
   one-step surprise counts only when two consecutive observations deviate on the same side
   (the larger of their two probabilities), so a lone outlying sample raises nothing unless it
   leaves the range seen so far; the score is ``L / (L + 5)`` with ``L = -log10(4 p)`` of the
@@ -78,8 +83,11 @@ EWZ = _L.col()  # short-run mean of the residual against the slow level (chosen 
 SVAR = _L.col()  # short-run mean squared one-step z (variance ratio feature)
 MU = _L.col(3)  # long-run mean of each surprise (one-step, short-run mean, kNN distance)
 VAR = _L.col(3)  # long-run variance of each surprise
+TAIL = _L.col(3)  # long-run rate of each surprise beyond the level of a normal z of TAIL_Z
 REP = _L.col()  # long-run rate of a value repeating the previous one
 RUN = _L.col()  # current run of repeats
+REP2 = _L.col()  # repeats that followed a repeat, in completed runs (decayed count)
+REP2_N = _L.col()  # observations that followed a repeat, in completed runs (decayed count)
 LO = _L.col()  # range seen so far
 HI = _L.col()
 EP = _L.col()  # 1 while an episode is open
@@ -121,6 +129,7 @@ class DetectorParams:
     range_log10p: float = 10.0  # ... as surprising as a tail probability of 10^-this
     half_score: float = 5.0  # the score is 0.5 at a tail probability of 10^-this
     knn_k: int = 1  # the contextual non-conformity: mean distance to the k nearest windows
+    repeat_prior: float = 2.0  # pseudo-observations of the plain repeat rate in a run's rate
 
 
 DEFAULT_PARAMS: Final = DetectorParams()
@@ -128,7 +137,27 @@ DEFAULT_PARAMS: Final = DetectorParams()
 _STATS_FROM: Final = 10  # surprises enter their long-run distributions from this observation
 _KNN_FROM: Final = 50  # the kNN test counts once its distribution has this many samples
 _LOG10E: Final = math.log10(math.e)
+# observations per independent sample of each surprise (one-step, short-run mean, kNN
+# distance): the short-run mean with weight w is an AR(1) of lag-1 correlation 1 - w, worth
+# one sample in (2 - w) / w; consecutive kNN windows share all but one of KNN_W values
+_IND_KNN: Final = float(KNN_W)
+# each surprise's tail is checked where it can be seen: its rate beyond the tail probability
+# of a normal z of 2 (one in 44), shrunk towards that by one expected exceedance's samples
+TAIL_Z: Final = 2.0
+_TAIL_LP: Final = math.log10(0.5 * math.erfc(TAIL_Z / math.sqrt(2.0)))
+_TAIL_Q: Final = 10.0**_TAIL_LP
 _SQRT1_2: Final = math.sqrt(0.5)
+
+
+def predictive_z(zu: FloatArray, nu: FloatArray) -> FloatArray:
+    """The standard normal quantile of a value ``zu`` standardised by a mean and variance
+    estimated from ``nu`` samples: its predictive Student t, ``t = zu·sqrt(ν/(ν+1))`` with ``ν``
+    degrees of freedom, through Wallace's (1959) ``z = (8ν + 1)/(8ν + 3)·sqrt(ν·ln(1 + t²/ν))``
+    (sign kept; ``t²/ν = zu²/(ν+1)``)."""
+    z = np.sqrt(nu * np.log(1.0 + zu * zu / (nu + 1.0)))
+    z *= (8.0 * nu + 1.0) / (8.0 * nu + 3.0)
+    out: FloatArray = np.copysign(z, zu)
+    return out
 
 
 def log10_tail(z: FloatArray) -> FloatArray:
@@ -143,7 +172,8 @@ def log10_tail(z: FloatArray) -> FloatArray:
             -0.82215223 + t * 0.17087277))))))))  # fmt: skip
     ln_erfc = np.log(t) - x * x + poly
     upper = (ln_erfc + math.log(0.5)) * _LOG10E  # Q(|z|)
-    lower = np.log10(np.maximum(1.0 - 0.5 * np.exp(ln_erfc), 1e-300))  # 1 - Q(|z|)
+    # 1 - Q(|z|) (np.log and a factor: np.log10 costs three times as much)
+    lower = np.log(np.maximum(1.0 - 0.5 * np.exp(ln_erfc), 1e-300)) * _LOG10E
     out: FloatArray = np.where(z >= 0, upper, lower)
     return out
 
@@ -173,7 +203,7 @@ class SnapshotError(ValueError):
 
 
 _MAGIC: Final = b"PDS"
-_VERSION: Final = 3
+_VERSION: Final = 4
 _HEADER: Final = struct.Struct("<3sBHH")  # magic, version, row width, ring length
 _ROW_BYTES: Final = 8 * WIDTH
 SNAPSHOT_BYTES: Final = _HEADER.size + _ROW_BYTES
@@ -295,14 +325,33 @@ class DetectorBank:
         # samples each surprise's long-run distribution has seen (the kNN one: full history)
         cnt = np.stack([n0 - _STATS_FROM, n0 - _STATS_FROM, n0 + 1.0 - HIST_LEN], axis=1)
         zu = (u - mu) / np.sqrt(np.maximum(var, 1e-12))
-        lp_u = log10_tail(zu)
+        # the long-run mean and variance are estimates from the effective samples seen so
+        # far (at most the memory of their weights, 2 / long_rate): the surprise is judged
+        # against the predictive Student t of that many degrees of freedom, not a Gaussian,
+        # so a young entity (or a strongly autocorrelated surprise) needs more evidence
+        ind = (1.0, (2.0 - p.short) / p.short, _IND_KNN)
+        nu = np.maximum(np.minimum(cnt, 2.0 / p.long_rate) / ind, 1.0)
+        lp_t = log10_tail(predictive_z(zu, nu))
+        # a heavier tail than the t's shows in the rate beyond a moderate level (TAIL_Z):
+        # the deeper tail probabilities are scaled up by the same factor (never down)
+        ne = np.clip(cnt, 0.0, 2.0 / p.long_rate)
+        tail = st[:, TAIL : TAIL + 3]
+        excess = (ne * tail / _TAIL_Q + 1.0 / _TAIL_Q) / (ne + 1.0 / _TAIL_Q)
+        lp_u = np.minimum(lp_t + np.log(np.maximum(excess, 1.0)) * _LOG10E, 0.0)
         # a one-step surprise counts once the next observation confirms it on the same side:
         # a lone outlying sample (a glitch, a burst of one count) is left to the range test
         same_side = seen & (zk * st[:, Z_LAST] > 0)
         lp_spike = np.where(same_side, np.maximum(lp_u[:, 0], st[:, SPK_LP]), 0.0)
         lp_knn = np.where(cnt[:, 2] >= _KNN_FROM, lp_u[:, 2], 0.0)
         lp = np.minimum(np.minimum(lp_spike, lp_u[:, 1]), lp_knn)
-        lp_stuck = np.where(run >= 2, run * np.log10(np.clip(st[:, REP], 1e-6, 1.0)), 0.0)
+        # repeats cluster (a count series sits at 0 for a while): a run is a Markov chain,
+        # its first repeat at the entity's repeat rate and each further one at its rate of a
+        # repeat following a repeat in the runs seen so far (shrunk towards the plain rate by
+        # `repeat_prior`); the current run is learned when it ends, so it cannot explain itself
+        p1 = np.clip(st[:, REP], 1e-6, 1.0)
+        c2, n2 = st[:, REP2], st[:, REP2_N]
+        p2 = np.clip((c2 + p.repeat_prior * p1) / (n2 + p.repeat_prior), 1e-6, 1.0)
+        lp_stuck = np.where(run >= 2, (np.log(p1) + (run - 1.0) * np.log(p2)) * _LOG10E, 0.0)
         lp = np.minimum(lp, lp_stuck) + math.log10(4.0)
         tol = np.maximum(p.range_margin * (st[:, HI] - st[:, LO]), p.range_scales * sig_s[ar, k])
         outside = (x > st[:, HI] + tol) | (x < st[:, LO] - tol)
@@ -359,18 +408,30 @@ class DetectorBank:
         wl = np.maximum(1.0 / (np.maximum(cnt, 0.0) + 1.0), p.long_rate)
         st[:, MU : MU + 3] = np.where(ok, mu + wl * d, mu)
         st[:, VAR : VAR + 3] = np.where(ok, (1.0 - wl) * (var + wl * d * d), var)
+        st[:, TAIL : TAIL + 3] = np.where(ok, tail + wl * ((lp_t < _TAIL_LP) - tail), tail)
         st[:, REP] = rep_rate
+        # a run of r repeats that ends: r - 1 repeats after a repeat, in r observations after
+        # one; the counts keep a memory of about 2 / long_rate observations
+        ended = seen & finite & ~rep & (st[:, RUN] >= 1)
+        c2 = np.where(ended, c2 + st[:, RUN] - 1.0, c2)
+        n2 = np.where(ended, n2 + st[:, RUN], n2)
+        keep = np.minimum(1.0, 2.0 / p.long_rate / np.maximum(n2, 1.0))
+        st[:, REP2] = c2 * keep
+        st[:, REP2_N] = n2 * keep
         st[:, RUN] = run
         st[:, LO] = np.where(seen, np.minimum(st[:, LO], x), x)
         st[:, HI] = np.where(seen, np.maximum(st[:, HI], x), x)
         st[:, Z_LAST] = np.where(seen, np.clip(zk, -1e3, 1e3), 0.0)
         st[:, SPK_LP] = np.where((n0 >= _STATS_FROM) & finite, np.maximum(lp_u[:, 0], -1e3), 0.0)
-        # time-of-day profile of the value around the slow level of the raw predictor
+        # time-of-day profile of the value around the slow level of the raw predictor; it
+        # learns only outside anomaly episodes (an anomalous day would otherwise raise false
+        # alarms at the same time of the following days)
         sn = st[ar, SEAS_N + b]
         ws = np.maximum(1.0 / (sn + 1.0), p.seasonal_rate)
         dev = x - st[:, LS]
-        st[ar, SEAS + b] = np.where(finite, seas + ws * (dev - seas), seas)
-        st[ar, SEAS_N + b] = sn + finite
+        learn = finite & (st[:, EP] == 0)
+        st[ar, SEAS + b] = np.where(learn, seas + ws * (dev - seas), seas)
+        st[ar, SEAS_N + b] = sn + learn
         st[:, KNN_D : KNN_D + KNN_REF] = d2
         st[:, X_PREV] = x
         st[:, T_LAST] = t
@@ -502,6 +563,9 @@ def decode(blob: bytes) -> FloatArray:
         raise SnapshotError("snapshot holds a negative scale or distance")
     if not -1e3 <= row[SPK_LP] <= 0.0:
         raise SnapshotError("snapshot holds a log10 probability outside [-1000, 0]")
-    if not 0.0 <= row[REP] <= 1.0:
-        raise SnapshotError("snapshot holds a repeat rate outside [0, 1]")
+    rates = row[[REP, *range(TAIL, TAIL + 3)]]
+    if bool(np.any((rates < 0.0) | (rates > 1.0))):
+        raise SnapshotError("snapshot holds a rate outside [0, 1]")
+    if not 0.0 <= row[REP2] <= row[REP2_N]:
+        raise SnapshotError("snapshot holds repeat counts that are negative or inconsistent")
     return row

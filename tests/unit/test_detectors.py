@@ -208,7 +208,7 @@ def test_snapshot_header_and_size() -> None:
     bank = DetectorBank(2)
     blobs = bank.snapshot([0, 1])
     assert all(len(b) == detectors.SNAPSHOT_BYTES and b[:3] == b"PDS" for b in blobs)
-    assert blobs[0][3] == 3  # version
+    assert blobs[0][3] == 4  # version
 
 
 @pytest.mark.parametrize(
@@ -218,6 +218,7 @@ def test_snapshot_header_and_size() -> None:
         (lambda b: b"XXX" + b[3:], "bad magic"),
         (lambda b: b[:3] + b"\x09" + b[4:], "version 9"),
         (lambda b: b[:3] + b"\x02" + b[4:], "version 2"),
+        (lambda b: b[:3] + b"\x03" + b[4:], "version 3"),
         (lambda b: b + b"\x00", "expected"),
         (lambda b: b[:-8] + np.float64(np.nan).tobytes(), "non-finite"),
         (lambda b: b[:8] + np.float64(-1.0).tobytes() + b[16:], "negative or fractional"),
@@ -283,3 +284,34 @@ def test_huge_values_keep_the_state_finite() -> None:
     res = bank.score_batch(np.zeros(len(v), np.int64), t, v)
     assert np.all((res.score >= 0) & (res.score <= 1))
     detectors.decode(bank.snapshot([0])[0])
+
+
+def test_predictive_z_maps_student_t_quantiles_to_normal_ones() -> None:
+    # two-sided 5 % and 1 % critical values of Student t (10 and 20 df) and a large-df case,
+    # as standardised values of the predictive t (zu = t·sqrt((ν+1)/ν))
+    t = np.array([2.228, 2.845, 3.0])
+    nu = np.array([10.0, 20.0, 1e9])
+    zu = t * np.sqrt((nu + 1.0) / nu)
+    z = detectors.predictive_z(zu, nu)
+    assert np.allclose(z, [1.960, 2.576, 3.0], atol=0.01)
+    assert np.array_equal(detectors.predictive_z(-zu, nu), -z)
+
+
+def test_clustered_repeats_of_a_count_are_not_stuck_but_a_frozen_reading_is() -> None:
+    # a count that drops to zero for a few intervals now and then: its runs of zeros are
+    # clustered (a zero is likely after a zero), which the run's rate learns
+    rng = np.random.default_rng(3)
+    n = 3000
+    t = T0 + np.arange(n, dtype=np.int64) * 300_000
+    v = rng.poisson(20.0, n).astype(np.float64)
+    for start in range(150, n - 10, 97):
+        v[start : start + int(rng.integers(3, 7))] = 0.0
+    bank = DetectorBank(1)
+    row = np.zeros(1, np.int64)
+    causes = [int(bank.step(row, t[i : i + 1], v[i : i + 1]).cause[0]) for i in range(n)]
+    assert anomaly.CAUSES.index("stuck") not in causes  # (the drops may raise other tests)
+    # ... while a continuous reading that freezes raises one alarm there
+    t2, v2 = sensor_series(1500, 4, step_ms=60_000)
+    v2[1200:1210] = v2[1199]
+    alarms = np.flatnonzero(run(v2, t2).alarm)
+    assert len(alarms) == 1 and 1201 <= alarms[0] < 1210
