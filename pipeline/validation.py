@@ -44,6 +44,9 @@ _MAX_ECHO = 40  # characters of an input key quoted in a reason
 # megabyte object (say 90k distinct keys) costs pydantic up to a second, and no valid event
 # comes near this size unless padded. The fast decoder's own message is the reason then.
 SLOW_PATH_MAX_BYTES = 64 * 1024
+# records decoded per list comprehension on the fast path; a chunk with a bad record is
+# decoded again record by record (at 0.1 % bad records, one chunk in five)
+_CHUNK = 256
 
 _JSON_WS = b" \t\r\n"
 # Checks JSON syntax (depth-limited) without building Python objects.
@@ -110,22 +113,34 @@ def _decode(
     at: list[int] = []
     fast_at: list[int] = []  # positions in ``decoded`` of fast-path events
     fast_events: list[W] = []
-    for i, raw in enumerate(raws):
-        event: W | M | str
-        try:
-            wire = fast(raw)  # type: ignore[arg-type]  # None (a tombstone) raises TypeError
-            fast_at.append(len(decoded))
-            fast_events.append(wire)
-            event = wire
-        except Exception as exc:
-            # Whatever the fast decoder raised (DecodeError, ValidationError,
-            # UnicodeDecodeError, ...), the record's fate is decided on the slow path.
-            event = _slow_path(validate, raw, exc)
-            if isinstance(event, str):
-                out.rejected.append(Rejected(i, event))
-                continue
-        decoded.append(event)
-        at.append(i)
+    for lo in range(0, len(raws), _CHUNK):
+        chunk = raws[lo : lo + _CHUNK]
+        try:  # most chunks hold no bad record: one comprehension, no per-record bookkeeping
+            wires = [fast(raw) for raw in chunk]  # type: ignore[arg-type]
+        except Exception:
+            pass
+        else:
+            fast_at.extend(range(len(decoded), len(decoded) + len(wires)))
+            fast_events.extend(wires)
+            decoded.extend(wires)
+            at.extend(range(lo, lo + len(wires)))
+            continue
+        for i, raw in enumerate(chunk, lo):
+            event: W | M | str
+            try:
+                wire = fast(raw)  # type: ignore[arg-type]  # None (a tombstone) raises TypeError
+                fast_at.append(len(decoded))
+                fast_events.append(wire)
+                event = wire
+            except Exception as exc:
+                # Whatever the fast decoder raised (DecodeError, ValidationError,
+                # UnicodeDecodeError, ...), the record's fate is decided on the slow path.
+                event = _slow_path(validate, raw, exc)
+                if isinstance(event, str):
+                    out.rejected.append(Rejected(i, event))
+                    continue
+            decoded.append(event)
+            at.append(i)
     # Identifier patterns, once per distinct value; a record that breaks one is decided by the
     # model, as if the struct had rejected it.
     breaking = decoder.breaking(fast_events)
@@ -142,6 +157,11 @@ def _decode(
             decoded[j] = event
     oldest = now_ms - bounds.max_age_ms
     newest = now_ms + bounds.max_skew_ms
+    if not dropped and all([oldest <= e.event_time <= newest for e in decoded]):
+        out.events, out.positions = decoded, at  # the usual poll: every event within bounds
+        if breaking or out.rejected:
+            out.rejected.sort(key=lambda r: r.index)
+        return out
     for j, (i, event) in enumerate(zip(at, decoded, strict=True)):
         if j in dropped:
             continue
