@@ -159,9 +159,23 @@ def _decode(
     newest = now_ms + bounds.max_skew_ms
     if not dropped and all([oldest <= e.event_time <= newest for e in decoded]):
         out.events, out.positions = decoded, at  # the usual poll: every event within bounds
-        if breaking or out.rejected:
-            out.rejected.sort(key=lambda r: r.index)
-        return out
+    else:
+        _check_bounds(out, at, decoded, dropped, bounds, oldest, newest)
+    if breaking or out.rejected:
+        out.rejected.sort(key=lambda r: r.index)
+    return out
+
+
+def _check_bounds(
+    out: DecodedBatch[W | M],
+    at: list[int],
+    decoded: list[W | M],
+    dropped: set[int],
+    bounds: TimeBounds,
+    oldest: int,
+    newest: int,
+) -> None:
+    """Each decoded event (not ``dropped``) into ``out``: kept, or rejected for its time."""
     for j, (i, event) in enumerate(zip(at, decoded, strict=True)):
         if j in dropped:
             continue
@@ -177,9 +191,6 @@ def _decode(
         else:
             out.events.append(event)
             out.positions.append(i)
-    if breaking or out.rejected:
-        out.rejected.sort(key=lambda r: r.index)
-    return out
 
 
 def _slow_path(validate: Callable[[bytes], M], raw: bytes | None, fast_error: Exception) -> M | str:
