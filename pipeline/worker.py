@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -159,6 +160,7 @@ def create_app(
         # Faust opens its flow control after its own consumer's first rebalance; with the poll
         # reader as the consumer, the agent's channel must be opened here.
         app.flow_control.resume()
+        freeze_startup_heap()
         try:
             await reader.run()
         except asyncio.CancelledError:
@@ -211,6 +213,18 @@ def _make_agent(checkpoint: Checkpoint, gone: asyncio.Event) -> Any:
             gone.set()  # whoever waits on a task stops waiting
 
     return agent
+
+
+def freeze_startup_heap() -> None:
+    """Exempt what start-up allocated (modules, the Faust app, the clients) from the
+    cycle collector: they live as long as the worker does.
+
+    A full collection walks every tracked object: about 100k after start-up, 0.1 s on the
+    project's 2-core machines, every few seconds under load, each one stalling the poll in
+    hand (a freshness p99 of its own). Frozen, a full collection walks a few thousand.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _die() -> None:

@@ -12,6 +12,7 @@ broker, worker batching, apply and the durability wait are all inside the measur
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
@@ -133,6 +134,10 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
         bases = end_offsets(ctx.kafka.bootstrap, topics, ctx.kafka.partitions)
         records = _records(ctx, topics, rate * p.freshness_s, rate=rate, seed_offset=0)
         log = SendLog({topics.sensor: "sensor", topics.applog: "applog"})
+        # the records and the harness are long-lived: a full collection walking them would
+        # stall the producer and the poller mid-run (about 0.1 s each on these machines)
+        gc.collect()
+        gc.freeze()
         poller.start()
         slice_size = max(1, rate // 20)  # 50 ms of traffic, as the load generator paces
         run_sync(
@@ -150,6 +155,7 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
         if not procs.until(lambda: poller.saw(ends) or not poller.is_alive(), 60.0):
             raise BenchError("the store poller never saw the drained offsets within 60 s")
     finally:
+        gc.unfreeze()
         sys.setswitchinterval(switch)
         poller.stop_event.set()
         if poller.is_alive():
