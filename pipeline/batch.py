@@ -22,7 +22,6 @@ from operator import itemgetter
 from typing import NamedTuple, Protocol
 
 import numpy as np
-import numpy.typing as npt
 
 from pipeline import aggregation, windows
 from pipeline.detection import Detected
@@ -260,10 +259,12 @@ def process_partitions(
     cols.partition = part
     if not on_time.all():
         cols = cols.select(on_time)
-        part = cols.partition if cols.partition is not None else part
-    for b in batches:
-        mine = part == b.partition
-        b.events = int(np.count_nonzero(mine))
+        # each partition's on-time events are still one slice
+        kept = np.concatenate(([0], np.cumsum(on_time)))
+        ev_bounds = kept[ev_bounds].tolist()
+    for i, b in enumerate(batches):
+        mine = slice(ev_bounds[i], ev_bounds[i + 1])
+        b.events = mine.stop - mine.start
         b.columns = cols
         if b.events:
             _entities_to_register(b, cols, states[b.partition], mine)
@@ -275,15 +276,15 @@ def _positions_to_send(
     batch: PartitionBatch,
     cols: aggregation.Columns,
     state: PartitionState,
-    mine: npt.NDArray[np.bool_],
+    mine: slice,
 ) -> None:
-    """Fill ``batch.positions``: each device's latest position (of the events where ``mine``),
+    """Fill ``batch.positions``: each device's latest position (of the events in ``mine``),
     when it moved or was last sent in an older minute (so the store hears of each device at
     most about once a minute while it stands still)."""
     pos = cols.positions
     if pos is None:
         return
-    sel = np.flatnonzero(mine & (np.abs(pos.lat) <= keys.GEO_MAX_LAT))
+    sel = mine.start + np.flatnonzero(np.abs(pos.lat[mine]) <= keys.GEO_MAX_LAT)
     if sel.size == 0:
         return
     dev, t = pos.device[sel], cols.event_times[sel]
@@ -305,10 +306,10 @@ def _entities_to_register(
     batch: PartitionBatch,
     cols: aggregation.Columns,
     state: PartitionState,
-    mine: npt.NDArray[np.bool_],
+    mine: slice,
 ) -> None:
     """Fill ``batch.new_entities``: entities not cached, or seen in a newer minute than cached
-    (of the events where ``mine`` is true)."""
+    (of the events in ``mine``)."""
     minute = windows.window_starts(cols.event_times[mine], keys.WINDOW_1M.size_ms)
     for dim, (all_codes, names) in cols.entities.items():
         codes = all_codes[mine]

@@ -36,6 +36,7 @@ window has expired (scored at or below ``now - 1m - 1m retention``) and keeps at
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Final
 
@@ -157,8 +158,10 @@ class WorkerMetric:
     PID: Final = "pid"
 
 
+@functools.lru_cache(maxsize=4096)
 def partition_tag(kind: EventKind | str, partition: int) -> str:
-    """The hash tag content shared by every key of one topic partition."""
+    """The hash tag content shared by every key of one topic partition (cached: every key a
+    poll writes or reads starts with one)."""
     return f"{EventKind(kind).value}.{partition}"
 
 
