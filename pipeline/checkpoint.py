@@ -151,6 +151,7 @@ class Checkpoint:
         process: ProcessPartitions = process_partitions,
         commit_offsets: OffsetCommitter = _no_offsets,
         detectors: Mapping[EventKind, KindDetectors] | None = None,
+        commit_interval_ms: int = 0,
     ) -> None:
         self.topics = dict(topics)
         self._writer = writer
@@ -161,6 +162,9 @@ class Checkpoint:
         self._retry_delay_s = retry_delay_s
         self._process = process
         self._commit_offsets = commit_offsets
+        # Kafka offsets are committed at most this often while polls follow (flush: always)
+        self._commit_interval_ms = commit_interval_ms
+        self._committed_at: int | None = None
         # each kind's anomaly detectors (partition state like the windows; none: not detecting)
         self._detectors: dict[EventKind, KindDetectors] = dict(detectors or {})
         self._states: dict[PartKey, PartitionState] = {}
@@ -196,7 +200,8 @@ class Checkpoint:
                     for pk, recs in redo.items():
                         pending[pk] = [*recs, *pending.get(pk, ())]
                     batches += await self._prepared({pk: pending[pk] for pk in redo})
-                await self._acknowledge()  # 2. the previous poll: durable, commit offsets
+                # 2. the previous poll: durable, commit offsets (due, or no poll follows)
+                await self._acknowledge(force=not pending)
                 for kind, topic in self.topics.items():  # 3. divert
                     if kind_batches := [b for b in batches if b.kind is kind]:
                         await self._divert.send(topic, kind_batches)
@@ -237,9 +242,20 @@ class Checkpoint:
         if self._resumed:
             self._check_not_behind(pending)
             self._prune_commits()
-        t0 = time.perf_counter()
-        batches = self._prepare(pending)
-        self._metrics.prepare_s.append(time.perf_counter() - t0)
+        self._now = self._clock()
+        by_kind: dict[EventKind, list[PartKey]] = defaultdict(list)
+        for pk in pending:
+            by_kind[pk[0]].append(pk)
+        batches: list[PartitionBatch] = []
+        spent = 0.0
+        for kind, pks in by_kind.items():
+            t0 = time.perf_counter()
+            batches += self._prepare(kind, {pk: pending[pk] for pk in pks})
+            spent += time.perf_counter() - t0
+            # the apply in flight reads its reply and asks for durability meanwhile: its
+            # answer is then in by the time this poll settles it (not one round trip later)
+            await asyncio.sleep(0)
+        self._metrics.prepare_s.append(spent)
         return batches
 
     async def _launch(
@@ -324,15 +340,22 @@ class Checkpoint:
             self._to_commit.setdefault(self.topics[kind], {})[p] = recs[-1].offset + 1
             self._unacked[(kind, p)] = [*self._unacked.get((kind, p), ()), *recs]
 
-    async def _acknowledge(self) -> None:
-        """Wait until everything applied is durable, then commit the applied offsets."""
+    async def _acknowledge(self, force: bool) -> None:
+        """Wait until everything applied is durable, then commit the applied offsets to Kafka
+        if ``force`` or the commit interval has passed (each commit is a round trip on the
+        poll's path; the offsets not yet committed wait for the next)."""
         await self._fence_if_unsure()  # after a lost connection only a fence vouches
         if self._unconfirmed:
             self._metrics.durability_wait_s.append(await self._writer.durable())
             self._unconfirmed = False
         self._unacked = {}
-        if self._to_commit:
+        if not self._to_commit:
+            return
+        now = self._clock()
+        last = self._committed_at
+        if force or last is None or now - last >= self._commit_interval_ms or now < last:
             offsets, self._to_commit = self._to_commit, {}
+            self._committed_at = now
             await self._commit_offsets(offsets)
 
     async def _fence_if_unsure(self) -> None:
@@ -382,37 +405,35 @@ class Checkpoint:
 
         return (StoreConnectionError, StoreTimeoutError, OSError)
 
-    def _prepare(self, pending: Mapping[PartKey, Sequence[RawRecord]]) -> list[PartitionBatch]:
-        self._now = self._clock()
-        by_kind: dict[EventKind, list[PartKey]] = defaultdict(list)
-        for pk in pending:
-            by_kind[pk[0]].append(pk)
-        batches: list[PartitionBatch] = []
-        for kind, pks in by_kind.items():
-            try:  # every partition of the kind in one pass
-                kind_batches = self._process(
-                    kind,
-                    {p: pending[(kind, p)] for _, p in pks},
-                    {p: self._states[(kind, p)] for _, p in pks},
-                    self._rules,
-                    self._now,
-                )
-                aggregate_batches(kind_batches, self._rules.plan)
-            except Exception:
-                log.exception("processing a %s poll failed; isolating the records", kind.value)
-                kind_batches = [self._process_safely(pk, pending[pk], self._now) for pk in pks]
-            # every partition's deltas folded in and encoded in one pass
-            todo = [b for b in kind_batches if not b.empty]
-            deltas = [d for b in todo for d in b.deltas]
-            for b in todo:
-                for d in b.deltas:
-                    d.partition = b.partition
-            writes, table = self._kind_windows(kind).absorb_values(deltas, self._rules.retention)
-            for b in todo:
-                b.writes = writes.get(b.partition, [])
-            self._analyse(kind, todo, deltas, table)
-            batches.extend(kind_batches)
-        return batches
+    def _prepare(
+        self, kind: EventKind, pending: Mapping[PartKey, Sequence[RawRecord]]
+    ) -> list[PartitionBatch]:
+        """The batches of one kind's partitions: every partition in one pass."""
+        try:
+            kind_batches = self._process(
+                kind,
+                {p: recs for (_, p), recs in pending.items()},
+                {p: self._states[(kind, p)] for _, p in pending},
+                self._rules,
+                self._now,
+            )
+            aggregate_batches(kind_batches, self._rules.plan)
+        except Exception:
+            log.exception("processing a %s poll failed; isolating the records", kind.value)
+            kind_batches = [
+                self._process_safely(pk, recs, self._now) for pk, recs in pending.items()
+            ]
+        # every partition's deltas folded in and encoded in one pass
+        todo = [b for b in kind_batches if not b.empty]
+        deltas = [d for b in todo for d in b.deltas]
+        for b in todo:
+            for d in b.deltas:
+                d.partition = b.partition
+        writes, table = self._kind_windows(kind).absorb_values(deltas, self._rules.retention)
+        for b in todo:
+            b.writes = writes.get(b.partition, [])
+        self._analyse(kind, todo, deltas, table)
+        return kind_batches
 
     def _analyse(
         self,

@@ -110,6 +110,7 @@ def create_app(
         metrics,
         commit_offsets=commit_offsets,
         detectors=detectors,
+        commit_interval_ms=round(worker.commit_interval_s * 1000),
     )
     polls = app.channel()
     agent_gone = asyncio.Event()

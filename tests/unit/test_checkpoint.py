@@ -467,3 +467,38 @@ def test_a_conflict_found_while_the_next_poll_is_prepared_redoes_only_that_parti
     assert m.events == 3 + 3 + 2 + 1 + 3  # p1: 5, 6 and 7 once; 3 and 4 are someone else's
     assert _window_count(w, 0) == 6
     assert _window_count(w, 1) == 3 + 3  # our first 3, restored, then 5..7
+
+
+def test_kafka_offsets_are_committed_at_most_once_an_interval_and_always_on_flush() -> None:
+    """Each commit is a round trip on a poll's path: while polls follow, the durable offsets
+    are committed at most once a ``commit_interval_ms``; a flush (idle, hand-over) commits
+    whatever is durable and not committed yet."""
+    w = FakeWriter()
+    now = [NOW]
+    committed: list[dict[str, dict[int, int]]] = []
+
+    async def commit_offsets(offsets: dict[str, dict[int, int]]) -> None:
+        committed.append(offsets)
+
+    metrics = Metrics()
+    a = Checkpoint(
+        TOPICS, w, FakeDivert(), RULES, metrics, clock=lambda: now[0], retry_delay_s=0.0,
+        commit_offsets=commit_offsets, commit_interval_ms=1000,
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        await a.commit(sensors({0: records(0, 3)}))
+        await a.commit(sensors({0: records(3, 2)}))  # acknowledges the first: none before
+        assert committed == [{"pulse.sensor": {0: 3}}]
+        now[0] += 400
+        await a.commit(sensors({0: records(5, 2)}))  # within the interval: not yet
+        assert committed == [{"pulse.sensor": {0: 3}}]
+        now[0] += 700
+        await a.commit(sensors({0: records(7, 1), 1: records(0, 2)}))  # due: all durable so far
+        assert committed[1:] == [{"pulse.sensor": {0: 7}}]
+        now[0] += 10
+        await a.flush()  # nothing follows: the rest at once
+        assert committed[2:] == [{"pulse.sensor": {0: 8, 1: 2}}]
+
+    run(scenario())
+    assert w.offsets == {(S, 0): 7, (S, 1): 1}
