@@ -6,12 +6,14 @@
    classify late, aggregate, fold into the partition's open windows (``pipeline.state``), derive
    the 1m leaderboard writes (``pipeline.leaderboards``) and step the detectors of the windows
    the poll closes (``pipeline.detection``), while the store applies the previous poll and
-   makes it durable;
+   makes it durable (the prepare yields after each event kind, so that apply's task reads its
+   reply and asks for durability meanwhile);
 2. **settle the previous poll**: read its apply's outcomes; a partition someone else had
    advanced is restored from the store and its records are prepared again with this poll's;
 3. **acknowledge the previous poll**: once the store said its writes are fsynced at the
    configured level (the wait ran with its apply; after a conflict or a lost connection it is
-   done here), commit its offsets to Kafka;
+   done here), commit its offsets to Kafka (at most once a commit interval while polls
+   follow, always when none does: each commit is a round trip on the poll's path);
 4. **divert** this poll's rejected and late records to their topics, acknowledged by Kafka;
 5. **apply**: send every partition's absolute values with its offset, atomically, in one round
    trip, then wait for its durability, in the background; steps 2 and 3 of the next poll (or
