@@ -178,8 +178,42 @@ class TruthBuilder:
             doc[name] = {k.value: sections[k][name] for k in kinds}
         doc["windows"] = {k.value: sections[k]["windows"] for k in kinds}
         doc["boards"] = {k.value: sections[k]["boards"] for k in kinds}
-        doc["anomalies"] = [e.as_truth() for e in self.episodes]
+        touched = self._episode_events()
+        doc["anomalies"] = [
+            {**e.as_truth(), "events": n} for e, n in zip(self.episodes, touched, strict=True)
+        ]
         return orjson.dumps(doc)
+
+    def _episode_events(self) -> list[int]:
+        """How many on-time valid events each episode changed: an episode whose target sent
+        nothing within it (a 2-second spike of a series read every few seconds) is in no event,
+        and no detector can see it."""
+        f = self.fleet
+        sensor, applog = self._sensor, self._applog
+        by_kind = {
+            EventKind.SENSOR: (
+                _cat([c.partition for c in sensor], np.int64),
+                _cat([c.event_time for c in sensor], np.int64),
+                _cat([c.series for c in sensor], np.int64),
+            ),
+            EventKind.APPLOG: (
+                _cat([c.partition for c in applog], np.int64),
+                _cat([c.event_time for c in applog], np.int64),
+                f.route_service[_cat([c.route for c in applog], np.int64)],
+            ),
+        }
+        sorted_by: dict[EventKind, tuple[IntArray, IntArray]] = {}
+        for kind, (part, t, target) in by_kind.items():
+            ok = ~late_mask(part, t, self.allowed_lateness_ms)
+            order = np.lexsort((t[ok], target[ok]))
+            sorted_by[kind] = (target[ok][order], t[ok][order])
+        out: list[int] = []
+        for e in self.episodes:
+            target, t = sorted_by[e.type]
+            lo, hi = np.searchsorted(target, [e.target, e.target + 1])
+            within = np.searchsorted(t[lo:hi], [e.start_ms, e.end_ms])
+            out.append(int(within[1] - within[0]))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The truth as plain Python objects."""

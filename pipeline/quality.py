@@ -6,6 +6,10 @@ raised *matches* an episode of its entity when its window overlaps the episode w
 shift may be confirmed a window or two later). Precision is the share of raised anomalies
 that match an episode; recall, per episode kind, the share of episodes matched at least once.
 Several anomalies of one episode (several signals, consecutive windows) are all true.
+
+An episode that changed no event (its target sent nothing, or nothing on time, within it: a
+2-second spike of a series read every few seconds) cannot be seen by any detector: the truth
+file counts each episode's events, and such episodes are reported apart, not in recall.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Episode:
     entity: str
     start_ms: int
     end_ms: int
+    events: int | None = None  # on-time events it changed (None: a truth file without counts)
 
 
 @dataclass(slots=True)
@@ -42,6 +47,7 @@ class KindQuality:
     true: int = 0
     found: dict[str, int] = field(default_factory=dict)  # anomaly kind -> episodes matched
     episodes: dict[str, int] = field(default_factory=dict)  # anomaly kind -> episodes
+    unseen: dict[str, int] = field(default_factory=dict)  # anomaly kind -> in no event
 
     @property
     def precision(self) -> float:
@@ -59,7 +65,12 @@ def episodes_of(truth: Mapping[str, Any]) -> list[Episode]:
     """The episodes of a truth document."""
     return [
         Episode(
-            str(e["type"]), str(e["kind"]), str(e["entity"]), int(e["start_ms"]), int(e["end_ms"])
+            str(e["type"]),
+            str(e["kind"]),
+            str(e["entity"]),
+            int(e["start_ms"]),
+            int(e["end_ms"]),
+            None if e.get("events") is None else int(e["events"]),
         )
         for e in truth.get("anomalies", [])
     ]
@@ -79,9 +90,12 @@ def score(
         if from_ms is not None and e.start_ms < from_ms:
             continue
         q = out[e.kind]
+        by_entity.setdefault((e.kind, e.entity), []).append(i)
+        if e.events == 0:  # in no event: nothing to find (an anomaly near it still matches)
+            q.unseen[e.anomaly] = q.unseen.get(e.anomaly, 0) + 1
+            continue
         q.episodes[e.anomaly] = q.episodes.get(e.anomaly, 0) + 1
         q.found.setdefault(e.anomaly, 0)
-        by_entity.setdefault((e.kind, e.entity), []).append(i)
     matched: set[int] = set()
     for a in raised:
         if from_ms is not None and a.window_start_ms < from_ms:
@@ -99,7 +113,8 @@ def score(
             matched.update(hits)
     for i in matched:
         e = episodes[i]
-        out[e.kind].found[e.anomaly] += 1
+        if e.events != 0:
+            out[e.kind].found[e.anomaly] += 1
     return out
 
 
@@ -115,6 +130,8 @@ def report(quality: Mapping[str, KindQuality]) -> str:
             lines.append(
                 f"  {name:<14} recall {q.recall(name):.3f} ({q.found[name]}/{q.episodes[name]})"
             )
+        for name, n in sorted(q.unseen.items()):
+            lines.append(f"  {name:<14} {n} more episode(s) changed no event: not counted")
     return "\n".join(lines)
 
 

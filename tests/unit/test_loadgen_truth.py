@@ -182,6 +182,40 @@ def test_generated_run_is_self_consistent() -> None:
                 assert s["max"] == max(p["max"] for p in parts)
                 assert s["min"] == min(p["min"] for p in parts)
     assert truth["anomalies"] and set(truth["anomalies"][0]) == {
-        "type", "kind", "entity", "start_ms", "end_ms",
+        "type", "kind", "entity", "start_ms", "end_ms", "events",
     }  # fmt: skip
     assert {m.name for m in METRICS} >= set(truth["windows"]["sensor"]["1m"]["metric"][str(S)])
+
+
+def test_each_episode_counts_the_on_time_events_it_changed() -> None:
+    """An episode's ``events`` are its target's valid, on-time events within it (a short spike
+    of a series read every few seconds may change none: no detector can see it)."""
+    cfg = dataclasses.replace(
+        CFG,
+        rate=40,
+        duration_s=1200,
+        devices=40,
+        bad_rate=0.02,
+        late_rate=0.05,
+        anomaly_rate=1.0,
+    )
+    gen = Generator(cfg)
+    tb = TruthBuilder(cfg, gen.fleet, gen.episodes, 30_000)
+    chunks = list(gen)
+    for chunk in chunks:
+        tb.add(chunk)
+    truth = tb.to_dict()
+    s_part = np.concatenate([c.sensor.partition for c in chunks])
+    s_t = np.concatenate([c.sensor.event_time for c in chunks])
+    s_target = np.concatenate([c.sensor.series for c in chunks])
+    a_part = np.concatenate([c.applog.partition for c in chunks])
+    a_t = np.concatenate([c.applog.event_time for c in chunks])
+    a_target = gen.fleet.route_service[np.concatenate([c.applog.route for c in chunks])]
+    cols = {"sensor": (s_part, s_t, s_target), "applog": (a_part, a_t, a_target)}
+    counts = [e["events"] for e in truth["anomalies"]]
+    for ep, n in zip(gen.episodes, counts, strict=True):
+        part, t, target = cols[ep.type.value]
+        on_time = ~late_mask(part, t, 30_000)
+        brute = on_time & (target == ep.target) & (t >= ep.start_ms) & (t < ep.end_ms)
+        assert n == int(brute.sum())
+    assert any(n > 0 for n in counts) and any(n == 0 for n in counts)

@@ -61,3 +61,24 @@ def test_episodes_of_a_truth_document() -> None:
         ]
     }
     assert quality.episodes_of(doc) == [quality.Episode("sensor", "spike", "d|m", 1, 2)]
+
+
+def test_an_episode_that_changed_no_event_is_reported_apart_not_in_recall() -> None:
+    """No detector can find an episode that is in no event; a truth file without counts
+    (``events`` None) counts every episode as before."""
+    seen = quality.Episode("sensor", "spike", "d1|temp", T0 + 100_000, T0 + 105_000, 3)
+    blind = quality.Episode("sensor", "spike", "d2|temp", T0 + 200_000, T0 + 202_000, 0)
+    unknown = quality.Episode("sensor", "stuck", "d3|temp", T0 + 300_000, T0 + 330_000)
+    got = quality.score([seen, blind, unknown], [raised("d1|temp", T0 + 100_000)])["sensor"]
+    assert got.episodes == {"spike": 1, "stuck": 1} and got.unseen == {"spike": 1}
+    assert got.recall("spike") == 1.0 and got.recall("stuck") == 0.0
+    assert "1 more episode(s) changed no event" in quality.report({"sensor": got})
+    doc = {"anomalies": [{**_doc(blind), "events": 0}]}
+    assert quality.episodes_of(doc) == [blind]
+
+
+def _doc(e: quality.Episode) -> dict[str, object]:
+    return {
+        "type": e.kind, "kind": e.anomaly, "entity": e.entity,
+        "start_ms": e.start_ms, "end_ms": e.end_ms,
+    }  # fmt: skip
