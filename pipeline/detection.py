@@ -25,6 +25,7 @@ import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +36,7 @@ from pipeline.detectors import (
     DetectorParams,
     SnapshotError,
     StepResult,
+    rows_bytes,
 )
 from schemas import anomaly, keys, packed
 from schemas.events import EventKind
@@ -161,8 +163,14 @@ def window_params(
 
 
 class KindDetectors:
-    """The detectors of one event kind's partitions: a row of one bank per (partition, entity,
-    signal), with each row's last window start, step count and first unsaved step."""
+    """The detectors of one event kind's partitions: a block of bank rows per (partition,
+    entity), one row per signal, with each row's last window start, step count and first
+    unsaved step.
+
+    Rows are found by entity (one lookup per entity and closed window, whatever the number of
+    signals); a row's field name in the store (``<entity>~<signal>``) is built only when its
+    state is written.
+    """
 
     def __init__(
         self,
@@ -174,10 +182,13 @@ class KindDetectors:
         self.kind = kind
         self.window = window
         self.dim = DETECT_DIMS[kind]
+        self.signals = anomaly.SIGNALS[kind.value]
+        self._signal_at = {s: j for j, s in enumerate(self.signals)}
         self.bank = DetectorBank(0, params or window_params(kind))
         self.snapshot_every = snapshot_every
-        self._rows: dict[int, dict[str, int]] = {}  # partition -> field -> row
-        self._free: list[int] = []
+        self._rows: dict[int, dict[str, int]] = {}  # partition -> entity -> first row of block
+        self._entity: list[str] = []  # per block (row // len(signals)): its entity
+        self._free: list[int] = []  # first rows of free blocks
         self._last = np.zeros(0, np.int64)  # per row: window start of its last step
         self._steps = np.zeros(0, np.int64)  # per row: steps so far
         self._unsaved = np.zeros(0, np.int64)  # per row: first step's start since saved, or -1
@@ -193,8 +204,8 @@ class KindDetectors:
         returns the replay point: the first window start to step again from the store's
         closed windows (:meth:`replay`), or None.
 
-        A state that does not decode (another version, damaged) is logged and started afresh:
-        one entity's history is lost, never the worker.
+        A state that does not decode (another version, damaged, an unknown signal) is logged
+        and started afresh: one entity's history is lost, never the worker.
         """
         self.drop(partition)
         mine: dict[str, int] = {}
@@ -210,7 +221,15 @@ class KindDetectors:
                     continue
                 replay_from = at if at >= 0 else None
                 continue
-            (row,) = self._rows_for(mine, [name]).tolist()
+            entity, _, signal = name.rpartition(_FIELD_SEP)
+            j = self._signal_at.get(signal)
+            if not entity or j is None:
+                self.refused += 1
+                log.warning(
+                    "detector state %s of partition %d refused: no such signal", name, partition
+                )
+                continue
+            row = int(self._blocks(mine, [entity])[0]) + j
             try:
                 last, steps = _ROW_HEAD.unpack_from(blob)
                 self.bank.restore([row], [bytes(blob[_ROW_HEAD.size :])])
@@ -223,14 +242,14 @@ class KindDetectors:
 
     def drop(self, partition: int) -> None:
         """Forget a partition's detectors (restored from the store when next needed)."""
-        rows = list(self._rows.pop(partition, {}).values())
-        if rows:
-            idx = np.asarray(rows, dtype=np.int64)
+        blocks = list(self._rows.pop(partition, {}).values())
+        if blocks:
+            idx = self._block_rows(np.asarray(blocks, dtype=np.int64))
             self.bank.clear(idx)
             self._last[idx] = 0
             self._steps[idx] = 0
             self._unsaved[idx] = -1
-            self._free.extend(rows)
+            self._free.extend(blocks)
 
     def clear(self) -> None:
         """Forget every partition."""
@@ -244,10 +263,10 @@ class KindDetectors:
         its snapshot; raises nothing (those anomalies are stored) and saves nothing."""
         mine = self._rows.setdefault(partition, {})
         for start, names, table in closing:
+            blocks = self._blocks(mine, names)
             for signal, values in signal_values(self.kind, table).items():
                 at = np.flatnonzero(np.isfinite(values))
-                fields = [f"{names[i]}{_FIELD_SEP}{signal}" for i in at.tolist()]
-                rows = self._rows_for(mine, fields)
+                rows = blocks[at] + self._signal_at[signal]
                 behind = self._last[rows] < start
                 if behind.any():
                     n = int(behind.sum())
@@ -267,33 +286,33 @@ class KindDetectors:
         anomalies raised. One bank step per round (the k-th closed instance of every
         partition, every signal): the step's cost is per call more than per row."""
         out = {p: Detected() for p, c in closings.items() if c}
-        stepped: dict[int, dict[str, int]] = {p: {} for p in out}
+        stepped: dict[int, list[npt.NDArray[np.int64]]] = {p: [] for p in out}
         for k in range(max((len(c) for c in closings.values()), default=0)):
             segs: list[tuple[int, int, list[str], packed.Table, str, npt.NDArray[np.int64]]] = []
             rows_l: list[npt.NDArray[np.int64]] = []
             vals_l: list[npt.NDArray[np.float64]] = []
-            t_l: list[npt.NDArray[np.int64]] = []
             for p, closing in closings.items():
                 if k >= len(closing):
                     continue
                 start, names, table = closing[k]
-                mine = self._rows.setdefault(p, {})
+                blocks = self._blocks(self._rows.setdefault(p, {}), names)
                 for signal, values in signal_values(self.kind, table).items():
                     at = np.flatnonzero(np.isfinite(values))
                     if not at.size:
                         continue
-                    fields = [f"{names[i]}{_FIELD_SEP}{signal}" for i in at.tolist()]
-                    rows = self._rows_for(mine, fields)
-                    stepped[p].update(zip(fields, rows.tolist(), strict=True))
+                    rows = blocks[at] + self._signal_at[signal]
+                    stepped[p].append(rows)
                     segs.append((p, start, names, table, signal, at))
                     rows_l.append(rows)
                     vals_l.append(values[at])
-                    t_l.append(np.full(at.size, start, dtype=np.int64))
             if not segs:
                 continue
             rows = np.concatenate(rows_l)
             values = np.concatenate(vals_l)
-            res = self._step(rows, np.concatenate(t_l), values)
+            t = np.repeat(
+                np.asarray([s[1] for s in segs], dtype=np.int64), [len(r) for r in rows_l]
+            )
+            res = self._step(rows, t, values)
             if not res.alarm.any():
                 continue
             hit = np.flatnonzero(res.alarm)
@@ -321,21 +340,29 @@ class KindDetectors:
             self._save(p, stepped[p], found)
         return out
 
-    def _save(self, partition: int, stepped: dict[str, int], out: Detected) -> None:
+    def _save(self, partition: int, stepped: list[npt.NDArray[np.int64]], out: Detected) -> None:
         """The states of the stepped rows due a snapshot (on their first step, then every
         ``snapshot_every`` steps, staggered by name), and the partition's replay point."""
-        names = list(stepped)
-        rows = np.fromiter(stepped.values(), np.int64, len(stepped))
-        due = (self._steps[rows] == 1) | (
-            self._steps[rows] % self.snapshot_every == self._phase[rows]
-        )
+        every = np.concatenate(stepped) if stepped else np.zeros(0, np.int64)
+        _, first = np.unique(every, return_index=True)
+        rows = every[np.sort(first)]  # each row once, in the order it first stepped
+        steps = self._steps[rows]
+        due = (steps == 1) | (steps % self.snapshot_every == self._phase[rows])
         save = rows[due]
         self._unsaved[save] = -1
-        out.fields = [n for n, d in zip(names, due.tolist(), strict=True) if d]
-        heads = [_ROW_HEAD.pack(int(self._last[r]), int(self._steps[r])) for r in save.tolist()]
-        out.states = [h + b for h, b in zip(heads, self.bank.snapshot(save), strict=True)]
+        width = len(self.signals)
+        out.fields = [
+            f"{self._entity[r // width]}{_FIELD_SEP}{self.signals[r % width]}"
+            for r in save.tolist()
+        ]
+        heads = np.empty((save.size, 2), dtype="<i8")  # _ROW_HEAD: last start, steps
+        heads[:, 0], heads[:, 1] = self._last[save], self._steps[save]
+        out.states = rows_bytes(
+            np.concatenate([heads.view(np.uint8), self.bank.snapshot_array(save)], axis=1)
+        )
         mine = self._rows[partition]
-        unsaved = self._unsaved[np.fromiter(mine.values(), np.int64, len(mine))]
+        blocks = np.fromiter(mine.values(), np.int64, len(mine))
+        unsaved = self._unsaved[self._block_rows(blocks)]
         unsaved = unsaved[unsaved >= 0]
         out.fields.append(REPLAY_FIELD)
         out.states.append(str(int(unsaved.min()) if unsaved.size else -1).encode())
@@ -349,28 +376,43 @@ class KindDetectors:
         self._unsaved[rows] = np.where(self._unsaved[rows] < 0, t, self._unsaved[rows])
         return res
 
-    def _rows_for(self, mine: dict[str, int], fields: list[str]) -> npt.NDArray[np.int64]:
-        new = [f for f in fields if f not in mine]
-        if new:
-            rows = self._alloc(len(new))
-            for f, r in zip(new, rows.tolist(), strict=True):
-                mine[f] = r
+    def _block_rows(self, blocks: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Every row of ``blocks`` (first rows)."""
+        out: npt.NDArray[np.int64] = (blocks[:, None] + np.arange(len(self.signals))).ravel()
+        return out
+
+    def _blocks(self, mine: dict[str, int], entities: Sequence[str]) -> npt.NDArray[np.int64]:
+        """The first row of each entity's block (a new entity gets a free block)."""
+        at = np.fromiter(map(mine.get, entities, repeat(-1)), np.int64, len(entities))
+        miss = np.flatnonzero(at < 0)
+        if miss.size:
+            new = list(dict.fromkeys(entities[i] for i in miss.tolist()))
+            width = len(self.signals)
+            for e, b in zip(new, self._alloc(len(new)).tolist(), strict=True):
+                mine[e] = b
+                self._entity[b // width] = e
                 # a row's snapshot phase is a function of its name: the same after a restore
-                self._phase[r] = zlib.crc32(f.encode()) % self.snapshot_every
-        return np.fromiter((mine[f] for f in fields), np.int64, len(fields))
+                for j, s in enumerate(self.signals):
+                    name = f"{e}{_FIELD_SEP}{s}"
+                    self._phase[b + j] = zlib.crc32(name.encode()) % self.snapshot_every
+            at[miss] = np.fromiter((mine[entities[i]] for i in miss.tolist()), np.int64, miss.size)
+        return at
 
     def _alloc(self, count: int) -> npt.NDArray[np.int64]:
-        """``count`` free rows; the bank grows by doubling (adding rows copies the whole state,
-        and new entities arrive a few at a time)."""
+        """``count`` free blocks (their first rows); the bank grows by doubling (adding rows
+        copies the whole state, and new entities arrive a few at a time)."""
         short = count - len(self._free)
         if short > 0:
-            fresh = self.bank.add(max(short, len(self.bank), 64))
+            width = len(self.signals)
+            blocks = max(short, len(self._entity), 64)
+            fresh = self.bank.add(blocks * width)
             grow = np.zeros(fresh.size, np.int64)
             self._last = np.concatenate([self._last, grow])
             self._steps = np.concatenate([self._steps, grow])
             self._unsaved = np.concatenate([self._unsaved, grow - 1])
             self._phase = np.concatenate([self._phase, grow])
-            self._free.extend(reversed(fresh.tolist()))
+            self._entity += [""] * blocks
+            self._free.extend(reversed(fresh[::width].tolist()))
         return np.asarray([self._free.pop() for _ in range(count)], dtype=np.int64)
 
     def _record(

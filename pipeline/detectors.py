@@ -94,8 +94,6 @@ EP = _L.col()  # 1 while an episode is open
 QUIET = _L.col()  # observations in a row below the release level, within an episode
 Z_LAST = _L.col()  # last one-step z (signed), for the anomaly vector
 SPK_LP = _L.col()  # log10 tail probability of the last observation's one-step surprise
-SEAS = _L.col(BINS)  # time-of-day profile: mean of (value - slow level) per bin
-SEAS_N = _L.col(BINS)  # visits per bin
 KNN_W: Final = 10  # values per window of the contextual (kNN) test
 KNN_GAP: Final = KNN_W  # reference windows end this many observations back (no overlap) ...
 KNN_REF: Final = 48  # ... or up to KNN_REF - 1 more: one reference window per lag
@@ -103,7 +101,15 @@ HIST_LEN: Final = KNN_W + KNN_GAP + KNN_REF  # values kept: enough to drop the o
 HIST = _L.col(HIST_LEN)  # the last HIST_LEN values, oldest first
 KNN_D = _L.col(KNN_REF)  # squared distance of the newest window to the one L observations
 # back, for L = KNN_GAP + KNN_REF - 1 down to KNN_GAP (running sums; one recomputed per step)
+# a step reads and writes one bin of the profile: the columns before it are all a step copies
+STEPPED: Final = _L.width
+SEAS = _L.col(BINS)  # time-of-day profile: mean of (value - slow level) per bin
+SEAS_N = _L.col(BINS)  # visits per bin
 WIDTH: Final = _L.width
+# snapshots keep the column order of version 4 (the profile before the history), so states
+# saved before the profile moved to the end of a row still load
+_SNAPSHOT_ORDER: Final = np.r_[0:HIST, SEAS:WIDTH, HIST:STEPPED]
+_FROM_SNAPSHOT: Final = np.argsort(_SNAPSHOT_ORDER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +253,7 @@ class DetectorBank:
         p = self.params
         x = np.asarray(values, dtype=np.float64)
         t = np.asarray(t_ms, dtype=np.int64)
-        st = self.state[rows]
+        st = self.state[rows, :STEPPED]
         m = len(rows)
         ar = np.arange(m)
         n0 = st[:, N].copy()
@@ -264,7 +270,7 @@ class DetectorBank:
 
         # predictors: the value, and the value minus its time-of-day profile
         b = ((t % DAY_MS) * BINS // DAY_MS).astype(np.int64)
-        seas = st[ar, SEAS + b]
+        seas = self.state[rows, SEAS + b]
         span_ok = (n0 * st[:, DT] >= p.seasonal_days * DAY_MS) & (st[:, DT] < DAY_MS / BINS * 2)
         v = np.stack([x, x - seas], axis=1)  # (m, 2)
         lev, sc, ls, ss = (
@@ -312,7 +318,7 @@ class DetectorBank:
         # one lag a step is recomputed from the values, so rounding residue (say, of a huge
         # value that has left the windows) lasts at most KNN_REF observations
         c = (n0 % KNN_REF).astype(np.int64)
-        at = (ar * WIDTH + HIST + h1 + 1 + c)[:, None] + np.arange(KNN_W)
+        at = (ar * STEPPED + HIST + h1 + 1 + c)[:, None] + np.arange(KNN_W)
         exact = np.square(st.reshape(-1)[at] - hist[:, HIST_LEN - KNN_W :])
         d2[ar, c] = exact.sum(axis=1)
         np.maximum(d2, 0.0, out=d2)
@@ -426,21 +432,24 @@ class DetectorBank:
         # time-of-day profile of the value around the slow level of the raw predictor; it
         # learns only outside anomaly episodes (an anomalous day would otherwise raise false
         # alarms at the same time of the following days)
-        sn = st[ar, SEAS_N + b]
+        sn = self.state[rows, SEAS_N + b]
         ws = np.maximum(1.0 / (sn + 1.0), p.seasonal_rate)
         dev = x - st[:, LS]
         learn = finite & (st[:, EP] == 0)
-        st[ar, SEAS + b] = np.where(learn, seas + ws * (dev - seas), seas)
-        st[ar, SEAS_N + b] = sn + learn
+        seas_new = np.where(learn, seas + ws * (dev - seas), seas)
         st[:, KNN_D : KNN_D + KNN_REF] = d2
         st[:, X_PREV] = x
         st[:, T_LAST] = t
         st[:, N] = n0 + 1.0
         # values near the float64 limit can overflow the statistics: such an entity starts over
         # (deterministically), so that every state stays finite and its snapshot decodable
-        broken = ~np.isfinite(st).all(axis=1)
+        broken = ~np.isfinite(st).all(axis=1) | ~np.isfinite(seas_new)
         st[broken] = 0.0
-        self.state[rows] = st
+        self.state[rows, :STEPPED] = st
+        self.state[rows, SEAS + b] = np.where(broken, 0.0, seas_new)
+        self.state[rows, SEAS_N + b] = np.where(broken, 0.0, sn + learn)
+        if broken.any():
+            self.state[rows[broken], STEPPED:] = 0.0
         score = np.where(np.isfinite(score), score, 0.0)
         alarm &= ~broken
         return StepResult(score, alarm, np.where(alarm, cause, -1), expected)
@@ -519,9 +528,18 @@ class DetectorBank:
 
     def snapshot(self, rows: Sequence[int] | IntArray) -> list[bytes]:
         """Each row's state as bytes (versioned header + little-endian float64 row)."""
-        head = _HEADER.pack(_MAGIC, _VERSION, WIDTH, RING)
-        block = np.ascontiguousarray(self.state[np.asarray(rows, dtype=np.int64)], dtype="<f8")
-        return [head + block[i].tobytes() for i in range(len(block))]
+        return rows_bytes(self.snapshot_array(rows))
+
+    def snapshot_array(self, rows: Sequence[int] | IntArray) -> npt.NDArray[np.uint8]:
+        """:meth:`snapshot` as one ``(len(rows), SNAPSHOT_BYTES)`` array of bytes."""
+        idx = np.asarray(rows, dtype=np.int64)
+        out = np.empty((idx.size, SNAPSHOT_BYTES), dtype=np.uint8)
+        out[:, : _HEADER.size] = np.frombuffer(
+            _HEADER.pack(_MAGIC, _VERSION, WIDTH, RING), np.uint8
+        )
+        block = np.ascontiguousarray(self.state[idx[:, None], _SNAPSHOT_ORDER], dtype="<f8")
+        out[:, _HEADER.size :] = block.view(np.uint8)
+        return out
 
     def restore(self, rows: Sequence[int] | IntArray, blobs: Sequence[bytes]) -> None:
         """Load snapshots into ``rows``; raises :class:`SnapshotError` (nothing loaded) if any
@@ -530,6 +548,17 @@ class DetectorBank:
             raise ValueError("rows and blobs differ in length")
         decoded = np.stack([decode(b) for b in blobs]) if blobs else fresh_rows(0)
         self.state[np.asarray(rows, dtype=np.int64)] = decoded
+
+
+def rows_bytes(block: npt.NDArray[np.uint8]) -> list[bytes]:
+    """Each row of a 2-d byte array as one ``bytes`` (a view as fixed-size raw records keeps
+    trailing zero bytes, which a ``S`` string view would drop)."""
+    flat = np.ascontiguousarray(block)
+    width = flat.shape[1] if flat.ndim == 2 else 0
+    if not width:
+        return [b""] * len(flat)
+    out: list[bytes] = flat.view(f"V{width}").ravel().tolist()
+    return out
 
 
 def decode(blob: bytes) -> FloatArray:
@@ -551,6 +580,7 @@ def decode(blob: bytes) -> FloatArray:
     if len(data) != SNAPSHOT_BYTES:
         raise SnapshotError(f"snapshot is {len(data)} bytes, expected {SNAPSHOT_BYTES}")
     row = np.frombuffer(data, dtype="<f8", offset=_HEADER.size).astype(np.float64)
+    row = row[_FROM_SNAPSHOT]
     if not bool(np.all(np.isfinite(row))):
         raise SnapshotError("snapshot holds a non-finite number")
     counts = row[[N, RUN, QUIET, *range(SEAS_N, SEAS_N + BINS)]]

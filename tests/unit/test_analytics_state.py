@@ -196,8 +196,18 @@ def test_restored_detectors_continue_exactly_like_uninterrupted_ones(crash_at: i
 
 def test_a_damaged_stored_state_starts_afresh_and_never_raises() -> None:
     det = KindDetectors(S, keys.WINDOW_10S)
-    det.restore(4, {b"d1|temp~mean": b"garbage", b"d1|temp~max": b""})
-    assert det.refused == 2 and det.restored(4)
+    good = KindDetectors(S, keys.WINDOW_10S).detect(4, windows_of([1.0]))
+    (state,) = (v for f, v in zip(good.fields, good.states, strict=True) if f == "d1|temp~mean")
+    det.restore(
+        4,
+        {
+            b"d1|temp~mean": b"garbage",
+            b"d1|temp~max": b"",
+            b"d1|temp~median": state,  # no such signal
+            b"~mean": state,  # no entity
+        },
+    )
+    assert det.refused == 4 and det.restored(4)
     det.detect(4, windows_of([1.0, 2.0]))  # the rows work
     det.drop(4)
     assert not det.restored(4)

@@ -211,6 +211,29 @@ def test_snapshot_header_and_size() -> None:
     assert blobs[0][3] == 4  # version
 
 
+def test_snapshots_keep_the_column_order_of_version_4() -> None:
+    """Rows keep the time-of-day profile last (a step copies only the columns before it);
+    snapshots keep version 4's order (the profile before the history), so states saved by
+    earlier releases load unchanged."""
+    bank = DetectorBank(1)
+    t = np.arange(300, dtype=np.int64) * 600_000  # half-hourly bins fill over 2 days
+    rng = np.random.default_rng(3)
+    bank.score_batch(np.zeros(300, np.int64), t, 10 + rng.standard_normal(300))
+    row = bank.state[0]
+    (blob,) = bank.snapshot([0])
+    saved = np.frombuffer(blob, "<f8", offset=8)
+    v4 = np.r_[
+        row[: detectors.HIST],
+        row[detectors.SEAS : detectors.SEAS + detectors.BINS],
+        row[detectors.SEAS_N : detectors.SEAS_N + detectors.BINS],
+        row[detectors.HIST : detectors.HIST + detectors.HIST_LEN],
+        row[detectors.KNN_D : detectors.KNN_D + detectors.KNN_REF],
+    ]
+    assert row[detectors.SEAS_N : detectors.SEAS_N + detectors.BINS].sum() > 0
+    assert np.array_equal(saved, v4)
+    assert np.array_equal(detectors.decode(blob), row)
+
+
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
