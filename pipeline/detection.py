@@ -11,7 +11,9 @@ step: the inputs of the steps since are the closed windows' final values, which 
 anyway (written with the offsets that closed them). Each apply that steps detectors also writes
 the partition's *replay point* (``@from``): the oldest window a row stepped since its snapshot.
 A restore loads the snapshots and steps each row again through the stored windows from the
-replay point on (raising nothing: those anomalies are stored). A window closes at a fixed point
+replay point on (raising nothing: those anomalies are stored). A row that steps rarely (an
+entity seen in few windows) is saved once its oldest unsaved step is ``REPLAY_WINDOWS`` windows
+old, so a restore never reads more closed windows than that. A window closes at a fixed point
 of the partition's record sequence (when its watermark passes the window's end), so a crash, a
 rebalance or a replay steps the same detectors with the same values, and raises the same
 anomalies under the same ids, once.
@@ -51,6 +53,8 @@ DETECT_DIMS: dict[EventKind, str] = {
 _FIELD_SEP = "~"  # detector state field: "<entity>~<signal>" (identifiers cannot hold it)
 REPLAY_FIELD = "@from"  # the partition's replay point (decimal window start; -1: none)
 SNAPSHOT_EVERY = 30  # a row's state is written every this many of its steps (5 min at 10 s)
+REPLAY_WINDOWS = 2 * SNAPSHOT_EVERY  # ... and at the latest when a restore would otherwise
+# replay more closed windows than this (a row that steps rarely: a sparse or silent entity)
 FLAT_MIN_READINGS = 3  # "flat" is judged on windows of at least this many readings
 RANGE_SCALES = 5.0  # the range test of window signals: beyond the seen range by 5 scales
 _ROW_HEAD = struct.Struct("<qq")  # the row's last window start stepped, its steps so far
@@ -178,6 +182,7 @@ class KindDetectors:
         window: keys.TumblingWindow,
         params: DetectorParams | None = None,
         snapshot_every: int = SNAPSHOT_EVERY,
+        replay_windows: int = REPLAY_WINDOWS,
     ) -> None:
         self.kind = kind
         self.window = window
@@ -186,6 +191,7 @@ class KindDetectors:
         self._signal_at = {s: j for j, s in enumerate(self.signals)}
         self.bank = DetectorBank(0, params or window_params(kind))
         self.snapshot_every = snapshot_every
+        self.replay_windows = max(replay_windows, 1)
         self._rows: dict[int, dict[str, int]] = {}  # partition -> entity -> first row of block
         self._entity: list[str] = []  # per block (row // len(signals)): its entity
         self._free: list[int] = []  # first rows of free blocks
@@ -341,14 +347,24 @@ class KindDetectors:
         return out
 
     def _save(self, partition: int, stepped: list[npt.NDArray[np.int64]], out: Detected) -> None:
-        """The states of the stepped rows due a snapshot (on their first step, then every
-        ``snapshot_every`` steps, staggered by name), and the partition's replay point."""
+        """The states of the rows due a snapshot and the partition's replay point."""
         every = np.concatenate(stepped) if stepped else np.zeros(0, np.int64)
         _, first = np.unique(every, return_index=True)
         rows = every[np.sort(first)]  # each row once, in the order it first stepped
-        steps = self._steps[rows]
-        due = (steps == 1) | (steps % self.snapshot_every == self._phase[rows])
+        # a row is saved every `snapshot_every` of its steps (staggered by name), not on its
+        # first: until then the replay point covers its whole history
+        due = self._steps[rows] % self.snapshot_every == self._phase[rows]
         save = rows[due]
+        mine = self._rows[partition]
+        owned = self._block_rows(np.fromiter(mine.values(), np.int64, len(mine)))
+        if rows.size:
+            # rows whose oldest unsaved step is about to leave the replay span are saved now,
+            # stepped or not: a restore then reads at most REPLAY_WINDOWS closed windows
+            newest = int(self._last[rows].max())
+            horizon = newest - (self.replay_windows - 1) * self.window.size_ms
+            unsaved = self._unsaved[owned]
+            late = owned[(unsaved >= 0) & (unsaved <= horizon)]
+            save = np.concatenate([save, late[~np.isin(late, save)]])
         self._unsaved[save] = -1
         width = len(self.signals)
         out.fields = [
@@ -360,9 +376,7 @@ class KindDetectors:
         out.states = rows_bytes(
             np.concatenate([heads.view(np.uint8), self.bank.snapshot_array(save)], axis=1)
         )
-        mine = self._rows[partition]
-        blocks = np.fromiter(mine.values(), np.int64, len(mine))
-        unsaved = self._unsaved[self._block_rows(blocks)]
+        unsaved = self._unsaved[owned]
         unsaved = unsaved[unsaved >= 0]
         out.fields.append(REPLAY_FIELD)
         out.states.append(str(int(unsaved.min()) if unsaved.size else -1).encode())
