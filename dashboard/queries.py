@@ -482,9 +482,19 @@ def execute_raw(r: redis.Redis, commands: Sequence[bytes]) -> list[object]:
     return list(stream_raw(r, commands))
 
 
+STREAM_CHUNK = 8  # commands a stream sends first (see stream_raw)
+
+
 def stream_raw(r: redis.Redis, commands: Sequence[bytes]) -> Generator[object, None, None]:
     """:func:`execute_raw`, each reply yielded as it arrives: the caller can work on the first
     replies while the store still produces the others.
+
+    The commands go out in chunks, the next as soon as the first reply of the one before
+    arrives: the store writes a client's replies only once it has run every command it read in
+    one go, so one big pipeline would keep the first reply back until the store had produced
+    the last (a first refresh's 60 large hashes: about 20 ms idle). The first chunk holds
+    :data:`STREAM_CHUNK` commands and each next one as many as were sent before it, so many
+    small commands still go out in a few writes.
 
     A failed command raises; the connection is then dropped (its remaining replies unread),
     as it is when the caller stops early, so it is never reused mid-stream.
@@ -499,10 +509,21 @@ def stream_raw(r: redis.Redis, commands: Sequence[bytes]) -> Generator[object, N
     pool = _binary(r).connection_pool
     conn = pool.get_connection()
     done = False
+    sent = newest = 0  # commands sent; where the newest chunk starts
+
+    def send_next() -> None:
+        nonlocal sent, newest
+        part = commands[sent : sent + max(STREAM_CHUNK, sent)]  # chunks double
+        conn.send_packed_command([b"".join(part)])  # type: ignore[no-untyped-call]
+        newest, sent = sent, sent + len(part)
+
     try:
-        conn.send_packed_command([b"".join(commands)])  # type: ignore[no-untyped-call]
-        for _ in commands:
-            yield conn.read_response()
+        send_next()
+        for i in range(len(commands)):
+            reply = conn.read_response()
+            if i == newest and sent < len(commands):
+                send_next()  # the newest chunk has begun to arrive: queue the next
+            yield reply
         done = True
     finally:
         if not done:
