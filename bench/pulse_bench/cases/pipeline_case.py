@@ -120,7 +120,7 @@ def run_one(ctx: BenchContext) -> Metrics:
     return drain_with_workers(ctx, 1, "pulse_1w")
 
 
-@bench_case("pulse_2w", description="the real pipeline, 2 worker processes", order=31)
+@bench_case("pulse_2w", description="the real pipeline, 2 worker processes", order=32)
 def run_two(ctx: BenchContext) -> Metrics:
     """Pulse with two workers (one consumer group)."""
     return drain_with_workers(ctx, 2, "pulse_2w")
@@ -135,7 +135,7 @@ def run_three(ctx: BenchContext) -> Metrics:
 @bench_case(
     "pulse_1w_nodetect",
     description="the real pipeline, 1 worker, anomaly detection off (its cost, side by side)",
-    order=32,
+    order=31,  # right after pulse_1w: the machine's drift between the two is a ratio's error
 )
 def run_one_without_detection(ctx: BenchContext) -> Metrics:
     """Pulse with one worker and ``PULSE_WORKER_DETECT=false``."""
