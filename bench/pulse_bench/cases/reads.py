@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import cProfile
 import functools
+import gc
 import inspect
 import io
 import pstats
@@ -308,14 +309,9 @@ def _profile(fn: Callable[[], object], calls: int = 3, top: int = 8) -> list[dic
 @bench_case("reads", description="latency of each dashboard panel query, seeded store", order=60)
 def run(ctx: BenchContext) -> Metrics:
     """Seed the store db, then time every panel query."""
-    from dashboard import queries
-    from dashboard.settings import DashboardSettings
-    from pipeline.metrics import Metrics as WorkerMetrics
     from pipeline.settings import WorkerSettings
-    from schemas import keys
 
     p = ctx.params
-    ds = DashboardSettings()
     ctx.flush()
     now_ms = int(time.time() * 1000)
     segments = plan_segments(
@@ -325,6 +321,25 @@ def run(ctx: BenchContext) -> Metrics:
     t0 = time.monotonic()
     seeder = _seed(ctx, segments, now_ms)
     seed_s = time.monotonic() - t0
+    # as the dashboard's server does (dashboard.app.freeze_startup_heap): what exists before
+    # the panels run is left out of the collector's full walks, here the bench's own records too
+    gc.collect()
+    gc.freeze()
+    try:
+        return _time_panels(ctx, seeder, seed_s, now_ms)
+    finally:
+        gc.unfreeze()
+
+
+def _time_panels(ctx: BenchContext, seeder: Seeder, seed_s: float, now_ms: int) -> Metrics:
+    """Every panel query timed as the dashboard runs it, against the seeded store."""
+    from dashboard import queries
+    from dashboard.settings import DashboardSettings
+    from pipeline.metrics import Metrics as WorkerMetrics
+    from schemas import keys
+
+    p = ctx.params
+    ds = DashboardSettings()
     # the dashboard's client (binary replies, RESP2)
     with queries.reader_client(ctx.store, db=p.store_db, timeout_s=30) as r:
         r.hset(keys.worker_key("bench"), mapping=WorkerMetrics().snapshot())
