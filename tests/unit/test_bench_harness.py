@@ -64,6 +64,12 @@ def test_the_shipped_registry_resolves() -> None:
         "write_cost", "freshness", "freshness_half", "reads", "hnsw", "replay",
     }  # fmt: skip
     assert REGISTRY.ratios["pulse_1w_vs_quix"].denominator == "cases.quix.events_per_s"
+    # detection's cost: on (pulse_1w), off, on again, in a row
+    assert [c.name for c in REGISTRY.resolve(["pulse_1w_nodetect"])] == [
+        "pulse_1w",
+        "pulse_1w_nodetect",
+    ]
+    assert REGISTRY.targets["detection_cost"].metric == "cases.pulse_1w_nodetect.detection_on_off"
     goals = {name: (t.op, t.threshold) for name, t in REGISTRY.targets.items()}
     assert goals == {
         "pulse_1w_vs_floor": (">=", 0.25),
