@@ -142,7 +142,9 @@ def test_slot_migration_during_a_run_loses_nothing(
     pl = Pipeline.create(cluster, tmp_path)
     truth_file = tmp_path / "truth.json"
     gen = pl.start_loadgen(
-        "--rate=1500", "--duration=15", "--devices=30", "--services=4", "--seed=9",
+        # long enough to outlive the worker's start and the move on a slow, loaded machine:
+        # the drill needs records of the partition arriving while its slot migrates
+        "--rate=1500", "--duration=40", "--devices=30", "--services=4", "--seed=9",
         "--bad-rate=0.01", "--late-rate=0.02", truth=truth_file,
     )  # fmt: skip
     worker = pl.worker()
@@ -171,16 +173,19 @@ def test_slot_migration_during_a_run_loses_nothing(
             if moved <= 5:
                 wait_for(redirected_midway, "an apply redirected mid-migration", 60, worker.alive)
 
+        auth = cluster.store_settings.credentials(StoreRole.ADMIN)
         with nodes[before].client() as source, nodes[target].client() as dest:
-            moved = move_slot(
-                source,
-                dest,
-                slot,
-                others=others,
-                auth=cluster.store_settings.credentials(StoreRole.ADMIN),
-                batch=5,
-                on_batch=hold_first_batch,
-            )
+            try:
+                moved = move_slot(
+                    source, dest, slot, others=others, auth=auth, batch=5,
+                    on_batch=hold_first_batch,
+                )  # fmt: skip
+            except BaseException:
+                # finish the move: the module's next tests need a cluster with no slot
+                # left half-migrated (its partition's applies would be refused for good)
+                with contextlib.suppress(redis.RedisError):
+                    move_slot(source, dest, slot, others=others, auth=auth)
+                raise
         for client in others:
             client.close()
         at_move = applied()
