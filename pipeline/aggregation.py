@@ -1,9 +1,11 @@
 """Vectorised per-batch aggregation into mergeable window deltas (pure numpy).
 
 A partition's on-time events become, per tumbling window instance, dimension and entity: count,
-sum, sum of squares, min, max, quantile-sketch bucket counts and (application logs) status-class
-and error counts, as ``schemas.packed`` tables. Every one of these merges exactly (adds, or
-min/max): the worker folds each batch into the open windows it owns (``pipeline.state``).
+sum, sum of squares, min, max, quantile-sketch bucket counts, (sensor readings) repeated readings
+and the first and last reading in the batch's order, and (application logs) status-class and
+error counts, as ``schemas.packed`` tables. Every one of these merges exactly, in the series'
+order (``schemas.packed.follow``): the worker folds each batch into the open windows it owns
+(``pipeline.state``).
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ class Columns:
 class WindowDelta:
     """One batch's contribution to one window instance and dimension.
 
-    Row ``i`` of ``table`` is entity ``names[i]``: its statistics (``keys.Stat.PACKED``, for
-    application logs ``PACKED_APPLOG``) and its sketch buckets, in ``schemas.packed`` form.
+    Row ``i`` of ``table`` is entity ``names[i]``: its statistics (``keys.Stat.PACKED_SENSOR``,
+    for application logs ``PACKED_APPLOG``) and its sketch buckets, in ``schemas.packed`` form.
     """
 
     window: keys.TumblingWindow
@@ -244,6 +246,13 @@ def _aggregate_dim(
         by_class = np.bincount(g * 5 + cols.status_class, minlength=n_groups * 5)
         columns.extend(by_class.reshape(n_groups, 5).T.astype(np.float64))
         columns.append(np.bincount(g, weights=cols.errors, minlength=n_groups))
+    else:
+        # the series statistics: each group's readings in batch order (the sort is stable)
+        g_sorted = g[order]
+        repeats = (g_sorted[1:] == g_sorted[:-1]) & (v_sorted[1:] == v_sorted[:-1])
+        columns.append(np.bincount(g_sorted[1:], weights=repeats, minlength=n_groups))
+        columns.append(v_sorted[first])
+        columns.append(v_sorted[first + count - 1])
     stats = np.column_stack(columns)
     group_start = group_keys // n_names
     group_name = group_keys % n_names

@@ -3,8 +3,8 @@
 Each kind watches one dimension (sensor: ``device|metric``; applog: the service) in one window
 (10 s by default). When a partition's watermark closes an instance, every entity in it steps
 its detectors once per signal (``schemas.anomaly.SIGNALS``) with the instance's final
-statistics: the mean and maximum reading and whether its readings were all equal (a stuck
-sensor); a service's median latency and error rate.
+statistics: the mean and maximum reading and whether its readings mostly repeat the one before
+them (a stuck sensor); a service's median latency and error rate.
 Detector state is partition state checkpointed with the offset. A row's state (about 2 KB)
 is written every ``SNAPSHOT_EVERY`` of its steps (rows are staggered), not every
 step: the inputs of the steps since are the closed windows' final values, which the store holds
@@ -56,6 +56,7 @@ SNAPSHOT_EVERY = 30  # a row's state is written every this many of its steps (5 
 REPLAY_WINDOWS = 2 * SNAPSHOT_EVERY  # ... and at the latest when a restore would otherwise
 # replay more closed windows than this (a row that steps rarely: a sparse or silent entity)
 FLAT_MIN_READINGS = 3  # "flat" is judged on windows of at least this many readings
+FLAT_SHARE = 0.6  # ... and holds when a window's readings mostly repeat the one before them
 RANGE_SCALES = 5.0  # the range test of window signals: beyond the seen range by 5 scales
 _ROW_HEAD = struct.Struct("<qq")  # the row's last window start stepped, its steps so far
 _ERRORS_AT = keys.Stat.PACKED_APPLOG.index(keys.Stat.ERRORS)
@@ -99,9 +100,7 @@ def signal_values(kind: EventKind, table: packed.Table) -> dict[str, npt.NDArray
                 # a stuck sensor repeats one value: equal readings are surprising only
                 # against the entity's own history of them (the detector learns that)
                 anomaly.Signal.FLAT: np.where(
-                    n >= FLAT_MIN_READINGS,
-                    (st[:, packed.MAX] == st[:, packed.MIN]).astype(np.float64),
-                    np.nan,
+                    n >= FLAT_MIN_READINGS, flat_windows(n, st[:, packed.REPEATS]), np.nan
                 ),
             }
         return {
@@ -111,6 +110,22 @@ def signal_values(kind: EventKind, table: packed.Table) -> dict[str, npt.NDArray
                 n > 0, error_evidence(st[:, _ERRORS_AT], n), np.nan
             ),
         }
+
+
+def flat_windows(
+    n: npt.NDArray[np.float64], repeats: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """The ``flat`` signal of windows of ``n`` readings, ``repeats`` of which equal the reading
+    before them (in the series' order): 1 when the repeats and the reading they start from make
+    up ``FLAT_SHARE`` of the readings (and at least ``FLAT_MIN_READINGS``), else 0.
+
+    A stuck sensor shorter than two windows need not fill one: a 12-second freeze at 1.5
+    readings a second can put 6 equal readings in a window beside 3 ordinary ones. Counting
+    repeats sees it, where min = max cannot; and a quiet series whose rounded readings are
+    often equal in pairs seldom repeats most of a window's readings.
+    """
+    need = np.maximum(FLAT_MIN_READINGS, FLAT_SHARE * n)
+    return (repeats + 1 >= need).astype(np.float64)
 
 
 ERROR_Z = 3.0  # the error-rate signal: the Wilson lower bound at this many standard errors

@@ -116,17 +116,12 @@ class OpenRows:
     def absorb(
         self, groups: Sequence[tuple[Instance, Sequence[str]]], table: packed.Table
     ) -> tuple[npt.NDArray[np.int64], list[int]]:
-        """Fold rows in (the rows of ``table`` are each group's entities in turn, unique
-        within a group): their rows, the new keys' rows."""
+        """Fold rows in, after what the rows hold (the rows of ``table`` are each group's
+        entities in turn, unique within a group): their rows, the new keys' rows."""
         rows, fresh = self._rows(groups)
         s = self._stats
         d = table.stats
-        touched = s[rows]
-        touched[:, packed.MIN] = np.minimum(touched[:, packed.MIN], d[:, packed.MIN])
-        touched[:, packed.MAX] = np.maximum(touched[:, packed.MAX], d[:, packed.MAX])
-        adds = [j for j in range(self.nf) if j not in (packed.MIN, packed.MAX)]
-        touched[:, adds] += d[:, adds]
-        s[rows] = touched
+        s[rows] = packed.follow(s[rows], d)
         self._add_buckets(rows[table.row] * _SPAN + (table.code + _HALF), table.count)
         return rows, fresh
 

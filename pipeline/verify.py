@@ -80,6 +80,8 @@ class Merged:
                 self.min = min(self.min, x)
             elif stat == keys.Stat.MAX:
                 self.max = max(self.max, x)
+            elif stat in keys.Stat.SERIES:
+                continue  # the series' order is the partition's, which the truth does not hold
             else:
                 self.counts[stat] = self.counts.get(stat, 0) + int(x)
 
@@ -216,7 +218,9 @@ def read_store(client: Any, batch: int = 500) -> StoreContents:
                     f"{where} {ents[r]}: {what}" for what, rs in packed.problems(table) for r in rs
                 )
                 bucket = view[kind.value][window][dim][start]
-                stat_names = keys.Stat.PACKED_APPLOG if nf == packed.NF_APPLOG else keys.Stat.PACKED
+                stat_names = (
+                    keys.Stat.PACKED_APPLOG if nf == packed.NF_APPLOG else keys.Stat.PACKED_SENSOR
+                )
                 for ent, row in zip(ents, table.stats.tolist(), strict=True):
                     bucket.setdefault(ent, Merged()).add(dict(zip(stat_names, row, strict=True)))
                 for r, c, n in zip(

@@ -63,7 +63,7 @@ class Signal:
 
     MEAN: Final = "mean"  # sensor: mean reading of device|metric
     MAX: Final = "max"  # sensor: highest reading
-    FLAT: Final = "flat"  # sensor: 1 when a window's readings (three or more) are all equal
+    FLAT: Final = "flat"  # sensor: 1 when a window's readings mostly repeat the one before them
     LATENCY: Final = "latency_p50"  # applog: a service's median latency (ms)
     ERROR_RATE: Final = "error_rate"  # applog: a service's share of ERROR-level events
 

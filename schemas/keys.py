@@ -110,7 +110,15 @@ class Stat:
     STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
     # applog only: ERROR-level events
     ERRORS: Final = "err"
-    PACKED: Final = ("n", "sum", "sq", "min", "max")
+    # sensor only: the series statistics of one device's readings of one metric, in the order
+    # its partition holds them (``schemas.packed``): readings equal to the one before them,
+    # and the first and last reading
+    REPEATS: Final = "rep"
+    FIRST: Final = "first"
+    LAST: Final = "last"
+    SERIES: Final = ("rep", "first", "last")
+    PACKED: Final = ("n", "sum", "sq", "min", "max")  # the statistics of every value
+    PACKED_SENSOR: Final = (*PACKED, *SERIES)
     PACKED_APPLOG: Final = (*PACKED, *STATUS_CLASSES, "err")
 
 

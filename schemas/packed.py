@@ -9,11 +9,11 @@ Layout (little-endian), version 1::
 
     offset  type         field
     0       u8           version (1)
-    1       u8           nf: number of statistics (5 sensor readings, 11 application logs)
+    1       u8           nf: number of statistics (8 sensor readings, 11 application logs)
     2       u8           cw: bytes per sketch code offset (1, 2 or 4)
     3       u8           nw: bytes per sketch bucket count (1, 2 or 4)
     4       i32          base: the smallest sketch code of the value (0 when it has none)
-    8       nf x f64     statistics in ``keys.Stat.PACKED`` (``PACKED_APPLOG``) order
+    8       nf x f64     statistics in ``keys.Stat.PACKED_SENSOR`` (``PACKED_APPLOG``) order
     8+8nf   k x u{cw}    sketch codes minus base, strictly ascending
             k x u{nw}    sketch bucket counts (> 0)
 
@@ -21,13 +21,23 @@ Layout (little-endian), version 1::
 readings in one minute span a few dozen buckets and counts below 256, so a bucket costs two
 bytes; the store's write volume (what MemoryDB bills) is dominated by these values.
 
+A sensor value's last three statistics describe its readings as a series, in the order the
+partition holds them: how many readings equal the one before them (within the value), and the
+first and last reading. Earlier releases wrote sensor values without them (``nf`` 5); those
+still decode, with the repeats their statistics prove (``n - 1`` when min = max, else 0) and
+no first or last reading (NaN).
+
 Merging (the one merge rule of the store's contract): counts, sums, sums of squares, status
-classes and error counts add; min takes the min and max the max; sketch buckets add by code.
+classes, error counts and repeats add; min takes the min and max the max; sketch buckets add by
+code. Values merged in their series' order (:func:`follow`, the worker folding polls into a
+window) also count the reading that repeats across the seam, and keep the first reading of the
+first and the last of the last; values merged without an order (:func:`merge`: partitions,
+panes, entities) have no first or last reading (NaN).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -44,7 +54,11 @@ SUM: Final = Stat.PACKED.index(Stat.SUM)
 SUMSQ: Final = Stat.PACKED.index(Stat.SUMSQ)
 MIN: Final = Stat.PACKED.index(Stat.MIN)
 MAX: Final = Stat.PACKED.index(Stat.MAX)
-NF_SENSOR: Final = len(Stat.PACKED)
+REPEATS: Final = Stat.PACKED_SENSOR.index(Stat.REPEATS)
+FIRST: Final = Stat.PACKED_SENSOR.index(Stat.FIRST)
+LAST: Final = Stat.PACKED_SENSOR.index(Stat.LAST)
+NF_BASE: Final = len(Stat.PACKED)  # the statistics every value starts with
+NF_SENSOR: Final = len(Stat.PACKED_SENSOR)
 NF_APPLOG: Final = len(Stat.PACKED_APPLOG)
 _WIDTHS: Final = (1, 2, 4)
 _CODE_SPAN: Final = 1 << 24  # sketch codes of finite doubles lie within +-2**18
@@ -214,6 +228,8 @@ def decode(values: Sequence[bytes], nf: int | None = None) -> Table:
     cw, nw = head[:, 2].astype(np.int64), head[:, 3].astype(np.int64)
     base = np.ascontiguousarray(head[:, 4:8]).view("<i4").ravel().astype(np.int64)
     want = int(nfs[0]) if nf is None else nf
+    if want == NF_SENSOR and bool((nfs == NF_BASE).any()):
+        return _with_legacy(values, nfs == NF_BASE, decode)
     body = lens - HEADER_BYTES - 8 * nfs
     pair = cw + nw
     bad = (
@@ -263,10 +279,16 @@ def decode_stats(values: Sequence[bytes], nf: int) -> Table:
     dtype = header_dtype(nf)
     hsize = dtype.itemsize
     lens = np.fromiter(map(len, values), dtype=np.int64, count=n)
-    if (lens < hsize).any():
-        _raise_first_error(values, nf, lens < hsize)
     buf = np.frombuffer(b"".join(values), dtype=np.uint8)
     starts = np.cumsum(lens) - lens
+    if nf == NF_SENSOR:
+        whole = lens >= HEADER_BYTES
+        legacy = np.zeros(n, dtype=np.bool_)
+        legacy[whole] = buf[starts[whole] + 1] == NF_BASE
+        if legacy.any():
+            return _with_legacy(values, legacy, decode_stats)
+    if (lens < hsize).any():
+        _raise_first_error(values, nf, lens < hsize)
     # each value's first hsize bytes (one gather, no index per byte), read as a structured array
     windows = np.lib.stride_tricks.sliding_window_view(buf, hsize)
     head = np.ascontiguousarray(windows[starts]).view(dtype).ravel()
@@ -279,6 +301,32 @@ def decode_stats(values: Sequence[bytes], nf: int) -> Table:
         _raise_first_error(values, nf, bad)
     z = np.zeros(0, dtype=np.int64)
     return Table(head["stats"].astype(np.float64), z, z.copy(), z.copy())
+
+
+def _with_legacy(
+    values: Sequence[bytes],
+    legacy: npt.NDArray[np.bool_],
+    read: Callable[[Sequence[bytes], int], Table],
+) -> Table:
+    """Sensor values some of which were written without the series statistics, read by
+    ``read`` (:func:`decode` or :func:`decode_stats`) in their order, all with them."""
+    old, new = np.flatnonzero(legacy), np.flatnonzero(~legacy)
+    parts = []
+    for idx, nf in ((new, NF_SENSOR), (old, NF_BASE)):
+        try:
+            parts.append(read([values[i] for i in idx.tolist()], nf))
+        except PackedError as exc:
+            i = None if exc.index is None else int(idx[exc.index])
+            why = str(exc).replace(f"value {exc.index} ", f"value {i} ", 1)
+            raise PackedError(why, i) from None
+    s = parts[1].stats
+    n = s[:, COUNT]
+    proven = np.where((n > 0) & (s[:, MIN] == s[:, MAX]), np.maximum(n - 1, 0), 0.0)
+    nan = np.full(n.size, np.nan)
+    parts[1] = Table(np.c_[s, proven, nan, nan], parts[1].row, parts[1].code, parts[1].count)
+    at = np.empty(len(values), dtype=np.int64)
+    at[np.concatenate((new, old))] = np.arange(len(values), dtype=np.int64)
+    return concat(parts).take(at)
 
 
 def _raise_first_error(values: Sequence[bytes], nf: int, bad: npt.NDArray[np.bool_]) -> None:
@@ -309,17 +357,27 @@ def problems(table: Table, limit: int = 5) -> list[tuple[str, list[int]]]:
         return [int(i) for i in np.flatnonzero(mask)[:limit]]
 
     s = table.stats
+    sensor = table.nf == NF_SENSOR
     if table.rows:
-        finite = np.asarray(np.isfinite(s).all(axis=1), dtype=np.bool_)
+        # a first or last reading may be unknown (NaN), never infinite
+        ends = [FIRST, LAST] if sensor else []
+        finite = np.asarray(
+            np.isfinite(np.delete(s, ends, axis=1)).all(axis=1) & ~np.isinf(s[:, ends]).any(axis=1),
+            dtype=np.bool_,
+        )
         if not finite.all():
             out.append(("holds a non-finite statistic", rows(~finite)))
-        counts = np.c_[s[:, COUNT : COUNT + 1], s[:, NF_SENSOR:]]
+        counts = s[:, [COUNT, REPEATS] if sensor else [COUNT, *range(NF_BASE, table.nf)]]
         bad = ((counts < 0) | (counts != np.floor(counts))).any(axis=1) & finite
         if bad.any():
             out.append(("holds a count that is not a whole number >= 0", rows(bad)))
         inverted = (s[:, COUNT] > 0) & (s[:, MIN] > s[:, MAX])
         if inverted.any():
             out.append(("has min > max", rows(inverted)))
+        if sensor:
+            many = s[:, REPEATS] > np.maximum(s[:, COUNT] - 1, 0)
+            if many.any():
+                out.append(("repeats more readings than it holds", rows(many)))
     per_row = np.zeros(table.rows, dtype=np.bool_)
     if table.count.size:
         per_row[table.row[table.count <= 0]] = True
@@ -338,14 +396,17 @@ def problems(table: Table, limit: int = 5) -> list[tuple[str, list[int]]]:
 def merge(table: Table, groups: npt.ArrayLike, n_groups: int) -> Table:
     """Rows merged by group (``groups[i]`` in ``0..n_groups-1`` is row ``i``'s group).
 
-    A group with no rows has count 0 and min/max of +inf/-inf.
+    A group with no rows has count 0 and min/max of +inf/-inf. The rows merge without an
+    order: a sensor group's first and last reading are NaN.
     """
     g = np.asarray(groups, dtype=np.int64)
     nf = table.nf
     s = table.stats
     out = np.empty((n_groups, nf), dtype=np.float64)
     for j in range(nf):
-        if j == MIN:
+        if nf == NF_SENSOR and j in (FIRST, LAST):
+            col = np.full(n_groups, np.nan)  # no series order across the merged values
+        elif j == MIN:
             col = np.full(n_groups, np.inf)
             np.minimum.at(col, g, s[:, j])
         elif j == MAX:
@@ -356,6 +417,21 @@ def merge(table: Table, groups: npt.ArrayLike, n_groups: int) -> Table:
         out[:, j] = col
     row, code, count = merge_buckets(g[table.row], table.code, table.count)
     return Table(out, row, code, count)
+
+
+def follow(before: F64, after: F64) -> F64:
+    """Statistics of values merged in their series' order: row ``i`` of ``before``, then row
+    ``i`` of ``after`` (the worker folding a poll's readings into an open window)."""
+    out = before + after
+    out[:, MIN] = np.minimum(before[:, MIN], after[:, MIN])
+    out[:, MAX] = np.maximum(before[:, MAX], after[:, MAX])
+    if before.shape[1] == NF_SENSOR:
+        had = before[:, COUNT] > 0
+        # the seam: the first reading of ``after`` repeats the last of ``before``
+        out[:, REPEATS] += had & (before[:, LAST] == after[:, FIRST])
+        out[:, FIRST] = np.where(had, before[:, FIRST], after[:, FIRST])
+        out[:, LAST] = np.where(after[:, COUNT] > 0, after[:, LAST], before[:, LAST])
+    return out
 
 
 def merge_buckets(row: I64, code: I64, count: I64) -> tuple[I64, I64, I64]:

@@ -1275,6 +1275,10 @@ def expected_store(
                     cell = Cell([0.0, 0.0, 0.0, math.inf, -math.inf] + [0.0] * (nf - 5))
                     out.cells[key][names[dim]] = cell
                 s = cell.stats
+                if kind is SENSOR:  # the series statistics, in offset order
+                    s[packed.REPEATS] += s[packed.COUNT] > 0 and s[packed.LAST] == v
+                    s[packed.FIRST] = v if s[packed.COUNT] == 0 else s[packed.FIRST]
+                    s[packed.LAST] = v
                 s[packed.COUNT] += 1
                 s[packed.SUM] += v
                 s[packed.SUMSQ] += v * v
@@ -1311,7 +1315,8 @@ def assert_store_holds(
             assert math.isclose(got[packed.SUM], exp[packed.SUM], rel_tol=1e-9, abs_tol=1e-9)
             assert math.isclose(got[packed.SUMSQ], exp[packed.SUMSQ], rel_tol=1e-9, abs_tol=1e-9)
             assert (got[packed.MIN], got[packed.MAX]) == (exp[packed.MIN], exp[packed.MAX]), where
-            assert got[5:].tolist() == exp[5:], where  # status classes and errors: exact
+            # status classes and errors, or the series statistics: exact
+            assert got[5:].tolist() == exp[5:], where
             sel = table.row == i
             buckets = dict(zip(table.code[sel].tolist(), table.count[sel].tolist(), strict=True))
             assert buckets == dict(cells[name].buckets), where

@@ -13,7 +13,7 @@ NOT_TIMED = [HealthCheck.too_slow]
 
 
 def sensor_readings(
-    devices: int = 3, max_time_ms: int = 300_000
+    devices: int = 3, max_time_ms: int = 300_000, values: st.SearchStrategy[float] | None = None
 ) -> st.SearchStrategy[SensorReading]:
     """Sensor readings from a few devices, sites and metrics within ``max_time_ms``."""
     return st.builds(
@@ -22,7 +22,9 @@ def sensor_readings(
         site=st.sampled_from(["s1", "s2"]),
         event_time=st.integers(min_value=0, max_value=max_time_ms),
         metric=st.sampled_from(["temp", "hum"]),
-        value=st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+        value=st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+        if values is None
+        else values,
         unit=st.just("C"),
         lat=st.just(1.0),
         lon=st.just(2.0),

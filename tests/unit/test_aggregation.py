@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from typing import Any
@@ -11,12 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import aggregation
-from schemas import keys
+from schemas import keys, packed
 from schemas import sketch as sketches
 from schemas.events import AppLogEvent, SensorReading
 from tests.unit.events import NOT_TIMED, applog_events, reading, sensor_readings
 
 sensor_st = sensor_readings()
+# few devices, windows and values: series with runs of equal readings
+series_st = sensor_readings(
+    devices=2,
+    max_time_ms=25_000,
+    values=st.sampled_from([0.0, 1.5, -2.0]) | st.floats(min_value=-1e3, max_value=1e3),
+)
 applog_st = applog_events
 
 
@@ -57,8 +64,10 @@ def test_sensor_aggregates_match_naive(events: list[SensorReading]) -> None:
     assert got.keys() == want.keys()
     sks = sketch_rows(deltas)
     for k, vals in want.items():
-        n, total, sq, lo, hi = got[k]
+        n, total, sq, lo, hi, repeats, first, last = got[k]
         assert n == len(vals)
+        assert repeats == sum(a == b for a, b in itertools.pairwise(vals))
+        assert (first, last) == (vals[0], vals[-1])
         assert math.isclose(total, math.fsum(vals), rel_tol=1e-9, abs_tol=1e-6)
         assert math.isclose(sq, math.fsum(v * v for v in vals), rel_tol=1e-9, abs_tol=1e-6)
         assert (lo, hi) == (min(vals), max(vals))
@@ -81,20 +90,29 @@ def test_applog_status_classes_and_errors(events: list[AppLogEvent]) -> None:
             assert r[10] == sum(1 for e in evs if e.level == "ERROR")
 
 
-@given(st.lists(sensor_st, min_size=2, max_size=60), st.integers(min_value=1, max_value=59))
-@settings(max_examples=100, deadline=None, suppress_health_check=NOT_TIMED)
-def test_split_batches_merge_to_the_whole(events: list[SensorReading], cut: int) -> None:
+@given(st.lists(series_st, min_size=2, max_size=60), st.integers(min_value=1, max_value=59))
+@settings(max_examples=150, deadline=None, suppress_health_check=NOT_TIMED)
+def test_split_batches_follow_to_the_whole(events: list[SensorReading], cut: int) -> None:
+    """Two batches folded in order hold what one batch of their readings holds, the series
+    statistics included (a run of equal readings across the cut counts once)."""
     cut = min(cut, len(events) - 1)
     whole = rows(aggregation.aggregate(aggregation.sensor_columns(events)))
     parts = [
         rows(aggregation.aggregate(aggregation.sensor_columns(events[:cut]))),
         rows(aggregation.aggregate(aggregation.sensor_columns(events[cut:]))),
     ]
-    for k, (n, total, _sq, lo, hi) in whole.items():
-        ps = [p[k] for p in parts if k in p]
-        assert sum(p[0] for p in ps) == n
-        assert math.isclose(sum(p[1] for p in ps), total, rel_tol=1e-9, abs_tol=1e-6)
-        assert min(p[3] for p in ps) == lo and max(p[4] for p in ps) == hi
+    empty = np.zeros((1, packed.NF_SENSOR))
+    empty[0, packed.MIN], empty[0, packed.MAX] = np.inf, -np.inf
+    for k, stats in whole.items():
+        acc = empty
+        for p in parts:
+            if k in p:
+                acc = packed.follow(acc, np.array([p[k]]))
+        got = acc[0].tolist()
+        assert got[packed.COUNT] == stats[packed.COUNT]
+        assert math.isclose(got[packed.SUM], stats[packed.SUM], rel_tol=1e-9, abs_tol=1e-6)
+        exact = [packed.MIN, packed.MAX, packed.REPEATS, packed.FIRST, packed.LAST]
+        assert [got[j] for j in exact] == [stats[j] for j in exact]
 
 
 def test_empty_batch() -> None:

@@ -145,6 +145,25 @@ def test_signals_of_a_window() -> None:
     assert got[anomaly.Signal.FLAT][0] == 0.0  # 10.0, 10.01, 10.02: not all equal
 
 
+@pytest.mark.parametrize(
+    ("values", "flat"),
+    [
+        ([4.0, 4.0, 4.0], 1.0),  # all equal
+        ([1.0, 2.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 3.0], 1.0),  # a freeze beside ordinary ones
+        ([5.0, 5.0, 5.0, 5.0, 5.0, 1.0, 2.0, 3.0, 4.0, 6.0], 0.0),  # half the window
+        ([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 5.0], 0.0),  # equal in pairs: a quiet series
+        ([7.0, 7.0], np.nan),  # too few readings to tell
+    ],
+)
+def test_flat_counts_readings_that_repeat_the_one_before(values: list[float], flat: float) -> None:
+    evs = [reading(T0 + j * 100, "d1", "temp", v) for j, v in enumerate(values)]
+    (d,) = aggregation.aggregate(
+        aggregation.sensor_columns(evs), [(keys.WINDOW_10S, (keys.Dim.DEVICE,))]
+    )
+    got = signal_values(S, d.table)[anomaly.Signal.FLAT][0]
+    assert got == flat or (np.isnan(flat) and np.isnan(got))
+
+
 def test_a_window_mean_does_not_depend_on_how_its_events_were_grouped() -> None:
     rng = np.random.default_rng(3)
     values = rng.uniform(-50.0, 150.0, size=(500, 40))

@@ -34,9 +34,9 @@ def table_of(
     b_count: list[int] = []
     for i, values in enumerate(rows):
         v = np.asarray(values, dtype=np.float64)
-        stats.append(
-            [v.size, v.sum(), (v * v).sum(), v.min(), v.max(), *(extra[i] if extra else ())]
-        )
+        # sensor values hold their series statistics, applog values their counters
+        more = extra[i] if extra else (float(np.count_nonzero(v[1:] == v[:-1])), v[0], v[-1])
+        stats.append([v.size, v.sum(), (v * v).sum(), v.min(), v.max(), *more])
         for code, n in sketches.sketch_of(v).items():
             b_row.append(i)
             b_code.append(code)
@@ -133,7 +133,7 @@ def test_concat_keeps_rows_and_buckets() -> None:
     a, b = table_of([[1.0, 2.0], [3.0]]), table_of([[100.0]])
     both = queries.concat([a, b], packed.NF_SENSOR)
     assert both.rows == 3
-    assert both.stats[2].tolist() == [1, 100, 10_000, 100, 100]
+    assert both.stats[2, : packed.NF_BASE].tolist() == [1, 100, 10_000, 100, 100]
     assert sketch_dict(both, 2) == sketches.sketch_of([100.0])
     assert sketch_dict(both, 0) == sketches.sketch_of([1.0, 2.0])
     assert queries.concat([], packed.NF_APPLOG).nf == packed.NF_APPLOG
@@ -145,7 +145,7 @@ def _hashes(
     """HGETALL replies of window hashes holding ``{entity: values}``, encoded as the worker does."""
     out: list[dict[bytes, bytes]] = []
     for h in parts:
-        extra = [[0.0] * (nf - packed.NF_SENSOR) for _ in h] if nf > packed.NF_SENSOR else ()
+        extra = [[0.0] * (nf - packed.NF_BASE) for _ in h] if nf == packed.NF_APPLOG else ()
         values = packed.encode(table_of(list(h.values()), extra)) if h else []
         out.append({k.encode(): v for k, v in zip(h, values, strict=True)})
     return out
@@ -170,12 +170,15 @@ def test_panes_of_hashes_merges_partitions_per_pane() -> None:
     assert len(panes) == 3
     p0, p1, p2 = panes
     assert p0.names.tolist() == ["temp", "hum"]
-    assert p0.table.stats.tolist() == [naive_stats([1.0, 2.0, 3.0]), naive_stats([50.0])]
+    assert p0.table.stats[:, : packed.NF_BASE].tolist() == [
+        naive_stats([1.0, 2.0, 3.0]),
+        naive_stats([50.0]),
+    ]
     assert sketch_dict(p0.table, 0) == sketches.sketch_of([1.0, 2.0, 3.0])
     assert p1.table.rows == 0 and p1.names.size == 0
     assert sorted(p2.names.tolist()) == ["co2", "hum", "temp"]
     hum = p2.names.tolist().index("hum")
-    assert p2.table.stats[hum].tolist() == naive_stats([40.0, 60.0, 45.0])
+    assert p2.table.stats[hum, : packed.NF_BASE].tolist() == naive_stats([40.0, 60.0, 45.0])
     assert sketch_dict(p2.table, hum) == sketches.sketch_of([40.0, 60.0, 45.0])
     # cached panes are shared between sessions: read-only
     with pytest.raises(ValueError):
@@ -191,7 +194,7 @@ def test_panes_of_hashes_without_sketches_keep_the_statistics() -> None:
     bare = queries.panes_of_hashes(hashes, 2, packed.NF_APPLOG, sketch=False)
     for w, b in zip(whole, bare, strict=True):
         assert b.names.tolist() == w.names.tolist() == ["all"]
-        assert b.table.stats.tolist() == w.table.stats.tolist()
+        np.testing.assert_array_equal(b.table.stats, w.table.stats)
         assert b.table.code.size == 0 and w.table.code.size > 0
     assert queries.pane_counts(bare).tolist() == [4, 2]
 
@@ -204,15 +207,16 @@ def test_malformed_value_raises() -> None:
 def test_hopping_merge_of_panes_equals_tumbling_aggregate() -> None:
     # five 1-minute panes of one entity (and another) merge into the 5-minute window
     panes_values = [[1.0, 2.0], [], [10.0], [-3.0, 4.0, 5.0], [7.0]]
+    nf = packed.NF_SENSOR
     panes = [
-        queries.panes_of_hashes(_hashes([{"e": v, "f": [0.5]} if v else {}]), 1, 5)[0]
+        queries.panes_of_hashes(_hashes([{"e": v, "f": [0.5]} if v else {}]), 1, nf)[0]
         for v in panes_values
     ]
     merged = queries.merge_panes(panes, packed.NF_SENSOR)
     everything = [x for p in panes_values for x in p]
     assert merged.names.tolist() == ["e", "f"]
-    assert merged.table.stats[0].tolist() == naive_stats(everything)
-    assert merged.table.stats[1].tolist() == naive_stats([0.5] * 4)
+    assert merged.table.stats[0, : packed.NF_BASE].tolist() == naive_stats(everything)
+    assert merged.table.stats[1, : packed.NF_BASE].tolist() == naive_stats([0.5] * 4)
     assert sketch_dict(merged.table, 0) == sketches.sketch_of(everything)
     assert queries.pane_counts(panes).tolist() == [3, 0, 2, 4, 2]
     assert queries.pane_counts([]).size == 0
@@ -221,7 +225,9 @@ def test_hopping_merge_of_panes_equals_tumbling_aggregate() -> None:
 
 
 def test_stack_panes_numbers_rows_by_pane() -> None:
-    panes = queries.panes_of_hashes(_hashes([{"a": [1.0]}, {}, {"b": [2.0], "a": [3.0]}]), 1, 5)
+    panes = queries.panes_of_hashes(
+        _hashes([{"a": [1.0]}, {}, {"b": [2.0], "a": [3.0]}]), 1, packed.NF_SENSOR
+    )
     pane, names, table = queries.stack_panes(panes, packed.NF_SENSOR)
     assert pane.tolist() == [0, 2, 2]
     # within a pane, entities come in order of their first appearance in any pane

@@ -19,6 +19,8 @@ def table_of(groups: list[list[float]], nf: int = packed.NF_SENSOR) -> packed.Ta
     for vals in groups:
         v = np.asarray(vals, dtype=np.float64)
         stats = [v.size, v.sum(), (v * v).sum(), v.min(), v.max()]
+        if nf == packed.NF_SENSOR:
+            stats += [float(np.count_nonzero(v[1:] == v[:-1])), v[0], v[-1]]
         rows.append(stats + [float(i) for i in range(nf - len(stats))])
     row = np.concatenate([np.full(len(v), i, dtype=np.int64) for i, v in enumerate(groups)])
     codes = sketch.bucket_codes(np.concatenate([np.asarray(v, float) for v in groups]))
@@ -41,7 +43,7 @@ def test_applog_values_round_trip_with_their_eleven_statistics() -> None:
     t = table_of([[1.0, 2.0], [3.0]], nf=packed.NF_APPLOG)
     d = packed.decode(packed.encode(t))
     assert d.nf == packed.NF_APPLOG and np.array_equal(d.stats, t.stats)
-    with pytest.raises(packed.PackedError, match="with 5 statistics"):
+    with pytest.raises(packed.PackedError, match="with 8 statistics"):
         packed.decode(packed.encode(t), packed.NF_SENSOR)
 
 
@@ -49,15 +51,15 @@ def test_widths_are_the_smallest_that_fit() -> None:
     narrow = table_of([[20.0, 20.1, 20.2, 21.0]])
     (value,) = packed.encode(narrow)
     assert value[2:4] == b"\x01\x01"  # one-byte code offsets and counts
-    assert len(value) == 8 + 8 * 5 + 2 * narrow.code.size
+    assert len(value) == 8 + 8 * packed.NF_SENSOR + 2 * narrow.code.size
     many = packed.from_values(
-        narrow.stats.copy() * [1000, 1, 1, 1, 1],
+        narrow.stats.copy() * [1000, 1, 1, 1, 1, 0, 1, 1],
         np.zeros(1, np.int64),
         narrow.code[:1],
         np.array([1000]),
     )
     wide = packed.from_values(
-        np.array([[2, 0, 0, 1e-6, 1e9]]),
+        np.array([[2, 0, 0, 1e-6, 1e9, 0, 1e-6, 1e9]]),
         np.zeros(2, np.int64),
         sketch.bucket_codes([1e-6, 1e9]),
         np.ones(2, np.int64),
@@ -116,13 +118,17 @@ def test_quantiles_match_the_scalar_estimate(groups: list[list[float]]) -> None:
 @given(st.lists(st.binary(max_size=80), min_size=1, max_size=8))
 @settings(max_examples=400, deadline=None, suppress_health_check=NOT_TIMED)
 def test_arbitrary_bytes_decode_or_fail_clearly(values: list[bytes]) -> None:
-    try:
-        t = packed.decode(values)
-    except packed.PackedError as exc:
-        assert exc.index is not None and 0 <= exc.index < len(values)
-        return
-    assert t.rows == len(values)
-    packed.problems(t)  # never raises
+    # a sensor reader also meets values of the earlier 5-statistic layout
+    old = packed.encode(packed.Table(np.ones((1, packed.NF_BASE)), *([np.zeros(0, np.int64)] * 3)))
+    for vals in (values, [*values, old[0]], [old[0], *values]):
+        for read in (packed.decode, packed.decode_stats):
+            try:
+                t = read(vals, packed.NF_SENSOR) if read is packed.decode_stats else read(vals)
+            except packed.PackedError as exc:
+                assert exc.index is not None and 0 <= exc.index < len(vals)
+                continue
+            assert t.rows == len(vals)
+            packed.problems(t)  # never raises
 
 
 def test_corrupt_values_are_named_by_problems() -> None:
@@ -134,3 +140,73 @@ def test_corrupt_values_are_named_by_problems() -> None:
     nan = bytearray(good)
     nan[16:24] = np.float64(np.nan).tobytes()
     assert packed.problems(packed.decode([bytes(nan)])) == [("holds a non-finite statistic", [0])]
+
+
+def legacy_values(groups: list[list[float]]) -> list[bytes]:
+    """Sensor values as releases before the series statistics wrote them (5 statistics)."""
+    t = table_of(groups)
+    return packed.encode(packed.Table(t.stats[:, : packed.NF_BASE], t.row, t.code, t.count))
+
+
+def test_values_without_the_series_statistics_decode_with_what_they_prove() -> None:
+    new = packed.encode(table_of([[4.0, 4.0, 5.0]]))
+    old = legacy_values([[1.0, 2.0], [3.0, 3.0, 3.0]])
+    values = [old[0], new[0], old[1]]
+    t = packed.decode(values, packed.NF_SENSOR)
+    assert t.nf == packed.NF_SENSOR and t.rows == 3
+    assert t.stats[:, packed.COUNT].tolist() == [2, 3, 3]
+    # min = max proves every reading after the first repeats it; else nothing is known
+    assert t.stats[:, packed.REPEATS].tolist() == [0, 1, 2]
+    ends = t.stats[:, [packed.FIRST, packed.LAST]]
+    assert np.isnan(ends[[0, 2]]).all() and ends[1].tolist() == [4.0, 5.0]
+    assert np.array_equal(t.count, table_of([[1.0, 2.0], [4.0, 4.0, 5.0], [3.0] * 3]).count)
+    assert packed.problems(t) == []
+    assert np.array_equal(packed.decode_stats(values, packed.NF_SENSOR).stats, t.stats, True)
+    with pytest.raises(packed.PackedError, match="value 3 ") as exc:  # its own index
+        packed.decode([*values, old[0][:-1]], packed.NF_SENSOR)
+    assert exc.value.index == 3
+    with pytest.raises(packed.PackedError) as exc:
+        packed.decode([new[0], old[0][:-1]], packed.NF_SENSOR)
+    assert exc.value.index == 1
+    for broken in ([b""], [old[0], b""], [b"", old[0]], [old[0], b"\x01\x05"]):
+        for read in (packed.decode, packed.decode_stats):
+            with pytest.raises(packed.PackedError):
+                read(broken, packed.NF_SENSOR)
+
+
+series_values = st.lists(st.sampled_from([0.0, 1.0, 2.5]) | finite, min_size=1, max_size=30)
+
+
+@given(st.lists(series_values, min_size=1, max_size=5))
+@settings(max_examples=150, deadline=None, suppress_health_check=NOT_TIMED)
+def test_follow_folds_segments_of_a_series_into_the_whole(parts: list[list[float]]) -> None:
+    whole = table_of([[x for p in parts for x in p]]).stats
+    acc = np.zeros((1, packed.NF_SENSOR))
+    acc[0, packed.MIN], acc[0, packed.MAX] = np.inf, -np.inf
+    for p in parts:
+        acc = packed.follow(acc, table_of([p]).stats)
+    exact = [packed.COUNT, packed.MIN, packed.MAX, packed.REPEATS, packed.FIRST, packed.LAST]
+    assert acc[0, exact].tolist() == whole[0, exact].tolist()
+    assert np.isclose(acc[0, packed.SUM], whole[0, packed.SUM], rtol=1e-9, atol=1e-3)
+
+
+def test_merge_without_an_order_keeps_no_first_or_last_reading() -> None:
+    t = table_of([[1.0, 1.0], [1.0, 2.0]])
+    m = packed.merge(t, [0, 0], 1)
+    assert m.stats[0, packed.REPEATS] == 1
+    assert np.isnan(m.stats[0, [packed.FIRST, packed.LAST]]).all()
+    applog = table_of([[1.0], [2.0]], nf=packed.NF_APPLOG)
+    assert np.isfinite(packed.merge(applog, [0, 0], 1).stats).all()
+
+
+def test_problems_name_impossible_series_statistics() -> None:
+    t = table_of([[1.0, 1.0, 2.0], [3.0]])
+    bad = t.stats.copy()
+    bad[0, packed.REPEATS] = 3  # three readings repeat at most two
+    bad[1, packed.LAST] = np.inf
+    got = packed.problems(packed.Table(bad, t.row, t.code, t.count))
+    assert ("repeats more readings than it holds", [0]) in got
+    assert ("holds a non-finite statistic", [1]) in got
+    unknown = t.stats.copy()
+    unknown[:, packed.FIRST] = np.nan  # unknown, as in a value of an earlier release
+    assert packed.problems(packed.Table(unknown, t.row, t.code, t.count)) == []
