@@ -4,8 +4,10 @@ Reads every window aggregate in the store (merging partitions, and 1-minute pane
 windows) and compares it with the truth file, which the load generator computed from the events
 it produced. It shares only the store contract (``schemas.keys``, the packed value codec of
 ``schemas.packed``) with the pipeline, never the pipeline's aggregation arithmetic. Only the
-dimensions the worker keeps per window (``PULSE_WORKER_DIMS_*``) are compared. Exit status 0
-when everything matches, 1 on any mismatch (each one is printed), 2 on bad input.
+dimensions the worker keeps per window (``PULSE_WORKER_DIMS_*``) are compared. The series
+statistics of sensor values (repeated readings, first and last reading) follow the order the
+partitions hold, which the truth does not record: they are checked for soundness only. Exit
+status 0 when everything matches, 1 on any mismatch (each one is printed), 2 on bad input.
 
 Besides the truth, the store must agree with itself, per partition:
 

@@ -128,3 +128,25 @@ def test_expiry_is_the_window_end_plus_its_retention() -> None:
     ev = reading(61_000)
     (w,) = ws.absorb(aggregation.aggregate(aggregation.sensor_columns([ev]), ws.plan), RETENTION)
     assert w.expire_at_s == 120 + 86_400 and w.fields == ["temp"]
+
+
+def test_a_window_stored_by_an_earlier_release_restores_and_carries_on() -> None:
+    """A value written before the series statistics (5 statistics) restores with the repeats it
+    proves; readings folded in after it count their own repeats, and the value stays sound."""
+    plan = ((keys.WINDOW_1M, ("metric",)),)
+    ws = WindowState(EventKind.SENSOR, 0, plan)
+    (w,) = ws.absorb(
+        aggregation.aggregate(aggregation.sensor_columns([reading(1_000)] * 3), plan), RETENTION
+    )
+    t = packed.decode(w.values)
+    legacy = packed.encode(packed.Table(t.stats[:, : packed.NF_BASE], t.row, t.code, t.count))
+    store: dict[str, dict[bytes, bytes]] = {w.key: {b"temp": legacy[0]}}
+    again = WindowState(EventKind.SENSOR, 0, plan)
+    again.restore(store)
+    more = [reading(2_000, value=1.0), reading(3_000, value=2.0), reading(4_000, value=2.0)]
+    (w2,) = again.absorb(aggregation.aggregate(aggregation.sensor_columns(more), plan), RETENTION)
+    (s,) = packed.decode(w2.values).stats
+    # 3 equal (2 proven repeats), then 1.0 (the seam is unknown), 2.0, 2.0 (1 repeat)
+    assert (s[packed.COUNT], s[packed.REPEATS], s[packed.LAST]) == (6, 3, 2.0)
+    assert np.isnan(s[packed.FIRST])
+    assert packed.problems(packed.decode(w2.values)) == []
