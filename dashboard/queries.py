@@ -1244,7 +1244,7 @@ class _StatsReader:
     and notes their lengths, in two calls, while the values are fresh in the CPU's caches;
     :meth:`stats` reads them all at once and checks each value as ``packed.decode_stats`` does.
     When a value fails a check, ``packed.decode_stats`` raises its exact
-    :class:`packed.PackedError`.
+    :class:`packed.PackedError`, or reads the values when some are of an earlier layout.
     """
 
     def __init__(self, nf: int) -> None:
@@ -1270,7 +1270,7 @@ class _StatsReader:
         hsize = self._dtype.itemsize
         lens = np.concatenate(self._lens)
         if (lens < hsize).any():
-            return packed.decode_stats(self.values, nf).stats  # raises
+            return packed.decode_stats(self.values, nf).stats  # raises, or reads older values
         head = np.concatenate(self._heads).view(self._dtype)
         cw, nw = head["cw"].astype(np.int64), head["nw"].astype(np.int64)
         pair = cw + nw
@@ -1278,7 +1278,7 @@ class _StatsReader:
         bad |= ~np.isin(cw, _WIDTHS) | ~np.isin(nw, _WIDTHS)
         bad |= np.where(bad, True, (lens - hsize) % np.where(pair > 0, pair, 1) != 0)
         if bad.any():
-            return packed.decode_stats(self.values, nf).stats  # raises
+            return packed.decode_stats(self.values, nf).stats  # raises, or reads older values
         return np.asarray(head["stats"], dtype=np.float64)
 
 

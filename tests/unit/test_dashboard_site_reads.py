@@ -42,6 +42,19 @@ def test_stats_reader_equals_decode_stats(nf: int) -> None:
     assert queries._StatsReader(nf).stats().shape == (0, nf)
 
 
+def test_stats_reader_reads_sensor_values_of_the_earlier_layout() -> None:
+    """Windows written before the series statistics (5 statistics) are read beside new ones."""
+    t = table_of(_values(np.random.default_rng(6), 10))
+    old = packed.encode(packed.Table(t.stats[:, : packed.NF_BASE], t.row, t.code, t.count))
+    values = [*packed.encode(t)[:5], *old[5:]]
+    reader = queries._StatsReader(NF)
+    reader.add(values)
+    got = reader.stats()
+    np.testing.assert_array_equal(got, packed.decode_stats(values, NF).stats)
+    np.testing.assert_array_equal(got[:, : packed.NF_BASE], t.stats[:, : packed.NF_BASE])
+    assert np.isnan(got[5:, packed.LAST]).all() and not np.isnan(got[:5, packed.LAST]).any()
+
+
 @pytest.mark.parametrize(
     "bad",
     [
