@@ -470,7 +470,10 @@ class Checkpoint:
         if detectors is None:
             return
         closings = self._kind_windows(kind).closing(
-            {b.partition: b.watermark for b in todo}, detectors.window, detectors.dim
+            {b.partition: b.watermark for b in todo},
+            detectors.window,
+            detectors.dim,
+            sketches=detectors.needs_sketches,
         )
         if not closings:
             return

@@ -205,6 +205,8 @@ class KindDetectors:
         self.signals = anomaly.SIGNALS[kind.value]
         self._signal_at = {s: j for j, s in enumerate(self.signals)}
         self.bank = DetectorBank(0, params or window_params(kind))
+        # whether its signals read the windows' sketches (a sensor's read statistics only)
+        self.needs_sketches = kind is EventKind.APPLOG
         self.snapshot_every = snapshot_every
         self.replay_windows = max(replay_windows, 1)
         self._rows: dict[int, dict[str, int]] = {}  # partition -> entity -> first row of block
@@ -379,7 +381,9 @@ class KindDetectors:
             horizon = newest - (self.replay_windows - 1) * self.window.size_ms
             unsaved = self._unsaved[owned]
             late = owned[(unsaved >= 0) & (unsaved <= horizon)]
-            save = np.concatenate([save, late[~np.isin(late, save)]])
+            saved = np.zeros(len(self._last), dtype=bool)
+            saved[save] = True
+            save = np.concatenate([save, late[~saved[late]]])
         self._unsaved[save] = -1
         width = len(self.signals)
         out.fields = [

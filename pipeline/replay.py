@@ -242,14 +242,11 @@ class Rebuild:
         """A partition's rebuilt window instances with their final values, by window, dim and
         start (each a :class:`WindowDelta` whose table holds the absolute values)."""
         rows: dict[tuple[str, str, int], tuple[list[int], list[str]]] = {}
-        for i, row in enumerate(self.rows.keys):
-            if row is None:
-                continue
-            (p, wname, dim, start), name = row
-            if p == partition:
-                idx, names = rows.setdefault((wname, dim, start), ([], []))
-                idx.append(i)
-                names.append(name)
+        for ik in self.rows.instances():
+            if ik[0] == partition:
+                names, idx = self.rows.members(ik)
+                if names:
+                    rows[ik[1:]] = (idx, names)
         by_name = {w.name: w for w, _ in self.plan}
         out = []
         for (wname, dim, start), (idx, names) in sorted(rows.items()):

@@ -16,7 +16,7 @@ Other per-partition state (the anomaly detectors) follows the same shape: ``rest
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,8 +43,6 @@ class HashWrite:
 
 # (partition, window name, dim, start ms): one window instance of a partition
 Instance = tuple[int, str, str, int]
-# (instance, entity)
-RowKey = tuple[Instance, str]
 
 
 class OpenRows:
@@ -56,53 +54,84 @@ class OpenRows:
     reused by new keys (no renumbering: eviction costs what it evicts, not what stays).
     """
 
-    __slots__ = ("_bcount", "_bkey", "_free", "_index", "_stats", "keys", "nf")
+    __slots__ = ("_bcount", "_bkey", "_free", "_index", "_size", "_stats", "nf")
 
     def __init__(self, nf: int) -> None:
         self.nf = nf
-        self.keys: list[RowKey | None] = []  # None: a free row
-        self._index: dict[Instance, dict[str, int]] = {}  # instance -> entity -> row
+        # instance -> entity -> row, in the order the entities were added
+        self._index: dict[Instance, dict[str, int]] = {}
+        self._size = 0  # rows ever used: free or held
         self._free: list[int] = []
         self._stats = np.zeros((0, nf), dtype=np.float64)
         self._bkey = np.zeros(0, dtype=np.int64)  # row * _SPAN + code + _HALF, sorted
         self._bcount = np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.keys) - len(self._free)
+        return self._size - len(self._free)
+
+    def instances(self) -> list[Instance]:
+        """The instances held."""
+        return list(self._index)
+
+    def members(self, ik: Instance) -> tuple[list[str], list[int]]:
+        """An instance's entities and their rows, in the order they were added."""
+        index = self._index.get(ik, {})
+        return list(index), list(index.values())
 
     def _rows(
         self, groups: Sequence[tuple[Instance, Sequence[str]]]
-    ) -> tuple[npt.NDArray[np.int64], list[int]]:
-        """The row of each (instance, entity), in order, adding the new ones; the new rows."""
+    ) -> tuple[npt.NDArray[np.int64], list[list[int]]]:
+        """The row of each (instance, entity), in order, adding the new ones; each group's new
+        rows."""
         total = sum(len(names) for _, names in groups)
         rows = np.empty(total, dtype=np.int64)
-        fresh: list[int] = []
+        fresh: list[list[int]] = []
         at = 0
         for ik, names in groups:
+            n = len(names)
+            index = self._index.get(ik)
+            if index is None:
+                # a new instance (every window instance begins so): all its names are new,
+                # taken in bulk (per-name bookkeeping was most of the cost of short windows)
+                new = self._take(n)
+                index = dict(zip(names, new, strict=True))
+                if len(index) == n:
+                    self._index[ik] = index
+                    rows[at : at + n] = new
+                    fresh.append(new)
+                    at += n
+                    continue
+                self._grow(self._size)
+                self._release_rows(new)  # a name given twice: one at a time, below
+                index = self._index[ik] = {}
             # one dict per instance: names are looked up by their (cached) string hash, with no
             # key tuple built per entity (that was a fifth of a poll's fold)
-            index = self._index.setdefault(ik, {})
-            n = len(names)
             mine = np.fromiter((index.get(name, -1) for name in names), dtype=np.int64, count=n)
+            added: list[int] = []
             for i in np.flatnonzero(mine < 0).tolist():
                 name = names[i]
                 if name in index:  # a name given twice
                     mine[i] = index[name]
                     continue
-                if self._free:
-                    r = self._free.pop()
-                    self.keys[r] = (ik, name)
-                else:
-                    r = len(self.keys)
-                    self.keys.append((ik, name))
+                r = self._take(1)[0]
                 index[name] = r
                 mine[i] = r
-                fresh.append(r)
+                added.append(r)
             rows[at : at + n] = mine
+            fresh.append(added)
             at += n
-        if fresh:
-            self._grow(len(self.keys))
+        if any(fresh):
+            self._grow(self._size)
         return rows, fresh
+
+    def _take(self, count: int) -> list[int]:
+        """``count`` rows: free ones first (last freed first), then new ones."""
+        k = min(count, len(self._free))
+        taken = self._free[len(self._free) - k :][::-1]
+        del self._free[len(self._free) - k :]
+        first, self._size = self._size, self._size + count - k
+        taken.extend(range(first, self._size))
+        return taken
 
     def _grow(self, rows: int) -> None:
         have = self._stats.shape[0]
@@ -115,9 +144,9 @@ class OpenRows:
 
     def absorb(
         self, groups: Sequence[tuple[Instance, Sequence[str]]], table: packed.Table
-    ) -> tuple[npt.NDArray[np.int64], list[int]]:
+    ) -> tuple[npt.NDArray[np.int64], list[list[int]]]:
         """Fold rows in, after what the rows hold (the rows of ``table`` are each group's
-        entities in turn, unique within a group): their rows, the new keys' rows."""
+        entities in turn, unique within a group): their rows, each group's new rows."""
         rows, fresh = self._rows(groups)
         s = self._stats
         d = table.stats
@@ -137,8 +166,12 @@ class OpenRows:
             self._bkey = np.insert(self._bkey, pos[fresh], new[fresh])
             self._bcount = np.insert(self._bcount, pos[fresh], counts[fresh])
 
-    def table(self, rows: npt.NDArray[np.int64]) -> packed.Table:
-        """The given rows (in that order) as a table."""
+    def table(self, rows: npt.NDArray[np.int64], sketches: bool = True) -> packed.Table:
+        """The given rows (in that order) as a table; with no sketch buckets unless
+        ``sketches``."""
+        if not sketches:
+            z = np.zeros(0, dtype=np.int64)
+            return packed.Table(self._stats[rows].copy(), z, z.copy(), z.copy())
         lo = np.searchsorted(self._bkey, rows * _SPAN)
         hi = np.searchsorted(self._bkey, (rows + 1) * _SPAN)
         k = hi - lo
@@ -150,25 +183,23 @@ class OpenRows:
             self._bcount[idx].copy(),
         )
 
-    def release(self, rows: Sequence[int]) -> None:
-        """Free ``rows``: their keys are forgotten, their values cleared for reuse."""
+    def release(self, instances: Iterable[Instance]) -> None:
+        """Free whole ``instances``: their entities are forgotten, their rows cleared for
+        reuse."""
+        rows: list[int] = []
+        for ik in instances:
+            rows.extend(self._index.pop(ik, {}).values())
+        self._release_rows(rows)
+
+    def _release_rows(self, rows: Sequence[int]) -> None:
         if not rows:
             return
         idx = np.asarray(rows, dtype=np.int64)
-        for r in rows:
-            key = self.keys[r]
-            if key is not None:
-                ik, name = key
-                held = self._index[ik]
-                del held[name]
-                if not held:
-                    del self._index[ik]
-                self.keys[r] = None
         self._free.extend(rows)
         self._stats[idx] = 0.0
         self._stats[idx, packed.MIN] = np.inf
         self._stats[idx, packed.MAX] = -np.inf
-        gone = np.zeros(len(self.keys), dtype=np.bool_)
+        gone = np.zeros(self._size, dtype=np.bool_)
         gone[idx] = True
         kept = ~gone[self._bkey // _SPAN]
         self._bkey = self._bkey[kept]
@@ -206,8 +237,6 @@ class KindWindows:
         self._rows = OpenRows(self.nf)
         # partition -> instance -> entities held
         self.open: dict[int, dict[InstanceKey, int]] = {}
-        # (partition, window, dim, start) -> its rows, in the order they were added
-        self._members: dict[Instance, list[int]] = {}
 
     def restore_keys(self, partition: int, max_event_time: int, watermark: int | None) -> list[str]:
         """Keys of a partition's window instances that may still change after its offset."""
@@ -245,14 +274,10 @@ class KindWindows:
         self, groups: Sequence[tuple[Instance, Sequence[str]]], table: packed.Table
     ) -> npt.NDArray[np.int64]:
         rows, fresh = self._rows.absorb(groups, table)
-        keys_of = self._rows.keys
-        for r in fresh:
-            key = keys_of[r]
-            assert key is not None
-            ik = key[0]
-            self._members.setdefault(ik, []).append(r)
-            held = self.open.setdefault(ik[0], {})
-            held[ik[1:]] = held.get(ik[1:], 0) + 1
+        for (ik, _), new in zip(groups, fresh, strict=True):
+            if new:
+                held = self.open.setdefault(ik[0], {})
+                held[ik[1:]] = held.get(ik[1:], 0) + len(new)
         return rows
 
     def absorb(
@@ -293,12 +318,16 @@ class KindWindows:
         return out, table
 
     def closing(
-        self, watermarks: Mapping[int, int | None], window: keys.TumblingWindow, dim: str
+        self,
+        watermarks: Mapping[int, int | None],
+        window: keys.TumblingWindow,
+        dim: str,
+        sketches: bool = True,
     ) -> dict[int, list[tuple[int, list[str], packed.Table]]]:
         """Per partition, the ``window``/``dim`` instances its watermark closes (the next
-        :meth:`evict` drops them), oldest first: (start, entities, their final values)."""
+        :meth:`evict` drops them), oldest first: (start, entities, their final values; their
+        statistics only, with no sketch buckets, unless ``sketches``)."""
         out: dict[int, list[tuple[int, list[str], packed.Table]]] = {}
-        keys_of = self._rows.keys
         for p, wm in sorted(watermarks.items()):
             if wm is None:
                 continue
@@ -308,10 +337,9 @@ class KindWindows:
                 if wname == window.name and d == dim and start + window.size_ms <= wm
             )
             for start in starts:
-                rows = self._members.get((p, window.name, dim, start), [])
+                names, rows = self._rows.members((p, window.name, dim, start))
                 if rows:
-                    names = [k[1] for r in rows if (k := keys_of[r]) is not None]
-                    table = self._rows.table(np.asarray(rows, dtype=np.int64))
+                    table = self._rows.table(np.asarray(rows, dtype=np.int64), sketches)
                     out.setdefault(p, []).append((start, names, table))
         return out
 
@@ -336,10 +364,7 @@ class KindWindows:
     def _discard(self, instances: set[Instance]) -> None:
         if not instances:
             return
-        rows: list[int] = []
-        for ik in instances:
-            rows.extend(self._members.pop(ik, ()))
-        self._rows.release(rows)
+        self._rows.release(instances)
         for p, wname, dim, start in instances:
             self.open[p].pop((wname, dim, start), None)
 
@@ -349,14 +374,15 @@ class KindWindows:
 
     def values(self, partition: int) -> dict[InstanceKey, dict[str, bytes]]:
         """A partition's open instances' packed values by entity (what the store holds)."""
-        mine = [r for ik, rows in self._members.items() if ik[0] == partition for r in rows]
-        encoded = packed.encode(self._rows.table(np.asarray(mine, dtype=np.int64)))
+        mine = [
+            (ik[1:], self._rows.members(ik)) for ik in self._rows.instances() if ik[0] == partition
+        ]
+        rows = [r for _, (_, rs) in mine for r in rs]
+        encoded = iter(packed.encode(self._rows.table(np.asarray(rows, dtype=np.int64))))
         out: dict[InstanceKey, dict[str, bytes]] = {}
-        for r, value in zip(mine, encoded, strict=True):
-            key = self._rows.keys[r]
-            assert key is not None
-            (_, wname, dim, start), name = key
-            out.setdefault((wname, dim, start), {})[name] = value
+        for ik, (names, _) in mine:
+            if names:
+                out[ik] = {name: next(encoded) for name in names}
         return out
 
 

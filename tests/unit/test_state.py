@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pipeline import aggregation
 from pipeline.batch import DEFAULT_PLAN
-from pipeline.state import HashWrite, Retention, WindowState
+from pipeline.state import HashWrite, OpenRows, Retention, WindowState
 from schemas import keys, packed
 from schemas.events import EventKind, SensorReading
 from tests.unit.events import NOT_TIMED, reading, sensor_readings
@@ -150,3 +150,68 @@ def test_a_window_stored_by_an_earlier_release_restores_and_carries_on() -> None
     assert (s[packed.COUNT], s[packed.REPEATS], s[packed.LAST]) == (6, 3, 2.0)
     assert np.isnan(s[packed.FIRST])
     assert packed.problems(packed.decode(w2.values)) == []
+
+
+@given(
+    st.lists(
+        sensor_readings(devices=4, max_time_ms=150_000, values=st.sampled_from([1.0, 2.5]) | real),
+        min_size=1,
+        max_size=60,
+    ),
+    st.lists(st.integers(min_value=1, max_value=59), max_size=5),
+)
+@settings(max_examples=80, deadline=None, suppress_health_check=NOT_TIMED)
+def test_rows_freed_by_eviction_are_reused_cleanly(
+    events: list[SensorReading], cuts: list[int]
+) -> None:
+    """Instances evicted between batches free their rows; new instances take them (last freed
+    first) and start from nothing: every value written equals aggregating its window at once."""
+    events = sorted(events, key=lambda e: e.event_time)
+    bounds = sorted({0, len(events), *(c for c in cuts if c < len(events))})
+    store: dict[str, dict[bytes, bytes]] = {}
+    state = WindowState(EventKind.SENSOR, 0, PLAN)
+    for a, b in itertools.pairwise(bounds):
+        deltas = aggregation.aggregate(aggregation.sensor_columns(events[a:b]), PLAN)
+        stored(state.absorb(deltas, RETENTION), store)
+        if b < len(events):  # no later event reaches an instance ending by the next one
+            state.evict(events[b].event_time)
+    assert state.entities == sum(state.open.values())
+    whole: dict[str, dict[bytes, bytes]] = {}
+    fresh = WindowState(EventKind.SENSOR, 0, PLAN)
+    stored(
+        fresh.absorb(aggregation.aggregate(aggregation.sensor_columns(events), PLAN), RETENTION),
+        whole,
+    )
+    got, want = contents(store), contents(whole)
+    assert got.keys() == want.keys()
+    for k, (stats, codes, counts) in want.items():
+        g_stats, g_codes, g_counts = got[k]
+        assert (g_codes, g_counts) == (codes, counts)
+        assert g_stats[packed.COUNT] == stats[packed.COUNT]
+        assert g_stats[packed.MIN] == stats[packed.MIN]
+        assert g_stats[packed.MAX] == stats[packed.MAX]
+
+
+def test_closing_instances_without_sketches_carry_the_same_statistics() -> None:
+    ws = WindowState(EventKind.SENSOR, 3, PLAN)
+    events = [reading(t, value=v) for t, v in ((1_000, 1.0), (2_000, 4.0), (12_000, 2.0))]
+    ws.absorb(aggregation.aggregate(aggregation.sensor_columns(events), PLAN), RETENTION)
+    full = ws.table.closing({3: 10_000}, keys.WINDOW_10S, "device")
+    bare = ws.table.closing({3: 10_000}, keys.WINDOW_10S, "device", sketches=False)
+    ((start, names, table),) = full[3]
+    ((b_start, b_names, b_table),) = bare[3]
+    assert (b_start, b_names) == (start, names) == (0, [events[0].device_id + "|temp"])
+    assert table.count.sum() == 2 and b_table.count.size == 0
+    np.testing.assert_array_equal(b_table.stats, table.stats)
+
+
+def test_a_name_given_twice_in_a_new_instance_gets_one_row() -> None:
+    rows = OpenRows(packed.NF_SENSOR)
+    ik = (0, "10s", "device", 0)
+    got, fresh = rows._rows([(ik, ["a", "b", "a"])])
+    assert got.tolist()[0] == got.tolist()[2] != got.tolist()[1]
+    assert len(rows) == 2 and sorted(fresh[0]) == sorted(set(got.tolist()))
+    rows.release([ik])
+    assert len(rows) == 0
+    again, _ = rows._rows([(ik, ["c"])])
+    assert again.tolist()[0] in got.tolist()  # a freed row is reused
