@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from operator import itemgetter
 from typing import NamedTuple, Protocol
 
@@ -267,8 +268,8 @@ def process_partitions(
         b.events = mine.stop - mine.start
         b.columns = cols
         if b.events:
-            _entities_to_register(b, cols, states[b.partition], mine)
             _positions_to_send(b, cols, states[b.partition], mine)
+    _entities_to_register(batches, cols, states, ev_bounds)
     return batches
 
 
@@ -303,30 +304,37 @@ def _positions_to_send(
 
 
 def _entities_to_register(
-    batch: PartitionBatch,
+    batches: Sequence[PartitionBatch],
     cols: aggregation.Columns,
-    state: PartitionState,
-    mine: slice,
+    states: Mapping[int, PartitionState],
+    ev_bounds: Sequence[int],
 ) -> None:
-    """Fill ``batch.new_entities``: entities not cached, or seen in a newer minute than cached
-    (of the events in ``mine``)."""
-    minute = windows.window_starts(cols.event_times[mine], keys.WINDOW_1M.size_ms)
-    for dim, (all_codes, names) in cols.entities.items():
-        codes = all_codes[mine]
-        last = np.full(len(names), _NEVER, dtype=np.int64)
-        np.maximum.at(last, codes, minute)
-        present = np.flatnonzero(last != _NEVER)
-        known = state.known_entities.get(dim, {})
-        new: list[str] = []
-        minutes: list[int] = []
-        for code, m in zip(present.tolist(), last[present].tolist(), strict=True):
-            name = names[code]
-            if known.get(name, _NEVER) < m:
-                new.append(name)
-                minutes.append(m)
-        if new:
-            batch.new_entities[dim] = new
-            batch.entity_minutes[dim] = minutes
+    """Fill each batch's ``new_entities``: the entities of its events (``cols`` rows
+    ``ev_bounds[i]:ev_bounds[i + 1]``) not cached for its partition, or seen in a newer minute
+    than cached. One sort per dimension for all the partitions, in entity code order."""
+    if len(cols) == 0:
+        return
+    which = np.repeat(np.arange(len(batches)), np.diff(np.asarray(ev_bounds)))
+    minute = windows.window_starts(cols.event_times, keys.WINDOW_1M.size_ms)
+    for dim, (codes, names) in cols.entities.items():
+        width = max(len(names), 1)
+        key = which * width + codes
+        order = np.lexsort((minute, key))
+        key = key[order]
+        last = np.r_[np.flatnonzero(np.diff(key)), key.size - 1]  # each key's latest minute
+        batch_of, code_of, minutes = key[last] // width, key[last] % width, minute[order][last]
+        cut = np.searchsorted(batch_of, np.arange(len(batches) + 1)).tolist()
+        for i, b in enumerate(batches):
+            lo, hi = cut[i], cut[i + 1]
+            if lo == hi:
+                continue
+            seen = [names[c] for c in code_of[lo:hi].tolist()]
+            known = states[b.partition].known_entities.get(dim, {})
+            cached = np.fromiter(map(known.get, seen, repeat(_NEVER)), np.int64, hi - lo)
+            newer = np.flatnonzero(cached < minutes[lo:hi])
+            if newer.size:
+                b.new_entities[dim] = [seen[j] for j in newer.tolist()]
+                b.entity_minutes[dim] = minutes[lo:hi][newer].tolist()
 
 
 def _decode(

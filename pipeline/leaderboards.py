@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from operator import methodcaller
 
 import numpy as np
 import numpy.typing as npt
@@ -58,19 +59,19 @@ def board_writes(
         if kind is EventKind.SENSOR and d.dim == keys.Dim.SITE:
             out.extend(_sums(key(keys.Board.SITE_EVENTS), expire, d, d.table.stats[:, 0]))
         elif kind is EventKind.SENSOR and d.dim == keys.Dim.DEVICE:
-            by_metric: dict[str, list[int]] = {}
-            for i, name in enumerate(d.names):
-                by_metric.setdefault(name.split(keys.ENTITY_SEP, 1)[1], []).append(i)
-            top = stats[:, packed.MAX]
-            for metric, rows in sorted(by_metric.items()):
+            # one pass over the rows (a device's entity is "<device>|<metric>")
+            by_metric: dict[str, tuple[list[str], list[float]]] = {}
+            split = methodcaller("split", keys.ENTITY_SEP, 1)
+            for (device, metric), top in zip(
+                map(split, d.names), stats[:, packed.MAX].tolist(), strict=True
+            ):
+                if (board := by_metric.get(metric)) is None:
+                    board = by_metric[metric] = ([], [])
+                board[0].append(device)
+                board[1].append(top)
+            for metric, (devices, tops) in sorted(by_metric.items()):
                 out.append(
-                    ZsetWrite(
-                        key(f"{keys.Board.DEVICE_MAX}.{metric}"),
-                        expire,
-                        "gt",
-                        [d.names[i].split(keys.ENTITY_SEP, 1)[0] for i in rows],
-                        [float(top[i]) for i in rows],
-                    )
+                    ZsetWrite(key(f"{keys.Board.DEVICE_MAX}.{metric}"), expire, "gt", devices, tops)
                 )
         elif kind is EventKind.APPLOG and d.dim in (keys.Dim.SERVICE, keys.Dim.ROUTE):
             service = d.dim == keys.Dim.SERVICE

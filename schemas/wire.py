@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from typing import Annotated, Final, Generic, Literal, TypeVar
 
 import msgspec
@@ -96,8 +97,8 @@ class CheckedDecoder(Generic[T]):
         out: dict[int, list[str]] = {}
         for name, pattern in self._patterns.items():
             valid = self._valid[name]
-            values = [getattr(e, name) for e in events]
-            fresh = set(values) - valid
+            value_of = attrgetter(name)
+            fresh = set(map(value_of, events)) - valid
             if not fresh:
                 continue
             bad = {v for v in fresh if pattern.search(v) is None}
@@ -105,7 +106,7 @@ class CheckedDecoder(Generic[T]):
                 valid.clear()
             valid.update(fresh - bad)
             if bad:
-                for i, v in enumerate(values):
+                for i, v in enumerate(map(value_of, events)):
                     if v in bad:
                         out.setdefault(i, []).append(name)
         return out

@@ -66,7 +66,7 @@ def summary(b: PartitionBatch) -> tuple[object, ...]:
         b.events,
         [(d.record.offset, d.reason) for d in b.dead],
         [(d.record.offset, d.reason) for d in b.late],
-        {k: sorted(v) for k, v in b.new_entities.items()},
+        {k: sorted(zip(v, b.entity_minutes[k], strict=True)) for k, v in b.new_entities.items()},
         deltas,
     )
 
@@ -90,7 +90,10 @@ def test_partitions_processed_together_equal_each_alone(
 
     def state(p: int) -> PartitionState:
         _, offset, max_et = parts[p]
-        return PartitionState(offset=offset, max_event_time=max_et)
+        # a cached registration: events of an older minute register it again, not newer ones
+        minute = NOW - NOW % 60_000 - 60_000 * (p % 3)
+        known = {"device": {"d1|temp": minute}, "metric": {"temp": minute}}
+        return PartitionState(offset=offset, max_event_time=max_et, known_entities=known)
 
     together = process_partitions(
         EventKind.SENSOR, records, {p: state(p) for p in parts}, RULES, NOW
