@@ -27,11 +27,16 @@ AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("aggregation (numpy columns, sketches)", (
         "pipeline/aggregation.py", "schemas/sketch.py", "pipeline/windows.py",
     )),
+    ("anomaly detection (detection.py, detectors.py)", (
+        "pipeline/detection.py", "pipeline/detectors.py",
+    )),
+    ("open windows (state.py, packed values)", ("pipeline/state.py", "schemas/packed.py")),
+    ("leaderboards (leaderboards.py)", ("pipeline/leaderboards.py",)),
     ("batch bookkeeping (pipeline/batch.py)", ("pipeline/batch.py",)),
     ("store payload (store_writer, keys, orjson)", ("pipeline/store_writer.py", "schemas/keys.py")),
     ("store client (redis-py)", ("redis/",)),
-    ("worker glue (poll split, Record objects, agent loop)", (
-        "pipeline/worker.py", "pipeline/ingest.py",
+    ("worker glue (checkpoint order, poll split, agent loop)", (
+        "pipeline/checkpoint.py", "pipeline/worker.py", "pipeline/ingest.py",
     )),
     ("aiokafka (fetch, record parsing)", ("aiokafka/", "kafka/")),
     ("Faust/mode machinery (streams, events, acks)", ("faust/", "mode/")),

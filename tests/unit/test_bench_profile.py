@@ -55,3 +55,15 @@ def test_report_scales_by_cost_per_event() -> None:
     text = report(summarise(LINES), us_per_event=110.0, top=3)
     assert "11 samples" in text
     assert "45.5%    50.00 µs/event  Faust/mode machinery" in text
+
+
+def test_detection_and_open_windows_have_areas_of_their_own() -> None:
+    """The detector step and the open-window fold are called from the checkpoint: they count
+    as detection and open windows, not as the glue that called them."""
+    agent = "agent (pipeline/worker.py:1);commit (pipeline/checkpoint.py:2);"
+    step = agent + "_step (pipeline/detectors.py:3);_wrapfunc (numpy/_core/fromnumeric.py:4)"
+    fold = agent + "_rows (pipeline/state.py:5)"
+    glue = agent + "_launch (pipeline/checkpoint.py:6)"
+    assert area_of([parse_frame(f) for f in step.split(";")]).startswith("anomaly detection")
+    assert area_of([parse_frame(f) for f in fold.split(";")]).startswith("open windows")
+    assert area_of([parse_frame(f) for f in glue.split(";")]).startswith("worker glue")
