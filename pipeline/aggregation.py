@@ -228,11 +228,17 @@ def _aggregate_dim(
 ) -> list[WindowDelta]:
     v = cols.values
     n_names = len(names)
-    group_keys, g = np.unique(start_idx * n_names + ent_codes, return_inverse=True)
-    g = g.ravel()
+    # one stable sort gives the groups (as np.unique would) and each group's events in order
+    flat_keys = start_idx * n_names + ent_codes
+    order = np.argsort(flat_keys, kind="stable")
+    sorted_keys = flat_keys[order]
+    new_group = np.ones(order.size, dtype=np.bool_)
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new_group[1:])
+    group_keys = sorted_keys[new_group]
+    g = np.empty(order.size, dtype=np.int64)
+    g[order] = np.cumsum(new_group) - 1
     n_groups = group_keys.size
     count = np.bincount(g, minlength=n_groups)
-    order = np.argsort(g, kind="stable")
     first = np.concatenate(([0], np.cumsum(count)[:-1]))
     v_sorted = v[order]
     columns = [
