@@ -42,16 +42,16 @@ def contents(store: dict[str, dict[bytes, bytes]]) -> dict[tuple[str, str], tupl
     return out
 
 
-@given(
-    st.lists(
-        # repeated readings: a run across a cut or a restore still counts once per repeat
-        sensor_readings(devices=4, max_time_ms=150_000, values=st.sampled_from([1.0, 2.5]) | real),
-        min_size=1,
-        max_size=60,
-    ),
-    st.lists(st.integers(min_value=1, max_value=59), max_size=4),
-    st.integers(min_value=0, max_value=4),
+# repeated readings: a run across a cut or a restore still counts once per repeat
+READINGS = st.lists(
+    sensor_readings(devices=4, max_time_ms=150_000, values=st.sampled_from([1.0, 2.5]) | real),
+    min_size=1,
+    max_size=60,
 )
+CUTS = st.lists(st.integers(min_value=1, max_value=59), max_size=5)  # where batches end
+
+
+@given(READINGS, CUTS, st.integers(min_value=0, max_value=4))
 @settings(max_examples=120, deadline=None, suppress_health_check=NOT_TIMED)
 def test_batches_folded_in_equal_everything_at_once(
     events: list[SensorReading], cuts: list[int], restore_after: int
@@ -65,6 +65,14 @@ def test_batches_folded_in_equal_everything_at_once(
             state.restore(store)
         deltas = aggregation.aggregate(aggregation.sensor_columns(events[a:b]), PLAN)
         stored(state.absorb(deltas, RETENTION), store)
+    assert_as_aggregated_at_once(store, events)
+
+
+def assert_as_aggregated_at_once(
+    store: dict[str, dict[bytes, bytes]], events: list[SensorReading]
+) -> None:
+    """``store`` holds what aggregating ``events`` at once writes: counts, extremes and the
+    series statistics exactly, sums to rounding."""
     whole: dict[str, dict[bytes, bytes]] = {}
     fresh = WindowState(EventKind.SENSOR, 0, PLAN)
     stored(
@@ -73,18 +81,12 @@ def test_batches_folded_in_equal_everything_at_once(
     )
     got, want = contents(store), contents(whole)
     assert got.keys() == want.keys()
+    exact = (packed.COUNT, packed.MIN, packed.MAX, packed.REPEATS, packed.FIRST, packed.LAST)
     for k, (stats, codes, counts) in want.items():
         g_stats, g_codes, g_counts = got[k]
         assert (g_codes, g_counts) == (codes, counts)
         for j, (x, y) in enumerate(zip(g_stats, stats, strict=True)):
-            if j in (
-                packed.COUNT,
-                packed.MIN,
-                packed.MAX,
-                packed.REPEATS,
-                packed.FIRST,
-                packed.LAST,
-            ):
+            if j in exact:
                 assert x == y
             else:
                 assert np.isclose(x, y, rtol=1e-9, atol=1e-3)
@@ -152,14 +154,7 @@ def test_a_window_stored_by_an_earlier_release_restores_and_carries_on() -> None
     assert packed.problems(packed.decode(w2.values)) == []
 
 
-@given(
-    st.lists(
-        sensor_readings(devices=4, max_time_ms=150_000, values=st.sampled_from([1.0, 2.5]) | real),
-        min_size=1,
-        max_size=60,
-    ),
-    st.lists(st.integers(min_value=1, max_value=59), max_size=5),
-)
+@given(READINGS, CUTS)
 @settings(max_examples=80, deadline=None, suppress_health_check=NOT_TIMED)
 def test_rows_freed_by_eviction_are_reused_cleanly(
     events: list[SensorReading], cuts: list[int]
@@ -176,20 +171,7 @@ def test_rows_freed_by_eviction_are_reused_cleanly(
         if b < len(events):  # no later event reaches an instance ending by the next one
             state.evict(events[b].event_time)
     assert state.entities == sum(state.open.values())
-    whole: dict[str, dict[bytes, bytes]] = {}
-    fresh = WindowState(EventKind.SENSOR, 0, PLAN)
-    stored(
-        fresh.absorb(aggregation.aggregate(aggregation.sensor_columns(events), PLAN), RETENTION),
-        whole,
-    )
-    got, want = contents(store), contents(whole)
-    assert got.keys() == want.keys()
-    for k, (stats, codes, counts) in want.items():
-        g_stats, g_codes, g_counts = got[k]
-        assert (g_codes, g_counts) == (codes, counts)
-        assert g_stats[packed.COUNT] == stats[packed.COUNT]
-        assert g_stats[packed.MIN] == stats[packed.MIN]
-        assert g_stats[packed.MAX] == stats[packed.MAX]
+    assert_as_aggregated_at_once(store, events)
 
 
 def test_closing_instances_without_sketches_carry_the_same_statistics() -> None:
