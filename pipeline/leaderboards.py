@@ -5,7 +5,9 @@ absolute values after it), the sorted-set writes that go with the partition's of
 (``schemas.keys.BOARDS`` is the contract). Counts are written as increments of the poll's
 deltas: the apply runs exactly once per offset, so an increment is as exact as an absolute
 value, and a site's count spans entities (its metrics) a poll need not all touch. A device's
-maximum and a p99 are absolute: each member is one row of the window.
+maximum and a p99 are absolute: each member is one row of the window. A maximum is only
+raised (``ZADD GT``), so it is written only when the poll reached the row's maximum: any other
+write would change nothing, and a device's maximum settles within a few of a window's polls.
 """
 
 from __future__ import annotations
@@ -59,11 +61,14 @@ def board_writes(
         if kind is EventKind.SENSOR and d.dim == keys.Dim.SITE:
             out.extend(_sums(key(keys.Board.SITE_EVENTS), expire, d, d.table.stats[:, 0]))
         elif kind is EventKind.SENSOR and d.dim == keys.Dim.DEVICE:
+            # the rows whose maximum this poll reached (the others' is on the board already)
+            raised = np.flatnonzero(d.table.stats[:, packed.MAX] >= stats[:, packed.MAX])
+            names = [d.names[i] for i in raised.tolist()]
             # one pass over the rows (a device's entity is "<device>|<metric>")
             by_metric: dict[str, tuple[list[str], list[float]]] = {}
             split = methodcaller("split", keys.ENTITY_SEP, 1)
             for (device, metric), top in zip(
-                map(split, d.names), stats[:, packed.MAX].tolist(), strict=True
+                map(split, names), stats[raised, packed.MAX].tolist(), strict=True
             ):
                 if (board := by_metric.get(metric)) is None:
                     board = by_metric[metric] = ([], [])

@@ -75,6 +75,38 @@ def test_site_counts_add_up_over_metrics_and_device_maxima_are_raised_per_metric
     assert {w.expire_at_s for w in writes} == {99}
 
 
+def test_a_device_maximum_is_written_only_by_a_poll_that_reached_it() -> None:
+    first = [reading(T0 + 1, "d1", "temp", 9.0), reading(T0 + 2, "d2", "temp", 4.0)]
+    second = [
+        reading(T0 + 3, "d1", "temp", 5.0),  # below d1's maximum: the board has it already
+        reading(T0 + 4, "d2", "temp", 6.0),  # raises d2's
+        reading(T0 + 5, "d3", "temp", -1.0),  # new in the window
+    ]
+    (before,) = one_minute(aggregation.sensor_columns(first), (keys.Dim.DEVICE,))
+    (delta,) = one_minute(aggregation.sensor_columns(second), (keys.Dim.DEVICE,))
+    (after,) = one_minute(aggregation.sensor_columns(first + second), (keys.Dim.DEVICE,))
+    absolute = after.table.stats[[after.names.index(n) for n in delta.names]]
+    nan = np.full(len(delta.names), np.nan)
+    (write,) = leaderboards.board_writes(S, 0, [delta], [absolute], [nan], [99])
+    assert dict(zip(write.members, write.scores, strict=True)) == {"d2": 6.0, "d3": -1.0}
+    # the maxima on the board after both polls are every device's maximum of the window
+    board = dict(zip(before.names, before.table.stats[:, packed.MAX].tolist(), strict=True))
+    for member, score in zip(write.members, write.scores, strict=True):
+        board[f"{member}|temp"] = max(board.get(f"{member}|temp", -np.inf), score)
+    assert board == dict(zip(after.names, after.table.stats[:, packed.MAX].tolist(), strict=True))
+    # a poll that only ties a maximum writes it again (a no-op for ZADD GT), and none is lost
+    (tie,) = one_minute(
+        aggregation.sensor_columns([reading(T0 + 6, "d1", "temp", 9.0)]), ("device",)
+    )
+    (again,) = leaderboards.board_writes(
+        S, 0, [tie], [after.table.stats[[after.names.index("d1|temp")]]], [np.full(1, np.nan)], [99]
+    )
+    assert again.members == ["d1"]
+    late = one_minute(aggregation.sensor_columns([reading(T0 + 7, "d1", "temp", 1.0)]), ("device",))
+    stale = after.table.stats[[after.names.index("d1|temp")]]
+    assert leaderboards.board_writes(S, 0, late, [stale], [np.full(1, np.nan)], [99]) == []
+
+
 def test_service_and_route_boards_count_requests_errors_and_set_p99() -> None:
     evs = [request(T0 + i, "api", "/a", float(i), 500 if i % 4 == 0 else 200) for i in range(8)]
     evs.append(request(T0 + 9, "web", "/b", 3.0, 200))
