@@ -338,3 +338,23 @@ def test_clustered_repeats_of_a_count_are_not_stuck_but_a_frozen_reading_is() ->
     v2[1200:1210] = v2[1199]
     alarms = np.flatnonzero(run(v2, t2).alarm)
     assert len(alarms) == 1 and 1201 <= alarms[0] < 1210
+
+
+@pytest.mark.parametrize("held", ["nothing", "a view", "a buffer"])
+def test_adding_rows_keeps_the_state_of_the_others(held: str) -> None:
+    bank = DetectorBank(3)
+    rng = np.random.default_rng(5)
+    for k in range(150):  # enough observations to fill every part of a row
+        bank.step(np.arange(3), np.full(3, 1_700_000_000_000 + k * 10_000), rng.normal(size=3))
+    before = bank.state.copy()
+    view = bank.state[:1] if held == "a view" else None  # must stay valid
+    if held == "a buffer":  # a state that does not own its data (as read from bytes)
+        bank.state = np.frombuffer(before.tobytes(), dtype=np.float64).reshape(before.shape)
+    ident = id(bank.state)
+    assert bank.add(4).tolist() == [3, 4, 5, 6]
+    assert (id(bank.state) == ident) == (held == "nothing")  # in place only when nothing refers
+    assert bank.state.shape == (7, detectors.WIDTH)
+    assert np.array_equal(bank.state[:3], before)
+    assert np.array_equal(bank.state[3:], detectors.fresh_rows(4))
+    if view is not None:
+        assert np.array_equal(view, before[:1])
