@@ -28,8 +28,11 @@ def stored(writes: list[HashWrite], into: dict[str, dict[bytes, bytes]]) -> None
         )
 
 
-def contents(store: dict[str, dict[bytes, bytes]]) -> dict[tuple[str, str], tuple]:
-    out = {}
+Content = tuple[list[float], list[int], list[int]]  # statistics, sketch codes, their counts
+
+
+def contents(store: dict[str, dict[bytes, bytes]]) -> dict[tuple[str, str], Content]:
+    out: dict[tuple[str, str], Content] = {}
     for key, fields in store.items():
         t = packed.decode(list(fields.values()))
         for i, name in enumerate(fields):
