@@ -27,6 +27,8 @@ class BenchParams:
     read_background_per_min: int = 300  # events/min before the hot minutes
     read_device_minutes: int = 10  # minutes that also get the device dimension
     read_repeats: int = 100
+    # rounds of (detection off, detection on) drains after pulse_1w's (pulse_1w_nodetect)
+    detection_rounds: int = 3
     store_db: int = 15
     drain_timeout_s: float = 240.0
     quix_commit_interval_s: float = 1.0  # how often the Quix app flushes its sink and commits
@@ -49,7 +51,7 @@ class BenchParams:
                 devices=200, services=5, read_devices=500, read_day_minutes=120,
                 read_hot_minutes=5, read_hot_rate=100, read_background_per_min=100,
                 read_device_minutes=2, read_repeats=10, drain_timeout_s=90.0,
-                hnsw_vectors=5_000, hnsw_queries=200,
+                hnsw_vectors=5_000, hnsw_queries=200, detection_rounds=1,
             )  # fmt: skip
         else:
             base = cls(

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from pulse_bench.cases.freshness import visibility_latencies
+from pulse_bench.cases.pipeline_case import detection_ratio
 from pulse_bench.cases.reads import MINUTE_MS, plan_segments
 from pulse_bench.cases.write_cost import per_event
 from pulse_bench.procs import Progress
@@ -23,6 +24,15 @@ def test_visibility_skips_records_never_seen() -> None:
     tp = ("applog", 3)
     lat = visibility_latencies({tp: [1.0, 2.0]}, {}, [(1.5, {tp: 0})])
     assert lat.tolist() == pytest.approx([0.5])
+
+
+def test_detection_ratio_ignores_one_stray_drain_on_either_side() -> None:
+    on, off = [80.0, 82.0, 78.0, 81.0], [100.0, 101.0, 99.0]
+    assert detection_ratio(on, off) == pytest.approx(80.5 / 100.0)
+    # one drain slowed by a neighbour moves neither median
+    assert detection_ratio([80.0, 82.0, 40.0, 81.0], off) == detection_ratio(on, off)
+    assert detection_ratio(on, [100.0, 60.0, 99.0]) == pytest.approx(80.5 / 99.0)
+    assert detection_ratio([90.0], [100.0]) == pytest.approx(0.9)
 
 
 def test_progress_counts_applied_records() -> None:

@@ -10,7 +10,9 @@ workers' round trips are read after they stopped (each writes its counters as it
 from __future__ import annotations
 
 import signal
+import statistics
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from pulse_bench import procs
@@ -139,15 +141,32 @@ def run_three(ctx: BenchContext) -> Metrics:
     order=31,
 )
 def run_one_without_detection(ctx: BenchContext) -> Metrics:
-    """Pulse with one worker and ``PULSE_WORKER_DETECT=false``, then one worker with detection
-    again: detection on, off, on in a row (A-B-A), so a drift of the machine's speed across the
-    three drains cancels in ``detection_on_off`` (the mean of the two "on" rates over "off")."""
-    off = drain_with_workers(ctx, 1, "pulse_1w_nodetect", PULSE_WORKER_DETECT="false")
-    again = drain_with_workers(ctx, 1, "pulse_1w_again")
-    on = (float(ctx.results["pulse_1w"]["events_per_s"]) + float(again["events_per_s"])) / 2
-    off["detect_on_after_events_per_s"] = again["events_per_s"]
-    off["detection_on_off"] = on / float(off["events_per_s"])
-    return off
+    """Pulse with one worker and ``PULSE_WORKER_DETECT=false``, alternated with drains that
+    detect: after ``pulse_1w``, ``detection_rounds`` rounds of (off, on). ``detection_on_off``
+    is the median "on" rate over the median "off" rate: on this shared machine a single drain's
+    rate can move by a fifth, and the median of alternated drains ignores one such drain
+    whichever side it falls on, as well as a drift of the machine's speed."""
+    on = [float(ctx.results["pulse_1w"]["events_per_s"])]
+    off_rates: list[float] = []
+    first: Metrics | None = None
+    for i in range(max(1, ctx.params.detection_rounds)):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        off = drain_with_workers(ctx, 1, f"pulse_1w_nodetect{suffix}", PULSE_WORKER_DETECT="false")
+        if first is None:
+            first = off
+        off_rates.append(float(off["events_per_s"]))
+        on.append(float(drain_with_workers(ctx, 1, f"pulse_1w_again{suffix}")["events_per_s"]))
+    assert first is not None
+    # the first "off" drain's own figures, and every drain's rate
+    first["off_events_per_s"] = off_rates
+    first["on_events_per_s"] = on
+    first["detection_on_off"] = detection_ratio(on, off_rates)
+    return first
+
+
+def detection_ratio(on: Sequence[float], off: Sequence[float]) -> float:
+    """The median drain rate with detection over the median without."""
+    return statistics.median(on) / statistics.median(off)
 
 
 ratio("pulse_1w_vs_floor", "cases.pulse_1w.events_per_s", "cases.floor.events_per_s")
