@@ -94,17 +94,15 @@ def test_a_device_maximum_is_written_only_by_a_poll_that_reached_it() -> None:
     for member, score in zip(write.members, write.scores, strict=True):
         board[f"{member}|temp"] = max(board.get(f"{member}|temp", -np.inf), score)
     assert board == dict(zip(after.names, after.table.stats[:, packed.MAX].tolist(), strict=True))
-    # a poll that only ties a maximum writes it again (a no-op for ZADD GT), and none is lost
-    (tie,) = one_minute(
-        aggregation.sensor_columns([reading(T0 + 6, "d1", "temp", 9.0)]), ("device",)
-    )
-    (again,) = leaderboards.board_writes(
-        S, 0, [tie], [after.table.stats[[after.names.index("d1|temp")]]], [np.full(1, np.nan)], [99]
-    )
-    assert again.members == ["d1"]
-    late = one_minute(aggregation.sensor_columns([reading(T0 + 7, "d1", "temp", 1.0)]), ("device",))
-    stale = after.table.stats[[after.names.index("d1|temp")]]
-    assert leaderboards.board_writes(S, 0, late, [stale], [np.full(1, np.nan)], [99]) == []
+    # a poll that only ties a maximum writes it again (a no-op for ZADD GT); a lower one not
+    d1 = after.table.stats[[after.names.index("d1|temp")]]
+    nan1 = [np.full(1, np.nan)]
+    for value, written in ((9.0, ["d1"]), (1.0, [])):
+        poll = one_minute(
+            aggregation.sensor_columns([reading(T0 + 6, "d1", "temp", value)]), (keys.Dim.DEVICE,)
+        )
+        writes = leaderboards.board_writes(S, 0, poll, [d1], nan1, [99])
+        assert [m for w in writes for m in w.members] == written
 
 
 def test_service_and_route_boards_count_requests_errors_and_set_p99() -> None:
