@@ -65,7 +65,7 @@ class WorkerSettings(EventTimeSettings):
     model_config = SettingsConfigDict(env_prefix="PULSE_WORKER_", extra="ignore")
 
     app_id: str = "pulse"
-    batch_max: int = Field(default=5000, ge=1)
+    batch_max: int = Field(default=20_000, ge=1)
     batch_within_s: float = Field(default=0.1, gt=0)
     # Kafka's committed offsets are a hint (the store owns the offsets): committed with the
     # durable poll at most this often, and whenever the stream goes idle or is handed over
