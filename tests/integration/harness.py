@@ -37,7 +37,7 @@ POLL_S = 0.2
 
 
 def wait_for(
-    condition: Callable[[], T],
+    condition: Callable[[], T | None],
     what: str,
     timeout_s: float = 120.0,
     alive: Callable[[], bool] | None = None,

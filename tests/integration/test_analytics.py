@@ -12,7 +12,7 @@ from __future__ import annotations
 import types
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import orjson
 import pytest
@@ -28,7 +28,18 @@ from tests.integration.harness import Pipeline, wait_for
 
 pytestmark = pytest.mark.integration
 
-RUN = {
+
+class Run(TypedDict):
+    seed: int
+    duration: int
+    sim_rate: int
+    devices: int
+    services: int
+    anomaly_rate: float
+    anomaly_after: int
+
+
+RUN: Run = {
     "seed": 5,
     "duration": 3600,
     "sim_rate": 100,
@@ -72,7 +83,8 @@ def expected_anomalies(truth: dict[str, Any], lateness_ms: int) -> dict[str, ano
                 if kind is EventKind.SENSOR
                 else aggregation.applog_columns(evs)
             )
-            wm = windows.watermark(max(e.event_time for e in evs), lateness_ms)
+            # never None: the partition has events
+            wm = cast(int, windows.watermark(max(e.event_time for e in evs), lateness_ms))
             plan = [(keys.WINDOW_10S, (DETECT_DIMS[kind],))]
             for d in sorted(aggregation.aggregate(cols, plan), key=lambda d: d.start_ms):
                 if d.start_ms + keys.WINDOW_10S.size_ms <= wm:
@@ -142,7 +154,8 @@ def test_anomalies_and_boards_exactly_once_through_a_crash(
     indexed = 0
     for kind in EventKind:
         for p in range(parts):
-            feed_ids += [f[b"id"] for _, f in raw.xrange(keys.feed_key(kind, p))]
+            feed = cast(list[tuple[bytes, dict[bytes, bytes]]], raw.xrange(keys.feed_key(kind, p)))
+            feed_ids += [f[b"id"] for _, f in feed]
             indexed += raw.zcard(keys.anomaly_index_key(kind, p))
     assert sorted(i.decode() for i in feed_ids) == sorted(got)
     assert indexed == len(got)
@@ -155,7 +168,8 @@ def test_anomalies_and_boards_exactly_once_through_a_crash(
     ):
         for p in range(parts):
             for key in raw.scan_iter(match=keys.board_key(kind, p, board, 0)[:-1] + "*"):
-                for member, n in raw.zrange(key, 0, -1, withscores=True):
+                scored = cast(list[tuple[bytes, float]], raw.zrange(key, 0, -1, withscores=True))
+                for member, n in scored:
                     counted[f"{kind.value}:{member.decode()}"] += int(n)
     per_member: dict[str, int] = defaultdict(int)
     for rec in got.values():
@@ -169,7 +183,8 @@ def test_anomalies_and_boards_exactly_once_through_a_crash(
         for key in raw.scan_iter(
             match=keys.board_key(EventKind.SENSOR, p, keys.Board.SITE_EVENTS, 0)[:-1] + "*"
         ):
-            site_events += sum(int(n) for _, n in raw.zrange(key, 0, -1, withscores=True))
+            scored = cast(list[tuple[bytes, float]], raw.zrange(key, 0, -1, withscores=True))
+            site_events += sum(int(n) for _, n in scored)
     assert site_events == truth["events"]["sensor"]
 
     # quality against the injected episodes, after the detectors' learning hour

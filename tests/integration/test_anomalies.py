@@ -19,7 +19,14 @@ from dashboard import anomalies as an
 from dashboard.queries import reader_client
 from pipeline.stack.testing import RunningStack
 from schemas import keys
-from schemas.anomaly import FEED_FIELDS, VECTOR_DIM, AnomalyRecord, anomaly_id, encode_record
+from schemas.anomaly import (
+    FEED_FIELDS,
+    VECTOR_DIM,
+    AnomalyRecord,
+    anomaly_id,
+    encode_record,
+    parse_anomaly_id,
+)
 from schemas.events import EventKind
 
 pytestmark = pytest.mark.integration
@@ -127,7 +134,7 @@ def test_similar_and_anomalies_read_the_store(
     assert res.returncode == 0, res.stderr
     listed = [line.split()[2] for line in res.stdout.splitlines()[1:]]
     assert listed == [r.id for r in recs[:7]]  # newest first, across partitions of both kinds
-    assert {an.anomaly.parse_anomaly_id(i)[0] for i in listed} == {"sensor", "applog"}
+    assert {parse_anomaly_id(i)[0] for i in listed} == {"sensor", "applog"}
     res = pulse(valkey, tmp_path, "anomalies", "--since", "2h", "-n", "100")
     assert query.id in res.stdout and twin.id not in res.stdout
     assert len(res.stdout.splitlines()) == 1 + 61

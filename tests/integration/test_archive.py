@@ -92,8 +92,8 @@ def test_archive_holds_every_valid_event_once_across_a_sigkill(
         # what a reader sees right after the crash: committed files only, no duplicate
         for kind in EventKind:
             t = store.read_range(kind, 0, 2**62, ["partition", "offset"])
-            pairs = list(zip(t["partition"].to_pylist(), t["offset"].to_pylist(), strict=True))
-            assert len(pairs) == len(set(pairs))
+            seen = list(zip(t["partition"].to_pylist(), t["offset"].to_pylist(), strict=True))
+            assert len(seen) == len(set(seen))
         live.wait()
     finally:
         live.stop()

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode, urlparse
 
 import numpy as np
@@ -88,7 +88,8 @@ def raw_events(r: redis.Redis, parts: int, rng: timerange.TimeRange) -> int:
     for kind in EventKind:
         for p in range(parts):
             for s in timerange.pane_starts(rng, window):
-                h = r.hgetall(keys.window_key(kind, p, window, queries.FLEET_DIM[kind], s))
+                key = keys.window_key(kind, p, window, queries.FLEET_DIM[kind], s)
+                h = cast(dict[bytes, bytes], r.hgetall(key))
                 if h:
                     total += (
                         packed.decode_stats(list(h.values()), queries.NF[kind])

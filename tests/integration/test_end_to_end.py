@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -63,7 +64,7 @@ def test_pipeline_counts_every_event_exactly_once(
     fleet = build_fleet(11, 40, 4)
     where: dict[str, tuple[float, float]] = {}
     for p in range(stack.kafka_settings.partitions):
-        members = store.zrange(keys.geo_key(p), 0, -1)
+        members = cast(list[str], store.zrange(keys.geo_key(p), 0, -1))
         for name, pos in zip(members, store.geopos(keys.geo_key(p), *members), strict=True):
             assert name not in where and pos is not None
             where[name] = (pos[1], pos[0])
@@ -115,7 +116,7 @@ def test_verify_catches_a_tampered_store(
     # one event counted twice in one window: verify must notice and say where
     raw = stack.redis(decode=False)
     key = next(store.scan_iter(match=keys.window_pattern(EventKind.SENSOR, keys.WINDOW_1M)))
-    entity, value = next(iter(raw.hgetall(key).items()))
+    entity, value = next(iter(cast(dict[bytes, bytes], raw.hgetall(key)).items()))
     t = packed.decode([value])
     t.stats[0, packed.COUNT] += 1
     t.count[0] += 1

@@ -52,7 +52,8 @@ def wait_replicated(client: redis.Redis, timeout_s: float = 120.0) -> None:
 def wait_aof_everywhere(client: redis.Redis, timeout_s: float = 120.0) -> None:
     """Until the writes so far are fsynced to the primary's and one replica's AOF."""
     deadline = time.monotonic() + timeout_s
-    while (got := client.execute_command("WAITAOF", 1, 1, 1000)) != [1, 1]:
+    # redis-py leaves execute_command unannotated
+    while (got := client.execute_command("WAITAOF", 1, 1, 1000)) != [1, 1]:  # type: ignore[no-untyped-call]
         assert time.monotonic() < deadline, f"WAITAOF 1 1 answered {got} after {timeout_s:.0f} s"
 
 
@@ -74,8 +75,9 @@ async def produce_and_consume(bootstrap: str, topic: str, payload: bytes) -> byt
         message = await asyncio.wait_for(consumer.getone(), timeout=30)
     finally:
         await consumer.stop()
-    assert message.value is not None
-    return message.value
+    value: bytes | None = message.value  # aiokafka ships no types
+    assert value is not None
+    return value
 
 
 # --- the session stack ----------------------------------------------------------------------
@@ -98,7 +100,10 @@ def test_pulse_topics_exist_with_configured_partitions(stack: RunningStack) -> N
         admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
         await admin.start()
         try:
-            return await admin.describe_topics(stack.kafka_settings.topics)
+            described: list[dict[str, object]] = await admin.describe_topics(
+                stack.kafka_settings.topics
+            )  # aiokafka ships no types
+            return described
         finally:
             await admin.close()
 

@@ -8,6 +8,7 @@ offsets.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -42,7 +43,7 @@ def test_verify_catches_a_store_that_disagrees_with_itself(
     # one sketch bucket one too high: the merged quantiles barely move, the counts disagree
     raw = stack.redis(decode=False)
     key = next(store.scan_iter(match=keys.window_pattern(EventKind.SENSOR, keys.WINDOW_1M)))
-    name, value = next(iter(raw.hgetall(key).items()))
+    name, value = next(iter(cast(dict[bytes, bytes], raw.hgetall(key)).items()))
     t = packed.decode([value])
     t.count[0] += 1
     _kind, part = keys.parse_tag(key)

@@ -46,8 +46,10 @@ def rows(deltas: list[aggregation.WindowDelta]) -> dict[tuple[str, str, int, str
     }
 
 
-def sketch_rows(deltas: list[aggregation.WindowDelta]) -> dict[tuple[str, str, int, str], dict]:
-    out: dict[tuple[str, str, int, str], dict] = {}
+def sketch_rows(
+    deltas: list[aggregation.WindowDelta],
+) -> dict[tuple[str, str, int, str], dict[int, int]]:
+    out: dict[tuple[str, str, int, str], dict[int, int]] = {}
     for d in deltas:
         t = d.table
         for r, c, n in zip(t.row.tolist(), t.code.tolist(), t.count.tolist(), strict=True):

@@ -162,7 +162,7 @@ def windows_of(values: list[float], start: int = T0) -> list[tuple[int, list[str
 
 def series(n: int, spike_at: int) -> list[float]:
     rng = np.random.default_rng(7)
-    v = (20 + rng.standard_normal(n)).tolist()
+    v: list[float] = (20 + rng.standard_normal(n)).tolist()
     v[spike_at] += 60.0
     return v
 

@@ -8,11 +8,12 @@ import contextlib
 import fnmatch
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,7 +24,13 @@ from dashboard.similar import SimilarIndex
 from pipeline.cli import build_parser, main
 from pipeline.settings import StackSettings
 from schemas import keys
-from schemas.anomaly import VECTOR_DIM, AnomalyRecord, anomaly_id, encode_record
+from schemas.anomaly import (
+    VECTOR_DIM,
+    AnomalyRecord,
+    anomaly_id,
+    encode_record,
+    parse_anomaly_id,
+)
 from schemas.events import EventKind
 
 SENSOR, APPLOG = EventKind.SENSOR, EventKind.APPLOG
@@ -100,7 +107,12 @@ class FakeStore:
         return list(reversed(self.streams.get(key, [])))[:count]
 
     def scan_iter(self, match: str, count: int, _type: str) -> Iterator[bytes]:
-        pool = {"hash": self.hashes, "stream": self.streams, "zset": self.zsets}[_type]
+        pools: dict[str, Mapping[str, object]] = {
+            "hash": self.hashes,
+            "stream": self.streams,
+            "zset": self.zsets,
+        }
+        pool = pools[_type]
         escaped = match.replace("[", "[[]")
         return iter([k.encode() for k in pool if fnmatch.fnmatchcase(k, escaped)])
 
@@ -122,7 +134,7 @@ class FakeStore:
             stream.append((entry, {k.encode(): v.encode() for k, v in fields.items()}))
 
     def remove(self, anomaly: str) -> None:
-        kind, part, *_ = an.anomaly.parse_anomaly_id(anomaly)
+        kind, part, *_ = parse_anomaly_id(anomaly)
         self.hashes[keys.anomalies_key(kind, part)].pop(anomaly.encode())
         self.zsets[keys.anomaly_index_key(kind, part)].pop(anomaly.encode())
 
@@ -133,7 +145,7 @@ def record(
     start: int,
     entity: str = "dev-1|temp",
     signal: str | None = None,
-    vector: Sequence[float] | None = None,
+    vector: npt.ArrayLike | None = None,
     score: float = 0.9,
 ) -> AnomalyRecord:
     signal = signal or ("mean" if kind is SENSOR else "latency_p50")
@@ -492,8 +504,8 @@ def test_similar_prints_the_nearest_and_keeps_its_index_under_the_home(
     assert (tmp_path / an.INDEX_DIR / "similar.hnsw").is_file()
     on_fake.remove(twin.id)  # gone from the store: the saved index is reconciled
     assert main(["similar", query.id, "-k", "3"]) == 0
-    out = capsys.readouterr().out
-    assert twin.id not in out and "-1 from the store" in out
+    text = capsys.readouterr().out
+    assert twin.id not in text and "-1 from the store" in text
 
 
 def test_anomalies_lists_the_latest_newest_first(

@@ -37,7 +37,7 @@ from pipeline.archive.layout import (
     tmp_path,
 )
 from pipeline.archive.storage import ArchiveStore
-from pipeline.batch import Record
+from pipeline.batch import RawRecord, Record
 from pipeline.cli import main
 from pipeline.settings import ArchiveSettings
 from pipeline.validation import TimeBounds
@@ -207,7 +207,9 @@ async def run_archiver(fs: Any, log: dict[int, list[Record]], poll: int, max_row
     # Kafka's committed offsets are only a hint: re-deliver a few records before the marker
     pos = {p: max(0, o - 3) for p, o in pos.items()}
     while any(pos[p] < len(log[p]) for p in (0, 1)):
-        batch = {p: log[p][pos[p] : pos[p] + poll] for p in (0, 1) if pos[p] < len(log[p])}
+        batch: dict[int, list[RawRecord]] = {
+            p: list(log[p][pos[p] : pos[p] + poll]) for p in (0, 1) if pos[p] < len(log[p])
+        }
         await archiver.handle({EventKind.SENSOR: batch})
         pos = {p: pos[p] + poll for p in (0, 1)}
     await archiver.stop()

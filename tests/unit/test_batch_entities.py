@@ -4,6 +4,7 @@ the ``pulse_apply`` payload fields that carry them (plus the offsets' topic and 
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import orjson
 
@@ -137,7 +138,8 @@ def test_payload_carries_registrations_topic_owner_and_bounds() -> None:
         if key_list[idx - 1] == device_1m:
             assert args[at : at + 2 * n : 2] == ["a|temperature"]
             assert expire == RETENTION.expire_at_s(keys.WINDOW_1M, T0)
-            table = packed.decode(args[at + 1 : at + 2 * n : 2], packed.NF_SENSOR)
+            values = cast(list[bytes], args[at + 1 : at + 2 * n : 2])  # the packed values
+            table = packed.decode(values, packed.NF_SENSOR)
             assert table.stats[0, packed.COUNT] == 1
         at += 2 * n
 

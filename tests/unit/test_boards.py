@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
+import redis
 
 from dashboard import boards
 from pipeline.cli import main
 from schemas import keys, packed
+from schemas.argtypes import parse_time
 from schemas.events import EventKind
 from schemas.sketch import RELATIVE_ACCURACY, bucket_codes
 
@@ -73,6 +75,12 @@ class FakeStore:
         return int(key in self.zsets)
 
 
+def client(r: FakeStore) -> redis.Redis:
+    """``r`` where the readers take a client: it has the few commands they call, with
+    redis-py's reply shapes, not the whole of ``redis.Redis``."""
+    return cast(redis.Redis, r)
+
+
 def _bytes(v: bytes | str) -> bytes:
     return v if isinstance(v, bytes) else v.encode()
 
@@ -98,7 +106,10 @@ def put(r: FakeStore, kind: EventKind, part: int, board: str, start: int, **scor
 
 
 def test_partitions_combine_by_sum_or_max() -> None:
-    parts = [[(b"a", 2.0), (b"b", 5.0)], [(b"a", 3.0), ("c", 1.0)]]
+    parts: list[list[tuple[bytes | str, float]]] = [
+        [(b"a", 2.0), (b"b", 5.0)],
+        [(b"a", 3.0), ("c", 1.0)],
+    ]
     assert boards.combine(parts, "sum") == {"a": 5.0, "b": 5.0, "c": 1.0}
     assert boards.combine(parts, "max") == {"a": 3.0, "b": 5.0, "c": 1.0}
     assert boards.combine([[(b"a", -7.5)], [(b"a", -2.5)]], "max") == {"a": -2.5}
@@ -186,7 +197,7 @@ def test_every_user_board_reads_boards_of_the_contract() -> None:
     ],
 )
 def test_times_are_iso_or_epoch(text: str, ms: int) -> None:
-    assert boards.parse_time(text) == ms
+    assert parse_time(text) == ms
 
 
 # --------------------------------------------------------------------------- reads (fake store)
@@ -199,13 +210,13 @@ def test_counts_merge_over_instances_and_partitions() -> None:
     put(r, SENSOR, 1, "site.events", T0, oslo=6, rome=7)
     put(r, SENSOR, 1, "site.events", T0 - 5 * MIN, rome=100)  # outside the 5m window
     b = boards.board("site.events")
-    top = boards.read_top(r, b, [0, 1], "5m", T0 + 30_000, n=10)
+    top = boards.read_top(client(r), b, [0, 1], "5m", T0 + 30_000, n=10)
     assert [(x.member, x.score) for x in top.rows] == [("oslo", 7), ("paris", 7), ("rome", 7)]
     assert top.starts == tuple(T0 - i * MIN for i in range(4, -1, -1)) and top.members == 3
-    one = boards.read_top(r, b, [0, 1], "1m", T0, n=2)
+    one = boards.read_top(client(r), b, [0, 1], "1m", T0, n=2)
     assert [(x.member, x.score) for x in one.rows] == [("rome", 7), ("oslo", 6)]
     assert one.members == 3
-    hour = boards.read_top(r, b, [0, 1], "1h", T0, n=1)
+    hour = boards.read_top(client(r), b, [0, 1], "1h", T0, n=1)
     assert [(x.member, x.score) for x in hour.rows] == [("rome", 107)]
 
 
@@ -216,7 +227,7 @@ def test_maxima_take_the_largest_over_instances_and_partitions() -> None:
     put(r, SENSOR, 1, "device.max.temperature", T0, d3=25.25)
     put(r, SENSOR, 1, "device.max.humidity", T0, d3=99.0)  # another metric
     b = boards.board("device.max.temperature")
-    top = boards.read_top(r, b, [0, 1], "5m", T0, n=10)
+    top = boards.read_top(client(r), b, [0, 1], "5m", T0, n=10)
     assert [(x.member, x.score) for x in top.rows] == [("d1", 30.5), ("d3", 25.25), ("d2", -3.0)]
 
 
@@ -226,7 +237,7 @@ def test_error_rates_rank_by_errors_over_requests_with_the_counts() -> None:
     put(r, APPLOG, 1, "service.requests", T0, api=300, web=30)
     put(r, APPLOG, 0, "service.errors", T0, api=20, web=1, idle=0)
     put(r, APPLOG, 1, "service.errors", T0, api=20, web=3)
-    top = boards.read_top(r, boards.board("service.error_rate"), [0, 1], "1m", T0)
+    top = boards.read_top(client(r), boards.board("service.error_rate"), [0, 1], "1m", T0)
     assert [(x.member, x.score, x.errors, x.requests) for x in top.rows] == [
         ("api", 0.1, 40, 400),
         ("web", 0.1, 4, 40),
@@ -248,34 +259,34 @@ def test_p99_merges_the_candidates_sketches_over_partitions_and_instances() -> N
         # the partition's own p99 (its view only): the reader must not rank by these
         own = float(np.quantile(v, 0.99, method="lower"))
         put(r, APPLOG, part, "route.p99", start, **{route.replace("|", "__"): own})
-    top = boards.read_top(r, boards.board("route.p99"), [0, 1], "5m", T0)
+    top = boards.read_top(client(r), boards.board("route.p99"), [0, 1], "5m", T0)
     assert [x.member for x in top.rows] == ["a|/x", "b|/y"]
     exact_a = np.quantile(
         np.r_[lat[("a|/x", 0, T0 - MIN)], lat[("a|/x", 1, T0)]], 0.99, method="lower"
     )
     assert abs(top.rows[0].score - exact_a) <= RELATIVE_ACCURACY * exact_a
     # the 1m window has only partition 1's few slow a|/x values and b|/y
-    one = boards.read_top(r, boards.board("route.p99"), [0, 1], "1m", T0, n=1)
+    one = boards.read_top(client(r), boards.board("route.p99"), [0, 1], "1m", T0, n=1)
     assert [x.member for x in one.rows] == ["a|/x"] and one.members == 2
 
 
 def test_no_partitions_or_no_sets_is_an_empty_board() -> None:
     r = FakeStore()
     b = boards.board("service.requests")
-    assert boards.read_top(r, b, [], "1m", T0).rows == ()
-    assert boards.read_top(r, b, [0, 1], "1h", T0).rows == ()
+    assert boards.read_top(client(r), b, [], "1m", T0).rows == ()
+    assert boards.read_top(client(r), b, [0, 1], "1h", T0).rows == ()
 
 
 def test_the_default_minute_is_the_newest_with_data_for_the_board() -> None:
     r = FakeStore()
     b = boards.board("device.anomalies")
-    assert boards.newest_start(r, b, [0, 1]) is None
+    assert boards.newest_start(client(r), b, [0, 1]) is None
     r.hashes[keys.progress_key(SENSOR, 1)] = {"max_event_time": str(T0 + 5 * MIN + 1)}
     # no anomaly board yet: the minute of the newest event
-    assert boards.newest_start(r, b, [0, 1]) == T0 + 5 * MIN
+    assert boards.newest_start(client(r), b, [0, 1]) == T0 + 5 * MIN
     put(r, SENSOR, 0, "device.anomalies", T0 + 2 * MIN, d1=1)
     put(r, SENSOR, 1, "device.anomalies", T0, d1=1)
-    assert boards.newest_start(r, b, [0, 1]) == T0 + 2 * MIN
+    assert boards.newest_start(client(r), b, [0, 1]) == T0 + 2 * MIN
 
 
 # --------------------------------------------------------------------------- pulse top errors

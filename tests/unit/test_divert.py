@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, ProducerClosed
@@ -13,6 +13,9 @@ from pipeline.batch import Diverted, PartitionBatch, Record
 from pipeline.divert import TRUNCATED_BYTES, Divert
 from pipeline.metrics import Metrics
 from schemas.events import EventKind
+
+if TYPE_CHECKING:
+    from faust.types import TopicT
 
 
 @dataclass
@@ -42,7 +45,9 @@ class FakeTopic:
 def divert(dead: FakeTopic, late: FakeTopic | None = None) -> tuple[Divert, Metrics]:
     d = Divert.__new__(Divert)
     metrics = Metrics()
-    d._dead, d._late = dead, late or FakeTopic("late")
+    # the fakes stand in for Faust topics: Divert only calls their send
+    d._dead = cast("TopicT", dead)
+    d._late = cast("TopicT", late or FakeTopic("late"))
     d._metrics, d._retry_delay_s = metrics, 0.0
     return d, metrics
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from pipeline import batch
+from pipeline import batch, windows
 from pipeline.validation import (
     SLOW_PATH_MAX_BYTES,
     DecodedBatch,
@@ -591,7 +591,7 @@ def test_fuzz_decode_contract() -> None:
     )
     def run(raws: list[bytes | None]) -> None:
         nonlocal checked
-        check_batch(raws, seen=NOW if len(raws) % 2 else batch.windows.NO_EVENT_YET)
+        check_batch(raws, seen=NOW if len(raws) % 2 else windows.NO_EVENT_YET)
         checked += len(raws)
 
     run()

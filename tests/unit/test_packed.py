@@ -3,6 +3,8 @@ and clear errors (never a crash or a wrong table) for bytes that are not a packe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -120,10 +122,14 @@ def test_quantiles_match_the_scalar_estimate(groups: list[list[float]]) -> None:
 def test_arbitrary_bytes_decode_or_fail_clearly(values: list[bytes]) -> None:
     # a sensor reader also meets values of the earlier 5-statistic layout
     old = packed.encode(packed.Table(np.ones((1, packed.NF_BASE)), *([np.zeros(0, np.int64)] * 3)))
+    readers: tuple[Callable[[list[bytes]], packed.Table], ...] = (
+        packed.decode,
+        lambda vs: packed.decode_stats(vs, packed.NF_SENSOR),
+    )
     for vals in (values, [*values, old[0]], [old[0], *values]):
-        for read in (packed.decode, packed.decode_stats):
+        for read in readers:
             try:
-                t = read(vals, packed.NF_SENSOR) if read is packed.decode_stats else read(vals)
+                t = read(vals)
             except packed.PackedError as exc:
                 assert exc.index is not None and 0 <= exc.index < len(vals)
                 continue

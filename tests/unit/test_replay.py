@@ -115,7 +115,7 @@ def test_the_rebuild_equals_the_worker_from_a_later_start(seed: int) -> None:
     rng = ReplayRange(T0, T0 + 4 * MINUTE_MS)
     want = worker_values(records)
     # start where no earlier event lies above T1 + lateness (what offsets_for_times finds)
-    times = [orjson.loads(r.value)["event_time"] if b"device_id" in (r.value or b"") else 0
+    times = [orjson.loads(r.value)["event_time"] if r.value and b"device_id" in r.value else 0
              for r in records]  # fmt: skip
     start = max(i for i in range(len(records)) if max(times[:i], default=0) < rng.start)
     assert start > 100

@@ -22,7 +22,7 @@ import pytest
 from pipeline import verify
 from schemas import keys, packed
 from schemas.events import EventKind
-from schemas.sketch import bucket_codes
+from schemas.sketch import bucket_codes, bucket_values
 
 SENSOR, APPLOG = EventKind.SENSOR, EventKind.APPLOG
 MIN = keys.WINDOW_1M.size_ms
@@ -145,7 +145,7 @@ def stats_of(r: FakeRedis, key: str, ent: str) -> tuple[list[float], list[float]
     """An entity's stored statistics and one value per sketch bucket count (for rewriting)."""
     t = packed.decode([r.hashes[key][ent]])
     vals = np.repeat(
-        [float(packed.sketch.bucket_values(np.array([c]))[0]) for c in t.code.tolist()],
+        [float(bucket_values(np.array([c]))[0]) for c in t.code.tolist()],
         t.count,
     )
     return t.stats[0].tolist(), vals.tolist()
