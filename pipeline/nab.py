@@ -310,6 +310,55 @@ def evaluate(
     return results
 
 
+def read_scores(root: Path, series: Sequence[Series]) -> list[FloatArray]:
+    """Another detector's scores of every series, row for row, to score them the same way.
+
+    A series' scores are ``root/<group>/<file>.csv`` (as ``--out`` writes them) or, as in NAB's
+    ``results/<detector>/`` folders, ``root/<group>/<detector>_<file>.csv``: a CSV with
+    ``timestamp`` and ``anomaly_score`` columns and the series' timestamps in its order.
+    """
+    if not root.is_dir():
+        raise NabError(f"{root} is not a directory")
+    out = []
+    for s in series:
+        group, file = s.name.split("/", 1)
+        path = root / group / file
+        if not path.is_file():
+            found = sorted((root / group).glob(f"*_{file}")) if (root / group).is_dir() else []
+            if len(found) != 1:
+                which = "several files match" if found else "none found"
+                raise NabError(
+                    f"{root} holds no single score file for {s.name} ({group}/{file} or "
+                    f"{group}/<detector>_{file}: {which})"
+                )
+            path = found[0]
+        out.append(_read_score_file(path, s))
+    return out
+
+
+def _read_score_file(path: Path, s: Series) -> FloatArray:
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise NabError(f"{path} cannot be read: {exc}") from None
+    if not rows or not {"timestamp", "anomaly_score"} <= set(rows[0]):
+        raise NabError(f"{path} has no rows with 'timestamp' and 'anomaly_score' columns")
+    if len(rows) != len(s.values):
+        raise NabError(f"{path} has {len(rows)} rows where {s.name} has {len(s.values)}")
+    try:
+        t = np.array([r["timestamp"] for r in rows], dtype="datetime64[ms]")
+        scores = np.array([r["anomaly_score"] for r in rows], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise NabError(f"{path} has a malformed row: {exc}") from None
+    if not bool(np.array_equal(t, s.t)):
+        at = int(np.flatnonzero(t != s.t)[0])
+        raise NabError(f"{path} row {at + 1} is for {t[at]}, not {s.t[at]} as in {s.name}")
+    if not bool(np.all(np.isfinite(scores))):
+        raise NabError(f"{path} holds a score that is not a finite number")
+    return scores
+
+
 def write_results(out: Path, series: Sequence[Series], scores: Sequence[FloatArray]) -> None:
     """``out/<group>/<series>.csv`` with ``timestamp,value,anomaly_score``."""
     for s, sc in zip(series, scores, strict=True):
@@ -325,7 +374,7 @@ def write_results(out: Path, series: Sequence[Series], scores: Sequence[FloatArr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``pulse eval nab DIR [--out RESULTS] [--threshold T]``."""
+    """``pulse eval nab DIR [--out RESULTS | --scores RESULTS] [--threshold T]``."""
     sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
     sub.required = True
     p = sub.add_parser(
@@ -337,12 +386,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "dir", type=Path, metavar="DIR", help="NAB layout: data/<group>/*.csv, windows.json"
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
         "--out",
         type=Path,
         default=None,
         metavar="RESULTS",
         help="write RESULTS/<group>/<series>.csv (timestamp,value,anomaly_score)",
+    )
+    source.add_argument(
+        "--scores",
+        type=Path,
+        default=None,
+        metavar="RESULTS",
+        help="score another detector's results instead of Pulse's: RESULTS/<group>/<series>.csv "
+        "or NAB's results/<detector>/ layout (<group>/<detector>_<series>.csv)",
     )
     p.add_argument(
         "--threshold",
@@ -378,7 +436,7 @@ def run(args: argparse.Namespace) -> int:
         began = time.perf_counter()
         series, windows = load_corpus(args.dir)
         loaded = time.perf_counter()
-        scores = detect(series)
+        scores = detect(series) if args.scores is None else read_scores(args.scores, series)
         detected = time.perf_counter()
         results = evaluate(series, windows, scores, args.threshold)
         if args.out is not None:
@@ -388,7 +446,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     rows = sum(len(s.values) for s in series)
     groups = sorted({g for r in results for g in r.groups})
-    table = Table(title=f"NAB scores: {len(series)} series, {rows} rows")
+    whose = "Pulse's detectors" if args.scores is None else str(args.scores)
+    table = Table(title=f"NAB scores of {whose}: {len(series)} series, {rows} rows")
     for col in ("profile", "threshold", "score", "detected", "FP rows", *groups):
         table.add_column(col, justify="left" if col == "profile" else "right")
     for r in results:
@@ -403,8 +462,9 @@ def run(args: argparse.Namespace) -> int:
         )
     console.print(table)
     per_row = (detected - loaded) / rows * 1e6
+    step = "detect" if args.scores is None else "read scores"
     console.print(
-        f"load {loaded - began:.1f} s, detect {detected - loaded:.1f} s ({per_row:.1f} µs/row), "
+        f"load {loaded - began:.1f} s, {step} {detected - loaded:.1f} s ({per_row:.1f} µs/row), "
         f"score {time.perf_counter() - detected:.1f} s"
     )
     return 0

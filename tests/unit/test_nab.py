@@ -152,3 +152,60 @@ def test_eval_nab_rejects_a_malformed_file(
     (tmp_path / "nab" / "data" / "synB" / "b.csv").write_text("timestamp,value\nnot a time,1\n")
     assert cli.main(["eval", "nab", str(tmp_path / "nab")]) == 2
     assert "malformed row" in capsys.readouterr().err
+
+
+def test_eval_nab_scores_another_detectors_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--scores`` reads results as ``--out`` writes them, or in NAB's results/<detector>/
+    layout, and scores them exactly as Pulse's own."""
+    make_corpus(tmp_path / "nab")
+    series, windows = nab.load_corpus(tmp_path / "nab")
+    own = nab.detect(series)
+    nab.write_results(tmp_path / "out", series, own)
+    read = nab.read_scores(tmp_path / "out", series)
+    assert all(np.array_equal(a, b) for a, b in zip(own, read, strict=True))
+    for s in series:  # NAB's layout: results/<detector>/<group>/<detector>_<file>.csv
+        group, file = s.name.split("/")
+        (tmp_path / "det" / group).mkdir(parents=True)
+        (tmp_path / "out" / s.name).rename(tmp_path / "det" / group / f"det_{file}")
+    want = nab.evaluate(series, windows, own)
+    got = nab.evaluate(series, windows, nab.read_scores(tmp_path / "det", series))
+    assert [(r.threshold, r.score, r.counts) for r in got] == [
+        (r.threshold, r.score, r.counts) for r in want
+    ]
+    assert cli.main(["eval", "nab", str(tmp_path / "nab"), "--scores", str(tmp_path / "det")]) == 0
+    out = capsys.readouterr().out
+    assert f"{want[0].score:.1f}" in out and "read scores" in out
+
+
+def _replace_line(path: Path, index: int, line: str | None) -> None:
+    lines = path.read_text().splitlines()
+    if line is None:
+        del lines[index]
+    else:
+        lines[index] = line
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.unlink(), "holds no single score file for synA/a.csv"),
+        (lambda p: _replace_line(p, 5, None), "has 1199 rows where synA/a.csv has 1200"),
+        (lambda p: _replace_line(p, 3, "2014-04-01 00:20:00,1,0.1"), "row 3 is for"),
+        (lambda p: _replace_line(p, 2, "2014-04-01 00:05:00,1,nan"), "not a finite number"),
+        (lambda p: _replace_line(p, 2, "2014-04-01 00:05:00,1,high"), "malformed row"),
+        (lambda p: _replace_line(p, 0, "timestamp,value,score"), "'anomaly_score' columns"),
+    ],
+)
+def test_eval_nab_scores_refuses_results_that_do_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: object, message: str
+) -> None:
+    make_corpus(tmp_path / "nab")
+    series, _ = nab.load_corpus(tmp_path / "nab")
+    nab.write_results(tmp_path / "out", series, [np.zeros(len(s.values)) for s in series])
+    damage(tmp_path / "out" / "synA" / "a.csv")  # type: ignore[operator]
+    assert cli.main(["eval", "nab", str(tmp_path / "nab"), "--scores", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and err.endswith(".")
