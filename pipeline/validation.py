@@ -10,11 +10,13 @@ Kafka header values).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 import msgspec
+import pydantic_core
 from pydantic import ValidationError
 
 from schemas.events import AppLogEvent, SensorReading
@@ -58,7 +60,12 @@ _KIND_BY_HEAD = {
     b"f": "true/false",
     b"n": "null",
 }
-_FIELD_NAMES = frozenset(SensorReading.model_fields) | frozenset(AppLogEvent.model_fields)
+_SENSOR_FIELDS = frozenset(SensorReading.model_fields)
+_APPLOG_FIELDS = frozenset(AppLogEvent.model_fields)
+_FIELD_NAMES = _SENSOR_FIELDS | _APPLOG_FIELDS
+# unknown keys of a value that its compact copy keeps (see _compact); the model names at most
+# three errors in a reason anyway, and it reports unknown keys first
+_KEEP_UNKNOWN = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,19 +97,24 @@ def decode_sensor(
     raws: Sequence[bytes | None], now_ms: int, bounds: TimeBounds
 ) -> DecodedBatch[SensorEvent]:
     """Validate raw sensor readings and their event-time bounds."""
-    return _decode(SENSOR_DECODER, SensorReading.model_validate_json, raws, now_ms, bounds)
+    return _decode(
+        SENSOR_DECODER, SensorReading.model_validate_json, _SENSOR_FIELDS, raws, now_ms, bounds
+    )
 
 
 def decode_applog(
     raws: Sequence[bytes | None], now_ms: int, bounds: TimeBounds
 ) -> DecodedBatch[AppLogRecord]:
     """Validate raw application log events and their event-time bounds."""
-    return _decode(APPLOG_DECODER, AppLogEvent.model_validate_json, raws, now_ms, bounds)
+    return _decode(
+        APPLOG_DECODER, AppLogEvent.model_validate_json, _APPLOG_FIELDS, raws, now_ms, bounds
+    )
 
 
 def _decode(
     decoder: CheckedDecoder[W],
     validate: Callable[[bytes], M],
+    fields: frozenset[str],
     raws: Sequence[bytes | None],
     now_ms: int,
     bounds: TimeBounds,
@@ -135,7 +147,7 @@ def _decode(
             except Exception as exc:
                 # Whatever the fast decoder raised (DecodeError, ValidationError,
                 # UnicodeDecodeError, ...), the record's fate is decided on the slow path.
-                event = _slow_path(validate, raw, exc)
+                event = _slow_path(validate, fields, raw, exc)
                 if isinstance(event, str):
                     out.rejected.append(Rejected(i, event))
                     continue
@@ -149,7 +161,7 @@ def _decode(
         j = fast_at[k]
         i = at[j]
         reason = f"schema violation: {names[0]} does not match its pattern"
-        event = _slow_path(validate, raws[i], msgspec.ValidationError(reason))
+        event = _slow_path(validate, fields, raws[i], msgspec.ValidationError(reason))
         if isinstance(event, str):
             out.rejected.append(Rejected(i, event))
             dropped.add(j)
@@ -193,10 +205,15 @@ def _check_bounds(
             out.positions.append(i)
 
 
-def _slow_path(validate: Callable[[bytes], M], raw: bytes | None, fast_error: Exception) -> M | str:
+def _slow_path(
+    validate: Callable[[bytes], M], fields: frozenset[str], raw: bytes | None, fast_error: Exception
+) -> M | str:
     """The model's event for a record the fast decoder rejected, or the reason to reject it.
 
-    ``validate`` is the model's ``model_validate_json``: it raises ``ValidationError``.
+    ``validate`` is the model's ``model_validate_json``: it raises ``ValidationError``; ``fields``
+    are the model's field names. The model judges a compact copy of the value first (see
+    :func:`_compact`): what it rejects, the value itself would be rejected for; only a copy it
+    accepts has the value itself validated.
     """
     if raw is None:
         return "null value (tombstone)"
@@ -207,12 +224,48 @@ def _slow_path(validate: Callable[[bytes], M], raw: bytes | None, fast_error: Ex
             return _not_an_object(raw)  # the model rejects it whatever follows
         if len(raw) > SLOW_PATH_MAX_BYTES:
             return _bounded(f"{_fast_reason(fast_error)} (in a value of {len(raw)} bytes)")
+        if (compact := _compact(raw, fields)) is not None:
+            doc, dropped = compact
+            try:
+                validate(doc)
+            except ValidationError as exc:
+                return _describe(exc, dropped)
         try:
             return validate(raw)
         except ValidationError as exc:
             return _describe(exc)
     except Exception as exc:  # not expected, but no record may stop the worker
         return _bounded(f"undecodable value ({type(exc).__name__})")
+
+
+def _compact(raw: bytes, fields: frozenset[str]) -> tuple[bytes, int] | None:
+    """A JSON object the model judges as it would ``raw`` when it rejects it, at a bounded cost,
+    and how many of ``raw``'s errors the copy leaves out (None: ``raw`` is not a JSON object to
+    the model's parser, which rejects it at once).
+
+    The model's cost grows with the errors it collects, each holding its input: 64 KiB of unknown
+    keys with nested arrays took it 200 ms, so a poll of such values stalled a worker for minutes.
+    The copy keeps each key once (its last value, as the model reads duplicates), at most
+    ``_KEEP_UNKNOWN`` unknown keys, and an array or object value as an empty one (no field takes
+    either, and the error does not depend on what they hold). A copy the model rejects means
+    ``raw`` is rejected too; the reason names the same first errors, and counts the left-out ones.
+    """
+    try:
+        doc = pydantic_core.from_json(raw)  # the model's own parser: the same verdict on syntax
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    out: dict[str, object] = {}
+    unknown = 0
+    for key, value in doc.items():
+        if key not in fields:
+            unknown += 1
+            if unknown > _KEEP_UNKNOWN:
+                continue
+        out[key] = [] if isinstance(value, list) else {} if isinstance(value, dict) else value
+    # json, not orjson: it writes NaN and infinity as the literals the model's parser read
+    return json.dumps(out).encode(), max(unknown - _KEEP_UNKNOWN, 0)
 
 
 def _fast_reason(exc: Exception) -> str:
@@ -236,7 +289,8 @@ def _not_an_object(raw: bytes) -> str:
     return "not a JSON object: " + _KIND_BY_HEAD.get(head, "number")
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, dropped: int = 0) -> str:
+    """The reason naming ``exc``'s first errors (``dropped``: errors beyond ``exc``'s own)."""
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     first = errors[0]
     if first["type"].startswith("json_"):
@@ -245,7 +299,8 @@ def _describe(exc: ValidationError) -> str:
     for err in errors[:3]:
         loc = ".".join(_echo(p) for p in err["loc"]) or "<root>"
         parts.append(f"{loc}: {err['msg']}")
-    more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
+    total = len(errors) + dropped
+    more = f" (+{total - 3} more)" if total > 3 else ""
     return _bounded("schema violation: " + "; ".join(parts) + more)
 
 

@@ -3,7 +3,8 @@
 While ``pulse loadgen`` produces (with its own malformed records), a plain aiokafka producer
 sends a hostile mix straight into both input topics at random partitions: invalid UTF-8, a value
 of about 1 MB, tombstones, empty values, JSON that is not an object, deep nesting, huge numbers,
-random bytes, duplicate keys, and events that look valid but for one field. The worker must stay
+random bytes, duplicate keys, truncated JSON, numbers as strings, integer overflow, values that
+are costly to judge, and events that look valid but for one field. The worker must stay
 up the whole time, every hostile record must reach the dead-letter topic (matched by its source
 position, since dead letters are at-least-once) with a reason, and ``pulse verify`` must be exact:
 the truth file knows nothing of the hostile records, so their number is added to its dead-letter
@@ -94,6 +95,22 @@ def hostile_mix(kind: str, rng: random.Random, now_ms: int) -> list[Hostile]:
         Hostile("NUL bytes", b"\x00" * 64),
         Hostile("BOM then JSON", b"\xef\xbb\xbf" + good),
     ]
+    ident = "device_id" if kind == "sensor" else "service"
+    mix += [
+        Hostile("truncated JSON", good[: len(good) // 2]),
+        Hostile("number as a string", good.replace(number, b'"' + number + b'"', 1)),
+        Hostile("boolean for a number", good.replace(number, b"true", 1)),
+        Hostile("event_time 2**64", good.replace(str(now_ms).encode(), str(2**64).encode(), 1)),
+        Hostile("event_time -2**63-1", good.replace(str(now_ms).encode(), b"-9223372036854775809")),
+        Hostile("schema_version 2", good[:-1] + b',"schema_version":2}'),
+        Hostile("unknown field", good[:-1] + b',"extra":1}'),
+        Hostile("overlong UTF-8", good.replace(text_field, b'"\xc0\xaf"')),
+        Hostile("key separators in an identifier", orjson.dumps(make(now_ms, **{ident: "a|b:c"}))),
+        # under the slow path's size limit, an error per key, each holding a nested array: the
+        # model alone spent ~200 ms on one (a poll of them stalled the worker past its session)
+        Hostile("costly unknown keys", b"{" + b",".join(
+            b'"k%d":' % i + b"[" * 20 + b"]" * 20 for i in range(1300)) + b"}"),
+    ]  # fmt: skip
     for i in range(4):
         mix.append(Hostile(f"random bytes {i}", rng.randbytes(rng.randrange(1, 400))))
     return mix

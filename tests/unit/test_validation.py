@@ -170,3 +170,57 @@ def test_a_large_value_the_fast_decoder_rejects_is_not_handed_to_pydantic() -> N
     (rej,) = out.rejected
     assert rej.reason.startswith("schema violation: ")
     assert f"in a value of {len(raw)} bytes" in rej.reason
+
+
+def _spy_on_the_model(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the values handed to the sensor model from now on."""
+    sizes: list[int] = []
+    validate = SensorReading.model_validate_json
+
+    def spy(cls: type[SensorReading], raw: bytes) -> SensorReading:
+        sizes.append(len(raw))
+        return validate(raw)
+
+    monkeypatch.setattr(SensorReading, "model_validate_json", classmethod(spy))
+    return sizes
+
+
+def test_the_model_judges_a_compact_copy_of_a_costly_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Just under the slow path's limit: unknown keys with nested arrays cost pydantic ~200 ms
+    # each (an error per key, holding its input), so a poll of them stalled a worker for minutes.
+    # The model sees each key once, three unknown keys, and empty arrays in place of the rest.
+    unit = b'"k%d":' + b"[" * 20 + b"]" * 20
+    tail = b',"unit":' + b"[" * 50 + b"]" * 50 + b',"unit":[' + b"1," * 2000 + b"1]}"
+    keys = (SLOW_PATH_MAX_BYTES - len(tail)) // (len(unit % 9999) + 1)
+    raw = b"{" + b",".join(unit % i for i in range(keys)) + tail  # a duplicate: the last counts
+    assert len(raw) <= SLOW_PATH_MAX_BYTES
+    sizes = _spy_on_the_model(monkeypatch)
+    (rej,) = decode_sensor([raw], NOW, BOUNDS).rejected
+    assert sizes and max(sizes) < 200, sizes
+    head = "; ".join(f"'k{i}': Extra inputs are not permitted" for i in range(3))
+    assert rej.reason == f"schema violation: {head} (+{keys - 3 + 9} more)"  # + 8 missing, unit
+
+
+@pytest.mark.parametrize(
+    "splice",
+    [
+        b',"unit":' + b"[" * 300 + b"]" * 300 + b',"unit":"C"',  # too deep for the model's parser
+        b',"unit":{"a":NaN},"unit":"C"',  # NaN: the model's parser reads it
+        b',"unit":' + b"[1]," * 3 + b'"unit":"C"',
+        b',"unit":[],"schema_version":1.0',  # the model takes 1.0 (the fast decoder does not)
+        b',"value":"hot","value":21.5',  # the fast decoder checks every occurrence of a key
+        b',"firmware":"\\u00e9\\ud83d\\ude00","value":"1","value":1e400',
+    ],
+)
+def test_the_compact_copy_changes_no_verdict(splice: bytes) -> None:
+    raw = with_()[:-1] + splice + b"}"
+    try:
+        expected: SensorReading | None = SensorReading.model_validate_json(raw)
+    except ValueError:
+        expected = None
+    out = decode_sensor([raw], NOW, BOUNDS)
+    if expected is None:
+        assert out.events == [] and len(out.rejected) == 1
+    else:
+        assert out.rejected == []
+        assert out.events == [expected]
