@@ -40,14 +40,20 @@ def test_a_lost_store_is_refilled_from_kafka_whatever_kafka_committed(
     truth = tmp_path / "truth.json"
     pl.loadgen("--rate=0", "--duration=6", "--devices=20", "--services=3", "--seed=31",
                "--bad-rate=0.01", "--late-rate=0.01", truth=truth)  # fmt: skip
+    ends = pl.end_offsets()
     worker = pl.worker(name="first")
     try:
         pl.wait_applied(store, alive=worker.alive)
+        # the worker commits the durable offsets to Kafka once its stream goes idle (a poll
+        # may hold the whole input, so this can come after the store shows everything applied)
+        wait_for(
+            lambda: all(max(pl.committed().get(tp, -1), 0) >= end for tp, end in ends.items()),
+            "Kafka's committed offsets reach the end of every input partition",
+            alive=worker.alive,
+        )
     finally:
         assert worker.stop() == 0
     verified(pl, truth)
-    committed = pl.committed()
-    assert sum(max(c, 0) for c in committed.values()) > 0, "nothing was acknowledged"
 
     store.flushall()  # the store is lost; Kafka still says everything was consumed
     worker = pl.worker(name="second")
