@@ -250,16 +250,27 @@ class DetectorBank:
 
     # --- scoring -------------------------------------------------------------------------
 
-    def step(self, rows: IntArray, t_ms: IntArray, values: FloatArray) -> StepResult:
-        """Advance distinct ``rows`` by one observation each (event time ``t_ms``, ``values``)."""
-        with np.errstate(all="ignore"):
-            return self._step(rows, t_ms, values)
+    def step(
+        self, rows: IntArray, t_ms: IntArray, values: FloatArray, context: bool = True
+    ) -> StepResult:
+        """Advance distinct ``rows`` by one observation each (event time ``t_ms``, ``values``).
 
-    def _step(self, rows: IntArray, t_ms: IntArray, values: FloatArray) -> StepResult:
+        Without ``context`` the rows are stepped without the contextual (kNN) test, at about
+        half the cost: they keep only the recent values the anomaly vector shows. A row should
+        be stepped one way throughout (a row stepped without it has no history to compare).
+        """
+        with np.errstate(all="ignore"):
+            return self._step(rows, t_ms, values, context)
+
+    def _step(
+        self, rows: IntArray, t_ms: IntArray, values: FloatArray, context: bool
+    ) -> StepResult:
         p = self.params
         x = np.asarray(values, dtype=np.float64)
         t = np.asarray(t_ms, dtype=np.int64)
-        st = self.state[rows, :STEPPED]
+        # the columns a step reads and writes: the history and kNN distances only with context
+        width = STEPPED if context else HIST
+        st = self.state[rows, :width]
         m = len(rows)
         ar = np.arange(m)
         n0 = st[:, N].copy()
@@ -308,34 +319,44 @@ class DetectorBank:
 
         # surprises and their tail probabilities against their own long-run distributions
         ewz = st[:, EWZ] + p.short * (np.clip(zsk, -1e3, 1e3) - st[:, EWZ])
-        # contextual test (KNN-CAD style): the window of the last KNN_W values against the
-        # windows of the history (running sums: the pair entering minus the pair leaving);
-        # the non-conformity is the root mean squared distance to the nearest, in slow scales
-        st[:, HIST : HIST + HIST_LEN - 1] = st[:, HIST + 1 : HIST + HIST_LEN]
-        st[:, HIST + HIST_LEN - 1] = x
-        hist = st[:, HIST : HIST + HIST_LEN]
-        h0, h1 = HIST_LEN - KNN_GAP - KNN_REF, HIST_LEN - KNN_W - KNN_GAP - KNN_REF
-        d2 = np.subtract(x[:, None], hist[:, h0 : h0 + KNN_REF])
-        np.square(d2, out=d2)
-        gone = np.subtract(hist[:, HIST_LEN - 1 - KNN_W, None], hist[:, h1 : h1 + KNN_REF])
-        np.square(gone, out=gone)
-        d2 -= gone
-        d2 += st[:, KNN_D : KNN_D + KNN_REF]
-        # one lag a step is recomputed from the values, so rounding residue (say, of a huge
-        # value that has left the windows) lasts at most KNN_REF observations
-        c = (n0 % KNN_REF).astype(np.int64)
-        at = (ar * STEPPED + HIST + h1 + 1 + c)[:, None] + np.arange(KNN_W)
-        exact = np.square(st.reshape(-1)[at] - hist[:, HIST_LEN - KNN_W :])
-        d2[ar, c] = exact.sum(axis=1)
-        np.maximum(d2, 0.0, out=d2)
-        kk = min(max(p.knn_k, 1), KNN_REF)
-        near = np.partition(d2, kk - 1, axis=1)[:, :kk].mean(axis=1) if kk > 1 else d2.min(1)
-        nc = np.sqrt(near / KNN_W) / sig_s[:, 0]
+        if context:
+            # contextual test (KNN-CAD style): the window of the last KNN_W values against the
+            # windows of the history (running sums: the pair entering minus the pair leaving);
+            # the non-conformity is the root mean squared distance to the nearest, in slow scales
+            st[:, HIST : HIST + HIST_LEN - 1] = st[:, HIST + 1 : HIST + HIST_LEN]
+            st[:, HIST + HIST_LEN - 1] = x
+            hist = st[:, HIST : HIST + HIST_LEN]
+            h0, h1 = HIST_LEN - KNN_GAP - KNN_REF, HIST_LEN - KNN_W - KNN_GAP - KNN_REF
+            d2 = np.subtract(x[:, None], hist[:, h0 : h0 + KNN_REF])
+            np.square(d2, out=d2)
+            gone = np.subtract(hist[:, HIST_LEN - 1 - KNN_W, None], hist[:, h1 : h1 + KNN_REF])
+            np.square(gone, out=gone)
+            d2 -= gone
+            d2 += st[:, KNN_D : KNN_D + KNN_REF]
+            # one lag a step is recomputed from the values, so rounding residue (say, of a huge
+            # value that has left the windows) lasts at most KNN_REF observations
+            c = (n0 % KNN_REF).astype(np.int64)
+            at = (ar * STEPPED + HIST + h1 + 1 + c)[:, None] + np.arange(KNN_W)
+            exact = np.square(st.reshape(-1)[at] - hist[:, HIST_LEN - KNN_W :])
+            d2[ar, c] = exact.sum(axis=1)
+            np.maximum(d2, 0.0, out=d2)
+            kk = min(max(p.knn_k, 1), KNN_REF)
+            near = np.partition(d2, kk - 1, axis=1)[:, :kk].mean(axis=1) if kk > 1 else d2.min(1)
+            nc = np.sqrt(near / KNN_W) / sig_s[:, 0]
+        else:  # only the recent values the anomaly vector shows
+            ring = self.state[rows, HIST + HIST_LEN - RING : HIST + HIST_LEN]
+            ring[:, :-1] = ring[:, 1:]
+            ring[:, -1] = x
+            nc = np.zeros(m)
         u = np.stack([np.minimum(np.abs(zk), 1e3), np.abs(ewz), np.minimum(nc, 1e3)], axis=1)
         u = np.where(np.isfinite(u), u, 1e3)
         mu, var = st[:, MU : MU + 3], st[:, VAR : VAR + 3]
         # samples each surprise's long-run distribution has seen (the kNN one: full history)
-        cnt = np.stack([n0 - _STATS_FROM, n0 - _STATS_FROM, n0 + 1.0 - HIST_LEN], axis=1)
+        # (without context, none: the kNN surprise neither counts nor learns)
+        cnt = np.stack(
+            [n0 - _STATS_FROM, n0 - _STATS_FROM, n0 + 1.0 - HIST_LEN if context else -n0 - 1.0],
+            axis=1,
+        )
         zu = (u - mu) / np.sqrt(np.maximum(var, 1e-12))
         # the long-run mean and variance are estimates from the effective samples seen so
         # far (at most the memory of their weights, 2 / long_rate): the surprise is judged
@@ -443,7 +464,8 @@ class DetectorBank:
         dev = x - st[:, LS]
         learn = finite & (st[:, EP] == 0)
         seas_new = np.where(learn, seas + ws * (dev - seas), seas)
-        st[:, KNN_D : KNN_D + KNN_REF] = d2
+        if context:
+            st[:, KNN_D : KNN_D + KNN_REF] = d2
         st[:, X_PREV] = x
         st[:, T_LAST] = t
         st[:, N] = n0 + 1.0
@@ -451,16 +473,20 @@ class DetectorBank:
         # (deterministically), so that every state stays finite and its snapshot decodable
         broken = ~np.isfinite(st).all(axis=1) | ~np.isfinite(seas_new)
         st[broken] = 0.0
-        self.state[rows, :STEPPED] = st
+        self.state[rows, :width] = st
+        if not context:
+            self.state[rows, HIST + HIST_LEN - RING : HIST + HIST_LEN] = ring
         self.state[rows, SEAS + b] = np.where(broken, 0.0, seas_new)
         self.state[rows, SEAS_N + b] = np.where(broken, 0.0, sn + learn)
         if broken.any():
-            self.state[rows[broken], STEPPED:] = 0.0
+            self.state[rows[broken], width:] = 0.0
         score = np.where(np.isfinite(score), score, 0.0)
         alarm &= ~broken
         return StepResult(score, alarm, np.where(alarm, cause, -1), expected)
 
-    def score_batch(self, rows: IntArray, t_ms: IntArray, values: FloatArray) -> BatchResult:
+    def score_batch(
+        self, rows: IntArray, t_ms: IntArray, values: FloatArray, context: bool = True
+    ) -> BatchResult:
         """Score a poll's events: ``rows[i]`` is event i's entity row; per entity, events must
         be in time order. Runs one :meth:`step` per round (the k-th event of each entity)."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -485,7 +511,7 @@ class DetectorBank:
             bounds = np.r_[0, np.cumsum(np.bincount(rank))]
             for k in range(len(bounds) - 1):
                 idx = order[bounds[k] : bounds[k + 1]]
-                res = self.step(rows[idx], t_ms[idx], values[idx])
+                res = self.step(rows[idx], t_ms[idx], values[idx], context)
                 score[idx] = res.score
                 alarm[idx] = res.alarm
                 if res.alarm.any():

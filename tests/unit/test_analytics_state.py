@@ -12,6 +12,7 @@ from pipeline import aggregation, leaderboards
 from pipeline.batch import BatchRules, PartitionBatch, Record
 from pipeline.checkpoint import Checkpoint
 from pipeline.detection import (
+    CONTEXT_SIGNALS,
     REPLAY_FIELD,
     SNAPSHOT_EVERY,
     KindDetectors,
@@ -20,6 +21,7 @@ from pipeline.detection import (
     steady,
     window_params,
 )
+from pipeline.detectors import DetectorBank
 from pipeline.metrics import Metrics
 from pipeline.validation import TimeBounds
 from schemas import anomaly, keys, packed
@@ -259,6 +261,28 @@ def _two_entities(n: int, sparse_at: set[int]) -> list[tuple[int, list[str], pac
         )
         out.append((d.start_ms, list(d.names), d.table))
     return out
+
+
+def test_only_the_mean_rows_of_a_sensor_step_with_the_contextual_test() -> None:
+    # two entities in one step round: each signal's row ends exactly as a lone row stepped
+    # through the same values, the mean with the kNN test and the max and flat without
+    wins = _two_entities(150, set(range(0, 150, 2)))
+    det = KindDetectors(S, keys.WINDOW_10S)
+    for w in wins:
+        det.detect(0, [w])
+    for entity in ("d1|temp", "d2|temp"):
+        block = det._rows[0][entity]
+        for j, signal in enumerate(det.signals):
+            t, v = [], []
+            for start, names, table in wins:
+                if entity in names:
+                    t.append(start)
+                    v.append(signal_values(S, table)[signal][names.index(entity)])
+            lone = DetectorBank(1, det.bank.params)
+            context = signal == anomaly.Signal.MEAN
+            assert (signal in CONTEXT_SIGNALS) == context
+            lone.score_batch(np.zeros(len(t), np.int64), np.array(t), np.array(v), context)
+            assert np.array_equal(det.bank.state[block + j], lone.state[0]), (entity, signal)
 
 
 @pytest.mark.parametrize("crash_at", [45, 130])

@@ -28,9 +28,9 @@ def sensor_series(n: int, seed: int, step_ms: int = 500) -> tuple[np.ndarray, np
     return t, np.round(v, 2)
 
 
-def run(values: np.ndarray, t: np.ndarray) -> detectors.BatchResult:
+def run(values: np.ndarray, t: np.ndarray, context: bool = True) -> detectors.BatchResult:
     bank = DetectorBank(1)
-    return bank.score_batch(np.zeros(len(values), np.int64), t, values)
+    return bank.score_batch(np.zeros(len(values), np.int64), t, values, context)
 
 
 def test_log10_tail_matches_erfc() -> None:
@@ -74,8 +74,9 @@ def test_scores_are_probabilities_and_alarms_reach_the_threshold() -> None:
     assert np.all(res.score[: detectors.DEFAULT_PARAMS.warmup] == 0.0)
 
 
+@pytest.mark.parametrize("context", [True, False], ids=["context", "no-context"])
 @pytest.mark.parametrize("kind", ["spike", "drift", "stuck", "shift", "none"])
-def test_injected_anomalies_raise_one_alarm_within_the_episode(kind: str) -> None:
+def test_injected_anomalies_raise_one_alarm_within_the_episode(kind: str, context: bool) -> None:
     # 8 minutes at 2 readings/s; the episode lasts 30 s, within the load generator's 10-60 s
     n, start, length = 1000, 700, 60
     t, v = sensor_series(n, 7)
@@ -90,7 +91,7 @@ def test_injected_anomalies_raise_one_alarm_within_the_episode(kind: str) -> Non
         v[ep] = v[start - 1]
     elif kind == "shift":
         v[start:] += 3.0
-    res = run(v, t)
+    res = run(v, t, context)
     alarms = np.flatnonzero(res.alarm)
     if kind == "none":
         assert len(alarms) == 0
@@ -138,6 +139,29 @@ def test_a_pattern_change_within_the_range_raises_one_contextual_alarm(kind: str
     assert causes == ["shift"]
 
 
+def test_without_context_a_row_keeps_only_the_recent_values_and_no_knn_test() -> None:
+    # the frequency change of the test above: without the contextual test it raises nothing,
+    # and the row holds only the values the anomaly vector shows
+    rng = np.random.default_rng(11)
+    n, at = 900, 700
+    i = np.arange(n)
+    v = np.sin(2 * np.pi * i / 24) + rng.normal(0, 0.05, n)
+    v[at:] = np.sin(2 * np.pi * i[at:] / 12) + rng.normal(0, 0.05, n - at)
+    t = T0 + i * 60_000
+    assert run(v, t, context=True).alarm.any()
+    bank = DetectorBank(2)
+    res = bank.score_batch(np.ones(n, np.int64), t, v, context=False)
+    assert not res.alarm.any()
+    row = bank.state[1]
+    hist = row[detectors.HIST : detectors.HIST + detectors.HIST_LEN]
+    assert np.array_equal(hist[-anomaly.WINDOW_LEN :], v[-anomaly.WINDOW_LEN :])
+    assert not hist[: -anomaly.WINDOW_LEN].any()
+    assert not row[detectors.KNN_D : detectors.KNN_D + detectors.KNN_REF].any()
+    assert not bank.state[0].any()  # the other row is untouched
+    vec = bank.anomaly_vector(np.array([1]), np.array([0.0]))[0, : anomaly.WINDOW_LEN]
+    assert np.corrcoef(vec, v[-anomaly.WINDOW_LEN :])[0, 1] > 0.99
+
+
 def test_running_window_distances_equal_direct_ones() -> None:
     # running sums over a random walk with a huge spike, long gone
     rng = np.random.default_rng(2)
@@ -180,9 +204,10 @@ def test_alarm_vectors_follow_the_layout() -> None:
     n=st.integers(2, 150),
     cut=st.floats(0.0, 1.0),
     stuck=st.booleans(),
+    context=st.booleans(),
 )
 def test_snapshot_restore_replays_bit_identically(
-    seed: int, n: int, cut: float, stuck: bool
+    seed: int, n: int, cut: float, stuck: bool, context: bool
 ) -> None:
     rng = np.random.default_rng(seed)
     t = T0 + np.cumsum(rng.integers(0, 3_600_000, n))
@@ -191,14 +216,14 @@ def test_snapshot_restore_replays_bit_identically(
         v[n // 2 :] = v[n // 2]
     v[rng.random(n) < 0.02] = np.nan
     whole = DetectorBank(1, detectors.DetectorParams(warmup=10))
-    straight = whole.score_batch(np.zeros(n, np.int64), t, v)
+    straight = whole.score_batch(np.zeros(n, np.int64), t, v, context)
     k = int(cut * n)
     first = DetectorBank(1, whole.params)
-    a = first.score_batch(np.zeros(k, np.int64), t[:k], v[:k])
+    a = first.score_batch(np.zeros(k, np.int64), t[:k], v[:k], context)
     (blob,) = first.snapshot([0])
     second = DetectorBank(3, whole.params)
     second.restore([2], [blob])
-    b = second.score_batch(np.full(n - k, 2, np.int64), t[k:], v[k:])
+    b = second.score_batch(np.full(n - k, 2, np.int64), t[k:], v[k:], context)
     assert np.array_equal(np.r_[a.score, b.score], straight.score)
     assert np.array_equal(np.r_[a.alarm, b.alarm], straight.alarm)
     assert second.snapshot([2]) == whole.snapshot([0])
@@ -299,13 +324,15 @@ def test_restore_loads_nothing_when_a_blob_is_bad() -> None:
     assert np.array_equal(bank.state, before)
 
 
-def test_huge_values_keep_the_state_finite() -> None:
+@pytest.mark.parametrize("context", [True, False], ids=["context", "no-context"])
+def test_huge_values_keep_the_state_finite(context: bool) -> None:
     bank = DetectorBank(1, detectors.DetectorParams(warmup=2))
     v = np.array([1.0, 2.0, 1e308, -1e308, 3.0, np.inf, 1.0, 1e150, -np.inf, np.nan, 1e-300])
     v = np.tile(v, 20)  # long enough for the contextual test to run
     t = T0 + np.arange(len(v)) // 3 * 10**15  # repeated timestamps, huge gaps
-    res = bank.score_batch(np.zeros(len(v), np.int64), t, v)
+    res = bank.score_batch(np.zeros(len(v), np.int64), t, v, context)
     assert np.all((res.score >= 0) & (res.score <= 1))
+    assert np.isfinite(bank.state).all()
     detectors.decode(bank.snapshot([0])[0])
 
 
