@@ -57,6 +57,18 @@ class Record:
     value: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A record the Kafka client could not parse (say, a header key that is not UTF-8): it
+    becomes a dead letter with ``reason``, without its bytes, which stay in the input topic at
+    ``offset``."""
+
+    offset: int
+    reason: str
+    key: bytes | None = None
+    value: bytes | None = None
+
+
 @dataclass(slots=True)
 class PartitionState:
     """What the store says about a partition: last applied offset and max event time."""
@@ -231,9 +243,10 @@ def process_partitions(
         return batches
     cols, positions, rejected = _decode(kind, [r.value for r in fresh], now_ms, rules.bounds)
     edges = np.asarray(bounds, dtype=np.int64)
-    for rej in rejected:
+    for rej in rejected:  # (an unreadable record has no value: it is always rejected)
         b = batches[int(np.searchsorted(edges, rej.index, side="right")) - 1]
-        b.dead.append(Diverted(fresh[rej.index], rej.reason))
+        rec = fresh[rej.index]
+        b.dead.append(Diverted(rec, rec.reason if isinstance(rec, Unreadable) else rej.reason))
     if len(cols) == 0:
         return batches
     pos = np.asarray(positions, dtype=np.int64)

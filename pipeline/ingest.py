@@ -17,6 +17,12 @@ The store owns the offsets. On every assignment the reader asks the store where 
 stands and seeks there (Kafka's committed offset is only a hint, as for Kafka Connect sinks that
 keep offsets in the sink); a partition whose stored position Kafka cannot serve is refused:
 paused, reported once with the reason, and counted, never guessed at (:func:`resume_position`).
+
+A record the client cannot parse (the broker accepts a header key that is not UTF-8; aiokafka
+refuses it) fails the whole poll, and aiokafka would then skip the records of its partition read
+before it. The reader rewinds every partition to the record after the last one it handed on,
+narrows the failure down to one record of one partition, and hands that on as
+:class:`~pipeline.batch.Unreadable`: a dead letter with the client's reason.
 """
 
 from __future__ import annotations
@@ -24,11 +30,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.batch import PartitionState, RawRecord
+from pipeline.batch import PartitionState, RawRecord, Unreadable
 from schemas.events import EventKind
 
 if TYPE_CHECKING:
@@ -163,6 +169,9 @@ class KafkaBatchReader:
         self._stopping = False
         self._consumer_: AIOKafkaConsumer | None = None
         self._positioned: set[Any] = set()  # assigned partitions seeked to the store's position
+        self._next: dict[Any, int] = {}  # positioned partition -> offset after the last handed on
+        self._assignments = 0  # changes with every assignment (a search for a bad record ends)
+        self._unparsable: tuple[type[BaseException], ...] = ()  # set when run() imports aiokafka
         self.polls = 0
         # "<topic>/<partition>" -> why it is not read; only partitions currently assigned
         self.refused: dict[str, str] = {}
@@ -187,6 +196,7 @@ class KafkaBatchReader:
         """Poll, apply, commit, until cancelled."""
         from aiokafka.errors import KafkaError
 
+        self._unparsable = unparsable_errors()
         consumer = self._consumer_ = self._consumer()
         try:
             await consumer.start()
@@ -201,11 +211,24 @@ class KafkaBatchReader:
         timeout_ms = round(self._config.poll_timeout_s * 1000)
         try:
             while True:
-                polled = await consumer.getmany(
-                    timeout_ms=timeout_ms, max_records=self._config.max_records
-                )
+                try:
+                    polled = await consumer.getmany(
+                        timeout_ms=timeout_ms, max_records=self._config.max_records
+                    )
+                except self._unparsable as exc:
+                    polled = await read_past_unparsable(
+                        consumer,
+                        {tp: self._next[tp] for tp in self._positioned},
+                        exc,
+                        max_records=self._config.max_records,
+                        timeout_ms=timeout_ms,
+                        current=self._unchanged(),
+                    )
                 # Only records read from where the store stands (see _position) are handled.
                 polled = {tp: msgs for tp, msgs in polled.items() if tp in self._positioned}
+                for tp, msgs in polled.items():
+                    if msgs:
+                        self._next[tp] = msgs[-1].offset + 1
                 async with self._lock:
                     if not polled:
                         await self._flush()  # nothing follows for now: acknowledge the last poll
@@ -215,6 +238,11 @@ class KafkaBatchReader:
         finally:
             self._stopping = True
             await consumer.stop()
+
+    def _unchanged(self) -> Callable[[], bool]:
+        """Whether the partitions are still assigned as they are now."""
+        generation = self._assignments
+        return lambda: generation == self._assignments
 
     async def commit_offsets(self, offsets: dict[str, dict[int, int]]) -> None:
         """Commit the next offsets to read (topic -> partition -> offset; a hint only).
@@ -243,6 +271,8 @@ class KafkaBatchReader:
         from aiokafka.errors import KafkaError
 
         self._on_assigned()
+        self._assignments += 1
+        self._next.clear()
         consumer = self._consumer_
         assert consumer is not None
         tps = sorted(assigned, key=lambda tp: (tp.topic, tp.partition))
@@ -272,6 +302,7 @@ class KafkaBatchReader:
                     consumer.seek(tp, where.offset)
                     consumer.resume(tp)
                     self._positioned.add(tp)
+                    self._next[tp] = where.offset
                     continue
                 self.refused[f"{tp.topic}/{tp.partition}"] = where.reason
                 log.error(
@@ -282,3 +313,97 @@ class KafkaBatchReader:
                     kind.value,
                     where.reason,
                 )
+
+
+async def read_past_unparsable(
+    consumer: AIOKafkaConsumer,
+    nxt: Mapping[Any, int],
+    exc: BaseException,
+    *,
+    max_records: int,
+    timeout_ms: int,
+    current: Callable[[], bool] = lambda: True,
+) -> dict[Any, list[RawRecord]]:
+    """After a poll failed on a record the client cannot parse: a poll read partition by
+    partition, in which the partition that failed ends with that record as
+    :class:`~pipeline.batch.Unreadable`.
+
+    ``nxt`` holds, for every partition read, the offset after the last record handed on: each
+    is rewound there (aiokafka moves a failed partition past the records it read before the bad
+    one, without returning them). Each partition is then read alone, once; where that read
+    fails, reads shrink to one record until the bad one is found, at the cost of a few fetches.
+    Once ``current()`` is false (a rebalance moved the partitions) the search ends with nothing:
+    the next poll starts from the new positions, and fails again if it must.
+    """
+    tps = sorted(nxt, key=lambda tp: (tp.topic, tp.partition))
+    for tp in tps:
+        consumer.seek(tp, nxt[tp])
+    log.warning("a poll failed on a record the Kafka client cannot parse (%s)", exc)
+    out: dict[Any, list[RawRecord]] = {}
+    total = 0
+    for tp in tps:
+        others = [t for t in tps if t != tp]
+        consumer.pause(*others)
+        try:
+            got = await _read_alone(consumer, tp, nxt[tp], max_records, timeout_ms, current)
+        finally:
+            if current():
+                consumer.resume(*others)
+        if not current():
+            return {}
+        if got:
+            out[tp] = got
+            total += len(got)
+            if total >= max_records:
+                break
+    return out
+
+
+async def _read_alone(
+    consumer: AIOKafkaConsumer,
+    tp: Any,
+    at: int,
+    max_records: int,
+    timeout_ms: int,
+    current: Callable[[], bool],
+) -> list[RawRecord]:
+    """One read of ``tp`` from ``at``; if it fails, the records before the first one that
+    cannot be parsed, then that one as :class:`~pipeline.batch.Unreadable`."""
+    unparsable = unparsable_errors()
+    out: list[RawRecord] = []
+    size = max_records
+    while True:
+        try:
+            got = await consumer.getmany(tp, timeout_ms=timeout_ms, max_records=size)
+        except unparsable as exc:
+            if not current():
+                return []
+            consumer.seek(tp, at)  # the failed read may have moved it
+            if size > 1:
+                size = max(1, size // 8)
+                continue
+            reason = f"unreadable: the Kafka client cannot parse it ({_describe(exc)})"
+            out.append(Unreadable(at, reason))
+            consumer.seek(tp, at + 1)
+            log.error("%s/%d@%d is a dead letter: %s", tp.topic, tp.partition, at, reason)
+            return out
+        if not current():
+            return []
+        msgs = got.get(tp, [])
+        out.extend(msgs)
+        if size == max_records or not msgs:  # read fine (or nothing came: the next poll retries)
+            return out
+        at = msgs[-1].offset + 1
+
+
+def unparsable_errors() -> tuple[type[BaseException], ...]:
+    """What aiokafka raises from a poll for a record it cannot parse."""
+    from aiokafka.errors import CorruptRecordException
+
+    # aiokafka's C parser raises UnicodeDecodeError for a header key that is not UTF-8, its
+    # Python parser CorruptRecordException
+    return (CorruptRecordException, UnicodeError)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipeline.ingest import read_past_unparsable, unparsable_errors
 from pipeline.replay import (
     DETECT_WINDOW,
     FUNCTION_NAME,
@@ -516,6 +517,7 @@ async def read_kafka(
     to the store's applied offset); refuse what Kafka no longer holds."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    unparsable = unparsable_errors()
     rng = cfg.rng
     consumer = AIOKafkaConsumer(
         bootstrap_servers=cfg.bootstrap,
@@ -579,11 +581,19 @@ async def read_kafka(
         # Records are folded in chunks of CHUNK per partition, whatever the fetches returned:
         # float sums then add up in the same order on every run (a replay twice is identical).
         buffers: dict[TopicPartition, list[Any]] = {tp: [] for tp in todo}
+        nxt = {tp: start[tp] for tp in todo}  # the offset after the last record read
         while todo:
-            batches = await consumer.getmany(*todo, timeout_ms=1000, max_records=CHUNK)
+            try:
+                batches = await consumer.getmany(*todo, timeout_ms=1000, max_records=CHUNK)
+            except unparsable as exc:  # read again around it; it counts as invalid
+                batches = await read_past_unparsable(
+                    consumer, {tp: nxt[tp] for tp in todo}, exc, max_records=CHUNK, timeout_ms=1000
+                )
             for tp, msgs in batches.items():
                 if tp not in todo:
                     continue
+                if msgs:
+                    nxt[tp] = msgs[-1].offset + 1
                 kind, p = tps[tp]
                 rb = rebuilds[kind]
                 buf = buffers[tp]

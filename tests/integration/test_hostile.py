@@ -4,7 +4,8 @@ While ``pulse loadgen`` produces (with its own malformed records), a plain aioka
 sends a hostile mix straight into both input topics at random partitions: invalid UTF-8, a value
 of about 1 MB, tombstones, empty values, JSON that is not an object, deep nesting, huge numbers,
 random bytes, duplicate keys, truncated JSON, numbers as strings, integer overflow, values that
-are costly to judge, and events that look valid but for one field. The worker must stay
+are costly to judge, events that look valid but for one field, and valid events whose header
+key is not UTF-8 (Kafka takes them; the Kafka client cannot parse them). The worker must stay
 up the whole time, every hostile record must reach the dead-letter topic (matched by its source
 position, since dead letters are at-least-once) with a reason, and ``pulse verify`` must be exact:
 the truth file knows nothing of the hostile records, so their number is added to its dead-letter
@@ -14,7 +15,10 @@ totals before verifying, and nothing else changes.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,7 @@ WAVES = 3
 class Hostile:
     name: str
     value: bytes | None
+    unreadable: bool = False  # its dead letter holds no bytes: the client cannot parse it
 
 
 def _sensor(now_ms: int, **change: Any) -> dict[str, Any]:
@@ -142,9 +147,40 @@ async def send_hostile(
         for kind, h, fut in sends:
             md = await fut
             out[(md.topic, md.partition, md.offset)] = (kind, h)
-        return out
     finally:
         await producer.stop()
+    out.update(send_unparsable(pl, rng, wave, now_ms))
+    return out
+
+
+def send_unparsable(
+    pl: Pipeline, rng: random.Random, wave: int, now_ms: int
+) -> dict[Position, tuple[str, Hostile]]:
+    """Valid events with a header key that is not UTF-8, two per input topic."""
+    made = []
+    for kind, make in (("sensor", _sensor), ("applog", _applog)):
+        for _ in range(2):
+            h = Hostile("header key not UTF-8", orjson.dumps(make(now_ms)), unreadable=True)
+            made.append((kind, h))
+    todo = [
+        {
+            "topic": pl.topics[kind],
+            "partition": rng.randrange(pl.running.kafka_settings.partitions),
+            "key": f"hostile-{wave}-{h.name}".encode().hex(),
+            "value": (h.value or b"").hex(),
+        }
+        for kind, h in made
+    ]
+    res = subprocess.run(
+        [sys.executable, "-m", "tests.integration.bad_headers", pl.running.bootstrap],
+        input=orjson.dumps(todo),
+        capture_output=True,
+        env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
+        timeout=120,
+        check=True,
+    )
+    sent = orjson.loads(res.stdout)
+    return {(t, p, o): item for (t, p, o), item in zip(sent, made, strict=True)}
 
 
 def test_hostile_mix_during_live_load_goes_to_dead_letters(
@@ -197,7 +233,10 @@ def test_hostile_mix_during_live_load_goes_to_dead_letters(
             for msg in dead[pos]:
                 headers = dict(msg.headers)
                 assert headers.get("pulse.reason"), f"{h.name} at {pos}: no reason"
-                if "pulse.truncated" in headers:
+                if h.unreadable:  # the bytes stay in the input topic, at the source offset
+                    assert b"unreadable" in headers["pulse.reason"], h.name
+                    assert not msg.value, h.name
+                elif "pulse.truncated" in headers:
                     assert int(headers["pulse.truncated"]) == len(h.value or b""), h.name
                     assert len(msg.value) < len(h.value or b"")
                     assert (h.value or b"").startswith(msg.value), h.name
@@ -237,7 +276,9 @@ def test_hostile_mix_during_live_load_goes_to_dead_letters(
             for ms in dead.values()
             for m in ms
         ).lower()
-        for needle in ("json", "finite", "field required", "extra", "older", "future", "object"):
+        for needle in (
+            "json", "finite", "field required", "extra", "older", "future", "object", "unreadable"
+        ):  # fmt: skip
             assert needle in reasons, f"no dead letter mentions {needle!r}"
         with_hostile = tmp_path / "truth-with-hostile.json"
         with_hostile.write_bytes(orjson.dumps(truth))

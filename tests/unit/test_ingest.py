@@ -1,0 +1,187 @@
+"""The reader's polls with a fake consumer: a record the Kafka client cannot parse becomes an
+``Unreadable`` dead letter in its place, and no record before or after it is skipped or read twice.
+
+The fake consumer behaves as aiokafka 0.14 does when a record of a fetch cannot be parsed: the
+poll raises, and the next poll of that partition starts *at* the bad record, past the records
+read before it in the failed poll, which were never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from pipeline.batch import PartitionState, RawRecord, Unreadable
+from pipeline.ingest import KafkaBatchReader, ReaderConfig, read_past_unparsable
+from schemas.events import EventKind
+
+TOPIC = "sensor"
+
+
+@dataclass(frozen=True, slots=True)
+class TP:
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rec:
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class FakeConsumer:
+    """Partitions of ``size`` records; ``bad`` offsets cannot be parsed."""
+
+    def __init__(self, parts: int, size: int, bad: dict[int, set[int]]) -> None:
+        self.tps = [TP(TOPIC, p) for p in range(parts)]
+        self.size = size
+        self.bad = bad
+        self.position: dict[TP, int] = {}
+        self.paused: set[TP] = set()
+        self.lost: dict[TP, int] = {}  # where the next poll starts after a failed one
+        self.listener: Any = None
+        self.fails = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    def pause(self, *tps: TP) -> None:
+        self.paused.update(tps)
+
+    def resume(self, *tps: TP) -> None:
+        self.paused.difference_update(tps)
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.position[tp] = offset
+        self.lost.pop(tp, None)
+
+    async def beginning_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
+        return dict.fromkeys(tps, 0)
+
+    async def end_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
+        return dict.fromkeys(tps, self.size)
+
+    async def getmany(
+        self, *tps: TP, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TP, list[Rec]]:
+        await asyncio.sleep(0)
+        if self.listener is not None and not self.position:
+            await self.listener.on_partitions_assigned(set(self.tps))
+        left = max_records or 10**9
+        out: dict[TP, list[Rec]] = {}
+        for tp in tps or self.tps:
+            if tp in self.paused or not left:
+                continue
+            if tp in self.lost:
+                self.position[tp] = self.lost.pop(tp)
+            at = self.position[tp]
+            got: list[Rec] = []
+            while at < self.size and len(got) < left:
+                if at in self.bad.get(tp.partition, set()):
+                    self.lost[tp] = at
+                    self.fails += 1
+                    raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+                got.append(Rec(at, None, b"%d" % at))
+                at += 1
+            if got:
+                self.position[tp] = at
+                out[tp] = got
+                left -= len(got)
+        return out
+
+
+def read_all(consumer: FakeConsumer, max_records: int) -> list[tuple[int, RawRecord]]:
+    """Every record the reader hands on, until each partition is read to its end."""
+    seen: list[tuple[int, RawRecord]] = []
+    total = len(consumer.tps) * consumer.size
+
+    async def handle(poll: dict[EventKind, dict[int, list[RawRecord]]]) -> None:
+        for parts in poll.values():
+            for part, records in parts.items():
+                seen.extend((part, r) for r in records)
+
+    async def load(kind: EventKind, parts: list[int]) -> dict[int, PartitionState]:
+        return {p: PartitionState() for p in parts}
+
+    async def flush() -> None:
+        pass
+
+    config = ReaderConfig(
+        bootstrap="fake:9092",
+        group_id="g",
+        topics={TOPIC: EventKind.SENSOR},
+        max_records=max_records,
+        poll_timeout_s=0.01,
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=3_000,
+    )
+    reader = KafkaBatchReader(config, handle, load, lambda: None, flush)
+    reader._consumer = lambda: consumer  # type: ignore[method-assign]
+
+    async def run() -> None:
+        task = asyncio.create_task(reader.run())
+        for _ in range(10_000):
+            if len(seen) >= total or task.done():
+                break
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    return seen
+
+
+@pytest.mark.parametrize("max_records", [1, 7, 25, 1000])
+def test_an_unparsable_record_is_handed_on_in_its_place_and_nothing_is_skipped(
+    max_records: int,
+) -> None:
+    bad = {1: {40, 41}, 2: {0, 99}}
+    consumer = FakeConsumer(parts=3, size=100, bad=bad)
+    seen = read_all(consumer, max_records)
+    assert consumer.fails >= 4
+    for part in range(3):
+        mine = [r for p, r in seen if p == part]
+        assert [r.offset for r in mine] == list(range(100)), part  # each once, in order
+        unreadable = [r for r in mine if isinstance(r, Unreadable)]
+        assert {r.offset for r in unreadable} == bad.get(part, set())
+        for r in unreadable:
+            assert r.value is None and "unreadable" in r.reason
+            assert "UnicodeDecodeError" in r.reason
+
+
+def test_read_past_unparsable_rewinds_every_partition_and_ends_at_the_bad_record() -> None:
+    # the replay's use: no consumer group, partitions read from known offsets
+    consumer = FakeConsumer(parts=2, size=50, bad={1: {30}})
+    consumer.position = {consumer.tps[0]: 10, consumer.tps[1]: 20}
+
+    async def go() -> dict[Any, list[RawRecord]]:
+        with pytest.raises(UnicodeDecodeError) as failed:
+            await consumer.getmany(max_records=100)  # partition 0 is read, then 1 fails
+        assert consumer.position[consumer.tps[0]] == 50  # moved on, its records never returned
+        return await read_past_unparsable(
+            consumer,
+            {consumer.tps[0]: 10, consumer.tps[1]: 20},
+            failed.value,
+            max_records=100,
+            timeout_ms=10,
+        )
+
+    got = asyncio.run(go())
+    assert [r.offset for r in got[consumer.tps[0]]] == list(range(10, 50))
+    ones = got[consumer.tps[1]]
+    assert [r.offset for r in ones] == list(range(20, 31))
+    assert isinstance(ones[-1], Unreadable) and not consumer.paused
+    assert consumer.position[consumer.tps[1]] == 31  # the next read starts after it
