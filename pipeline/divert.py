@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.batch import Diverted, PartitionBatch, RawRecord
 from pipeline.metrics import Metrics
+from schemas import diverted
 
 if TYPE_CHECKING:
     import faust
@@ -31,6 +32,9 @@ _Outgoing = tuple[Any, RawRecord, list[tuple[str, bytes]]]
 
 class Divert:
     """Sends rejected and late records to their topics and waits for the broker's acks.
+
+    A diverted record keeps its key, value and headers (but headers named ``pulse.*``) and
+    gains the worker's ``pulse.*`` headers: the reason and the source position.
 
     A record is never lost here and never stops the worker: transient broker errors are retried
     in place; a record the broker refuses as it is (too large, say) is written as a truncated
@@ -112,6 +116,9 @@ class Divert:
     ) -> None:
         value = record.value or b""
         key = record.key
+        headers = [
+            h for h in headers if h[0].startswith(diverted.PREFIX)
+        ]  # its own may be the bulk
         marks = [("pulse.truncated", str(len(value)).encode())]
         if key is not None and len(key) > TRUNCATED_BYTES:
             marks.append(("pulse.truncated.key", str(len(key)).encode()))
@@ -154,7 +161,11 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _headers(topic: str, partition: int, d: Diverted) -> list[tuple[str, bytes]]:
+    """The record's own headers (but any named ``pulse.*``, which would pass for the worker's),
+    then the worker's: why, and where the record came from."""
+    own = getattr(d.record, "headers", None) or ()
     return [
+        *((k, v if v is not None else b"") for k, v in own if not k.startswith(diverted.PREFIX)),
         ("pulse.reason", d.reason.encode()),
         ("pulse.source.topic", topic.encode()),
         ("pulse.source.partition", str(partition).encode()),

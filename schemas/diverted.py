@@ -1,8 +1,10 @@
 """The contract of the dead-letter and late topics' records, for their readers.
 
-The worker copies a diverted record's original bytes (key and value) and adds these headers
-(``pipeline/divert.py``); a dead letter too large to forward whole is cut to its first 64 KiB
-and marked with ``TRUNCATED`` (the original size) and ``TRUNCATED_REASON``.
+The worker copies a diverted record's original bytes (key and value) and headers, but any
+header named ``pulse.*`` (``PREFIX``: the worker's own), and adds these headers
+(``pipeline/divert.py``); a dead letter too large to forward whole is cut to its first 64 KiB,
+keeps only the worker's headers and is marked with ``TRUNCATED`` (the original size) and
+``TRUNCATED_REASON``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
+PREFIX: Final = "pulse."  # the worker's headers; a record's own of this name are not copied
 REASON: Final = "pulse.reason"  # printable ASCII, at most 300 characters
 SOURCE_TOPIC: Final = "pulse.source.topic"
 SOURCE_PARTITION: Final = "pulse.source.partition"

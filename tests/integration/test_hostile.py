@@ -47,6 +47,7 @@ class Hostile:
     name: str
     value: bytes | None
     unreadable: bool = False  # its dead letter holds no bytes: the client cannot parse it
+    headers: tuple[tuple[str, bytes], ...] = ()  # its own, sent with it
 
 
 def _sensor(now_ms: int, **change: Any) -> dict[str, Any]:
@@ -99,6 +100,11 @@ def hostile_mix(kind: str, rng: random.Random, now_ms: int) -> list[Hostile]:
         Hostile("duplicate key", good[:-1] + b',"event_time":"soon"}'),
         Hostile("NUL bytes", b"\x00" * 64),
         Hostile("BOM then JSON", b"\xef\xbb\xbf" + good),
+        Hostile(
+            "headers of its own, one named like the worker's",
+            b"[]",
+            headers=(("traceparent", b"00-4bf92f-00f067-01"), ("pulse.reason", b"spoof")),
+        ),
     ]
     ident = "device_id" if kind == "sensor" else "service"
     mix += [
@@ -141,7 +147,9 @@ async def send_hostile(
             for h in hostile_mix(kind, rng, now_ms):
                 p = rng.randrange(pl.running.kafka_settings.partitions)
                 key = f"hostile-{wave}-{h.name}".encode()
-                fut = await producer.send(pl.topics[kind], h.value, key=key, partition=p)
+                fut = await producer.send(
+                    pl.topics[kind], h.value, key=key, partition=p, headers=list(h.headers) or None
+                )
                 sends.append((kind, h, fut))
         out: dict[Position, tuple[str, Hostile]] = {}
         for kind, h, fut in sends:
@@ -233,6 +241,9 @@ def test_hostile_mix_during_live_load_goes_to_dead_letters(
             for msg in dead[pos]:
                 headers = dict(msg.headers)
                 assert headers.get("pulse.reason"), f"{h.name} at {pos}: no reason"
+                own = [(k, v) for k, v in msg.headers if not k.startswith("pulse.")]
+                assert own == [(k, v) for k, v in h.headers if not k.startswith("pulse.")]
+                assert [k for k, _ in msg.headers].count("pulse.reason") == 1, h.name
                 if h.unreadable:  # the bytes stay in the input topic, at the source offset
                     assert b"unreadable" in headers["pulse.reason"], h.name
                     assert not msg.value, h.name

@@ -12,6 +12,7 @@ from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, Prod
 from pipeline.batch import Diverted, PartitionBatch, Record
 from pipeline.divert import TRUNCATED_BYTES, Divert
 from pipeline.metrics import Metrics
+from schemas import diverted
 from schemas.events import EventKind
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class FakeTopic:
     limit: int = 1_000_000
     failures: dict[int, list[BaseException]] = field(default_factory=dict)
     written: list[tuple[bytes | None, bytes, dict[str, bytes]]] = field(default_factory=list)
+    headers: list[list[tuple[str, bytes]]] = field(default_factory=list)  # as sent, in order
 
     async def send(self, *, key: Any, value: bytes, headers: Any, force: bool) -> Any:
         hdrs = dict(headers)
@@ -38,6 +40,7 @@ class FakeTopic:
             fut.set_exception(MessageSizeTooLargeError())
         else:
             self.written.append((key, value, hdrs))
+            self.headers.append(list(headers))
             fut.set_result(None)
         return fut
 
@@ -78,6 +81,31 @@ def test_writes_dead_and_late_records_with_their_source() -> None:
     assert hdrs["pulse.source.partition"] == b"3" and hdrs["pulse.source.offset"] == b"1"
     assert hdrs["pulse.reason"] == b"bad"
     assert [v for _, v, _ in late.written] == [b"y"]
+
+
+@dataclass(frozen=True)
+class WithHeaders:
+    """A consumed record with headers of its own (aiokafka's carry a tuple of them)."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+
+
+def test_a_dead_letter_keeps_the_records_headers_but_those_named_like_the_workers() -> None:
+    dead = FakeTopic("dead", limit=70_000)
+    d, _ = divert(dead)
+    own = (("traceparent", b"00-ab-01"), ("pulse.reason", b"spoofed"), ("empty", None))
+    small = WithHeaders(4, b"k", b"x", own)
+    big = WithHeaders(5, b"k", b"x" * 100_000, own)  # refused whole: its copy keeps only ours
+    asyncio.run(d.send("t", [batch([cast(Record, small), cast(Record, big)])]))
+    whole, cut = dead.headers
+    assert whole[:2] == [("traceparent", b"00-ab-01"), ("empty", b"")]
+    assert [k for k, _ in whole[2:]] == list(diverted.HEADERS)
+    assert dict(whole)["pulse.reason"] == b"bad"
+    assert all(k.startswith(diverted.PREFIX) for k, _ in cut)
+    assert dict(cut)["pulse.truncated"] == b"100000"
 
 
 def test_a_tombstone_is_written_as_an_empty_value() -> None:
