@@ -400,9 +400,10 @@ class KindDetectors:
         ]
         heads = np.empty((save.size, 2), dtype="<i8")  # _ROW_HEAD: last start, steps
         heads[:, 0], heads[:, 1] = self._last[save], self._steps[save]
-        out.states = rows_bytes(
-            np.concatenate([heads.view(np.uint8), self.bank.snapshot_array(save)], axis=1)
-        )
+        out.states = [
+            h + b
+            for h, b in zip(rows_bytes(heads.view(np.uint8)), self.bank.snapshot(save), strict=True)
+        ]
         unsaved = self._unsaved[owned]
         unsaved = unsaved[unsaved >= 0]
         out.fields.append(REPLAY_FIELD)

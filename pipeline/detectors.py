@@ -109,7 +109,10 @@ WIDTH: Final = _L.width
 # snapshots keep the column order of version 4 (the profile before the history), so states
 # saved before the profile moved to the end of a row still load
 _SNAPSHOT_ORDER: Final = np.r_[0:HIST, SEAS:WIDTH, HIST:STEPPED]
-_FROM_SNAPSHOT: Final = np.argsort(_SNAPSHOT_ORDER)
+# a compact snapshot (version 5) leaves out the kNN history before the values an anomaly
+# vector shows, and the kNN distances: all zero in a row stepped without context
+_OMITTED: Final = np.r_[HIST : HIST + HIST_LEN - RING, KNN_D : KNN_D + KNN_REF]
+_COMPACT_ORDER: Final = _SNAPSHOT_ORDER[~np.isin(_SNAPSHOT_ORDER, _OMITTED)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,10 +212,12 @@ class SnapshotError(ValueError):
 
 
 _MAGIC: Final = b"PDS"
-_VERSION: Final = 4
-_HEADER: Final = struct.Struct("<3sBHH")  # magic, version, row width, ring length
-_ROW_BYTES: Final = 8 * WIDTH
-SNAPSHOT_BYTES: Final = _HEADER.size + _ROW_BYTES
+_VERSION: Final = 4  # every column of the row
+_COMPACT: Final = 5  # the row but the columns _OMITTED, which are zero
+_HEADER: Final = struct.Struct("<3sBHH")  # magic, version, columns that follow, ring length
+_ORDERS: Final = {_VERSION: _SNAPSHOT_ORDER, _COMPACT: _COMPACT_ORDER}
+SNAPSHOT_BYTES: Final = _HEADER.size + 8 * WIDTH
+COMPACT_BYTES: Final = _HEADER.size + 8 * len(_COMPACT_ORDER)
 
 
 def fresh_rows(count: int) -> FloatArray:
@@ -559,17 +564,29 @@ class DetectorBank:
     # --- snapshots -----------------------------------------------------------------------
 
     def snapshot(self, rows: Sequence[int] | IntArray) -> list[bytes]:
-        """Each row's state as bytes (versioned header + little-endian float64 row)."""
-        return rows_bytes(self.snapshot_array(rows))
-
-    def snapshot_array(self, rows: Sequence[int] | IntArray) -> npt.NDArray[np.uint8]:
-        """:meth:`snapshot` as one ``(len(rows), SNAPSHOT_BYTES)`` array of bytes."""
+        """Each row's state as bytes: a versioned header and the row's columns as
+        little-endian float64. A row whose kNN history and distances are zero (one stepped
+        without context) is written compact (version 5), without them: 1.2 KB, not 2 KB."""
         idx = np.asarray(rows, dtype=np.int64)
-        out = np.empty((idx.size, SNAPSHOT_BYTES), dtype=np.uint8)
+        compact = ~self.state[idx[:, None], _OMITTED].any(axis=1)
+        out: list[bytes] = [b""] * idx.size
+        for version, which in ((_VERSION, ~compact), (_COMPACT, compact)):
+            at = np.flatnonzero(which)
+            if at.size:
+                for i, blob in zip(
+                    at.tolist(), rows_bytes(self._pack(idx[at], version)), strict=True
+                ):
+                    out[i] = blob
+        return out
+
+    def _pack(self, idx: IntArray, version: int) -> npt.NDArray[np.uint8]:
+        """Snapshots of rows ``idx`` in one ``version`` as a 2-d array of bytes."""
+        order = _ORDERS[version]
+        out = np.empty((idx.size, _HEADER.size + 8 * len(order)), dtype=np.uint8)
         out[:, : _HEADER.size] = np.frombuffer(
-            _HEADER.pack(_MAGIC, _VERSION, WIDTH, RING), np.uint8
+            _HEADER.pack(_MAGIC, version, len(order), RING), np.uint8
         )
-        block = np.ascontiguousarray(self.state[idx[:, None], _SNAPSHOT_ORDER], dtype="<f8")
+        block = np.ascontiguousarray(self.state[idx[:, None], order], dtype="<f8")
         out[:, _HEADER.size :] = block.view(np.uint8)
         return out
 
@@ -603,16 +620,20 @@ def decode(blob: bytes) -> FloatArray:
     magic, version, width, ring = _HEADER.unpack_from(data)
     if magic != _MAGIC:
         raise SnapshotError("not a detector snapshot (bad magic)")
-    if version != _VERSION:
-        raise SnapshotError(f"unsupported snapshot version {version} (this code reads {_VERSION})")
-    if width != WIDTH or ring != RING:
+    order = _ORDERS.get(version)
+    if order is None:
         raise SnapshotError(
-            f"snapshot layout {width}x{ring} differs from this code's {WIDTH}x{RING}"
+            f"unsupported snapshot version {version} (this code reads {_VERSION} and {_COMPACT})"
         )
-    if len(data) != SNAPSHOT_BYTES:
-        raise SnapshotError(f"snapshot is {len(data)} bytes, expected {SNAPSHOT_BYTES}")
-    row = np.frombuffer(data, dtype="<f8", offset=_HEADER.size).astype(np.float64)
-    row = row[_FROM_SNAPSHOT]
+    if width != len(order) or ring != RING:
+        raise SnapshotError(
+            f"snapshot layout {width}x{ring} differs from this code's {len(order)}x{RING}"
+        )
+    size = _HEADER.size + 8 * len(order)
+    if len(data) != size:
+        raise SnapshotError(f"snapshot is {len(data)} bytes, expected {size}")
+    row = np.zeros(WIDTH)
+    row[order] = np.frombuffer(data, dtype="<f8", offset=_HEADER.size)
     if not bool(np.all(np.isfinite(row))):
         raise SnapshotError("snapshot holds a non-finite number")
     counts = row[[N, RUN, QUIET, *range(SEAS_N, SEAS_N + BINS)]]

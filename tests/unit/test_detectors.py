@@ -230,10 +230,20 @@ def test_snapshot_restore_replays_bit_identically(
 
 
 def test_snapshot_header_and_size() -> None:
-    bank = DetectorBank(2)
-    blobs = bank.snapshot([0, 1])
-    assert all(len(b) == detectors.SNAPSHOT_BYTES and b[:3] == b"PDS" for b in blobs)
-    assert blobs[0][3] == 4  # version
+    # a row stepped without context (or one that has seen nothing) is written compact
+    t, v = sensor_series(200, 4)
+    bank = DetectorBank(4)
+    bank.score_batch(np.zeros(200, np.int64), t, v)
+    bank.score_batch(np.ones(200, np.int64), t, v, context=False)
+    blobs = bank.snapshot([0, 1, 2, 3, 0])
+    assert [len(b) for b in blobs] == [detectors.SNAPSHOT_BYTES] + [detectors.COMPACT_BYTES] * 3 + [
+        detectors.SNAPSHOT_BYTES
+    ]
+    assert all(b[:3] == b"PDS" for b in blobs)
+    assert [b[3] for b in blobs] == [4, 5, 5, 5, 4]  # versions
+    assert detectors.COMPACT_BYTES < 0.65 * detectors.SNAPSHOT_BYTES
+    for row, blob in zip([0, 1, 2, 3], blobs, strict=False):
+        assert np.array_equal(detectors.decode(blob), bank.state[row])
 
 
 def test_snapshots_keep_the_column_order_of_version_4() -> None:
@@ -267,6 +277,7 @@ def test_snapshots_keep_the_column_order_of_version_4() -> None:
         (lambda b: b[:3] + b"\x09" + b[4:], "version 9"),
         (lambda b: b[:3] + b"\x02" + b[4:], "version 2"),
         (lambda b: b[:3] + b"\x03" + b[4:], "version 3"),
+        (lambda b: b[:3] + b"\x04" + b[4:], "layout"),  # a compact row as version 4
         (lambda b: b + b"\x00", "expected"),
         (lambda b: b[:-8] + np.float64(np.nan).tobytes(), "non-finite"),
         (lambda b: b[:8] + np.float64(-1.0).tobytes() + b[16:], "negative or fractional"),
