@@ -269,6 +269,8 @@ class KindDetectors:
                 log.warning("detector state %s of partition %d refused: %s", name, partition, exc)
                 continue
             self._last[row], self._steps[row] = last, steps
+            if not self._context[j]:  # saved by a release that stepped it with context
+                self.bank.drop_context([row])
         return replay_from
 
     def drop(self, partition: int) -> None:

@@ -253,6 +253,12 @@ class DetectorBank:
         """Forget what ``rows`` have seen."""
         self.state[rows] = 0.0
 
+    def drop_context(self, rows: Sequence[int] | IntArray) -> None:
+        """Zero what only the contextual test reads (the history before the values an anomaly
+        vector shows, and the kNN distances), for rows stepped without context from now on: a
+        step without context never reads them, and their snapshots are then compact."""
+        self.state[np.asarray(rows, dtype=np.int64)[:, None], _OMITTED] = 0.0
+
     # --- scoring -------------------------------------------------------------------------
 
     def step(

@@ -116,9 +116,8 @@ class Divert:
     ) -> None:
         value = record.value or b""
         key = record.key
-        headers = [
-            h for h in headers if h[0].startswith(diverted.PREFIX)
-        ]  # its own may be the bulk
+        # only the worker's headers: the record's own may be what made it too large
+        headers = [h for h in headers if h[0].startswith(diverted.PREFIX)]
         marks = [("pulse.truncated", str(len(value)).encode())]
         if key is not None and len(key) > TRUNCATED_BYTES:
             marks.append(("pulse.truncated.key", str(len(key)).encode()))

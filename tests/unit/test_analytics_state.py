@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import numpy as np
 import orjson
 import pytest
 
-from pipeline import aggregation, leaderboards
+from pipeline import aggregation, detectors, leaderboards
 from pipeline.batch import BatchRules, PartitionBatch, Record
 from pipeline.checkpoint import Checkpoint
 from pipeline.detection import (
@@ -283,6 +284,27 @@ def test_only_the_mean_rows_of_a_sensor_step_with_the_contextual_test() -> None:
             assert (signal in CONTEXT_SIGNALS) == context
             lone.score_batch(np.zeros(len(t), np.int64), np.array(t), np.array(v), context)
             assert np.array_equal(det.bank.state[block + j], lone.state[0]), (entity, signal)
+
+
+def test_a_max_row_saved_with_context_is_restored_without_it_and_saved_compact() -> None:
+    # a state of a release that stepped every signal with the kNN test
+    t, v = np.arange(150, dtype=np.int64) * 10_000 + T0, 20 + np.sin(np.arange(150) / 5)
+    old = DetectorBank(1, window_params(S))
+    old.score_batch(np.zeros(150, np.int64), t, v)
+    (full,) = old.snapshot([0])
+    assert len(full) == detectors.SNAPSHOT_BYTES
+    head = struct.pack("<qq", int(t[-1]), 150)
+    det = KindDetectors(S, keys.WINDOW_10S)
+    det.restore(0, {b"d1|temp~max": head + full, b"d1|temp~mean": head + full})
+    block = det._rows[0]["d1|temp"]
+    mean, mx = det.bank.snapshot([block, block + 1])
+    assert len(mean) == detectors.SNAPSHOT_BYTES and len(mx) == detectors.COMPACT_BYTES
+    # nothing a step without context reads has changed
+    end = detectors.HIST + detectors.HIST_LEN
+    kept = np.r_[
+        0 : detectors.HIST, end - anomaly.WINDOW_LEN : end, detectors.SEAS : detectors.WIDTH
+    ]
+    assert np.array_equal(det.bank.state[block + 1][kept], old.state[0][kept])
 
 
 @pytest.mark.parametrize("crash_at", [45, 130])
