@@ -10,29 +10,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition as TP
 
-from pipeline.batch import PartitionState, RawRecord, Unreadable
+from pipeline.batch import PartitionState, RawRecord, Record, Unreadable
 from pipeline.ingest import KafkaBatchReader, ReaderConfig, read_past_unparsable
 from schemas.events import EventKind
 
 TOPIC = "sensor"
-
-
-@dataclass(frozen=True, slots=True)
-class TP:
-    topic: str
-    partition: int
-
-
-@dataclass(frozen=True, slots=True)
-class Rec:
-    offset: int
-    key: bytes | None
-    value: bytes | None
 
 
 class FakeConsumer:
@@ -75,25 +62,25 @@ class FakeConsumer:
 
     async def getmany(
         self, *tps: TP, timeout_ms: int = 0, max_records: int | None = None
-    ) -> dict[TP, list[Rec]]:
+    ) -> dict[TP, list[Record]]:
         await asyncio.sleep(0)
         if self.listener is not None and not self.position:
             await self.listener.on_partitions_assigned(set(self.tps))
         left = max_records or 10**9
-        out: dict[TP, list[Rec]] = {}
+        out: dict[TP, list[Record]] = {}
         for tp in tps or self.tps:
             if tp in self.paused or not left:
                 continue
             if tp in self.lost:
                 self.position[tp] = self.lost.pop(tp)
             at = self.position[tp]
-            got: list[Rec] = []
+            got: list[Record] = []
             while at < self.size and len(got) < left:
                 if at in self.bad.get(tp.partition, set()):
                     self.lost[tp] = at
                     self.fails += 1
                     raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-                got.append(Rec(at, None, b"%d" % at))
+                got.append(Record(at, None, b"%d" % at))
                 at += 1
             if got:
                 self.position[tp] = at
