@@ -226,38 +226,78 @@ def fresh_rows(count: int) -> FloatArray:
 
 
 class DetectorBank:
-    """The detector state of many entities, a row each."""
+    """The detector state of many entities, a row each.
 
-    __slots__ = ("params", "state")
+    A row's columns are kept in three blocks, each laid out for how a step reads it: the
+    scalar statistics column-major (a step works on one column of all its rows at a time,
+    twice as fast contiguous as strided), the kNN history and distances row-major (a step
+    works on whole rows of them) and the time-of-day profile column-major (a step reads one
+    bin of each row). :attr:`state` and :meth:`rows` show them as rows of ``WIDTH`` columns.
+    """
+
+    __slots__ = ("_hist", "_scal", "_seas", "_size", "params")
 
     def __init__(self, capacity: int = 0, params: DetectorParams = DEFAULT_PARAMS) -> None:
         self.params = params
-        self.state: FloatArray = fresh_rows(capacity)
+        self._size = 0  # rows in use; the blocks have room for more (zero until used)
+        self._scal: FloatArray = np.zeros((HIST, 0))  # columns [0, HIST)
+        self._hist: FloatArray = np.zeros((0, STEPPED - HIST))  # [HIST, STEPPED)
+        self._seas: FloatArray = np.zeros((WIDTH - STEPPED, 0))  # [STEPPED, WIDTH)
+        self.add(capacity)
 
     def __len__(self) -> int:
-        return len(self.state)
+        return self._size
+
+    @property
+    def state(self) -> FloatArray:
+        """Every row's state, ``(len(self), WIDTH)`` (a copy)."""
+        return self.rows(np.arange(len(self)))
+
+    def rows(self, rows: Sequence[int] | IntArray) -> FloatArray:
+        """The states of ``rows``, ``(len(rows), WIDTH)`` (a copy)."""
+        idx = np.asarray(rows, dtype=np.int64)
+        out = np.empty((idx.size, WIDTH))
+        out[:, :HIST] = self._scal[:, idx].T
+        out[:, HIST:STEPPED] = self._hist[idx]
+        out[:, STEPPED:] = self._seas[:, idx].T
+        return out
+
+    def set_rows(self, rows: Sequence[int] | IntArray, states: FloatArray) -> None:
+        """Overwrite the states of ``rows`` with ``states`` (``(len(rows), WIDTH)``)."""
+        idx = np.asarray(rows, dtype=np.int64)
+        block = np.asarray(states, dtype=np.float64).reshape(idx.size, WIDTH)
+        self._scal[:, idx] = block[:, :HIST].T
+        self._hist[idx] = block[:, HIST:STEPPED]
+        self._seas[:, idx] = block[:, STEPPED:].T
 
     def add(self, count: int) -> IntArray:
         """Append ``count`` fresh rows; returns their indices."""
-        first = len(self.state)
-        try:
-            # in place where it can be: the allocator extends or remaps the block, where a copy
-            # writes the whole state to fresh pages, a page fault every 4 KB (growing a bank to
-            # 12 288 rows in a new process: 128 ms by copies, 15 ms in place)
-            self.state.resize((first + count, WIDTH), refcheck=True)
-        except ValueError:  # a view of the state, or one that does not own its data: copy
-            self.state = np.concatenate([self.state, fresh_rows(count)])
-        return np.arange(first, first + count, dtype=np.int64)
+        first = self._size
+        self._size = first + count
+        if self._size > self._scal.shape[1]:
+            # room for twice the rows: the copy of what is held is paid every other doubling
+            # of the caller's, and room not yet used is zero pages the system has not mapped
+            room = max(2 * self._size, 64)
+            scal, hist = np.zeros((HIST, room)), np.zeros((room, STEPPED - HIST))
+            seas = np.zeros((WIDTH - STEPPED, room))
+            scal[:, :first] = self._scal[:, :first]
+            hist[:first] = self._hist[:first]
+            seas[:, :first] = self._seas[:, :first]
+            self._scal, self._hist, self._seas = scal, hist, seas
+        return np.arange(first, self._size, dtype=np.int64)
 
     def clear(self, rows: IntArray) -> None:
         """Forget what ``rows`` have seen."""
-        self.state[rows] = 0.0
+        idx = np.asarray(rows, dtype=np.int64)
+        self._scal[:, idx] = 0.0
+        self._hist[idx] = 0.0
+        self._seas[:, idx] = 0.0
 
     def drop_context(self, rows: Sequence[int] | IntArray) -> None:
         """Zero what only the contextual test reads (the history before the values an anomaly
         vector shows, and the kNN distances), for rows stepped without context from now on: a
         step without context never reads them, and their snapshots are then compact."""
-        self.state[np.asarray(rows, dtype=np.int64)[:, None], _OMITTED] = 0.0
+        self._hist[np.asarray(rows, dtype=np.int64)[:, None], _OMITTED - HIST] = 0.0
 
     # --- scoring -------------------------------------------------------------------------
 
@@ -279,37 +319,31 @@ class DetectorBank:
         p = self.params
         x = np.asarray(values, dtype=np.float64)
         t = np.asarray(t_ms, dtype=np.int64)
-        # the columns a step reads and writes: the history and kNN distances only with context
-        width = STEPPED if context else HIST
-        st = self.state[rows, :width]
+        # the scalar columns of the rows, (HIST, m): one contiguous array per column
+        st = np.take(self._scal, rows, axis=1)
         m = len(rows)
         ar = np.arange(m)
-        n0 = st[:, N].copy()
+        n0 = st[N].copy()
         seen = n0 > 0
         finite = np.isfinite(x)
-        x = np.where(finite, x, st[:, X_PREV])  # a non-finite reading is held at the last one
+        x = np.where(finite, x, st[X_PREV])  # a non-finite reading is held at the last one
 
         # sampling interval
-        dt = (t - st[:, T_LAST]).astype(np.float64)
+        dt = (t - st[T_LAST]).astype(np.float64)
         first_dt = n0 == 1
-        st[:, DT] = np.where(
-            first_dt, dt, np.where(seen, st[:, DT] + 0.05 * (np.maximum(dt, 0.0) - st[:, DT]), 0.0)
+        st[DT] = np.where(
+            first_dt, dt, np.where(seen, st[DT] + 0.05 * (np.maximum(dt, 0.0) - st[DT]), 0.0)
         )
 
         # predictors: the value, and the value minus its time-of-day profile
         b = ((t % DAY_MS) * BINS // DAY_MS).astype(np.int64)
-        seas = self.state[rows, SEAS + b]
-        span_ok = (n0 * st[:, DT] >= p.seasonal_days * DAY_MS) & (st[:, DT] < DAY_MS / BINS * 2)
-        v = np.stack([x, x - seas], axis=1)  # (m, 2)
-        lev, sc, ls, ss = (
-            st[:, LEV : LEV + 2],
-            st[:, SC : SC + 2],
-            st[:, LS : LS + 2],
-            st[:, SS : SS + 2],
-        )
-        v = np.where(seen[:, None], v, x[:, None])
-        lev0 = np.where(seen[:, None], lev, v)
-        ls0 = np.where(seen[:, None], ls, v)
+        seas = self._seas[SEAS - STEPPED + b, rows]
+        span_ok = (n0 * st[DT] >= p.seasonal_days * DAY_MS) & (st[DT] < DAY_MS / BINS * 2)
+        v = np.stack([x, x - seas])  # (2, m)
+        lev, sc, ls, ss = st[LEV : LEV + 2], st[SC : SC + 2], st[LS : LS + 2], st[SS : SS + 2]
+        v = np.where(seen, v, x)
+        lev0 = np.where(seen, lev, v)
+        ls0 = np.where(seen, ls, v)
         floor = 1e-9 + 1e-9 * np.abs(v)
         sig = np.maximum(sc * 1.2533, floor)
         sig_s = np.maximum(ss * 1.2533, floor)
@@ -317,180 +351,183 @@ class DetectorBank:
         rs = v - ls0
         z = r / sig
         zs = rs / sig_s
-        err = st[:, ERR : ERR + 2]
-        use_seas = span_ok & (err[:, 1] < err[:, 0])
+        err = st[ERR : ERR + 2]
+        use_seas = span_ok & (err[1] < err[0])
         k = use_seas.astype(np.int64)
-        zk, zsk = z[ar, k], zs[ar, k]
+        zk, zsk = z[k, ar], zs[k, ar]
 
         # repeats of the same value (a stuck reading carries no information on the scale)
-        rep = seen & (x == st[:, X_PREV])
-        run = np.where(rep, st[:, RUN] + 1.0, 0.0)
+        rep = seen & (x == st[X_PREV])
+        run = np.where(rep, st[RUN] + 1.0, 0.0)
         w_long = np.maximum(1.0 / (n0 + 1.0), p.long_rate)
-        rep_rate = np.where(seen, st[:, REP] + w_long * (rep - st[:, REP]), 0.5)
+        rep_rate = np.where(seen, st[REP] + w_long * (rep - st[REP]), 0.5)
 
         # surprises and their tail probabilities against their own long-run distributions
-        ewz = st[:, EWZ] + p.short * (np.clip(zsk, -1e3, 1e3) - st[:, EWZ])
+        ewz = st[EWZ] + p.short * (np.clip(zsk, -1e3, 1e3) - st[EWZ])
         if context:
             # contextual test (KNN-CAD style): the window of the last KNN_W values against the
             # windows of the history (running sums: the pair entering minus the pair leaving);
             # the non-conformity is the root mean squared distance to the nearest, in slow scales
-            st[:, HIST : HIST + HIST_LEN - 1] = st[:, HIST + 1 : HIST + HIST_LEN]
-            st[:, HIST + HIST_LEN - 1] = x
-            hist = st[:, HIST : HIST + HIST_LEN]
+            hb = self._hist[rows]  # (m, HIST_LEN + KNN_REF): the history, the kNN distances
+            hb[:, : HIST_LEN - 1] = hb[:, 1:HIST_LEN]
+            hb[:, HIST_LEN - 1] = x
+            hist = hb[:, :HIST_LEN]
             h0, h1 = HIST_LEN - KNN_GAP - KNN_REF, HIST_LEN - KNN_W - KNN_GAP - KNN_REF
             d2 = np.subtract(x[:, None], hist[:, h0 : h0 + KNN_REF])
             np.square(d2, out=d2)
             gone = np.subtract(hist[:, HIST_LEN - 1 - KNN_W, None], hist[:, h1 : h1 + KNN_REF])
             np.square(gone, out=gone)
             d2 -= gone
-            d2 += st[:, KNN_D : KNN_D + KNN_REF]
+            d2 += hb[:, HIST_LEN:]
             # one lag a step is recomputed from the values, so rounding residue (say, of a huge
             # value that has left the windows) lasts at most KNN_REF observations
             c = (n0 % KNN_REF).astype(np.int64)
-            at = (ar * STEPPED + HIST + h1 + 1 + c)[:, None] + np.arange(KNN_W)
-            exact = np.square(st.reshape(-1)[at] - hist[:, HIST_LEN - KNN_W :])
+            at = (ar * hb.shape[1] + h1 + 1 + c)[:, None] + np.arange(KNN_W)
+            exact = np.square(hb.reshape(-1)[at] - hist[:, HIST_LEN - KNN_W :])
             d2[ar, c] = exact.sum(axis=1)
             np.maximum(d2, 0.0, out=d2)
             kk = min(max(p.knn_k, 1), KNN_REF)
             near = np.partition(d2, kk - 1, axis=1)[:, :kk].mean(axis=1) if kk > 1 else d2.min(1)
-            nc = np.sqrt(near / KNN_W) / sig_s[:, 0]
+            nc = np.sqrt(near / KNN_W) / sig_s[0]
         else:  # only the recent values the anomaly vector shows
-            ring = self.state[rows, HIST + HIST_LEN - RING : HIST + HIST_LEN]
+            ring = self._hist[rows, HIST_LEN - RING : HIST_LEN]
             ring[:, :-1] = ring[:, 1:]
             ring[:, -1] = x
             nc = np.zeros(m)
-        u = np.stack([np.minimum(np.abs(zk), 1e3), np.abs(ewz), np.minimum(nc, 1e3)], axis=1)
+        u = np.stack([np.minimum(np.abs(zk), 1e3), np.abs(ewz), np.minimum(nc, 1e3)])
         u = np.where(np.isfinite(u), u, 1e3)
-        mu, var = st[:, MU : MU + 3], st[:, VAR : VAR + 3]
+        mu, var = st[MU : MU + 3], st[VAR : VAR + 3]
         # samples each surprise's long-run distribution has seen (the kNN one: full history)
         # (without context, none: the kNN surprise neither counts nor learns)
         cnt = np.stack(
             [n0 - _STATS_FROM, n0 - _STATS_FROM, n0 + 1.0 - HIST_LEN if context else -n0 - 1.0],
-            axis=1,
         )
         zu = (u - mu) / np.sqrt(np.maximum(var, 1e-12))
         # the long-run mean and variance are estimates from the effective samples seen so
         # far (at most the memory of their weights, 2 / long_rate): the surprise is judged
         # against the predictive Student t of that many degrees of freedom, not a Gaussian,
         # so a young entity (or a strongly autocorrelated surprise) needs more evidence
-        ind = (1.0, (2.0 - p.short) / p.short, _IND_KNN)
+        ind = np.array([[1.0], [(2.0 - p.short) / p.short], [_IND_KNN]])
         nu = np.maximum(np.minimum(cnt, 2.0 / p.long_rate) / ind, 1.0)
         lp_t = log10_tail(predictive_z(zu, nu))
         # a heavier tail than the t's shows in the rate beyond a moderate level (TAIL_Z):
         # the deeper tail probabilities are scaled up by the same factor (never down)
         ne = np.clip(cnt, 0.0, 2.0 / p.long_rate)
-        tail = st[:, TAIL : TAIL + 3]
+        tail = st[TAIL : TAIL + 3]
         excess = (ne * tail / _TAIL_Q + 1.0 / _TAIL_Q) / (ne + 1.0 / _TAIL_Q)
         lp_u = np.minimum(lp_t + np.log(np.maximum(excess, 1.0)) * _LOG10E, 0.0)
         # a one-step surprise counts once the next observation confirms it on the same side:
         # a lone outlying sample (a glitch, a burst of one count) is left to the range test
-        same_side = seen & (zk * st[:, Z_LAST] > 0)
-        lp_spike = np.where(same_side, np.maximum(lp_u[:, 0], st[:, SPK_LP]), 0.0)
-        lp_knn = np.where(cnt[:, 2] >= _KNN_FROM, lp_u[:, 2], 0.0)
-        lp = np.minimum(np.minimum(lp_spike, lp_u[:, 1]), lp_knn)
+        same_side = seen & (zk * st[Z_LAST] > 0)
+        lp_spike = np.where(same_side, np.maximum(lp_u[0], st[SPK_LP]), 0.0)
+        lp_knn = np.where(cnt[2] >= _KNN_FROM, lp_u[2], 0.0)
+        lp = np.minimum(np.minimum(lp_spike, lp_u[1]), lp_knn)
         # repeats cluster (a count series sits at 0 for a while): a run is a Markov chain,
         # its first repeat at the entity's repeat rate and each further one at its rate of a
         # repeat following a repeat in the runs seen so far (shrunk towards the plain rate by
         # `repeat_prior`); the current run is learned when it ends, so it cannot explain itself
-        p1 = np.clip(st[:, REP], 1e-6, 1.0)
-        c2, n2 = st[:, REP2], st[:, REP2_N]
+        p1 = np.clip(st[REP], 1e-6, 1.0)
+        c2, n2 = st[REP2], st[REP2_N]
         p2 = np.clip((c2 + p.repeat_prior * p1) / (n2 + p.repeat_prior), 1e-6, 1.0)
         lp_stuck = np.where(run >= 2, (np.log(p1) + (run - 1.0) * np.log(p2)) * _LOG10E, 0.0)
         lp = np.minimum(lp, lp_stuck) + math.log10(4.0)
-        tol = np.maximum(p.range_margin * (st[:, HI] - st[:, LO]), p.range_scales * sig_s[ar, k])
-        outside = (x > st[:, HI] + tol) | (x < st[:, LO] - tol)
+        tol = np.maximum(p.range_margin * (st[HI] - st[LO]), p.range_scales * sig_s[k, ar])
+        outside = (x > st[HI] + tol) | (x < st[LO] - tol)
         outside &= tol > 0
         lp = np.where(outside, np.minimum(lp, -p.range_log10p), lp)
         # which test raised it (CAUSES order: spike, shift, stuck, range)
         # (a contextual anomaly is a change of the recent pattern: reported as a shift)
-        cause = np.argmin(np.stack([lp_spike, np.minimum(lp_u[:, 1], lp_knn), lp_stuck], 1), 1)
+        cause = np.argmin(np.stack([lp_spike, np.minimum(lp_u[1], lp_knn), lp_stuck]), 0)
         cause = np.where(outside & (lp <= -p.range_log10p), 3, cause)
-        expected = np.where(use_seas, lev0[:, 1] + seas, lev0[:, 0])
+        expected = np.where(use_seas, lev0[1] + seas, lev0[0])
         surprise = np.maximum(-lp, 0.0)
         raw = surprise / (surprise + p.half_score)
         raw = np.where((n0 >= p.warmup) & finite, raw, 0.0)
 
         # episodes: one alarm each, then scores capped until quiet for `refractory` observations
-        open_ = st[:, EP] > 0
+        open_ = st[EP] > 0
         alarm = ~open_ & (raw >= p.threshold)
-        quiet = np.where(raw < p.release, st[:, QUIET] + 1.0, 0.0)
+        quiet = np.where(raw < p.release, st[QUIET] + 1.0, 0.0)
         still = open_ & (quiet < p.refractory)
-        st[:, EP] = (alarm | still).astype(np.float64)
-        st[:, QUIET] = np.where(alarm, 0.0, quiet)
+        st[EP] = (alarm | still).astype(np.float64)
+        st[QUIET] = np.where(alarm, 0.0, quiet)
         score = np.where(open_, np.minimum(raw, p.cap), raw)
 
         # updates
-        wsc = np.maximum(1.0 / (n0 + 1.0), p.scale_rate)[:, None]
+        wsc = np.maximum(1.0 / (n0 + 1.0), p.scale_rate)
         lim = p.winsor * sig
         rc = np.clip(r, -lim, lim)
-        st[:, LEV : LEV + 2] = np.where(seen[:, None], lev0 + p.fast * rc, v)
-        upd = (seen & ~rep & finite)[:, None]
-        first_sc = (n0 == 1)[:, None]
+        st[LEV : LEV + 2] = np.where(seen, lev0 + p.fast * rc, v)
+        upd = seen & ~rep & finite
+        first_sc = n0 == 1
         # the scales learn only from unremarkable observations, and each by at most a few
         # percent: otherwise a drift inflates the scale it is measured by, and hides itself
-        upd &= (raw < p.threshold)[:, None]
+        upd &= raw < p.threshold
         cap_sc = p.scale_winsor * sig
         new_sc = np.where(first_sc, np.abs(r), sc + wsc * (np.minimum(np.abs(r), cap_sc) - sc))
-        st[:, SC : SC + 2] = np.where(upd, new_sc, sc)
+        st[SC : SC + 2] = np.where(upd, new_sc, sc)
         lim_s = p.winsor * sig_s
         rsc = np.clip(rs, -lim_s, lim_s)
-        w_slow = np.maximum(1.0 / (n0 + 1.0), p.slow)[:, None]
-        st[:, LS : LS + 2] = np.where(seen[:, None], ls0 + w_slow * rsc, v)
+        w_slow = np.maximum(1.0 / (n0 + 1.0), p.slow)
+        st[LS : LS + 2] = np.where(seen, ls0 + w_slow * rsc, v)
         cap_ss = p.scale_winsor * sig_s
         new_ss = np.where(first_sc, np.abs(rs), ss + wsc * (np.minimum(np.abs(rs), cap_ss) - ss))
-        st[:, SS : SS + 2] = np.where(upd, new_ss, ss)
+        st[SS : SS + 2] = np.where(upd, new_ss, ss)
         e2 = np.minimum(r * r, (p.winsor * sig) ** 2)
-        st[:, ERR : ERR + 2] = np.where(
-            seen[:, None] & finite[:, None], err + wsc * (e2 - err), err
-        )
-        st[:, EWZ] = np.where(seen, ewz, 0.0)
-        st[:, SVAR] = np.where(
-            seen, st[:, SVAR] + p.short * (np.minimum(zk * zk, 1e6) - st[:, SVAR]), 1.0
-        )
-        ok = (cnt >= 0) & finite[:, None]
+        st[ERR : ERR + 2] = np.where(seen & finite, err + wsc * (e2 - err), err)
+        st[EWZ] = np.where(seen, ewz, 0.0)
+        st[SVAR] = np.where(seen, st[SVAR] + p.short * (np.minimum(zk * zk, 1e6) - st[SVAR]), 1.0)
+        ok = (cnt >= 0) & finite
         d = u - mu
         wl = np.maximum(1.0 / (np.maximum(cnt, 0.0) + 1.0), p.long_rate)
-        st[:, MU : MU + 3] = np.where(ok, mu + wl * d, mu)
-        st[:, VAR : VAR + 3] = np.where(ok, (1.0 - wl) * (var + wl * d * d), var)
-        st[:, TAIL : TAIL + 3] = np.where(ok, tail + wl * ((lp_t < _TAIL_LP) - tail), tail)
-        st[:, REP] = rep_rate
+        st[MU : MU + 3] = np.where(ok, mu + wl * d, mu)
+        st[VAR : VAR + 3] = np.where(ok, (1.0 - wl) * (var + wl * d * d), var)
+        st[TAIL : TAIL + 3] = np.where(ok, tail + wl * ((lp_t < _TAIL_LP) - tail), tail)
+        st[REP] = rep_rate
         # a run of r repeats that ends: r - 1 repeats after a repeat, in r observations after
         # one; the counts keep a memory of about 2 / long_rate observations
-        ended = seen & finite & ~rep & (st[:, RUN] >= 1)
-        c2 = np.where(ended, c2 + st[:, RUN] - 1.0, c2)
-        n2 = np.where(ended, n2 + st[:, RUN], n2)
+        ended = seen & finite & ~rep & (st[RUN] >= 1)
+        c2 = np.where(ended, c2 + st[RUN] - 1.0, c2)
+        n2 = np.where(ended, n2 + st[RUN], n2)
         keep = np.minimum(1.0, 2.0 / p.long_rate / np.maximum(n2, 1.0))
-        st[:, REP2] = c2 * keep
-        st[:, REP2_N] = n2 * keep
-        st[:, RUN] = run
-        st[:, LO] = np.where(seen, np.minimum(st[:, LO], x), x)
-        st[:, HI] = np.where(seen, np.maximum(st[:, HI], x), x)
-        st[:, Z_LAST] = np.where(seen, np.clip(zk, -1e3, 1e3), 0.0)
-        st[:, SPK_LP] = np.where((n0 >= _STATS_FROM) & finite, np.maximum(lp_u[:, 0], -1e3), 0.0)
+        st[REP2] = c2 * keep
+        st[REP2_N] = n2 * keep
+        st[RUN] = run
+        st[LO] = np.where(seen, np.minimum(st[LO], x), x)
+        st[HI] = np.where(seen, np.maximum(st[HI], x), x)
+        st[Z_LAST] = np.where(seen, np.clip(zk, -1e3, 1e3), 0.0)
+        st[SPK_LP] = np.where((n0 >= _STATS_FROM) & finite, np.maximum(lp_u[0], -1e3), 0.0)
         # time-of-day profile of the value around the slow level of the raw predictor; it
         # learns only outside anomaly episodes (an anomalous day would otherwise raise false
         # alarms at the same time of the following days)
-        sn = self.state[rows, SEAS_N + b]
+        sn = self._seas[SEAS_N - STEPPED + b, rows]
         ws = np.maximum(1.0 / (sn + 1.0), p.seasonal_rate)
-        dev = x - st[:, LS]
-        learn = finite & (st[:, EP] == 0)
+        dev = x - st[LS]
+        learn = finite & (st[EP] == 0)
         seas_new = np.where(learn, seas + ws * (dev - seas), seas)
         if context:
-            st[:, KNN_D : KNN_D + KNN_REF] = d2
-        st[:, X_PREV] = x
-        st[:, T_LAST] = t
-        st[:, N] = n0 + 1.0
+            hb[:, HIST_LEN:] = d2
+        st[X_PREV] = x
+        st[T_LAST] = t
+        st[N] = n0 + 1.0
         # values near the float64 limit can overflow the statistics: such an entity starts over
         # (deterministically), so that every state stays finite and its snapshot decodable
-        broken = ~np.isfinite(st).all(axis=1) | ~np.isfinite(seas_new)
-        st[broken] = 0.0
-        self.state[rows, :width] = st
-        if not context:
-            self.state[rows, HIST + HIST_LEN - RING : HIST + HIST_LEN] = ring
-        self.state[rows, SEAS + b] = np.where(broken, 0.0, seas_new)
-        self.state[rows, SEAS_N + b] = np.where(broken, 0.0, sn + learn)
+        broken = ~np.isfinite(st).all(axis=0) | ~np.isfinite(seas_new)
+        if context:
+            broken |= ~np.isfinite(hb).all(axis=1)
+        st[:, broken] = 0.0
+        self._scal[:, rows] = st
+        if context:
+            hb[broken] = 0.0
+            self._hist[rows] = hb
+        else:
+            self._hist[rows, HIST_LEN - RING : HIST_LEN] = ring
+        self._seas[SEAS - STEPPED + b, rows] = np.where(broken, 0.0, seas_new)
+        self._seas[SEAS_N - STEPPED + b, rows] = np.where(broken, 0.0, sn + learn)
         if broken.any():
-            self.state[rows[broken], width:] = 0.0
+            self._seas[:, rows[broken]] = 0.0
+            if not context:
+                self._hist[rows[broken]] = 0.0
         score = np.where(np.isfinite(score), score, 0.0)
         alarm &= ~broken
         return StepResult(score, alarm, np.where(alarm, cause, -1), expected)
@@ -542,7 +579,7 @@ class DetectorBank:
     def anomaly_vector(self, rows: IntArray, scores: FloatArray) -> npt.NDArray[np.float32]:
         """(len(rows), VECTOR_DIM) float32 vectors of the rows' current state (layout in
         ``schemas.anomaly``); ``scores`` are the scores of their last observations."""
-        st = self.state[np.asarray(rows, dtype=np.int64)]
+        st = self.rows(rows)
         m = len(st)
         c = anomaly.CLIP
         out = np.zeros((m, anomaly.VECTOR_DIM))
@@ -574,7 +611,7 @@ class DetectorBank:
         little-endian float64. A row whose kNN history and distances are zero (one stepped
         without context) is written compact (version 5), without them: 1.2 KB, not 2 KB."""
         idx = np.asarray(rows, dtype=np.int64)
-        compact = ~self.state[idx[:, None], _OMITTED].any(axis=1)
+        compact = ~self._hist[idx[:, None], _OMITTED - HIST].any(axis=1)
         out: list[bytes] = [b""] * idx.size
         for version, which in ((_VERSION, ~compact), (_COMPACT, compact)):
             at = np.flatnonzero(which)
@@ -592,7 +629,7 @@ class DetectorBank:
         out[:, : _HEADER.size] = np.frombuffer(
             _HEADER.pack(_MAGIC, version, len(order), RING), np.uint8
         )
-        block = np.ascontiguousarray(self.state[idx[:, None], order], dtype="<f8")
+        block = np.ascontiguousarray(self.rows(idx)[:, order], dtype="<f8")
         out[:, _HEADER.size :] = block.view(np.uint8)
         return out
 
@@ -602,7 +639,7 @@ class DetectorBank:
         if len(rows) != len(blobs):
             raise ValueError("rows and blobs differ in length")
         decoded = np.stack([decode(b) for b in blobs]) if blobs else fresh_rows(0)
-        self.state[np.asarray(rows, dtype=np.int64)] = decoded
+        self.set_rows(rows, decoded)
 
 
 def rows_bytes(block: npt.NDArray[np.uint8]) -> list[bytes]:
