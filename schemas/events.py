@@ -10,9 +10,19 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 SCHEMA_VERSION: Final = 1
+
+
+def _integer_version(value: object) -> object:
+    # Literal[1] compares by equality, so even in strict mode it takes true and 1.0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"schema_version must be the integer {SCHEMA_VERSION}")
+    return value
+
+
+SchemaVersion = Annotated[Literal[1], BeforeValidator(_integer_version)]
 
 Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 Route = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^/[A-Za-z0-9_.\-/{}]*$")]
@@ -38,7 +48,7 @@ class _Event(BaseModel):
 class SensorReading(_Event):
     """One measurement from an IoT device."""
 
-    schema_version: Literal[1] = 1
+    schema_version: SchemaVersion = 1
     device_id: Ident
     site: Ident
     event_time: EpochMillis
@@ -62,7 +72,7 @@ class LogLevel(StrEnum):
 class AppLogEvent(_Event):
     """One request handled by an application service."""
 
-    schema_version: Literal[1] = 1
+    schema_version: SchemaVersion = 1
     service: Ident
     route: Route
     event_time: EpochMillis

@@ -78,6 +78,11 @@ def with_(**kw: object) -> bytes:
         (with_(event_time=float(NOW)), "event_time"),
         (with_(event_time=None).replace(b"null", b"1" + b"0" * 30), "event_time"),
         (with_(value=None).replace(b"null", b"1e400"), "value"),
+        # a version equal to 1 that is not the integer 1 (Literal[1] alone would take them)
+        (with_(schema_version=True), "schema_version must be the integer 1"),
+        (with_(schema_version=1.0), "schema_version must be the integer 1"),
+        (with_(schema_version="1"), "schema_version"),
+        (with_(schema_version=2), "schema_version"),
     ],
 )
 def test_rejects_with_reason(raw: bytes, reason: str) -> None:
@@ -214,7 +219,7 @@ def test_the_model_judges_a_compact_copy_of_a_costly_value(monkeypatch: pytest.M
         b',"unit":' + b"[" * 300 + b"]" * 300 + b',"unit":"C"',  # too deep for the model's parser
         b',"unit":{"a":NaN},"unit":"C"',  # NaN: the model's parser reads it
         b',"unit":' + b"[1]," * 3 + b'"unit":"C"',
-        b',"unit":[],"schema_version":1.0',  # the model takes 1.0 (the fast decoder does not)
+        b',"unit":[],"schema_version":1.0',  # both decoders reject 1.0 (not the integer 1)
         b',"value":"hot","value":21.5',  # the fast decoder checks every occurrence of a key
         b',"firmware":"\\u00e9\\ud83d\\ude00","value":"1","value":1e400',
     ],
