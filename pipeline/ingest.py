@@ -167,6 +167,7 @@ class KafkaBatchReader:
         self._on_assigned = on_assigned
         self._lock = asyncio.Lock()
         self._stopping = False
+        self._drained = False
         self._consumer_: AIOKafkaConsumer | None = None
         self._positioned: set[Any] = set()  # assigned partitions seeked to the store's position
         self._next: dict[Any, int] = {}  # positioned partition -> offset after the last handed on
@@ -230,6 +231,8 @@ class KafkaBatchReader:
                     if msgs:
                         self._next[tp] = msgs[-1].offset + 1
                 async with self._lock:
+                    if self._drained:  # the worker is stopping: nothing more is handed on
+                        return
                     if not polled:
                         await self._flush()  # nothing follows for now: acknowledge the last poll
                         continue
@@ -238,6 +241,20 @@ class KafkaBatchReader:
         finally:
             self._stopping = True
             await consumer.stop()
+
+    async def drain(self) -> None:
+        """As the worker stops: let the poll in hand finish, acknowledge everything handled
+        (durable, offsets committed), and hand on nothing more.
+
+        Without it a stop under load left the last polls' offsets uncommitted: harmless to
+        the data (the store owns the offsets), but a lag that monitoring shows until the group
+        reads again. The caller bounds the wait; a store that is down is not waited out.
+        """
+        self._stopping = True  # leaving the group later must not flush again
+        async with self._lock:
+            if not self._drained and self._consumer_ is not None:
+                self._drained = True
+                await self._flush()
 
     def _unchanged(self) -> Callable[[], bool]:
         """Whether the partitions are still assigned as they are now."""

@@ -68,7 +68,8 @@ class WorkerSettings(EventTimeSettings):
     batch_max: int = Field(default=20_000, ge=1)
     batch_within_s: float = Field(default=0.1, gt=0)
     # Kafka's committed offsets are a hint (the store owns the offsets): committed with the
-    # durable poll at most this often, and whenever the stream goes idle or is handed over
+    # durable poll at most this often, and whenever the stream goes idle, is handed over or
+    # the worker stops
     commit_interval_s: float = Field(default=1.0, ge=0, le=60)
     durability: Durability = Durability.REPLICA
     durability_timeout_ms: int = Field(default=5000, ge=1)

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pulse.worker")
 
+STOP_ACK_TIMEOUT_S = 15.0  # how long a stopping worker waits to acknowledge its last polls
+
 
 def create_app(
     worker: WorkerSettings, kafka: KafkaSettings, store: StoreSettings, name: str | None = None
@@ -151,6 +153,21 @@ def create_app(
         flush,
     )
     metrics.refused = reader.refused
+
+    # mode types a signal handler as a union of callables no ``async def`` matches
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def _acknowledge_on_stop(_app: Any, **_: Any) -> None:
+        # Sent as the app stops, before its agent and tasks do: the last polls' offsets are
+        # committed (at most STOP_ACK_TIMEOUT_S; the store owns the offsets either way).
+        try:
+            await asyncio.wait_for(reader.drain(), STOP_ACK_TIMEOUT_S)
+        except TimeoutError:
+            log.warning(
+                "stopping without committing the last offsets: not acknowledged within %.0f s",
+                STOP_ACK_TIMEOUT_S,
+            )
+        except Exception as exc:  # stopping anyway; the next owner reads on from the store
+            log.warning("stopping without committing the last offsets: %s", exc)
 
     metrics_client = store_client(
         store, timeout_s=socket_timeout_s, asyncio=True, role=StoreRole.WORKER

@@ -102,3 +102,36 @@ def test_a_position_kafka_cannot_serve_is_refused_not_guessed(
     assert int(store.hget(sensor0, keys.Progress.OFFSET) or -1) == ahead
     assert int(store.hget(applog1, keys.Progress.OFFSET) or -1) == 3
     assert store.hget(applog1, keys.Progress.TOPIC) == "another.applog"
+
+
+def test_a_worker_stopped_under_load_commits_the_offsets_it_made_durable(
+    stack: RunningStack, store: redis.Redis, tmp_path: Path
+) -> None:
+    # commits at most once a minute while polls follow: what is applied after the first commit
+    # is left for the stop to commit
+    pl = Pipeline.create(stack, tmp_path, PULSE_WORKER_COMMIT_INTERVAL_S="60")
+    loadgen = pl.start_loadgen("--rate=500", "--duration=300", "--devices=20", "--services=3",
+                               "--seed=43", truth=tmp_path / "truth.json")  # fmt: skip
+    worker = pl.worker(name="stopping")
+    try:
+
+        def uncommitted() -> int:
+            committed = sum(max(c, 0) for c in pl.committed().values())
+            return pl.applied_total(store) - committed
+
+        wait_for(lambda: uncommitted() >= 2000, "2 000 applied records wait for a commit",
+                 alive=worker.alive)  # fmt: skip
+        assert loadgen.alive(), "the stream must still be active when the worker stops"
+        assert worker.stop() == 0
+    finally:
+        loadgen.stop()
+        if worker.alive():
+            worker.kill()
+    applied = pl.applied_offsets(store)
+    committed = pl.committed()
+    lagging = {
+        tp: (off + 1, committed[tp])
+        for tp, off in applied.items()
+        if off >= 0 and committed[tp] != off + 1
+    }
+    assert not lagging, f"applied but not committed at the stop (applied + 1, committed): {lagging}"

@@ -172,3 +172,52 @@ def test_read_past_unparsable_rewinds_every_partition_and_ends_at_the_bad_record
     assert [r.offset for r in ones] == list(range(20, 31))
     assert isinstance(ones[-1], Unreadable) and not consumer.paused
     assert consumer.position[consumer.tps[1]] == 31  # the next read starts after it
+
+
+def test_drain_acknowledges_after_the_poll_in_hand_and_hands_on_nothing_more() -> None:
+    """A stopping worker's reader: the poll in hand finishes, then one flush (durable, offsets
+    committed), and the loop ends without handing on another poll."""
+    consumer = FakeConsumer(parts=2, size=10**6, bad={})
+    log: list[str] = []
+    in_handle = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handle(poll: dict[EventKind, dict[int, list[RawRecord]]]) -> None:
+        log.append("poll")
+        if log.count("poll") == 3:  # drain is asked for while this poll is in hand
+            in_handle.set()
+            await release.wait()
+        log.append("handled")
+
+    async def load(kind: EventKind, parts: list[int]) -> dict[int, PartitionState]:
+        return {p: PartitionState() for p in parts}
+
+    async def flush() -> None:
+        log.append("flush")
+
+    config = ReaderConfig(
+        bootstrap="fake:9092",
+        group_id="g",
+        topics={TOPIC: EventKind.SENSOR},
+        max_records=5,
+        poll_timeout_s=0.01,
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=3_000,
+    )
+    reader = KafkaBatchReader(config, handle, load, lambda: None, flush)
+    reader._consumer = lambda: consumer  # type: ignore[method-assign]
+
+    async def run() -> None:
+        task = asyncio.create_task(reader.run())
+        await in_handle.wait()
+        drain = asyncio.create_task(reader.drain())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert "flush" not in log  # the poll in hand is not cut short
+        release.set()
+        await drain
+        await asyncio.wait_for(task, 5)  # the loop ends by itself
+        await reader.drain()  # a second drain does nothing
+
+    asyncio.run(run())
+    assert log == ["poll", "handled", "poll", "handled", "poll", "handled", "flush"]
