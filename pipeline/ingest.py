@@ -376,6 +376,9 @@ async def read_past_unparsable(
     return out
 
 
+READ_PATIENCE_S = 10.0  # how long a partition read alone waits for records Kafka holds
+
+
 async def _read_alone(
     consumer: AIOKafkaConsumer,
     tp: Any,
@@ -385,10 +388,18 @@ async def _read_alone(
     current: Callable[[], bool],
 ) -> list[RawRecord]:
     """One read of ``tp`` from ``at``; if it fails, the records before the first one that
-    cannot be parsed, then that one as :class:`~pipeline.batch.Unreadable`."""
+    cannot be parsed, then that one as :class:`~pipeline.batch.Unreadable`.
+
+    A seek drops what the client had fetched for the partition, and fetching it again takes a
+    round trip that can outlast a poll's timeout. A read that returns nothing while Kafka holds
+    records past ``at`` is therefore tried again (for at most :data:`READ_PATIENCE_S`); giving
+    up at once let every search end before it reached the bad record, and the next poll fail
+    on it again, for good.
+    """
     unparsable = unparsable_errors()
     out: list[RawRecord] = []
     size = max_records
+    deadline = asyncio.get_running_loop().time() + READ_PATIENCE_S
     while True:
         try:
             got = await consumer.getmany(tp, timeout_ms=timeout_ms, max_records=size)
@@ -407,8 +418,13 @@ async def _read_alone(
         if not current():
             return []
         msgs = got.get(tp, [])
+        if not msgs:
+            held = consumer.highwater(tp)
+            if held is not None and held > at and asyncio.get_running_loop().time() < deadline:
+                continue  # the records are there: the fetch after the seek is on its way
+            return out  # nothing to read (or it does not come: the next poll retries)
         out.extend(msgs)
-        if size == max_records or not msgs:  # read fine (or nothing came: the next poll retries)
+        if size == max_records:  # read fine
             return out
         at = msgs[-1].offset + 1
 

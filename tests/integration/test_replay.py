@@ -10,10 +10,13 @@ every event of the range as the worker did; and injected anomalies after the det
 
 from __future__ import annotations
 
+import random
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 
@@ -24,6 +27,7 @@ from schemas import anomaly, keys
 from schemas.events import EventKind
 from tests.integration.harness import Pipeline, wait_for
 from tests.integration.test_archive import start_archive
+from tests.integration.test_hostile import send_unparsable
 
 pytestmark = pytest.mark.integration
 
@@ -240,3 +244,54 @@ def test_replay_refuses_an_empty_store(stack: RunningStack, tmp_path: Path) -> N
     assert res.returncode == 1
     assert "no worker has applied anything" in res.stderr
     client.close()
+
+
+def test_replay_from_kafka_reads_past_records_the_client_cannot_parse(
+    stack: RunningStack, tmp_path: Path
+) -> None:
+    """Records whose header key is not UTF-8 (aiokafka cannot parse them) first in their
+    partitions: the worker dead-letters them, and a replay from Kafka reads past them, counts
+    them as invalid and rebuilds the range so that ``pulse verify`` is exact again."""
+    pl = Pipeline.create(stack, tmp_path)
+    client = stack.redis()
+    client.flushall()
+    # Kafka stamps records when they are produced: any range's search by time finds these
+    # first, so the replay reads each of them
+    unreadable = send_unparsable(pl, random.Random(5), 0, int(time.time() * 1000))
+    truth_path = tmp_path / "truth.json"
+    truth = pl.loadgen("--rate=0", "--sim-rate=12", "--duration=900", "--devices=8",
+                       "--services=2", "--seed=13", truth=truth_path)  # fmt: skip
+    for topic, p, _ in unreadable:  # the truth of what was produced: these are dead letters
+        kind = next(k for k, t in pl.topics.items() if t == topic)
+        truth["dead"][kind] = truth["dead"].get(kind, 0) + 1
+        row = truth["per_partition"][kind].setdefault(str(p), {})
+        for name in ("dead", "produced"):
+            row[name] = row.get(name, 0) + 1
+    truth_path.write_bytes(orjson.dumps(truth))
+    worker = pl.worker()
+    try:
+        pl.wait_applied(client, alive=worker.alive)
+    finally:
+        worker.stop()
+    res = pl.verify(truth_path)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert set(pl.diverted()) >= set(unreadable)  # the worker dead-lettered each of them
+
+    progress = pl.progress(client)
+    closed = min(int(r[keys.Progress.WATERMARK]) for r in progress.values() if r)
+    t2 = closed - closed % MINUTE_MS
+    t1 = t2 - 4 * MINUTE_MS
+    raw = redis.Redis(host="127.0.0.1", port=stack.store_settings.port)
+    doomed = range_keys(raw, t1, t2)
+    assert len(doomed) > 20
+    raw.delete(*doomed)
+    assert pl.verify(truth_path).returncode == 1
+    res = pl.pulse("replay", f"--from={t1}", f"--to={t2}", "--source=kafka", "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    # the load generator made no bad records: every invalid one is a record it could not parse
+    assert f"{len(unreadable)} invalid)" in res.stdout, res.stdout
+    assert range_keys(raw, t1, t2) == doomed
+    res = pl.verify(truth_path)
+    assert res.returncode == 0, res.stdout[-3000:]
+    client.close()
+    raw.close()

@@ -25,8 +25,12 @@ TOPIC = "sensor"
 class FakeConsumer:
     """Partitions of ``size`` records; ``bad`` offsets cannot be parsed."""
 
-    def __init__(self, parts: int, size: int, bad: dict[int, set[int]]) -> None:
+    def __init__(self, parts: int, size: int, bad: dict[int, set[int]], refetch: int = 0) -> None:
         self.tps = [TP(TOPIC, p) for p in range(parts)]
+        # as aiokafka: a seek drops what was fetched, and the next `refetch` reads of the
+        # partition come back empty while it is fetched again
+        self.refetch = refetch
+        self.cold: dict[TP, int] = {}
         self.size = size
         self.bad = bad
         self.position: dict[TP, int] = {}
@@ -53,6 +57,10 @@ class FakeConsumer:
     def seek(self, tp: TP, offset: int) -> None:
         self.position[tp] = offset
         self.lost.pop(tp, None)
+        self.cold[tp] = self.refetch
+
+    def highwater(self, tp: TP) -> int:
+        return self.size
 
     async def beginning_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
         return dict.fromkeys(tps, 0)
@@ -70,6 +78,9 @@ class FakeConsumer:
         out: dict[TP, list[Record]] = {}
         for tp in tps or self.tps:
             if tp in self.paused or not left:
+                continue
+            if self.cold.get(tp):
+                self.cold[tp] -= 1
                 continue
             if tp in self.lost:
                 self.position[tp] = self.lost.pop(tp)
@@ -131,12 +142,13 @@ def read_all(consumer: FakeConsumer, max_records: int) -> list[tuple[int, RawRec
     return seen
 
 
+@pytest.mark.parametrize("refetch", [0, 3])
 @pytest.mark.parametrize("max_records", [1, 7, 25, 1000])
 def test_an_unparsable_record_is_handed_on_in_its_place_and_nothing_is_skipped(
-    max_records: int,
+    max_records: int, refetch: int
 ) -> None:
     bad = {1: {40, 41}, 2: {0, 99}}
-    consumer = FakeConsumer(parts=3, size=100, bad=bad)
+    consumer = FakeConsumer(parts=3, size=100, bad=bad, refetch=refetch)
     seen = read_all(consumer, max_records)
     assert consumer.fails >= 4
     for part in range(3):
