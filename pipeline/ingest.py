@@ -399,6 +399,7 @@ async def _read_alone(
     unparsable = unparsable_errors()
     out: list[RawRecord] = []
     size = max_records
+    past_bad = False
     deadline = asyncio.get_running_loop().time() + READ_PATIENCE_S
     while True:
         try:
@@ -412,9 +413,16 @@ async def _read_alone(
                 continue
             reason = f"unreadable: the Kafka client cannot parse it ({_describe(exc)})"
             out.append(Unreadable(at, reason))
-            consumer.seek(tp, at + 1)
             log.error("%s/%d@%d is a dead letter: %s", tp.topic, tp.partition, at, reason)
-            return out
+            at += 1
+            consumer.seek(tp, at)
+            if len(out) >= max_records:
+                return out
+            # the next record may be unreadable too (all of a batch the client cannot
+            # decompress): it is read alone as well, not after another failed poll
+            past_bad = True
+            deadline = asyncio.get_running_loop().time() + READ_PATIENCE_S
+            continue
         if not current():
             return []
         msgs = got.get(tp, [])
@@ -424,18 +432,19 @@ async def _read_alone(
                 continue  # the records are there: the fetch after the seek is on its way
             return out  # nothing to read (or it does not come: the next poll retries)
         out.extend(msgs)
-        if size == max_records:  # read fine
+        if size == max_records or past_bad:  # read fine (or fine again after the bad ones)
             return out
         at = msgs[-1].offset + 1
 
 
 def unparsable_errors() -> tuple[type[BaseException], ...]:
     """What aiokafka raises from a poll for a record it cannot parse."""
-    from aiokafka.errors import CorruptRecordException
+    from aiokafka.errors import CorruptRecordException, UnsupportedCodecError
 
     # aiokafka's C parser raises UnicodeDecodeError for a header key that is not UTF-8, its
-    # Python parser CorruptRecordException
-    return (CorruptRecordException, UnicodeError)
+    # Python parser CorruptRecordException; a batch compressed with a codec the client cannot
+    # decompress (all of Kafka's are installed: a future one) is unreadable record by record
+    return (CorruptRecordException, UnicodeError, UnsupportedCodecError)
 
 
 def _describe(exc: BaseException) -> str:

@@ -301,3 +301,63 @@ def test_hostile_mix_during_live_load_goes_to_dead_letters(
             f"{shapes['limit-size value']}; worker up throughout; "
             f"{res.stdout.strip().splitlines()[-1]}"
         )
+
+
+CODECS = ("gzip", "snappy", "lz4", "zstd")  # every compression codec Kafka has
+
+
+async def send_compressed(pl: Pipeline, now_ms: int, per_codec: int) -> dict[str, int]:
+    """``per_codec`` valid sensor events in batches compressed with each codec; how many per
+    partition."""
+    from aiokafka import AIOKafkaProducer
+
+    sent: dict[str, int] = {}
+    for i, codec in enumerate(CODECS):
+        producer = AIOKafkaProducer(
+            bootstrap_servers=pl.running.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            compression_type=codec,
+            linger_ms=50,  # one batch of them
+        )
+        await producer.start()
+        try:
+            p = i % pl.running.kafka_settings.partitions
+            futures = [
+                await producer.send(
+                    pl.topics["sensor"],
+                    orjson.dumps(_sensor(now_ms - j, device_id=f"dev-{codec}-{j % 7}")),
+                    key=f"{codec}-{j}".encode(),
+                    partition=p,
+                )
+                for j in range(per_codec)
+            ]
+            await asyncio.gather(*futures)
+            sent[str(p)] = sent.get(str(p), 0) + per_codec
+        finally:
+            await producer.stop()
+    return sent
+
+
+def test_batches_compressed_with_every_kafka_codec_are_read(
+    stack: RunningStack, store: redis.Redis, tmp_path: Path
+) -> None:
+    """Producers choose their compression (a Java client's `compression.type`, or the topic's):
+    the worker reads batches of every codec like any other, and nothing is dead-lettered."""
+    from aiokafka import codec
+
+    # the Kafka client of the worker (the same environment) can decompress every codec
+    assert codec.has_gzip() and codec.has_snappy() and codec.has_lz4() and codec.has_zstd()
+    pl = Pipeline.create(stack, tmp_path)
+    per_codec = 200
+    sent = asyncio.run(send_compressed(pl, int(time.time() * 1000), per_codec))
+    worker = pl.worker(name="codecs")
+    try:
+        pl.wait_applied(store, alive=worker.alive)
+    finally:
+        assert worker.stop() == 0, worker.tail()
+    rows = {tag: row for tag, row in pl.progress(store).items() if row}
+    got = {tag.partition(".")[2]: int(row["events"]) for tag, row in rows.items()}
+    assert got == sent, rows
+    assert sum(int(row.get("dead", 0)) for row in rows.values()) == 0, rows
+    assert sum(sent.values()) == per_codec * len(CODECS)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition as TP
+from aiokafka.errors import CorruptRecordException, UnsupportedCodecError
 
 from pipeline.batch import PartitionState, RawRecord, Record, Unreadable
 from pipeline.ingest import KafkaBatchReader, ReaderConfig, read_past_unparsable
@@ -25,8 +26,16 @@ TOPIC = "sensor"
 class FakeConsumer:
     """Partitions of ``size`` records; ``bad`` offsets cannot be parsed."""
 
-    def __init__(self, parts: int, size: int, bad: dict[int, set[int]], refetch: int = 0) -> None:
+    def __init__(
+        self,
+        parts: int,
+        size: int,
+        bad: dict[int, set[int]],
+        refetch: int = 0,
+        error: type[Exception] = UnicodeDecodeError,
+    ) -> None:
         self.tps = [TP(TOPIC, p) for p in range(parts)]
+        self.error = error
         # as aiokafka: a seek drops what was fetched, and the next `refetch` reads of the
         # partition come back empty while it is fetched again
         self.refetch = refetch
@@ -90,7 +99,9 @@ class FakeConsumer:
                 if at in self.bad.get(tp.partition, set()):
                     self.lost[tp] = at
                     self.fails += 1
-                    raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+                    if self.error is UnicodeDecodeError:
+                        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+                    raise self.error("the batch cannot be read")
                 got.append(Record(at, None, b"%d" % at))
                 at += 1
             if got:
@@ -142,13 +153,16 @@ def read_all(consumer: FakeConsumer, max_records: int) -> list[tuple[int, RawRec
     return seen
 
 
+@pytest.mark.parametrize(
+    "error", [UnicodeDecodeError, CorruptRecordException, UnsupportedCodecError]
+)
 @pytest.mark.parametrize("refetch", [0, 3])
 @pytest.mark.parametrize("max_records", [1, 7, 25, 1000])
 def test_an_unparsable_record_is_handed_on_in_its_place_and_nothing_is_skipped(
-    max_records: int, refetch: int
+    max_records: int, refetch: int, error: type[Exception]
 ) -> None:
     bad = {1: {40, 41}, 2: {0, 99}}
-    consumer = FakeConsumer(parts=3, size=100, bad=bad, refetch=refetch)
+    consumer = FakeConsumer(parts=3, size=100, bad=bad, refetch=refetch, error=error)
     seen = read_all(consumer, max_records)
     assert consumer.fails >= 4
     for part in range(3):
@@ -158,12 +172,15 @@ def test_an_unparsable_record_is_handed_on_in_its_place_and_nothing_is_skipped(
         assert {r.offset for r in unreadable} == bad.get(part, set())
         for r in unreadable:
             assert r.value is None and "unreadable" in r.reason
-            assert "UnicodeDecodeError" in r.reason
+            assert error.__name__ in r.reason
 
 
-def test_read_past_unparsable_rewinds_every_partition_and_ends_at_the_bad_record() -> None:
+@pytest.mark.parametrize("bad", [{30}, {30, 31, 32}])
+def test_read_past_unparsable_rewinds_every_partition_and_reads_past_the_bad_records(
+    bad: set[int],
+) -> None:
     # the replay's use: no consumer group, partitions read from known offsets
-    consumer = FakeConsumer(parts=2, size=50, bad={1: {30}})
+    consumer = FakeConsumer(parts=2, size=50, bad={1: bad})
     consumer.position = {consumer.tps[0]: 10, consumer.tps[1]: 20}
 
     async def go() -> dict[Any, list[RawRecord]]:
@@ -181,9 +198,13 @@ def test_read_past_unparsable_rewinds_every_partition_and_ends_at_the_bad_record
     got = asyncio.run(go())
     assert [r.offset for r in got[consumer.tps[0]]] == list(range(10, 50))
     ones = got[consumer.tps[1]]
-    assert [r.offset for r in ones] == list(range(20, 31))
-    assert isinstance(ones[-1], Unreadable) and not consumer.paused
-    assert consumer.position[consumer.tps[1]] == 31  # the next read starts after it
+    # a run of unreadable records (a batch the client cannot decompress) is found in one
+    # search; it ends with the first record that reads fine after them
+    after = max(bad) + 1
+    assert [r.offset for r in ones] == list(range(20, after + 1))
+    assert {r.offset for r in ones if isinstance(r, Unreadable)} == bad
+    assert not consumer.paused
+    assert consumer.position[consumer.tps[1]] == after + 1  # the next read starts after it
 
 
 def test_drain_acknowledges_after_the_poll_in_hand_and_hands_on_nothing_more() -> None:
