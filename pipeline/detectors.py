@@ -253,9 +253,19 @@ class DetectorBank:
         """Every row's state, ``(len(self), WIDTH)`` (a copy)."""
         return self.rows(np.arange(len(self)))
 
+    def _index(self, rows: Sequence[int] | IntArray) -> IntArray:
+        """``rows`` as an index array, every one of them a row in use: the blocks have room
+        past :meth:`__len__` (zeros a wrong index would read silently), and numpy would take a
+        negative index from the end."""
+        idx = np.asarray(rows, dtype=np.int64).ravel()
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self._size):
+            bad = idx[(idx < 0) | (idx >= self._size)]
+            raise IndexError(f"rows {bad[:5].tolist()} are not in a bank of {self._size} rows")
+        return idx
+
     def rows(self, rows: Sequence[int] | IntArray) -> FloatArray:
         """The states of ``rows``, ``(len(rows), WIDTH)`` (a copy)."""
-        idx = np.asarray(rows, dtype=np.int64)
+        idx = self._index(rows)
         out = np.empty((idx.size, WIDTH))
         out[:, :HIST] = self._scal[:, idx].T
         out[:, HIST:STEPPED] = self._hist[idx]
@@ -264,7 +274,7 @@ class DetectorBank:
 
     def set_rows(self, rows: Sequence[int] | IntArray, states: FloatArray) -> None:
         """Overwrite the states of ``rows`` with ``states`` (``(len(rows), WIDTH)``)."""
-        idx = np.asarray(rows, dtype=np.int64)
+        idx = self._index(rows)
         block = np.asarray(states, dtype=np.float64).reshape(idx.size, WIDTH)
         self._scal[:, idx] = block[:, :HIST].T
         self._hist[idx] = block[:, HIST:STEPPED]
@@ -288,7 +298,7 @@ class DetectorBank:
 
     def clear(self, rows: IntArray) -> None:
         """Forget what ``rows`` have seen."""
-        idx = np.asarray(rows, dtype=np.int64)
+        idx = self._index(rows)
         self._scal[:, idx] = 0.0
         self._hist[idx] = 0.0
         self._seas[:, idx] = 0.0
@@ -297,7 +307,7 @@ class DetectorBank:
         """Zero what only the contextual test reads (the history before the values an anomaly
         vector shows, and the kNN distances), for rows stepped without context from now on: a
         step without context never reads them, and their snapshots are then compact."""
-        self._hist[np.asarray(rows, dtype=np.int64)[:, None], _OMITTED - HIST] = 0.0
+        self._hist[self._index(rows)[:, None], _OMITTED - HIST] = 0.0
 
     # --- scoring -------------------------------------------------------------------------
 
@@ -317,6 +327,7 @@ class DetectorBank:
         self, rows: IntArray, t_ms: IntArray, values: FloatArray, context: bool
     ) -> StepResult:
         p = self.params
+        rows = self._index(rows)
         x = np.asarray(values, dtype=np.float64)
         t = np.asarray(t_ms, dtype=np.int64)
         # the scalar columns of the rows, (HIST, m): one contiguous array per column
@@ -610,7 +621,7 @@ class DetectorBank:
         """Each row's state as bytes: a versioned header and the row's columns as
         little-endian float64. A row whose kNN history and distances are zero (one stepped
         without context) is written compact (version 5), without them: 1.2 KB, not 2 KB."""
-        idx = np.asarray(rows, dtype=np.int64)
+        idx = self._index(rows)
         compact = ~self._hist[idx[:, None], _OMITTED - HIST].any(axis=1)
         out: list[bytes] = [b""] * idx.size
         for version, which in ((_VERSION, ~compact), (_COMPACT, compact)):

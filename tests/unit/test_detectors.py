@@ -404,3 +404,21 @@ def test_rows_are_copies_and_set_rows_writes_every_column() -> None:
     bank.set_rows([2, 0], new)
     assert np.array_equal(bank.rows([2, 0]), new)
     assert middle.any() and np.array_equal(bank.rows([1])[0], middle)  # untouched
+
+
+@pytest.mark.parametrize("bad", [[3], [-1], [0, 64]])
+def test_rows_outside_the_bank_are_refused(bad: list[int]) -> None:
+    # the blocks have room past the rows in use (and numpy takes -1 from the end): a wrong
+    # index must not read or write that room silently
+    bank = DetectorBank(3)
+    idx = np.asarray(bad, dtype=np.int64)
+    with pytest.raises(IndexError, match="not in a bank of 3 rows"):
+        bank.rows(idx)
+    with pytest.raises(IndexError):
+        bank.set_rows(idx, np.zeros((idx.size, detectors.WIDTH)))
+    with pytest.raises(IndexError):
+        bank.step(idx, np.full(idx.size, 1_700_000_000_000), np.zeros(idx.size))
+    for op in (bank.clear, bank.drop_context, bank.snapshot):
+        with pytest.raises(IndexError):
+            op(idx)
+    assert not bank.state.any()  # nothing was written
