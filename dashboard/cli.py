@@ -60,6 +60,8 @@ def child_env(args: argparse.Namespace, base: Mapping[str, str]) -> dict[str, st
 
 def run(args: argparse.Namespace) -> int:
     """Serve the dashboard until interrupted; returns Streamlit's exit status."""
+    from pydantic import ValidationError
+
     from dashboard.settings import DashboardSettings
 
     env = child_env(args, os.environ)
@@ -68,7 +70,16 @@ def run(args: argparse.Namespace) -> int:
         for name in ("address", "port", "refresh_s", "lookback_min")
         if (value := getattr(args, name, None)) is not None
     }
-    settings = DashboardSettings(**overrides)  # validates the options before starting
+    try:
+        settings = DashboardSettings(**overrides)  # validates the options before starting
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        name = str(err["loc"][0]) if err["loc"] else ""
+        flag = f"--{name.replace('_', '-')}"
+        where = flag if name in overrides else f"PULSE_DASHBOARD_{name.upper()}"
+        msg = str(err["msg"]).removeprefix("Value error, ").rstrip(".")
+        print(f"pulse dashboard: {where}: {msg}.", file=sys.stderr)
+        return 2
     print(f"Pulse dashboard on http://{settings.address}:{settings.port}", file=sys.stderr)
     sys.stderr.flush()
     # Become Streamlit (no wrapper process), so signals from a terminal or `pulse demo` reach it.

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module, _run=run_fn)
+        p.set_defaults(_module=module, _run=run_fn, _parser=p)
         add_arguments(p)
     return parser
 
@@ -152,7 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         # option defaults come from PULSE_* settings: a bad one fails here already
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # said by the command's parser: "pulse worker: ...", its own --help
+            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except ValidationError as exc:
         if not exc.title.endswith("Settings"):
             raise

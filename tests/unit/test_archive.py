@@ -339,7 +339,7 @@ def test_local_archive_round_trip(tmp_path: Path) -> None:
         (["--max-rows", "0"], "pulse archive: Argument --max-rows: must be >= 1, got 0."),
         (["--max-rows", "x"], "pulse archive: Argument --max-rows: expected a whole number"),
         (["--max-seconds", "-1"], "--max-seconds: must be a positive number of seconds"),
-        (["--bogus"], "pulse: Unrecognized arguments: --bogus."),
+        (["--bogus"], "pulse archive: Unrecognized arguments: --bogus."),
     ],
 )
 def test_bad_flags_are_one_sentence(

@@ -73,3 +73,20 @@ def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PULSE_DASHBOARD_REFRESH_S", "0")
     with pytest.raises(ValueError):
         DashboardSettings()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "99999"], "pulse dashboard: --port: Input should be less than or equal to"),
+        (["--refresh-s", "0"], "pulse dashboard: --refresh-s: "),
+    ],
+)
+def test_a_bad_option_is_one_sentence_naming_it(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+
+    assert main(["dashboard", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
