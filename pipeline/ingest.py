@@ -202,6 +202,7 @@ class KafkaBatchReader:
         try:
             await consumer.start()
         except KafkaError as exc:
+            await consumer.stop()  # it holds a client and sockets even so
             raise IngestError(f"cannot reach Kafka at {self._config.bootstrap}: {exc}") from exc
         consumer.subscribe(
             list(self._config.topics),

@@ -753,7 +753,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"pulse replay: {exc}", file=sys.stderr)
         return 1
     except redis_mod.RedisError as exc:
-        print(f"pulse replay: the store at {store.url()} failed: {exc}.", file=sys.stderr)
+        why = str(exc).rstrip(".")
+        print(f"pulse replay: the store at {store.url()} failed: {why}.", file=sys.stderr)
         return 1
     finally:
         client.close()

@@ -24,6 +24,8 @@ import logging
 import os
 import socket
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -245,6 +247,55 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+KAFKA_WAIT_SAY_S = 15.0  # how often a worker waiting for Kafka says so
+
+
+def wait_for_kafka(
+    kafka: KafkaSettings, say: Callable[[str], None], retry_s: float = 1.0
+) -> str | None:
+    """Return once Kafka answers at the bootstrap address, saying now and then that it waits
+    (a stack still starting, or started after the worker); one sentence instead if Kafka
+    answers but cannot be used (TLS, say), which waiting will not fix.
+
+    Faust's producer would otherwise fail the start with a traceback.
+    """
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.errors import KafkaConnectionError
+
+    async def probe() -> None:
+        # the bare client (a consumer's group coordinator can raise CancelledError when it is
+        # stopped right after its start)
+        client = AIOKafkaClient(
+            bootstrap_servers=kafka.bootstrap, request_timeout_ms=10_000, **kafka.client_kwargs()
+        )
+        try:
+            await client.bootstrap()
+        finally:
+            await client.close()
+
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)  # one line of ours, not one of its per attempt
+    said_at: float | None = None
+    try:
+        while True:
+            try:
+                asyncio.run(asyncio.wait_for(probe(), 15.0))
+                return None
+            except (KafkaConnectionError, TimeoutError, OSError) as exc:
+                now = time.monotonic()
+                if said_at is None or now - said_at >= KAFKA_WAIT_SAY_S:
+                    why = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+                    say(f"waiting for Kafka at {kafka.bootstrap} ({why})")
+                    said_at = now
+                time.sleep(retry_s)
+            except Exception as exc:  # aiokafka's errors have no common base worth naming
+                why = (str(exc).splitlines() or [""])[0]
+                return f"cannot use Kafka at {kafka.bootstrap}: {type(exc).__name__}: {why}"
+    finally:
+        client_log.setLevel(level)
+
+
 def _die() -> None:
     sys.stderr.flush()
     os._exit(70)
@@ -268,9 +319,14 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"pulse worker: {problem}.", file=sys.stderr)
         return 2
+    kafka = KafkaSettings()
+    problem = wait_for_kafka(kafka, lambda msg: print(f"pulse worker: {msg}", file=sys.stderr))
+    if problem is not None:
+        print(f"pulse worker: {problem}.", file=sys.stderr)
+        return 2
     import faust
 
-    app = create_app(WorkerSettings(), KafkaSettings(), store, name=args.name)
+    app = create_app(WorkerSettings(), kafka, store, name=args.name)
     worker = faust.Worker(app, loglevel=args.loglevel.upper(), quiet=True)
     worker.execute_from_commandline()
     return 0

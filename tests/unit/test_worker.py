@@ -1,9 +1,16 @@
-"""The worker process's start-up: what it leaves to the cycle collector."""
+"""The worker process's start-up: what it leaves to the cycle collector, and Kafka not there
+yet."""
 
 from __future__ import annotations
 
 import gc
+import logging
+import socket
 
+import pytest
+
+from pipeline import worker
+from pipeline.settings import KafkaSettings
 from pipeline.worker import freeze_startup_heap
 
 
@@ -18,3 +25,46 @@ def test_start_up_objects_are_frozen_out_of_full_collections() -> None:
         assert not any(id(x) in walked for x in alive)
     finally:
         gc.unfreeze()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when the block ends: nothing listens
+
+
+class _Said(Exception):
+    pass
+
+
+def test_a_worker_waits_for_kafka_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker, "KAFKA_WAIT_SAY_S", 0.0)
+    kafka = KafkaSettings(bootstrap=f"127.0.0.1:{_closed_port()}")
+    said: list[str] = []
+    level = logging.getLogger("aiokafka").level
+
+    def say(msg: str) -> None:
+        said.append(msg)
+        if len(said) == 3:  # it keeps trying; the test stops it here
+            raise _Said
+
+    with pytest.raises(_Said):
+        worker.wait_for_kafka(kafka, say, retry_s=0.0)
+    assert all(m.startswith(f"waiting for Kafka at {kafka.bootstrap} (") for m in said), said
+    assert logging.getLogger("aiokafka").level == level  # the client's log level is restored
+
+
+def test_kafka_that_answers_but_cannot_be_used_is_one_sentence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiokafka.client import AIOKafkaClient
+
+    async def refuse(self: object) -> None:
+        raise RuntimeError("unsupported broker version\nmore detail")
+
+    monkeypatch.setattr(AIOKafkaClient, "bootstrap", refuse)
+    kafka = KafkaSettings(bootstrap=f"127.0.0.1:{_closed_port()}")
+    problem = worker.wait_for_kafka(kafka, lambda msg: None, retry_s=0.0)
+    assert problem == (
+        f"cannot use Kafka at {kafka.bootstrap}: RuntimeError: unsupported broker version"
+    )
