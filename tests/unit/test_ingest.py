@@ -9,7 +9,7 @@ read before it in the failed poll, which were never returned.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import pytest
@@ -111,21 +111,16 @@ class FakeConsumer:
         return out
 
 
-def read_all(consumer: FakeConsumer, max_records: int) -> list[tuple[int, RawRecord]]:
-    """Every record the reader hands on, until each partition is read to its end."""
-    seen: list[tuple[int, RawRecord]] = []
-    total = len(consumer.tps) * consumer.size
-
-    async def handle(poll: dict[EventKind, dict[int, list[RawRecord]]]) -> None:
-        for parts in poll.values():
-            for part, records in parts.items():
-                seen.extend((part, r) for r in records)
+def fake_reader(
+    consumer: FakeConsumer,
+    max_records: int,
+    handle: Callable[[dict[EventKind, dict[int, list[RawRecord]]]], Awaitable[None]],
+    flush: Callable[[], Awaitable[None]],
+) -> KafkaBatchReader:
+    """A reader of ``consumer``'s one topic (every partition starts with no stored progress)."""
 
     async def load(kind: EventKind, parts: list[int]) -> dict[int, PartitionState]:
         return {p: PartitionState() for p in parts}
-
-    async def flush() -> None:
-        pass
 
     config = ReaderConfig(
         bootstrap="fake:9092",
@@ -138,6 +133,23 @@ def read_all(consumer: FakeConsumer, max_records: int) -> list[tuple[int, RawRec
     )
     reader = KafkaBatchReader(config, handle, load, lambda: None, flush)
     reader._consumer = lambda: consumer  # type: ignore[method-assign]
+    return reader
+
+
+def read_all(consumer: FakeConsumer, max_records: int) -> list[tuple[int, RawRecord]]:
+    """Every record the reader hands on, until each partition is read to its end."""
+    seen: list[tuple[int, RawRecord]] = []
+    total = len(consumer.tps) * consumer.size
+
+    async def handle(poll: dict[EventKind, dict[int, list[RawRecord]]]) -> None:
+        for parts in poll.values():
+            for part, records in parts.items():
+                seen.extend((part, r) for r in records)
+
+    async def flush() -> None:
+        pass
+
+    reader = fake_reader(consumer, max_records, handle, flush)
 
     async def run() -> None:
         task = asyncio.create_task(reader.run())
@@ -222,23 +234,10 @@ def test_drain_acknowledges_after_the_poll_in_hand_and_hands_on_nothing_more() -
             await release.wait()
         log.append("handled")
 
-    async def load(kind: EventKind, parts: list[int]) -> dict[int, PartitionState]:
-        return {p: PartitionState() for p in parts}
-
     async def flush() -> None:
         log.append("flush")
 
-    config = ReaderConfig(
-        bootstrap="fake:9092",
-        group_id="g",
-        topics={TOPIC: EventKind.SENSOR},
-        max_records=5,
-        poll_timeout_s=0.01,
-        session_timeout_ms=10_000,
-        heartbeat_interval_ms=3_000,
-    )
-    reader = KafkaBatchReader(config, handle, load, lambda: None, flush)
-    reader._consumer = lambda: consumer  # type: ignore[method-assign]
+    reader = fake_reader(consumer, 5, handle, flush)
 
     async def run() -> None:
         task = asyncio.create_task(reader.run())
