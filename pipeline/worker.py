@@ -285,15 +285,23 @@ def wait_for_kafka(
             except (KafkaConnectionError, TimeoutError, OSError) as exc:
                 now = time.monotonic()
                 if said_at is None or now - said_at >= KAFKA_WAIT_SAY_S:
-                    why = (str(exc).splitlines() or [""])[0] or type(exc).__name__
-                    say(f"waiting for Kafka at {kafka.bootstrap} ({why})")
+                    say(f"waiting for Kafka at {kafka.bootstrap} ({_first_line(exc)})")
                     said_at = now
                 time.sleep(retry_s)
             except Exception as exc:  # aiokafka's errors have no common base worth naming
-                why = (str(exc).splitlines() or [""])[0]
-                return f"cannot use Kafka at {kafka.bootstrap}: {type(exc).__name__}: {why}"
+                return f"cannot use Kafka at {kafka.bootstrap}: {_first_line(exc)}"
     finally:
         client_log.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (aiokafka's messages can run over lines, and some
+    start with their type already)."""
+    name = type(exc).__name__
+    line = (str(exc).splitlines() or [""])[0]
+    if not line:
+        return name
+    return line if line.startswith(name) else f"{name}: {line}"
 
 
 def _die() -> None:
