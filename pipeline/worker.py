@@ -254,8 +254,11 @@ def wait_for_kafka(
     kafka: KafkaSettings, say: Callable[[str], None], retry_s: float = 1.0
 ) -> str | None:
     """Return once Kafka answers at the bootstrap address, saying now and then that it waits
-    (a stack still starting, or started after the worker); one sentence instead if Kafka
-    answers but cannot be used (TLS, say), which waiting will not fix.
+    (a stack still starting, or started after the worker); one sentence instead for any other
+    error of the client, which waiting will not fix.
+
+    aiokafka reports a TLS mismatch as it reports a broker that is down ("Unable to
+    bootstrap"), so that is waited for too, the address said every time.
 
     Faust's producer would otherwise fail the start with a traceback.
     """
