@@ -10,9 +10,10 @@ so a replay from a snapshot taken with the partition's offset yields the same sc
 
 Method (per entity; see docs/anomaly-detection.md):
 
-* two predictors of the next value, the value itself and the value minus a time-of-day profile
-  (48 half-hour bins, learned outside anomaly episodes); the one with the lower long-run error
-  is used;
+* three predictors of the next value: the value itself, the value minus a time-of-day profile
+  (48 half-hour bins), and that minus a time-of-week correction (168 hourly bins, for the
+  signals stepped with context), the profiles learned outside anomaly episodes; the one with the
+  lower long-run error is used once two days (two weeks) of history have been seen;
 * surprises: the one-step residual against a fast level, and the short-run mean of the
   residual against a slow level (level shifts, drifts), each in units of a robust scale
   (winsorised mean absolute deviation); a run of repeated values (stuck sensor) against the
@@ -54,6 +55,8 @@ BoolArray = npt.NDArray[np.bool_]
 
 DAY_MS: Final = 86_400_000
 BINS: Final = 48  # time-of-day profile: half-hour bins
+WEEK_MS: Final = 7 * DAY_MS
+WBINS: Final = 168  # time-of-week correction: hourly bins
 RING: Final = anomaly.WINDOW_LEN
 
 
@@ -74,11 +77,13 @@ N = _L.col()  # observations seen
 T_LAST = _L.col()  # event time of the last one (ms)
 DT = _L.col()  # smoothed sampling interval (ms)
 X_PREV = _L.col()
-LEV = _L.col(2)  # fast level, per predictor (0: value, 1: value minus time-of-day profile)
-SC = _L.col(2)  # robust scale of the one-step residual, per predictor
-ERR = _L.col(2)  # long-run squared one-step error, per predictor
-LS = _L.col(2)  # slow level, per predictor
-SS = _L.col(2)  # robust scale around the slow level, per predictor
+# per predictor (0: the value, 1: minus the time-of-day profile, 2: minus that and the
+# time-of-week correction):
+LEV = _L.col(3)  # fast level
+SC = _L.col(3)  # robust scale of the one-step residual
+ERR = _L.col(3)  # long-run squared one-step error
+LS = _L.col(3)  # slow level
+SS = _L.col(3)  # robust scale around the slow level
 EWZ = _L.col()  # short-run mean of the residual against the slow level (chosen predictor)
 SVAR = _L.col()  # short-run mean squared one-step z (variance ratio feature)
 MU = _L.col(3)  # long-run mean of each surprise (one-step, short-run mean, kNN distance)
@@ -105,14 +110,25 @@ KNN_D = _L.col(KNN_REF)  # squared distance of the newest window to the one L ob
 STEPPED: Final = _L.width
 SEAS = _L.col(BINS)  # time-of-day profile: mean of (value - slow level) per bin
 SEAS_N = _L.col(BINS)  # visits per bin
+# time-of-week correction: mean of (value - slow level - time-of-day profile) per hour of the
+# week, learned only by rows stepped with context (the signals whose shape over time matters)
+WSEAS = _L.col(WBINS)
+WSEAS_N = _L.col(WBINS)  # visits per bin
 WIDTH: Final = _L.width
-# snapshots keep the column order of version 4 (the profile before the history), so states
-# saved before the profile moved to the end of a row still load
-_SNAPSHOT_ORDER: Final = np.r_[0:HIST, SEAS:WIDTH, HIST:STEPPED]
-# a compact snapshot (version 5) leaves out the kNN history before the values an anomaly
-# vector shows, and the kNN distances: all zero in a row stepped without context
-_OMITTED: Final = np.r_[HIST : HIST + HIST_LEN - RING, KNN_D : KNN_D + KNN_REF]
+_SNAPSHOT_ORDER: Final = np.arange(WIDTH)
+# a compact snapshot leaves out the kNN history before the values an anomaly vector shows,
+# the kNN distances and the time-of-week correction: all zero in a row stepped without context
+_OMITTED_HIST: Final = np.r_[HIST : HIST + HIST_LEN - RING, KNN_D : KNN_D + KNN_REF] - HIST
+_OMITTED_SCAL: Final = np.array([LEV + 2, SC + 2, ERR + 2, LS + 2, SS + 2])  # the third predictor
+_OMITTED: Final = np.r_[_OMITTED_SCAL, _OMITTED_HIST + HIST, WSEAS:WIDTH]
 _COMPACT_ORDER: Final = _SNAPSHOT_ORDER[~np.isin(_SNAPSHOT_ORDER, _OMITTED)]
+# snapshots of versions 4 (every column) and 5 (compact) have two predictors and no
+# time-of-week correction, and the profile before the history: where their columns go
+_V4_ORDER: Final = np.r_[
+    N:LEV, LEV : LEV + 2, SC : SC + 2, ERR : ERR + 2, LS : LS + 2, SS : SS + 2, EWZ:HIST,
+    SEAS : SEAS + BINS, SEAS_N : SEAS_N + BINS, HIST:STEPPED,
+]  # fmt: skip
+_V5_ORDER: Final = _V4_ORDER[~np.isin(_V4_ORDER, _OMITTED)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,10 +228,11 @@ class SnapshotError(ValueError):
 
 
 _MAGIC: Final = b"PDS"
-_VERSION: Final = 4  # every column of the row
-_COMPACT: Final = 5  # the row but the columns _OMITTED, which are zero
+_VERSION: Final = 6  # every column of the row
+_COMPACT: Final = 7  # the row but the columns _OMITTED, which are zero
 _HEADER: Final = struct.Struct("<3sBHH")  # magic, version, columns that follow, ring length
-_ORDERS: Final = {_VERSION: _SNAPSHOT_ORDER, _COMPACT: _COMPACT_ORDER}
+_ORDERS: Final = {_VERSION: _SNAPSHOT_ORDER, _COMPACT: _COMPACT_ORDER, 4: _V4_ORDER, 5: _V5_ORDER}
+_LEGACY: Final = frozenset({4, 5})  # two predictors: the third starts as the second
 SNAPSHOT_BYTES: Final = _HEADER.size + 8 * WIDTH
 COMPACT_BYTES: Final = _HEADER.size + 8 * len(_COMPACT_ORDER)
 
@@ -232,17 +249,23 @@ class DetectorBank:
     scalar statistics column-major (a step works on one column of all its rows at a time,
     twice as fast contiguous as strided), the kNN history and distances row-major (a step
     works on whole rows of them) and the time-of-day profile column-major (a step reads one
-    bin of each row). :attr:`state` and :meth:`rows` show them as rows of ``WIDTH`` columns.
+    bin of each row); the time-of-week correction is kept like the profile, but only for the
+    rows that have one. :attr:`state` and :meth:`rows` show them as rows of ``WIDTH`` columns.
     """
 
-    __slots__ = ("_hist", "_scal", "_seas", "_size", "params")
+    __slots__ = ("_hist", "_scal", "_seas", "_size", "_week", "_wslot", "_wused", "params")
 
     def __init__(self, capacity: int = 0, params: DetectorParams = DEFAULT_PARAMS) -> None:
         self.params = params
         self._size = 0  # rows in use; the blocks have room for more (zero until used)
         self._scal: FloatArray = np.zeros((HIST, 0))  # columns [0, HIST)
         self._hist: FloatArray = np.zeros((0, STEPPED - HIST))  # [HIST, STEPPED)
-        self._seas: FloatArray = np.zeros((WIDTH - STEPPED, 0))  # [STEPPED, WIDTH)
+        self._seas: FloatArray = np.zeros((WSEAS - STEPPED, 0))  # [STEPPED, WSEAS)
+        # [WSEAS, WIDTH), column-major, only for the rows that have one (those stepped with
+        # context): at the scale of the worker a third of a sensor's rows, and 2.7 KB each
+        self._week: FloatArray = np.zeros((WIDTH - WSEAS, 0))
+        self._wslot: IntArray = np.zeros(0, dtype=np.int64)  # per row: its column, or -1
+        self._wused = 0  # columns of _week given to rows
         self.add(capacity)
 
     def __len__(self) -> int:
@@ -269,7 +292,11 @@ class DetectorBank:
         out = np.empty((idx.size, WIDTH))
         out[:, :HIST] = self._scal[:, idx].T
         out[:, HIST:STEPPED] = self._hist[idx]
-        out[:, STEPPED:] = self._seas[:, idx].T
+        out[:, STEPPED:WSEAS] = self._seas[:, idx].T
+        slot = self._wslot[idx]
+        has = slot >= 0
+        out[~has, WSEAS:] = 0.0
+        out[has, WSEAS:] = self._week[:, slot[has]].T
         return out
 
     def set_rows(self, rows: Sequence[int] | IntArray, states: FloatArray) -> None:
@@ -278,7 +305,30 @@ class DetectorBank:
         block = np.asarray(states, dtype=np.float64).reshape(idx.size, WIDTH)
         self._scal[:, idx] = block[:, :HIST].T
         self._hist[idx] = block[:, HIST:STEPPED]
-        self._seas[:, idx] = block[:, STEPPED:].T
+        self._seas[:, idx] = block[:, STEPPED:WSEAS].T
+        week = block[:, WSEAS:]
+        given: BoolArray = np.asarray(week.any(axis=1), dtype=bool)
+        slot = self._slots(idx, where=given)
+        has = slot >= 0
+        self._week[:, slot[has]] = week[has].T
+
+    def _slots(self, idx: IntArray, where: BoolArray | None = None) -> IntArray:
+        """The time-of-week columns of rows ``idx``, giving one to each row ``where`` (all by
+        default) that has none; -1 for the others."""
+        need = self._wslot[idx] < 0
+        if where is not None:
+            need &= where
+        if need.any():
+            new = np.unique(idx[need])
+            first = self._wused
+            self._wused += new.size
+            if self._wused > self._week.shape[1]:
+                week = np.zeros((WIDTH - WSEAS, max(2 * self._wused, 64)))
+                week[:, :first] = self._week[:, :first]
+                self._week = week
+            self._wslot[new] = np.arange(first, first + new.size)
+        out: IntArray = self._wslot[idx]
+        return out
 
     def add(self, count: int) -> IntArray:
         """Append ``count`` fresh rows; returns their indices."""
@@ -289,11 +339,13 @@ class DetectorBank:
             # of the caller's, and room not yet used is zero pages the system has not mapped
             room = max(2 * self._size, 64)
             scal, hist = np.zeros((HIST, room)), np.zeros((room, STEPPED - HIST))
-            seas = np.zeros((WIDTH - STEPPED, room))
+            seas = np.zeros((WSEAS - STEPPED, room))
+            wslot = np.full(room, -1, dtype=np.int64)
             scal[:, :first] = self._scal[:, :first]
             hist[:first] = self._hist[:first]
             seas[:, :first] = self._seas[:, :first]
-            self._scal, self._hist, self._seas = scal, hist, seas
+            wslot[:first] = self._wslot[:first]
+            self._scal, self._hist, self._seas, self._wslot = scal, hist, seas, wslot
         return np.arange(first, self._size, dtype=np.int64)
 
     def clear(self, rows: IntArray) -> None:
@@ -302,12 +354,20 @@ class DetectorBank:
         self._scal[:, idx] = 0.0
         self._hist[idx] = 0.0
         self._seas[:, idx] = 0.0
+        self._clear_week(idx)
+
+    def _clear_week(self, idx: IntArray) -> None:
+        slot = self._wslot[idx]
+        self._week[:, slot[slot >= 0]] = 0.0
 
     def drop_context(self, rows: Sequence[int] | IntArray) -> None:
-        """Zero what only the contextual test reads (the history before the values an anomaly
-        vector shows, and the kNN distances), for rows stepped without context from now on: a
-        step without context never reads them, and their snapshots are then compact."""
-        self._hist[self._index(rows)[:, None], _OMITTED - HIST] = 0.0
+        """Zero what only a step with context reads (the history before the values an anomaly
+        vector shows, the kNN distances and the time-of-week correction), for rows stepped
+        without context from now on: their snapshots are then compact."""
+        idx = self._index(rows)
+        self._scal[_OMITTED_SCAL[:, None], idx] = 0.0
+        self._hist[idx[:, None], _OMITTED_HIST] = 0.0
+        self._clear_week(idx)
 
     # --- scoring -------------------------------------------------------------------------
 
@@ -346,12 +406,22 @@ class DetectorBank:
             first_dt, dt, np.where(seen, st[DT] + 0.05 * (np.maximum(dt, 0.0) - st[DT]), 0.0)
         )
 
-        # predictors: the value, and the value minus its time-of-day profile
+        # predictors: the value, the value minus its time-of-day profile and, for a row stepped
+        # with context, that minus the time-of-week correction (without context the third
+        # predictor's columns stay zero)
         b = ((t % DAY_MS) * BINS // DAY_MS).astype(np.int64)
         seas = self._seas[SEAS - STEPPED + b, rows]
         span_ok = (n0 * st[DT] >= p.seasonal_days * DAY_MS) & (st[DT] < DAY_MS / BINS * 2)
-        v = np.stack([x, x - seas])  # (2, m)
-        lev, sc, ls, ss = st[LEV : LEV + 2], st[SC : SC + 2], st[LS : LS + 2], st[SS : SS + 2]
+        preds = [x, x - seas]
+        if context:
+            bw = ((t % WEEK_MS) * WBINS // WEEK_MS).astype(np.int64)
+            wslot = self._slots(rows)
+            wseas = self._week[bw, wslot]
+            span_w = (n0 * st[DT] >= p.seasonal_days * WEEK_MS) & (st[DT] < WEEK_MS / WBINS * 2)
+            preds.append(preds[1] - wseas)
+        npr = len(preds)
+        v = np.stack(preds)  # (npr, m)
+        lev, sc, ls, ss = (st[c : c + npr] for c in (LEV, SC, LS, SS))
         v = np.where(seen, v, x)
         lev0 = np.where(seen, lev, v)
         ls0 = np.where(seen, ls, v)
@@ -362,9 +432,11 @@ class DetectorBank:
         rs = v - ls0
         z = r / sig
         zs = rs / sig_s
-        err = st[ERR : ERR + 2]
+        err = st[ERR : ERR + npr]
         use_seas = span_ok & (err[1] < err[0])
         k = use_seas.astype(np.int64)
+        if context:
+            k = np.where(span_w & (err[2] < err[k, ar]), 2, k)
         zk, zsk = z[k, ar], zs[k, ar]
 
         # repeats of the same value (a stuck reading carries no information on the scale)
@@ -450,7 +522,9 @@ class DetectorBank:
         # (a contextual anomaly is a change of the recent pattern: reported as a shift)
         cause = np.argmin(np.stack([lp_spike, np.minimum(lp_u[1], lp_knn), lp_stuck]), 0)
         cause = np.where(outside & (lp <= -p.range_log10p), 3, cause)
-        expected = np.where(use_seas, lev0[1] + seas, lev0[0])
+        expected = lev0[k, ar] + np.where(k > 0, seas, 0.0)
+        if context:
+            expected += np.where(k == 2, wseas, 0.0)
         surprise = np.maximum(-lp, 0.0)
         raw = surprise / (surprise + p.half_score)
         raw = np.where((n0 >= p.warmup) & finite, raw, 0.0)
@@ -468,7 +542,7 @@ class DetectorBank:
         wsc = np.maximum(1.0 / (n0 + 1.0), p.scale_rate)
         lim = p.winsor * sig
         rc = np.clip(r, -lim, lim)
-        st[LEV : LEV + 2] = np.where(seen, lev0 + p.fast * rc, v)
+        st[LEV : LEV + npr] = np.where(seen, lev0 + p.fast * rc, v)
         upd = seen & ~rep & finite
         first_sc = n0 == 1
         # the scales learn only from unremarkable observations, and each by at most a few
@@ -476,16 +550,16 @@ class DetectorBank:
         upd &= raw < p.threshold
         cap_sc = p.scale_winsor * sig
         new_sc = np.where(first_sc, np.abs(r), sc + wsc * (np.minimum(np.abs(r), cap_sc) - sc))
-        st[SC : SC + 2] = np.where(upd, new_sc, sc)
+        st[SC : SC + npr] = np.where(upd, new_sc, sc)
         lim_s = p.winsor * sig_s
         rsc = np.clip(rs, -lim_s, lim_s)
         w_slow = np.maximum(1.0 / (n0 + 1.0), p.slow)
-        st[LS : LS + 2] = np.where(seen, ls0 + w_slow * rsc, v)
+        st[LS : LS + npr] = np.where(seen, ls0 + w_slow * rsc, v)
         cap_ss = p.scale_winsor * sig_s
         new_ss = np.where(first_sc, np.abs(rs), ss + wsc * (np.minimum(np.abs(rs), cap_ss) - ss))
-        st[SS : SS + 2] = np.where(upd, new_ss, ss)
+        st[SS : SS + npr] = np.where(upd, new_ss, ss)
         e2 = np.minimum(r * r, (p.winsor * sig) ** 2)
-        st[ERR : ERR + 2] = np.where(seen & finite, err + wsc * (e2 - err), err)
+        st[ERR : ERR + npr] = np.where(seen & finite, err + wsc * (e2 - err), err)
         st[EWZ] = np.where(seen, ewz, 0.0)
         st[SVAR] = np.where(seen, st[SVAR] + p.short * (np.minimum(zk * zk, 1e6) - st[SVAR]), 1.0)
         ok = (cnt >= 0) & finite
@@ -516,6 +590,10 @@ class DetectorBank:
         dev = x - st[LS]
         learn = finite & (st[EP] == 0)
         seas_new = np.where(learn, seas + ws * (dev - seas), seas)
+        if context:  # what the time-of-day profile leaves, per hour of the week
+            wn = self._week[WSEAS_N - WSEAS + bw, wslot]
+            ww = np.maximum(1.0 / (wn + 1.0), p.seasonal_rate)
+            wseas_new = np.where(learn, wseas + ww * (dev - seas_new - wseas), wseas)
         if context:
             hb[:, HIST_LEN:] = d2
         st[X_PREV] = x
@@ -525,7 +603,7 @@ class DetectorBank:
         # (deterministically), so that every state stays finite and its snapshot decodable
         broken = ~np.isfinite(st).all(axis=0) | ~np.isfinite(seas_new)
         if context:
-            broken |= ~np.isfinite(hb).all(axis=1)
+            broken |= ~np.isfinite(hb).all(axis=1) | ~np.isfinite(wseas_new)
         st[:, broken] = 0.0
         self._scal[:, rows] = st
         if context:
@@ -535,8 +613,12 @@ class DetectorBank:
             self._hist[rows, HIST_LEN - RING : HIST_LEN] = ring
         self._seas[SEAS - STEPPED + b, rows] = np.where(broken, 0.0, seas_new)
         self._seas[SEAS_N - STEPPED + b, rows] = np.where(broken, 0.0, sn + learn)
+        if context:
+            self._week[bw, wslot] = np.where(broken, 0.0, wseas_new)
+            self._week[WSEAS_N - WSEAS + bw, wslot] = np.where(broken, 0.0, wn + learn)
         if broken.any():
             self._seas[:, rows[broken]] = 0.0
+            self._clear_week(rows[broken])
             if not context:
                 self._hist[rows[broken]] = 0.0
         score = np.where(np.isfinite(score), score, 0.0)
@@ -619,29 +701,19 @@ class DetectorBank:
 
     def snapshot(self, rows: Sequence[int] | IntArray) -> list[bytes]:
         """Each row's state as bytes: a versioned header and the row's columns as
-        little-endian float64. A row whose kNN history and distances are zero (one stepped
-        without context) is written compact (version 5), without them: 1.2 KB, not 2 KB."""
-        idx = self._index(rows)
-        compact = ~self._hist[idx[:, None], _OMITTED - HIST].any(axis=1)
-        out: list[bytes] = [b""] * idx.size
+        little-endian float64. A row whose kNN history, distances and time-of-week correction
+        are zero (one stepped without context) is written compact, without them: 1.3 KB, not
+        4.7 KB."""
+        states = self.rows(rows)
+        compact = ~states[:, _OMITTED].any(axis=1)
+        out: list[bytes] = [b""] * len(states)
         for version, which in ((_VERSION, ~compact), (_COMPACT, compact)):
             at = np.flatnonzero(which)
             if at.size:
                 for i, blob in zip(
-                    at.tolist(), rows_bytes(self._pack(idx[at], version)), strict=True
+                    at.tolist(), rows_bytes(_pack(states[at], version)), strict=True
                 ):
                     out[i] = blob
-        return out
-
-    def _pack(self, idx: IntArray, version: int) -> npt.NDArray[np.uint8]:
-        """Snapshots of rows ``idx`` in one ``version`` as a 2-d array of bytes."""
-        order = _ORDERS[version]
-        out = np.empty((idx.size, _HEADER.size + 8 * len(order)), dtype=np.uint8)
-        out[:, : _HEADER.size] = np.frombuffer(
-            _HEADER.pack(_MAGIC, version, len(order), RING), np.uint8
-        )
-        block = np.ascontiguousarray(self.rows(idx)[:, order], dtype="<f8")
-        out[:, _HEADER.size :] = block.view(np.uint8)
         return out
 
     def restore(self, rows: Sequence[int] | IntArray, blobs: Sequence[bytes]) -> None:
@@ -651,6 +723,17 @@ class DetectorBank:
             raise ValueError("rows and blobs differ in length")
         decoded = np.stack([decode(b) for b in blobs]) if blobs else fresh_rows(0)
         self.set_rows(rows, decoded)
+
+
+def _pack(states: FloatArray, version: int) -> npt.NDArray[np.uint8]:
+    """Snapshots of state rows in one ``version`` as a 2-d array of bytes."""
+    order = _ORDERS[version]
+    out = np.empty((len(states), _HEADER.size + 8 * len(order)), dtype=np.uint8)
+    out[:, : _HEADER.size] = np.frombuffer(
+        _HEADER.pack(_MAGIC, version, len(order), RING), np.uint8
+    )
+    out[:, _HEADER.size :] = np.ascontiguousarray(states[:, order], dtype="<f8").view(np.uint8)
+    return out
 
 
 def rows_bytes(block: npt.NDArray[np.uint8]) -> list[bytes]:
@@ -677,7 +760,7 @@ def decode(blob: bytes) -> FloatArray:
     order = _ORDERS.get(version)
     if order is None:
         raise SnapshotError(
-            f"unsupported snapshot version {version} (this code reads {_VERSION} and {_COMPACT})"
+            f"unsupported snapshot version {version} (this code reads {sorted(_ORDERS)})"
         )
     if width != len(order) or ring != RING:
         raise SnapshotError(
@@ -688,14 +771,17 @@ def decode(blob: bytes) -> FloatArray:
         raise SnapshotError(f"snapshot is {len(data)} bytes, expected {size}")
     row = np.zeros(WIDTH)
     row[order] = np.frombuffer(data, dtype="<f8", offset=_HEADER.size)
+    if version in _LEGACY:  # without the correction, the third predictor is the second
+        for col in (LEV, SC, ERR, LS, SS):
+            row[col + 2] = row[col + 1]
     if not bool(np.all(np.isfinite(row))):
         raise SnapshotError("snapshot holds a non-finite number")
-    counts = row[[N, RUN, QUIET, *range(SEAS_N, SEAS_N + BINS)]]
+    counts = row[[N, RUN, QUIET, *range(SEAS_N, SEAS_N + BINS), *range(WSEAS_N, WSEAS_N + WBINS)]]
     if bool(np.any(counts < 0)) or bool(np.any(counts != np.floor(counts))):
         raise SnapshotError("snapshot holds a negative or fractional count")
     if row[EP] not in (0.0, 1.0):
         raise SnapshotError("snapshot holds an invalid episode flag")
-    scales = [DT, *range(SC, SC + 2), *range(SS, SS + 2), *range(VAR, VAR + 3)]
+    scales = [DT, *range(SC, SC + 3), *range(SS, SS + 3), *range(VAR, VAR + 3)]
     if bool(np.any(row[scales] < 0)) or bool(np.any(row[KNN_D : KNN_D + KNN_REF] < 0)):
         raise SnapshotError("snapshot holds a negative scale or distance")
     if not -1e3 <= row[SPK_LP] <= 0.0:

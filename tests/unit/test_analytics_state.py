@@ -299,11 +299,18 @@ def test_a_max_row_saved_with_context_is_restored_without_it_and_saved_compact()
     block = det._rows[0]["d1|temp"]
     mean, mx = det.bank.snapshot([block, block + 1])
     assert len(mean) == detectors.SNAPSHOT_BYTES and len(mx) == detectors.COMPACT_BYTES
-    # nothing a step without context reads has changed
+    # nothing a step without context reads has changed (the time-of-week correction is read
+    # only with context)
     end = detectors.HIST + detectors.HIST_LEN
     kept = np.r_[
-        0 : detectors.HIST, end - anomaly.WINDOW_LEN : end, detectors.SEAS : detectors.WIDTH
+        0 : detectors.HIST, end - anomaly.WINDOW_LEN : end, detectors.SEAS : detectors.WSEAS
     ]
+    # ... nor does the third predictor's (it exists only with context)
+    third = [
+        c + 2 for c in (detectors.LEV, detectors.SC, detectors.ERR, detectors.LS, detectors.SS)
+    ]
+    kept = kept[~np.isin(kept, third)]
+    assert not det.bank.state[block + 1][third].any()
     assert np.array_equal(det.bank.state[block + 1][kept], old.state[0][kept])
 
 

@@ -5,7 +5,9 @@ and a change of pattern within the usual range raises one through the contextual
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from schemas import anomaly
 
 DAY = detectors.DAY_MS
 T0 = 1_700_000_000_000
+DATA = Path(__file__).parent / "data"
 
 
 def sensor_series(n: int, seed: int, step_ms: int = 500) -> tuple[np.ndarray, np.ndarray]:
@@ -240,33 +243,68 @@ def test_snapshot_header_and_size() -> None:
         detectors.SNAPSHOT_BYTES
     ]
     assert all(b[:3] == b"PDS" for b in blobs)
-    assert [b[3] for b in blobs] == [4, 5, 5, 5, 4]  # versions
-    assert detectors.COMPACT_BYTES < 0.65 * detectors.SNAPSHOT_BYTES
+    assert [b[3] for b in blobs] == [6, 7, 7, 7, 6]  # versions
+    assert detectors.COMPACT_BYTES < 0.3 * detectors.SNAPSHOT_BYTES
     for row, blob in zip([0, 1, 2, 3], blobs, strict=False):
         assert np.array_equal(detectors.decode(blob), bank.state[row])
 
 
-def test_snapshots_keep_the_column_order_of_version_4() -> None:
-    """Rows keep the time-of-day profile last (a step copies only the columns before it);
-    snapshots keep version 4's order (the profile before the history), so states saved by
-    earlier releases load unchanged."""
+def test_snapshots_of_versions_4_and_5_load_and_continue_as_before() -> None:
+    """States saved by the release before the time-of-week correction (two predictors, the
+    profile before the history) load, and the next 200 observations score exactly as that
+    release scored them (the fixture holds its snapshots and scores; the series is 10 days
+    long, so the correction, which needs two weeks, does not engage)."""
+    fixture = json.loads((DATA / "detector_snapshots_v4_v5.json").read_text())
+    series = fixture["series"]
+    cut = series["cut"]
+    t, v = np.array(series["t"], np.int64)[cut:], np.array(series["v"])[cut:]
+    for name, version in (("v4", 4), ("v5", 5)):
+        old = fixture[name]
+        blob = bytes.fromhex(old["snapshot"])
+        assert blob[3] == version
+        bank = DetectorBank(1)
+        bank.restore([0], [blob])
+        row = bank.state[0]
+        for col in (detectors.LEV, detectors.SC, detectors.ERR, detectors.LS, detectors.SS):
+            assert row[col + 2] == row[col + 1]  # the third predictor starts as the second
+        if not old["context"]:
+            bank.drop_context([0])  # as the worker does for a row it steps without context
+        got = bank.score_batch(np.zeros(len(t), np.int64), t, v, old["context"])
+        assert got.score.tolist() == old["score"], name
+        assert np.flatnonzero(got.alarm).tolist() == old["alarm"] != []
+        (again,) = bank.snapshot([0])
+        assert again[3] == (6 if old["context"] else 7)
+
+
+def test_the_time_of_week_correction_finds_a_weekday_that_looks_like_a_sunday() -> None:
+    """Ten weeks of a weekly pattern (a daytime peak on weekdays, none at weekends) and a
+    holiday: a Wednesday without its peak. The time-of-day profile alone, which averages
+    weekdays and weekends, gives it a score of 0.10 (measured with the release before the
+    correction); once two weeks have been seen the correction predicts better and the holiday
+    raises an alarm, while the same series without it raises none that day."""
+    step = 1_800_000
+    n = 48 * 7 * 10  # half-hourly
+    t = T0 + np.arange(n, dtype=np.int64) * step
+    rng = np.random.default_rng(11)
+    day = ((t // DAY) + 3) % 7  # 0 = Monday (1970-01-01 was a Thursday)
+    hour = (t % DAY) / 3_600_000
+    busy = np.where(day < 5, 1.0, 0.0) * np.exp(-(((hour - 14) / 4) ** 2))
+    v = np.round(100 + 400 * busy + rng.normal(0, 8, n), 1)
+    # the first Wednesday after eight weeks
+    wed = next(d for d in range(int(T0 // DAY) + 57, int(T0 // DAY) + 64) if (d + 3) % 7 == 2)
+    holiday = np.flatnonzero(t // DAY == wed)
+    assert holiday.size == 48 and set(day[holiday].tolist()) == {2}
+    v_h = v.copy()
+    v_h[holiday] = np.round(100 + rng.normal(0, 8, holiday.size), 1)
     bank = DetectorBank(1)
-    t = np.arange(300, dtype=np.int64) * 600_000  # half-hourly bins fill over 2 days
-    rng = np.random.default_rng(3)
-    bank.score_batch(np.zeros(300, np.int64), t, 10 + rng.standard_normal(300))
+    got = bank.score_batch(np.zeros(n, np.int64), t, v_h)
+    assert np.isin(np.flatnonzero(got.alarm), holiday).any()
     row = bank.state[0]
-    (blob,) = bank.snapshot([0])
-    saved = np.frombuffer(blob, "<f8", offset=8)
-    v4 = np.r_[
-        row[: detectors.HIST],
-        row[detectors.SEAS : detectors.SEAS + detectors.BINS],
-        row[detectors.SEAS_N : detectors.SEAS_N + detectors.BINS],
-        row[detectors.HIST : detectors.HIST + detectors.HIST_LEN],
-        row[detectors.KNN_D : detectors.KNN_D + detectors.KNN_REF],
-    ]
-    assert row[detectors.SEAS_N : detectors.SEAS_N + detectors.BINS].sum() > 0
-    assert np.array_equal(saved, v4)
-    assert np.array_equal(detectors.decode(blob), row)
+    assert row[detectors.ERR + 2] < 0.8 * row[detectors.ERR + 1]
+    assert row[detectors.WSEAS_N : detectors.WSEAS_N + detectors.WBINS].all()
+    calm = DetectorBank(1).score_batch(np.zeros(n, np.int64), t, v)
+    assert not np.isin(np.flatnonzero(calm.alarm), holiday).any()
+    assert calm.score[holiday].max() < 0.3
 
 
 @pytest.mark.parametrize(
@@ -277,7 +315,8 @@ def test_snapshots_keep_the_column_order_of_version_4() -> None:
         (lambda b: b[:3] + b"\x09" + b[4:], "version 9"),
         (lambda b: b[:3] + b"\x02" + b[4:], "version 2"),
         (lambda b: b[:3] + b"\x03" + b[4:], "version 3"),
-        (lambda b: b[:3] + b"\x04" + b[4:], "layout"),  # a compact row as version 4
+        (lambda b: b[:3] + b"\x06" + b[4:], "layout"),  # a compact row as version 6
+        (lambda b: b[:3] + b"\x04" + b[4:], "layout"),  # ... or as version 4
         (lambda b: b + b"\x00", "expected"),
         (lambda b: b[:-8] + np.float64(np.nan).tobytes(), "non-finite"),
         (lambda b: b[:8] + np.float64(-1.0).tobytes() + b[16:], "negative or fractional"),
@@ -404,6 +443,32 @@ def test_rows_are_copies_and_set_rows_writes_every_column() -> None:
     bank.set_rows([2, 0], new)
     assert np.array_equal(bank.rows([2, 0]), new)
     assert middle.any() and np.array_equal(bank.rows([1])[0], middle)  # untouched
+
+
+def test_only_rows_stepped_with_context_hold_a_time_of_week_correction() -> None:
+    """The correction (2.7 KB a row) is kept only for the rows that have one: those stepped
+    with context. 100 of 200 rows are (more than the first allocation, so its room grows),
+    the others stay without; rows, set_rows, clear and growth keep every row's columns."""
+    bank = DetectorBank(200)
+    ctx, plain = np.arange(0, 200, 2), np.arange(1, 200, 2)
+    rng = np.random.default_rng(4)
+    for k in range(120):
+        t = np.full(100, T0 + k * 1_800_000)
+        bank.step(ctx, t, 10 + rng.normal(size=100))
+        bank.step(plain, t, 10 + rng.normal(size=100), context=False)
+    week = slice(detectors.WSEAS, detectors.WIDTH)
+    state = bank.state
+    assert state[ctx, week].any(axis=1).all() and not state[plain, week].any()
+    assert bank._wused == 100  # no column for a row stepped without context
+    bank.add(300)  # the rows' room grows: every row keeps its columns
+    assert np.array_equal(bank.state[:200], state)
+    # a row without a column gets one when it is given a correction, not before
+    bank.set_rows([1, 3], state[[0, 5]])
+    assert bank._wused == 101
+    assert np.array_equal(bank.rows([1, 3]), state[[0, 5]])
+    bank.clear(np.array([0, 1]))
+    assert not bank.rows([0, 1]).any()
+    assert np.array_equal(bank.state[2:200], np.r_[state[[2]], state[[0, 5]][1:], state[4:200]])
 
 
 @pytest.mark.parametrize("bad", [[3], [-1], [0, 64]])
