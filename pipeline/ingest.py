@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from schemas.events import EventKind
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
+
+    from schemas.settings import KafkaSettings
 
 log = logging.getLogger("pulse.ingest")
 
@@ -450,3 +453,63 @@ def unparsable_errors() -> tuple[type[BaseException], ...]:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
+
+
+KAFKA_WAIT_SAY_S = 15.0  # how often a process waiting for Kafka says so
+
+
+def wait_for_kafka(
+    kafka: KafkaSettings, say: Callable[[str], None], retry_s: float = 1.0
+) -> str | None:
+    """Return once Kafka answers at the bootstrap address, saying now and then that it waits
+    (a stack still starting, or started after the worker); one sentence instead for any other
+    error of the client, which waiting will not fix.
+
+    aiokafka reports a TLS mismatch as it reports a broker that is down ("Unable to
+    bootstrap"), so that is waited for too, the address said every time.
+
+    The worker's (Faust's producer) and the archive's start would otherwise fail.
+    """
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.errors import KafkaConnectionError
+
+    async def probe() -> None:
+        # the bare client (a consumer's group coordinator can raise CancelledError when it is
+        # stopped right after its start)
+        client = AIOKafkaClient(
+            bootstrap_servers=kafka.bootstrap, request_timeout_ms=10_000, **kafka.client_kwargs()
+        )
+        try:
+            await client.bootstrap()
+        finally:
+            await client.close()
+
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)  # one line of ours, not one of its per attempt
+    said_at: float | None = None
+    try:
+        while True:
+            try:
+                asyncio.run(asyncio.wait_for(probe(), 15.0))
+                return None
+            except (KafkaConnectionError, TimeoutError, OSError) as exc:
+                now = time.monotonic()
+                if said_at is None or now - said_at >= KAFKA_WAIT_SAY_S:
+                    say(f"waiting for Kafka at {kafka.bootstrap} ({_first_line(exc)})")
+                    said_at = now
+                time.sleep(retry_s)
+            except Exception as exc:  # aiokafka's errors have no common base worth naming
+                return f"cannot use Kafka at {kafka.bootstrap}: {_first_line(exc)}"
+    finally:
+        client_log.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (aiokafka's messages can run over lines, and some
+    start with their type already)."""
+    name = type(exc).__name__
+    line = (str(exc).splitlines() or [""])[0]
+    if not line:
+        return name
+    return line if line.startswith(name) else f"{name}: {line}"

@@ -24,8 +24,6 @@ import logging
 import os
 import socket
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +31,7 @@ from pipeline.batch import BatchRules, RawRecord
 from pipeline.checkpoint import Checkpoint
 from pipeline.detection import KindDetectors, window_params
 from pipeline.divert import PRODUCER_MAX_REQUEST_BYTES, Divert
-from pipeline.ingest import KafkaBatchReader, ReaderConfig
+from pipeline.ingest import KafkaBatchReader, ReaderConfig, wait_for_kafka
 from pipeline.metrics import Metrics
 from pipeline.settings import KafkaSettings, StackSettings, StoreSettings, WorkerSettings
 from pipeline.state import Retention
@@ -245,66 +243,6 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-KAFKA_WAIT_SAY_S = 15.0  # how often a worker waiting for Kafka says so
-
-
-def wait_for_kafka(
-    kafka: KafkaSettings, say: Callable[[str], None], retry_s: float = 1.0
-) -> str | None:
-    """Return once Kafka answers at the bootstrap address, saying now and then that it waits
-    (a stack still starting, or started after the worker); one sentence instead for any other
-    error of the client, which waiting will not fix.
-
-    aiokafka reports a TLS mismatch as it reports a broker that is down ("Unable to
-    bootstrap"), so that is waited for too, the address said every time.
-
-    Faust's producer would otherwise fail the start with a traceback.
-    """
-    from aiokafka.client import AIOKafkaClient
-    from aiokafka.errors import KafkaConnectionError
-
-    async def probe() -> None:
-        # the bare client (a consumer's group coordinator can raise CancelledError when it is
-        # stopped right after its start)
-        client = AIOKafkaClient(
-            bootstrap_servers=kafka.bootstrap, request_timeout_ms=10_000, **kafka.client_kwargs()
-        )
-        try:
-            await client.bootstrap()
-        finally:
-            await client.close()
-
-    client_log = logging.getLogger("aiokafka")
-    level = client_log.level
-    client_log.setLevel(logging.CRITICAL)  # one line of ours, not one of its per attempt
-    said_at: float | None = None
-    try:
-        while True:
-            try:
-                asyncio.run(asyncio.wait_for(probe(), 15.0))
-                return None
-            except (KafkaConnectionError, TimeoutError, OSError) as exc:
-                now = time.monotonic()
-                if said_at is None or now - said_at >= KAFKA_WAIT_SAY_S:
-                    say(f"waiting for Kafka at {kafka.bootstrap} ({_first_line(exc)})")
-                    said_at = now
-                time.sleep(retry_s)
-            except Exception as exc:  # aiokafka's errors have no common base worth naming
-                return f"cannot use Kafka at {kafka.bootstrap}: {_first_line(exc)}"
-    finally:
-        client_log.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (aiokafka's messages can run over lines, and some
-    start with their type already)."""
-    name = type(exc).__name__
-    line = (str(exc).splitlines() or [""])[0]
-    if not line:
-        return name
-    return line if line.startswith(name) else f"{name}: {line}"
 
 
 def _die() -> None:

@@ -239,8 +239,16 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from pipeline.ingest import IngestError
+    from pipeline.ingest import IngestError, wait_for_kafka
+    from pipeline.settings import KafkaSettings
 
+    # a stack still starting (or started after the archive) is waited for, as the worker does
+    problem = wait_for_kafka(
+        KafkaSettings(), lambda msg: print(f"pulse archive: {msg}", file=sys.stderr)
+    )
+    if problem is not None:
+        print(f"pulse archive: {problem}.", file=sys.stderr)
+        return 2
     try:
         counters = asyncio.run(_archive(args))
     except IngestError as exc:

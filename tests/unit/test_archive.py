@@ -352,6 +352,27 @@ def test_bad_flags_are_one_sentence(
     assert message in err and err.count(".\n") <= 2
 
 
+def test_the_archive_waits_for_kafka_as_the_worker_does(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Started before Kafka answers, the archive waits and says so (the worker's helper);
+    a Kafka it cannot use is one sentence and exit status 2, with nothing archived."""
+    from pipeline import ingest
+
+    def waits(kafka: object, say: Any, retry_s: float = 1.0) -> str | None:
+        say("waiting for Kafka at k:9 (KafkaConnectionError: down)")
+        return "cannot use Kafka at k:9: RuntimeError: unsupported"
+
+    monkeypatch.setattr(ingest, "wait_for_kafka", waits)
+    assert main(["archive", "--url", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "pulse archive: waiting for Kafka at k:9 (KafkaConnectionError: down)\n"
+        "pulse archive: cannot use Kafka at k:9: RuntimeError: unsupported.\n"
+    )
+    assert not (tmp_path / "a").exists()
+
+
 def test_settings(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("PULSE_HOME", "/tmp/ph")
     assert ArchiveSettings().resolved_url() == "/tmp/ph/archive"

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from pipeline import worker
+from pipeline import ingest
 from pipeline.settings import KafkaSettings
 from pipeline.worker import freeze_startup_heap
 
@@ -38,7 +38,7 @@ class _Said(Exception):
 
 
 def test_a_worker_waits_for_kafka_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker, "KAFKA_WAIT_SAY_S", 0.0)
+    monkeypatch.setattr(ingest, "KAFKA_WAIT_SAY_S", 0.0)
     kafka = KafkaSettings(bootstrap=f"127.0.0.1:{_closed_port()}")
     said: list[str] = []
     level = logging.getLogger("aiokafka").level
@@ -49,7 +49,7 @@ def test_a_worker_waits_for_kafka_and_says_so(monkeypatch: pytest.MonkeyPatch) -
             raise _Said
 
     with pytest.raises(_Said):
-        worker.wait_for_kafka(kafka, say, retry_s=0.0)
+        ingest.wait_for_kafka(kafka, say, retry_s=0.0)
     assert all(m.startswith(f"waiting for Kafka at {kafka.bootstrap} (") for m in said), said
     assert logging.getLogger("aiokafka").level == level  # the client's log level is restored
 
@@ -64,7 +64,7 @@ def test_kafka_that_answers_but_cannot_be_used_is_one_sentence(
 
     monkeypatch.setattr(AIOKafkaClient, "bootstrap", refuse)
     kafka = KafkaSettings(bootstrap=f"127.0.0.1:{_closed_port()}")
-    problem = worker.wait_for_kafka(kafka, lambda msg: None, retry_s=0.0)
+    problem = ingest.wait_for_kafka(kafka, lambda msg: None, retry_s=0.0)
     assert problem == (
         f"cannot use Kafka at {kafka.bootstrap}: RuntimeError: unsupported broker version"
     )
