@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import pandas as pd
 import redis
@@ -32,6 +32,9 @@ from schemas import diverted, keys
 from schemas.diverted import DivertedInfo
 from schemas.events import EventKind
 from schemas.keys import Progress
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
 HOUR_MS: Final = 3_600_000
 LAG_COLUMNS: Final = (
@@ -325,6 +328,8 @@ class KafkaView:
     offsets: dict[tuple[str, int], tuple[int, int]]  # (topic, partition) -> (begin, end)
     diverted: dict[str, list[DivertedSample]] = field(default_factory=dict)
     read_ms: float = 0.0
+    # why the diverted records were not all read (the offsets were), in one sentence
+    samples_problem: str | None = None
 
     def ends(self) -> dict[tuple[str, int], int]:
         """End offset of each partition."""
@@ -364,7 +369,9 @@ def read_kafka(
     except Exception as exc:  # aiokafka's errors have no common base worth naming
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise KafkaUnavailableError(f"Kafka at {bootstrap} cannot be read: {first}") from None
-    return KafkaView(view.offsets, view.diverted, (time.perf_counter() - started) * 1000)
+    return KafkaView(
+        view.offsets, view.diverted, (time.perf_counter() - started) * 1000, view.samples_problem
+    )
 
 
 async def _read_kafka(
@@ -408,30 +415,47 @@ async def _read_kafka(
             if tp.topic in diverted_topics and ends[tp] > begins[tp]
         }
         got: dict[str, list[DivertedSample]] = {t: [] for t in diverted_topics}
+        problem = None
         if wanted and samples > 0:
-            consumer.assign(list(wanted))
-            for tp, start in wanted.items():
-                consumer.seek(tp, start)
-            todo = set(wanted)
-            while todo:
-                batch = await consumer.getmany(timeout_ms=min(ms, 500))
-                for tp, msgs in batch.items():
-                    for m in msgs:
-                        if m.offset < ends[tp]:
-                            got[tp.topic].append(
-                                DivertedSample(
-                                    tp.topic, tp.partition, m.offset, m.timestamp,
-                                    diverted.parse_headers(m.headers or ()),
-                                )
-                            )  # fmt: skip
-                for tp in list(todo):
-                    if await consumer.position(tp) >= ends[tp]:
-                        todo.discard(tp)
+            try:
+                await _sample(consumer, wanted, ends, min(ms, 500), got)
+            except Exception as exc:  # a record the client cannot parse, say (anyone can
+                # write to these topics): the offsets stand, the samples read so far too
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                problem = f"the newest diverted records could not all be read ({first})"
         for rows in got.values():
             rows.sort(key=lambda d: (d.timestamp_ms, d.partition, d.offset), reverse=True)
-        return KafkaView(offsets, got)
+        return KafkaView(offsets, got, samples_problem=problem)
     finally:
         await consumer.stop()
+
+
+async def _sample(
+    consumer: AIOKafkaConsumer,
+    wanted: Mapping[TopicPartition, int],
+    ends: Mapping[TopicPartition, int],
+    poll_ms: int,
+    got: dict[str, list[DivertedSample]],
+) -> None:
+    """Read each partition of ``wanted`` from its offset to its end into ``got``."""
+    consumer.assign(list(wanted))
+    for tp, start in wanted.items():
+        consumer.seek(tp, start)
+    todo = set(wanted)
+    while todo:
+        batch = await consumer.getmany(timeout_ms=poll_ms)
+        for tp, msgs in batch.items():
+            for m in msgs:
+                if m.offset < ends[tp]:
+                    got[tp.topic].append(
+                        DivertedSample(
+                            tp.topic, tp.partition, m.offset, m.timestamp,
+                            diverted.parse_headers(m.headers or ()),
+                        )
+                    )  # fmt: skip
+        for tp in list(todo):
+            if await consumer.position(tp) >= ends[tp]:
+                todo.discard(tp)
 
 
 class KafkaWatch:

@@ -302,6 +302,8 @@ def pipeline_health(
         else:
             st.dataframe(lag, hide_index=True)
     with right:
+        if kafka is not None and kafka.samples_problem is not None:
+            st.caption(f"{kafka.samples_problem[0].upper()}{kafka.samples_problem[1:]}.")
         for topic, what in ((dead_topic, "Dead letters"), (late_topic, "Late events")):
             held = kafka.records(topic) if kafka is not None else None
             st.caption(

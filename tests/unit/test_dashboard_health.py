@@ -102,6 +102,80 @@ def test_kafka_view_counts_records_per_topic() -> None:
     assert view.ends()[("dl", 0)] == 10
 
 
+class _Cluster:
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return {0, 1} if topic in ("pulse.sensor", "dl", "late") else None
+
+
+class _Client:
+    async def fetch_all_metadata(self) -> _Cluster:
+        return _Cluster()
+
+
+class _Msg:
+    def __init__(self, offset: int) -> None:
+        self.offset, self.timestamp = offset, 1_700_000_000_000 + offset
+        self.headers = [("pulse.reason", b"bad json")]
+
+
+class _UnreadableDeadLetters:
+    """A consumer over topics of two partitions with records 0-2 each; the second fetch of
+    the dead-letter topic meets a record the client cannot parse."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._client = _Client()
+        self._pos: dict[Any, int] = {}
+        self.fetches = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def beginning_offsets(self, tps: list[Any]) -> dict[Any, int]:
+        return {tp: 0 for tp in tps}
+
+    async def end_offsets(self, tps: list[Any]) -> dict[Any, int]:
+        return {tp: 3 for tp in tps}
+
+    def assign(self, tps: list[Any]) -> None:
+        self._pos = dict.fromkeys(tps, 0)
+
+    def seek(self, tp: Any, offset: int) -> None:
+        self._pos[tp] = offset
+
+    async def getmany(self, timeout_ms: int) -> dict[Any, list[_Msg]]:
+        self.fetches += 1
+        if self.fetches > 1:
+            raise ValueError("Cannot decode header key\nmore")
+        tp = min(self._pos, key=lambda t: (t.topic, t.partition))
+        msgs = [_Msg(o) for o in range(self._pos[tp], 3)]
+        self._pos[tp] = 3
+        return {tp: msgs}
+
+    async def position(self, tp: Any) -> int:
+        return self._pos[tp]
+
+
+def test_an_unreadable_diverted_record_leaves_the_offsets_and_what_was_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anyone can write to the dead-letter and late topics: a record there the Kafka client
+    cannot parse costs the panel its remaining samples, not the lag and the counts."""
+    import aiokafka
+
+    monkeypatch.setattr(aiokafka, "AIOKafkaConsumer", _UnreadableDeadLetters)
+    view = health.read_kafka("k:9", ["pulse.sensor"], ["dl", "late"], samples=5, timeout_s=5)
+    assert set(view.offsets) == {(t, p) for t in ("pulse.sensor", "dl", "late") for p in (0, 1)}
+    assert view.records("dl") == 6
+    assert [(d.partition, d.offset) for d in view.diverted["dl"]] == [(0, 2), (0, 1), (0, 0)]
+    assert view.diverted["late"] == []
+    assert view.samples_problem == (
+        "the newest diverted records could not all be read (Cannot decode header key)"
+    )
+
+
 def test_diverted_headers_are_the_workers() -> None:
     from pipeline.batch import Diverted, Record
     from pipeline.divert import _headers
