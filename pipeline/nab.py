@@ -28,6 +28,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from schemas.argtypes import fraction
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
@@ -404,7 +406,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threshold",
-        type=float,
+        type=fraction,
         default=None,
         metavar="T",
         help="score at this fixed threshold instead of optimising it per profile",

@@ -154,6 +154,17 @@ def test_eval_nab_rejects_a_malformed_file(
     assert "malformed row" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["2", "-0.1", "x"])
+def test_a_threshold_outside_the_scores_is_one_sentence(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["eval", "nab", "/nonexistent", "--threshold", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pulse eval nab: Argument --threshold: ") and "[0, 1]" in err
+
+
 def test_eval_nab_scores_another_detectors_results(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
