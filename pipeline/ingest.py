@@ -391,6 +391,29 @@ async def _read_alone(
     timeout_ms: int,
     current: Callable[[], bool],
 ) -> list[RawRecord]:
+    """:func:`_search_alone`, and one log line for the dead letters it found (a batch the
+    client cannot decompress is hundreds of them)."""
+    out = await _search_alone(consumer, tp, at, max_records, timeout_ms, current)
+    bad = [r for r in out if isinstance(r, Unreadable)]
+    if len(bad) == 1:
+        log.error("%s/%d@%d is a dead letter: %s", tp.topic, tp.partition, bad[0].offset,
+                  bad[0].reason)  # fmt: skip
+    elif bad:
+        log.error(
+            "%s/%d: %d records from offset %d to %d are dead letters, the first: %s",
+            tp.topic, tp.partition, len(bad), bad[0].offset, bad[-1].offset, bad[0].reason,
+        )  # fmt: skip
+    return out
+
+
+async def _search_alone(
+    consumer: AIOKafkaConsumer,
+    tp: Any,
+    at: int,
+    max_records: int,
+    timeout_ms: int,
+    current: Callable[[], bool],
+) -> list[RawRecord]:
     """One read of ``tp`` from ``at``; if it fails, the records before the first one that
     cannot be parsed, then that one as :class:`~pipeline.batch.Unreadable`.
 
@@ -417,7 +440,6 @@ async def _read_alone(
                 continue
             reason = f"unreadable: the Kafka client cannot parse it ({_describe(exc)})"
             out.append(Unreadable(at, reason))
-            log.error("%s/%d@%d is a dead letter: %s", tp.topic, tp.partition, at, reason)
             at += 1
             consumer.seek(tp, at)
             if len(out) >= max_records:

@@ -189,7 +189,7 @@ def test_an_unparsable_record_is_handed_on_in_its_place_and_nothing_is_skipped(
 
 @pytest.mark.parametrize("bad", [{30}, {30, 31, 32}])
 def test_read_past_unparsable_rewinds_every_partition_and_reads_past_the_bad_records(
-    bad: set[int],
+    bad: set[int], caplog: pytest.LogCaptureFixture
 ) -> None:
     # the replay's use: no consumer group, partitions read from known offsets
     consumer = FakeConsumer(parts=2, size=50, bad={1: bad})
@@ -217,6 +217,16 @@ def test_read_past_unparsable_rewinds_every_partition_and_reads_past_the_bad_rec
     assert {r.offset for r in ones if isinstance(r, Unreadable)} == bad
     assert not consumer.paused
     assert consumer.position[consumer.tps[1]] == after + 1  # the next read starts after it
+    # one log line for the dead letters of a search, however many
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    tp = consumer.tps[1]
+    if len(bad) == 1:
+        assert len(lines) == 1 and lines[0].startswith(f"{tp.topic}/1@30 is a dead letter: ")
+    else:
+        assert lines == [
+            f"{tp.topic}/1: 3 records from offset 30 to 32 are dead letters, the first: "
+            + next(r.reason for r in ones if isinstance(r, Unreadable))
+        ]
 
 
 def test_drain_acknowledges_after_the_poll_in_hand_and_hands_on_nothing_more() -> None:
