@@ -367,6 +367,7 @@ async def read_past_unparsable(
         consumer.pause(*others)
         try:
             got = await _read_alone(consumer, tp, nxt[tp], max_records, timeout_ms, current)
+            _report_dead_letters(tp, got)
         finally:
             if current():
                 consumer.resume(*others)
@@ -380,21 +381,10 @@ async def read_past_unparsable(
     return out
 
 
-READ_PATIENCE_S = 10.0  # how long a partition read alone waits for records Kafka holds
-
-
-async def _read_alone(
-    consumer: AIOKafkaConsumer,
-    tp: Any,
-    at: int,
-    max_records: int,
-    timeout_ms: int,
-    current: Callable[[], bool],
-) -> list[RawRecord]:
-    """:func:`_search_alone`, and one log line for the dead letters it found (a batch the
-    client cannot decompress is hundreds of them)."""
-    out = await _search_alone(consumer, tp, at, max_records, timeout_ms, current)
-    bad = [r for r in out if isinstance(r, Unreadable)]
+def _report_dead_letters(tp: Any, got: list[RawRecord]) -> None:
+    """One log line for the dead letters of one read (a batch the client cannot decompress
+    is hundreds of them)."""
+    bad = [r for r in got if isinstance(r, Unreadable)]
     if len(bad) == 1:
         log.error("%s/%d@%d is a dead letter: %s", tp.topic, tp.partition, bad[0].offset,
                   bad[0].reason)  # fmt: skip
@@ -403,10 +393,12 @@ async def _read_alone(
             "%s/%d: %d records from offset %d to %d are dead letters, the first: %s",
             tp.topic, tp.partition, len(bad), bad[0].offset, bad[-1].offset, bad[0].reason,
         )  # fmt: skip
-    return out
 
 
-async def _search_alone(
+READ_PATIENCE_S = 10.0  # how long a partition read alone waits for records Kafka holds
+
+
+async def _read_alone(
     consumer: AIOKafkaConsumer,
     tp: Any,
     at: int,
