@@ -594,7 +594,6 @@ class DetectorBank:
             wn = self._week[WSEAS_N - WSEAS + bw, wslot]
             ww = np.maximum(1.0 / (wn + 1.0), p.seasonal_rate)
             wseas_new = np.where(learn, wseas + ww * (dev - seas_new - wseas), wseas)
-        if context:
             hb[:, HIST_LEN:] = d2
         st[X_PREV] = x
         st[T_LAST] = t
@@ -702,7 +701,7 @@ class DetectorBank:
     def snapshot(self, rows: Sequence[int] | IntArray) -> list[bytes]:
         """Each row's state as bytes: a versioned header and the row's columns as
         little-endian float64. A row whose kNN history, distances and time-of-week correction
-        are zero (one stepped without context) is written compact, without them: 1.3 KB, not
+        are zero (one stepped without context) is written compact, without them: 1.2 KB, not
         4.7 KB."""
         states = self.rows(rows)
         compact = ~states[:, _OMITTED].any(axis=1)
