@@ -262,8 +262,10 @@ class DetectorBank:
         self._hist: FloatArray = np.zeros((0, STEPPED - HIST))  # [HIST, STEPPED)
         self._seas: FloatArray = np.zeros((WSEAS - STEPPED, 0))  # [STEPPED, WSEAS)
         # [WSEAS, WIDTH), column-major, only for the rows that have one (those stepped with
-        # context): at the scale of the worker a third of a sensor's rows, and 2.7 KB each
-        self._week: FloatArray = np.zeros((WIDTH - WSEAS, 0))
+        # context): at the scale of the worker a third of a sensor's rows, and 1.3 KB each
+        # (float32: the correction needs no more, and a step rounds it the same way in a
+        # straight run and after a restore, whose snapshot holds the float32 values exactly)
+        self._week: npt.NDArray[np.float32] = np.zeros((WIDTH - WSEAS, 0), dtype=np.float32)
         self._wslot: IntArray = np.zeros(0, dtype=np.int64)  # per row: its column, or -1
         self._wused = 0  # columns of _week given to rows
         self.add(capacity)
@@ -323,7 +325,7 @@ class DetectorBank:
             first = self._wused
             self._wused += new.size
             if self._wused > self._week.shape[1]:
-                week = np.zeros((WIDTH - WSEAS, max(2 * self._wused, 64)))
+                week = np.zeros((WIDTH - WSEAS, max(2 * self._wused, 64)), dtype=np.float32)
                 week[:, :first] = self._week[:, :first]
                 self._week = week
             self._wslot[new] = np.arange(first, first + new.size)
@@ -593,7 +595,9 @@ class DetectorBank:
         if context:  # what the time-of-day profile leaves, per hour of the week
             wn = self._week[WSEAS_N - WSEAS + bw, wslot]
             ww = np.maximum(1.0 / (wn + 1.0), p.seasonal_rate)
-            wseas_new = np.where(learn, wseas + ww * (dev - seas_new - wseas), wseas)
+            wseas_new = np.where(learn, wseas + ww * (dev - seas_new - wseas), wseas).astype(
+                np.float32
+            )  # what is kept: a value beyond float32's range is caught below
             hb[:, HIST_LEN:] = d2
         st[X_PREV] = x
         st[T_LAST] = t
@@ -775,6 +779,10 @@ def decode(blob: bytes) -> FloatArray:
             row[col + 2] = row[col + 1]
     if not bool(np.all(np.isfinite(row))):
         raise SnapshotError("snapshot holds a non-finite number")
+    with np.errstate(over="ignore"):
+        week32 = row[WSEAS:].astype(np.float32)
+    if not np.array_equal(week32, row[WSEAS:]):  # the bank keeps them as float32
+        raise SnapshotError("snapshot holds a time-of-week value that is not a float32")
     counts = row[[N, RUN, QUIET, *range(SEAS_N, SEAS_N + BINS), *range(WSEAS_N, WSEAS_N + WBINS)]]
     if bool(np.any(counts < 0)) or bool(np.any(counts != np.floor(counts))):
         raise SnapshotError("snapshot holds a negative or fractional count")

@@ -364,6 +364,18 @@ def test_decoding_a_corrupted_snapshot_never_crashes(at: int, byte: int) -> None
     assert 0.0 <= res.score[0] <= 1.0
 
 
+@pytest.mark.parametrize("value", [0.1, 1e300])
+def test_a_time_of_week_value_that_is_not_a_float32_is_refused(value: float) -> None:
+    """The bank keeps the correction as float32 (a snapshot holds those values exactly): one
+    that float32 cannot hold exactly, or at all, is not a snapshot this code wrote."""
+    good, _ = TRAINED
+    assert good[3] == 6
+    at = 8 + 8 * detectors.WSEAS  # the first bin of the correction
+    bad = good[:at] + np.float64(value).tobytes() + good[at + 8 :]
+    with pytest.raises(SnapshotError, match="not a float32"):
+        detectors.decode(bad)
+
+
 def test_restore_loads_nothing_when_a_blob_is_bad() -> None:
     bank = DetectorBank(2)
     bank.step(np.array([0, 1]), np.array([T0, T0]), np.array([1.0, 2.0]))
@@ -446,7 +458,7 @@ def test_rows_are_copies_and_set_rows_writes_every_column() -> None:
 
 
 def test_only_rows_stepped_with_context_hold_a_time_of_week_correction() -> None:
-    """The correction (2.7 KB a row) is kept only for the rows that have one: those stepped
+    """The correction (1.3 KB a row) is kept only for the rows that have one: those stepped
     with context. 100 of 200 rows are (more than the first allocation, so its room grows),
     the others stay without; rows, set_rows, clear and growth keep every row's columns."""
     bank = DetectorBank(200)
