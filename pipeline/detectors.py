@@ -317,10 +317,11 @@ class DetectorBank:
     def _slots(self, idx: IntArray, where: BoolArray | None = None) -> IntArray:
         """The time-of-week columns of rows ``idx``, giving one to each row ``where`` (all by
         default) that has none; -1 for the others."""
-        need = self._wslot[idx] < 0
+        out: IntArray = self._wslot[idx]
+        need = out < 0
         if where is not None:
             need &= where
-        if need.any():
+        if need.any():  # (a step's rows have their columns after their first step)
             new = np.unique(idx[need])
             first = self._wused
             self._wused += new.size
@@ -329,7 +330,7 @@ class DetectorBank:
                 week[:, :first] = self._week[:, :first]
                 self._week = week
             self._wslot[new] = np.arange(first, first + new.size)
-        out: IntArray = self._wslot[idx]
+            out = self._wslot[idx]
         return out
 
     def add(self, count: int) -> IntArray:

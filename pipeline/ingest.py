@@ -476,7 +476,7 @@ def wait_for_kafka(
     kafka: KafkaSettings, say: Callable[[str], None], retry_s: float = 1.0
 ) -> str | None:
     """Return once Kafka answers at the bootstrap address, saying now and then that it waits
-    (a stack still starting, or started after the worker); one sentence instead for any other
+    (a stack still starting, or started after the process); one sentence instead for any other
     error of the client, which waiting will not fix.
 
     aiokafka reports a TLS mismatch as it reports a broker that is down ("Unable to
