@@ -29,6 +29,7 @@ from dashboard.similar import SimilarIndex, UnknownAnomalyError
 from dashboard.timerange import RangeError, TimeRange
 from schemas import packed
 from schemas.events import EventKind
+from schemas.kafka_probe import tls_mismatch
 from schemas.settings import KafkaSettings, StoreSettings
 
 _TOPOLOGY = "pulse_topology"
@@ -171,8 +172,16 @@ def kafka_watch(bootstrap: str, samples: int, timeout_s: float) -> health.KafkaW
     """Kafka's offsets and diverted samples, read in the background (one watch per server)."""
 
     def read(topics: tuple[str, ...], diverted: tuple[str, ...]) -> health.KafkaView:
-        security = KafkaSettings().client_kwargs()  # TLS, when the broker speaks it
-        return health.read_kafka(bootstrap, topics, diverted, samples, timeout_s, security)
+        kafka = KafkaSettings()
+        security = kafka.client_kwargs()  # TLS, when the broker speaks it
+        try:
+            return health.read_kafka(bootstrap, topics, diverted, samples, timeout_s, security)
+        except health.KafkaUnavailableError:
+            # the client reports a TLS mismatch as a broker that is down: say which it is
+            at = kafka.model_copy(update={"bootstrap": bootstrap})
+            if (mismatch := tls_mismatch(at, timeout_s)) is not None:
+                raise health.KafkaUnavailableError(mismatch[:1].upper() + mismatch[1:]) from None
+            raise
 
     return health.KafkaWatch(read, max_age_s=max(10.0, 2 * timeout_s))
 

@@ -196,6 +196,7 @@ async def _main(
         topic_partitions,
     )
     from loadgen.truth import TruthBuilder
+    from schemas.kafka_probe import tls_mismatch
 
     sink: Sink
     out = None
@@ -209,7 +210,8 @@ async def _main(
             counts = await topic_partitions(producer, [config.sensor_topic, config.applog_topic])
         except Exception as exc:  # aiokafka's connection and metadata errors
             await producer.stop()
-            raise RuntimeError(f"cannot use Kafka at {kafka.bootstrap}: {exc}") from exc
+            mismatch = tls_mismatch(kafka)  # reported by aiokafka as a broker that is down
+            raise RuntimeError(mismatch or f"cannot use Kafka at {kafka.bootstrap}: {exc}") from exc
         except BaseException:
             await producer.stop()
             raise

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.batch import PartitionState, RawRecord, Unreadable
 from schemas.events import EventKind
+from schemas.kafka_probe import tls_mismatch
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
@@ -480,7 +481,8 @@ def wait_for_kafka(
     error of the client, which waiting will not fix.
 
     aiokafka reports a TLS mismatch as it reports a broker that is down ("Unable to
-    bootstrap"), so that is waited for too, the address said every time.
+    bootstrap"): the listener is asked (``schemas.kafka_probe``), and a mismatch is the one
+    sentence, not a wait.
 
     The worker's (Faust's producer) and the archive's start would otherwise fail.
     """
@@ -508,6 +510,8 @@ def wait_for_kafka(
                 asyncio.run(asyncio.wait_for(probe(), 15.0))
                 return None
             except (KafkaConnectionError, TimeoutError, OSError) as exc:
+                if (mismatch := tls_mismatch(kafka)) is not None:
+                    return mismatch
                 now = time.monotonic()
                 if said_at is None or now - said_at >= KAFKA_WAIT_SAY_S:
                     say(f"waiting for Kafka at {kafka.bootstrap} ({_first_line(exc)})")

@@ -158,6 +158,25 @@ def test_pipeline_over_tls_and_ssl_is_exact(tmp_path: Path) -> None:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
         assert "verify: OK" in res.stdout
 
+        # a worker told the listener is plaintext says so at once (aiokafka alone reports a
+        # broker that is down, and the worker would wait for it forever)
+        env = {**os.environ, **stack.env(), "PULSE_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"}
+        res = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "worker", "--name=w-plain"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert res.returncode == 2, res.stderr
+        bootstrap = stack.kafka_settings.bootstrap
+        assert res.stderr.strip().splitlines()[-1] == (
+            f"pulse worker: Kafka at {bootstrap} expects TLS: set "
+            "PULSE_KAFKA_SECURITY_PROTOCOL=SSL, with PULSE_KAFKA_SSL_CA_FILE naming the CA that "
+            "signed its certificate."
+        )
+
 
 def test_securing_a_running_open_stack_is_refused(tmp_path: Path) -> None:
     stack = make_stack(tmp_path / "home", replica=False)

@@ -17,6 +17,7 @@ import redis
 
 from pipeline.stack import processes
 from pipeline.stack.testing import RunningStack, make_stack
+from schemas.kafka_probe import tls_mismatch
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +117,16 @@ def test_pulse_topics_exist_with_configured_partitions(stack: RunningStack) -> N
 def test_kafka_round_trip(stack: RunningStack, new_topic: Callable[..., str]) -> None:
     topic = new_topic()
     assert asyncio.run(produce_and_consume(stack.bootstrap, topic, b"hello")) == b"hello"
+
+
+def test_the_tls_probe_reads_a_real_plaintext_listener(stack: RunningStack) -> None:
+    assert tls_mismatch(stack.kafka_settings) is None
+    tls = stack.kafka_settings.model_copy(update={"security_protocol": "SSL"})
+    assert tls_mismatch(tls) == (
+        f"Kafka at {stack.kafka_settings.bootstrap.split(',')[0]} does not speak TLS: set "
+        "PULSE_KAFKA_SECURITY_PROTOCOL=PLAINTEXT, or point PULSE_KAFKA_BOOTSTRAP at its SSL "
+        "listener"
+    )
 
 
 def test_write_on_primary_is_visible_on_replica(stack: RunningStack, store: redis.Redis) -> None:

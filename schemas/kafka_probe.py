@@ -1,0 +1,148 @@
+"""Why a Kafka listener and a client's TLS settings cannot talk, in one sentence.
+
+aiokafka reports every such mismatch (a TLS client on a plaintext listener or the reverse, a
+certificate that does not verify, a client certificate the broker refuses) as it reports a
+broker that is down: "Unable to bootstrap". Waiting fixes none of them. :func:`tls_mismatch`
+asks the listener itself, with a plain socket and Kafka's smallest request (``ApiVersions``
+v0), so every command can say which setting is wrong instead.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+
+from schemas.settings import KafkaSettings
+
+_CORRELATION = 0x50554C53  # "PULS"
+_CLIENT = b"pulse-probe"
+# ApiVersions (key 18) v0: the request header and nothing else, after the size
+_BODY = struct.pack(">hhih", 18, 0, _CORRELATION, len(_CLIENT)) + _CLIENT
+_REQUEST = struct.pack(">i", len(_BODY)) + _BODY
+
+_SSL = "PULSE_KAFKA_SECURITY_PROTOCOL"
+
+
+def tls_mismatch(kafka: KafkaSettings, timeout_s: float = 5.0) -> str | None:
+    """What keeps the client off Kafka's listener at the bootstrap addresses, if it is TLS.
+
+    None when no address takes a connection (a broker that is down or still starting is not
+    a TLS question) or when the first one that does answers Kafka's request with these
+    settings.
+    """
+    for host, port in _addresses(kafka.bootstrap):
+        try:
+            sock = socket.create_connection((host, port), timeout_s)
+        except OSError:
+            continue
+        where = f"Kafka at {host}:{port}"
+        with sock:
+            context = kafka.ssl_context()
+            if context is None:
+                if _answers(sock) or not _speaks_tls(host, port, timeout_s):
+                    return None
+                return (
+                    f"{where} expects TLS: set {_SSL}=SSL, with PULSE_KAFKA_SSL_CA_FILE naming "
+                    "the CA that signed its certificate"
+                )
+            try:
+                tls = context.wrap_socket(sock, server_hostname=host)
+            except ssl.SSLCertVerificationError as exc:
+                ca = kafka.ssl_ca_file or "the system's CAs"
+                return (
+                    f"the certificate of {where} does not verify against {ca} "
+                    f"({exc.verify_message}): set PULSE_KAFKA_SSL_CA_FILE to the CA that "
+                    "signed it"
+                )
+            except (ssl.SSLError, OSError) as exc:
+                if _refuses_certificate(exc):  # TLS 1.2 refuses it in the handshake
+                    return _refused(where, exc)
+                if _answers_plainly(host, port, timeout_s):
+                    return (
+                        f"{where} does not speak TLS: set {_SSL}=PLAINTEXT, or point "
+                        "PULSE_KAFKA_BOOTSTRAP at its SSL listener"
+                    )
+                return f"the TLS handshake with {where} failed ({_reason(exc)})"
+            with tls:
+                try:
+                    _answers(tls)
+                except ssl.SSLError as exc:  # TLS 1.3 refuses a client certificate only here
+                    return _refused(where, exc)
+                return None
+    return None
+
+
+def _refuses_certificate(exc: BaseException) -> bool:
+    """Whether the broker's alert is about this client's certificate (none, or not trusted)."""
+    reason = _reason(exc).upper()
+    return "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason)
+
+
+def _refused(where: str, exc: BaseException) -> str:
+    return (
+        f"{where} refused this client's TLS certificate ({_reason(exc)}): it needs one signed "
+        "by its CA in PULSE_KAFKA_SSL_CERT_FILE and PULSE_KAFKA_SSL_KEY_FILE"
+    )
+
+
+def _addresses(bootstrap: str) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for item in bootstrap.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if sep and port.isdigit():
+            out.append((host.strip("[]") or "127.0.0.1", int(port)))
+    return out
+
+
+def _answers(sock: socket.socket) -> bool:
+    """Whether a Kafka broker answers an ``ApiVersions`` request on ``sock``.
+
+    A socket error other than TLS's (a listener closing on bytes it cannot read) is a no.
+    """
+    try:
+        sock.sendall(_REQUEST)
+        head = _read(sock, 8)
+    except ssl.SSLError:
+        raise
+    except OSError:
+        return False
+    return head is not None and struct.unpack(">ii", head)[1] == _CORRELATION
+
+
+def _read(sock: socket.socket, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _speaks_tls(host: str, port: int, timeout_s: float) -> bool:
+    """Whether the listener completes a TLS handshake (its certificate unchecked)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout_s) as sock,
+            context.wrap_socket(sock, server_hostname=host),
+        ):
+            return True
+    except OSError:  # ssl.SSLError is one
+        return False
+
+
+def _answers_plainly(host: str, port: int, timeout_s: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout_s) as sock:
+            return _answers(sock)
+    except OSError:
+        return False
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason) if reason else (str(exc) or type(exc).__name__)
