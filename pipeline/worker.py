@@ -263,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
     from schemas.settings import StoreRole
     from schemas.store_errors import check
 
+    settings = WorkerSettings()  # a setting that is wrong is said before any waiting
     store = StoreSettings()
     problem = check(store, StoreRole.WORKER)  # a wrong password is no outage to wait out
     if problem is not None:
@@ -275,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import faust
 
-    app = create_app(WorkerSettings(), kafka, store, name=args.name)
+    app = create_app(settings, kafka, store, name=args.name)
     worker = faust.Worker(app, loglevel=args.loglevel.upper(), quiet=True)
     worker.execute_from_commandline()
     return 0

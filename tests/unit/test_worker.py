@@ -1,5 +1,5 @@
-"""The worker process's start-up: what it leaves to the cycle collector, and Kafka not there
-yet."""
+"""The worker process's start-up: what it leaves to the cycle collector, settings checked first,
+and Kafka not there yet."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from pipeline import ingest
+from pipeline import ingest, worker
 from pipeline.settings import KafkaSettings
 from pipeline.worker import freeze_startup_heap
 
@@ -68,3 +68,32 @@ def test_kafka_that_answers_but_cannot_be_used_is_one_sentence(
     assert problem == (
         f"cannot use Kafka at {kafka.bootstrap}: RuntimeError: unsupported broker version"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("PULSE_WORKER_BATCH_MAX", "abc", "Input should be a valid integer"),
+        ("PULSE_WORKER_DIMS_1M", "device,nosuch", "unknown dimension 'nosuch'"),
+        ("PULSE_WORKER_DETECT_THRESHOLD", "1.5", "Input should be less than 1"),
+    ],
+)
+def test_a_wrong_worker_setting_is_said_before_any_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    value: str,
+    said: str,
+) -> None:
+    from pipeline import cli
+    from schemas import store_errors
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the worker reached for a service before checking its settings")
+
+    monkeypatch.setattr(store_errors, "check", never)
+    monkeypatch.setattr(worker, "wait_for_kafka", never)
+    monkeypatch.setenv(name, value)
+    assert cli.main(["worker"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pulse worker: {name}: {said}"), err
