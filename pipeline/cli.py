@@ -126,21 +126,31 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``pulse`` argument parser."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``pulse`` argument parser: every command's arguments, or with ``only`` just that
+    command's (the others listed by name and help).
+
+    Option defaults come from ``PULSE_*`` settings, so building a command's arguments reads
+    its settings: a wrong setting of one command must not stop the others.
+    """
     parser = _Parser(prog="pulse", description="Pulse: real-time analytics on a durable store.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, (module, add_fn, run_fn, help_text) in COMMANDS.items():
-        try:
-            add_arguments = getattr(importlib.import_module(module), add_fn)
-        except ModuleNotFoundError as exc:
-            if name in OPTIONAL_COMMANDS and exc.name == module.partition(".")[0]:
-                continue
-            raise
+        add_arguments = None
+        if only is None or name == only:
+            try:
+                add_arguments = getattr(importlib.import_module(module), add_fn)
+            except ModuleNotFoundError as exc:
+                if name in OPTIONAL_COMMANDS and exc.name == module.partition(".")[0]:
+                    continue
+                raise
+        elif name in OPTIONAL_COMMANDS and not _installed(module):
+            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module, _run=run_fn, _parser=p)
-        add_arguments(p)
+        if add_arguments is not None:
+            add_arguments(p)
     return parser
 
 
@@ -152,14 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         # option defaults come from PULSE_* settings: a bad one fails here already
-        parser = build_parser()
+        parser = build_parser(only=command)
         args, extra = parser.parse_known_args(argv)
         if extra:  # said by the command's parser: "pulse worker: ...", its own --help
             getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except ValidationError as exc:
         if not exc.title.endswith("Settings"):
             raise
-        print(f"pulse: {settings_error(exc)}", file=sys.stderr)
+        print(f"pulse {command}: {settings_error(exc)}", file=sys.stderr)
         return 2
     module = importlib.import_module(args._module)
     try:
