@@ -34,6 +34,7 @@ from loadgen.generator import (
     GenConfig,
     SensorColumns,
 )
+from schemas import truth as truth_contract
 from schemas.events import EventKind
 from schemas.keys import (
     BOARD_WINDOW,
@@ -47,7 +48,7 @@ from schemas.keys import (
     entity,
 )
 
-FORMAT: Final = 1
+FORMAT: Final = truth_contract.FORMAT
 QUANTILES: Final = (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99))
 BOARD_P99: Final = 0.99
 

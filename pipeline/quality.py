@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from schemas import anomaly, keys
 from schemas.events import EventKind
 
@@ -178,14 +176,13 @@ def run(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
     from pipeline.settings import KafkaSettings, StoreSettings
+    from schemas import truth as truth_file
     from schemas.settings import StoreRole, store_client
 
     try:
-        truth = orjson.loads(args.truth.read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        print(
-            f"pulse eval anomalies: cannot read the truth file {args.truth}: {exc}", file=sys.stderr
-        )
+        truth = truth_file.load(args.truth)
+    except truth_file.TruthFileError as exc:
+        print(f"pulse eval anomalies: {exc}.", file=sys.stderr)
         return 2
     after_s = args.after if args.after is not None else truth.get("anomaly_after_s", 0)
     from_ms = int(truth.get("start_ms", 0)) + round(float(after_s) * 1000)

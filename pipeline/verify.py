@@ -593,18 +593,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compare the store with the truth file; 0 if they agree."""
-    import orjson
     import redis
     from redis.exceptions import RedisClusterException
 
     from pipeline.settings import StoreSettings, WorkerSettings
+    from schemas import truth as truth_file
     from schemas.settings import StoreRole, store_client
     from schemas.store_errors import describe
 
     try:
-        truth = orjson.loads(args.truth.read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        print(f"pulse verify: cannot read truth file {args.truth}: {exc}.", file=sys.stderr)
+        truth = truth_file.load(args.truth)
+    except truth_file.TruthFileError as exc:
+        print(f"pulse verify: {exc}.", file=sys.stderr)
         return 2
     s = StoreSettings()
     kept = kept_dims(WorkerSettings().window_plan())

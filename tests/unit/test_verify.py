@@ -76,7 +76,12 @@ APPLOG_EVENTS = [
 def build() -> tuple[FakeRedis, dict[str, Any]]:
     """A consistent store and its truth: sensor partition 0, applog partition 1."""
     r = FakeRedis()
-    truth: dict[str, Any] = {"windows": {"sensor": {}, "applog": {}}}
+    truth: dict[str, Any] = {
+        "format": 1,
+        "start_ms": T0,
+        "end_ms": T0 + 60_000,
+        "windows": {"sensor": {}, "applog": {}},
+    }
     stored: dict[str, dict[str, list[Any]]] = {}  # agg key -> entity -> values, statuses
     for kind, part, events in ((SENSOR, 0, SENSOR_EVENTS), (APPLOG, 1, APPLOG_EVENTS)):
         for ev in events:
