@@ -27,6 +27,7 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import TypeAdapter, ValidationError
 
 from schemas.argtypes import fraction
 
@@ -50,6 +51,8 @@ PROFILES: Final = (
     Profile("reward_low_FN", 1.0, 0.11, 2.0),
 )
 PROBATION_PERCENT: Final = 0.15
+# windows.json: series -> its anomaly windows, each a [start, end] pair of timestamps
+_WINDOWS: Final = TypeAdapter(dict[str, list[tuple[str, str]]])
 
 
 class NabError(Exception):
@@ -94,8 +97,10 @@ def window_bounds(
             raise NabError(f"window [{start}, {end}] has a malformed timestamp") from None
         # the first row with each limit's time, as NAB's `timestamps.index(...)`
         i, j = np.flatnonzero(timestamps == lo), np.flatnonzero(timestamps == hi)
-        if len(i) == 0 or len(j) == 0 or j[0] < i[0]:
+        if len(i) == 0 or len(j) == 0:
             raise NabError(f"window [{start}, {end}] does not start and end on rows of the series")
+        if j[0] < i[0]:
+            raise NabError(f"window [{start}, {end}] ends before it starts")
         out.append((int(i[0]), int(j[0])))
     return out
 
@@ -204,6 +209,16 @@ def load_corpus(root: Path) -> tuple[list[Series], dict[str, list[list[str]]]]:
         raise NabError(f"{root / 'windows.json'} cannot be read: {exc}") from None
     if not isinstance(windows, dict):
         raise NabError(f"{root / 'windows.json'} is not an object of series -> windows")
+    try:
+        pairs = _WINDOWS.validate_python(windows)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise NabError(
+            f"{root / 'windows.json'}: {where}: {err['msg']} (each series holds a list of "
+            "[start, end] timestamp pairs)"
+        ) from None
+    windows = {name: [list(w) for w in ws] for name, ws in pairs.items()}
     series = []
     for path in sorted(data.glob("*/*.csv")):
         name = f"{path.parent.name}/{path.name}"

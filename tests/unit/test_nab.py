@@ -154,6 +154,40 @@ def test_eval_nab_rejects_a_malformed_file(
     assert "malformed row" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("windows", "message"),
+    [
+        ([], "is not an object of series -> windows"),
+        ({"synA/a.csv": 5}, "synA/a.csv: Input should be a valid list"),
+        ({"synA/a.csv": [[1, 2]]}, "synA/a.csv.0.0: Input should be a valid string"),
+        ({"synA/a.csv": [["a", "b", "c"]]}, "synA/a.csv.0: Tuple should have at most 2 items"),
+        ({"synA/a.csv": [["x", "y"]]}, "window [x, y] has a malformed timestamp"),
+    ],
+)
+def test_eval_nab_rejects_malformed_windows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], windows: object, message: str
+) -> None:
+    make_corpus(tmp_path / "nab")
+    good = json.loads((tmp_path / "nab" / "windows.json").read_text())
+    doc = {**good, **windows} if isinstance(windows, dict) else windows
+    (tmp_path / "nab" / "windows.json").write_text(json.dumps(doc))
+    assert cli.main(["eval", "nab", str(tmp_path / "nab")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and err.endswith("."), err
+
+
+def test_eval_nab_rejects_a_window_that_ends_before_it_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_corpus(tmp_path / "nab")
+    path = tmp_path / "nab" / "windows.json"
+    good = json.loads(path.read_text())
+    name, ws = next((k, v) for k, v in good.items() if v)
+    path.write_text(json.dumps({**good, name: [[ws[0][1], ws[0][0]]]}))
+    assert cli.main(["eval", "nab", str(tmp_path / "nab")]) == 2
+    assert "ends before it starts" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["2", "-0.1", "x"])
 def test_a_threshold_outside_the_scores_is_one_sentence(
     value: str, capsys: pytest.CaptureFixture[str]
