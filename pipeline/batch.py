@@ -76,6 +76,7 @@ class PartitionState:
     offset: int = -1
     max_event_time: int = windows.NO_EVENT_YET
     topic: str | None = None  # the topic the store's offsets belong to (None: not recorded)
+    refuse: str | None = None  # why the partition must not be read (its progress is unreadable)
     # the open windows at ``offset`` (None: not restored from the store yet)
     windows: WindowState | None = None
     # per dim: entity -> the last-seen 1m window start already sent to the store's registry

@@ -106,6 +106,8 @@ def resume_position(
     deleted before they were applied, a log shorter than what was applied, offsets recorded for
     another topic) is refused with the reason: an operator decides, the worker never guesses.
     """
+    if stored.refuse is not None:
+        return Refuse(stored.refuse)
     if stored.topic is not None and stored.topic != topic:
         return Refuse(
             f"the store's progress belongs to topic {stored.topic!r}, not {topic!r}: "
@@ -180,6 +182,9 @@ class KafkaBatchReader:
         self.polls = 0
         # "<topic>/<partition>" -> why it is not read; only partitions currently assigned
         self.refused: dict[str, str] = {}
+        # set when positioning an assignment failed (in aiokafka's rebalance listener, which
+        # only logs what it raises): the poll loop raises it, rather than poll nothing forever
+        self._failed: BaseException | None = None
 
     def _consumer(self) -> AIOKafkaConsumer:
         from aiokafka import AIOKafkaConsumer
@@ -217,6 +222,10 @@ class KafkaBatchReader:
         timeout_ms = round(self._config.poll_timeout_s * 1000)
         try:
             while True:
+                if (failed := self._failed) is not None:
+                    raise IngestError(
+                        f"the assigned partitions could not be positioned: {_first_line(failed)}"
+                    ) from failed
                 try:
                     polled = await consumer.getmany(
                         timeout_ms=timeout_ms, max_records=self._config.max_records
@@ -317,7 +326,11 @@ class KafkaBatchReader:
         for tp in tps:
             by_kind[self._config.topics[tp.topic]].append(tp)
         for kind, kind_tps in by_kind.items():
-            stored = await self._load_progress(kind, [tp.partition for tp in kind_tps])
+            try:
+                stored = await self._load_progress(kind, [tp.partition for tp in kind_tps])
+            except Exception as exc:  # the loader retries what it can wait out
+                self._failed = exc
+                return
             for tp in kind_tps:
                 where = resume_position(stored[tp.partition], tp.topic, starts[tp], ends[tp])
                 if isinstance(where, Resume):

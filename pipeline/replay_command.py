@@ -50,6 +50,7 @@ from schemas.events import EventKind
 if TYPE_CHECKING:
     import redis
 
+    from pipeline.archive.storage import ArchiveStore
     from pipeline.settings import WorkerSettings
 
 log = logging.getLogger("pulse.replay")
@@ -436,9 +437,20 @@ async def read_archive(
     """Fold the archive's rows of the range into the rebuilds, each partition's in offset
     order with the later rows' event times (they only raise its maximum); refuse what the
     archive cannot serve."""
-    from pipeline.archive.storage import ArchiveStore
+    from pipeline.archive.storage import ArchiveError, ArchiveStore
 
-    archive = ArchiveStore(cfg.archive_url)
+    try:
+        return await _read_archive(ArchiveStore(cfg.archive_url), cfg, rebuilds, stored)
+    except ArchiveError as exc:
+        raise ReplayRefused(f"{exc}.") from None
+
+
+async def _read_archive(
+    archive: ArchiveStore,
+    cfg: ReplayConfig,
+    rebuilds: dict[EventKind, Rebuild],
+    stored: dict[EventKind, dict[int, StoredPartition]],
+) -> Meter:
     extent = archive.extent()
     rng = cfg.rng
     plans = {}

@@ -104,12 +104,17 @@ class Archiver:
 
     def _recover(self, kind: EventKind, partitions: list[int]) -> dict[int, PartitionState]:
         from pipeline.archive.layout import PartitionBuffer
+        from pipeline.archive.storage import MarkerError
         from pipeline.batch import PartitionState
 
         out = {}
         for p in partitions:
-            had_pending = bool(self.store.load(kind, p).pending)
-            progress = self.store.recover(kind, p)
+            try:
+                had_pending = bool(self.store.load(kind, p).pending)
+                progress = self.store.recover(kind, p)
+            except MarkerError as exc:  # the others are archived; this one waits for an operator
+                out[p] = PartitionState(refuse=str(exc))
+                continue
             if had_pending:
                 self.counters.recovered += 1
                 log.info("%s partition %d: undid an unfinished flush", kind.value, p)

@@ -75,12 +75,13 @@ class ArchiveStore:
     # -- markers --------------------------------------------------------------------------
 
     def load(self, kind: EventKind, partition: int) -> Progress:
-        """The partition's marker (a fresh one if none was written)."""
+        """The partition's marker (a fresh one if none was written); :class:`MarkerError`."""
+        path = self.abs(progress_path(kind, partition))
         try:
-            data = self.fs.cat_file(self.abs(progress_path(kind, partition)))
+            data = self.fs.cat_file(path)
         except FileNotFoundError:
             return Progress()
-        return Progress.from_json(data)
+        return _marker(path, data)
 
     def recover(self, kind: EventKind, partition: int) -> Progress:
         """Undo what a crashed flush of the partition left, and return its committed marker.
@@ -134,7 +135,7 @@ class ArchiveStore:
         for full in names:
             name = str(full).rstrip("/").rpartition("/")[2]
             if name.startswith("p") and name.endswith(".json") and name[1:-5].isdigit():
-                out[int(name[1:-5])] = Progress.from_json(self.fs.cat_file(full))
+                out[int(name[1:-5])] = _marker(str(full), self.fs.cat_file(full))
         return out
 
     def files(self, kind: EventKind, t1: int, t2: int) -> list[FileRef]:
@@ -181,13 +182,17 @@ class ArchiveStore:
             from pyarrow.fs import FSSpecHandler, PyFileSystem
 
             fs = PyFileSystem(FSSpecHandler(self.fs))
-        table = pq.read_table(
-            paths,
-            columns=read,
-            filesystem=fs,
-            filters=[("event_time", ">=", t1), ("event_time", "<", t2)],
-            partitioning=None,
-        )
+        try:
+            table = pq.read_table(
+                paths,
+                columns=read,
+                filesystem=fs,
+                filters=[("event_time", ">=", t1), ("event_time", "<", t2)],
+                partitioning=None,
+            )
+        except (pa.ArrowException, OSError) as exc:  # a file damaged or replaced since written
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ArchiveError(f"the archive at {self.root} cannot be read: {first}") from None
         return table.sort_by([("partition", "ascending"), ("offset", "ascending")]).select(want)
 
     def extent(self) -> dict[EventKind, KindExtent]:
@@ -292,6 +297,24 @@ def read_range(
     ordered by partition and offset; see :meth:`ArchiveStore.read_range`.
     """
     return ArchiveStore(url).read_range(kind, t1, t2, columns)
+
+
+class ArchiveError(ValueError):
+    """Something the archive holds cannot be read (damaged, or not written by it)."""
+
+
+class MarkerError(ArchiveError):
+    """A partition's marker cannot be read: what the archive holds of it is unknown."""
+
+
+def _marker(path: str, data: bytes) -> Progress:
+    try:
+        return Progress.from_json(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MarkerError(
+            f"the archive marker {path} cannot be read ({type(exc).__name__}: {exc}): restore "
+            "it, or delete it with the partition's files to archive the partition again"
+        ) from None
 
 
 def extent(url: str) -> dict[EventKind, KindExtent]:

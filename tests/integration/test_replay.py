@@ -231,6 +231,13 @@ def test_replay_rebuilds_a_deleted_range_exactly(stack: RunningStack, tmp_path: 
     assert res.stderr.count("\n") == 1
     res = pl.pulse("replay", f"--from={lo - 3 * MINUTE_MS}", f"--to={t2}", f"--url={url}")
     assert res.returncode == 1 and "after the range" in res.stderr, res.stderr
+    # a file of the archive damaged since it was written
+    victim = ArchiveStore(url).files(EventKind.SENSOR, t1, t2)[0]
+    (Path(url) / victim.path).write_bytes(b"not parquet")
+    res = pl.pulse("replay", f"--from={t1}", f"--to={t2}", f"--url={url}")
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith(f"pulse replay: the archive at {url} cannot be read: "), res.stderr
+    assert res.stderr.count("\n") == 1
     assert contents(raw, doomed + anomaly_keys) == first
     client.close()
     raw.close()

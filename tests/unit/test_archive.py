@@ -36,7 +36,7 @@ from pipeline.archive.layout import (
     split_by_hour,
     tmp_path,
 )
-from pipeline.archive.storage import ArchiveStore
+from pipeline.archive.storage import ArchiveError, ArchiveStore, MarkerError
 from pipeline.batch import RawRecord, Record
 from pipeline.cli import main
 from pipeline.settings import ArchiveSettings
@@ -314,6 +314,43 @@ def test_uncommitted_files_are_invisible_and_deleted_on_recovery() -> None:
         store.write_segment(seg, recovered)  # a range already archived is never written again
 
 
+@pytest.mark.parametrize(
+    "marker", [b"{not json", b"[1, 2]", b'{"rows": 3}', b'{"last_offset": "x"}']
+)
+def test_a_damaged_marker_refuses_its_partition_and_the_others_are_archived(
+    marker: bytes,
+) -> None:
+    """What the archive holds of that partition is unknown: re-archiving it from Kafka's start
+    or its committed offset would guess, so it waits for an operator (one sentence, naming
+    the file); the other partitions go on."""
+    fs = CrashingFS(None)
+    log = kafka_log()
+    asyncio.run(run_archiver(fs, log, poll=7, max_rows=9))
+    store = ArchiveStore("/arch", fs=fs)
+    path = "/arch/" + progress_path(EventKind.SENSOR, 0)
+    fs.pipe_file(path, marker)
+    with pytest.raises(MarkerError, match=f"the archive marker {path} cannot be read"):
+        store.load(EventKind.SENSOR, 0)
+    archiver = Archiver(store, {EventKind.SENSOR: "t.sensor"}, BOUNDS, 9, 1e9)
+    states = asyncio.run(archiver.load_progress(EventKind.SENSOR, [0, 1]))
+    refused = states[0].refuse
+    assert refused is not None and refused.startswith(f"the archive marker {path} cannot be read")
+    assert refused.endswith(
+        "restore it, or delete it with the partition's files to archive the partition again"
+    )
+    assert states[1].refuse is None and states[1].offset == len(log[1]) - 1
+
+
+def test_a_damaged_file_is_one_archive_error_for_its_readers() -> None:
+    fs = CrashingFS(None)
+    asyncio.run(run_archiver(fs, kafka_log(), poll=7, max_rows=9))
+    store = ArchiveStore("/arch", fs=fs)
+    victim = store.files(EventKind.SENSOR, 0, 2**62)[0]
+    fs.pipe_file("/arch/" + victim.path, b"not parquet")
+    with pytest.raises(ArchiveError, match=r"^the archive at /arch cannot be read: "):
+        store.read_range(EventKind.SENSOR, 0, 2**62)
+
+
 def test_local_archive_round_trip(tmp_path: Path) -> None:
     store = ArchiveStore(str(tmp_path / "a"))
     seg = split_by_hour(EventKind.SENSOR, 2, 0, 1, table([0, 1], [T0, T0 + 5], partition=2))
@@ -380,7 +417,7 @@ def test_settings(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
     assert ArchiveSettings().resolved_url() == "s3://b/pulse"
     monkeypatch.setenv("PULSE_ARCHIVE_MAX_ROWS", "0")
     assert main(["archive", "--help"]) == 2
-    assert capsys.readouterr().err.startswith("pulse: PULSE_ARCHIVE_MAX_ROWS: ")
+    assert capsys.readouterr().err.startswith("pulse archive: PULSE_ARCHIVE_MAX_ROWS: ")
 
 
 def test_the_command_module_stays_light() -> None:

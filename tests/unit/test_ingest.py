@@ -9,6 +9,7 @@ read before it in the failed poll, which were never returned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -17,7 +18,7 @@ from aiokafka import TopicPartition as TP
 from aiokafka.errors import CorruptRecordException, UnsupportedCodecError
 
 from pipeline.batch import PartitionState, RawRecord, Record, Unreadable
-from pipeline.ingest import KafkaBatchReader, ReaderConfig, read_past_unparsable
+from pipeline.ingest import IngestError, KafkaBatchReader, ReaderConfig, read_past_unparsable
 from schemas.events import EventKind
 
 TOPIC = "sensor"
@@ -116,10 +117,12 @@ def fake_reader(
     max_records: int,
     handle: Callable[[dict[EventKind, dict[int, list[RawRecord]]]], Awaitable[None]],
     flush: Callable[[], Awaitable[None]],
+    load: Callable[[EventKind, list[int]], Awaitable[dict[int, PartitionState]]] | None = None,
 ) -> KafkaBatchReader:
-    """A reader of ``consumer``'s one topic (every partition starts with no stored progress)."""
+    """A reader of ``consumer``'s one topic (unless ``load`` says otherwise, every partition
+    starts with no stored progress)."""
 
-    async def load(kind: EventKind, parts: list[int]) -> dict[int, PartitionState]:
+    async def fresh(kind: EventKind, parts: list[int]) -> dict[int, PartitionState]:
         return {p: PartitionState() for p in parts}
 
     config = ReaderConfig(
@@ -131,7 +134,7 @@ def fake_reader(
         session_timeout_ms=10_000,
         heartbeat_interval_ms=3_000,
     )
-    reader = KafkaBatchReader(config, handle, load, lambda: None, flush)
+    reader = KafkaBatchReader(config, handle, load or fresh, lambda: None, flush)
     reader._consumer = lambda: consumer  # type: ignore[method-assign]
     return reader
 
@@ -263,3 +266,55 @@ def test_drain_acknowledges_after_the_poll_in_hand_and_hands_on_nothing_more() -
 
     asyncio.run(run())
     assert log == ["poll", "handled", "poll", "handled", "poll", "handled", "flush"]
+
+
+def test_a_partition_whose_progress_is_unreadable_is_refused_and_the_others_are_read() -> None:
+    consumer = FakeConsumer(parts=3, size=4, bad={})
+    seen: set[int] = set()
+
+    async def load(kind: EventKind, parts: list[int]) -> dict[int, PartitionState]:
+        return {p: PartitionState(refuse="its marker is damaged") if p == 1 else PartitionState()
+                for p in parts}  # fmt: skip
+
+    async def handle(poll: dict[EventKind, dict[int, list[RawRecord]]]) -> None:
+        seen.update(poll[EventKind.SENSOR])
+
+    async def flush() -> None:
+        pass
+
+    reader = fake_reader(consumer, 100, handle, flush, load)
+
+    async def run() -> None:
+        task = asyncio.create_task(reader.run())
+        for _ in range(200):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert seen == {0, 2}
+    assert reader.refused == {f"{TOPIC}/1": "its marker is damaged"}
+
+
+def test_a_loader_that_fails_ends_the_reader_instead_of_leaving_it_polling_nothing() -> None:
+    """aiokafka only logs what a rebalance listener raises: every partition would stay paused
+    and the process would poll nothing, silently, for ever."""
+    consumer = FakeConsumer(parts=2, size=4, bad={})
+
+    async def load(kind: EventKind, parts: list[int]) -> dict[int, PartitionState]:
+        raise ValueError("progress field 'offset' is not a number\nmore")
+
+    async def nothing(poll: dict[EventKind, dict[int, list[RawRecord]]]) -> None:
+        raise AssertionError("nothing may be handed on")
+
+    async def flush() -> None:  # acknowledging what was handed on before: nothing here
+        pass
+
+    reader = fake_reader(consumer, 100, nothing, flush, load)
+    with pytest.raises(IngestError) as exc:
+        asyncio.run(asyncio.wait_for(reader.run(), 5))
+    assert str(exc.value) == (
+        "the assigned partitions could not be positioned: ValueError: progress field 'offset' "
+        "is not a number"
+    )

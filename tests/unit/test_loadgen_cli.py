@@ -115,7 +115,7 @@ def test_a_bad_loadgen_setting_is_one_sentence(
 ) -> None:
     monkeypatch.setenv("PULSE_LOADGEN_LINGER_MS", "-1")
     assert main(["loadgen", "--help"]) == 2
-    assert capsys.readouterr().err.startswith("pulse: PULSE_LOADGEN_LINGER_MS: ")
+    assert capsys.readouterr().err.startswith("pulse loadgen: PULSE_LOADGEN_LINGER_MS: ")
 
 
 def test_cli_module_imports_stay_light() -> None:
