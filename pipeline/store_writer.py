@@ -255,11 +255,17 @@ class StoreWriter:
         rows = await pipe.execute() if self._router is None else await self._read_routed(pipe)
         out: dict[int, PartitionState] = {}
         for p, (offset, max_et, topic) in zip(partitions, rows, strict=True):
-            out[p] = PartitionState(
-                offset=int(offset) if offset is not None else -1,
-                max_event_time=int(max_et) if max_et is not None else windows.NO_EVENT_YET,
-                topic=topic.decode() if isinstance(topic, bytes) else topic,
-            )
+            try:
+                out[p] = PartitionState(
+                    offset=int(offset) if offset is not None else -1,
+                    max_event_time=int(max_et) if max_et is not None else windows.NO_EVENT_YET,
+                    topic=topic.decode() if isinstance(topic, bytes) else topic,
+                )
+            except ValueError as exc:  # written by something else: where it stands is unknown
+                out[p] = PartitionState(
+                    refuse=f"its progress {keys.progress_key(kind, p)} in the store cannot be "
+                    f"read ({exc})"
+                )
         return out
 
     async def read_hashes(self, names: list[str]) -> dict[str, dict[bytes, bytes]]:

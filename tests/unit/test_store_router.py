@@ -191,3 +191,39 @@ def test_a_cluster_that_does_not_answer_a_read_is_a_lost_connection() -> None:
         assert router.stales == 1
 
     asyncio.run(run())
+
+
+class _Rows:
+    """A client whose pipelines answer every HMGET with the next of ``rows``."""
+
+    def __init__(self, rows: list[list[bytes | None]]) -> None:
+        self.rows = rows
+
+    def pipeline(self, transaction: bool = True) -> _Rows:
+        return self
+
+    def hmget(self, *args: object) -> None:
+        pass
+
+    async def execute(self) -> list[list[bytes | None]]:
+        return self.rows
+
+
+def test_progress_that_cannot_be_read_refuses_its_partition_only() -> None:
+    rows: list[list[bytes | None]] = [
+        [b"41", b"1000", b"pulse.sensor"],
+        [b"abc", b"1000", b"pulse.sensor"],  # written by something else
+        [None, None, None],
+    ]
+    writer = StoreWriter(
+        _Rows(rows),  # type: ignore[arg-type]
+        Durability.REPLICA,
+        Retention({"10s": 3600, "1m": 7200}),
+    )
+    states = asyncio.run(writer.read_state(EventKind.SENSOR, [0, 1, 2]))
+    assert (states[0].offset, states[0].topic, states[0].refuse) == (41, "pulse.sensor", None)
+    assert states[1].refuse == (
+        f"its progress {keys.progress_key(EventKind.SENSOR, 1)} in the store cannot be read "
+        "(invalid literal for int() with base 10: b'abc')"
+    )
+    assert (states[2].offset, states[2].refuse) == (-1, None)
