@@ -15,17 +15,21 @@ import sys
 import time
 from pathlib import Path
 
+from schemas.argtypes import fraction, non_negative_int, positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pulse demo``."""
-    parser.add_argument("--rate", type=int, default=300, help="events per second (300)")
-    parser.add_argument("--duration", type=int, default=3600, help="seconds of load (3600)")
-    parser.add_argument("--devices", type=int, default=100, help="simulated devices (100)")
-    parser.add_argument("--services", type=int, default=5, help="simulated services (5)")
-    parser.add_argument("--seed", type=int, default=1, help="load generator seed (1)")
-    parser.add_argument("--anomaly-rate", type=float, default=0.1, help="anomaly rate (0.1)")
-    parser.add_argument("--bad-rate", type=float, default=0.002, help="malformed share (0.002)")
-    parser.add_argument("--late-rate", type=float, default=0.005, help="late share (0.005)")
+    a = parser.add_argument
+    # the load generator's own argument types: a bad value is said before anything starts
+    a("--rate", type=non_negative_int, default=300, help="events per second (300)")
+    a("--duration", type=positive_int, default=3600, help="seconds of load (3600)")
+    a("--devices", type=positive_int, default=100, help="simulated devices (100)")
+    a("--services", type=positive_int, default=5, help="simulated services (5)")
+    a("--seed", type=non_negative_int, default=1, help="load generator seed (1)")
+    a("--anomaly-rate", type=fraction, default=0.1, help="anomaly rate (0.1)")
+    a("--bad-rate", type=fraction, default=0.002, help="malformed share (0.002)")
+    a("--late-rate", type=fraction, default=0.005, help="late share (0.005)")
     parser.add_argument(
         "--keep-stack", action="store_true", help="leave Kafka and Valkey running afterwards"
     )

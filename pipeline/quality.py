@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import anomaly, keys
+from schemas.argtypes import non_negative_seconds
 from schemas.events import EventKind
 
 
@@ -156,14 +157,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("truth", type=Path, help="the load generator's truth file")
     parser.add_argument(
         "--slack",
-        type=float,
+        type=non_negative_seconds,
         default=30.0,
         metavar="S",
         help="seconds an anomaly may lie outside its episode and still match (default: 30)",
     )
     parser.add_argument(
         "--after",
-        type=float,
+        type=non_negative_seconds,
         default=None,
         metavar="S",
         help="count only episodes and anomalies from S seconds after the run's start "

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from schemas import keys, packed
+from schemas.argtypes import non_negative_int
 from schemas.events import EventKind
 
 # Counts and min/max must match exactly; float sums may differ by summation order only.
@@ -588,7 +589,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--truth", required=True, type=Path, help="truth file from pulse loadgen")
-    parser.add_argument("--max-report", type=int, default=50, help="mismatches to print")
+    parser.add_argument(
+        "--max-report", type=non_negative_int, default=50, help="mismatches to print (50)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

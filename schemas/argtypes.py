@@ -37,6 +37,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def non_negative_seconds(text: str) -> float:
+    """A finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
 def parse_time(text: str) -> int:
     """A time as epoch ms: ISO 8601 (UTC unless it names a zone) or epoch seconds / ms
     (a number below 10^11 is seconds); ValueError in one sentence otherwise."""

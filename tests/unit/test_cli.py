@@ -28,3 +28,36 @@ def test_a_wrong_setting_is_said_by_the_command_that_reads_it(
     assert capsys.readouterr().err.strip().splitlines() == [
         "pulse archive: PULSE_ARCHIVE_MAX_ROWS: Input should be greater than or equal to 1."
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["demo", "--rate", "-5"], "pulse demo: Argument --rate: must be >= 0, got -5."),
+        (["demo", "--devices", "0"], "pulse demo: Argument --devices: must be >= 1, got 0."),
+        (
+            ["demo", "--anomaly-rate", "7"],
+            "pulse demo: Argument --anomaly-rate: must be within [0, 1], got 7.",
+        ),
+        (
+            ["eval", "anomalies", "t.json", "--slack", "-5"],
+            "pulse eval anomalies: Argument --slack: must be a finite number of seconds >= 0, "
+            "got -5.",
+        ),
+        (
+            ["eval", "anomalies", "t.json", "--after", "soon"],
+            "pulse eval anomalies: Argument --after: expected a number of seconds, got 'soon'.",
+        ),
+        (
+            ["verify", "--truth", "t.json", "--max-report", "-1"],
+            "pulse verify: Argument --max-report: must be >= 0, got -1.",
+        ),
+    ],
+)
+def test_a_bad_value_is_one_sentence_before_anything_starts(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[0] == said
