@@ -28,8 +28,9 @@ def tls_mismatch(kafka: KafkaSettings, timeout_s: float = 5.0) -> str | None:
     """What keeps the client off Kafka's listener at the bootstrap addresses, if it is TLS.
 
     None when no address takes a connection (a broker that is down or still starting is not
-    a TLS question) or when the first one that does answers Kafka's request with these
-    settings.
+    a TLS question), when the first one that does answers Kafka's request with these settings,
+    or when it only resets or times out (a broker still starting): only a definite mismatch
+    is an answer, as the callers stop waiting on it.
     """
     for host, port in _addresses(kafka.bootstrap):
         try:
@@ -63,7 +64,10 @@ def tls_mismatch(kafka: KafkaSettings, timeout_s: float = 5.0) -> str | None:
                         f"{where} does not speak TLS: set {_SSL}=PLAINTEXT, or point "
                         "PULSE_KAFKA_BOOTSTRAP at its SSL listener"
                     )
-                return f"the TLS handshake with {where} failed ({_reason(exc)})"
+                if "ALERT" in _reason(exc).upper():  # the broker refused the handshake
+                    return f"the TLS handshake with {where} failed ({_reason(exc)})"
+                return None  # a reset or a timeout: a broker still starting, say
+
             with tls:
                 try:
                     _answers(tls)

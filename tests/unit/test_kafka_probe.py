@@ -176,6 +176,36 @@ def test_a_client_certificate_the_broker_refuses(
     )
 
 
+class _Silent(socketserver.BaseRequestHandler):
+    """A broker still starting: takes the connection, then says nothing (or hangs up)."""
+
+    def handle(self) -> None:
+        if self.server.hang_up:  # type: ignore[attr-defined]
+            return
+        self.request.recv(1 << 16)
+        self.server.release.wait(5)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("hang_up", [False, True])
+def test_a_listener_that_only_times_out_or_hangs_up_is_no_mismatch(
+    certs: TlsFiles, hang_up: bool
+) -> None:
+    """The callers stop waiting on an answer: a broker still starting must not be one."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Silent)
+    server.daemon_threads = True
+    server.hang_up = hang_up  # type: ignore[attr-defined]
+    server.release = threading.Event()  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        assert tls_mismatch(KafkaSettings(bootstrap=address), timeout_s=0.3) is None
+        assert tls_mismatch(_ssl(address, certs), timeout_s=0.3) is None
+    finally:
+        server.release.set()  # type: ignore[attr-defined]
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_worker_says_the_mismatch_at_once_instead_of_waiting(tls: _Listener) -> None:
     said: list[str] = []
     problem = ingest.wait_for_kafka(KafkaSettings(bootstrap=tls.address), said.append, 0.0)
