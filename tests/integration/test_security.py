@@ -90,7 +90,7 @@ def test_acl_users_get_only_their_rights(tmp_path: Path) -> None:
 
         # a wrong password is one clear sentence from the CLI, and no secret is printed
         truth = tmp_path / "truth.json"
-        truth.write_text("{}")
+        truth.write_text('{"format": 1, "start_ms": 0, "end_ms": 1, "windows": {}}')
         env = {**os.environ, **stack.env(), "PULSE_STORE_READER_PASSWORD": "not-the-password"}
         res = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "verify", f"--truth={truth}"],
