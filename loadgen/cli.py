@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loadgen.settings import LoadgenSettings
-from schemas.argtypes import fraction, non_negative_int, positive_int
+from schemas.argtypes import fraction, new_file, non_negative_int, positive_int
 from schemas.settings import EventTimeSettings, KafkaSettings
 
 if TYPE_CHECKING:
@@ -104,10 +103,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="sim-clock start, epoch ms (default: now; with --rate 0: now - duration)",
     )
-    a("--truth", type=Path, default=None, metavar="FILE", help="write the expected aggregates here")
+    a(
+        "--truth",
+        type=new_file,
+        default=None,
+        metavar="FILE",
+        help="write the expected aggregates here",
+    )
     a(
         "--output",
-        type=Path,
+        type=new_file,
         default=None,
         metavar="FILE.jsonl",
         help="write records to this JSONL file instead of Kafka",

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import TypeAdapter, ValidationError
 
-from schemas.argtypes import fraction
+from schemas.argtypes import fraction, out_dir
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -406,7 +406,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--out",
-        type=Path,
+        type=out_dir,
         default=None,
         metavar="RESULTS",
         help="write RESULTS/<group>/<series>.csv (timestamp,value,anomaly_score)",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 
 
 def non_negative_int(text: str) -> int:
@@ -46,6 +48,28 @@ def non_negative_seconds(text: str) -> float:
     if not 0.0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
     return value
+
+
+def new_file(text: str) -> Path:
+    """A file to write: its directory exists, and it is not a directory (checked before a long
+    run, whose result would otherwise be lost at its end)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"directory {parent} is not writable")
+    return path
+
+
+def out_dir(text: str) -> Path:
+    """A directory to write into (made if missing): nothing else may stand at its path."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    return path
 
 
 def parse_time(text: str) -> int:

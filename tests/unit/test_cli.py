@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline import cli
@@ -61,3 +63,29 @@ def test_a_bad_value_is_one_sentence_before_anything_starts(
         cli.main(argv)
     assert exc.value.code == 2
     assert capsys.readouterr().err.splitlines()[0] == said
+
+
+def test_a_file_to_write_is_checked_before_a_long_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The truth file is written at the end of a load: a path it cannot take is said first."""
+    (tmp_path / "a-file").write_text("")
+    cases = [
+        (
+            ["loadgen", "--truth", str(tmp_path / "missing" / "t.json")],
+            f"pulse loadgen: Argument --truth: directory {tmp_path / 'missing'} does not exist.",
+        ),
+        (
+            ["loadgen", "--output", str(tmp_path)],
+            f"pulse loadgen: Argument --output: {tmp_path} is a directory.",
+        ),
+        (
+            ["eval", "nab", str(tmp_path), "--out", str(tmp_path / "a-file")],
+            f"pulse eval nab: Argument --out: {tmp_path / 'a-file'} exists and is not a directory.",
+        ),
+    ]
+    for argv, said in cases:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.splitlines()[0] == said
