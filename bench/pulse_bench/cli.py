@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from schemas.argtypes import positive_int
+from schemas.argtypes import new_file, out_dir, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,9 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--events", type=positive_int, help="records preloaded for the drain cases (300000)")
     a("--cases", help="comma-separated cases to run, with what they need (default: all)")
     a("--rate", type=positive_int, help="fixed freshness input rate, events/s (5000)")
-    a("--output", type=Path, help="JSON report file (default: bench-<timestamp>.json)")
+    a("--output", type=new_file, help="JSON report file (default: bench-<timestamp>.json)")
     a("--store-db", type=int, default=15, help="store db the bench uses, must be empty (15)")
-    a("--profile-dir", type=Path, help="sample the 1-worker drain with py-spy into this dir")
+    a("--profile-dir", type=out_dir, help="sample the 1-worker drain with py-spy into this dir")
     a("--list", action="store_true", help="list the cases and exit")
 
 
