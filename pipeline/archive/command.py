@@ -244,9 +244,21 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from pipeline.archive.storage import ArchiveStore
     from pipeline.ingest import IngestError, wait_for_kafka
-    from pipeline.settings import KafkaSettings
+    from pipeline.settings import KafkaSettings, WorkerSettings
 
+    # what only this process can get wrong is said before any waiting: the worker's event-time
+    # bounds (read here too), and an archive it cannot write (an unknown protocol, a filesystem
+    # package not installed, a directory it cannot make)
+    WorkerSettings()
+    try:
+        store = ArchiveStore(args.url)
+        store.fs.makedirs(store.root, exist_ok=True)
+    except (ImportError, ValueError, OSError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
+        print(f"pulse archive: cannot use the archive at {args.url}: {why}.", file=sys.stderr)
+        return 2
     # a stack still starting (or started after the archive) is waited for, as the worker does
     problem = wait_for_kafka(
         KafkaSettings(), lambda msg: print(f"pulse archive: {msg}", file=sys.stderr)
@@ -255,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pulse archive: {problem}.", file=sys.stderr)
         return 2
     try:
-        counters = asyncio.run(_archive(args))
+        counters = asyncio.run(_archive(args, store))
     except IngestError as exc:
         print(f"pulse archive: {exc}.", file=sys.stderr)
         return 1
@@ -267,8 +279,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _archive(args: argparse.Namespace) -> Counters:
-    from pipeline.archive.storage import ArchiveStore
+async def _archive(args: argparse.Namespace, store: ArchiveStore) -> Counters:
     from pipeline.ingest import KafkaBatchReader, ReaderConfig
     from pipeline.settings import KafkaSettings, WorkerSettings
     from pipeline.validation import TimeBounds
@@ -278,7 +289,7 @@ async def _archive(args: argparse.Namespace) -> Counters:
     worker = WorkerSettings()  # the event-time bounds the worker validates with
     topics = {EventKind.SENSOR: kafka.sensor_topic, EventKind.APPLOG: kafka.applog_topic}
     archiver = Archiver(
-        ArchiveStore(args.url),
+        store,
         topics,
         TimeBounds(int(worker.max_event_age_s * 1000), int(worker.max_clock_skew_s * 1000)),
         args.max_rows,

@@ -389,6 +389,34 @@ def test_bad_flags_are_one_sentence(
     assert message in err and err.count(".\n") <= 2
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("nosuchproto://x", "Protocol not known: nosuchproto."),
+        ("{tmp}/a-file/archive", "Not a directory"),
+    ],
+)
+def test_an_archive_it_cannot_write_is_said_before_waiting_for_kafka(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    url: str,
+    said: str,
+) -> None:
+    from pipeline import ingest
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the archive waited for Kafka before checking its own settings")
+
+    monkeypatch.setattr(ingest, "wait_for_kafka", never)
+    (tmp_path / "a-file").write_text("")
+    url = url.format(tmp=tmp_path)
+    assert main(["archive", "--url", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pulse archive: cannot use the archive at {url}: ")
+    assert said in err[0]
+
+
 def test_the_archive_waits_for_kafka_as_the_worker_does(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -407,7 +435,7 @@ def test_the_archive_waits_for_kafka_as_the_worker_does(
         "pulse archive: waiting for Kafka at k:9 (KafkaConnectionError: down)\n"
         "pulse archive: cannot use Kafka at k:9: RuntimeError: unsupported.\n"
     )
-    assert not (tmp_path / "a").exists()
+    assert not any((tmp_path / "a").rglob("*"))  # its directory is made (checked), empty
 
 
 def test_settings(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
