@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from pipeline.archive.storage import ArchiveStore
+    from pipeline.archive.storage import ArchiveError, ArchiveStore
     from pipeline.ingest import IngestError, wait_for_kafka
     from pipeline.settings import KafkaSettings, WorkerSettings
 
@@ -255,8 +255,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         store = ArchiveStore(args.url)
         store.fs.makedirs(store.root, exist_ok=True)
-    except (ImportError, ValueError, OSError) as exc:
-        why = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
+    except ArchiveError as exc:
+        print(f"pulse archive: {exc}.", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        why = str(exc).rstrip(".")
         print(f"pulse archive: cannot use the archive at {args.url}: {why}.", file=sys.stderr)
         return 2
     # a stack still starting (or started after the archive) is waited for, as the worker does

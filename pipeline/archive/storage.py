@@ -60,7 +60,11 @@ class ArchiveStore:
 
     def __init__(self, url: str, fs: Any = None) -> None:
         if fs is None:
-            fs, root = fsspec.core.url_to_fs(url)
+            try:
+                fs, root = fsspec.core.url_to_fs(url)
+            except (ImportError, ValueError) as exc:  # unknown protocol, package not installed
+                why = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
+                raise ArchiveError(f"cannot use the archive at {url}: {why}") from None
         else:
             root = url
         self.fs = fs

@@ -3,7 +3,9 @@ aggregate exactly as the worker does) and the ``pulse_replace`` call it builds."
 
 from __future__ import annotations
 
+import asyncio
 import random
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -217,3 +219,27 @@ def test_runs_merge_two_offset_lists_in_order() -> None:
     assert _runs(a, b) == [(True, 0, 2), (False, 0, 2), (True, 2, 4), (False, 2, 3)]
     assert _runs(a, np.zeros(0, np.int64)) == [(True, 0, 4)]
     assert _runs(np.zeros(0, np.int64), b) == [(False, 0, 3)]
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("nosuchproto://x", "cannot use the archive at nosuchproto://x: Protocol not known"),
+        ("{tmp}/arch", "cannot be read"),
+    ],
+)
+def test_an_archive_that_cannot_be_read_refuses_the_replay(
+    tmp_path: Path, url: str, said: str
+) -> None:
+    from pipeline.archive.layout import progress_path
+    from pipeline.replay_command import ReplayConfig, ReplayRange, ReplayRefused, read_archive
+    from pipeline.settings import WorkerSettings
+
+    marker = tmp_path / "arch" / progress_path(EventKind.SENSOR, 0)
+    marker.parent.mkdir(parents=True)
+    marker.write_bytes(b"{damaged")
+    rng = ReplayRange.aligned(1_790_000_000_000, 1_790_000_060_000)
+    cfg = ReplayConfig.from_settings(rng, WorkerSettings(), url.format(tmp=tmp_path))
+    with pytest.raises(ReplayRefused) as exc:
+        asyncio.run(read_archive(cfg, {}, {}))
+    assert said in str(exc.value) and str(exc.value).endswith(".")
