@@ -232,7 +232,8 @@ def test_an_archive_that_cannot_be_read_refuses_the_replay(
     tmp_path: Path, url: str, said: str
 ) -> None:
     from pipeline.archive.layout import progress_path
-    from pipeline.replay_command import ReplayConfig, ReplayRange, ReplayRefused, read_archive
+    from pipeline.replay import ReplayRange, ReplayRefused
+    from pipeline.replay_command import ReplayConfig, read_archive
     from pipeline.settings import WorkerSettings
 
     marker = tmp_path / "arch" / progress_path(EventKind.SENSOR, 0)
