@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,9 +81,30 @@ def run(args: argparse.Namespace) -> int:
         msg = str(err["msg"]).removeprefix("Value error, ").rstrip(".")
         print(f"pulse dashboard: {where}: {msg}.", file=sys.stderr)
         return 2
+    if (taken := _unavailable(settings.address, settings.port)) is not None:
+        # Streamlit would say so only after the URL below was printed as if it served
+        print(f"pulse dashboard: cannot listen on {settings.address}:{settings.port}: {taken}.",
+              file=sys.stderr)  # fmt: skip
+        return 2
     print(f"Pulse dashboard on http://{settings.address}:{settings.port}", file=sys.stderr)
     sys.stderr.flush()
     # Become Streamlit (no wrapper process), so signals from a terminal or `pulse demo` reach it.
     argv = command(settings.address, settings.port)
     os.execve(argv[0], argv, env)
     return 0  # not reached
+
+
+def _unavailable(address: str, port: int) -> str | None:
+    """Why nothing can listen on ``address:port`` now (in use, not this host's), if so."""
+    try:
+        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return str(exc)
+    family, kind, proto, _, where = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            sock.bind(where)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
 
@@ -90,3 +91,22 @@ def test_a_bad_option_is_one_sentence_naming_it(
     assert main(["dashboard", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_a_port_in_use_is_one_sentence_before_streamlit_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+
+    def no_exec(*args: object) -> None:
+        raise AssertionError("Streamlit was started on a port in use")
+
+    monkeypatch.setattr("dashboard.cli.os.execve", no_exec)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["dashboard", "--address", "127.0.0.1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"pulse dashboard: cannot listen on 127.0.0.1:{port}: Address already in use.\n"
+    assert cli._unavailable("127.0.0.1", port) is None  # free again
