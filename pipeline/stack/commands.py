@@ -92,6 +92,8 @@ def _stack(args: argparse.Namespace) -> Stack:
         if value is not None
     }
     settings = StackSettings(**given)
+    if settings.home.exists() and not settings.home.is_dir():
+        raise StackError(f"The stack's home {settings.home} is not a directory.")
     if getattr(args, "cluster", False) and getattr(args, "sentinel", False):
         raise StackError(
             "--cluster and --sentinel exclude each other: a cluster fails over by itself."
@@ -148,6 +150,9 @@ def up(args: argparse.Namespace) -> int:
         results = stack.up()
     except StackError as exc:
         return _fail("up", str(exc))
+    except OSError as exc:  # the home cannot be written: what started stays up for `pulse down`
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail("up", f"Cannot prepare the stack's files: {exc.strerror or exc}{where}.")
     except ValidationError as exc:
         return _fail("up", _settings_error(exc))
     for status, started in results:

@@ -143,3 +143,30 @@ def test_no_replica_when_replica_port_is_none(tmp_path: Path) -> None:
     assert [s.name for s in stack.services] == ["valkey-primary", "kafka"]
     with pytest.raises(StackError, match="No replica"):
         stack.promote_replica()
+
+
+@pytest.mark.parametrize("command", ["up", "status", "down"])
+def test_a_home_that_is_a_file_is_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    from pipeline.cli import main
+
+    home = tmp_path / "a-file"
+    home.write_text("")
+    assert main([command, "--home", str(home)]) == 1
+    assert capsys.readouterr().err == (
+        f"pulse {command}: The stack's home {home} is not a directory.\n"
+    )
+
+
+def test_a_home_that_cannot_be_made_is_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+
+    (tmp_path / "a-file").write_text("")
+    home = tmp_path / "a-file" / "home"  # under a file: no directory can be made there
+    assert main(["up", "--home", str(home)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pulse up: Cannot prepare the stack's files: Not a directory (")
+    assert err.count("\n") == 1
