@@ -36,7 +36,7 @@ from pipeline.metrics import Metrics
 from pipeline.settings import KafkaSettings, StackSettings, StoreSettings, WorkerSettings
 from pipeline.state import Retention
 from pipeline.validation import TimeBounds
-from schemas import keys
+from schemas import argtypes, keys
 from schemas.events import EventKind
 
 if TYPE_CHECKING:
@@ -252,7 +252,9 @@ def _die() -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pulse worker``."""
-    parser.add_argument("--name", help="worker name in metrics (default: host-pid)")
+    parser.add_argument(
+        "--name", type=argtypes.name, help="worker name in metrics (default: host-pid)"
+    )
     parser.add_argument(
         "--loglevel", default="warning", choices=["debug", "info", "warning", "error"]
     )

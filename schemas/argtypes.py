@@ -50,6 +50,16 @@ def non_negative_seconds(text: str) -> float:
     return value
 
 
+def name(text: str) -> str:
+    """A name as identifiers are: 1 to 64 of ``A-Z a-z 0-9 _ . -`` (it goes into store keys
+    and the dashboard)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", text):
+        raise argparse.ArgumentTypeError(
+            f"expected 1 to 64 letters, digits, '_', '.' or '-', got {text!r}"
+        )
+    return text
+
+
 def new_file(text: str) -> Path:
     """A file to write: its directory exists, and it is not a directory (checked before a long
     run, whose result would otherwise be lost at its end)."""

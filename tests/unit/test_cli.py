@@ -51,6 +51,11 @@ def test_a_wrong_setting_is_said_by_the_command_that_reads_it(
             "pulse eval anomalies: Argument --after: expected a number of seconds, got 'soon'.",
         ),
         (
+            ["worker", "--name", "a b"],
+            "pulse worker: Argument --name: expected 1 to 64 letters, digits, '_', '.' or '-', "
+            "got 'a b'.",
+        ),
+        (
             ["verify", "--truth", "t.json", "--max-report", "-1"],
             "pulse verify: Argument --max-report: must be >= 0, got -1.",
         ),
