@@ -24,6 +24,18 @@ from tests.integration.harness import Pipeline, wait_for
 pytestmark = pytest.mark.integration
 
 
+def pulse(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run a ``pulse`` command to its end with ``env`` on top of this process's."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *argv],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 @contextlib.contextmanager
 def running(stack: RunningStack, *, kafka: bool) -> Iterator[RunningStack]:
     try:
@@ -91,15 +103,8 @@ def test_acl_users_get_only_their_rights(tmp_path: Path) -> None:
         # a wrong password is one clear sentence from the CLI, and no secret is printed
         truth = tmp_path / "truth.json"
         truth.write_text('{"format": 1, "start_ms": 0, "end_ms": 1, "windows": {}}')
-        env = {**os.environ, **stack.env(), "PULSE_STORE_READER_PASSWORD": "not-the-password"}
-        res = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "verify", f"--truth={truth}"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        env = {**stack.env(), "PULSE_STORE_READER_PASSWORD": "not-the-password"}
+        res = pulse(env, "verify", f"--truth={truth}")
         assert res.returncode == 2
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1, res.stderr
@@ -108,15 +113,8 @@ def test_acl_users_get_only_their_rights(tmp_path: Path) -> None:
         assert "Traceback" not in res.stderr
 
         # so is the worker's: it does not wait for a store that will never let it in
-        env = {**os.environ, **stack.env(), "PULSE_STORE_WORKER_PASSWORD": "not-the-password"}
-        res = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "worker", "--name=w-bad"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        env = {**stack.env(), "PULSE_STORE_WORKER_PASSWORD": "not-the-password"}
+        res = pulse(env, "worker", "--name=w-bad")
         assert res.returncode == 2
         assert res.stderr.strip().splitlines() == [
             f"pulse worker: the store at {store.url()} refused the password of user "
@@ -160,14 +158,10 @@ def test_pipeline_over_tls_and_ssl_is_exact(tmp_path: Path) -> None:
 
         # a worker told the listener is plaintext says so at once (aiokafka alone reports a
         # broker that is down, and the worker would wait for it forever)
-        env = {**os.environ, **stack.env(), "PULSE_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"}
-        res = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "worker", "--name=w-plain"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        res = pulse(
+            {**stack.env(), "PULSE_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"},
+            "worker",
+            "--name=w-plain",
         )
         assert res.returncode == 2, res.stderr
         bootstrap = stack.kafka_settings.bootstrap

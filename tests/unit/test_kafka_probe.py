@@ -36,26 +36,15 @@ class _KafkaLike(socketserver.BaseRequestHandler):
 
     @staticmethod
     def _answer(sock: socket.socket) -> None:
-        while True:
-            head = _read(sock, 4)
-            if head is None:
-                return
-            (size,) = struct.unpack(">i", head)
-            body = _read(sock, size) if 8 <= size < 1 << 20 else None
-            if body is None:
-                return
-            correlation = body[4:8]
-            sock.sendall(struct.pack(">i", 6) + correlation + b"\x00\x00")
-
-
-def _read(sock: socket.socket, n: int) -> bytes | None:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
+        with sock.makefile("rb") as stream:  # read(n) waits for n bytes or the end
+            while len(head := stream.read(4)) == 4:
+                (size,) = struct.unpack(">i", head)
+                if not 8 <= size < 1 << 20:
+                    return
+                body = stream.read(size)
+                if len(body) < size:
+                    return
+                sock.sendall(struct.pack(">i", 6) + body[4:8] + b"\x00\x00")
 
 
 class _Listener(socketserver.ThreadingTCPServer):
