@@ -9,6 +9,7 @@ variables through :class:`schemas.settings.EventTimeSettings`.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -210,6 +211,9 @@ async def _main(
         sink = JsonlSink(out)
     else:
         producer = make_producer(kafka.bootstrap, settings.linger_ms, kafka.client_kwargs())
+        client_log = logging.getLogger("aiokafka")
+        level = client_log.level
+        client_log.setLevel(logging.CRITICAL)  # its failure is our one sentence, not a log line
         try:
             await producer.start()
             counts = await topic_partitions(producer, [config.sensor_topic, config.applog_topic])
@@ -220,6 +224,8 @@ async def _main(
         except BaseException:
             await producer.stop()
             raise
+        finally:
+            client_log.setLevel(level)
         config = dataclasses.replace(
             config,
             sensor_partitions=counts[config.sensor_topic],

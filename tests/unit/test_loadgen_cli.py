@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -192,3 +193,21 @@ def test_unpaced_runs_never_sleep() -> None:
         )
     )
     assert clock.sleeps == [] and sum(n for _, n in sink.sent) == 20_000
+
+
+def test_kafka_that_is_down_is_one_sentence(tmp_path: Path) -> None:
+    """aiokafka logs its own line for a connection it cannot make: the user reads ours only."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the block ends
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "loadgen", "--duration=1"],
+        env={"PATH": "/usr/bin:/bin", "PULSE_HOME": str(tmp_path), "PULSE_KAFKA_BOOTSTRAP": closed},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 1
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pulse loadgen: cannot use Kafka at {closed}: ")
