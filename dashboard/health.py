@@ -30,6 +30,7 @@ import redis
 from dashboard import queries
 from schemas import diverted, keys
 from schemas.diverted import DivertedInfo
+from schemas.errors import first_line
 from schemas.events import EventKind
 from schemas.keys import Progress
 
@@ -368,16 +369,11 @@ def read_kafka(
         ) from None
     except Exception as exc:  # aiokafka's errors have no common base worth naming
         raise KafkaUnavailableError(
-            f"Kafka at {bootstrap} cannot be read: {_first_line(exc)}"
+            f"Kafka at {bootstrap} cannot be read: {first_line(exc)}"
         ) from None
     return KafkaView(
         view.offsets, view.diverted, (time.perf_counter() - started) * 1000, view.samples_problem
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of the error's message (aiokafka's can run over lines), or its type."""
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 async def _read_kafka(
@@ -427,7 +423,7 @@ async def _read_kafka(
                 await _sample(consumer, wanted, ends, min(ms, 500), got)
             except Exception as exc:  # a record the client cannot parse, say (anyone can
                 # write to these topics): the offsets stand, the samples read so far too
-                problem = f"the newest diverted records could not all be read ({_first_line(exc)})"
+                problem = f"the newest diverted records could not all be read ({first_line(exc)})"
         for rows in got.values():
             rows.sort(key=lambda d: (d.timestamp_ms, d.partition, d.offset), reverse=True)
         return KafkaView(offsets, got, samples_problem=problem)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.batch import PartitionState, RawRecord, Unreadable
+from schemas.errors import first_line
 from schemas.events import EventKind
 from schemas.kafka_probe import tls_mismatch
 
@@ -223,8 +224,9 @@ class KafkaBatchReader:
         try:
             while True:
                 if (failed := self._failed) is not None:
+                    why = first_line(failed, typed=True)
                     raise IngestError(
-                        f"the assigned partitions could not be positioned: {_first_line(failed)}"
+                        f"the assigned partitions could not be positioned: {why}"
                     ) from failed
                 try:
                     polled = await consumer.getmany(
@@ -527,20 +529,10 @@ def wait_for_kafka(
                     return mismatch
                 now = time.monotonic()
                 if said_at is None or now - said_at >= KAFKA_WAIT_SAY_S:
-                    say(f"waiting for Kafka at {kafka.bootstrap} ({_first_line(exc)})")
+                    say(f"waiting for Kafka at {kafka.bootstrap} ({first_line(exc, typed=True)})")
                     said_at = now
                 time.sleep(retry_s)
             except Exception as exc:  # aiokafka's errors have no common base worth naming
-                return f"cannot use Kafka at {kafka.bootstrap}: {_first_line(exc)}"
+                return f"cannot use Kafka at {kafka.bootstrap}: {first_line(exc, typed=True)}"
     finally:
         client_log.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (aiokafka's messages can run over lines, and some
-    start with their type already)."""
-    name = type(exc).__name__
-    line = (str(exc).splitlines() or [""])[0]
-    if not line:
-        return name
-    return line if line.startswith(name) else f"{name}: {line}"

@@ -38,6 +38,7 @@ from pipeline.archive.layout import (
     schema,
     tmp_path,
 )
+from schemas.errors import first_line
 from schemas.events import EventKind
 
 # Rows per Parquet row group: a range read skips whole row groups by their event-time statistics.
@@ -63,7 +64,7 @@ class ArchiveStore:
             try:
                 fs, root = fsspec.core.url_to_fs(url)
             except (ImportError, ValueError) as exc:  # unknown protocol, package not installed
-                why = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
+                why = first_line(exc).rstrip(".")
                 raise ArchiveError(f"cannot use the archive at {url}: {why}") from None
         else:
             root = url
@@ -195,8 +196,9 @@ class ArchiveStore:
                 partitioning=None,
             )
         except (pa.ArrowException, OSError) as exc:  # a file damaged or replaced since written
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise ArchiveError(f"the archive at {self.root} cannot be read: {first}") from None
+            raise ArchiveError(
+                f"the archive at {self.root} cannot be read: {first_line(exc)}"
+            ) from None
         return table.sort_by([("partition", "ascending"), ("offset", "ascending")]).select(want)
 
     def extent(self) -> dict[EventKind, KindExtent]:
