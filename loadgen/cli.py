@@ -9,7 +9,6 @@ variables through :class:`schemas.settings.EventTimeSettings`.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -202,7 +201,7 @@ async def _main(
         topic_partitions,
     )
     from loadgen.truth import TruthBuilder
-    from schemas.kafka_probe import tls_mismatch
+    from schemas.kafka_probe import client_log_muted, tls_mismatch
 
     sink: Sink
     out = None
@@ -211,12 +210,11 @@ async def _main(
         sink = JsonlSink(out)
     else:
         producer = make_producer(kafka.bootstrap, settings.linger_ms, kafka.client_kwargs())
-        client_log = logging.getLogger("aiokafka")
-        level = client_log.level
-        client_log.setLevel(logging.CRITICAL)  # its failure is our one sentence, not a log line
         try:
-            await producer.start()
-            counts = await topic_partitions(producer, [config.sensor_topic, config.applog_topic])
+            with client_log_muted():  # its failure is our one sentence, not a log line
+                await producer.start()
+                topics = [config.sensor_topic, config.applog_topic]
+                counts = await topic_partitions(producer, topics)
         except Exception as exc:  # aiokafka's connection and metadata errors
             await producer.stop()
             mismatch = tls_mismatch(kafka)  # reported by aiokafka as a broker that is down
@@ -224,8 +222,6 @@ async def _main(
         except BaseException:
             await producer.stop()
             raise
-        finally:
-            client_log.setLevel(level)
         config = dataclasses.replace(
             config,
             sensor_partitions=counts[config.sensor_topic],

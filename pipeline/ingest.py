@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.batch import PartitionState, RawRecord, Unreadable
 from schemas.errors import first_line
 from schemas.events import EventKind
-from schemas.kafka_probe import tls_mismatch
+from schemas.kafka_probe import client_log_muted, tls_mismatch
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
@@ -515,11 +515,8 @@ def wait_for_kafka(
         finally:
             await client.close()
 
-    client_log = logging.getLogger("aiokafka")
-    level = client_log.level
-    client_log.setLevel(logging.CRITICAL)  # one line of ours, not one of its per attempt
     said_at: float | None = None
-    try:
+    with client_log_muted():  # one line of ours, not one of its per attempt
         while True:
             try:
                 asyncio.run(asyncio.wait_for(probe(), 15.0))
@@ -534,5 +531,3 @@ def wait_for_kafka(
                 time.sleep(retry_s)
             except Exception as exc:  # aiokafka's errors have no common base worth naming
                 return f"cannot use Kafka at {kafka.bootstrap}: {first_line(exc, typed=True)}"
-    finally:
-        client_log.setLevel(level)

@@ -8,6 +8,8 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+from schemas.idents import IDENT_MAX_LENGTH, IDENT_PATTERN
+
 
 def non_negative_int(text: str) -> int:
     """A whole number >= 0."""
@@ -51,9 +53,8 @@ def non_negative_seconds(text: str) -> float:
 
 
 def name(text: str) -> str:
-    """A name as identifiers are: 1 to 64 of ``A-Z a-z 0-9 _ . -`` (it goes into store keys
-    and the dashboard)."""
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", text):
+    """A name by the identifier rule (``schemas.idents``: 1 to 64 of ``A-Z a-z 0-9 _ . -``)."""
+    if len(text) > IDENT_MAX_LENGTH or not re.match(IDENT_PATTERN, text):
         raise argparse.ArgumentTypeError(
             f"expected 1 to 64 letters, digits, '_', '.' or '-', got {text!r}"
         )

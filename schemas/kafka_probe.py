@@ -9,9 +9,12 @@ v0), so every command can say which setting is wrong instead.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
 import ssl
 import struct
+from collections.abc import Iterator
 
 from schemas.settings import KafkaSettings
 
@@ -75,6 +78,19 @@ def tls_mismatch(kafka: KafkaSettings, timeout_s: float = 5.0) -> str | None:
                     return _refused(where, exc)
                 return None
     return None
+
+
+@contextlib.contextmanager
+def client_log_muted() -> Iterator[None]:
+    """aiokafka's own log lines muted: what it would log of a failure (a line per attempt) is
+    said once, in the caller's sentence."""
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        client_log.setLevel(level)
 
 
 def _refuses_certificate(exc: BaseException) -> bool:

@@ -19,14 +19,13 @@ from typing import Annotated, Final, Generic, Literal, TypeVar
 import msgspec
 
 from schemas.events import AppLogEvent, SensorReading
+from schemas.idents import IDENT_MAX_LENGTH, IDENT_PATTERN
 
-# Python's re.search lets "$" match before a trailing newline; "\Z" does not, as pydantic's "$".
-IDENT_PATTERN: Final = r"^[A-Za-z0-9_.\-]+\Z"
 ROUTE_PATTERN: Final = r"^/[A-Za-z0-9_./{}\-]*\Z"
 # Identifiers repeat across events (a few thousand devices send millions of readings): their
 # patterns are checked once per distinct value by CheckedDecoder, not per event by the struct,
 # which made decoding 3.5x slower. Only their lengths are checked by the struct.
-_IDENT = msgspec.Meta(min_length=1, max_length=64)
+_IDENT = msgspec.Meta(min_length=1, max_length=IDENT_MAX_LENGTH)
 _ROUTE = msgspec.Meta(min_length=1, max_length=128)
 _TRACE = msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\-]+\Z")
 
