@@ -82,6 +82,8 @@ ProcessPartitions = Callable[
 ]
 # topic -> {partition: next offset to read}
 OffsetCommitter = Callable[[dict[str, dict[int, int]]], Awaitable[None]]
+# stop reading a partition whose state cannot be restored (kind, partition, why)
+Refuser = Callable[[EventKind, int, str], None]
 # event kind -> {partition: records in offset order}
 Poll = Mapping[EventKind, Mapping[int, Sequence[RawRecord]]]
 PartKey = tuple[EventKind, int]
@@ -117,6 +119,10 @@ class Diverter(Protocol):
 
 async def _no_offsets(offsets: dict[str, dict[int, int]]) -> None:
     return None
+
+
+def _log_refusal(kind: EventKind, partition: int, why: str) -> None:
+    log.error("refusing %s partition %d: %s", kind.value, partition, why)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +187,9 @@ class Checkpoint:
         self._to_commit: dict[str, dict[int, int]] = {}  # applied offsets awaiting durability
         self._inflight: _Inflight | None = None  # the poll sent and not yet settled
         self._now = 0
+        # told of a partition whose stored state cannot be restored: its reader stops reading
+        # it (set by the worker once its reader exists)
+        self.refuse: Refuser = _log_refusal
 
     # ------------------------------------------------------------------ the checkpoint
 
@@ -201,7 +210,10 @@ class Checkpoint:
                     batches = [b for b in batches if (b.kind, b.partition) not in redo]
                     for pk, recs in redo.items():
                         pending[pk] = [*recs, *pending.get(pk, ())]
-                    batches += await self._prepared({pk: pending[pk] for pk in redo})
+                    again = {pk: pending[pk] for pk in redo}
+                    batches += await self._prepared(again)
+                    for pk in redo.keys() - again.keys():  # refused as it was restored
+                        del pending[pk]
                 # 2. the previous poll: durable, commit offsets (due, or no poll follows)
                 await self._acknowledge(force=not pending)
                 for kind, topic in self.topics.items():  # 3. divert
@@ -233,14 +245,20 @@ class Checkpoint:
             if self._inflight is None:
                 return
 
-    async def _prepared(
-        self, pending: Mapping[PartKey, Sequence[RawRecord]]
-    ) -> list[PartitionBatch]:
-        """States loaded (fenced first if unsure), then the batches of ``pending``."""
+    async def _prepared(self, pending: dict[PartKey, Sequence[RawRecord]]) -> list[PartitionBatch]:
+        """States loaded (fenced first if unsure), then the batches of ``pending``.
+
+        A partition whose stored state cannot be restored is refused (:meth:`_refused`): its
+        records leave ``pending``, neither applied nor acknowledged.
+        """
         if not pending:
             return []
         await self._fence_if_unsure()
-        await self._load_states(list(pending))
+        for pk, why in (await self._load_states(list(pending))).items():
+            del pending[pk]
+            self._refused(pk, why)
+        if not pending:
+            return []
         if self._resumed:
             self._check_not_behind(pending)
             self._prune_commits()
@@ -566,7 +584,9 @@ class Checkpoint:
         self._clear_states()
         self._unsure = True
 
-    async def _load_states(self, pks: list[PartKey]) -> None:
+    async def _load_states(self, pks: list[PartKey]) -> dict[PartKey, str]:
+        """Each partition's progress and open windows, from the store where not cached; the
+        partitions whose windows cannot be restored, with why."""
         missing: dict[EventKind, list[int]] = defaultdict(list)
         for kind, p in pks:
             if (kind, p) not in self._states:
@@ -575,11 +595,12 @@ class Checkpoint:
             states = await self._writer.read_state(kind, parts)
             self._states.update(((kind, p), st) for p, st in states.items())
         unrestored = [pk for pk in pks if self._states[pk].windows is None]
-        if unrestored:
-            await self._restore_windows(unrestored)
+        return await self._restore_windows(unrestored) if unrestored else {}
 
-    async def _restore_windows(self, pks: list[PartKey]) -> None:
-        """Restore the open windows of partitions from the store, at their stored offsets.
+    async def _restore_windows(self, pks: list[PartKey]) -> dict[PartKey, str]:
+        """Restore the open windows of partitions from the store, at their stored offsets;
+        returns the partitions whose stored windows cannot be decoded, with why (their state is
+        dropped).
 
         Read after the offsets: should another writer apply in between, the windows are newer
         than the offset we expect, and our apply is refused as a conflict (and restored again).
@@ -595,8 +616,17 @@ class Checkpoint:
         names += [keys.detector_key(kind, p) for kind, p in pks if kind in self._detectors]
         hashes = await self._writer.read_hashes(names)
         replays: dict[PartKey, list[str]] = {}
+        refused: dict[PartKey, str] = {}
         for pk, (ws, ks) in restoring.items():
-            ws.restore({k: hashes[k] for k in ks})
+            try:
+                ws.restore({k: hashes[k] for k in ks})
+            except packed.PackedError as exc:
+                refused[pk] = (
+                    f"{exc}: its open windows cannot be restored, and applying on would "
+                    "replace them without the events they hold"
+                )
+                self._drop(pk)
+                continue
             self._states[pk].windows = ws
             if pk[0] in self._detectors:  # the detectors at the same offset as the windows
                 det = self._detectors[pk[0]]
@@ -611,6 +641,12 @@ class Checkpoint:
                     ]
         if replays:
             await self._replay_detectors(replays)
+        return refused
+
+    def _refused(self, pk: PartKey, why: str) -> None:
+        """Stop processing a partition whose stored state cannot be restored: its reader stops
+        reading it until the next assignment (an operator resolves it; nothing is guessed)."""
+        self.refuse(pk[0], pk[1], why)
 
     async def _replay_detectors(self, replays: Mapping[PartKey, list[str]]) -> None:
         """Step restored detectors through the stored windows closed since their snapshots."""

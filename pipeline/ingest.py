@@ -258,6 +258,30 @@ class KafkaBatchReader:
             self._stopping = True
             await consumer.stop()
 
+    def refuse(self, kind: EventKind, partition: int, why: str) -> None:
+        """Stop reading an assigned partition (its state in the store cannot be used) until
+        the next assignment."""
+        topic = next((t for t, k in self._config.topics.items() if k is kind), None)
+        tp = next((t for t in self._positioned if (t.topic, t.partition) == (topic, partition)),
+                  None)  # fmt: skip
+        if tp is None:  # no longer assigned: its next owner decides
+            return
+        self._positioned.discard(tp)
+        if self._consumer_ is not None:
+            self._consumer_.pause(tp)
+        self._refuse(tp, kind, why)
+
+    def _refuse(self, tp: Any, kind: EventKind, why: str) -> None:
+        self.refused[f"{tp.topic}/{tp.partition}"] = why
+        log.error(
+            "refusing %s partition %d (%s): %s. Nothing is read from it until an operator "
+            "resolves this (see README, 'The store owns the offsets').",
+            tp.topic,
+            tp.partition,
+            kind.value,
+            why,
+        )
+
     async def drain(self) -> None:
         """As the worker stops: let the poll in hand finish, acknowledge everything handled
         (durable, offsets committed), and hand on nothing more.
@@ -341,15 +365,7 @@ class KafkaBatchReader:
                     self._positioned.add(tp)
                     self._next[tp] = where.offset
                     continue
-                self.refused[f"{tp.topic}/{tp.partition}"] = where.reason
-                log.error(
-                    "refusing %s partition %d (%s): %s. Nothing is read from it until an "
-                    "operator resolves this (see README, 'The store owns the offsets').",
-                    tp.topic,
-                    tp.partition,
-                    kind.value,
-                    where.reason,
-                )
+                self._refuse(tp, kind, where.reason)
 
 
 async def read_past_unparsable(

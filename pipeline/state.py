@@ -260,8 +260,11 @@ class KindWindows:
             if not fields:
                 continue
             _, _, wname, dim, start = keys.parse_window_key(key)
-            names = [f.decode() for f in fields]
-            table = packed.decode(list(fields.values()), self.nf)
+            try:
+                names = [f.decode() for f in fields]
+                table = packed.decode(list(fields.values()), self.nf)
+            except ValueError as exc:  # PackedError, or a field name that is not UTF-8
+                raise packed.PackedError(f"stored window {key}: {exc}") from None
             bad = [f"{names[r]} {what}" for what, rs in packed.problems(table) for r in rs]
             if bad:
                 raise packed.PackedError(f"stored window {key}: {'; '.join(bad)}")

@@ -153,6 +153,7 @@ def create_app(
         flush,
     )
     metrics.refused = reader.refused
+    checkpoint.refuse = reader.refuse
 
     # mode types a signal handler as a union of callables no ``async def`` matches
     @app.on_before_shutdown.connect  # type: ignore[arg-type]

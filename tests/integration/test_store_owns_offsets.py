@@ -135,3 +135,51 @@ def test_a_worker_stopped_under_load_commits_the_offsets_it_made_durable(
         if off >= 0 and committed[tp] != off + 1
     }
     assert not lagging, f"applied but not committed at the stop (applied + 1, committed): {lagging}"
+
+
+def test_a_partition_whose_stored_windows_cannot_be_decoded_is_refused_not_the_worker(
+    stack: RunningStack, store: redis.Redis, tmp_path: Path
+) -> None:
+    """An open window value that is not a packed value (written by something else) stops
+    neither the worker nor the other partitions: applying on would replace that window without
+    the events it holds, so its partition is refused and left as it is."""
+    pl = Pipeline.create(stack, tmp_path)
+    pl.loadgen("--rate=0", "--duration=4", "--devices=20", "--services=3", "--seed=41")
+    worker = pl.worker(name="before")
+    try:
+        pl.wait_applied(store, alive=worker.alive)
+    finally:
+        assert worker.stop() == 0
+    sensor = pl.topics["sensor"]
+    progress = keys.progress_key(EventKind.SENSOR, 2)
+    offset = int(store.hget(progress, keys.Progress.OFFSET) or -1)
+    newest = int(store.hget(progress, keys.Progress.MAX_EVENT_TIME) or -1)
+    assert offset >= 0 and newest > 0, "sensor partition 2 holds no events to damage"
+    start = keys.window_start(newest, keys.WINDOW_1M)  # its newest minute: open at restore
+    window = keys.window_key(EventKind.SENSOR, 2, keys.WINDOW_1M, keys.Dim.METRIC, start)
+    raw = stack.redis(decode=False)  # packed values are bytes
+    entity = sorted(raw.hkeys(window))[0]
+    raw.hset(window, entity, b"\x01 not a packed value")
+    damaged = raw.hgetall(window)
+
+    pl.loadgen("--rate=0", "--duration=4", "--devices=20", "--services=3", "--seed=43")
+    ends = pl.end_offsets()
+    assert ends[(sensor, 2)] > offset + 1, "the second load wrote nothing to sensor partition 2"
+    worker = pl.worker(name="after")
+    try:
+        text = wait_log(worker, "refusing", 1)
+        others = {tp: end for tp, end in ends.items() if tp != (sensor, 2)}
+        wait_for(
+            lambda: all(pl.applied_offsets(store)[tp] >= end - 1 for tp, end in others.items()),
+            "every other partition is applied",
+            240,
+            worker.alive,
+        )
+        assert worker.alive(), worker.tail()
+    finally:
+        assert worker.stop() == 0
+    assert f"refusing {sensor} partition 2 (sensor): stored window {window}: " in text
+    assert "cannot be restored" in text
+    assert int(store.hget(progress, keys.Progress.OFFSET) or -1) == offset
+    assert raw.hgetall(window) == damaged
+    raw.close()

@@ -502,3 +502,48 @@ def test_kafka_offsets_are_committed_at_most_once_an_interval_and_always_on_flus
 
     run(scenario())
     assert w.offsets == {(S, 0): 7, (S, 1): 1}
+
+
+@pytest.mark.parametrize("damage", ["not packed", "bad statistics", "field name"])
+def test_a_partition_whose_stored_windows_cannot_be_decoded_is_refused_not_the_worker(
+    damage: str,
+) -> None:
+    """A stored window value the worker cannot decode (written by something else) would be
+    replaced without the events it holds if the partition were applied on: that partition is
+    refused (its reader stops reading it) and nothing of it is written or acknowledged; the
+    other partitions of the poll are applied as usual."""
+    w = FakeWriter()
+    a, _ = applier(w)
+    run(a.commit(sensors({0: records(0, 5), 1: records(0, 5)})))
+    run(a.flush())
+    start = keys.window_start(NOW - 1000, keys.WINDOW_1M)
+    key = keys.window_key(S, 1, keys.WINDOW_1M, keys.Dim.METRIC, start)
+    good = w.hashes[key][b"temp"]
+    if damage == "not packed":
+        w.hashes[key][b"temp"] = b"\x01junk"
+    elif damage == "bad statistics":  # decodes, but its count is negative
+        table = packed.decode([good], packed.NF_SENSOR)
+        table.stats[0, packed.COUNT] = -3
+        w.hashes[key][b"temp"] = packed.encode(table)[0]
+    else:
+        w.hashes[key][b"\xff\xfe"] = good
+    stored = dict(w.hashes[key])
+
+    committed: list[dict[str, dict[int, int]]] = []
+
+    async def commit_offsets(offsets: dict[str, dict[int, int]]) -> None:
+        committed.append(offsets)
+
+    b, _ = applier(w, commit_offsets=commit_offsets)  # the next owner, another process
+    refused: list[tuple[EventKind, int, str]] = []
+    b.refuse = lambda kind, p, why: refused.append((kind, p, why))
+    b.forget()
+    run(b.commit(sensors({0: records(5, 3), 1: records(5, 3)})))
+    run(b.flush())
+    assert w.offsets == {(S, 0): 7, (S, 1): 4}  # partition 1 stays where it was
+    assert w.hashes[key] == stored  # and its windows are not replaced
+    assert committed == [{"pulse.sensor": {0: 8}}]
+    ((kind, part, why),) = refused
+    assert (kind, part) == (S, 1)
+    assert why.startswith(f"stored window {key}: ") and "cannot be restored" in why
+    assert "\n" not in why

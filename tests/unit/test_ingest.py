@@ -318,3 +318,35 @@ def test_a_loader_that_fails_ends_the_reader_instead_of_leaving_it_polling_nothi
         "the assigned partitions could not be positioned: ValueError: progress field 'offset' "
         "is not a number"
     )
+
+
+def test_a_partition_the_checkpoint_refuses_is_read_no_more_and_reported() -> None:
+    """The checkpoint found the partition's stored state unusable while a poll was handled:
+    no record of it is handed on after that poll, the others are read on."""
+    consumer = FakeConsumer(parts=3, size=10, bad={})
+    polls: list[set[int]] = []
+
+    async def handle(poll: dict[EventKind, dict[int, list[RawRecord]]]) -> None:
+        polls.append(set(poll[EventKind.SENSOR]))
+        if len(polls) == 1:
+            reader.refuse(EventKind.SENSOR, 1, "its open windows cannot be restored")
+            reader.refuse(EventKind.SENSOR, 7, "not assigned here: ignored")
+
+    async def flush() -> None:
+        pass
+
+    reader = fake_reader(consumer, 15, handle, flush)
+
+    async def run() -> None:
+        task = asyncio.create_task(reader.run())
+        for _ in range(500):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert polls[0] == {0, 1}  # all of partition 0, the first 5 records of 1
+    assert polls[1:] == [{2}]  # partition 1 is not read on
+    assert consumer.tps[1] in consumer.paused
+    assert reader.refused == {f"{TOPIC}/1": "its open windows cannot be restored"}
