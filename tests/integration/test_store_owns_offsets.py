@@ -33,6 +33,25 @@ def wait_log(worker: WorkerProcess, needle: str, count: int, timeout_s: float = 
     return wait_for(logged, f"{needle!r} is logged {count} times", timeout_s, worker.alive)
 
 
+def wait_others_applied(
+    pl: Pipeline,
+    store: redis.Redis,
+    worker: WorkerProcess,
+    ends: dict[tuple[str, int], int],
+    refused: set[tuple[str, int]],
+) -> None:
+    """Wait until every partition but the ``refused`` ones is applied to its end, the worker
+    alive all along."""
+    others = {tp: end for tp, end in ends.items() if tp not in refused}
+    wait_for(
+        lambda: all(pl.applied_offsets(store)[tp] >= end - 1 for tp, end in others.items()),
+        "every other partition is applied",
+        240,
+        worker.alive,
+    )
+    assert worker.alive(), worker.tail()
+
+
 def test_a_lost_store_is_refilled_from_kafka_whatever_kafka_committed(
     stack: RunningStack, store: redis.Redis, tmp_path: Path
 ) -> None:
@@ -85,15 +104,8 @@ def test_a_position_kafka_cannot_serve_is_refused_not_guessed(
     try:
         text = wait_log(worker, "refusing", 2)
         # every other partition is applied in full meanwhile
-        others = {tp: end for tp, end in ends.items()
-                  if tp not in {(pl.topics["sensor"], 0), (pl.topics["applog"], 1)}}  # fmt: skip
-        wait_for(
-            lambda: all(pl.applied_offsets(store)[tp] >= end - 1 for tp, end in others.items()),
-            "every other partition is applied",
-            240,
-            worker.alive,
-        )
-        assert worker.alive(), worker.tail()
+        wait_others_applied(pl, store, worker, ends,
+                            {(pl.topics["sensor"], 0), (pl.topics["applog"], 1)})  # fmt: skip
     finally:
         assert worker.stop() == 0
     assert "the topic was recreated or truncated since" in text
@@ -168,14 +180,7 @@ def test_a_partition_whose_stored_windows_cannot_be_decoded_is_refused_not_the_w
     worker = pl.worker(name="after")
     try:
         text = wait_log(worker, "refusing", 1)
-        others = {tp: end for tp, end in ends.items() if tp != (sensor, 2)}
-        wait_for(
-            lambda: all(pl.applied_offsets(store)[tp] >= end - 1 for tp, end in others.items()),
-            "every other partition is applied",
-            240,
-            worker.alive,
-        )
-        assert worker.alive(), worker.tail()
+        wait_others_applied(pl, store, worker, ends, {(sensor, 2)})
     finally:
         assert worker.stop() == 0
     assert f"refusing {sensor} partition 2 (sensor): stored window {window}: " in text

@@ -139,6 +139,20 @@ def fake_reader(
     return reader
 
 
+def run_for(reader: KafkaBatchReader, turns: int) -> None:
+    """Run the reader for ``turns`` turns of the event loop, then cancel it."""
+
+    async def run() -> None:
+        task = asyncio.create_task(reader.run())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+
+
 def read_all(consumer: FakeConsumer, max_records: int) -> list[tuple[int, RawRecord]]:
     """Every record the reader hands on, until each partition is read to its end."""
     seen: list[tuple[int, RawRecord]] = []
@@ -283,16 +297,7 @@ def test_a_partition_whose_progress_is_unreadable_is_refused_and_the_others_are_
         pass
 
     reader = fake_reader(consumer, 100, handle, flush, load)
-
-    async def run() -> None:
-        task = asyncio.create_task(reader.run())
-        for _ in range(200):
-            await asyncio.sleep(0)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    asyncio.run(run())
+    run_for(reader, 200)
     assert seen == {0, 2}
     assert reader.refused == {f"{TOPIC}/1": "its marker is damaged"}
 
@@ -336,16 +341,7 @@ def test_a_partition_the_checkpoint_refuses_is_read_no_more_and_reported() -> No
         pass
 
     reader = fake_reader(consumer, 15, handle, flush)
-
-    async def run() -> None:
-        task = asyncio.create_task(reader.run())
-        for _ in range(500):
-            await asyncio.sleep(0)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    asyncio.run(run())
+    run_for(reader, 500)
     assert polls[0] == {0, 1}  # all of partition 0, the first 5 records of 1
     assert polls[1:] == [{2}]  # partition 1 is not read on
     assert consumer.tps[1] in consumer.paused
