@@ -198,7 +198,7 @@ def combine(parts: Iterable[Iterable[tuple[bytes | str, float]]], how: str) -> d
     out: dict[str, float] = {}
     for pairs in parts:
         for raw, score in pairs:
-            m = _text(raw)
+            m = keys.text(raw)
             have = out.get(m)
             if have is None:
                 out[m] = float(score)
@@ -243,10 +243,6 @@ def sketch_p99(
     groups = np.asarray([member_of[i] for i in present], dtype=np.int64)
     merged = packed.merge(table, groups, members)
     return [float(x) for x in packed.quantiles(merged, (P99,))[:, 0].tolist()]
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 # --------------------------------------------------------------------------- store reads

@@ -67,7 +67,7 @@ def near(
     found: list[tuple[float, str, float, float, int]] = []  # (km, device, lat, lon, partition)
     for p, hits in zip(partitions, pipe.execute(), strict=True):
         for name, dist, (g_lon, g_lat) in hits:
-            found.append((float(dist), _text(name), float(g_lat), float(g_lon), p))
+            found.append((float(dist), keys.text(name), float(g_lat), float(g_lon), p))
     found.sort()
     found = found[:limit]
     if not found:
@@ -84,7 +84,7 @@ def near(
             pipe.hkeys(keys.window_key(EventKind.SENSOR, p, keys.WINDOW_1M, keys.Dim.METRIC, s))
     replies = pipe.execute()
     seen = [int(x) if x is not None else 0 for x in replies[: len(found)]]
-    metrics = sorted({_text(m) for hkeys in replies[len(found) :] for m in hkeys})
+    metrics = sorted({keys.text(m) for hkeys in replies[len(found) :] for m in hkeys})
     readings = _readings(r, found, metrics, starts)
     return [
         NearDevice(
@@ -165,7 +165,7 @@ def positions(r: redis.Redis, partitions: Sequence[int], limit: int = 2000) -> l
     pipe = r.pipeline(transaction=False)
     asked: list[tuple[int, list[tuple[str, int]]]] = []
     for p, rows in zip(partitions, seen, strict=True):
-        members = [(_text(m), int(score)) for m, score in rows]
+        members = [(keys.text(m), int(score)) for m, score in rows]
         if members:
             pipe.geopos(keys.geo_key(p), *[m for m, _ in members])
             asked.append((p, members))
@@ -194,10 +194,6 @@ def check_point(lat: float, lon: float, km: float) -> None:
         raise ValueError(f"longitude must be within +-180 degrees, got {lon:g}")
     if not (math.isfinite(km) and km > 0):
         raise ValueError(f"radius must be a positive number of km, got {km:g}")
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 # --------------------------------------------------------------------------- pulse near

@@ -197,7 +197,7 @@ def panes_of_hashes(
     table = packed.decode(values, nf) if sketch else packed.decode_stats(values, nf)
     pane = np.repeat(np.arange(len(hashes), dtype=np.int64) // parts, sizes)
     codes, uniques = factorize(names)
-    text = np.asarray([u.decode() for u in uniques], dtype=object)  # distinct names only
+    text = np.asarray([keys.text(u) for u in uniques], dtype=object)  # distinct names only
     row_pane, row_name, merged = merge_codes(table, codes, text, pane)
     lo = np.searchsorted(row_pane, np.arange(n_panes + 1))
     b_lo = np.searchsorted(merged.row, lo)
@@ -570,10 +570,6 @@ def _stream_cluster(rc: RedisCluster, commands: Sequence[bytes]) -> Generator[ob
             pool.release(conn)
 
 
-def _text(key: bytes | str) -> str:
-    return key.decode(errors="replace") if isinstance(key, bytes) else key
-
-
 def _raw_int(raw: object) -> int | None:
     """An integer field read as bytes (None when absent or empty)."""
     return int(float(raw)) if isinstance(raw, bytes | str) and raw else None
@@ -589,14 +585,14 @@ def discover(r: redis.Redis, min_partitions: int = 0, scan_count: int = 10_000) 
     found: dict[EventKind, set[int]] = {k: set(range(min_partitions)) for k in EventKind}
     pattern = f"{keys.PREFIX}:{{*}}:progress"
     for raw in r.scan_iter(match=pattern, count=scan_count):
-        key = _text(raw)
+        key = keys.text(raw)
         tag = key[key.index("{") + 1 : key.index("}")]
         kind, _, part = tag.partition(".")
         if kind in _KIND_VALUES and part.isdigit():
             found[EventKind(kind)].add(int(part))
     prefix = keys.worker_key("")
     workers = {
-        _text(raw).removeprefix(prefix)
+        keys.text(raw).removeprefix(prefix)
         for raw in r.scan_iter(match=keys.worker_key("*"), count=scan_count, _type="hash")
     }
     return Topology({k: tuple(sorted(v)) for k, v in found.items()}, tuple(sorted(workers)))

@@ -347,6 +347,13 @@ def fence_key(node: int | None = None) -> str:
     return f"{PREFIX}:fence" if node is None else f"{PREFIX}:{{fence.{node}}}"
 
 
+def text(raw: bytes | str) -> str:
+    """A key, member or field name read from the store, as text. The worker writes only
+    identifiers; bytes that are not UTF-8 (written by something else) are shown replaced, so a
+    reader lists them rather than fails."""
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+
+
 def entity(*parts: str) -> str:
     """Join identifier parts into one entity name."""
     return ENTITY_SEP.join(parts)

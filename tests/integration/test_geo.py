@@ -148,3 +148,8 @@ def test_near_lists_devices_by_distance_with_their_latest_reading(
     assert [d.device for d in far] == ["oslo-1", "oslo-2", "bergen"]
     assert {d.status for d in far} == {"stale"}  # last seen 10 minutes before this "now"
     assert near(raw, [0, 1], 0.0, 0.0, km=5, now_ms=now) == []
+    # a member another writer left, whose name is not UTF-8: listed replaced, not a failure
+    raw.geoadd(keys.geo_key(1), (BERGEN[1], BERGEN[0], b"\xffx"))
+    raw.zadd(keys.seen_key(1), {b"\xffx": minute})
+    far = near(raw, [0, 1], *BERGEN, km=5, now_ms=now)
+    assert sorted(d.device for d in far) == ["bergen", "\ufffdx"]

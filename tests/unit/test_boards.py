@@ -113,6 +113,8 @@ def test_partitions_combine_by_sum_or_max() -> None:
     assert boards.combine(parts, "sum") == {"a": 5.0, "b": 5.0, "c": 1.0}
     assert boards.combine(parts, "max") == {"a": 3.0, "b": 5.0, "c": 1.0}
     assert boards.combine([[(b"a", -7.5)], [(b"a", -2.5)]], "max") == {"a": -2.5}
+    # a member written by something else, not UTF-8: shown replaced, not a failed board
+    assert boards.combine([[(b"\xff\xfea", 1.0)]], "sum") == {"\ufffd\ufffda": 1.0}
     with pytest.raises(ValueError, match="sum or max"):
         boards.combine(parts, "sketch")
 
