@@ -248,15 +248,16 @@ class Checkpoint:
     async def _prepared(self, pending: dict[PartKey, Sequence[RawRecord]]) -> list[PartitionBatch]:
         """States loaded (fenced first if unsure), then the batches of ``pending``.
 
-        A partition whose stored state cannot be restored is refused (:meth:`_refused`): its
-        records leave ``pending``, neither applied nor acknowledged.
+        A partition whose stored state cannot be restored is refused: its records leave
+        ``pending``, neither applied nor acknowledged, and :attr:`refuse` has its reader stop
+        reading it until the next assignment (an operator resolves it; nothing is guessed).
         """
         if not pending:
             return []
         await self._fence_if_unsure()
         for pk, why in (await self._load_states(list(pending))).items():
             del pending[pk]
-            self._refused(pk, why)
+            self.refuse(pk[0], pk[1], why)
         if not pending:
             return []
         if self._resumed:
@@ -642,11 +643,6 @@ class Checkpoint:
         if replays:
             await self._replay_detectors(replays)
         return refused
-
-    def _refused(self, pk: PartKey, why: str) -> None:
-        """Stop processing a partition whose stored state cannot be restored: its reader stops
-        reading it until the next assignment (an operator resolves it; nothing is guessed)."""
-        self.refuse(pk[0], pk[1], why)
 
     async def _replay_detectors(self, replays: Mapping[PartKey, list[str]]) -> None:
         """Step restored detectors through the stored windows closed since their snapshots."""
