@@ -95,8 +95,13 @@ def make_stack(
     if acl or tls:
         envfile.prepare(home, acl=acl, tls=tls)
     secrets = envfile.env_file(home)
-    primary_port, replica_port, *kafka_ports = free_ports(2 + 2 * brokers)
+    # every port in one call: ports released by one call may come back from the next (a
+    # sentinel once got the primary's port)
+    ports = free_ports(2 + 2 * brokers + (12 if cluster else 0) + sentinels)
+    primary_port, replica_port = ports[:2]
+    kafka_ports, ports = ports[2 : 2 + 2 * brokers], ports[2 + 2 * brokers :]
     clients, controllers = kafka_ports[:brokers], kafka_ports[brokers:]
+    nodes, sentinel_ports = (ports[:12], ports[12:]) if cluster else ([], ports)
     stack_settings = StackSettings(
         home=home,
         kafka_controller_port=controllers[0],
@@ -106,13 +111,12 @@ def make_stack(
     )
     bootstrap = ",".join(f"127.0.0.1:{port}" for port in clients)
     kafka_settings = KafkaSettings(_env_file=secrets, bootstrap=bootstrap, partitions=partitions)
-    nodes = free_ports(12) if cluster else []
     store_settings = StoreSettings(
         _env_file=secrets,
         host="127.0.0.1",
         port=nodes[0] if cluster else primary_port,
         replica_port=replica_port if replica and not cluster else None,
-        sentinels=[f"127.0.0.1:{port}" for port in free_ports(sentinels)] if sentinels else [],
+        sentinels=[f"127.0.0.1:{port}" for port in sentinel_ports],
         cluster=cluster,
         cluster_ports=nodes[:6],
         cluster_bus_ports=nodes[6:],
