@@ -11,7 +11,8 @@ committed offset (written after each flush) is only a hint.
 
 Failure policy (crash-only): a flush that fails ends the process; the next start deletes what
 the flush left and re-reads the partition from its marker. SIGTERM/SIGINT flush everything
-buffered and exit 0, printing the run's counters as one JSON line.
+buffered and exit 0, printing the run's counters as one JSON line (with the partitions it
+refused and why).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.settings import ArchiveSettings
@@ -53,6 +54,8 @@ class Counters:
     segments: int = 0
     polls: int = 0
     recovered: int = 0  # partitions whose unfinished flush was undone on assignment
+    # partitions not read (their marker cannot be read) -> why: the reader's, as they stand
+    refused: dict[str, str] = field(default_factory=dict)
     first_poll_s: float | None = None  # monotonic time of the first poll with records
     last_flush_s: float | None = None  # monotonic time of the last flush
 
@@ -315,6 +318,7 @@ async def _archive(args: argparse.Namespace, store: ArchiveStore) -> Counters:
         archiver.idle,
     )
     archiver.commit_hint = reader.commit_offsets
+    archiver.counters.refused = reader.refused
     log.info("archiving %s to %s", ", ".join(topics.values()), args.url)
 
     loop = asyncio.get_running_loop()

@@ -5,7 +5,8 @@ Two load generator runs with bad and late records: one pre-produced over two hou
 the second still produces (so mid-run), restarted, and stopped once its markers reach the end of
 every input partition. The committed files must then hold the truth's valid events (on-time
 and late) per kind and partition, each (partition, offset) once, the offsets Kafka holds valid
-records at, and no temporary file.
+records at, and no temporary file. A third run, after one marker is damaged, refuses that
+partition and reports it in its counters.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.archive.layout import parse_file
+from pipeline.archive.layout import parse_file, progress_path
 from pipeline.archive.storage import ArchiveStore
 from pipeline.settings import WorkerSettings
 from pipeline.stack.testing import RunningStack, stop_child
@@ -151,4 +152,24 @@ def test_archive_holds_every_valid_event_once_across_a_sigkill(
     segments = Counter((r.kind, r.partition, r.first) for r in on_disk if r is not None)
     assert max(segments.values()) > 1, "no flush spanned two event-time hours"
     assert counters["archived"] == total_valid - at_kill
+    assert counters["refused"] == {}
     print(f"\narchive counters after the restart: {counters}")
+
+    # a marker that cannot be read: that partition is refused, and the run's counters say so
+    marker = Path(url) / progress_path(EventKind.SENSOR, 0)
+    marker.write_bytes(b"{not json")
+    third_log = tmp_path / "archive-3.log"
+    third = start_archive(pl, url, third_log)
+    try:
+        wait_for(lambda: "refusing" in third_log.read_text(errors="replace"),
+                 "the archive refused the partition of the damaged marker", 120,
+                 alive=lambda: third.poll() is None)  # fmt: skip
+    finally:
+        code = stop_child(third)
+    log_text = third_log.read_text(errors="replace")
+    assert code == 0, log_text[-3000:]
+    refused = orjson.loads(log_text.strip().splitlines()[-1])["refused"]
+    assert list(refused) == [f"{pl.topics['sensor']}/0"], refused
+    assert refused[f"{pl.topics['sensor']}/0"].startswith(
+        f"the archive marker {marker} cannot be read"
+    )
