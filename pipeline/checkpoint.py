@@ -578,6 +578,8 @@ class Checkpoint:
         m.state_size = {kind.value: self.open_windows(kind) for kind in self.topics}
         m.open_windows = sum(w for w, _ in m.state_size.values())
         m.open_entities = sum(e for _, e in m.state_size.values())
+        m.detector_entities = sum(d.watched() for d in self._detectors.values())
+        m.detector_evicted = sum(d.evicted for d in self._detectors.values())
 
     def _store_unavailable(self, exc: BaseException) -> None:
         self._metrics.store_retries += 1

@@ -56,6 +56,8 @@ REPLAY_FIELD = "@from"  # the partition's replay point (decimal window start; -1
 SNAPSHOT_EVERY = 30  # a row's state is written every this many of its steps (5 min at 10 s)
 REPLAY_WINDOWS = 2 * SNAPSHOT_EVERY  # ... and at the latest when a restore would otherwise
 # replay more closed windows than this (a row that steps rarely: a sparse or silent entity)
+MAX_ENTITIES = 50_000  # entities a partition's detectors watch at most (see _evict)
+IDLE_MS = 7 * 86_400_000  # an entity not stepped for this long (event time) is forgotten
 FLAT_MIN_READINGS = 3  # "flat" is judged on windows of at least this many readings
 FLAT_SHARE = 0.6  # ... and holds when a window's readings mostly repeat the one before them
 RANGE_SCALES = 5.0  # the range test of window signals: beyond the seen range by 5 scales
@@ -76,6 +78,7 @@ class Detected:
     fields: list[str] = field(default_factory=list)
     states: list[bytes] = field(default_factory=list)
     anomalies: list[anomaly.AnomalyRecord] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)  # state fields of forgotten entities
 
 
 MEAN_DIGITS = 10  # significant digits of a window mean the detectors see
@@ -205,6 +208,8 @@ class KindDetectors:
         params: DetectorParams | None = None,
         snapshot_every: int = SNAPSHOT_EVERY,
         replay_windows: int = REPLAY_WINDOWS,
+        max_entities: int = MAX_ENTITIES,
+        idle_ms: int = IDLE_MS,
     ) -> None:
         self.kind = kind
         self.window = window
@@ -217,6 +222,11 @@ class KindDetectors:
         self.needs_sketches = kind is EventKind.APPLOG
         self.snapshot_every = snapshot_every
         self.replay_windows = max(replay_windows, 1)
+        self.max_entities = max(max_entities, 1)
+        # an idle entity is forgotten only once a restore can no longer replay any of its
+        # steps (twice the replay span): forgetting it then is the same in every run
+        self.idle_ms = max(idle_ms, 2 * self.replay_windows * window.size_ms)
+        self.evicted = 0  # entities forgotten because a partition watched max_entities
         self._rows: dict[int, dict[str, int]] = {}  # partition -> entity -> first row of block
         self._entity: list[str] = []  # per block (row // len(signals)): its entity
         self._free: list[int] = []  # first rows of free blocks
@@ -225,6 +235,10 @@ class KindDetectors:
         self._unsaved = np.zeros(0, np.int64)  # per row: first step's start since saved, or -1
         self._phase = np.zeros(0, np.int64)  # per row: which step count % every saves it
         self.refused = 0  # stored states that could not be decoded (started afresh)
+
+    def watched(self) -> int:
+        """Entities watched, over every partition held."""
+        return sum(len(mine) for mine in self._rows.values())
 
     def restored(self, partition: int) -> bool:
         """Whether the partition's detectors are loaded."""
@@ -374,10 +388,15 @@ class KindDetectors:
         return out
 
     def _save(self, partition: int, stepped: list[npt.NDArray[np.int64]], out: Detected) -> None:
-        """The states of the rows due a snapshot and the partition's replay point."""
+        """The states of the rows due a snapshot, the fields of the entities forgotten and the
+        partition's replay point."""
         every = np.concatenate(stepped) if stepped else np.zeros(0, np.int64)
         _, first = np.unique(every, return_index=True)
         rows = every[np.sort(first)]  # each row once, in the order it first stepped
+        if rows.size:
+            out.deleted, freed = self._evict(partition, int(self._last[rows].max()))
+            if freed.size:
+                rows = rows[~np.isin(rows, freed)]
         # a row is saved every `snapshot_every` of its steps (staggered by name), not on its
         # first: until then the replay point covers its whole history
         due = self._steps[rows] % self.snapshot_every == self._phase[rows]
@@ -410,6 +429,53 @@ class KindDetectors:
         unsaved = unsaved[unsaved >= 0]
         out.fields.append(REPLAY_FIELD)
         out.states.append(str(int(unsaved.min()) if unsaved.size else -1).encode())
+
+    def _evict(self, partition: int, newest: int) -> tuple[list[str], npt.NDArray[np.int64]]:
+        """Forget the partition's entities not stepped for ``idle_ms`` before ``newest`` (the
+        newest window stepped), and past ``max_entities`` the least recently stepped (ties by
+        name) down to nine tenths of it; their state fields to delete and their freed rows.
+
+        Without this every entity ever seen (a fleet's retired devices, or identifiers that
+        change with every reading) would keep its rows in memory and its state in the store.
+        An idle entity has no step a restore replays, so forgetting it is the same in every
+        run. Which entities the cap forgets depends on how many are watched, and a restore
+        replays steps without the entities forgotten since: past the cap (an overload, counted
+        in ``evicted``) the entities watched after a restore may differ.
+        """
+        mine = self._rows[partition]
+        blocks = np.fromiter(mine.values(), np.int64, len(mine))
+        width = len(self.signals)
+        last = self._last[self._block_rows(blocks)].reshape(-1, width).max(axis=1)
+        gone = last <= newest - self.idle_ms
+        over = len(mine) - int(gone.sum()) - self.max_entities
+        names = list(mine) if over > 0 else []
+        if over > 0:
+            keep = self.max_entities - self.max_entities // 10
+            count = len(mine) - int(gone.sum()) - keep
+            live = np.flatnonzero(~gone).tolist()
+            live.sort(key=lambda i: (int(last[i]), names[i]))
+            gone[live[:count]] = True
+            self.evicted += count
+            log.warning(
+                "%s partition %d: its detectors watch more than %d entities; the %d least "
+                "recently seen are forgotten (PULSE_WORKER_DETECT_MAX_ENTITIES)",
+                self.kind.value, partition, self.max_entities, count,
+            )  # fmt: skip
+        if not gone.any():
+            return [], np.zeros(0, np.int64)
+        at = np.flatnonzero(gone)
+        names = names or list(mine)
+        forgotten = [names[i] for i in at.tolist()]
+        fields = [f"{e}{_FIELD_SEP}{s}" for e in forgotten for s in self.signals]
+        freed = self._block_rows(blocks[at])
+        self.bank.clear(freed)
+        self._last[freed] = 0
+        self._steps[freed] = 0
+        self._unsaved[freed] = -1
+        self._free.extend(blocks[at].tolist())
+        for e in forgotten:
+            del mine[e]
+        return fields, freed
 
     def _step(
         self, rows: npt.NDArray[np.int64], t: npt.NDArray[np.int64], values: npt.NDArray[np.float64]

@@ -37,6 +37,8 @@ class Metrics:
     open_windows: int = 0  # window instances held in memory (all kinds, as of the last poll)
     open_entities: int = 0  # entity values held in them
     state_size: dict[str, tuple[int, int]] = field(default_factory=dict)  # per kind
+    detector_entities: int = 0  # entities the detectors watch (as of the last poll)
+    detector_evicted: int = 0  # ... forgotten because a partition watched its cap
     durability_wait_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     apply_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     prepare_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
@@ -65,6 +67,8 @@ class Metrics:
             M.REFUSED_REASONS: "; ".join(f"{tp}: {why}" for tp, why in self.refused.items()),
             M.OPEN_WINDOWS: self.open_windows,
             M.OPEN_ENTITIES: self.open_entities,
+            M.DETECTOR_ENTITIES: self.detector_entities,
+            M.DETECTOR_EVICTED: self.detector_evicted,
             M.EVENTS_PER_S: round(self.events / elapsed, 1),
             M.PREPARE_P50_MS: pct(self.prepare_s, 50),
             M.PREPARE_P99_MS: pct(self.prepare_s, 99),

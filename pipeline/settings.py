@@ -87,6 +87,11 @@ class WorkerSettings(EventTimeSettings):
     # dimensions to the 10 s windows it reads.
     detect: bool = True
     detect_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    # entities a partition's detectors watch at most (past it the least recently seen are
+    # forgotten), and how long an entity may go unseen (event time) before it is forgotten:
+    # at least twice the span a restore replays (2 x 60 windows of 10 s)
+    detect_max_entities: int = Field(default=50_000, ge=1)
+    detect_idle_s: int = Field(default=7 * 86_400, ge=1_200)
 
     @field_validator("dims_10s", "dims_1m", mode="before")
     @classmethod

@@ -36,14 +36,16 @@ ARGV[1] is a JSON header (pipeline.store_writer.payload builds it):
   z        optional leaderboard blocks {key index, expire-at (s), mode, {score, member, ...}}:
            sorted sets whose scores are set ("set"), raised only ("gt") or incremented
            ("incr", counts: exact because the whole call applies once) by finite numbers
-  d        optional detector-state block {key index, n}: the next n (field, value) pairs of
-           ARGV after the h pairs are set in that hash (values: non-empty)
+  d        optional detector-state block {key index, n[, m]}: the next n (field, value)
+           pairs of ARGV after the h pairs are set in that hash (values: non-empty), then the
+           next m fields (forgotten entities' states) are deleted from it
   a        optional anomalies block {record key, index key, feed key, cut, cap,
            {id, t, entity, signal, cause, score, value, ...}}: one record per id follows in
            ARGV after the d pairs; each is set in the record hash, indexed by t in the index
            sorted set and added to the feed stream (MAXLEN ~ cap); then ids indexed at or
            below cut (expired) are removed from the index and the record hash
-ARGV[2..] are the fields and values of the h blocks, then the d pairs, then the anomaly records.
+ARGV[2..] are the fields and values of the h blocks, then the d pairs and fields, then the anomaly
+records.
 Returns {1, new applied offset} when applied, {0, applied offset} when the expectation failed, and
 an error reply "ERR pulse_apply: <what is wrong>" for a malformed call.
 
@@ -204,20 +206,27 @@ local function boards(p, keys, used)
   return out
 end
 
--- the optional detector-state block d: {key, first ARGV index, last}; returns the next index
+-- the optional detector-state block d: {key, first ARGV index, last set, last deleted};
+-- returns the next index
 local function detector_states(p, keys, used, args, at, plan)
   if p.d == nil then return at end
-  if not is_array(p.d) or #p.d ~= 2 then bad('d must be {key index, n}') end
+  if not is_array(p.d) or (#p.d ~= 2 and #p.d ~= 3) then bad('d must be {key index, n[, m]}') end
   local k = key_at(p.d[1], 'd', keys, used)
-  local n = p.d[2]
+  local n, m = p.d[2], p.d[3] or 0
   if not is_int(n) or n < 1 then bad('d: n must be an integer >= 1') end
+  if not is_int(m) or m < 0 then bad('d: m must be an integer >= 0') end
   local last = at + 2 * n - 1
-  if last > #args then bad('d: needs %d field/value pairs, the call has %d arguments', n, #args) end
+  if last + m > #args then
+    bad('d: needs %d field/value pairs and %d fields, the call has %d arguments', n, m, #args)
+  end
   for a = at, last, 2 do
     if #args[a] == 0 or #args[a + 1] == 0 then bad('d: field or value %d is empty', (a - at) / 2 + 1) end
   end
-  plan.d = {k, at, last}
-  return last + 1
+  for a = last + 1, last + m do
+    if #args[a] == 0 then bad('d: field to delete %d is empty', a - last) end
+  end
+  plan.d = {k, at, last, last + m}
+  return last + m + 1
 end
 
 -- the optional anomalies block a (see the header doc); returns the next ARGV index
@@ -398,9 +407,12 @@ local function write(plan, args)
     redis.call('EXPIREAT', k, w[2])
   end
   if plan.d then
-    local k, first, last = plan.d[1], plan.d[2], plan.d[3]
+    local k, first, last, gone = plan.d[1], plan.d[2], plan.d[3], plan.d[4]
     for i = first, last, 2 * CHUNK do
       redis.call('HSET', k, unpack(args, i, math.min(i + 2 * CHUNK - 1, last)))
+    end
+    for i = last + 1, gone, CHUNK do
+      redis.call('HDEL', k, unpack(args, i, math.min(i + CHUNK - 1, gone)))
     end
   end
   if plan.a then

@@ -134,8 +134,9 @@ def payload(
     det = batch.detected
     if det is not None and det.fields:
         key_list.append(keys.detector_key(kind, part))
-        header["d"] = [len(key_list), len(det.fields)]
+        header["d"] = [len(key_list), len(det.fields), len(det.deleted)]
         args.extend(chain.from_iterable(zip(det.fields, det.states, strict=True)))
+        args.extend(det.deleted)
     if det is not None and det.anomalies:
         key_list.append(keys.anomalies_key(kind, part))
         key_list.append(keys.anomaly_index_key(kind, part))

@@ -101,7 +101,13 @@ def create_app(
     detectors = {}
     if worker.detect:
         detectors = {
-            kind: KindDetectors(kind, keys.WINDOW_10S, window_params(kind, worker.detect_threshold))
+            kind: KindDetectors(
+                kind,
+                keys.WINDOW_10S,
+                window_params(kind, worker.detect_threshold),
+                max_entities=worker.detect_max_entities,
+                idle_ms=worker.detect_idle_s * 1000,
+            )
             for kind in EventKind
         }
     checkpoint = Checkpoint(

@@ -155,6 +155,9 @@ class WorkerMetric:
     REFUSED_REASONS: Final = "refused_reasons"
     OPEN_WINDOWS: Final = "open_windows"
     OPEN_ENTITIES: Final = "open_entities"
+    DETECTOR_ENTITIES: Final = "detector_entities"  # entities the anomaly detectors watch
+    # entities forgotten because a partition's detectors watched PULSE_WORKER_DETECT_MAX_ENTITIES
+    DETECTOR_EVICTED: Final = "detector_evicted"
     EVENTS_PER_S: Final = "events_per_s"
     PREPARE_P50_MS: Final = "prepare_p50_ms"
     PREPARE_P99_MS: Final = "prepare_p99_ms"

@@ -12,16 +12,22 @@ import orjson
 import pytest
 import redis
 
+from pipeline.detection import Detected
+from pipeline.store_writer import payload
 from schemas import keys
 from schemas.events import EventKind
 from tests.integration.test_store_functions import (  # noqa: F401  (fixtures)
+    RETENTION,
     Call,
     Seeded,
     check_applies,
     check_refused,
+    clock,
     lib,
     raw,
+    run_batch,
     seeded,
+    sensor_records,
     snapshot,
 )
 
@@ -36,10 +42,12 @@ def with_analytics(
     *,
     boards: list[tuple[str, str, list[Any]]] | None = None,
     states: dict[bytes, bytes] | None = None,
+    deleted: list[bytes] | None = None,
     anomalies: list[tuple[str, int, bytes]] | None = None,
     cut: int = 0,
 ) -> Call:
-    """Add z blocks (key, mode, pairs), a d block and an a block to a valid call."""
+    """Add z blocks (key, mode, pairs), a d block (states set, then fields ``deleted``) and an
+    a block to a valid call."""
     z = []
     for key, mode, pairs in (
         boards
@@ -59,6 +67,9 @@ def with_analytics(
         c.header["d"] = [len(c.keys), len(states)]
         for f, v in states.items():
             c.args += [f, v]
+        if deleted is not None:
+            c.header["d"].append(len(deleted))
+            c.args += deleted
     anomalies = anomalies if anomalies is not None else [("a1", T, b"R1"), ("a2", T + 10, b"R2")]
     if anomalies:
         c.keys += [keys.anomalies_key(S, 0), keys.anomaly_index_key(S, 0), keys.feed_key(S, 0)]
@@ -120,6 +131,42 @@ def test_boards_states_and_anomalies_apply_with_the_offset(
     assert r.zscore(keys.board_key(S, 0, keys.Board.DEVICE_ANOMALIES, T), "d1") == 5.0
 
 
+def test_forgotten_detector_states_are_deleted_with_the_offset(
+    seeded: Seeded, raw: redis.Redis
+) -> None:
+    r = seeded.r
+    first = with_analytics(seeded.next_call(), deleted=[])
+    assert first.send(r)[0] == 1
+    det = keys.detector_key(S, 0)
+    assert raw.hgetall(det) == {b"d1|temp~mean": b"S1", b"d1|temp~max": b"S2"}
+    nxt = seeded.next_call()
+    nxt.header["expect"] = first.header["offset"]
+    nxt.header["offset"] = first.header["offset"] + 20
+    gone = [b"d1|temp~max", b"never~saved"]  # deleting a field the hash lacks is no error
+    with_analytics(nxt, boards=[], states={b"d2|co2~mean": b"S3"}, deleted=gone, anomalies=[])
+    before = snapshot(raw)
+    check_applies(r, raw, nxt)
+    assert raw.hgetall(det) == {b"d1|temp~mean": b"S1", b"d2|co2~mean": b"S3"}
+    # a redelivery deletes nothing more and sets nothing again
+    after = snapshot(raw)
+    assert nxt.send(r)[0] == 0
+    assert snapshot(raw) == after != before
+
+
+def test_the_writer_sends_the_states_to_delete_in_its_d_block(
+    seeded: Seeded, raw: redis.Redis
+) -> None:
+    det = keys.detector_key(S, 0)
+    raw.hset(det, mapping={b"gone~mean": b"S0", b"kept~mean": b"S1"})
+    t = seeded.t0 + 160_000
+    batch = run_batch(S, 0, sensor_records(seeded.state.offset + 1, 20, t), seeded.state, clock())
+    batch.detected = Detected(["new~mean", "@from"], [b"S2", b"-1"], [], ["gone~mean"])
+    call = Call.of(*payload(batch, RETENTION, clock(), topic="t.sensor", owner="w2"))
+    assert call.header["d"][1:] == [2, 1]
+    check_applies(seeded.r, raw, call)
+    assert raw.hgetall(det) == {b"kept~mean": b"S1", b"new~mean": b"S2", b"@from": b"-1"}
+
+
 def test_expired_anomalies_leave_the_index_and_the_records(
     seeded: Seeded, raw: redis.Redis
 ) -> None:
@@ -151,6 +198,11 @@ def a_set(i: int, value: Any) -> Mutation:
     return mutate
 
 
+def empty_field_to_delete(c: Call) -> None:
+    c.header["d"].append(1)
+    c.args.insert(len(c.args) - 2, b"")  # before the two anomaly records
+
+
 def inf_score(c: Call) -> None:
     c.header["z"][-1][3] = [123456789, "d9"]
     c.text = orjson.dumps(c.header).replace(b"123456789", b"1e999")
@@ -168,7 +220,10 @@ MALFORMED: dict[str, tuple[Mutation, str]] = {
     "z key index of the progress hash": (z_set(0, 1), "is not within 2.."),
     "d n one too many": (lambda c: c.header["d"].__setitem__(1, c.header["d"][1] + 1), "needs"),
     "d n zero": (lambda c: c.header["d"].__setitem__(1, 0), "d: n must be an integer >= 1"),
-    "d not a pair": (lambda c: c.header.update(d=[3]), "d must be {key index, n}"),
+    "d not a pair": (lambda c: c.header.update(d=[3]), "d must be {key index, n[, m]}"),
+    "d m negative": (lambda c: c.header["d"].append(-1), "d: m must be an integer >= 0"),
+    "d m beyond the call": (lambda c: c.header["d"].append(9), "and 9 fields, the call has"),
+    "d field to delete empty": (empty_field_to_delete, "d: field to delete 1 is empty"),
     "a too short": (lambda c: c.header["a"].pop(), "a must be {record key"),
     "a cut fractional": (a_set(3, 0.5), "a: cut must be an integer"),
     "a cap zero": (a_set(4, 0), "a: cap must be an integer >= 1"),

@@ -16,6 +16,7 @@ from pipeline.detection import (
     CONTEXT_SIGNALS,
     REPLAY_FIELD,
     SNAPSHOT_EVERY,
+    Detected,
     KindDetectors,
     error_evidence,
     signal_values,
@@ -337,6 +338,93 @@ def test_a_rarely_seen_entity_never_pins_the_replay_point(crash_at: int) -> None
         assert replay_from == -1 or (w[0] - replay_from) // size < 20
         got += found.anomalies
     assert [(a.id, a.score) for a in got] == [(a.id, a.score) for a in expected]
+
+
+def _windows_of_devices(devices: list[list[str]]) -> list[tuple[int, list[str], packed.Table]]:
+    """Closed 10 s windows, window i holding three readings of each of ``devices[i]``."""
+    rng = np.random.default_rng(7)
+    out = []
+    for i, devs in enumerate(devices):
+        t = T0 + i * 10_000
+        evs = [
+            reading(t + j, d, "temp", 20 + rng.standard_normal()) for d in devs for j in range(3)
+        ]
+        (d,) = aggregation.aggregate(
+            aggregation.sensor_columns(evs), [(keys.WINDOW_10S, (keys.Dim.DEVICE,))]
+        )
+        out.append((d.start_ms, list(d.names), d.table))
+    return out
+
+
+def _apply(stored: dict[bytes, bytes], found: Detected) -> None:
+    """What ``pulse_apply``'s d block does to the partition's state hash."""
+    stored.update(zip((f.encode() for f in found.fields), found.states, strict=True))
+    for f in found.deleted:
+        stored.pop(f.encode(), None)
+
+
+@pytest.mark.parametrize("crash_at", [None, 30, 44, 100, 125])
+def test_an_idle_entity_is_forgotten_in_memory_and_in_the_store(crash_at: int | None) -> None:
+    """d2 is seen in windows 0-3 and 120: forgotten once its last step is ``idle`` old (the
+    least allowed: twice the replay span), its stored states deleted with it; back in window
+    120 it starts afresh. A restore at any point continues exactly, to the same stored hash."""
+    devices = [["d1", "d2"] if i in {0, 1, 2, 3, 120} else ["d1"] for i in range(150)]
+    wins = _windows_of_devices(devices)
+    size = keys.WINDOW_10S.size_ms
+
+    def make() -> KindDetectors:
+        return KindDetectors(S, keys.WINDOW_10S, replay_windows=20, idle_ms=size)
+
+    assert make().idle_ms == 40 * size  # raised to twice the replay span
+    det = make()
+    stored: dict[bytes, bytes] = {}
+    got, deleted_at = [], []
+    for i, w in enumerate(wins):
+        if i == crash_at:
+            det = make()
+            since = det.restore(0, stored)
+            det.replay(0, [x for x in wins[:i] if since is not None and x[0] >= since])
+        found = det.detect(0, [w])
+        if found.deleted:
+            deleted_at.append((i, sorted(found.deleted)))
+        _apply(stored, found)
+        got += found.anomalies
+        assert ("d2|temp" in det._rows[0]) == (i < 43 or i >= 120), i
+        if 43 <= i < 120:
+            assert not [f for f in stored if f.startswith(b"d2|")], i
+    assert deleted_at == [(43, ["d2|temp~flat", "d2|temp~max", "d2|temp~mean"])]
+    assert det._steps[det._rows[0]["d2|temp"]] == 1  # back in window 120: a fresh start
+    whole = make()
+    whole_stored: dict[bytes, bytes] = {}
+    expected = []
+    for w in wins:
+        found = whole.detect(0, [w])
+        _apply(whole_stored, found)
+        expected += found.anomalies
+    assert [(a.id, a.score) for a in got] == [(a.id, a.score) for a in expected]
+    assert stored == whole_stored
+
+
+def test_past_the_cap_the_least_recently_seen_entities_are_forgotten() -> None:
+    """Identifiers that change with every reading (a hostile or broken producer) no longer
+    grow a partition's detectors without bound: past the cap the least recently stepped go
+    (down to nine tenths of it), and a device seen in every window keeps its history."""
+    devices = [["d1", *(f"x{i}-{k}" for k in range(5))] for i in range(40)]
+    det = KindDetectors(S, keys.WINDOW_10S, max_entities=10)
+    rows_at_10 = 0
+    deleted: list[str] = []
+    for i, w in enumerate(_windows_of_devices(devices)):
+        found = det.detect(0, [w])
+        deleted += found.deleted
+        assert det.watched() <= 10
+        if i == 10:
+            rows_at_10 = len(det.bank)
+    assert len(det.bank) == rows_at_10  # forgotten rows are reused: memory stays flat
+    assert det._steps[det._rows[0]["d1|temp"]] == 40  # never forgotten
+    assert det.evicted == len(deleted) // 3 > 150
+    assert all(f.startswith("x") for f in deleted)
+    # the newest churned identifiers are kept, the oldest forgotten
+    assert {e for e in det._rows[0] if e.startswith("x39-")} == {f"x39-{k}|temp" for k in range(5)}
 
 
 def test_a_damaged_stored_state_starts_afresh_and_never_raises() -> None:
