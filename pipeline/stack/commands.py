@@ -129,17 +129,16 @@ def _stack(args: argparse.Namespace) -> Stack:
     return Stack(settings, kafka, store)
 
 
-def _fail(command: str, message: str) -> int:
+def _fail(command: str, message: str, status: int = 1) -> int:
     sys.stderr.write(f"pulse {command}: {message}\n")
-    return 1
+    return status
 
 
-def _settings_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    if not where:  # a rule between settings
-        return f"Invalid settings ({exc.title}): {first['msg'].removeprefix('Value error, ')}."
-    return f"Invalid setting {where} ({exc.title}): {first['msg']}."
+def _bad_setting(command: str, exc: ValidationError) -> int:
+    """A bad ``PULSE_*`` setting: one sentence naming it, exit status 2 (as every command)."""
+    from pipeline.cli import settings_error
+
+    return _fail(command, settings_error(exc), 2)
 
 
 def up(args: argparse.Namespace) -> int:
@@ -154,7 +153,7 @@ def up(args: argparse.Namespace) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         return _fail("up", f"Cannot prepare the stack's files: {exc.strerror or exc}{where}.")
     except ValidationError as exc:
-        return _fail("up", _settings_error(exc))
+        return _bad_setting("up", exc)
     for status, started in results:
         verb = "started" if started else "already running"
         print(f"{status.service}: {verb} on 127.0.0.1:{status.port} (pid {status.pid})")
@@ -183,7 +182,7 @@ def down(args: argparse.Namespace) -> int:
     except StackError as exc:
         return _fail("down", str(exc))
     except ValidationError as exc:
-        return _fail("down", _settings_error(exc))
+        return _bad_setting("down", exc)
     for service, was_running in results:
         print(f"{service}: {'stopped' if was_running else 'not running'}")
     return 0
@@ -200,7 +199,7 @@ def status(args: argparse.Namespace) -> int:
     except StackError as exc:
         return _fail("status", str(exc))
     except ValidationError as exc:
-        return _fail("status", _settings_error(exc))
+        return _bad_setting("status", exc)
     table = Table("service", "state", "port", "pid", "data dir")
     for row in rows:
         state = "[green]running[/]" if row.running else "[red]stopped[/]"

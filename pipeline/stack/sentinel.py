@@ -63,7 +63,9 @@ class SentinelSettings(BaseSettings):
     """How the sentinels decide (``PULSE_SENTINEL_*``); applied when a sentinel's config is
     first written (Sentinel owns the file afterwards)."""
 
-    model_config = SettingsConfigDict(env_prefix="PULSE_SENTINEL_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PULSE_SENTINEL_", extra="ignore", allow_inf_nan=False
+    )
 
     # sentinels that must agree the primary is down (default: a majority of them)
     quorum: int | None = Field(default=None, ge=1)

@@ -202,6 +202,14 @@ def test_times_are_iso_or_epoch(text: str, ms: int) -> None:
     assert parse_time(text) == ms
 
 
+@pytest.mark.parametrize(
+    "text", ["9999-12-31T23:59:59", "99999999999999999999", "0001-01-01T00:00+14:00"]
+)
+def test_times_a_date_cannot_print_are_one_sentence(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^expected a time from 1970-01-01 to 9999-12-31T00:00"):
+        parse_time(text)
+
+
 # --------------------------------------------------------------------------- reads (fake store)
 
 

@@ -22,6 +22,32 @@ def test_a_wrong_setting_of_one_command_does_not_stop_another(
     assert "archive" in capsys.readouterr().out  # every command is still listed
 
 
+@pytest.mark.parametrize(
+    ("command", "setting", "value", "said"),
+    [
+        ("worker", "PULSE_WORKER_ALLOWED_LATENESS_S", "inf", "Input should be a finite number"),
+        ("archive", "PULSE_ARCHIVE_HEARTBEAT_INTERVAL_S", "nan", "Input should be a finite"),
+        ("worker", "PULSE_WORKER_APP_ID", "", "String should have at least 1 character"),
+        ("status", "PULSE_KAFKA_CONTROLLER_PORTS", "x", "Input should be a valid integer"),
+        ("status", "PULSE_KAFKA_BROKERS", "0", "Input should be greater than or equal to 1"),
+    ],
+)
+def test_a_setting_no_process_could_run_with_is_one_sentence_before_any_wait(
+    command: str,
+    setting: str,
+    value: str,
+    said: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("PULSE_HOME", str(tmp_path))
+    monkeypatch.setenv(setting, value)
+    assert cli.main([command]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"pulse {command}: {setting}: {said}"), line
+
+
 def test_a_wrong_setting_is_said_by_the_command_that_reads_it(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -36,7 +62,10 @@ def test_a_wrong_setting_is_said_by_the_command_that_reads_it(
     ("argv", "said"),
     [
         (["demo", "--rate", "-5"], "pulse demo: Argument --rate: must be >= 0, got -5."),
-        (["demo", "--devices", "0"], "pulse demo: Argument --devices: must be >= 1, got 0."),
+        (
+            ["demo", "--devices", "0"],
+            "pulse demo: Argument --devices: must be within [1, 1000000], got 0.",
+        ),
         (
             ["demo", "--anomaly-rate", "7"],
             "pulse demo: Argument --anomaly-rate: must be within [0, 1], got 7.",

@@ -72,7 +72,13 @@ def test_jsonl_output_round_trips_and_matches_the_generator(
         (["--rate", "-5"], "--rate: must be >= 0"),
         (["--bad-rate", "1.5"], "--bad-rate: must be within [0, 1]"),
         (["--late-rate", "x"], "--late-rate: expected a number"),
-        (["--devices", "0"], "--devices: must be >= 1"),
+        (["--devices", "0"], "--devices: must be within [1, 1000000], got 0"),
+        # beyond what one generator can simulate (its arrays, its int64 event times)
+        (["--rate", "99999999999999999999999"], "--rate: must be within [0, 10000000]"),
+        (["--sim-rate", "99999999999999999999"], "--sim-rate: must be within [0, 10000000]"),
+        (["--duration", "99999999999999999999"], "--duration: must be within [1, 315360000]"),
+        (["--services", "99999999999"], "--services: must be within [1, 10000]"),
+        (["--start-ms", "99999999999999999999"], "--start-ms: must be within [0, "),
     ],
 )
 def test_bad_arguments_are_one_sentence_errors(
