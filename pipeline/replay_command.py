@@ -443,6 +443,9 @@ async def read_archive(
         return await _read_archive(ArchiveStore(cfg.archive_url), cfg, rebuilds, stored)
     except ArchiveError as exc:
         raise ReplayRefused(f"{exc}.") from None
+    except OSError as exc:  # not a directory, no such file, no permission: nothing written
+        why = str(exc).rstrip(".")
+        raise ReplayRefused(f"cannot read the archive at {cfg.archive_url}: {why}.") from None
 
 
 async def _read_archive(
@@ -528,6 +531,7 @@ async def read_kafka(
     """Fold each partition's records from where the range may begin until it closed (or up
     to the store's applied offset); refuse what Kafka no longer holds."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.errors import KafkaError
 
     unparsable = unparsable_errors()
     rng = cfg.rng
@@ -540,7 +544,16 @@ async def read_kafka(
         fetch_max_bytes=32 * 1024 * 1024,
         **cfg.kafka_security,
     )
-    await consumer.start()
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)  # a Kafka that is down is said once, below
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise ReplayRefused(f"cannot read Kafka at {cfg.bootstrap}: {exc}.") from None
+    finally:
+        client_log.setLevel(level)
     meter: Meter | None = None
     try:
         tps: dict[TopicPartition, tuple[EventKind, int]] = {}

@@ -171,6 +171,11 @@ class StoreSettings(_HomeEnvFile):
     cluster_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
     cluster_bus_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
 
+    @field_validator("replica_port", mode="before")
+    @classmethod
+    def _no_replica(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("cluster_ports", "cluster_bus_ports", mode="before")
     @classmethod
     def _split_ports(cls, value: object) -> object:

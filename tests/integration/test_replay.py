@@ -14,6 +14,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -22,7 +23,7 @@ import redis
 
 from pipeline.archive.storage import ArchiveStore
 from pipeline.replay import MINUTE_MS
-from pipeline.stack.testing import RunningStack, stop_child
+from pipeline.stack.testing import RunningStack, free_ports, stop_child
 from schemas import anomaly, keys
 from schemas.events import EventKind
 from tests.integration.harness import Pipeline, wait_for
@@ -238,6 +239,18 @@ def test_replay_rebuilds_a_deleted_range_exactly(stack: RunningStack, tmp_path: 
     assert res.returncode == 1, res.stderr
     assert res.stderr.startswith(f"pulse replay: the archive at {url} cannot be read: "), res.stderr
     assert res.stderr.count("\n") == 1
+    # an archive URL that is a file, and a Kafka that does not answer
+    (not_a_dir := tmp_path / "a-file").write_bytes(b"")
+    res = pl.pulse("replay", f"--from={t1}", f"--to={t2}", f"--url={not_a_dir}")
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith(f"pulse replay: cannot read the archive at {not_a_dir}: ")
+    assert res.stderr.count("\n") == 1, res.stderr
+    (closed,) = free_ports(1)
+    down = replace(pl, env={**pl.env, "PULSE_KAFKA_BOOTSTRAP": f"127.0.0.1:{closed}"})
+    res = down.pulse("replay", f"--from={t1}", f"--to={t2}", "--source=kafka")
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith("pulse replay: cannot read Kafka at 127.0.0.1:"), res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
     assert contents(raw, doomed + anomaly_keys) == first
     client.close()
     raw.close()

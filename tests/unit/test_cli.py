@@ -123,3 +123,13 @@ def test_a_file_to_write_is_checked_before_a_long_run(
             cli.main(argv)
         assert exc.value.code == 2
         assert capsys.readouterr().err.splitlines()[0] == said
+
+
+@pytest.mark.parametrize(("value", "port"), [("", None), (" ", None), ("6390", 6390)])
+def test_an_empty_replica_port_means_no_replica(
+    value: str, port: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from schemas.settings import StoreSettings
+
+    monkeypatch.setenv("PULSE_STORE_REPLICA_PORT", value)
+    assert StoreSettings().replica_port == port
