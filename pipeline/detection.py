@@ -56,7 +56,7 @@ REPLAY_FIELD = "@from"  # the partition's replay point (decimal window start; -1
 SNAPSHOT_EVERY = 30  # a row's state is written every this many of its steps (5 min at 10 s)
 REPLAY_WINDOWS = 2 * SNAPSHOT_EVERY  # ... and at the latest when a restore would otherwise
 # replay more closed windows than this (a row that steps rarely: a sparse or silent entity)
-MAX_ENTITIES = 50_000  # entities a partition's detectors watch at most (see _evict)
+MAX_ENTITIES = 20_000  # entities a partition's detectors watch at most (see _evict)
 IDLE_MS = 7 * 86_400_000  # an entity not stepped for this long (event time) is forgotten
 FLAT_MIN_READINGS = 3  # "flat" is judged on windows of at least this many readings
 FLAT_SHARE = 0.6  # ... and holds when a window's readings mostly repeat the one before them
@@ -227,6 +227,7 @@ class KindDetectors:
         # steps (twice the replay span): forgetting it then is the same in every run
         self.idle_ms = max(idle_ms, 2 * self.replay_windows * window.size_ms)
         self.evicted = 0  # entities forgotten because a partition watched max_entities
+        self._capped: set[int] = set()  # partitions whose cap was said (once while held)
         self._rows: dict[int, dict[str, int]] = {}  # partition -> entity -> first row of block
         self._entity: list[str] = []  # per block (row // len(signals)): its entity
         self._free: list[int] = []  # first rows of free blocks
@@ -290,6 +291,7 @@ class KindDetectors:
     def drop(self, partition: int) -> None:
         """Forget a partition's detectors (restored from the store when next needed)."""
         blocks = list(self._rows.pop(partition, {}).values())
+        self._capped.discard(partition)
         if blocks:
             idx = self._block_rows(np.asarray(blocks, dtype=np.int64))
             self.bank.clear(idx)
@@ -456,11 +458,13 @@ class KindDetectors:
             live.sort(key=lambda i: (int(last[i]), names[i]))
             gone[live[:count]] = True
             self.evicted += count
-            log.warning(
-                "%s partition %d: its detectors watch more than %d entities; the %d least "
-                "recently seen are forgotten (PULSE_WORKER_DETECT_MAX_ENTITIES)",
-                self.kind.value, partition, self.max_entities, count,
-            )  # fmt: skip
+            if partition not in self._capped:  # then counted in the metrics hash only
+                self._capped.add(partition)
+                log.warning(
+                    "%s partition %d: its detectors watch more than %d entities; the least "
+                    "recently seen are forgotten (PULSE_WORKER_DETECT_MAX_ENTITIES)",
+                    self.kind.value, partition, self.max_entities,
+                )  # fmt: skip
         if not gone.any():
             return [], np.zeros(0, np.int64)
         at = np.flatnonzero(gone)

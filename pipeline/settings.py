@@ -99,7 +99,7 @@ class WorkerSettings(EventTimeSettings):
     # entities a partition's detectors watch at most (past it the least recently seen are
     # forgotten), and how long an entity may go unseen (event time) before it is forgotten:
     # at least twice the span a restore replays (2 x 60 windows of 10 s)
-    detect_max_entities: int = Field(default=50_000, ge=1)
+    detect_max_entities: int = Field(default=20_000, ge=1)
     detect_idle_s: int = Field(default=7 * 86_400, ge=1_200)
 
     @field_validator("dims_10s", "dims_1m", mode="before")
