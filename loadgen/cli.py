@@ -20,7 +20,14 @@ from loadgen.settings import (
     MAX_SERVICES,
     LoadgenSettings,
 )
-from schemas.argtypes import LATEST_MS, fraction, int_within, new_file, non_negative_int
+from schemas.argtypes import (
+    LATEST_MS,
+    fraction,
+    int_within,
+    new_file,
+    non_negative_int,
+    servers,
+)
 from schemas.settings import EventTimeSettings, KafkaSettings
 
 if TYPE_CHECKING:
@@ -123,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.jsonl",
         help="write records to this JSONL file instead of Kafka",
     )
-    a("--bootstrap", default=None, metavar="HOST:PORT",
+    a("--bootstrap", type=servers, default=None, metavar="HOST:PORT",
       help="Kafka bootstrap servers (default: PULSE_KAFKA_BOOTSTRAP)")  # fmt: skip
 
 
@@ -136,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     settings = LoadgenSettings()
     kafka = KafkaSettings()
     worker = EventTimeSettings()  # the worker's bounds, from PULSE_WORKER_*
+    if None not in (args.truth, args.output) and args.truth.resolve() == args.output.resolve():
+        print("pulse loadgen: --truth and --output name the same file.", file=sys.stderr)
+        return 2
     if args.bootstrap:
         kafka = kafka.model_copy(update={"bootstrap": args.bootstrap})
     now_ms = int(time.time()) * 1000

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -136,6 +136,10 @@ class WorkerSettings(EventTimeSettings):
         return self
 
 
+MAX_FLUSH_ROWS: Final = 10_000_000  # the archive's flush bounds (rows per file, seconds)
+MAX_FLUSH_SECONDS: Final = 86_400.0
+
+
 class ArchiveSettings(BaseSettings):
     """The raw-event archive (``pulse archive``): where it writes and when it flushes.
 
@@ -150,8 +154,8 @@ class ArchiveSettings(BaseSettings):
     )
 
     url: str = ""
-    max_rows: int = Field(default=100_000, ge=1, le=10_000_000)
-    max_seconds: float = Field(default=60.0, gt=0, le=86_400.0)
+    max_rows: int = Field(default=100_000, ge=1, le=MAX_FLUSH_ROWS)
+    max_seconds: float = Field(default=60.0, gt=0, le=MAX_FLUSH_SECONDS)
     group_id: str = Field(default="pulse-archive", min_length=1)
     batch_max: int = Field(default=20_000, ge=1)
     poll_timeout_s: float = Field(default=0.5, gt=0)

@@ -73,6 +73,23 @@ def non_negative_seconds(text: str) -> float:
     return value
 
 
+def check_servers(value: str) -> str:
+    """``HOST:PORT[,HOST:PORT...]`` (Kafka bootstrap servers); ValueError in one sentence."""
+    for server in value.split(","):
+        host, sep, port = server.strip().rpartition(":")
+        if not (host and sep and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"expected HOST:PORT[,HOST:PORT...], got {value!r}")
+    return value
+
+
+def servers(text: str) -> str:
+    """Kafka bootstrap servers (:func:`check_servers`)."""
+    try:
+        return check_servers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def name(text: str) -> str:
     """A name by the identifier rule (``schemas.idents``: 1 to 64 of ``A-Z a-z 0-9 _ . -``)."""
     if len(text) > IDENT_MAX_LENGTH or not re.match(IDENT_PATTERN, text):
@@ -93,6 +110,12 @@ def new_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise argparse.ArgumentTypeError(f"directory {parent} is not writable")
+    if not path.exists():  # os.access says yes to root (and to a path no file can be made at)
+        try:
+            path.touch(exist_ok=False)
+            path.unlink()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot write {text}: {exc.strerror}") from None
     return path
 
 

@@ -14,7 +14,7 @@ import functools
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict, cast, overload
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypedDict, cast, overload
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -61,6 +61,10 @@ class _HomeEnvFile(BaseSettings):
         return init_settings, env_settings, dotenv_settings, file_secret_settings
 
 
+# Kafka's rule for topic names (249 characters at most of these)
+TOPIC_PATTERN: Final = r"^[A-Za-z0-9._-]{1,249}$"
+
+
 class KafkaSettings(_HomeEnvFile):
     """Where the broker is, which topics Pulse uses, and how to reach it (``PLAINTEXT``/``SSL``).
 
@@ -74,14 +78,34 @@ class KafkaSettings(_HomeEnvFile):
 
     bootstrap: str = "127.0.0.1:9092"
     partitions: int = Field(default=6, ge=1, le=256)
-    sensor_topic: str = "pulse.sensor"
-    applog_topic: str = "pulse.applog"
-    deadletter_topic: str = "pulse.deadletter"
-    late_topic: str = "pulse.late"
+    sensor_topic: str = Field(default="pulse.sensor", pattern=TOPIC_PATTERN)
+    applog_topic: str = Field(default="pulse.applog", pattern=TOPIC_PATTERN)
+    deadletter_topic: str = Field(default="pulse.deadletter", pattern=TOPIC_PATTERN)
+    late_topic: str = Field(default="pulse.late", pattern=TOPIC_PATTERN)
     security_protocol: Literal["PLAINTEXT", "SSL"] = "PLAINTEXT"
     ssl_ca_file: FilePath | None = None  # the CA that signed the broker's certificate
     ssl_cert_file: FilePath | None = None  # this client's certificate (the broker may require one)
     ssl_key_file: FilePath | None = None
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _servers(cls, value: str) -> str:
+        from schemas.argtypes import check_servers
+
+        return check_servers(value)
+
+    @model_validator(mode="after")
+    def _usable(self) -> KafkaSettings:
+        if len(set(self.topics)) < len(self.topics):
+            raise ValueError(
+                "PULSE_KAFKA_{SENSOR,APPLOG,DEADLETTER,LATE}_TOPIC must name four topics, got "
+                + ", ".join(self.topics)
+            )
+        try:  # a CA or key this process cannot use is said now, not waited on as an outage
+            self.ssl_context()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ValueError(f"PULSE_KAFKA_SSL_*_FILE cannot be used: {exc}") from None
+        return self
 
     @property
     def topics(self) -> list[str]:

@@ -28,8 +28,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipeline.settings import MAX_FLUSH_ROWS as MAX_ROWS
+from pipeline.settings import MAX_FLUSH_SECONDS as MAX_SECONDS
 from pipeline.settings import ArchiveSettings
-from schemas.argtypes import positive_int
+from schemas.argtypes import int_within
 from schemas.events import EventKind
 
 if TYPE_CHECKING:
@@ -211,12 +213,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a(
         "--url",
+        type=_url,
         default=s.resolved_url(),
         help="where to archive: a local path or any fsspec URL (default: %(default)s)",
     )
     a(
         "--max-rows",
-        type=positive_int,
+        type=int_within(1, MAX_ROWS),
         default=s.max_rows,
         metavar="N",
         help="flush a partition once it holds N rows; no file holds more (default: %(default)s)",
@@ -237,9 +240,15 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be within (0, {MAX_SECONDS:g}] seconds, got {text}")
     return value
+
+
+def _url(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path or an fsspec URL, got ''")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

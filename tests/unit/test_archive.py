@@ -373,9 +373,12 @@ def test_local_archive_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--max-rows", "0"], "pulse archive: Argument --max-rows: must be >= 1, got 0."),
+        (["--max-rows", "0"], "pulse archive: Argument --max-rows: must be within [1, 10000000]"),
         (["--max-rows", "x"], "pulse archive: Argument --max-rows: expected a whole number"),
-        (["--max-seconds", "-1"], "--max-seconds: must be a positive number of seconds"),
+        (["--max-seconds", "-1"], "--max-seconds: must be within (0, 86400] seconds"),
+        (["--max-seconds", "1e10"], "--max-seconds: must be within (0, 86400] seconds"),
+        (["--max-rows", "99999999999"], "--max-rows: must be within [1, 10000000]"),
+        (["--url="], "--url: expected a path or an fsspec URL"),
         (["--bogus"], "pulse archive: Unrecognized arguments: --bogus."),
     ],
 )

@@ -133,3 +133,30 @@ def test_an_empty_replica_port_means_no_replica(
 
     monkeypatch.setenv("PULSE_STORE_REPLICA_PORT", value)
     assert StoreSettings().replica_port == port
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"PULSE_KAFKA_BOOTSTRAP": ""}, "PULSE_KAFKA_BOOTSTRAP: expected HOST:PORT"),
+        ({"PULSE_KAFKA_BOOTSTRAP": "x:y"}, "PULSE_KAFKA_BOOTSTRAP: expected HOST:PORT"),
+        ({"PULSE_KAFKA_SENSOR_TOPIC": "bad topic!"}, "PULSE_KAFKA_SENSOR_TOPIC: String should"),
+        ({"PULSE_KAFKA_SENSOR_TOPIC": "pulse.applog"}, "must name four topics"),
+        ({"PULSE_KAFKA_SECURITY_PROTOCOL": "SSL", "PULSE_KAFKA_SSL_CA_FILE": "EMPTY"},
+         "PULSE_KAFKA_SSL_*_FILE cannot be used: "),
+    ],
+)  # fmt: skip
+def test_kafka_settings_this_process_gets_wrong_are_said_not_waited_on(
+    env: dict[str, str],
+    said: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "empty.pem").write_bytes(b"")
+    monkeypatch.setenv("PULSE_HOME", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(tmp_path / "empty.pem") if value == "EMPTY" else value)
+    assert cli.main(["worker"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("pulse worker: ") and said in line, line

@@ -79,6 +79,9 @@ def test_jsonl_output_round_trips_and_matches_the_generator(
         (["--duration", "99999999999999999999"], "--duration: must be within [1, 315360000]"),
         (["--services", "99999999999"], "--services: must be within [1, 10000]"),
         (["--start-ms", "99999999999999999999"], "--start-ms: must be within [0, "),
+        (["--bootstrap", "x:y"], "--bootstrap: expected HOST:PORT[,HOST:PORT...], got 'x:y'"),
+        (["--truth", "/proc/no-such-dir/t.json"], "--truth: directory /proc/no-such-dir does"),
+        (["--truth", "/proc/t.json"], "--truth: cannot write /proc/t.json: "),
     ],
 )
 def test_bad_arguments_are_one_sentence_errors(
@@ -88,6 +91,17 @@ def test_bad_arguments_are_one_sentence_errors(
         main(["loadgen", *args])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_truth_and_output_in_one_file_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "events.jsonl"
+    argv = ["loadgen", "--rate", "0", "--duration", "2", "--output", str(out),
+            "--truth", str(tmp_path / "." / "events.jsonl")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "pulse loadgen: --truth and --output name the same file.\n"
+    assert not out.exists()
 
 
 def test_worker_bounds_come_from_the_worker_variables(
