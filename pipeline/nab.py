@@ -15,9 +15,12 @@ the scores; ``--out RESULTS`` writes NAB-style result files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
+import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -33,6 +36,7 @@ from schemas.argtypes import fraction, out_dir
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+TimeArray = npt.NDArray[np.datetime64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,24 +89,45 @@ class SweepRows:
     window: IntArray
 
 
-def window_bounds(
-    timestamps: npt.NDArray[np.datetime64], windows: Sequence[Sequence[str]]
-) -> list[tuple[int, int]]:
-    """Row index ranges ``[first, last]`` of each window (its limits must be rows of the series)."""
+def window_bounds(s: Series, windows: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
+    """Row index ranges ``[first, last]`` of each window of ``s`` (its limits must be times of
+    single rows of the series)."""
     out = []
     for start, end in windows:
         try:
-            lo, hi = (np.datetime64(start, "ms"), np.datetime64(end, "ms"))
-        except ValueError:
-            raise NabError(f"window [{start}, {end}] has a malformed timestamp") from None
-        # the first row with each limit's time, as NAB's `timestamps.index(...)`
-        i, j = np.flatnonzero(timestamps == lo), np.flatnonzero(timestamps == hi)
+            lo, hi = parse_times([start, end])
+        except BadTime:
+            raise NabError(f"{s.name}: window [{start}, {end}] has a malformed timestamp") from None
+        i, j = np.flatnonzero(s.t == lo), np.flatnonzero(s.t == hi)
         if len(i) == 0 or len(j) == 0:
-            raise NabError(f"window [{start}, {end}] does not start and end on rows of the series")
+            raise NabError(
+                f"{s.name}: window [{start}, {end}] does not start and end on rows of the series "
+                f"(which runs from {s.t.min()} to {s.t.max()})"
+            )
+        for limit, rows in (("starts", i), ("ends", j)):
+            if len(rows) > 1:  # NAB would take the first row; a label meant one of them
+                raise NabError(
+                    f"{s.name}: window [{start}, {end}] {limit} at a time that rows "
+                    f"{rows[0] + 1} and {rows[1] + 1} share"
+                )
         if j[0] < i[0]:
-            raise NabError(f"window [{start}, {end}] ends before it starts")
+            raise NabError(f"{s.name}: window [{start}, {end}] ends before it starts")
         out.append((int(i[0]), int(j[0])))
     return out
+
+
+def corpus_bounds(
+    series: Sequence[Series], windows: Mapping[str, Sequence[Sequence[str]]]
+) -> list[list[tuple[int, int]]]:
+    """:func:`window_bounds` of every series; NabError when there is no window at all (NAB's
+    score divides by the perfect detector's minus the null one's, both 0 then)."""
+    bounds = [window_bounds(s, windows[s.name]) for s in series]
+    if not any(bounds):
+        raise NabError(
+            f"windows.json gives no anomaly window to any of the {len(series)} series, and a NAB "
+            "score is undefined without one (it is normalised by perfect minus null, both 0 then)"
+        )
+    return bounds
 
 
 def sweep_rows(
@@ -190,8 +215,66 @@ class Series:
     name: str  # "<group>/<file>.csv"
     stamps: list[str]
     raw_values: list[str]
-    t: npt.NDArray[np.datetime64]
+    t: TimeArray
     values: FloatArray
+
+
+# NAB's files step back by up to an hour (machine_temperature_system_failure) and repeat times
+CLOCK_SLACK_MS: Final = 3_600_000
+# a date, an optional time and an optional zone (Z, +05:00, -0800): ISO 8601 as NAB writes it
+_STAMP: Final = re.compile(
+    r"\s*(\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?)?)\s*"
+    r"(?:Z|([+-])([01]\d|2[0-3])(?::?([0-5]\d))?)?\s*"
+)
+_NAB_DIGITS: Final = [i for i in range(19) if i not in (4, 7, 10, 13, 16)]
+
+
+class BadTime(ValueError):
+    """The text at ``index`` is not a time."""
+
+    def __init__(self, index: int, text: str) -> None:
+        super().__init__(index, text)
+        self.index, self.text = index, text
+
+
+def parse_times(stamps: Sequence[str]) -> TimeArray:
+    """Times to the millisecond of ISO 8601 texts such as NAB's ``2014-04-01 00:00:00``, in UTC
+    when they name a zone (a text without one is taken as it is); BadTime names the first text
+    that is not one."""
+    if _nab_shaped(stamps):
+        with contextlib.suppress(ValueError):  # a field out of range: found below
+            return np.array(stamps, dtype="datetime64[ms]")
+    naive, east = [], np.zeros(len(stamps), dtype=np.int64)  # minutes east of UTC
+    for i, text in enumerate(stamps):
+        m = _STAMP.fullmatch(text)
+        if m is None:
+            raise BadTime(i, text)
+        naive.append(m[1])
+        if m[2]:
+            east[i] = (1 if m[2] == "+" else -1) * (60 * int(m[3]) + int(m[4] or 0))
+    for i, text in enumerate(naive):  # numpy's own check of each field, e.g. month 13
+        try:
+            np.datetime64(text, "ms")
+        except ValueError:
+            raise BadTime(i, stamps[i]) from None
+    t: TimeArray = np.array(naive, dtype="datetime64[ms]") - east.astype("timedelta64[m]")
+    return t
+
+
+def _nab_shaped(stamps: Sequence[str]) -> bool:
+    """Whether every text is ``YYYY-MM-DD HH:MM:SS`` (or with a ``T``), checked by numpy: a
+    regular expression per row would take longer than reading the file."""
+    a = np.array(stamps)
+    if len(a) == 0 or a.dtype != np.dtype("<U19") or bool((np.strings.str_len(a) != 19).any()):
+        return False
+    c = a.view(np.uint32).reshape(-1, 19)
+    digits = c[:, _NAB_DIGITS]
+    return bool(
+        ((digits >= ord("0")) & (digits <= ord("9"))).all()
+        and (c[:, [4, 7]] == ord("-")).all()
+        and (c[:, [13, 16]] == ord(":")).all()
+        and np.isin(c[:, 10], [ord(" "), ord("T")]).all()
+    )
 
 
 def load_corpus(root: Path) -> tuple[list[Series], dict[str, list[list[str]]]]:
@@ -232,26 +315,49 @@ def load_corpus(root: Path) -> tuple[list[Series], dict[str, list[list[str]]]]:
 
 
 def read_series(path: Path, name: str) -> Series:
-    """One ``timestamp,value`` CSV file."""
+    """One ``timestamp,value`` CSV file (rows are counted after the header), in time order up to
+    :data:`CLOCK_SLACK_MS`: a row may repeat a time or step back by that much, as in NAB's files."""
     try:
         with path.open(newline="") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            try:
+                rows = list(reader)
+            except csv.Error as exc:
+                raise NabError(f"{path} line {reader.line_num} is not valid CSV: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise NabError(f"{path} cannot be read: {exc}") from None
     if not rows or [c.strip() for c in rows[0][:2]] != ["timestamp", "value"]:
         raise NabError(f"{path} does not start with the header 'timestamp,value'")
     body = [r for r in rows[1:] if r]
-    try:
-        stamps = [r[0] for r in body]
-        raw_values = [r[1] for r in body]
-        t = np.array(stamps, dtype="datetime64[ms]")
-        values = np.array(raw_values, dtype=np.float64)
-    except (IndexError, ValueError) as exc:
-        raise NabError(f"{path} has a malformed row: {exc}") from None
     if len(body) == 0:
         raise NabError(f"{path} has no rows")
+    short = next((i for i, r in enumerate(body) if len(r) < 2), None)
+    if short is not None:
+        raise NabError(f"{path} row {short + 1} has no value")
+    stamps = [r[0] for r in body]
+    raw_values = [r[1] for r in body]
+    try:
+        t = parse_times(stamps)
+    except BadTime as exc:
+        raise NabError(
+            f"{path} row {exc.index + 1}: {exc.text!r} is not a time such as 2014-04-01 00:00:00"
+        ) from None
+    try:
+        values = np.array(raw_values, dtype=np.float64)
+    except ValueError as exc:
+        raise NabError(f"{path} has a malformed row: {exc}") from None
     if not bool(np.all(np.isfinite(values))):
         raise NabError(f"{path} holds a value that is not a finite number")
+    ms = t.astype(np.int64)
+    latest = np.maximum.accumulate(ms)
+    late = np.flatnonzero(ms < latest - CLOCK_SLACK_MS)
+    if len(late):
+        i = int(late[0])
+        j = int(np.flatnonzero(ms[:i] == latest[i])[0])
+        raise NabError(
+            f"{path} is not in time order: row {i + 1} ({stamps[i]}) is more than an hour "
+            f"before row {j + 1} ({stamps[j]})"
+        )
     return Series(name, stamps, raw_values, t, values)
 
 
@@ -295,8 +401,7 @@ def evaluate(
     rows: list[SweepRows] = []
     group_of: list[str] = []
     base = 0
-    for s, sc in zip(series, scores, strict=True):
-        bounds = window_bounds(s.t, windows[s.name])
+    for s, sc, bounds in zip(series, scores, corpus_bounds(series, windows), strict=True):
         rows.append(sweep_rows(np.asarray(sc, dtype=np.float64), bounds, base))
         base += len(bounds)
         group_of.append(s.name.split("/")[0])
@@ -364,8 +469,10 @@ def _read_score_file(path: Path, s: Series) -> FloatArray:
     if len(rows) != len(s.values):
         raise NabError(f"{path} has {len(rows)} rows where {s.name} has {len(s.values)}")
     try:
-        t = np.array([r["timestamp"] for r in rows], dtype="datetime64[ms]")
+        t = parse_times([r["timestamp"] for r in rows])
         scores = np.array([r["anomaly_score"] for r in rows], dtype=np.float64)
+    except BadTime as exc:
+        raise NabError(f"{path} row {exc.index + 1}: {exc.text!r} is not a time") from None
     except (TypeError, ValueError) as exc:
         raise NabError(f"{path} has a malformed row: {exc}") from None
     if not bool(np.array_equal(t, s.t)):
@@ -376,15 +483,52 @@ def _read_score_file(path: Path, s: Series) -> FloatArray:
     return scores
 
 
+def prepare_results(out: Path, root: Path, series: Sequence[Series]) -> None:
+    """Make ``out/<group>/`` for every series of the corpus at ``root``, before the run: NabError
+    if one cannot be made or written, or lies in the corpus's ``data/`` (its files would be
+    overwritten or mixed with the series)."""
+    data = (root / "data").resolve()
+    try:
+        for s in series:
+            where = (out / s.name).parent.resolve()
+            if where == data or data in where.parents:
+                raise NabError(f"--out {out} would write into {root / 'data'}, the corpus itself")
+        for s in series:
+            target = out / s.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_dir() or not os.access(target.parent, os.W_OK):
+                raise NabError(f"--out {out}: {target} cannot be written")
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise NabError(f"--out {out} cannot be made: {exc}") from None
+
+
 def write_results(out: Path, series: Sequence[Series], scores: Sequence[FloatArray]) -> None:
     """``out/<group>/<series>.csv`` with ``timestamp,value,anomaly_score``."""
     for s, sc in zip(series, scores, strict=True):
         path = out / s.name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["timestamp", "value", "anomaly_score"])
-            w.writerows(zip(s.stamps, s.raw_values, (repr(float(x)) for x in sc), strict=True))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["timestamp", "value", "anomaly_score"])
+                w.writerows(zip(s.stamps, s.raw_values, (repr(float(x)) for x in sc), strict=True))
+        except OSError as exc:
+            raise NabError(f"{path} cannot be written: {exc}") from None
+
+
+def results_dir(text: str) -> Path:
+    """``--out``: a directory, or a path below the nearest existing one, which must be a writable
+    directory (checked before the run, whose scores would otherwise be lost at its end)."""
+    try:
+        path = out_dir(text)
+        there = next(p for p in (path, *path.absolute().parents) if p.exists())
+        if not there.is_dir():
+            raise argparse.ArgumentTypeError(f"{there} is not a directory")
+        if not os.access(there, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"directory {there} is not writable")
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text} cannot be used: {exc.strerror}") from None
+    return path
 
 
 # --- command -----------------------------------------------------------------------------
@@ -406,7 +550,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--out",
-        type=out_dir,
+        type=results_dir,
         default=None,
         metavar="RESULTS",
         help="write RESULTS/<group>/<series>.csv (timestamp,value,anomaly_score)",
@@ -452,6 +596,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         began = time.perf_counter()
         series, windows = load_corpus(args.dir)
+        corpus_bounds(series, windows)  # a bad window stops the run before it starts
+        if args.out is not None:
+            prepare_results(args.out, args.dir, series)
         loaded = time.perf_counter()
         scores = detect(series) if args.scores is None else read_scores(args.scores, series)
         detected = time.perf_counter()

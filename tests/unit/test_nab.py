@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,7 @@ def test_eval_nab_rejects_a_malformed_file(
     make_corpus(tmp_path / "nab")
     (tmp_path / "nab" / "data" / "synB" / "b.csv").write_text("timestamp,value\nnot a time,1\n")
     assert cli.main(["eval", "nab", str(tmp_path / "nab")]) == 2
-    assert "malformed row" in capsys.readouterr().err
+    assert "b.csv row 1: 'not a time' is not a time such as" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -254,3 +255,159 @@ def test_eval_nab_scores_refuses_results_that_do_not_fit(
     assert cli.main(["eval", "nab", str(tmp_path / "nab"), "--scores", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0 and err.endswith(".")
+
+
+def _one_sentence(capsys: pytest.CaptureFixture[str], message: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and err.endswith("."), err
+
+
+def _no_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the detectors fail the test: what follows must be refused before the run."""
+
+    def boom(series: object) -> None:
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(nab, "detect", boom)
+
+
+Rows = Callable[[list[str]], list[str]]
+
+
+def _rewrite_rows(path: Path, change: Rows) -> None:
+    """Replace the rows of a data file (header kept) by ``change(rows)``."""
+    header, *rows = path.read_text().splitlines()
+    path.write_text("\n".join([header, *change(rows)]) + "\n")
+
+
+def test_eval_nab_without_windows_is_one_sentence_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NAB normalises by perfect − null, both 0 without windows: its score is undefined."""
+    make_corpus(tmp_path / "nab")
+    path = tmp_path / "nab" / "windows.json"
+    path.write_text(json.dumps({k: [] for k in json.loads(path.read_text())}))
+    series, windows = nab.load_corpus(tmp_path / "nab")
+    with pytest.raises(nab.NabError, match="no anomaly window"):
+        nab.evaluate(series, windows, [np.zeros(len(s.values)) for s in series])
+    _no_run(monkeypatch)
+    assert cli.main(["eval", "nab", str(tmp_path / "nab")]) == 2
+    _one_sentence(capsys, "windows.json gives no anomaly window to any of the 2 series")
+
+
+def test_eval_nab_rejects_an_overlong_csv_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_corpus(tmp_path / "nab")
+    path = tmp_path / "nab" / "data" / "synB" / "b.csv"
+    _rewrite_rows(path, lambda rows: ["x" * 200_000 + ",1", *rows])
+    assert cli.main(["eval", "nab", str(tmp_path / "nab")]) == 2
+    _one_sentence(capsys, "b.csv line 2 is not valid CSV: field larger than field limit")
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (lambda p: p / "afile" / "sub", "afile is not a directory"),
+        (lambda p: p / "afile", "afile exists and is not a directory"),
+        (lambda p: p / ("x" * 300), "cannot be used: File name too long"),
+    ],
+)
+def test_eval_nab_out_that_cannot_be_a_directory_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], out: Callable[[Path], Path], message: str
+) -> None:
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["eval", "nab", str(tmp_path), "--out", str(out(tmp_path))])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pulse eval nab: Argument --out: ") and message in err, err
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (lambda p: p / "nab" / "data", "would write into"),
+        (lambda p: p / "nab" / "data" / "synA", "would write into"),
+        (lambda p: p / "loop" / "x", "cannot be made"),  # passes the argument check
+    ],
+)
+def test_eval_nab_refuses_an_out_it_cannot_write_before_the_run(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    out: Callable[[Path], Path],
+    message: str,
+) -> None:
+    make_corpus(tmp_path / "nab")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    before = (tmp_path / "nab" / "data" / "synA" / "a.csv").read_text()
+    _no_run(monkeypatch)
+    assert cli.main(["eval", "nab", str(tmp_path / "nab"), "--out", str(out(tmp_path))]) == 2
+    _one_sentence(capsys, message)
+    assert (tmp_path / "nab" / "data" / "synA" / "a.csv").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "nab" / "data").iterdir()) == ["synA", "synB"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda rows: rows[::-1], "b.csv is not in time order: row 14 (2014-04-05 02:50:00) is"),
+        (lambda rows: rows[:600] + rows[:600], "b.csv is not in time order: row 601 "),
+        (lambda rows: ["NaT,1", *rows[1:]], "b.csv row 1: 'NaT' is not a time"),
+        (lambda rows: [rows[0], ",1", *rows[2:]], "b.csv row 2: '' is not a time"),
+        # numpy wraps this year around to 1969 without a word
+        (lambda rows: ["292277026596-12-04T15:30:00,1", *rows[1:]], "row 1: '292277026596"),
+    ],
+)
+def test_eval_nab_rejects_timestamps_out_of_order_or_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: Rows, message: str
+) -> None:
+    make_corpus(tmp_path / "nab")
+    _rewrite_rows(tmp_path / "nab" / "data" / "synB" / "b.csv", change)
+    assert cli.main(["eval", "nab", str(tmp_path / "nab")]) == 2
+    _one_sentence(capsys, message)
+
+
+def test_eval_nab_accepts_nab_clock_changes_but_no_window_on_a_repeated_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NAB's own files repeat times and step back by up to an hour: they load, unless a window
+    starts or ends on a time several rows share (which of them would it be?)."""
+    make_corpus(tmp_path / "nab")
+    a, b = (tmp_path / "nab" / "data" / g for g in ("synA/a.csv", "synB/b.csv"))
+    # as NAB's machine_temperature_system_failure.csv (02:55, then 02:00) and
+    # ec2_request_latency_system_failure.csv (12 rows at 03:00)
+    _rewrite_rows(b, lambda rows: rows[:300] + rows[289:600] + [rows[600]] * 12 + rows[601:])
+    assert len(nab.load_corpus(tmp_path / "nab")[0][1].values) == 1200 + 11 + 11
+    _rewrite_rows(a, lambda rows: [*rows[:881], rows[880], *rows[882:]])
+    assert cli.main(["eval", "nab", str(tmp_path / "nab")]) == 2
+    _one_sentence(
+        capsys,
+        "a.csv: window [2014-04-04 01:20:00.000000, 2014-04-04 08:00:00.000000] "
+        "starts at a time that rows 881 and 882 share",
+    )
+
+
+def test_eval_nab_reads_zone_aware_times_as_utc(tmp_path: Path) -> None:
+    """A time naming a zone is converted to UTC (without numpy's warning, an error here)."""
+    make_corpus(tmp_path / "naive")
+    make_corpus(tmp_path / "zoned")
+    for name in ("synA/a.csv", "synB/b.csv"):
+        _rewrite_rows(
+            tmp_path / "zoned" / "data" / name,
+            lambda rows: [r.replace(",", "+05:00,", 1) for r in rows],
+        )
+    path = tmp_path / "zoned" / "windows.json"
+    zoned = {
+        k: [[t + "+05:00" for t in w] for w in ws] for k, ws in json.loads(path.read_text()).items()
+    }
+    path.write_text(json.dumps(zoned))
+    naive, nw = nab.load_corpus(tmp_path / "naive")
+    series, windows = nab.load_corpus(tmp_path / "zoned")
+    for s, n in zip(series, naive, strict=True):
+        assert np.array_equal(s.t, n.t - np.timedelta64(5, "h"))
+    scores = [one_hot(len(s.values), 890) for s in series]
+    assert [r.score for r in nab.evaluate(series, windows, scores)] == [
+        r.score for r in nab.evaluate(naive, nw, scores)
+    ]
