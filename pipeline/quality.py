@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import anomaly, keys
+from schemas import truth as truth_file
 from schemas.argtypes import non_negative_seconds
 from schemas.events import EventKind
 
@@ -73,6 +74,24 @@ def episodes_of(truth: Mapping[str, Any]) -> list[Episode]:
         )
         for e in truth.get("anomalies", [])
     ]
+
+
+def counted_ms(truth: Mapping[str, Any], after_s: float | None, slack_s: float) -> tuple[int, int]:
+    """``(from_ms, slack_ms)`` of :func:`score`: ``after_s`` seconds after the run's start
+    (``None``: the truth's ``anomaly_after_s``), and ``slack_s`` in milliseconds.
+
+    Raises ValueError (one sentence) for seconds outside ``[0, schemas.truth.MAX_SECONDS]``.
+    """
+    name, after = "--after", after_s
+    if after is None:
+        name, after = "the truth file's anomaly_after_s", float(truth.get("anomaly_after_s", 0))
+    for what, seconds in ((name, after), ("--slack", slack_s)):
+        if not 0 <= seconds <= truth_file.MAX_SECONDS:
+            raise ValueError(
+                f"{what} must be from 0 to {truth_file.MAX_SECONDS} seconds (ten years), "
+                f"got {seconds:g}"
+            )
+    return int(truth.get("start_ms", 0)) + round(after * 1000), round(slack_s * 1000)
 
 
 def score(
@@ -177,16 +196,14 @@ def run(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
     from pipeline.settings import KafkaSettings, StoreSettings
-    from schemas import truth as truth_file
     from schemas.settings import StoreRole, store_client
 
     try:
         truth = truth_file.load(args.truth)
-    except truth_file.TruthFileError as exc:
+        from_ms, slack_ms = counted_ms(truth, args.after, args.slack)
+    except (truth_file.TruthFileError, ValueError) as exc:
         print(f"pulse eval anomalies: {exc}.", file=sys.stderr)
         return 2
-    after_s = args.after if args.after is not None else truth.get("anomaly_after_s", 0)
-    from_ms = int(truth.get("start_ms", 0)) + round(float(after_s) * 1000)
     partitions = max(truth.get("partitions", {}).values(), default=KafkaSettings().partitions)
     try:
         records, bad = read_anomalies(
@@ -195,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     except (RedisError, OSError) as exc:
         print(f"pulse eval anomalies: cannot read the store: {exc}", file=sys.stderr)
         return 1
-    print(report(score(episodes_of(truth), records, round(args.slack * 1000), from_ms)))
+    print(report(score(episodes_of(truth), records, slack_ms, from_ms)))
     if bad:
         print(f"({bad} stored records did not decode and were left out)")
     return 0
