@@ -146,6 +146,13 @@ def run(args: argparse.Namespace) -> int:
     if None not in (args.truth, args.output) and args.truth.resolve() == args.output.resolve():
         print("pulse loadgen: --truth and --output name the same file.", file=sys.stderr)
         return 2
+    if args.anomaly_after >= args.duration:
+        print(
+            f"pulse loadgen: --anomaly-after ({args.anomaly_after}) must be shorter than "
+            f"--duration ({args.duration}).",
+            file=sys.stderr,
+        )
+        return 2
     if args.bootstrap:
         kafka = kafka.model_copy(update={"bootstrap": args.bootstrap})
     now_ms = int(time.time()) * 1000

@@ -102,6 +102,10 @@ def test_truth_and_output_in_one_file_is_refused_before_the_run(
     assert main(argv) == 2
     assert capsys.readouterr().err == "pulse loadgen: --truth and --output name the same file.\n"
     assert not out.exists()
+    assert main([*argv[:-2], "--anomaly-after", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "pulse loadgen: --anomaly-after (2) must be shorter than --duration (2).\n"
+    )
 
 
 def test_worker_bounds_come_from_the_worker_variables(
