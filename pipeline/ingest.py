@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from schemas.settings import KafkaSettings
 
 log = logging.getLogger("pulse.ingest")
+MIN_POLL = 100  # records a poll is never capped below (see KafkaBatchReader._fit)
 
 # kind -> {partition: records in offset order}; resolves once applied
 PollHandler = Callable[[dict[EventKind, dict[int, list[RawRecord]]]], Awaitable[None]]
@@ -173,6 +174,10 @@ class KafkaBatchReader:
         self._load_progress = load_progress
         self._on_assigned = on_assigned
         self._lock = asyncio.Lock()
+        # records a poll asks for now: fewer while handling polls blocks the event loop long
+        # enough to starve the group heartbeat (see _fit); the clock is a seam for tests
+        self._limit = config.max_records
+        self.clock: Callable[[], float] = time.monotonic
         self._stopping = False
         self._drained = False
         self._consumer_: AIOKafkaConsumer | None = None
@@ -229,15 +234,13 @@ class KafkaBatchReader:
                         f"the assigned partitions could not be positioned: {why}"
                     ) from failed
                 try:
-                    polled = await consumer.getmany(
-                        timeout_ms=timeout_ms, max_records=self._config.max_records
-                    )
+                    polled = await consumer.getmany(timeout_ms=timeout_ms, max_records=self._limit)
                 except self._unparsable as exc:
                     polled = await read_past_unparsable(
                         consumer,
                         {tp: self._next[tp] for tp in self._positioned},
                         exc,
-                        max_records=self._config.max_records,
+                        max_records=self._limit,
                         timeout_ms=timeout_ms,
                         current=self._unchanged(),
                     )
@@ -252,11 +255,38 @@ class KafkaBatchReader:
                     if not polled:
                         await self._flush()  # nothing follows for now: acknowledge the last poll
                         continue
+                    began = self.clock()
                     await self._handle(split_poll(polled, self._config.topics))
+                    self._fit(sum(map(len, polled.values())), self.clock() - began)
                     self.polls += 1
         finally:
             self._stopping = True
             await consumer.stop()
+
+    def _fit(self, records: int, spent: float) -> None:
+        """Size the next polls by how long this one took to handle.
+
+        Handling a poll runs on the event loop, which also sends the group's heartbeats: a poll
+        whose records are costly (a backlog spread over hours closes a window every few
+        records) could hold it past the session timeout, and the group would then take the
+        partitions away and hand the same poll to the next member, forever. Past a quarter of
+        the timeout the next polls ask for as many records as fit in it, and for twice as many
+        again after each poll handled in half of it. Results do not depend on how records are
+        grouped into polls.
+        """
+        budget = self._config.session_timeout_ms / 4000
+        if spent > budget and records > MIN_POLL:
+            fit = max(MIN_POLL, int(records * budget / spent))
+            if fit < self._limit:
+                if self._limit == self._config.max_records:
+                    log.warning(
+                        "a poll of %d records took %.1f s to handle (session timeout %.0f s): "
+                        "polls ask for %d records until they are handled faster",
+                        records, spent, budget * 4, fit,
+                    )  # fmt: skip
+                self._limit = fit
+        elif spent < budget / 2 and self._limit < self._config.max_records:
+            self._limit = min(self._config.max_records, 2 * self._limit)
 
     def refuse(self, kind: EventKind, partition: int, why: str) -> None:
         """Stop reading an assigned partition (its state in the store cannot be used) until

@@ -346,3 +346,33 @@ def test_a_partition_the_checkpoint_refuses_is_read_no_more_and_reported() -> No
     assert polls[1:] == [{2}]  # partition 1 is not read on
     assert consumer.tps[1] in consumer.paused
     assert reader.refused == {f"{TOPIC}/1": "its open windows cannot be restored"}
+
+
+def test_polls_shrink_while_handling_them_would_starve_the_heartbeat() -> None:
+    """A poll whose handling takes longer than a quarter of the session timeout (10 s here)
+    makes the next ones ask for as many records as fit in it; fast polls double it back."""
+    consumer = FakeConsumer(1, 200_000, {})
+    asked: list[int] = []
+    getmany = consumer.getmany
+
+    async def counting(*tps: TP, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        asked.append(max_records or 0)
+        return await getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+    consumer.getmany = counting  # type: ignore[method-assign]
+    now = [0.0]
+    cost = [1e-3]  # seconds per record while handling
+
+    async def handle(poll: dict[EventKind, dict[int, list[RawRecord]]]) -> None:
+        now[0] += cost[0] * sum(len(r) for parts in poll.values() for r in parts.values())
+        if len(asked) == 4:
+            cost[0] = 1e-5  # the costly records are behind: polls are cheap again
+
+    async def flush() -> None:
+        pass
+
+    reader = fake_reader(consumer, 8_000, handle, flush)
+    reader.clock = lambda: now[0]
+    run_for(reader, 40)
+    # 8 000 records took 8 s: 2 500 fit in 2.5 s; once cheap, doubled back to the configured
+    assert asked[:7] == [8_000, 2_500, 2_500, 2_500, 2_500, 5_000, 8_000], asked[:8]
