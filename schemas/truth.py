@@ -21,7 +21,6 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeInt,
-    PositiveInt,
     Strict,
     ValidationError,
 )
@@ -33,6 +32,7 @@ FORMAT: Final = 1
 # Longest span of seconds a reader turns into milliseconds (ten years): longer than any run, and
 # far from the floats whose milliseconds overflow.
 MAX_SECONDS: Final = 10 * 365 * 86_400
+MAX_PARTITIONS: Final = 100_000
 
 
 def _whole(pattern: str, what: str) -> Callable[[str], str]:
@@ -98,7 +98,8 @@ class _Truth(BaseModel):
     end_ms: int
     windows: _Windows
     anomaly_after_s: Annotated[float, Field(ge=0, le=MAX_SECONDS)] = 0.0
-    partitions: dict[_Kind, PositiveInt] = {}
+    # a reader queues a read per partition: bounded far above any topic Pulse reads
+    partitions: dict[_Kind, Annotated[int, Field(ge=1, le=MAX_PARTITIONS)]] = {}
     produced: _PerKind = {}
     events: _PerKind = {}
     late: _PerKind = {}

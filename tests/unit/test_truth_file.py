@@ -75,6 +75,7 @@ def test_anything_else_is_one_sentence(tmp_path: Path, content: bytes, said: str
         (("anomalies",), [{"type": "spike"}]),
         (("per_partition", "sensor", "0"), {"events": -1}),
         (("boards", "sensor"), [1]),
+        (("partitions", "sensor"), 4611686018427387904),  # a read queued per partition
     ],
 )
 def test_a_damaged_part_is_named(tmp_path: Path, where: tuple[str, ...], value: object) -> None:
