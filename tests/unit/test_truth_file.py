@@ -18,18 +18,25 @@ from loadgen.truth import TruthBuilder
 from pipeline import quality, verify
 from schemas import truth
 
+T0 = 1_790_000_000_000
 
-def _written(tmp_path: Path) -> Path:
+
+def _built(seed: int) -> TruthBuilder:
+    """The truth of a short load generator run."""
     cfg = GenConfig(
-        seed=3, start_ms=1_790_000_000_000, rate=0, duration_s=20, devices=4, services=2,
+        seed=seed, start_ms=T0, rate=0, duration_s=20, devices=4, services=2,
         anomaly_rate=1.0, bad_rate=0.02, late_rate=0.02,
     )  # fmt: skip
     gen = Generator(cfg)
     tb = TruthBuilder(cfg, gen.fleet, gen.episodes, 30_000)
     for chunk in gen:
         tb.add(chunk)
+    return tb
+
+
+def _written(tmp_path: Path) -> Path:
     path = tmp_path / "truth.json"
-    path.write_bytes(tb.to_json())
+    path.write_bytes(_built(3).to_json())
     return path
 
 
@@ -91,21 +98,10 @@ def test_a_damaged_part_is_named(tmp_path: Path, where: tuple[str, ...], value: 
     assert str(exc.value).startswith(f"truth file {path}: {'.'.join(where)}")
 
 
-T0 = 1_790_000_000_000
-
-
 @pytest.fixture(scope="module")
 def written() -> dict[str, Any]:
     """A truth document as the load generator writes it."""
-    cfg = GenConfig(
-        seed=5, start_ms=T0, rate=0, duration_s=20, devices=4, services=2,
-        anomaly_rate=1.0, bad_rate=0.02, late_rate=0.02,
-    )  # fmt: skip
-    gen = Generator(cfg)
-    tb = TruthBuilder(cfg, gen.fleet, gen.episodes, 30_000)
-    for chunk in gen:
-        tb.add(chunk)
-    return tb.to_dict()
+    return _built(5).to_dict()
 
 
 def _first(node: dict[str, Any]) -> str:
