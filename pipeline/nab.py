@@ -92,7 +92,7 @@ class SweepRows:
 def window_bounds(s: Series, windows: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
     """Row index ranges ``[first, last]`` of each window of ``s`` (its limits must be times of
     single rows of the series)."""
-    out = []
+    out: list[tuple[int, int]] = []
     for start, end in windows:
         try:
             lo, hi = parse_times([start, end])
@@ -112,6 +112,11 @@ def window_bounds(s: Series, windows: Sequence[Sequence[str]]) -> list[tuple[int
                 )
         if j[0] < i[0]:
             raise NabError(f"{s.name}: window [{start}, {end}] ends before it starts")
+        if out and i[0] <= out[-1][1]:  # the scorer weighs detections by the window they follow
+            raise NabError(
+                f"{s.name}: window [{start}, {end}] does not start after the window before it "
+                "ends (windows must be in time order and must not overlap)"
+            )
         out.append((int(i[0]), int(j[0])))
     return out
 

@@ -189,6 +189,24 @@ def test_eval_nab_rejects_a_window_that_ends_before_it_starts(
     assert "ends before it starts" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("second", [(950, 1000), (890, 1000), (700, 800)])
+def test_eval_nab_rejects_windows_that_overlap_or_are_out_of_order(
+    second: tuple[int, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The scorer weighs a detection by the window it follows: windows [880, 960] and a
+    second one overlapping it, inside it, or before it are refused, naming the second."""
+    make_corpus(tmp_path / "nab")
+    path = tmp_path / "nab" / "windows.json"
+    good = json.loads(path.read_text())
+    name, ws = next((k, v) for k, v in good.items() if v)
+    t0 = np.datetime64("2014-04-01T00:00")
+    extra = [str(t0 + i * np.timedelta64(5, "m")).replace("T", " ") + ":00" for i in second]
+    path.write_text(json.dumps({**good, name: [ws[0], extra]}))
+    assert cli.main(["eval", "nab", str(tmp_path / "nab")]) == 2
+    err = capsys.readouterr().err
+    assert f"window [{extra[0]}, {extra[1]}] does not start after the window before it" in err
+
+
 @pytest.mark.parametrize("value", ["2", "-0.1", "x"])
 def test_a_threshold_outside_the_scores_is_one_sentence(
     value: str, capsys: pytest.CaptureFixture[str]
