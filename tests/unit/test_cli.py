@@ -160,3 +160,10 @@ def test_kafka_settings_this_process_gets_wrong_are_said_not_waited_on(
     assert cli.main(["worker"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("pulse worker: ") and said in line, line
+
+
+def test_an_unknown_flag_without_a_command_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--bogus"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("pulse: Unrecognized arguments: --bogus.\n")
