@@ -521,21 +521,6 @@ def write_results(out: Path, series: Sequence[Series], scores: Sequence[FloatArr
             raise NabError(f"{path} cannot be written: {exc}") from None
 
 
-def results_dir(text: str) -> Path:
-    """``--out``: a directory, or a path below the nearest existing one, which must be a writable
-    directory (checked before the run, whose scores would otherwise be lost at its end)."""
-    try:
-        path = out_dir(text)
-        there = next(p for p in (path, *path.absolute().parents) if p.exists())
-        if not there.is_dir():
-            raise argparse.ArgumentTypeError(f"{there} is not a directory")
-        if not os.access(there, os.W_OK | os.X_OK):
-            raise argparse.ArgumentTypeError(f"directory {there} is not writable")
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"{text} cannot be used: {exc.strerror}") from None
-    return path
-
-
 # --- command -----------------------------------------------------------------------------
 
 
@@ -555,7 +540,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--out",
-        type=results_dir,
+        type=out_dir,
         default=None,
         metavar="RESULTS",
         help="write RESULTS/<group>/<series>.csv (timestamp,value,anomaly_score)",

@@ -120,10 +120,20 @@ def new_file(text: str) -> Path:
 
 
 def out_dir(text: str) -> Path:
-    """A directory to write into (made if missing): nothing else may stand at its path."""
+    """A directory to write into (made if missing): nothing else may stand at its path, and
+    the nearest existing one of it and its parents must be a writable directory (checked
+    before a long run, whose result would otherwise be lost at its end)."""
     path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    try:
+        if path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+        there = next(p for p in (path, *path.absolute().parents) if p.exists())
+        if not there.is_dir():
+            raise argparse.ArgumentTypeError(f"{there} is not a directory")
+        if not os.access(there, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"directory {there} is not writable")
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text} cannot be used: {exc.strerror}") from None
     return path
 
 
