@@ -25,6 +25,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from schemas.argtypes import check_servers
+
 if TYPE_CHECKING:
     import ssl
 
@@ -90,8 +92,6 @@ class KafkaSettings(_HomeEnvFile):
     @field_validator("bootstrap")
     @classmethod
     def _servers(cls, value: str) -> str:
-        from schemas.argtypes import check_servers
-
         return check_servers(value)
 
     @model_validator(mode="after")
