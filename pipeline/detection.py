@@ -293,12 +293,15 @@ class KindDetectors:
         blocks = list(self._rows.pop(partition, {}).values())
         self._capped.discard(partition)
         if blocks:
-            idx = self._block_rows(np.asarray(blocks, dtype=np.int64))
-            self.bank.clear(idx)
-            self._last[idx] = 0
-            self._steps[idx] = 0
-            self._unsaved[idx] = -1
+            self._reset(self._block_rows(np.asarray(blocks, dtype=np.int64)))
             self._free.extend(blocks)
+
+    def _reset(self, rows: npt.NDArray[np.int64]) -> None:
+        """Forget what ``rows`` have seen."""
+        self.bank.clear(rows)
+        self._last[rows] = 0
+        self._steps[rows] = 0
+        self._unsaved[rows] = -1
 
     def clear(self) -> None:
         """Forget every partition."""
@@ -439,10 +442,11 @@ class KindDetectors:
 
         Without this every entity ever seen (a fleet's retired devices, or identifiers that
         change with every reading) would keep its rows in memory and its state in the store.
-        An idle entity has no step a restore replays, so forgetting it is the same in every
-        run. Which entities the cap forgets depends on how many are watched, and a restore
-        replays steps without the entities forgotten since: past the cap (an overload, counted
-        in ``evicted``) the entities watched after a restore may differ.
+        An idle entity has no step a restore replays, and a row idle that long starts afresh
+        when it next steps (:meth:`_step`), whether or not this has run by then: forgetting it
+        is the same in every run. Which entities the cap forgets depends on how many are
+        watched, and a restore replays steps without the entities forgotten since: past the cap
+        (an overload, counted in ``evicted``) the entities watched after a restore may differ.
         """
         mine = self._rows[partition]
         blocks = np.fromiter(mine.values(), np.int64, len(mine))
@@ -472,10 +476,7 @@ class KindDetectors:
         forgotten = [names[i] for i in at.tolist()]
         fields = [f"{e}{_FIELD_SEP}{s}" for e in forgotten for s in self.signals]
         freed = self._block_rows(blocks[at])
-        self.bank.clear(freed)
-        self._last[freed] = 0
-        self._steps[freed] = 0
-        self._unsaved[freed] = -1
+        self._reset(freed)
         self._free.extend(blocks[at].tolist())
         for e in forgotten:
             del mine[e]
@@ -484,6 +485,11 @@ class KindDetectors:
     def _step(
         self, rows: npt.NDArray[np.int64], t: npt.NDArray[np.int64], values: npt.NDArray[np.float64]
     ) -> StepResult:
+        # a row idle for idle_ms starts afresh, whenever its entity is forgotten (_evict runs
+        # once per poll, so when depends on how records were grouped into polls)
+        stale = (self._steps[rows] > 0) & (self._last[rows] <= t - self.idle_ms)
+        if stale.any():
+            self._reset(rows[stale])
         context = self._context[rows % len(self.signals)]
         if context.all() or not context.any():
             res = self.bank.step(rows, t, values, context=bool(context.all()))

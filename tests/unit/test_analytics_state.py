@@ -520,3 +520,28 @@ def test_window_params_split_the_alarm_level_over_the_signals() -> None:
     assert three.range_scales == 5.0
     with pytest.raises(ValueError, match="threshold"):
         window_params(S, 1.0)
+
+
+def test_an_idle_entity_starts_afresh_however_the_windows_were_grouped_into_polls() -> None:
+    """d2 last steps in window 3 and returns in window 45; idle is 40 windows. Stepped one
+    window per poll, window 43's poll forgets it; stepped with windows 43-45 in one poll it is
+    still held when it returns. Either way it returns fresh: the same state and anomalies."""
+    devices = [["d1", "d2"] if i in {0, 1, 2, 3, 45} else ["d1"] for i in range(60)]
+    wins = _windows_of_devices(devices)
+    size = keys.WINDOW_10S.size_ms
+
+    def run(groups: list[list[int]]) -> tuple[KindDetectors, list[tuple[str, float]]]:
+        det = KindDetectors(S, keys.WINDOW_10S, replay_windows=20, idle_ms=40 * size)
+        found = []
+        for g in groups:
+            found += det.detect_many({0: [wins[i] for i in g]})[0].anomalies
+        return det, [(a.id, a.score) for a in found]
+
+    one, a1 = run([[i] for i in range(60)])
+    many, a2 = run([[i] for i in range(43)] + [[43, 44, 45]] + [[i] for i in range(46, 60)])
+    assert a1 == a2
+    for det in (one, many):
+        assert det._steps[det._rows[0]["d2|temp"]] == 1  # fresh at window 45
+    rows = [one._rows[0]["d2|temp"] + j for j in range(3)]
+    rows_many = [many._rows[0]["d2|temp"] + j for j in range(3)]
+    assert np.array_equal(one.bank.rows(rows), many.bank.rows(rows_many))
