@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
@@ -534,6 +536,10 @@ def _describe(exc: BaseException) -> str:
 KAFKA_WAIT_SAY_S = 15.0  # how often a process waiting for Kafka says so
 
 
+class StopRequested(Exception):
+    """SIGTERM arrived while the process waited for Kafka: it has done nothing to undo."""
+
+
 def wait_for_kafka(
     kafka: KafkaSettings, say: Callable[[str], None], retry_s: float = 1.0
 ) -> str | None:
@@ -545,10 +551,10 @@ def wait_for_kafka(
     bootstrap"): the listener is asked (``schemas.kafka_probe``), and a mismatch is the one
     sentence, not a wait.
 
-    The worker's (Faust's producer) and the archive's start would otherwise fail.
+    The worker's (Faust's producer) and the archive's start would otherwise fail. A SIGTERM
+    meanwhile raises :class:`StopRequested` (the caller exits 0: nothing was started).
     """
     from aiokafka.client import AIOKafkaClient
-    from aiokafka.errors import KafkaConnectionError
 
     async def probe() -> None:
         # the bare client (a consumer's group coordinator can raise CancelledError when it is
@@ -561,9 +567,32 @@ def wait_for_kafka(
         finally:
             await client.close()
 
+    # the handler only notes the signal: an exception raised from it could land inside the
+    # event loop of an attempt, which would take it for the attempt's own error
+    stop = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if main else None
+    try:
+        return _wait(kafka, say, retry_s, probe, stop)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _wait(
+    kafka: KafkaSettings,
+    say: Callable[[str], None],
+    retry_s: float,
+    probe: Callable[[], Awaitable[None]],
+    stop: threading.Event,
+) -> str | None:
+    from aiokafka.errors import KafkaConnectionError
+
     said_at: float | None = None
     with client_log_muted():  # one line of ours, not one of its per attempt
         while True:
+            if stop.is_set():
+                raise StopRequested
             try:
                 asyncio.run(asyncio.wait_for(probe(), 15.0))
                 return None
@@ -574,6 +603,6 @@ def wait_for_kafka(
                 if said_at is None or now - said_at >= KAFKA_WAIT_SAY_S:
                     say(f"waiting for Kafka at {kafka.bootstrap} ({first_line(exc, typed=True)})")
                     said_at = now
-                time.sleep(retry_s)
+                stop.wait(retry_s)
             except Exception as exc:  # aiokafka's errors have no common base worth naming
                 return f"cannot use Kafka at {kafka.bootstrap}: {first_line(exc, typed=True)}"

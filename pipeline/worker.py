@@ -31,7 +31,7 @@ from pipeline.batch import BatchRules, RawRecord
 from pipeline.checkpoint import Checkpoint
 from pipeline.detection import KindDetectors, window_params
 from pipeline.divert import PRODUCER_MAX_REQUEST_BYTES, Divert
-from pipeline.ingest import KafkaBatchReader, ReaderConfig, wait_for_kafka
+from pipeline.ingest import KafkaBatchReader, ReaderConfig, StopRequested, wait_for_kafka
 from pipeline.metrics import Metrics
 from pipeline.settings import KafkaSettings, StackSettings, StoreSettings, WorkerSettings
 from pipeline.state import Retention
@@ -279,7 +279,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"pulse worker: {problem}.", file=sys.stderr)
         return 2
     kafka = KafkaSettings()
-    problem = wait_for_kafka(kafka, lambda msg: print(f"pulse worker: {msg}", file=sys.stderr))
+    try:
+        problem = wait_for_kafka(kafka, lambda msg: print(f"pulse worker: {msg}", file=sys.stderr))
+    except StopRequested:
+        return 0  # stopped before it started: nothing to flush
     if problem is not None:
         print(f"pulse worker: {problem}.", file=sys.stderr)
         return 2

@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from pipeline.archive.storage import ArchiveError, ArchiveStore
-    from pipeline.ingest import IngestError, wait_for_kafka
+    from pipeline.ingest import IngestError, StopRequested, wait_for_kafka
     from pipeline.settings import KafkaSettings, WorkerSettings
 
     # what only this process can get wrong is said before any waiting: the worker's event-time
@@ -275,9 +275,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"pulse archive: cannot use the archive at {args.url}: {why}.", file=sys.stderr)
         return 2
     # a stack still starting (or started after the archive) is waited for, as the worker does
-    problem = wait_for_kafka(
-        KafkaSettings(), lambda msg: print(f"pulse archive: {msg}", file=sys.stderr)
-    )
+    try:
+        problem = wait_for_kafka(
+            KafkaSettings(), lambda msg: print(f"pulse archive: {msg}", file=sys.stderr)
+        )
+    except StopRequested:
+        return 0  # stopped before it started: nothing buffered
     if problem is not None:
         print(f"pulse archive: {problem}.", file=sys.stderr)
         return 2

@@ -97,3 +97,35 @@ def test_a_wrong_worker_setting_is_said_before_any_waiting(
     assert cli.main(["worker"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"pulse worker: {name}: {said}"), err
+
+
+def test_a_sigterm_while_waiting_for_kafka_stops_the_worker_cleanly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A supervisor stopping a worker that still waits for Kafka gets exit status 0, not a
+    death by the signal; the handler the process had is put back."""
+    import signal
+
+    from pipeline import cli
+    from schemas import store_errors
+
+    monkeypatch.setattr(ingest, "KAFKA_WAIT_SAY_S", 0.0)
+    kafka = KafkaSettings(bootstrap=f"127.0.0.1:{_closed_port()}")
+
+    def ours(signum: int, frame: object) -> None:  # were wait_for_kafka not to take SIGTERM
+        raise _Said
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with pytest.raises(ingest.StopRequested):
+            ingest.wait_for_kafka(kafka, lambda msg: signal.raise_signal(signal.SIGTERM), 0.0)
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+    def stopped(*args: object) -> None:
+        raise ingest.StopRequested
+
+    monkeypatch.setattr(store_errors, "check", lambda *args: None)
+    monkeypatch.setattr(worker, "wait_for_kafka", stopped)
+    assert cli.main(["worker"]) == 0
