@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas import keys
-from schemas.settings import EventTimeSettings, KafkaSettings, StoreSettings
+from schemas.settings import EventTimeSettings, KafkaSettings, StoreSettings, comma_list
 
 __all__ = [
     "ArchiveSettings",
@@ -57,9 +57,7 @@ class StackSettings(BaseSettings):
     @field_validator("kafka_controller_ports", mode="before")
     @classmethod
     def _split_ports(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [p.strip() for p in value.strip("[]").split(",") if p.strip()]
-        return value
+        return comma_list(value)
 
 
 class WorkerSettings(EventTimeSettings):
@@ -105,8 +103,7 @@ class WorkerSettings(EventTimeSettings):
     @field_validator("dims_10s", "dims_1m", mode="before")
     @classmethod
     def _split_dims(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [d.strip() for d in value.split(",") if d.strip()]
+        value = comma_list(value)
         if isinstance(value, list):
             known = sorted({d for dims in keys.DIMS.values() for d in dims})
             unknown = [d for d in value if d not in known]

@@ -63,6 +63,17 @@ class _HomeEnvFile(BaseSettings):
         return init_settings, env_settings, dotenv_settings, file_secret_settings
 
 
+def comma_list(value: object) -> object:
+    """A list setting given as ``a,b,c`` (or ``[a,b,c]``) in the environment, as a list of its
+    non-empty items; any other value as it is (pydantic checks it)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
 # Kafka's rule for topic names (249 characters at most of these)
 TOPIC_PATTERN: Final = r"^[A-Za-z0-9._-]{1,249}$"
 
@@ -203,9 +214,7 @@ class StoreSettings(_HomeEnvFile):
     @field_validator("cluster_ports", "cluster_bus_ports", mode="before")
     @classmethod
     def _split_ports(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [p.strip() for p in value.strip("[]").split(",") if p.strip()]
-        return value
+        return comma_list(value)
 
     @model_validator(mode="after")
     def _cluster_layout(self) -> StoreSettings:
@@ -236,8 +245,7 @@ class StoreSettings(_HomeEnvFile):
     @field_validator("sentinels", mode="before")
     @classmethod
     def _split_sentinels(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [a.strip() for a in value.split(",") if a.strip()]
+        value = comma_list(value)
         if isinstance(value, list | tuple):
             for address in value:
                 host, sep, port = str(address).rpartition(":")
