@@ -533,6 +533,8 @@ async def read_kafka(
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.errors import KafkaError
 
+    from schemas.kafka_probe import client_log_muted
+
     unparsable = unparsable_errors()
     rng = cfg.rng
     consumer = AIOKafkaConsumer(
@@ -544,16 +546,12 @@ async def read_kafka(
         fetch_max_bytes=32 * 1024 * 1024,
         **cfg.kafka_security,
     )
-    client_log = logging.getLogger("aiokafka")
-    level = client_log.level
-    client_log.setLevel(logging.CRITICAL)  # a Kafka that is down is said once, below
     try:
-        await consumer.start()
+        with client_log_muted():  # a Kafka that is down is said once, below
+            await consumer.start()
     except KafkaError as exc:
         await consumer.stop()
         raise ReplayRefused(f"cannot read Kafka at {cfg.bootstrap}: {exc}.") from None
-    finally:
-        client_log.setLevel(level)
     meter: Meter | None = None
     try:
         tps: dict[TopicPartition, tuple[EventKind, int]] = {}
