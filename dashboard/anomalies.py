@@ -455,10 +455,10 @@ def parse_duration(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"expected a duration such as 30s, 15m, 2h or 1d, got {text!r}"
         )
-    ms = float(match.group(1)) * _UNITS[match.group(2) or "s"] * 1000
-    if ms <= 0 or ms > 366 * 86_400_000:
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 366d, got {text!r}")
-    return int(ms)
+    ms = int(float(match.group(1)) * _UNITS[match.group(2) or "s"] * 1000)
+    if ms < 1 or ms > 366 * 86_400_000:
+        raise argparse.ArgumentTypeError(f"must be at least 1 ms and at most 366d, got {text!r}")
+    return ms
 
 
 def _utc(ms: float) -> str:

@@ -409,7 +409,9 @@ def test_durations(text: str, ms: int) -> None:
     ("argv", "says"),
     [
         (["anomalies", "--since", "soon"], "expected a duration such as"),
-        (["anomalies", "--since", "0m"], "must be more than 0"),
+        (["anomalies", "--since", "0m"], "must be at least 1 ms"),
+        (["anomalies", "--since", "0.0000001s"], "must be at least 1 ms"),
+        (["anomalies", "--since", "367d"], "at most 366d"),
         (["anomalies", "-n", "0"], "must be >= 1"),
         (["similar", "sensor.0:1:d|m:mean", "-k", "x"], "expected a whole number"),
         (["similar"], "required"),
