@@ -61,6 +61,11 @@ class ArchiveStore:
 
     def __init__(self, url: str, fs: Any = None) -> None:
         if fs is None:
+            if "::" in url and not all(part.strip() for part in url.split("::")):
+                # fsspec would read the empty links of a chain (A::B) as the working directory
+                raise ArchiveError(
+                    f"cannot use the archive at {url}: a chained URL (A::B) has an empty link"
+                )
             try:
                 fs, root = fsspec.core.url_to_fs(url)
             except (ImportError, ValueError) as exc:  # unknown protocol, package not installed

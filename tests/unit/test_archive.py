@@ -397,6 +397,8 @@ def test_bad_flags_are_one_sentence(
     [
         ("nosuchproto://x", "Protocol not known: nosuchproto."),
         ("{tmp}/a-file/archive", "Not a directory"),
+        ("::::", "a chained URL (A::B) has an empty link"),
+        ("file::", "a chained URL (A::B) has an empty link"),
     ],
 )
 def test_an_archive_it_cannot_write_is_said_before_waiting_for_kafka(
