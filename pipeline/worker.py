@@ -288,7 +288,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import faust
 
+    from schemas.kafka_probe import client_repeats_summarised
+
     app = create_app(settings, kafka, store, name=args.name)
+    client_repeats_summarised()  # an outage: a line a minute per kind, not one per attempt
     worker = faust.Worker(app, loglevel=args.loglevel.upper(), quiet=True)
     worker.execute_from_commandline()
     return 0

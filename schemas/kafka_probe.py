@@ -5,6 +5,10 @@ certificate that does not verify, a client certificate the broker refuses) as it
 broker that is down: "Unable to bootstrap". Waiting fixes none of them. :func:`tls_mismatch`
 asks the listener itself, with a plain socket and Kafka's smallest request (``ApiVersions``
 v0), so every command can say which setting is wrong instead.
+
+The module also keeps aiokafka's own log readable: :func:`client_log_muted` while a caller
+says a failure in its own words, :func:`client_repeats_summarised` for a long-running process,
+where an outage would otherwise log a line per reconnect attempt.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from schemas.settings import KafkaSettings
 
@@ -91,6 +96,47 @@ def client_log_muted() -> Iterator[None]:
         yield
     finally:
         client_log.setLevel(level)
+
+
+class RepeatsSummarised(logging.Filter):
+    """Lets the first line of each kind (logger, level and message template) through, then
+    one per ``every_s`` seconds that says how many like it were held back since.
+
+    aiokafka logs a line per reconnect attempt, every ``retry_backoff_ms``: a broker down for
+    ten minutes filled a worker's log with thousands of the same two errors.
+    """
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._clock = clock
+        self._seen: dict[tuple[str, int, object], tuple[float, int]] = {}  # -> said at, held
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.msg)
+        now = self._clock()
+        said = self._seen.get(key)
+        if said is not None and now - said[0] < self.every_s:
+            self._seen[key] = (said[0], said[1] + 1)
+            return False
+        if said is not None and said[1]:
+            held = f"{said[1]} more like it in the last {now - said[0]:.0f} s"
+            record.msg, record.args = f"{record.getMessage()} ({held})", ()
+        if len(self._seen) >= 1000:  # templates are few; arguments never make a key
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        return True
+
+
+def client_repeats_summarised(every_s: float = 60.0) -> RepeatsSummarised:
+    """Summarise repeated lines of every aiokafka logger (:class:`RepeatsSummarised`); call it
+    once aiokafka is imported (its loggers are made at import, and a filter of a logger does
+    not see its children's records)."""
+    repeats = RepeatsSummarised(every_s)
+    for name in ["aiokafka", *logging.Logger.manager.loggerDict]:
+        if name == "aiokafka" or name.startswith("aiokafka."):
+            logging.getLogger(name).addFilter(repeats)
+    return repeats
 
 
 def _refuses_certificate(exc: BaseException) -> bool:

@@ -284,6 +284,9 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"pulse archive: {problem}.", file=sys.stderr)
         return 2
+    from schemas.kafka_probe import client_repeats_summarised
+
+    client_repeats_summarised()  # an outage: a line a minute per kind, not one per attempt
     try:
         counters = asyncio.run(_archive(args, store))
     except IngestError as exc:

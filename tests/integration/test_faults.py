@@ -271,6 +271,7 @@ def test_broker_stop_and_restart_while_producing(
             "--late-rate=0.01", "--bad-rate=0.005", truth=truth_file,
         )  # fmt: skip
         worker = pl.worker(name="w")
+        worker_started = time.monotonic()
         alive = all_alive([worker])
         client = running.redis()
         timeline = Timeline()
@@ -310,6 +311,12 @@ def test_broker_stop_and_restart_while_producing(
             mark("caught up")
         finally:
             stop_all([worker], producer)
+        # aiokafka logs a line per reconnect attempt (dozens a second); the worker says each
+        # kind once, then once a minute with the count held back
+        minutes = (time.monotonic() - worker_started) / 60
+        for kind in ("Unable connect to node", "Unable to update metadata"):
+            said = worker.log_count(kind)
+            assert said <= 2 + minutes, f"{said} lines of {kind!r} in {minutes:.1f} min"
         in_kafka = pl.assert_kafka_holds_truth(truth_file)
         summary = assert_verified(pl, truth_file)
         print(
