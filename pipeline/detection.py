@@ -335,61 +335,83 @@ class KindDetectors:
     ) -> dict[int, Detected]:
         """Step the detectors of each partition's closed instances (oldest first): per
         partition, the states to write (the rows due a snapshot, and the replay point) and the
-        anomalies raised. One bank step per round (the k-th closed instance of every
-        partition, every signal): the step's cost is per call more than per row."""
+        anomalies raised, in the order of their instances.
+
+        A step depends on its row's own history only, so rows are stepped in rounds by their
+        own count of steps: the first step of every row that steps, then the second, and so
+        on. One bank call per round costs per call more than per row, and a poll that closes
+        many instances of few entities each (a sparse backlog) needs as many rounds as an
+        entity has steps, not as many as there are instances.
+        """
         out = {p: Detected() for p, c in closings.items() if c}
-        stepped: dict[int, list[npt.NDArray[np.int64]]] = {p: [] for p in out}
-        for k in range(max((len(c) for c in closings.values()), default=0)):
-            segs: list[tuple[int, int, list[str], packed.Table, str, npt.NDArray[np.int64]]] = []
-            rows_l: list[npt.NDArray[np.int64]] = []
-            vals_l: list[npt.NDArray[np.float64]] = []
-            for p, closing in closings.items():
-                if k >= len(closing):
-                    continue
-                start, names, table = closing[k]
-                blocks = self._blocks(self._rows.setdefault(p, {}), names)
+        segs: list[tuple[int, int, list[str], packed.Table, str, npt.NDArray[np.int64]]] = []
+        rows_l: list[npt.NDArray[np.int64]] = []
+        vals_l: list[npt.NDArray[np.float64]] = []
+        for p in out:
+            mine = self._rows.setdefault(p, {})
+            for start, names, table in closings[p]:
+                blocks = self._blocks(mine, names)
                 for signal, values in signal_values(self.kind, table).items():
                     at = np.flatnonzero(np.isfinite(values))
-                    if not at.size:
-                        continue
-                    rows = blocks[at] + self._signal_at[signal]
-                    stepped[p].append(rows)
-                    segs.append((p, start, names, table, signal, at))
-                    rows_l.append(rows)
-                    vals_l.append(values[at])
-            if not segs:
-                continue
-            rows = np.concatenate(rows_l)
-            values = np.concatenate(vals_l)
-            t = np.repeat(
-                np.asarray([s[1] for s in segs], dtype=np.int64), [len(r) for r in rows_l]
-            )
-            res = self._step(rows, t, values)
-            if not res.alarm.any():
-                continue
-            hit = np.flatnonzero(res.alarm)
-            vectors = self.bank.anomaly_vector(rows[hit], res.score[hit])
-            bounds = np.cumsum([0, *(len(a) for *_, a in segs)])
-            seg_of = np.searchsorted(bounds, hit, side="right") - 1
-            for j, (h, s_i) in enumerate(zip(hit.tolist(), seg_of.tolist(), strict=True)):
-                p, start, names, table, signal, at = segs[s_i]
-                i = int(at[h - bounds[s_i]])
-                out[p].anomalies.append(
-                    self._record(
-                        p,
-                        start,
-                        names[i],
-                        signal,
-                        int(res.cause[h]),
-                        float(res.score[h]),
-                        float(values[h]),
-                        float(res.expected[h]),
-                        int(table.stats[i, packed.COUNT]),
-                        vectors[j],
-                    )
+                    if at.size:
+                        segs.append((p, start, names, table, signal, at))
+                        rows_l.append(blocks[at] + self._signal_at[signal])
+                        vals_l.append(values[at])
+        if not segs:
+            return out
+        # every step of the poll, in instance order per partition
+        rows = np.concatenate(rows_l)
+        values = np.concatenate(vals_l)
+        sizes = [len(r) for r in rows_l]
+        seg_of = np.repeat(np.arange(len(segs)), sizes)
+        t = np.asarray([s[1] for s in segs], dtype=np.int64)[seg_of]
+        # each step's rank among its row's steps: the round it is taken in
+        by_row = np.argsort(rows, kind="stable")
+        sorted_rows = rows[by_row]
+        first = np.r_[0, np.flatnonzero(np.diff(sorted_rows)) + 1]
+        rank = np.empty(rows.size, dtype=np.int64)
+        rank[by_row] = np.arange(rows.size) - np.repeat(first, np.diff(np.r_[first, rows.size]))
+        by_round = np.argsort(rank, kind="stable")
+        bounds = np.r_[0, np.cumsum(np.bincount(rank))]
+        # per alarm: its position in step order, cause, score, expected value and vector
+        alarms: list[tuple[int, int, float, float, npt.NDArray[np.float32]]] = []
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            take = by_round[lo:hi]
+            res = self._step(rows[take], t[take], values[take])
+            if res.alarm.any():
+                hit = np.flatnonzero(res.alarm)
+                vectors = self.bank.anomaly_vector(rows[take[hit]], res.score[hit])
+                alarms += zip(
+                    take[hit].tolist(),
+                    res.cause[hit].tolist(),
+                    res.score[hit].tolist(),
+                    res.expected[hit].tolist(),
+                    vectors,
+                    strict=True,
                 )
-        for p, found in out.items():
-            self._save(p, stepped[p], found)
+        seg_start = np.cumsum([0, *sizes]).tolist()
+        for h, cause, score, expected, vector in sorted(alarms, key=lambda a: a[0]):
+            p, start, names, table, signal, at = segs[int(seg_of[h])]
+            i = int(at[h - seg_start[seg_of[h]]])
+            out[p].anomalies.append(
+                self._record(
+                    p,
+                    start,
+                    names[i],
+                    signal,
+                    cause,
+                    score,
+                    float(values[h]),
+                    expected,
+                    int(table.stats[i, packed.COUNT]),
+                    vector,
+                )
+            )
+        stepped: dict[int, list[npt.NDArray[np.int64]]] = {p: [] for p in out}
+        for (p, *_), r in zip(segs, rows_l, strict=True):
+            stepped[p].append(r)
+        for p, detected in out.items():
+            self._save(p, stepped[p], detected)
         return out
 
     def _save(self, partition: int, stepped: list[npt.NDArray[np.int64]], out: Detected) -> None:

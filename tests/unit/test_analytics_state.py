@@ -545,3 +545,43 @@ def test_an_idle_entity_starts_afresh_however_the_windows_were_grouped_into_poll
     rows = [one._rows[0]["d2|temp"] + j for j in range(3)]
     rows_many = [many._rows[0]["d2|temp"] + j for j in range(3)]
     assert np.array_equal(one.bank.rows(rows), many.bank.rows(rows_many))
+
+
+def test_a_sparse_poll_steps_in_rounds_per_entity_not_per_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four devices take turns, one per window (a sparse backlog: every window closes with one
+    entity in it). One poll of 520 such windows on two partitions steps the bank in as many
+    rounds as a device has steps (130), and raises what a poll per window raises."""
+    rng = np.random.default_rng(11)
+    wins = []
+    for i in range(520):
+        dev, t = f"d{i % 4}", T0 + i * 10_000
+        level = 60.0 if (dev, i // 4) == ("d1", 120) else 20.0  # a spike in d1's 121st window
+        evs = [reading(t + j, dev, "temp", level + rng.standard_normal()) for j in range(3)]
+        (d,) = aggregation.aggregate(
+            aggregation.sensor_columns(evs), [(keys.WINDOW_10S, (keys.Dim.DEVICE,))]
+        )
+        wins.append((d.start_ms, list(d.names), d.table))
+
+    def seen(det: KindDetectors, found: list[anomaly.AnomalyRecord]) -> list[object]:
+        rows = [det._rows[p][f"d{k}|temp"] + j for p in (0, 1) for k in range(4) for j in range(3)]
+        return [
+            [(a.id, a.score, a.value, a.vector.tobytes()) for a in found],
+            det.bank.rows(rows).tobytes(),
+        ]
+
+    apart = KindDetectors(S, keys.WINDOW_10S)
+    found_apart = []
+    for w in wins:
+        got = apart.detect_many({0: [w], 1: [w]})
+        found_apart += got[0].anomalies + got[1].anomalies
+    together = KindDetectors(S, keys.WINDOW_10S)
+    calls = []
+    step = DetectorBank.step
+    monkeypatch.setattr(DetectorBank, "step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    got = together.detect_many({0: wins, 1: wins})
+    found_together = sorted(got[0].anomalies + got[1].anomalies, key=lambda a: a.window_start_ms)
+    assert {a.entity for a in found_apart} == {"d1|temp"}  # the spike, in both partitions
+    assert seen(apart, found_apart) == seen(together, found_together)
+    assert len(calls) <= 2 * 130  # a round per step of a device (sensors: two calls a round)
