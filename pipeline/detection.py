@@ -344,27 +344,38 @@ class KindDetectors:
         entity has steps, not as many as there are instances.
         """
         out = {p: Detected() for p, c in closings.items() if c}
-        segs: list[tuple[int, int, list[str], packed.Table, str, npt.NDArray[np.int64]]] = []
-        rows_l: list[npt.NDArray[np.int64]] = []
-        vals_l: list[npt.NDArray[np.float64]] = []
+        part_l: list[int] = []
+        starts_l: list[int] = []
+        names: list[str] = []
+        tables: list[packed.Table] = []
+        blocks_l: list[npt.NDArray[np.int64]] = []
         for p in out:
             mine = self._rows.setdefault(p, {})
-            for start, names, table in closings[p]:
-                blocks = self._blocks(mine, names)
-                for signal, values in signal_values(self.kind, table).items():
-                    at = np.flatnonzero(np.isfinite(values))
-                    if at.size:
-                        segs.append((p, start, names, table, signal, at))
-                        rows_l.append(blocks[at] + self._signal_at[signal])
-                        vals_l.append(values[at])
-        if not segs:
+            for start, entities, table in closings[p]:
+                part_l.append(p)
+                starts_l.append(start)
+                names += entities
+                tables.append(table)
+                blocks_l.append(self._blocks(mine, entities))
+        if not tables:
             return out
-        # every step of the poll, in instance order per partition
-        rows = np.concatenate(rows_l)
-        values = np.concatenate(vals_l)
-        sizes = [len(r) for r in rows_l]
-        seg_of = np.repeat(np.arange(len(segs)), sizes)
-        t = np.asarray([s[1] for s in segs], dtype=np.int64)[seg_of]
+        # every instance's rows in one table: the signals are computed row by row, once
+        table = packed.concat(tables)
+        instance = np.repeat(np.arange(len(tables)), [len(b) for b in blocks_l])
+        blocks = np.concatenate(blocks_l)
+        at_l, sig_l, vals_l = [], [], []
+        for signal, signal_vals in signal_values(self.kind, table).items():
+            at = np.flatnonzero(np.isfinite(signal_vals))
+            at_l.append(at)
+            sig_l.append(np.full(at.size, self._signal_at[signal], dtype=np.int64))
+            vals_l.append(signal_vals[at])
+        # every step of the poll, in instance order per partition (then signal, then entity)
+        at_all, sig = np.concatenate(at_l), np.concatenate(sig_l)
+        order = np.argsort(instance[at_all] * len(self.signals) + sig, kind="stable")
+        at_all, sig, values = at_all[order], sig[order], np.concatenate(vals_l)[order]
+        rows = blocks[at_all] + sig
+        t = np.asarray(starts_l, dtype=np.int64)[instance[at_all]]
+        part_of = np.asarray(part_l, dtype=np.int64)[instance[at_all]]
         # each step's rank among its row's steps: the round it is taken in
         by_row = np.argsort(rows, kind="stable")
         sorted_rows = rows[by_row]
@@ -389,16 +400,14 @@ class KindDetectors:
                     vectors,
                     strict=True,
                 )
-        seg_start = np.cumsum([0, *sizes]).tolist()
         for h, cause, score, expected, vector in sorted(alarms, key=lambda a: a[0]):
-            p, start, names, table, signal, at = segs[int(seg_of[h])]
-            i = int(at[h - seg_start[seg_of[h]]])
-            out[p].anomalies.append(
+            i, c = int(at_all[h]), int(instance[at_all[h]])
+            out[part_l[c]].anomalies.append(
                 self._record(
-                    p,
-                    start,
+                    part_l[c],
+                    starts_l[c],
                     names[i],
-                    signal,
+                    self.signals[int(sig[h])],
                     cause,
                     score,
                     float(values[h]),
@@ -407,11 +416,8 @@ class KindDetectors:
                     vector,
                 )
             )
-        stepped: dict[int, list[npt.NDArray[np.int64]]] = {p: [] for p in out}
-        for (p, *_), r in zip(segs, rows_l, strict=True):
-            stepped[p].append(r)
         for p, detected in out.items():
-            self._save(p, stepped[p], detected)
+            self._save(p, [rows[part_of == p]], detected)
         return out
 
     def _save(self, partition: int, stepped: list[npt.NDArray[np.int64]], out: Detected) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from typing import Any
 
 import numpy as np
 import orjson
@@ -23,7 +24,7 @@ from pipeline.detection import (
     steady,
     window_params,
 )
-from pipeline.detectors import DetectorBank
+from pipeline.detectors import DetectorBank, StepResult
 from pipeline.metrics import Metrics
 from pipeline.validation import TimeBounds
 from schemas import anomaly, keys, packed
@@ -579,7 +580,12 @@ def test_a_sparse_poll_steps_in_rounds_per_entity_not_per_window(
     together = KindDetectors(S, keys.WINDOW_10S)
     calls = []
     step = DetectorBank.step
-    monkeypatch.setattr(DetectorBank, "step", lambda *a, **k: calls.append(1) or step(*a, **k))
+
+    def counted(*args: Any, **kwargs: Any) -> StepResult:
+        calls.append(1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(DetectorBank, "step", counted)
     got = together.detect_many({0: wins, 1: wins})
     found_together = sorted(got[0].anomalies + got[1].anomalies, key=lambda a: a.window_start_ms)
     assert {a.entity for a in found_apart} == {"d1|temp"}  # the spike, in both partitions
