@@ -313,16 +313,15 @@ class KindDetectors:
     ) -> None:
         """Step the rows again through stored closed windows (oldest first), each only past
         its snapshot; raises nothing (those anomalies are stored) and saves nothing."""
-        mine = self._rows.setdefault(partition, {})
-        for start, names, table in closing:
-            blocks = self._blocks(mine, names)
-            for signal, values in signal_values(self.kind, table).items():
-                at = np.flatnonzero(np.isfinite(values))
-                rows = blocks[at] + self._signal_at[signal]
-                behind = self._last[rows] < start
-                if behind.any():
-                    n = int(behind.sum())
-                    self._step(rows[behind], np.full(n, start, np.int64), values[at][behind])
+        steps = self._plan({partition: closing})
+        if steps is None:
+            return
+        # a row's steps come in window order, so those past its snapshot are those after the
+        # last window it holds now
+        behind = np.flatnonzero(steps.t > self._last[steps.rows])
+        for take in _rounds(steps.rows[behind]):
+            at = behind[take]
+            self._step(steps.rows[at], steps.t[at], steps.values[at])
 
     def detect(
         self, partition: int, closing: Sequence[tuple[int, list[str], packed.Table]]
@@ -344,51 +343,14 @@ class KindDetectors:
         entity has steps, not as many as there are instances.
         """
         out = {p: Detected() for p, c in closings.items() if c}
-        part_l: list[int] = []
-        starts_l: list[int] = []
-        names: list[str] = []
-        tables: list[packed.Table] = []
-        blocks_l: list[npt.NDArray[np.int64]] = []
-        for p in out:
-            mine = self._rows.setdefault(p, {})
-            for start, entities, table in closings[p]:
-                part_l.append(p)
-                starts_l.append(start)
-                names += entities
-                tables.append(table)
-                blocks_l.append(self._blocks(mine, entities))
-        if not tables:
+        steps = self._plan({p: closings[p] for p in out})
+        if steps is None:
             return out
-        # every instance's rows in one table: the signals are computed row by row, once
-        table = packed.concat(tables)
-        instance = np.repeat(np.arange(len(tables)), [len(b) for b in blocks_l])
-        blocks = np.concatenate(blocks_l)
-        at_l, sig_l, vals_l = [], [], []
-        for signal, signal_vals in signal_values(self.kind, table).items():
-            at = np.flatnonzero(np.isfinite(signal_vals))
-            at_l.append(at)
-            sig_l.append(np.full(at.size, self._signal_at[signal], dtype=np.int64))
-            vals_l.append(signal_vals[at])
-        # every step of the poll, in instance order per partition (then signal, then entity)
-        at_all, sig = np.concatenate(at_l), np.concatenate(sig_l)
-        order = np.argsort(instance[at_all] * len(self.signals) + sig, kind="stable")
-        at_all, sig, values = at_all[order], sig[order], np.concatenate(vals_l)[order]
-        rows = blocks[at_all] + sig
-        t = np.asarray(starts_l, dtype=np.int64)[instance[at_all]]
-        part_of = np.asarray(part_l, dtype=np.int64)[instance[at_all]]
-        # each step's rank among its row's steps: the round it is taken in
-        by_row = np.argsort(rows, kind="stable")
-        sorted_rows = rows[by_row]
-        first = np.r_[0, np.flatnonzero(np.diff(sorted_rows)) + 1]
-        rank = np.empty(rows.size, dtype=np.int64)
-        rank[by_row] = np.arange(rows.size) - np.repeat(first, np.diff(np.r_[first, rows.size]))
-        by_round = np.argsort(rank, kind="stable")
-        bounds = np.r_[0, np.cumsum(np.bincount(rank))]
         # per alarm: its position in step order, cause, score, expected value and vector
         alarms: list[tuple[int, int, float, float, npt.NDArray[np.float32]]] = []
-        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-            take = by_round[lo:hi]
-            res = self._step(rows[take], t[take], values[take])
+        rows = steps.rows
+        for take in _rounds(rows):
+            res = self._step(rows[take], steps.t[take], steps.values[take])
             if res.alarm.any():
                 hit = np.flatnonzero(res.alarm)
                 vectors = self.bank.anomaly_vector(rows[take[hit]], res.score[hit])
@@ -401,29 +363,75 @@ class KindDetectors:
                     strict=True,
                 )
         for h, cause, score, expected, vector in sorted(alarms, key=lambda a: a[0]):
-            i, c = int(at_all[h]), int(instance[at_all[h]])
-            out[part_l[c]].anomalies.append(
+            i, c = int(steps.at[h]), int(steps.instance[h])
+            out[steps.parts[c]].anomalies.append(
                 self._record(
-                    part_l[c],
-                    starts_l[c],
-                    names[i],
-                    self.signals[int(sig[h])],
+                    steps.parts[c],
+                    steps.starts[c],
+                    steps.names[i],
+                    self.signals[int(steps.sig[h])],
                     cause,
                     score,
-                    float(values[h]),
+                    float(steps.values[h]),
                     expected,
-                    int(table.stats[i, packed.COUNT]),
+                    int(steps.table.stats[i, packed.COUNT]),
                     vector,
                 )
             )
+        part_of = np.asarray(steps.parts, dtype=np.int64)[steps.instance]
         for p, detected in out.items():
-            self._save(p, [rows[part_of == p]], detected)
+            self._save(p, rows[part_of == p], detected)
         return out
 
-    def _save(self, partition: int, stepped: list[npt.NDArray[np.int64]], out: Detected) -> None:
-        """The states of the rows due a snapshot, the fields of the entities forgotten and the
-        partition's replay point."""
-        every = np.concatenate(stepped) if stepped else np.zeros(0, np.int64)
+    def _plan(
+        self, closings: Mapping[int, Sequence[tuple[int, list[str], packed.Table]]]
+    ) -> _Steps | None:
+        """Every step of the partitions' closed instances (new entities get rows), in
+        instance order per partition, then signal, then entity; None if they hold none."""
+        parts: list[int] = []
+        starts: list[int] = []
+        names: list[str] = []
+        tables: list[packed.Table] = []
+        blocks_l: list[npt.NDArray[np.int64]] = []
+        for p, closing in closings.items():
+            mine = self._rows.setdefault(p, {})
+            for start, entities, table in closing:
+                parts.append(p)
+                starts.append(start)
+                names += entities
+                tables.append(table)
+                blocks_l.append(self._blocks(mine, entities))
+        if not tables:
+            return None
+        # every instance's rows in one table: the signals are computed row by row, once
+        table = packed.concat(tables)
+        instance = np.repeat(np.arange(len(tables)), [len(b) for b in blocks_l])
+        blocks = np.concatenate(blocks_l)
+        at_l, sig_l, vals_l = [], [], []
+        for signal, values in signal_values(self.kind, table).items():
+            at = np.flatnonzero(np.isfinite(values))
+            at_l.append(at)
+            sig_l.append(np.full(at.size, self._signal_at[signal], dtype=np.int64))
+            vals_l.append(values[at])
+        at, sig = np.concatenate(at_l), np.concatenate(sig_l)
+        order = np.argsort(instance[at] * len(self.signals) + sig, kind="stable")
+        at, sig = at[order], sig[order]
+        return _Steps(
+            rows=blocks[at] + sig,
+            t=np.asarray(starts, dtype=np.int64)[instance[at]],
+            values=np.concatenate(vals_l)[order],
+            at=at,
+            sig=sig,
+            instance=instance[at],
+            table=table,
+            names=names,
+            parts=parts,
+            starts=starts,
+        )
+
+    def _save(self, partition: int, every: npt.NDArray[np.int64], out: Detected) -> None:
+        """The states of the rows due a snapshot (``every``: the rows the poll stepped, in
+        order), the fields of the entities forgotten and the partition's replay point."""
         _, first = np.unique(every, return_index=True)
         rows = every[np.sort(first)]  # each row once, in the order it first stepped
         if rows.size:
@@ -624,3 +632,34 @@ def _merge(
     out = np.empty(len(at_a) + len(at_b), dtype=a.dtype)
     out[at_a], out[at_b] = a, b
     return out
+
+
+@dataclass(slots=True)
+class _Steps:
+    """Detector steps of closed instances: per step its row, window start and value; the row
+    of ``table`` it reads, its signal (index) and its instance (into ``parts`` and
+    ``starts``); ``names`` are ``table``'s entities."""
+
+    rows: npt.NDArray[np.int64]
+    t: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float64]
+    at: npt.NDArray[np.int64]
+    sig: npt.NDArray[np.int64]
+    instance: npt.NDArray[np.int64]
+    table: packed.Table
+    names: list[str]
+    parts: list[int]
+    starts: list[int]
+
+
+def _rounds(rows: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
+    """The positions of ``rows`` in rounds of distinct rows: round k holds each row's k-th
+    position (in order), so a row's steps are taken in their order."""
+    if not rows.size:
+        return []
+    by_row = np.argsort(rows, kind="stable")
+    first = np.r_[0, np.flatnonzero(np.diff(rows[by_row])) + 1]
+    rank = np.empty(rows.size, dtype=np.int64)
+    rank[by_row] = np.arange(rows.size) - np.repeat(first, np.diff(np.r_[first, rows.size]))
+    by_round = np.argsort(rank, kind="stable")
+    return np.split(by_round, np.cumsum(np.bincount(rank))[:-1])
