@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
-from pulse_bench.cases.freshness import visibility_latencies
+from pulse_bench.cases.freshness import p99_by_second, visibility_latencies
 from pulse_bench.cases.pipeline_case import detection_ratio
 from pulse_bench.cases.reads import MINUTE_MS, plan_segments
 from pulse_bench.cases.write_cost import per_event
@@ -16,14 +17,23 @@ def test_visibility_is_the_first_poll_reaching_the_offset() -> None:
     tp = ("sensor", 0)
     sends = {tp: [10.0, 10.0, 10.5]}  # offsets 5, 6, 7 (base 5)
     polls = [(10.1, {tp: 4}), (10.2, {tp: 6}), (10.4, {tp: 6}), (10.9, {tp: 7})]
-    lat = visibility_latencies(sends, {tp: 5}, polls)
+    sent, lat = visibility_latencies(sends, {tp: 5}, polls)
     assert lat.tolist() == pytest.approx([0.2, 0.2, 0.4])
+    assert sent.tolist() == [10.0, 10.0, 10.5]
 
 
 def test_visibility_skips_records_never_seen() -> None:
     tp = ("applog", 3)
-    lat = visibility_latencies({tp: [1.0, 2.0]}, {}, [(1.5, {tp: 0})])
-    assert lat.tolist() == pytest.approx([0.5])
+    sent, lat = visibility_latencies({tp: [1.0, 2.0]}, {}, [(1.5, {tp: 0})])
+    assert lat.tolist() == pytest.approx([0.5]) and sent.tolist() == [1.0]
+
+
+def test_the_p99_per_second_shows_a_stall() -> None:
+    sent = np.repeat([100.0, 101.0, 102.0], 100) + np.tile(np.linspace(0, 0.99, 100), 3)
+    lat = np.full(300, 0.1)
+    lat[100:110] = 0.9  # a stall in the second second
+    assert p99_by_second(sent, lat) == pytest.approx([0.1, 0.9, 0.1])
+    assert p99_by_second(np.empty(0), np.empty(0)) == []
 
 
 def test_detection_ratio_ignores_one_stray_drain_on_either_side() -> None:

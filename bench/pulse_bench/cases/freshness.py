@@ -44,21 +44,34 @@ def visibility_latencies(
     sends: dict[tuple[str, int], list[float]],
     bases: dict[tuple[str, int], int],
     polls: Sequence[tuple[float, dict[tuple[str, int], int]]],
-) -> np.ndarray:
-    """Seconds from send to visibility of every record that became visible.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Send time and seconds from send to visibility of every record that became visible.
 
     ``sends[tp][k]`` is the send time of offset ``bases[tp] + k``; ``polls`` are ``(time,
     applied offsets)`` in time order.
     """
     times = np.asarray([t for t, _ in polls], dtype=np.float64)
-    out: list[np.ndarray] = []
+    sent_l: list[np.ndarray] = []
+    lat_l: list[np.ndarray] = []
     for tp, sent in sends.items():
         applied = np.maximum.accumulate(np.asarray([o.get(tp, -1) for _, o in polls]))
         offsets = bases.get(tp, 0) + np.arange(len(sent))
         idx = np.searchsorted(applied, offsets, side="left")
         seen = idx < len(times)
-        out.append(times[idx[seen]] - np.asarray(sent)[seen])
-    return np.concatenate(out) if out else np.empty(0)
+        sent_l.append(np.asarray(sent)[seen])
+        lat_l.append(times[idx[seen]] - sent_l[-1])
+    if not lat_l:
+        return np.empty(0), np.empty(0)
+    return np.concatenate(sent_l), np.concatenate(lat_l)
+
+
+def p99_by_second(sent: np.ndarray, latency: np.ndarray) -> list[float]:
+    """The p99 of ``latency`` per second of ``sent`` (from the first send): whether a run's
+    p99 is its steady state or one stall (a stall of a few hundred ms sets a 15 s run's p99)."""
+    if not sent.size:
+        return []
+    second = np.floor(sent - sent.min()).astype(np.int64)
+    return [float(np.percentile(latency[second == s], 99)) for s in np.unique(second).tolist()]
 
 
 class Poller(threading.Thread):
@@ -165,7 +178,7 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
         raise BenchError(f"store poller failed: {poller.error}")
     if status != 0:
         raise BenchError(f"worker exited with {status}: {worker.tail()}")
-    lat = visibility_latencies(log.times, bases, poller.samples)
+    sent_at, lat = visibility_latencies(log.times, bases, poller.samples)
     if lat.size != len(records):
         raise BenchError(f"{lat.size} of {len(records)} records seen applied")
     ms = lat * 1000
@@ -177,6 +190,7 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
         "events": len(records),
         **{f"{k}_ms": v for k, v in percentiles(ms, (0.5, 0.9, 0.99)).items()},
         "max_ms": float(ms.max()),
+        "p99_ms_by_second": [round(v * 1000, 1) for v in p99_by_second(sent_at, lat)],
         "poll_interval_ms": float(np.mean(poll_gaps) * 1000) if poll_gaps.size else 0.0,
     }
 
