@@ -657,12 +657,12 @@ class Checkpoint:
                 if fields := hashes[k]:
                     try:
                         table = packed.decode(list(fields.values()), nf)
-                    except packed.PackedError as exc:  # the detectors miss one window, no more
+                        names = [f.decode() for f in fields]
+                    except ValueError as exc:  # PackedError, or a name that is not UTF-8:
+                        # the detectors miss one window, no more
                         log.warning("window %s not replayed into the detectors: %s", k, exc)
                         continue
-                    closed.append(
-                        (keys.parse_window_key(k)[4], [f.decode() for f in fields], table)
-                    )
+                    closed.append((keys.parse_window_key(k)[4], names, table))
             det.replay(p, closed)
 
     def _run(

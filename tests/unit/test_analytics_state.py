@@ -493,6 +493,45 @@ def test_the_batch_that_closes_a_window_carries_its_detector_states_and_boards()
     assert [b.key for b in first.boards] == [keys.board_key(S, 0, keys.Board.SITE_EVENTS, T0)]
 
 
+@pytest.mark.parametrize("damage", ["name", "value"])
+def test_a_damaged_closed_window_is_left_out_of_a_restore_s_replay(
+    damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restore steps its detectors through the stored windows closed since their snapshot.
+    One of them with a field name that is not UTF-8, or a value that is no packed value
+    (someone else wrote it), is logged and left out: the worker goes on."""
+    now = T0 + 3_600_000
+    rules = BatchRules(
+        TimeBounds(6 * 3600 * 1000, 300_000), 0, plan=((keys.WINDOW_10S, (keys.Dim.DEVICE,)),)
+    )
+    w = FakeWriter()
+
+    def checkpoint() -> Checkpoint:
+        return Checkpoint(
+            TOPICS, w, FakeDivert(), rules, Metrics(), clock=lambda: now, retry_delay_s=0.0,
+            detectors={S: KindDetectors(S, keys.WINDOW_10S)},
+        )  # fmt: skip
+
+    cp = checkpoint()
+    for i in range(4):  # windows T0, +10 s, +20 s close
+        asyncio.run(cp.commit({S: {0: [sensor_record(i, T0 + 1000 + i * 10_000, 1.0 + i)]}}))
+    asyncio.run(cp.flush())
+    # the snapshot is older than every closed window: a restore replays them all
+    w.hashes[keys.detector_key(S, 0)] = {REPLAY_FIELD.encode(): str(T0).encode()}
+    damaged = keys.window_key(S, 0, keys.WINDOW_10S, keys.Dim.DEVICE, T0 + 10_000)
+    held = w.hashes[damaged]
+    if damage == "name":
+        held[b"\xff\xfe|temp"] = next(iter(held.values()))
+    else:
+        held[b"d1|temp"] = b"PV\x00not a packed value"
+    cp = checkpoint()  # a new owner
+    asyncio.run(cp.commit({S: {0: [sensor_record(4, T0 + 41_000, 5.0)]}}))
+    asyncio.run(cp.flush())
+    assert w.offsets[(S, 0)] == 4
+    said = [r.getMessage() for r in caplog.records if "not replayed" in r.getMessage()]
+    assert len(said) == 1 and damaged in said[0]
+
+
 def test_error_evidence_ignores_a_lone_error_among_few_requests_but_not_a_burst() -> None:
     errors = np.array([0.0, 1.0, 2.0, 6.0, 7.0, 70.0])
     n = np.array([8.0, 8.0, 8.0, 8.0, 8.0, 100.0])
