@@ -160,7 +160,7 @@ class StoredPartition:
 def stored_partitions(client: redis.Redis, kind: EventKind) -> dict[int, StoredPartition]:
     """Every partition of ``kind`` with a progress hash: applied offset, watermark, topic."""
     names = sorted(
-        _text(k) for k in client.scan_iter(match=keys.progress_pattern(kind), count=1000)
+        k for k in map(_name, client.scan_iter(match=keys.progress_pattern(kind), count=1000)) if k
     )
     out: dict[int, StoredPartition] = {}
     pipe = client.pipeline(transaction=False)
@@ -175,7 +175,7 @@ def stored_partitions(client: redis.Redis, kind: EventKind) -> dict[int, StoredP
         out[p] = StoredPartition(
             int(off) if off is not None else -1,
             int(wm) if wm is not None else None,
-            _text(topic) if topic is not None else None,
+            keys.text(topic) if topic is not None else None,
         )
     return out
 
@@ -190,10 +190,10 @@ def existing_keys(
         f"{keys.PREFIX}:{{{kind.value}.*}}:top:*",
     ):
         for raw in client.scan_iter(match=pattern, count=1000):
-            key = _text(raw)
+            key = _name(raw)
             try:
                 k, p = keys.parse_tag(key)
-            except ValueError:
+            except ValueError:  # not a key of the worker's (an empty name: not UTF-8)
                 continue
             if range_key(k, p, key, rng, plan):
                 out.setdefault(p, []).append(key)
@@ -226,10 +226,11 @@ def warmup_windows(
             continue
         try:
             table = packed.decode(list(fields.values()), nf)
-        except packed.PackedError as exc:
+            entities = [f.decode() for f in fields]
+        except ValueError as exc:  # PackedError, or a name that is not UTF-8
             log.warning("window %s left out of the detectors' warm-up: %s", k, exc)
             continue
-        out.setdefault(p, []).append((start, [_text(f) for f in fields], table))
+        out.setdefault(p, []).append((start, entities, table))
     return out
 
 
@@ -738,7 +739,7 @@ def replay(
             if int(reply[0]) != 1:
                 raise ReplayRefused(
                     f"{kind.value} partition {p} is not closed for the range {rng} any more "
-                    f"(stored watermark {_text(reply[1]) or 'none'})."
+                    f"(stored watermark {keys.text(reply[1]) or 'none'})."
                 )
             report.partitions += 1
             report.written += int(reply[1])
@@ -803,5 +804,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _text(raw: object) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
+def _name(raw: bytes) -> str:
+    """A key name from a scan, or "" if it is not UTF-8 (no key of the worker's)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return ""

@@ -17,14 +17,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 import redis
 
 from pipeline.archive.storage import ArchiveStore
-from pipeline.replay import MINUTE_MS
+from pipeline.replay import MINUTE_MS, ReplayRange
 from pipeline.stack.testing import RunningStack, free_ports, stop_child
-from schemas import anomaly, keys
+from schemas import anomaly, keys, packed
 from schemas.events import EventKind
 from tests.integration.harness import Pipeline, wait_for
 from tests.integration.test_archive import start_archive
@@ -315,3 +316,46 @@ def test_replay_from_kafka_reads_past_records_the_client_cannot_parse(
     assert res.returncode == 0, res.stdout[-3000:]
     client.close()
     raw.close()
+
+
+def test_names_that_are_not_utf8_in_the_store_are_passed_over(
+    stack: RunningStack, store: redis.Redis
+) -> None:
+    """Keys and fields someone else wrote with bytes that are not UTF-8 do not stop a replay's
+    reads: such a key is no key of the worker's, and a window holding such a field is left out
+    of the detectors' warm-up like a window that does not decode (it was a traceback)."""
+    from pipeline.replay_command import existing_keys, stored_partitions, warmup_windows
+    from pipeline.settings import WorkerSettings
+
+    store = stack.redis(decode=False)  # the replay's client reads bytes (``store`` emptied it)
+    s, t0 = EventKind.SENSOR, 1_700_000_040_000
+    good = keys.window_key(s, 0, keys.WINDOW_10S, keys.Dim.DEVICE, t0)
+    bad = keys.window_key(s, 0, keys.WINDOW_10S, keys.Dim.DEVICE, t0 + 10_000)
+    stats = np.zeros((1, packed.NF_SENSOR))
+    stats[0, [packed.COUNT, packed.SUM, packed.SUMSQ]] = 3.0, 60.0, 1200.0
+    stats[0, [packed.MIN, packed.MAX, packed.FIRST, packed.LAST, packed.REPEATS]] = (
+        20,
+        20,
+        20,
+        20,
+        2,
+    )
+    no_buckets = np.zeros(0, dtype=np.int64)
+    (value,) = packed.encode(packed.Table(stats, no_buckets, no_buckets, no_buckets))
+    store.hset(good, "d1|temp", value)
+    store.hset(bad, mapping={b"d1|temp": value, b"\xff\xfe|temp": value})
+    store.hset(
+        keys.progress_key(s, 0), mapping={keys.Progress.OFFSET: 9, keys.Progress.TOPIC: b"\xff"}
+    )
+    store.hset(f"{keys.PREFIX}:{{sensor.0}}:w:\xff".encode("latin-1"), "x", "y")
+    store.hset(keys.progress_key(s, 1).encode() + b"\xff", "offset", 1)
+
+    parts = stored_partitions(store, s)
+    assert list(parts) == [0] and parts[0].offset == 9 and parts[0].topic == "\ufffd"
+    plan = WorkerSettings().window_plan()
+    rng = ReplayRange(t0, t0 + 60_000)
+    assert {p: sorted(ks) for p, ks in existing_keys(store, s, rng, plan).items()} == {
+        0: sorted([good, bad])
+    }
+    got = warmup_windows(store, s, [0], keys.Dim.DEVICE, range(t0, t0 + 20_000, 10_000))
+    assert [(start, names) for start, names, _ in got[0]] == [(t0, ["d1|temp"])]
