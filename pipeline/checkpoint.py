@@ -62,7 +62,7 @@ from pipeline.batch import (
 from pipeline.detection import KindDetectors
 from pipeline.metrics import Metrics, wall_clock_ms
 from pipeline.state import KindWindows, WindowState
-from pipeline.store_writer import ApplyOutcome
+from pipeline.store_writer import ApplyOutcome, StoredTypeError
 from schemas import keys, packed
 from schemas.events import EventKind
 
@@ -203,7 +203,11 @@ class Checkpoint:
         while True:
             try:
                 batches = await self._prepared(pending)  # 1. prepare (pure)
-                redo = await self._settle()  # the previous poll's outcomes
+                redo, refused = await self._settle()  # the previous poll's outcomes
+                if refused:  # this poll's records of them were prepared on what was refused
+                    batches = [b for b in batches if (b.kind, b.partition) not in refused]
+                    for pk in refused:
+                        pending.pop(pk, None)
                 if redo:
                     # Someone else had advanced these partitions: their states are dropped,
                     # and the previous poll's records are prepared again with this poll's.
@@ -312,17 +316,24 @@ class Checkpoint:
         self._inflight = _Inflight(asyncio.ensure_future(send()), sent, dict(records))
         await asyncio.sleep(0)  # the send is written before this task prepares the next poll
 
-    async def _settle(self) -> dict[PartKey, Sequence[RawRecord]]:
+    async def _settle(self) -> tuple[dict[PartKey, Sequence[RawRecord]], set[PartKey]]:
         """The outcome of the poll in flight: count what was applied; a partition someone else
-        had advanced is dropped, and its records are returned to be prepared again."""
+        had advanced is dropped, and its records are returned to be prepared again; a
+        partition the store refused (a key it writes holds another type) is dropped and
+        refused, its records neither applied nor acknowledged."""
         if self._inflight is None:
-            return {}
+            return {}, set()
         sent = await self._inflight.task  # a store error of the apply propagates: see _abandon
         flight, self._inflight = self._inflight, None
         redo: dict[PartKey, Sequence[RawRecord]] = {}
+        refused: set[PartKey] = set()
         for b, outcome in zip(flight.batches, sent.outcomes, strict=True):
             pk = (b.kind, b.partition)
-            if outcome.applied:
+            if outcome.refused is not None:
+                self._drop(pk)
+                refused.add(pk)
+                self.refuse(pk[0], pk[1], f"the store refused its apply: {outcome.refused}")
+            elif outcome.applied:
                 self._unconfirmed = self._unconfirmed or not sent.durable
                 self._metrics.events += b.events
                 self._metrics.late += len(b.late)
@@ -337,14 +348,16 @@ class Checkpoint:
                 self._unsure = True
                 self._drop(pk)
                 redo[pk] = flight.records[pk]
-        self._add_offsets({pk: r for pk, r in flight.records.items() if pk not in redo})
+        self._add_offsets(
+            {pk: r for pk, r in flight.records.items() if pk not in redo and pk not in refused}
+        )
         if sent.error is not None:
             # the durability wait failed: everything unacknowledged goes again (the store
             # skips what it holds), the redone partitions' records too
             for pk, recs in redo.items():
                 self._unacked[pk] = [*self._unacked.get(pk, ()), *recs]
             raise sent.error
-        return redo
+        return redo, refused
 
     async def _abandon(self) -> dict[PartKey, Sequence[RawRecord]]:
         """After a store error: the records of the poll in flight, whatever its outcome."""
@@ -615,11 +628,25 @@ class Checkpoint:
             ws = WindowState(kind, p, self._rules.plan, shared=self._kind_windows(kind))
             wm = windows.watermark(st.max_event_time, lateness)
             restoring[(kind, p)] = (ws, ws.restore_keys(st.max_event_time, wm))
-        names = [k for _, ks in restoring.values() for k in ks]
-        names += [keys.detector_key(kind, p) for kind, p in pks if kind in self._detectors]
-        hashes = await self._writer.read_hashes(names)
-        replays: dict[PartKey, list[str]] = {}
         refused: dict[PartKey, str] = {}
+        while True:
+            names = [k for _, ks in restoring.values() for k in ks]
+            names += [keys.detector_key(*pk) for pk in restoring if pk[0] in self._detectors]
+            try:
+                hashes = await self._writer.read_hashes(names)
+                break
+            except StoredTypeError as exc:  # a key of another type refuses its partition
+                if not restoring.keys() & {keys.parse_tag(k) for k in exc.wrong}:
+                    raise
+                for key, why in exc.wrong.items():
+                    pk = keys.parse_tag(key)
+                    if restoring.pop(pk, None) is not None:
+                        refused[pk] = (
+                            f"{key} in the store cannot be read ({why}): its state cannot be "
+                            "restored, and the store refuses to write to it"
+                        )
+                        self._drop(pk)
+        replays: dict[PartKey, list[str]] = {}
         for pk, (ws, ks) in restoring.items():
             try:
                 ws.restore({k: hashes[k] for k in ks})
@@ -648,8 +675,19 @@ class Checkpoint:
 
     async def _replay_detectors(self, replays: Mapping[PartKey, list[str]]) -> None:
         """Step restored detectors through the stored windows closed since their snapshots."""
-        hashes = await self._writer.read_hashes([k for ks in replays.values() for k in ks])
+        names = [k for ks in replays.values() for k in ks]
+        while True:
+            try:
+                hashes = await self._writer.read_hashes(names)
+                break
+            except StoredTypeError as exc:  # the detectors miss those windows, no more
+                if not exc.wrong.keys() & set(names):
+                    raise
+                for key, why in exc.wrong.items():
+                    log.warning("window %s not replayed into the detectors: %s", key, why)
+                names = [k for k in names if k not in exc.wrong]
         for (kind, p), ks in replays.items():
+            ks = [k for k in ks if k in hashes]
             det = self._detectors[kind]
             nf = packed.NF_APPLOG if kind is EventKind.APPLOG else packed.NF_SENSOR
             closed = []

@@ -54,6 +54,22 @@ class StoreWriteError(Exception):
     """The store refused or failed a write."""
 
 
+class StoredTypeError(Exception):
+    """Keys read as hashes hold another type (written by something other than a worker):
+    ``wrong`` maps each to why."""
+
+    def __init__(self, wrong: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{k}: {why}" for k, why in wrong.items()))
+        self.wrong = wrong
+
+
+def _wrong_type(reply: object) -> str | None:
+    """Why a reply is a WRONGTYPE error (a key of another type), or None."""
+    if isinstance(reply, aioredis.ResponseError) and str(reply).startswith("WRONGTYPE"):
+        return "it holds another type than a hash"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ApplyOutcome:
     """Result of applying one partition batch."""
@@ -61,6 +77,28 @@ class ApplyOutcome:
     partition: int
     applied: bool
     store_offset: int  # the partition's applied offset in the store after the call
+    # why the store refused it, writing nothing: a key it writes holds another type (written
+    # by something other than a worker); the partition cannot be applied until that is mended
+    refused: str | None = None
+
+
+def _outcome(b: PartitionBatch, reply: object) -> ApplyOutcome:
+    """A batch's outcome from its ``FCALL`` reply (an error reply as the exception)."""
+    if isinstance(reply, aioredis.ResponseError):
+        why = str(reply)
+        if why.startswith(f"{FUNCTION_NAME}: ") and " holds a " in why:
+            # the function checks every key before writing any: the call wrote nothing
+            return ApplyOutcome(
+                b.partition, False, -1, refused=why.removeprefix(f"{FUNCTION_NAME}: ")
+            )
+        raise StoreWriteError(f"store rejected a batch apply: {why}")
+    return ApplyOutcome(b.partition, int(reply[0]) == 1, int(reply[1]))  # type: ignore[index]
+
+
+def _checked_wait(replies: list[object]) -> None:
+    """Raise the error reply of a pipeline's last command (the ``WAITAOF`` sent with it)."""
+    if replies and isinstance(replies[-1], aioredis.ResponseError):
+        raise StoreWriteError(f"store rejected a durability request: {replies[-1]}")
 
 
 def function_source() -> str:
@@ -253,9 +291,16 @@ class StoreWriter:
                 keys.Progress.MAX_EVENT_TIME,
                 keys.Progress.TOPIC,
             )
-        rows = await pipe.execute() if self._router is None else await self._read_routed(pipe)
+        rows = await self._read(pipe)
         out: dict[int, PartitionState] = {}
-        for p, (offset, max_et, topic) in zip(partitions, rows, strict=True):
+        for p, row in zip(partitions, rows, strict=True):
+            if (why := _wrong_type(row)) is not None:
+                out[p] = PartitionState(
+                    refuse=f"its progress {keys.progress_key(kind, p)} in the store cannot be "
+                    f"read ({why})"
+                )
+                continue
+            offset, max_et, topic = row
             try:
                 out[p] = PartitionState(
                     offset=int(offset) if offset is not None else -1,
@@ -270,14 +315,32 @@ class StoreWriter:
         return out
 
     async def read_hashes(self, names: list[str]) -> dict[str, dict[bytes, bytes]]:
-        """Every field of each hash (empty for a missing one), in one round trip."""
+        """Every field of each hash (empty for a missing one), in one round trip.
+
+        Raises :class:`StoredTypeError` naming the keys that hold another type.
+        """
         if not names:
             return {}
         pipe = self._client.pipeline(transaction=False)
         for k in names:
             pipe.hgetall(k)
-        rows = await pipe.execute() if self._router is None else await self._read_routed(pipe)
+        rows = await self._read(pipe)
+        wrong = {k: why for k, r in zip(names, rows, strict=True) if (why := _wrong_type(r))}
+        if wrong:
+            raise StoredTypeError(wrong)
         return dict(zip(names, rows, strict=True))
+
+    async def _read(self, pipe: aioredis.client.Pipeline) -> list[Any]:
+        """The replies of a pipeline of reads, a key of another type's as its error (the
+        caller says what that means); any other error reply is raised."""
+        if self._router is not None:
+            rows = await self._read_routed(pipe)
+        else:
+            rows = list(await pipe.execute(raise_on_error=False))
+        for r in rows:
+            if isinstance(r, aioredis.ResponseError) and _wrong_type(r) is None:
+                raise r
+        return rows
 
     async def apply(
         self, batches: list[PartitionBatch], now_ms: int
@@ -315,14 +378,11 @@ class StoreWriter:
             pipe.execute_command("FCALL", FUNCTION_NAME, len(key_list), *key_list, *args)
         self._queue_wait(pipe)
         t0 = time.perf_counter()
-        try:
-            results = await pipe.execute(raise_on_error=True)
-        except aioredis.ResponseError as exc:
-            raise StoreWriteError(f"store rejected a batch apply: {exc}") from exc
-        outcomes = [
-            ApplyOutcome(b.partition, int(r[0]) == 1, int(r[1]))
-            for b, r in zip(todo, results, strict=False)
-        ]
+        # a partition the function refuses must not fail the others' applies
+        results = await pipe.execute(raise_on_error=False)
+        if self._durability is not Durability.NONE:
+            _checked_wait(results)
+        outcomes = [_outcome(b, r) for b, r in zip(todo, results, strict=False)]
         if any(o.applied for o in outcomes):
             # the newest local reply covers every earlier write; the wait counts from the oldest
             first = t0 if self._unconfirmed is None else self._unconfirmed[1]
@@ -419,10 +479,15 @@ class StoreWriter:
         assert self._router is not None
         try:
             await self._router.refresh()
-            return list(await pipe.execute())
+            rows = list(await pipe.execute(raise_on_error=False))
         except READ_REDIRECTS as exc:
             self._router.stale()
             raise SlotMovedError(f"reading the cluster: {exc}") from exc
+        for r in rows:
+            if isinstance(r, READ_REDIRECTS):
+                self._router.stale()
+                raise SlotMovedError(f"reading the cluster: {r}")
+        return rows
 
     async def _load_on(self, node: Node) -> None:
         await node.client.execute_command(  # type: ignore[no-untyped-call]
@@ -436,15 +501,20 @@ class StoreWriter:
         """Run ``pipe`` on ``node``; a redirect or a lost connection re-maps the cluster and
         surfaces as a connection error (what was sent is unsure)."""
         try:
-            return list(await pipe.execute(raise_on_error=True))
+            # a partition the function refuses must not fail the others' applies
+            replies = list(await pipe.execute(raise_on_error=False))
+            for r in replies:
+                if isinstance(r, REDIRECTS):
+                    raise r
         except REDIRECTS as exc:
             router.stale()
             raise SlotMovedError(f"{node.name} answered {type(exc).__name__} ({exc})") from exc
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
             await router.lost(node)
             raise
-        except aioredis.ResponseError as exc:
-            raise StoreWriteError(f"store rejected a batch apply on {node.name}: {exc}") from exc
+        if self._durability is not Durability.NONE:
+            _checked_wait(replies)
+        return replies
 
     async def _send_routed(
         self, router: StoreRouter, todo: list[PartitionBatch], now_ms: int
@@ -477,20 +547,17 @@ class StoreWriter:
             return node, await self._on_node(router, node, pipe), t0
 
         done = await asyncio.gather(*(one(n, m) for n, m in groups.values()))
-        results: list[object] = [None] * len(todo)
+        outcomes: list[ApplyOutcome | None] = [None] * len(todo)
         for (node, members), (_, replies, t0) in zip(groups.values(), done, strict=True):
             applied = False
             for i, r in zip(members, replies, strict=False):
-                results[i] = r
-                applied |= int(r[0]) == 1  # type: ignore[index]
+                outcomes[i] = _outcome(todo[i], r)
+                applied |= outcomes[i].applied  # type: ignore[union-attr]
             if applied:
                 before = self._node_unconfirmed.get(node.name)
                 first = t0 if before is None else before[2]
                 self._node_unconfirmed[node.name] = (node, replies[-1], first)
-        return [
-            ApplyOutcome(b.partition, int(r[0]) == 1, int(r[1]))  # type: ignore[index]
-            for b, r in zip(todo, results, strict=True)
-        ]
+        return [o for o in outcomes if o is not None]
 
     async def _durable_routed(self, router: StoreRouter) -> float:
         """:meth:`durable` on a cluster: every node written since the last acknowledgement."""

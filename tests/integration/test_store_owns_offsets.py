@@ -188,3 +188,49 @@ def test_a_partition_whose_stored_windows_cannot_be_decoded_is_refused_not_the_w
     assert int(store.hget(progress, keys.Progress.OFFSET) or -1) == offset
     assert raw.hgetall(window) == damaged
     raw.close()
+
+
+@pytest.mark.parametrize("where", ["open window", "positions"])
+def test_a_partition_whose_store_key_holds_another_type_is_refused_not_the_worker(
+    stack: RunningStack, store: redis.Redis, tmp_path: Path, where: str
+) -> None:
+    """A key the worker reads or writes that holds another type (a string someone SET there)
+    stops neither the worker nor the other partitions. An open window's key is found as the
+    partition is restored; the positions' key only when the store's function refuses the apply
+    (it checks every key before writing any). Either way the partition is refused as it is."""
+    pl = Pipeline.create(stack, tmp_path)
+    pl.loadgen("--rate=0", "--duration=4", "--devices=20", "--services=3", "--seed=41")
+    worker = pl.worker(name="before")
+    try:
+        pl.wait_applied(store, alive=worker.alive)
+    finally:
+        assert worker.stop() == 0
+    sensor = pl.topics["sensor"]
+    progress = keys.progress_key(EventKind.SENSOR, 2)
+    offset = int(store.hget(progress, keys.Progress.OFFSET) or -1)
+    newest = int(store.hget(progress, keys.Progress.MAX_EVENT_TIME) or -1)
+    assert offset >= 0 and newest > 0, "sensor partition 2 holds no events"
+    start = keys.window_start(newest, keys.WINDOW_1M)  # its newest minute: open at restore
+    key = (
+        keys.window_key(EventKind.SENSOR, 2, keys.WINDOW_1M, keys.Dim.METRIC, start)
+        if where == "open window"
+        else keys.geo_key(2)
+    )
+    assert store.exists(key), f"{key} was not written by the first load"
+    store.delete(key)
+    store.set(key, "someone else's")
+
+    pl.loadgen("--rate=0", "--duration=4", "--devices=20", "--services=3", "--seed=43")
+    ends = pl.end_offsets()
+    assert ends[(sensor, 2)] > offset + 1, "the second load wrote nothing to sensor partition 2"
+    worker = pl.worker(name="after")
+    try:
+        text = wait_log(worker, "refusing", 1)
+        wait_others_applied(pl, store, worker, ends, {(sensor, 2)})
+    finally:
+        assert worker.stop() == 0
+    said = [line for line in text.splitlines() if "refusing" in line]
+    assert len(said) == 1 and f"refusing {sensor} partition 2 (sensor): " in said[0]
+    assert key in said[0]
+    assert int(store.hget(progress, keys.Progress.OFFSET) or -1) == offset
+    assert store.get(key) == "someone else's"

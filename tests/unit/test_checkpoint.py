@@ -21,7 +21,7 @@ from pipeline import windows
 from pipeline.batch import BatchRules, PartitionBatch, PartitionState, Record, process_partitions
 from pipeline.checkpoint import Checkpoint
 from pipeline.metrics import Metrics
-from pipeline.store_writer import ApplyOutcome
+from pipeline.store_writer import ApplyOutcome, StoredTypeError
 from pipeline.validation import TimeBounds
 from schemas import keys, packed
 from schemas.events import EventKind
@@ -547,3 +547,66 @@ def test_a_partition_whose_stored_windows_cannot_be_decoded_is_refused_not_the_w
     assert (kind, part) == (S, 1)
     assert why.startswith(f"stored window {key}: ") and "cannot be restored" in why
     assert "\n" not in why
+
+
+def test_a_partition_whose_apply_the_store_refuses_is_refused_not_the_worker() -> None:
+    """The store's function refuses a partition's apply, writing nothing, when a key it writes
+    holds another type (written by something else). That partition is refused (its reader
+    stops reading it): neither its records in flight nor those of the poll being prepared are
+    applied or acknowledged; the other partitions go on."""
+    holds = "window key pulse:{sensor.1}:w:1m:metric:0 holds a string, not a hash"
+
+    class Refusing(FakeWriter):
+        async def send(self, batches: list[PartitionBatch], now_ms: int) -> list[ApplyOutcome]:
+            mine = [b for b in batches if b.partition == 1 and not b.empty]
+            out = await super().send([b for b in batches if b not in mine], now_ms)
+            return sorted(
+                [*out, *(ApplyOutcome(b.partition, False, -1, refused=holds) for b in mine)],
+                key=lambda o: [b.partition for b in batches if not b.empty].index(o.partition),
+            )
+
+    w = Refusing()
+    committed: list[dict[str, dict[int, int]]] = []
+
+    async def commit_offsets(offsets: dict[str, dict[int, int]]) -> None:
+        committed.append(offsets)
+
+    a, metrics = applier(w, commit_offsets=commit_offsets)
+    refused: list[tuple[EventKind, int, str]] = []
+    a.refuse = lambda kind, p, why: refused.append((kind, p, why))
+    run(a.commit(sensors({0: records(0, 5), 1: records(0, 5)})))
+    run(a.commit(sensors({0: records(5, 3), 1: records(5, 3)})))  # settles the first
+    run(a.flush())
+    assert w.offsets == {(S, 0): 7}  # partition 1: nothing applied
+    assert all(1 not in c.get("pulse.sensor", {}) for c in committed)
+    assert committed[-1]["pulse.sensor"][0] == 8
+    assert refused == [(S, 1, f"the store refused its apply: {holds}")]
+    assert metrics.events == 8
+
+
+def test_a_partition_whose_stored_window_holds_another_type_is_refused_not_the_worker() -> None:
+    """A restore that reads a key of another type where an open window's hash should be
+    (the store's WRONGTYPE, as the real writer reports it) refuses that partition; the others
+    are restored and applied."""
+    w = FakeWriter()
+    a, _ = applier(w)
+    run(a.commit(sensors({0: records(0, 5), 1: records(0, 5)})))
+    run(a.flush())
+    start = keys.window_start(NOW - 1000, keys.WINDOW_1M)
+    key = keys.window_key(S, 1, keys.WINDOW_1M, keys.Dim.METRIC, start)
+
+    class WrongType(FakeWriter):
+        async def read_hashes(self, names: list[str]) -> dict[str, dict[bytes, bytes]]:
+            if key in names:
+                raise StoredTypeError({key: "it holds another type than a hash"})
+            return await super().read_hashes(names)
+
+    w2 = WrongType(offsets=w.offsets, max_event_times=w.max_event_times, hashes=w.hashes)
+    b, _ = applier(w2)  # the next owner
+    refused: list[tuple[EventKind, int, str]] = []
+    b.refuse = lambda kind, p, why: refused.append((kind, p, why))
+    run(b.commit(sensors({0: records(5, 3), 1: records(5, 3)})))
+    run(b.flush())
+    assert w2.offsets == {(S, 0): 7, (S, 1): 4}
+    ((kind, part, why),) = refused
+    assert (kind, part) == (S, 1) and why.startswith(f"{key} in the store cannot be read")

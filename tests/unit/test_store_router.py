@@ -71,7 +71,7 @@ class FakeReads:
     def hmget(self, *args: Any) -> None:
         pass
 
-    async def execute(self) -> list[Any]:
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
         raise RedisClusterException("Redis Cluster cannot be connected.")
 
 
@@ -205,7 +205,7 @@ class _Rows:
     def hmget(self, *args: object) -> None:
         pass
 
-    async def execute(self) -> list[list[bytes | None]]:
+    async def execute(self, raise_on_error: bool = True) -> list[list[bytes | None]]:
         return self.rows
 
 
