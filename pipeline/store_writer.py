@@ -46,6 +46,8 @@ FUNCTION_NAME = "pulse_apply"
 POLL_MS = 1
 
 log = logging.getLogger("pulse.store_writer")
+# error replies a node's apply pipeline raises: a slot that moved, a lost node
+_RAISED: tuple[type[Exception], ...] = (*REDIRECTS, aioredis.ConnectionError, aioredis.TimeoutError)
 # what a cluster read may raise when the slot map changes under it, or no node answers
 READ_REDIRECTS: tuple[type[Exception], ...] = (RedisClusterException, *REDIRECTS)
 
@@ -83,7 +85,8 @@ class ApplyOutcome:
 
 
 def _outcome(b: PartitionBatch, reply: object) -> ApplyOutcome:
-    """A batch's outcome from its ``FCALL`` reply (an error reply as the exception)."""
+    """A batch's outcome from its ``FCALL`` reply; an error reply other than the function's
+    refusal of a key of another type is raised, as the pipeline would have raised it."""
     if isinstance(reply, aioredis.ResponseError):
         why = str(reply)
         if why.startswith(f"{FUNCTION_NAME}: ") and " holds a " in why:
@@ -91,14 +94,19 @@ def _outcome(b: PartitionBatch, reply: object) -> ApplyOutcome:
             return ApplyOutcome(
                 b.partition, False, -1, refused=why.removeprefix(f"{FUNCTION_NAME}: ")
             )
-        raise StoreWriteError(f"store rejected a batch apply: {why}")
+        raise StoreWriteError(f"store rejected a batch apply: {why}") from reply
+    if isinstance(reply, Exception):  # a connection-level error reply (the store loading)
+        raise reply
     return ApplyOutcome(b.partition, int(reply[0]) == 1, int(reply[1]))  # type: ignore[index]
 
 
 def _checked_wait(replies: list[object]) -> None:
     """Raise the error reply of a pipeline's last command (the ``WAITAOF`` sent with it)."""
-    if replies and isinstance(replies[-1], aioredis.ResponseError):
-        raise StoreWriteError(f"store rejected a durability request: {replies[-1]}")
+    last = replies[-1] if replies else None
+    if isinstance(last, aioredis.ResponseError):
+        raise StoreWriteError(f"store rejected a durability request: {last}") from last
+    if isinstance(last, Exception):
+        raise last
 
 
 def function_source() -> str:
@@ -338,7 +346,7 @@ class StoreWriter:
         else:
             rows = list(await pipe.execute(raise_on_error=False))
         for r in rows:
-            if isinstance(r, aioredis.ResponseError) and _wrong_type(r) is None:
+            if isinstance(r, Exception) and _wrong_type(r) is None:
                 raise r
         return rows
 
@@ -380,9 +388,9 @@ class StoreWriter:
         t0 = time.perf_counter()
         # a partition the function refuses must not fail the others' applies
         results = await pipe.execute(raise_on_error=False)
+        outcomes = [_outcome(b, r) for b, r in zip(todo, results, strict=False)]
         if self._durability is not Durability.NONE:
             _checked_wait(results)
-        outcomes = [_outcome(b, r) for b, r in zip(todo, results, strict=False)]
         if any(o.applied for o in outcomes):
             # the newest local reply covers every earlier write; the wait counts from the oldest
             first = t0 if self._unconfirmed is None else self._unconfirmed[1]
@@ -503,8 +511,8 @@ class StoreWriter:
         try:
             # a partition the function refuses must not fail the others' applies
             replies = list(await pipe.execute(raise_on_error=False))
-            for r in replies:
-                if isinstance(r, REDIRECTS):
+            for r in replies:  # as the pipeline would have raised them, for the handlers below
+                if isinstance(r, Exception) and isinstance(r, _RAISED):
                     raise r
         except REDIRECTS as exc:
             router.stale()

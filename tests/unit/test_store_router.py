@@ -6,14 +6,14 @@ import asyncio
 from typing import Any
 
 import pytest
+from redis.exceptions import BusyLoadingError, MovedError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as StoreConnectionError
-from redis.exceptions import MovedError, RedisClusterException
 
 from pipeline.batch import PartitionBatch
 from pipeline.settings import Durability
 from pipeline.state import Retention
 from pipeline.store_router import Node, SlotMovedError, StoreRouter
-from pipeline.store_writer import StoreWriter
+from pipeline.store_writer import StoreWriteError, StoreWriter
 from schemas import keys
 from schemas.events import EventKind
 
@@ -35,7 +35,9 @@ class FakePipe:
             raise self.node.fail
         out: list[Any] = []
         for c in self.commands:
-            if c[0] == "FCALL":
+            if c[0] == "FCALL" and c[3] in self.node.replies:  # c[3]: the progress key
+                out.append(self.node.replies[c[3]])
+            elif c[0] == "FCALL":
                 out.append([1, 10])
             elif c[0] == "WAITAOF":
                 out.append([1, 0])  # fsynced here, the replica not yet
@@ -49,6 +51,7 @@ class FakeNode:
         self.sent: list[list[tuple[Any, ...]]] = []
         self.waits = 0
         self.fail: Exception | None = None
+        self.replies: dict[str, Any] = {}  # progress key -> its FCALL's reply (an error)
 
     def pipeline(self, transaction: bool = False) -> FakePipe:
         return FakePipe(self)
@@ -227,3 +230,32 @@ def test_progress_that_cannot_be_read_refuses_its_partition_only() -> None:
         "(invalid literal for int() with base 10: b'abc')"
     )
     assert (states[2].offset, states[2].refuse) == (-1, None)
+
+
+def test_a_partition_the_function_refuses_is_its_own_outcome_and_other_errors_raise() -> None:
+    """The function refuses a call whose key holds another type, writing nothing: that
+    partition's outcome says so and the others are applied. Any other error reply is raised as
+    the pipeline would have raised it: a store error, or a lost node for a loading one."""
+    router = FakeRouter()
+    writer = _writer(router)
+    holds = "window key pulse:{sensor.1}:w:1m:metric:0 holds a string, not a hash"
+    router.nodes["a"].replies[keys.progress_key("sensor", 1)] = ResponseError(
+        f"pulse_apply: {holds}"
+    )
+
+    async def run() -> None:
+        outcomes = await writer.send([_batch(0), _batch(1), _batch(2)], 1)
+        assert [(o.partition, o.applied, o.refused) for o in outcomes] == [
+            (0, True, None), (1, False, holds), (2, True, None),
+        ]  # fmt: skip
+        router.nodes["b"].replies[keys.progress_key("sensor", 2)] = ResponseError(
+            "pulse_apply: the header is not JSON"
+        )
+        with pytest.raises(StoreWriteError, match="the header is not JSON"):
+            await writer.send([_batch(2)], 2)
+        router.nodes["b"].replies[keys.progress_key("sensor", 2)] = BusyLoadingError("loading")
+        with pytest.raises(BusyLoadingError):
+            await writer.send([_batch(2)], 3)
+        assert router.lost_nodes == ["b"]
+
+    asyncio.run(run())
