@@ -149,31 +149,26 @@ def test_a_worker_stopped_under_load_commits_the_offsets_it_made_durable(
     assert not lagging, f"applied but not committed at the stop (applied + 1, committed): {lagging}"
 
 
-def test_a_partition_whose_stored_windows_cannot_be_decoded_is_refused_not_the_worker(
-    stack: RunningStack, store: redis.Redis, tmp_path: Path
-) -> None:
-    """An open window value that is not a packed value (written by something else) stops
-    neither the worker nor the other partitions: applying on would replace that window without
-    the events it holds, so its partition is refused and left as it is."""
-    pl = Pipeline.create(stack, tmp_path)
+def _applied_once(pl: Pipeline, store: redis.Redis) -> tuple[str, int, int]:
+    """A load applied by a worker that then stops: sensor partition 2's progress key, its
+    applied offset and the start of its newest minute (open when it is next restored)."""
     pl.loadgen("--rate=0", "--duration=4", "--devices=20", "--services=3", "--seed=41")
     worker = pl.worker(name="before")
     try:
         pl.wait_applied(store, alive=worker.alive)
     finally:
         assert worker.stop() == 0
-    sensor = pl.topics["sensor"]
     progress = keys.progress_key(EventKind.SENSOR, 2)
     offset = int(store.hget(progress, keys.Progress.OFFSET) or -1)
     newest = int(store.hget(progress, keys.Progress.MAX_EVENT_TIME) or -1)
-    assert offset >= 0 and newest > 0, "sensor partition 2 holds no events to damage"
-    start = keys.window_start(newest, keys.WINDOW_1M)  # its newest minute: open at restore
-    window = keys.window_key(EventKind.SENSOR, 2, keys.WINDOW_1M, keys.Dim.METRIC, start)
-    raw = stack.redis(decode=False)  # packed values are bytes
-    entity = sorted(raw.hkeys(window))[0]
-    raw.hset(window, entity, b"\x01 not a packed value")
-    damaged = raw.hgetall(window)
+    assert offset >= 0 and newest > 0, "sensor partition 2 holds no events"
+    return progress, offset, keys.window_start(newest, keys.WINDOW_1M)
 
+
+def _refused_after_another_load(pl: Pipeline, store: redis.Redis, offset: int) -> str:
+    """Another load, then a new worker that refuses sensor partition 2 (applied up to
+    ``offset``) and applies every other partition to its end, alive all along; its log."""
+    sensor = pl.topics["sensor"]
     pl.loadgen("--rate=0", "--duration=4", "--devices=20", "--services=3", "--seed=43")
     ends = pl.end_offsets()
     assert ends[(sensor, 2)] > offset + 1, "the second load wrote nothing to sensor partition 2"
@@ -183,6 +178,25 @@ def test_a_partition_whose_stored_windows_cannot_be_decoded_is_refused_not_the_w
         wait_others_applied(pl, store, worker, ends, {(sensor, 2)})
     finally:
         assert worker.stop() == 0
+    return text
+
+
+def test_a_partition_whose_stored_windows_cannot_be_decoded_is_refused_not_the_worker(
+    stack: RunningStack, store: redis.Redis, tmp_path: Path
+) -> None:
+    """An open window value that is not a packed value (written by something else) stops
+    neither the worker nor the other partitions: applying on would replace that window without
+    the events it holds, so its partition is refused and left as it is."""
+    pl = Pipeline.create(stack, tmp_path)
+    progress, offset, start = _applied_once(pl, store)
+    window = keys.window_key(EventKind.SENSOR, 2, keys.WINDOW_1M, keys.Dim.METRIC, start)
+    raw = stack.redis(decode=False)  # packed values are bytes
+    entity = sorted(raw.hkeys(window))[0]
+    raw.hset(window, entity, b"\x01 not a packed value")
+    damaged = raw.hgetall(window)
+
+    text = _refused_after_another_load(pl, store, offset)
+    sensor = pl.topics["sensor"]
     assert f"refusing {sensor} partition 2 (sensor): stored window {window}: " in text
     assert "cannot be restored" in text
     assert int(store.hget(progress, keys.Progress.OFFSET) or -1) == offset
@@ -199,18 +213,7 @@ def test_a_partition_whose_store_key_holds_another_type_is_refused_not_the_worke
     partition is restored; the positions' key only when the store's function refuses the apply
     (it checks every key before writing any). Either way the partition is refused as it is."""
     pl = Pipeline.create(stack, tmp_path)
-    pl.loadgen("--rate=0", "--duration=4", "--devices=20", "--services=3", "--seed=41")
-    worker = pl.worker(name="before")
-    try:
-        pl.wait_applied(store, alive=worker.alive)
-    finally:
-        assert worker.stop() == 0
-    sensor = pl.topics["sensor"]
-    progress = keys.progress_key(EventKind.SENSOR, 2)
-    offset = int(store.hget(progress, keys.Progress.OFFSET) or -1)
-    newest = int(store.hget(progress, keys.Progress.MAX_EVENT_TIME) or -1)
-    assert offset >= 0 and newest > 0, "sensor partition 2 holds no events"
-    start = keys.window_start(newest, keys.WINDOW_1M)  # its newest minute: open at restore
+    progress, offset, start = _applied_once(pl, store)
     key = (
         keys.window_key(EventKind.SENSOR, 2, keys.WINDOW_1M, keys.Dim.METRIC, start)
         if where == "open window"
@@ -220,15 +223,8 @@ def test_a_partition_whose_store_key_holds_another_type_is_refused_not_the_worke
     store.delete(key)
     store.set(key, "someone else's")
 
-    pl.loadgen("--rate=0", "--duration=4", "--devices=20", "--services=3", "--seed=43")
-    ends = pl.end_offsets()
-    assert ends[(sensor, 2)] > offset + 1, "the second load wrote nothing to sensor partition 2"
-    worker = pl.worker(name="after")
-    try:
-        text = wait_log(worker, "refusing", 1)
-        wait_others_applied(pl, store, worker, ends, {(sensor, 2)})
-    finally:
-        assert worker.stop() == 0
+    text = _refused_after_another_load(pl, store, offset)
+    sensor = pl.topics["sensor"]
     said = [line for line in text.splitlines() if "refusing" in line]
     assert len(said) == 1 and f"refusing {sensor} partition 2 (sensor): " in said[0]
     assert key in said[0]
