@@ -628,24 +628,18 @@ class Checkpoint:
             ws = WindowState(kind, p, self._rules.plan, shared=self._kind_windows(kind))
             wm = windows.watermark(st.max_event_time, lateness)
             restoring[(kind, p)] = (ws, ws.restore_keys(st.max_event_time, wm))
+        names = [k for _, ks in restoring.values() for k in ks]
+        names += [keys.detector_key(*pk) for pk in restoring if pk[0] in self._detectors]
+        hashes, wrong = await self._read_hashes(names)
         refused: dict[PartKey, str] = {}
-        while True:
-            names = [k for _, ks in restoring.values() for k in ks]
-            names += [keys.detector_key(*pk) for pk in restoring if pk[0] in self._detectors]
-            try:
-                hashes = await self._writer.read_hashes(names)
-                break
-            except StoredTypeError as exc:  # a key of another type refuses its partition
-                if not restoring.keys() & {keys.parse_tag(k) for k in exc.wrong}:
-                    raise
-                for key, why in exc.wrong.items():
-                    pk = keys.parse_tag(key)
-                    if restoring.pop(pk, None) is not None:
-                        refused[pk] = (
-                            f"{key} in the store cannot be read ({why}): its state cannot be "
-                            "restored, and the store refuses to write to it"
-                        )
-                        self._drop(pk)
+        for key, why in wrong.items():  # a key of another type refuses its partition
+            pk = keys.parse_tag(key)
+            if restoring.pop(pk, None) is not None:
+                refused[pk] = (
+                    f"{key} in the store cannot be read ({why}): its state cannot be "
+                    "restored, and the store refuses to write to it"
+                )
+                self._drop(pk)
         replays: dict[PartKey, list[str]] = {}
         for pk, (ws, ks) in restoring.items():
             try:
@@ -675,17 +669,9 @@ class Checkpoint:
 
     async def _replay_detectors(self, replays: Mapping[PartKey, list[str]]) -> None:
         """Step restored detectors through the stored windows closed since their snapshots."""
-        names = [k for ks in replays.values() for k in ks]
-        while True:
-            try:
-                hashes = await self._writer.read_hashes(names)
-                break
-            except StoredTypeError as exc:  # the detectors miss those windows, no more
-                if not exc.wrong.keys() & set(names):
-                    raise
-                for key, why in exc.wrong.items():
-                    log.warning("window %s not replayed into the detectors: %s", key, why)
-                names = [k for k in names if k not in exc.wrong]
+        hashes, wrong = await self._read_hashes([k for ks in replays.values() for k in ks])
+        for key, why in wrong.items():  # the detectors miss those windows, no more
+            log.warning("window %s not replayed into the detectors: %s", key, why)
         for (kind, p), ks in replays.items():
             ks = [k for k in ks if k in hashes]
             det = self._detectors[kind]
@@ -695,13 +681,28 @@ class Checkpoint:
                 if fields := hashes[k]:
                     try:
                         table = packed.decode(list(fields.values()), nf)
-                        names = [f.decode() for f in fields]
+                        entities = [f.decode() for f in fields]
                     except ValueError as exc:  # PackedError, or a name that is not UTF-8:
                         # the detectors miss one window, no more
                         log.warning("window %s not replayed into the detectors: %s", k, exc)
                         continue
-                    closed.append((keys.parse_window_key(k)[4], names, table))
+                    closed.append((keys.parse_window_key(k)[4], entities, table))
             det.replay(p, closed)
+
+    async def _read_hashes(
+        self, names: list[str]
+    ) -> tuple[dict[str, dict[bytes, bytes]], dict[str, str]]:
+        """The hashes ``names`` but those of another type (written by something other than a
+        worker), and why each of those cannot be read."""
+        wrong: dict[str, str] = {}
+        while True:
+            try:
+                return await self._writer.read_hashes(names), wrong
+            except StoredTypeError as exc:
+                if not exc.wrong.keys() <= set(names) or not exc.wrong:
+                    raise
+                wrong.update(exc.wrong)
+                names = [k for k in names if k not in exc.wrong]
 
     def _run(
         self, pk: PartKey, records: Sequence[RawRecord], state: PartitionState, now: int
