@@ -232,7 +232,7 @@ async def _main(
         out = args.output.open("wb")
         sink = JsonlSink(out)
     else:
-        producer = make_producer(kafka.bootstrap, settings.linger_ms, kafka.client_kwargs())
+        producer = make_producer(kafka.bootstrap, kafka.client_kwargs())
         try:
             with client_log_muted():  # its failure is our one sentence, not a log line
                 await producer.start()

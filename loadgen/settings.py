@@ -32,6 +32,5 @@ class LoadgenSettings(BaseSettings):
     bad_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     late_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     applog_share: float = Field(default=0.3, ge=0.0, le=1.0)
-    linger_ms: int = Field(default=20, ge=0)
     max_pending: int = Field(default=20_000, ge=1)  # sent but not yet acknowledged records
     progress_interval_s: float = Field(default=1.0, gt=0)

@@ -196,7 +196,7 @@ async def send_all(
     from loadgen.settings import LoadgenSettings
 
     settings = LoadgenSettings()
-    producer = make_producer(bootstrap, settings.linger_ms)
+    producer = make_producer(bootstrap)
     await producer.start()
     sink = KafkaSink(producer, settings.max_pending)
     started = time.monotonic()

@@ -138,9 +138,9 @@ def test_event_time_settings_mirror_the_worker_settings() -> None:
 def test_a_bad_loadgen_setting_is_one_sentence(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PULSE_LOADGEN_LINGER_MS", "-1")
+    monkeypatch.setenv("PULSE_LOADGEN_MAX_PENDING", "0")
     assert main(["loadgen", "--help"]) == 2
-    assert capsys.readouterr().err.startswith("pulse loadgen: PULSE_LOADGEN_LINGER_MS: ")
+    assert capsys.readouterr().err.startswith("pulse loadgen: PULSE_LOADGEN_MAX_PENDING: ")
 
 
 def test_cli_module_imports_stay_light() -> None:

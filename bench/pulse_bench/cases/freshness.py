@@ -6,7 +6,7 @@ the same run (``pulse_1w``'s events/s, so the case needs ``pulse_1w`` and runs a
 A warmed-up worker runs on fresh topics; the load generator's records are sent at a fixed rate
 in 50 ms slices, and the send time of every record (monotonic clock) is logged per partition in
 offset order. A thread polls the store's applied offsets every ~5 ms; a record is visible from the
-first poll whose applied offset of its partition reaches the record's offset. Producer linger,
+first poll whose applied offset of its partition reaches the record's offset. The producer,
 broker, worker batching, apply and the durability wait are all inside the measured interval.
 """
 
