@@ -217,7 +217,9 @@ class KindDetectors:
         self.signals = anomaly.SIGNALS[kind.value]
         self._signal_at = {s: j for j, s in enumerate(self.signals)}
         self._context = np.array([s in CONTEXT_SIGNALS for s in self.signals])
-        self.bank = DetectorBank(0, params or window_params(kind))
+        # an entity's rows are a block of one row per signal, and a step takes one signal of
+        # many entities at a time: the bank keeps each signal's rows together
+        self.bank = DetectorBank(0, params or window_params(kind), group=len(self.signals))
         # whether its signals read the windows' sketches (a sensor's read statistics only)
         self.needs_sketches = kind is EventKind.APPLOG
         self.snapshot_every = snapshot_every

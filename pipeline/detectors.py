@@ -251,12 +251,24 @@ class DetectorBank:
     works on whole rows of them) and the time-of-day profile column-major (a step reads one
     bin of each row); the time-of-week correction is kept like the profile, but only for the
     rows that have one. :attr:`state` and :meth:`rows` show them as rows of ``WIDTH`` columns.
+
+    A caller whose rows come in groups (an entity's signals: rows ``g·k .. g·k + g - 1``) that
+    step separately says so with ``group``: the bank then keeps each member of the groups in
+    a plane of its own (row ``r`` at ``(r % group)·plane + r // group``), so that the rows a
+    step takes (one signal of many entities) lie together, not ``group`` apart.
     """
 
-    __slots__ = ("_hist", "_scal", "_seas", "_size", "_week", "_wslot", "_wused", "params")
+    __slots__ = (
+        "_group", "_hist", "_plane", "_scal", "_seas", "_size", "_week", "_wslot", "_wused",
+        "params",
+    )  # fmt: skip
 
-    def __init__(self, capacity: int = 0, params: DetectorParams = DEFAULT_PARAMS) -> None:
+    def __init__(
+        self, capacity: int = 0, params: DetectorParams = DEFAULT_PARAMS, group: int = 1
+    ) -> None:
         self.params = params
+        self._group = max(1, group)
+        self._plane = 0  # room per plane: the blocks hold group × plane rows
         self._size = 0  # rows in use; the blocks have room for more (zero until used)
         self._scal: FloatArray = np.zeros((HIST, 0))  # columns [0, HIST)
         self._hist: FloatArray = np.zeros((0, STEPPED - HIST))  # [HIST, STEPPED)
@@ -279,14 +291,17 @@ class DetectorBank:
         return self.rows(np.arange(len(self)))
 
     def _index(self, rows: Sequence[int] | IntArray) -> IntArray:
-        """``rows`` as an index array, every one of them a row in use: the blocks have room
-        past :meth:`__len__` (zeros a wrong index would read silently), and numpy would take a
-        negative index from the end."""
+        """Where ``rows`` are kept in the blocks, every one of them a row in use: the blocks
+        have room past :meth:`__len__` (zeros a wrong index would read silently), and numpy
+        would take a negative index from the end."""
         idx = np.asarray(rows, dtype=np.int64).ravel()
         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self._size):
             bad = idx[(idx < 0) | (idx >= self._size)]
             raise IndexError(f"rows {bad[:5].tolist()} are not in a bank of {self._size} rows")
-        return idx
+        if self._group == 1:
+            return idx
+        at: IntArray = idx % self._group * self._plane + idx // self._group
+        return at
 
     def rows(self, rows: Sequence[int] | IntArray) -> FloatArray:
         """The states of ``rows``, ``(len(rows), WIDTH)`` (a copy)."""
@@ -337,18 +352,23 @@ class DetectorBank:
         """Append ``count`` fresh rows; returns their indices."""
         first = self._size
         self._size = first + count
-        if self._size > self._scal.shape[1]:
+        g, old = self._group, self._plane
+        if self._size > g * old:
             # room for twice the rows: the copy of what is held is paid every other doubling
             # of the caller's, and room not yet used is zero pages the system has not mapped
-            room = max(2 * self._size, 64)
+            plane = max(-(-2 * self._size // g), 64)
+            room = g * plane
             scal, hist = np.zeros((HIST, room)), np.zeros((room, STEPPED - HIST))
             seas = np.zeros((WSEAS - STEPPED, room))
             wslot = np.full(room, -1, dtype=np.int64)
-            scal[:, :first] = self._scal[:, :first]
-            hist[:first] = self._hist[:first]
-            seas[:, :first] = self._seas[:, :first]
-            wslot[:first] = self._wslot[:first]
+            for j in range(g):  # each plane's rows to the start of its new place
+                src, dst = slice(j * old, (j + 1) * old), slice(j * plane, j * plane + old)
+                scal[:, dst] = self._scal[:, src]
+                hist[dst] = self._hist[src]
+                seas[:, dst] = self._seas[:, src]
+                wslot[dst] = self._wslot[src]
             self._scal, self._hist, self._seas, self._wslot = scal, hist, seas, wslot
+            self._plane = plane
         return np.arange(first, self._size, dtype=np.int64)
 
     def clear(self, rows: IntArray) -> None:
@@ -383,14 +403,20 @@ class DetectorBank:
         half the cost: they keep only the recent values the anomaly vector shows. A row should
         be stepped one way throughout (a row stepped without it has no history to compare).
         """
+        at = self._index(rows)
+        # in the order they are kept: the state's gathers and scatters then read forwards
+        order = np.argsort(at)
+        t, x = np.asarray(t_ms)[order], np.asarray(values)[order]
         with np.errstate(all="ignore"):
-            return self._step(rows, t_ms, values, context)
+            res = self._step(at[order], t, x, context)
+        back = np.empty_like(order)
+        back[order] = np.arange(order.size)
+        return StepResult(res.score[back], res.alarm[back], res.cause[back], res.expected[back])
 
     def _step(
         self, rows: IntArray, t_ms: IntArray, values: FloatArray, context: bool
     ) -> StepResult:
-        p = self.params
-        rows = self._index(rows)
+        p = self.params  # (rows: where the rows are kept, see _index)
         x = np.asarray(values, dtype=np.float64)
         t = np.asarray(t_ms, dtype=np.int64)
         # the scalar columns of the rows, (HIST, m): one contiguous array per column
@@ -607,7 +633,8 @@ class DetectorBank:
         # (deterministically), so that every state stays finite and its snapshot decodable
         broken = ~np.isfinite(st).all(axis=0) | ~np.isfinite(seas_new)
         if context:
-            broken |= ~np.isfinite(hb).all(axis=1) | ~np.isfinite(wseas_new)
+            # (the history holds readings, finite by the hold above: its new distances may not be)
+            broken |= ~np.isfinite(d2).all(axis=1) | ~np.isfinite(wseas_new)
         st[:, broken] = 0.0
         self._scal[:, rows] = st
         if context:

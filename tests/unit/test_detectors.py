@@ -499,3 +499,47 @@ def test_rows_outside_the_bank_are_refused(bad: list[int]) -> None:
         with pytest.raises(IndexError):
             op(idx)
     assert not bank.state.any()  # nothing was written
+
+
+def test_rows_kept_by_group_step_as_rows_kept_in_order() -> None:
+    """A bank told its rows come in groups (an entity's signals) keeps each member of the groups
+    together: that changes where a row is kept, never what it holds. Two banks, one flat and
+    one by groups of three, step the same rows (one member of every group at a time, in a
+    shuffled order), grow past their first room, restore snapshots, clear rows and drop their
+    context, and hold the same states and results throughout."""
+    flat, grouped = DetectorBank(0), DetectorBank(0, group=3)
+    rng = np.random.default_rng(11)
+    for bank in (flat, grouped):
+        assert bank.add(30).tolist() == list(range(30))
+    entities = 10
+    for k in range(130):
+        if k == 60:  # grow: more entities than the first room holds
+            assert flat.add(300).tolist() == grouped.add(300).tolist()
+            entities = 110
+        t = T0 + k * 10_000
+        blocks = rng.permutation(entities) * 3
+        # each entity at its own level: a result is its row's (the caller's order is kept)
+        level = 100.0 * (blocks // 3)
+        values = level + rng.normal(0.0, 2.0, entities)
+        for member, context in ((0, True), (1, False), (2, False)):
+            rows = blocks + member
+            a = flat.step(rows, np.full(entities, t), values + member, context)
+            b = grouped.step(rows, np.full(entities, t), values + member, context)
+            for x, y in zip(a, b, strict=True):
+                assert np.array_equal(x, y)
+            if k > 70:  # the rows added at k = 60 have learned their level
+                assert np.allclose(b.expected, level + member, atol=10.0)
+    assert np.array_equal(flat.state, grouped.state)
+    some = rng.permutation(330)[:40]
+    snaps = flat.snapshot(some)
+    assert grouped.snapshot(some) == snaps
+    for bank in (flat, grouped):
+        bank.restore(some[::-1], snaps)
+        bank.clear(np.array([4, 5, 6]))
+        bank.drop_context(np.array([9, 12]))
+    assert np.array_equal(flat.state, grouped.state)
+    hit = np.array([0, 3, 9])
+    vectors = flat.anomaly_vector(hit, np.ones(3)), grouped.anomaly_vector(hit, np.ones(3))
+    assert np.array_equal(*vectors)
+    with pytest.raises(IndexError, match="not in a bank of 330 rows"):
+        grouped.rows([330])
