@@ -329,8 +329,10 @@ def fmt(value: Any) -> str:
 
 
 def render(report: Mapping[str, Any]) -> None:
-    """Print the report as rich tables."""
+    """Print the report as rich tables (what the run wrote is shown as it is: a note such as
+    ``pip install -e './bench[quix]'`` is not taken for rich's markup)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -349,14 +351,14 @@ def render(report: Mapping[str, Any]) -> None:
         for name, value in flatten(metrics):
             if {"profile", "by_command"} & set(name.split(".")):
                 continue  # the JSON report has these; too wide for the table
-            table.add_row(case if first else "", name, fmt(value))
+            table.add_row(case if first else "", escape(name), escape(fmt(value)))
             first = False
     console.print(table)
     for case, note in report.get("skipped", {}).items():
-        console.print(f"[yellow]{case} skipped:[/yellow] {note}")
+        console.print(f"[yellow]{case} skipped:[/yellow] {escape(note)}")
     if report["errors"]:
         for case, err in report["errors"].items():
-            console.print(f"[red]{case} failed:[/red] {err}")
+            console.print(f"[red]{case} failed:[/red] {escape(err)}")
     if report["ratios"]:
         rt = Table(title="ratios")
         rt.add_column("ratio")

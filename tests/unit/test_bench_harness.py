@@ -21,6 +21,7 @@ from pulse_bench.harness import (
     fmt,
     lookup,
     percentiles,
+    render,
     run_cases,
 )
 
@@ -167,6 +168,27 @@ def test_build_report_shape_and_lookup() -> None:
     assert lookup(report, "cases.a.x") == 4.0
     with pytest.raises(KeyError):
         lookup(report, "cases.a.y")
+
+
+def test_render_shows_notes_and_values_as_written(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # one line per note
+    # rich reads "[quix]" as a style tag (the skip note lost its extra) and a closing tag it
+    # did not open as an error: what a run wrote is printed as it is
+    report = build_report(
+        {"cpus": 2},
+        {},
+        {"a": {"tag": "[quix]"}},
+        {"c": "bad [/x] reply"},
+        Registry(),
+        skipped={"quix": "quixstreams is not installed (pip install -e './bench[quix]' adds it)"},
+    )
+    render(report)
+    out = capsys.readouterr().out
+    assert "pip install -e './bench[quix]' adds it" in out
+    assert "bad [/x] reply" in out
+    assert "[quix]" in out.replace("quix skipped", "")
 
 
 def test_flatten_and_fmt() -> None:
