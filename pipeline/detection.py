@@ -5,9 +5,10 @@ Each kind watches one dimension (sensor: ``device|metric``; applog: the service)
 its detectors once per signal (``schemas.anomaly.SIGNALS``) with the instance's final
 statistics: the mean and maximum reading and whether its readings mostly repeat the one before
 them (a stuck sensor); a service's median latency and error rate.
-Detector state is partition state checkpointed with the offset. A row's state (about 2 KB)
-is written every ``SNAPSHOT_EVERY`` of its steps (rows are staggered), not every
-step: the inputs of the steps since are the closed windows' final values, which the store holds
+Detector state is partition state checkpointed with the offset. A row's state is written
+every ``SNAPSHOT_EVERY`` of its steps (rows are staggered): its stepped columns whole (the
+head, 0.5-1.3 KB) and, of its profile, the chunks its steps changed since (192 bytes each).
+Not every step: the inputs of the steps since are the closed windows' final values, which the store holds
 anyway (written with the offsets that closed them). Each apply that steps detectors also writes
 the partition's *replay point* (``@from``): the oldest window a row stepped since its snapshot.
 A restore loads the snapshots and steps each row again through the stored windows from the
@@ -34,11 +35,13 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.detectors import (
+    CHUNKS,
     DEFAULT_PARAMS,
     DetectorBank,
     DetectorParams,
     SnapshotError,
     StepResult,
+    holds_profile,
     rows_bytes,
 )
 from schemas import anomaly, keys, packed
@@ -237,6 +240,7 @@ class KindDetectors:
         self._steps = np.zeros(0, np.int64)  # per row: steps so far
         self._unsaved = np.zeros(0, np.int64)  # per row: first step's start since saved, or -1
         self._phase = np.zeros(0, np.int64)  # per row: which step count % every saves it
+        self._held = np.zeros(0, np.int64)  # per row: the profile chunks the store holds
         self.refused = 0  # stored states that could not be decoded (started afresh)
 
     def watched(self) -> int:
@@ -259,6 +263,8 @@ class KindDetectors:
         mine: dict[str, int] = {}
         self._rows[partition] = mine
         replay_from: int | None = None
+        heads: list[int] = []  # rows restored from a head (their profile is in chunks)
+        chunks: list[tuple[int, int, bytes]] = []  # row, chunk, bytes
         for raw_name, blob in stored.items():
             name = raw_name.decode("utf-8", "replace")
             if name == REPLAY_FIELD:
@@ -270,32 +276,76 @@ class KindDetectors:
                 replay_from = at if at >= 0 else None
                 continue
             entity, _, signal = name.rpartition(_FIELD_SEP)
+            chunk = -1
+            if _FIELD_SEP in entity:  # a profile chunk: <entity>~<signal>~<chunk>
+                chunk = int(signal) if signal.isdigit() and len(signal) <= 2 else CHUNKS
+                entity, _, signal = entity.rpartition(_FIELD_SEP)
             j = self._signal_at.get(signal)
-            if not entity or j is None:
+            if not entity or j is None or chunk >= CHUNKS:
                 self.refused += 1
                 log.warning(
-                    "detector state %s of partition %d refused: no such signal", name, partition
-                )
+                    "detector state %s of partition %d refused: no such signal or chunk",
+                    name, partition,
+                )  # fmt: skip
                 continue
             row = int(self._blocks(mine, [entity])[0]) + j
+            if chunk >= 0:
+                chunks.append((row, chunk, bytes(blob)))
+                self._held[row] |= 1 << chunk
+                continue
             try:
                 last, steps = _ROW_HEAD.unpack_from(blob)
-                self.bank.restore([row], [bytes(blob[_ROW_HEAD.size :])])
+                state = bytes(blob[_ROW_HEAD.size :])
+                self.bank.restore([row], [state])
             except (SnapshotError, struct.error) as exc:  # the row stays fresh
                 self.refused += 1
                 log.warning("detector state %s of partition %d refused: %s", name, partition, exc)
                 continue
             self._last[row], self._steps[row] = last, steps
+            if not holds_profile(state):
+                heads.append(row)
             if not self._context[j]:  # saved by a release that stepped it with context
                 self.bank.drop_context([row])
+        self._restore_chunks(partition, heads, chunks)
         return replay_from
+
+    def _restore_chunks(
+        self, partition: int, heads: list[int], chunks: list[tuple[int, int, bytes]]
+    ) -> None:
+        """Complete the rows restored from heads with their stored profile chunks.
+
+        A chunk the store holds that is not loaded (of a row whose state was refused or
+        written whole by an earlier release) is counted as changed, so the row's next
+        snapshot writes or deletes it: stored chunks always complete the stored head.
+        """
+        rows = np.fromiter((c[0] for c in chunks), np.int64, len(chunks))
+        which = np.fromiter((c[1] for c in chunks), np.int64, len(chunks))
+        on_head = np.isin(rows, heads)
+        ok = self.bank.restore_chunks(
+            rows[on_head], which[on_head], [c[2] for c, h in zip(chunks, on_head, strict=True) if h]
+        )
+        self.bank.take_dirty(np.asarray(heads, dtype=np.int64))  # loaded as stored
+        if not ok.all():
+            bad = np.unique(rows[on_head][~ok])
+            self.refused += int(bad.size)
+            log.warning(
+                "detector states of %d entity signals of partition %d refused: a damaged "
+                "profile chunk", bad.size, partition,
+            )  # fmt: skip
+            self._reset(bad)  # the row starts afresh, as if its state had not decoded
+        loaded = np.zeros(len(self._held), np.int64)
+        np.bitwise_or.at(loaded, rows[on_head][ok], np.left_shift(1, which[on_head][ok]))
+        touched = np.unique(rows)
+        self.bank.mark_dirty(touched, self._held[touched] & ~loaded[touched])
 
     def drop(self, partition: int) -> None:
         """Forget a partition's detectors (restored from the store when next needed)."""
         blocks = list(self._rows.pop(partition, {}).values())
         self._capped.discard(partition)
         if blocks:
-            self._reset(self._block_rows(np.asarray(blocks, dtype=np.int64)))
+            rows = self._block_rows(np.asarray(blocks, dtype=np.int64))
+            self._reset(rows)
+            self._held[rows] = 0
             self._free.extend(blocks)
 
     def _reset(self, rows: npt.NDArray[np.int64]) -> None:
@@ -466,12 +516,42 @@ class KindDetectors:
         heads[:, 0], heads[:, 1] = self._last[save], self._steps[save]
         out.states = [
             h + b
-            for h, b in zip(rows_bytes(heads.view(np.uint8)), self.bank.snapshot(save), strict=True)
+            for h, b in zip(
+                rows_bytes(heads.view(np.uint8)), self.bank.snapshot_heads(save), strict=True
+            )
         ]
+        self._save_chunks(save, out)
         unsaved = self._unsaved[owned]
         unsaved = unsaved[unsaved >= 0]
         out.fields.append(REPLAY_FIELD)
         out.states.append(str(int(unsaved.min()) if unsaved.size else -1).encode())
+
+    def _save_chunks(self, save: npt.NDArray[np.int64], out: Detected) -> None:
+        """The profile chunks of the rows saved that changed since their last snapshot (after
+        ``out.fields``, whose first ``len(save)`` are the rows' own): each written, or deleted
+        if it is zero again (a row started afresh) and the store holds it; a chunk that is zero
+        and not stored stays so."""
+        changed = self.bank.take_dirty(save)
+        at, which = np.nonzero(changed[:, None] >> np.arange(CHUNKS) & 1)
+        if not at.size:
+            return
+        rows = save[at]
+        blobs, zero = self.bank.chunks(rows, which)
+        bit = np.left_shift(1, which)
+        stored = self._held[rows] & bit != 0
+        heads = out.fields[: save.size]
+
+        def named(pick: npt.NDArray[np.int64]) -> list[str]:
+            pairs = zip(at[pick].tolist(), which[pick].tolist(), strict=True)
+            return [f"{heads[i]}{_FIELD_SEP}{c}" for i, c in pairs]
+
+        write = np.flatnonzero(~zero)
+        gone = np.flatnonzero(zero & stored)
+        out.fields += named(write)
+        out.states += [blobs[k] for k in write.tolist()]
+        out.deleted += named(gone)
+        np.bitwise_or.at(self._held, rows[write], bit[write])
+        np.bitwise_and.at(self._held, rows[gone], ~bit[gone])
 
     def _evict(self, partition: int, newest: int) -> tuple[list[str], npt.NDArray[np.int64]]:
         """Forget the partition's entities not stepped for ``idle_ms`` before ``newest`` (the
@@ -514,6 +594,13 @@ class KindDetectors:
         forgotten = [names[i] for i in at.tolist()]
         fields = [f"{e}{_FIELD_SEP}{s}" for e in forgotten for s in self.signals]
         freed = self._block_rows(blocks[at])
+        fields += [
+            f"{fields[i]}{_FIELD_SEP}{c}"
+            for i, held in enumerate(self._held[freed].tolist())
+            for c in range(CHUNKS)
+            if held >> c & 1
+        ]
+        self._held[freed] = 0
         self._reset(freed)
         self._free.extend(blocks[at].tolist())
         for e in forgotten:
@@ -576,6 +663,7 @@ class KindDetectors:
             self._steps = np.concatenate([self._steps, grow])
             self._unsaved = np.concatenate([self._unsaved, grow - 1])
             self._phase = np.concatenate([self._phase, grow])
+            self._held = np.concatenate([self._held, grow])
             self._entity += [""] * blocks
             self._free.extend(reversed(fresh[::width].tolist()))
         return np.asarray([self._free.pop() for _ in range(count)], dtype=np.int64)

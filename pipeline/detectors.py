@@ -129,6 +129,32 @@ _V4_ORDER: Final = np.r_[
     SEAS : SEAS + BINS, SEAS_N : SEAS_N + BINS, HIST:STEPPED,
 ]  # fmt: skip
 _V5_ORDER: Final = _V4_ORDER[~np.isin(_V4_ORDER, _OMITTED)]
+# A row's profile (time-of-day and time-of-week) changes one bin per step, while the columns
+# before it change on every step: snapshots that a caller writes often hold the stepped
+# columns only (a *head*), and the profile goes in *chunks* that are written when a step has
+# changed them. A snapshot every 5 minutes then writes 1.6 KB of a row, not 4.7 KB.
+DAY_CHUNK: Final = 12  # time-of-day bins per chunk (6 hours)
+WEEK_CHUNK: Final = 24  # time-of-week bins per chunk (a day)
+DAY_CHUNKS: Final = BINS // DAY_CHUNK
+CHUNKS: Final = DAY_CHUNKS + WBINS // WEEK_CHUNK  # chunks 0-3: the day; 4-10: the week
+ALL_CHUNKS: Final = (1 << CHUNKS) - 1
+_WEEK_BITS: Final = ALL_CHUNKS & ~((1 << DAY_CHUNKS) - 1)
+# a day chunk: its bins' means and visits as float64; a week chunk: as float32 (as kept)
+CHUNK_BYTES: Final = 8 * 2 * DAY_CHUNK
+# per chunk, the rows of the bank's profile block (day) or time-of-week block it holds: its
+# bins' means, then their visits
+_DAY_ROWS: Final = np.array(
+    [np.r_[c : c + DAY_CHUNK, BINS + c : BINS + c + DAY_CHUNK] for c in range(0, BINS, DAY_CHUNK)]
+)
+_WEEK_ROWS: Final = np.array(
+    [
+        np.r_[w : w + WEEK_CHUNK, WBINS + w : WBINS + w + WEEK_CHUNK]
+        for w in range(0, WBINS, WEEK_CHUNK)
+    ]
+)
+_HEAD_ORDER: Final = np.arange(STEPPED)
+_HEAD_COMPACT_ORDER: Final = _HEAD_ORDER[~np.isin(_HEAD_ORDER, _OMITTED)]
+_OMITTED_STEPPED: Final = _OMITTED[_OMITTED < STEPPED]
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,10 +257,21 @@ _MAGIC: Final = b"PDS"
 _VERSION: Final = 6  # every column of the row
 _COMPACT: Final = 7  # the row but the columns _OMITTED, which are zero
 _HEADER: Final = struct.Struct("<3sBHH")  # magic, version, columns that follow, ring length
-_ORDERS: Final = {_VERSION: _SNAPSHOT_ORDER, _COMPACT: _COMPACT_ORDER, 4: _V4_ORDER, 5: _V5_ORDER}
+_HEAD: Final = 8  # the stepped columns (the profile is in chunks)
+_HEAD_COMPACT: Final = 9  # the stepped columns but those _OMITTED, which are zero
+_ORDERS: Final = {
+    _VERSION: _SNAPSHOT_ORDER,
+    _COMPACT: _COMPACT_ORDER,
+    _HEAD: _HEAD_ORDER,
+    _HEAD_COMPACT: _HEAD_COMPACT_ORDER,
+    4: _V4_ORDER,
+    5: _V5_ORDER,
+}
 _LEGACY: Final = frozenset({4, 5})  # two predictors: the third starts as the second
 SNAPSHOT_BYTES: Final = _HEADER.size + 8 * WIDTH
 COMPACT_BYTES: Final = _HEADER.size + 8 * len(_COMPACT_ORDER)
+HEAD_BYTES: Final = _HEADER.size + 8 * len(_HEAD_ORDER)
+HEAD_COMPACT_BYTES: Final = _HEADER.size + 8 * len(_HEAD_COMPACT_ORDER)
 
 
 def fresh_rows(count: int) -> FloatArray:
@@ -259,8 +296,8 @@ class DetectorBank:
     """
 
     __slots__ = (
-        "_group", "_hist", "_plane", "_scal", "_seas", "_size", "_week", "_wslot", "_wused",
-        "params",
+        "_dirty", "_group", "_hist", "_plane", "_scal", "_seas", "_size", "_week", "_wslot",
+        "_wused", "params",
     )  # fmt: skip
 
     def __init__(
@@ -280,6 +317,8 @@ class DetectorBank:
         self._week: npt.NDArray[np.float32] = np.zeros((WIDTH - WSEAS, 0), dtype=np.float32)
         self._wslot: IntArray = np.zeros(0, dtype=np.int64)  # per row: its column, or -1
         self._wused = 0  # columns of _week given to rows
+        # per row (as kept): the profile chunks changed since take_dirty last read them
+        self._dirty: IntArray = np.zeros(0, dtype=np.int64)
         self.add(capacity)
 
     def __len__(self) -> int:
@@ -323,6 +362,7 @@ class DetectorBank:
         self._scal[:, idx] = block[:, :HIST].T
         self._hist[idx] = block[:, HIST:STEPPED]
         self._seas[:, idx] = block[:, STEPPED:WSEAS].T
+        self._dirty[idx] = ALL_CHUNKS
         week = block[:, WSEAS:]
         given: BoolArray = np.asarray(week.any(axis=1), dtype=bool)
         slot = self._slots(idx, where=given)
@@ -361,13 +401,16 @@ class DetectorBank:
             scal, hist = np.zeros((HIST, room)), np.zeros((room, STEPPED - HIST))
             seas = np.zeros((WSEAS - STEPPED, room))
             wslot = np.full(room, -1, dtype=np.int64)
+            dirty = np.zeros(room, dtype=np.int64)
             for j in range(g):  # each plane's rows to the start of its new place
                 src, dst = slice(j * old, (j + 1) * old), slice(j * plane, j * plane + old)
                 scal[:, dst] = self._scal[:, src]
                 hist[dst] = self._hist[src]
                 seas[:, dst] = self._seas[:, src]
                 wslot[dst] = self._wslot[src]
+                dirty[dst] = self._dirty[src]
             self._scal, self._hist, self._seas, self._wslot = scal, hist, seas, wslot
+            self._dirty = dirty
             self._plane = plane
         return np.arange(first, self._size, dtype=np.int64)
 
@@ -378,6 +421,7 @@ class DetectorBank:
         self._hist[idx] = 0.0
         self._seas[:, idx] = 0.0
         self._clear_week(idx)
+        self._dirty[idx] = ALL_CHUNKS
 
     def _clear_week(self, idx: IntArray) -> None:
         slot = self._wslot[idx]
@@ -391,6 +435,7 @@ class DetectorBank:
         self._scal[_OMITTED_SCAL[:, None], idx] = 0.0
         self._hist[idx[:, None], _OMITTED_HIST] = 0.0
         self._clear_week(idx)
+        self._dirty[idx] |= _WEEK_BITS
 
     # --- scoring -------------------------------------------------------------------------
 
@@ -644,12 +689,16 @@ class DetectorBank:
             self._hist[rows, HIST_LEN - RING : HIST_LEN] = ring
         self._seas[SEAS - STEPPED + b, rows] = np.where(broken, 0.0, seas_new)
         self._seas[SEAS_N - STEPPED + b, rows] = np.where(broken, 0.0, sn + learn)
+        changed = np.left_shift(1, b // DAY_CHUNK)
         if context:
             self._week[bw, wslot] = np.where(broken, 0.0, wseas_new)
             self._week[WSEAS_N - WSEAS + bw, wslot] = np.where(broken, 0.0, wn + learn)
+            changed |= np.left_shift(1, DAY_CHUNKS + bw // WEEK_CHUNK)
+        self._dirty[rows] |= changed  # (rows are distinct)
         if broken.any():
             self._seas[:, rows[broken]] = 0.0
             self._clear_week(rows[broken])
+            self._dirty[rows[broken]] = ALL_CHUNKS
             if not context:
                 self._hist[rows[broken]] = 0.0
         score = np.where(np.isfinite(score), score, 0.0)
@@ -754,6 +803,111 @@ class DetectorBank:
             raise ValueError("rows and blobs differ in length")
         decoded = np.stack([decode(b) for b in blobs]) if blobs else fresh_rows(0)
         self.set_rows(rows, decoded)
+
+    def snapshot_heads(self, rows: Sequence[int] | IntArray) -> list[bytes]:
+        """Each row's stepped columns as a snapshot without the profile (its chunks, from
+        :meth:`chunks`, complete it): 1.2 KB, or 0.5 KB compact (a row stepped without
+        context)."""
+        idx = self._index(rows)
+        heads = np.empty((idx.size, STEPPED))
+        heads[:, :HIST] = self._scal[:, idx].T
+        heads[:, HIST:] = self._hist[idx]
+        compact = ~heads[:, _OMITTED_STEPPED].any(axis=1)
+        out: list[bytes] = [b""] * idx.size
+        for version, which in ((_HEAD, ~compact), (_HEAD_COMPACT, compact)):
+            at = np.flatnonzero(which)
+            if at.size:
+                for i, blob in zip(at.tolist(), rows_bytes(_pack(heads[at], version)), strict=True):
+                    out[i] = blob
+        return out
+
+    def take_dirty(self, rows: Sequence[int] | IntArray) -> IntArray:
+        """Per row, the profile chunks (bit ``c``: chunk ``c``) changed since this was last
+        called for it, or since it was loaded or cleared (every chunk); they count as clean
+        from now on."""
+        idx = self._index(rows)
+        out = self._dirty[idx].copy()
+        self._dirty[idx] = 0
+        return out
+
+    def mark_dirty(self, rows: Sequence[int] | IntArray, chunks: IntArray) -> None:
+        """Count the chunks (bit masks, per row) as changed."""
+        idx = self._index(rows)
+        np.bitwise_or.at(self._dirty, idx, np.asarray(chunks, dtype=np.int64))
+
+    def chunks(
+        self, rows: Sequence[int] | IntArray, which: IntArray
+    ) -> tuple[list[bytes], BoolArray]:
+        """Profile chunk ``which[i]`` of row ``rows[i]``, as bytes (``CHUNK_BYTES``
+        each), and whether it is all zero (a row that never visited its bins)."""
+        idx = self._index(rows)
+        which = np.asarray(which, dtype=np.int64)
+        if which.size and (int(which.min()) < 0 or int(which.max()) >= CHUNKS):
+            raise IndexError(f"profile chunks are 0-{CHUNKS - 1}")
+        out = np.empty((idx.size, CHUNK_BYTES), dtype=np.uint8)
+        day = np.flatnonzero(which < DAY_CHUNKS)
+        if day.size:
+            means = self._seas[_DAY_ROWS[which[day]] + (SEAS - STEPPED), idx[day, None]]
+            out[day] = np.ascontiguousarray(means, dtype="<f8").view(np.uint8)
+        week = np.flatnonzero(which >= DAY_CHUNKS)
+        if week.size:
+            slot = self._wslot[idx[week]]
+            has = slot >= 0
+            values = np.zeros((week.size, 2 * WEEK_CHUNK), dtype=np.float32)
+            values[has] = self._week[_WEEK_ROWS[which[week[has]] - DAY_CHUNKS], slot[has, None]]
+            out[week] = np.ascontiguousarray(values, dtype="<f4").view(np.uint8)
+        zero: BoolArray = np.logical_not(out.any(axis=1))
+        return rows_bytes(out), zero
+
+    def restore_chunks(
+        self, rows: Sequence[int] | IntArray, which: IntArray, blobs: Sequence[bytes]
+    ) -> BoolArray:
+        """Load profile chunks (``which[i]`` of row ``rows[i]``, distinct pairs) over rows
+        restored from heads; whether each was valid (an invalid one is not loaded). They
+        count as clean."""
+        idx = self._index(rows)
+        which = np.asarray(which, dtype=np.int64)
+        if not idx.size:
+            return np.zeros(0, dtype=bool)
+        sized = (isinstance(b, bytes | bytearray) and len(b) == CHUNK_BYTES for b in blobs)
+        ok: BoolArray = np.fromiter(sized, dtype=bool, count=idx.size)
+        ok &= (which >= 0) & (which < CHUNKS)
+        raw = np.zeros((idx.size, CHUNK_BYTES), dtype=np.uint8)
+        if ok.any():
+            raw[ok] = np.frombuffer(
+                b"".join(bytes(b) for b, good in zip(blobs, ok.tolist(), strict=True) if good),
+                dtype=np.uint8,
+            ).reshape(-1, CHUNK_BYTES)
+        day = ok & (which < DAY_CHUNKS)
+        week = ok & (which >= DAY_CHUNKS)
+        d_vals = raw[day].view("<f8").astype(np.float64)
+        w_vals = raw[week].view("<f4").astype(np.float32)
+        ok[day] = _valid_chunks(d_vals, DAY_CHUNK)
+        ok[week] = _valid_chunks(w_vals.astype(np.float64), WEEK_CHUNK)
+        at = np.flatnonzero(day & ok)
+        if at.size:
+            self._seas[_DAY_ROWS[which[at]] + (SEAS - STEPPED), idx[at, None]] = d_vals[ok[day]]
+        at = np.flatnonzero(week & ok)
+        if at.size:
+            slot = self._slots(idx[at])
+            self._week[_WEEK_ROWS[which[at] - DAY_CHUNKS], slot[:, None]] = w_vals[ok[week]]
+        return ok
+
+
+def _valid_chunks(values: FloatArray, bins: int) -> BoolArray:
+    """Whether each chunk's means are finite and its visits whole numbers >= 0."""
+    visits = values[:, bins:]
+    good: BoolArray = (
+        np.isfinite(values).all(axis=1)
+        & (visits >= 0).all(axis=1)
+        & (visits == np.floor(visits)).all(axis=1)
+    )
+    return good
+
+
+def holds_profile(blob: bytes) -> bool:
+    """Whether a valid snapshot holds its row's profile (a head does not: its chunks do)."""
+    return len(blob) < _HEADER.size or blob[3] not in (_HEAD, _HEAD_COMPACT)
 
 
 def _pack(states: FloatArray, version: int) -> npt.NDArray[np.uint8]:

@@ -287,7 +287,8 @@ FEED_CAP: Final = 10_000
 
 
 def detector_key(kind: EventKind | str, partition: int) -> str:
-    """Key of a partition's detector states: ``"<entity>~<signal>"`` -> snapshot bytes."""
+    """Key of a partition's detector states: ``"<entity>~<signal>"`` -> snapshot bytes, and
+    ``"<entity>~<signal>~<chunk>"`` -> one chunk (0-10) of that row's profile."""
     return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:det"
 
 

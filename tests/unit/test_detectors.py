@@ -312,10 +312,11 @@ def test_the_time_of_week_correction_finds_a_weekday_that_looks_like_a_sunday() 
     [
         (lambda b: b[:5], "too short"),
         (lambda b: b"XXX" + b[3:], "bad magic"),
-        (lambda b: b[:3] + b"\x09" + b[4:], "version 9"),
+        (lambda b: b[:3] + b"\x0a" + b[4:], "version 10"),
         (lambda b: b[:3] + b"\x02" + b[4:], "version 2"),
         (lambda b: b[:3] + b"\x03" + b[4:], "version 3"),
         (lambda b: b[:3] + b"\x06" + b[4:], "layout"),  # a compact row as version 6
+        (lambda b: b[:3] + b"\x09" + b[4:], "layout"),  # ... or as a compact head
         (lambda b: b[:3] + b"\x04" + b[4:], "layout"),  # ... or as version 4
         (lambda b: b + b"\x00", "expected"),
         (lambda b: b[:-8] + np.float64(np.nan).tobytes(), "non-finite"),
@@ -543,3 +544,61 @@ def test_rows_kept_by_group_step_as_rows_kept_in_order() -> None:
     assert np.array_equal(*vectors)
     with pytest.raises(IndexError, match="not in a bank of 330 rows"):
         grouped.rows([330])
+
+
+T0 = 1_700_000_000_000 - 1_700_000_000_000 % (7 * 86_400_000)  # a week's start (Thursday 0:00)
+
+
+def test_a_head_and_its_profile_chunks_restore_a_row_exactly() -> None:
+    """Rows stepped for two weeks (with and without context): their heads and profile
+    chunks load into another bank as the same rows; a step marks the chunks of its bins."""
+    n = 14 * 48
+    t = T0 + np.arange(n, dtype=np.int64) * 1_800_000
+    rng = np.random.default_rng(4)
+    bank = DetectorBank(3)
+    for row, context in ((0, True), (1, False)):
+        v = 20 + np.sin(2 * np.pi * np.arange(n) / 48) + rng.standard_normal(n)
+        bank.score_batch(np.full(n, row, np.int64), t, v, context)
+    rows = np.array([0, 1, 2])  # row 2 never stepped
+    heads = bank.snapshot_heads(rows)
+    assert [len(h) for h in heads] == [
+        detectors.HEAD_BYTES,
+        detectors.HEAD_COMPACT_BYTES,
+        detectors.HEAD_COMPACT_BYTES,
+    ]
+    assert not any(detectors.holds_profile(h) for h in heads)
+    at, which = np.divmod(np.arange(3 * detectors.CHUNKS), detectors.CHUNKS)
+    blobs, zero = bank.chunks(rows[at], which)
+    assert {len(b) for b in blobs} == {detectors.CHUNK_BYTES}
+    # the row without context has no time-of-week correction; the unstepped row nothing
+    week = which >= detectors.DAY_CHUNKS
+    assert not zero[at == 0].any() and zero[(at == 1) & week].all() and zero[at == 2].all()
+    other = DetectorBank(3)
+    other.restore(rows, heads)
+    assert other.restore_chunks(
+        rows[at][~zero], which[~zero], [b for b, z in zip(blobs, zero, strict=True) if not z]
+    ).all()
+    assert np.array_equal(other.state, bank.state)
+    # a step changes the day chunk of its time (and the week chunk with context)
+    bank.take_dirty(rows)
+    t1 = T0 + 3 * 86_400_000 + 13 * 3_600_000  # 13:00 on the fourth day
+    bank.step(np.array([0, 1]), np.array([t1, t1]), np.array([20.0, 20.0]))
+    day, weekday = 13 // 6, 3
+    assert bank.take_dirty([0]).tolist() == [1 << day | 1 << (detectors.DAY_CHUNKS + weekday)]
+    bank.clear(np.array([2]))
+    assert bank.take_dirty([2]).tolist() == [detectors.ALL_CHUNKS]
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"short",
+        np.full(24, np.nan).tobytes(),  # not finite
+        np.r_[np.zeros(12), -np.ones(12)].tobytes(),  # negative visits
+        np.r_[np.zeros(12), np.full(12, 0.5)].tobytes(),  # fractional visits
+    ],
+)
+def test_a_bad_profile_chunk_is_not_loaded(blob: bytes) -> None:
+    bank = DetectorBank(1)
+    assert bank.restore_chunks([0], np.array([1]), [blob]).tolist() == [False]
+    assert not bank.state.any()
