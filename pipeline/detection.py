@@ -5,10 +5,10 @@ Each kind watches one dimension (sensor: ``device|metric``; applog: the service)
 its detectors once per signal (``schemas.anomaly.SIGNALS``) with the instance's final
 statistics: the mean and maximum reading and whether its readings mostly repeat the one before
 them (a stuck sensor); a service's median latency and error rate.
-Detector state is partition state checkpointed with the offset. A row's state is written
-every ``SNAPSHOT_EVERY`` of its steps (rows are staggered): its stepped columns whole (the
-head, 0.5-1.3 KB) and, of its profile, the chunks its steps changed since (192 bytes each).
-Not every step: the inputs of the steps since are the closed windows' final values, which the store holds
+Detector state is partition state checkpointed with the offset. A row's state is written every
+``SNAPSHOT_EVERY`` of its steps (rows are staggered): its stepped columns whole (the head,
+0.5-1.3 KB) and, of its profile, the chunks its steps changed since (192 bytes each). Not every
+step: the inputs of the steps since are the closed windows' final values, which the store holds
 anyway (written with the offsets that closed them). Each apply that steps detectors also writes
 the partition's *replay point* (``@from``): the oldest window a row stepped since its snapshot.
 A restore loads the snapshots and steps each row again through the stored windows from the

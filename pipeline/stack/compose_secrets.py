@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.stack import acl, envfile, processes
 from pipeline.stack.tls import TlsFiles, tls_files
-from pipeline.stack.valkey import quote
+from pipeline.stack.valkey import AOF_REWRITE_MIN_SIZE, quote
 from schemas.settings import REPLICATION_USER, StoreSettings
 
 VALKEY_UID = 999  # the valkey/valkey image's user
@@ -45,6 +45,7 @@ def valkey_conf(dir: Path, store: StoreSettings, *, replica: bool) -> str:
         "dir /data",
         "appendonly yes",
         "appendfsync always",
+        f"auto-aof-rewrite-min-size {AOF_REWRITE_MIN_SIZE}",
         'save ""',
         "hz 100",
         "repl-diskless-sync-delay 0",

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from pipeline.settings import KafkaSettings, StackSettings, StoreSettings, WorkerSettings
+from pipeline.stack import valkey
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,6 +70,7 @@ def test_valkey_primary_and_replica_are_durable() -> None:
         assert cmd[cmd.index("--appendonly") + 1] == "yes"
         assert cmd[cmd.index("--appendfsync") + 1] == "always"
         assert cmd[cmd.index("--hz") + 1] == "100"  # as pulse up configures it
+        assert cmd[cmd.index("--auto-aof-rewrite-min-size") + 1] == valkey.AOF_REWRITE_MIN_SIZE
     rcmd = replica["command"]
     assert rcmd[rcmd.index("--replicaof") + 1 : rcmd.index("--replicaof") + 3] == [
         "valkey",
@@ -111,6 +113,7 @@ def test_cluster_profile_is_a_durable_three_by_two_cluster() -> None:
         command = node["command"]
         flags = dict(zip(command[1::2], command[2::2], strict=False))
         assert flags["--cluster-enabled"] == "yes" and flags["--appendfsync"] == "always"
+        assert flags["--auto-aof-rewrite-min-size"] == valkey.AOF_REWRITE_MIN_SIZE
         address = node["networks"]["cluster"]["ipv4_address"]
         assert flags["--cluster-announce-ip"] == address and address.startswith(prefix)
         addresses.append(address)

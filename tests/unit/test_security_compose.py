@@ -71,6 +71,7 @@ def test_valkey_nodes_serve_tls_only_with_acl_users(secrets_dir: Path) -> None:
     for conf in (primary, replica):
         assert "port 0" in conf and "tls-port 6379" in conf and "tls-replication yes" in conf
         assert "user default reset" in conf and "appendfsync always" in conf
+        assert "auto-aof-rewrite-min-size 1gb" in conf
     assert not any(line.startswith("replicaof") for line in primary)
     assert f"replicaof {compose_secrets.PRIMARY_HOST} 6379" in replica
     services = compose()["services"]
