@@ -10,6 +10,7 @@ The dashboard and ``pulse near`` call :func:`near`.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from schemas.events import EventKind
 
 if TYPE_CHECKING:
     import redis
+
+log = logging.getLogger("pulse.geo")
 
 # A device whose latest position is older than this is reported as stale.
 STALE_AFTER_MS = 5 * 60_000
@@ -65,7 +68,10 @@ def near(
             sort="ASC", count=limit, withdist=True, withcoord=True,
         )  # fmt: skip
     found: list[tuple[float, str, float, float, int]] = []  # (km, device, lat, lon, partition)
-    for p, hits in zip(partitions, pipe.execute(), strict=True):
+    for p, hits in zip(partitions, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(hits, Exception):  # a key of another type: the other partitions answer
+            log.warning("sensor partition %d left out of the search: %s", p, hits)
+            continue
         for name, dist, (g_lon, g_lat) in hits:
             found.append((float(dist), keys.text(name), float(g_lat), float(g_lon), p))
     found.sort()
@@ -82,9 +88,11 @@ def near(
     for p in parts:
         for s in starts:
             pipe.hkeys(keys.window_key(EventKind.SENSOR, p, keys.WINDOW_1M, keys.Dim.METRIC, s))
-    replies = pipe.execute()
-    seen = [int(x) if x is not None else 0 for x in replies[: len(found)]]
-    metrics = sorted({keys.text(m) for hkeys in replies[len(found) :] for m in hkeys})
+    replies = pipe.execute(raise_on_error=False)
+    seen = [int(x) if isinstance(x, int | float) else 0 for x in replies[: len(found)]]
+    metrics = sorted(
+        {keys.text(m) for hkeys in replies[len(found) :] if isinstance(hkeys, list) for m in hkeys}
+    )
     readings = _readings(r, found, metrics, starts)
     return [
         NearDevice(
@@ -119,7 +127,9 @@ def _readings(
             asked.append((device, s))
     values: list[bytes] = []
     where: list[tuple[str, str, int]] = []
-    for (device, s), row in zip(asked, pipe.execute(), strict=True):
+    for (device, s), row in zip(asked, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(row, Exception):  # a window key of another type: no reading there
+            continue
         for m, v in zip(metrics, row, strict=True):
             if v is not None:
                 values.append(v)

@@ -171,7 +171,11 @@ def stored_partitions(client: redis.Redis, kind: EventKind) -> dict[int, StoredP
             continue
         parts.append(p)
         pipe.hmget(name, keys.Progress.OFFSET, keys.Progress.WATERMARK, keys.Progress.TOPIC)
-    for p, (off, wm, topic) in zip(parts, pipe.execute(), strict=True):
+    for p, reply in zip(parts, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(reply, Exception):  # a key of another type: no worker applies it either
+            log.warning("%s partition %d left out: its progress key %s", kind.value, p, reply)
+            continue
+        off, wm, topic = reply
         out[p] = StoredPartition(
             int(off) if off is not None else -1,
             int(wm) if wm is not None else None,
@@ -221,7 +225,10 @@ def warmup_windows(
         pipe.hgetall(k)
     nf = packed.NF_APPLOG if kind is EventKind.APPLOG else packed.NF_SENSOR
     out: dict[int, Closing] = {}
-    for (p, start, k), fields in zip(names, pipe.execute(), strict=True):
+    for (p, start, k), fields in zip(names, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(fields, Exception):  # a key of another type
+            log.warning("window %s left out of the detectors' warm-up: %s", k, fields)
+            continue
         if not fields:
             continue
         try:
@@ -258,12 +265,20 @@ def stored_anomalies(
     client: redis.Redis, kind: EventKind, partition: int, rng: ReplayRange
 ) -> list[tuple[str, int]]:
     """(entity, detection window start) of the partition's anomaly records in the range."""
+    from redis.exceptions import ResponseError
+
     from schemas.anomaly import decode_record
 
-    ids = client.zrangebyscore(keys.anomaly_index_key(kind, partition), rng.start, f"({rng.end}")
-    if not ids:
+    try:
+        ids = client.zrangebyscore(
+            keys.anomaly_index_key(kind, partition), rng.start, f"({rng.end}"
+        )
+        if not ids:
+            return []
+        blobs = client.hmget(keys.anomalies_key(kind, partition), list(ids))  # type: ignore[arg-type]
+    except ResponseError as exc:  # a key of another type: no record to count
+        log.warning("%s partition %d: stored anomalies left out: %s", kind.value, partition, exc)
         return []
-    blobs = client.hmget(keys.anomalies_key(kind, partition), list(ids))  # type: ignore[arg-type]
     out = []
     for blob in blobs:
         if not isinstance(blob, bytes):

@@ -153,3 +153,10 @@ def test_near_lists_devices_by_distance_with_their_latest_reading(
     raw.zadd(keys.seen_key(1), {b"\xffx": minute})
     far = near(raw, [0, 1], *BERGEN, km=5, now_ms=now)
     assert sorted(d.device for d in far) == ["bergen", "\ufffdx"]
+    # a partition's key of another type leaves that partition out, not the search
+    raw.delete(keys.geo_key(1))
+    raw.set(keys.geo_key(1), "not a geo set")
+    raw.set(keys.window_key(SENSOR, 0, keys.WINDOW_1M, keys.Dim.DEVICE, minute), "not a hash")
+    got = near(raw, [0, 1], *OSLO, km=5, now_ms=now)
+    assert [d.device for d in got] == ["oslo-1"]  # oslo-2's partition is left out
+    assert got[0].reading == {"temp": (10.0, minute - MIN)}  # its latest minute is unreadable

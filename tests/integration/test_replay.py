@@ -359,3 +359,30 @@ def test_names_that_are_not_utf8_in_the_store_are_passed_over(
     }
     got = warmup_windows(store, s, [0], keys.Dim.DEVICE, range(t0, t0 + 20_000, 10_000))
     assert [(start, names) for start, names, _ in got[0]] == [(t0, ["d1|temp"])]
+
+
+def test_keys_of_another_type_are_left_out_of_a_replay_s_reads(
+    stack: RunningStack, store: redis.Redis
+) -> None:
+    """A key the replay reads that holds another type (written by something other than a
+    worker) leaves out that one thing, logged, as a worker's restore does: a partition whose
+    progress it is, a window of the detectors' warm-up, a partition's stored anomalies."""
+    from pipeline.replay_command import stored_anomalies, stored_partitions, warmup_windows
+
+    store = stack.redis(decode=False)
+    s, t0 = EventKind.SENSOR, 1_700_000_040_000
+    store.hset(keys.progress_key(s, 0), mapping={keys.Progress.OFFSET: 9})
+    store.set(keys.progress_key(s, 1), "not a hash")
+    assert list(stored_partitions(store, s)) == [0]
+    good = keys.window_key(s, 0, keys.WINDOW_10S, keys.Dim.DEVICE, t0)
+    bad = keys.window_key(s, 0, keys.WINDOW_10S, keys.Dim.DEVICE, t0 + 10_000)
+    stats = np.zeros((1, packed.NF_SENSOR))
+    stats[0, [packed.COUNT, packed.SUM, packed.SUMSQ, packed.MIN, packed.MAX]] = 1, 2, 4, 2, 2
+    no_buckets = np.zeros(0, dtype=np.int64)
+    (value,) = packed.encode(packed.Table(stats, no_buckets, no_buckets, no_buckets))
+    store.hset(good, "d1|temp", value)
+    store.rpush(bad, "a list")
+    got = warmup_windows(store, s, [0], keys.Dim.DEVICE, range(t0, t0 + 20_000, 10_000))
+    assert [(start, names) for start, names, _ in got[0]] == [(t0, ["d1|temp"])]
+    store.set(keys.anomaly_index_key(s, 0), "not a sorted set")
+    assert stored_anomalies(store, s, 0, ReplayRange(t0, t0 + 60_000)) == []
