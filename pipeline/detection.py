@@ -41,6 +41,7 @@ from pipeline.detectors import (
     DetectorParams,
     SnapshotError,
     StepResult,
+    decode,
     holds_profile,
     rows_bytes,
 )
@@ -265,6 +266,9 @@ class KindDetectors:
         replay_from: int | None = None
         heads: list[int] = []  # rows restored from a head (their profile is in chunks)
         chunks: list[tuple[int, int, bytes]] = []  # row, chunk, bytes
+        loaded: list[int] = []  # rows whose state decoded, and their states
+        decoded: list[npt.NDArray[np.float64]] = []
+        plain: list[int] = []  # of those, the rows stepped without context
         for raw_name, blob in stored.items():
             name = raw_name.decode("utf-8", "replace")
             if name == REPLAY_FIELD:
@@ -288,7 +292,8 @@ class KindDetectors:
                     name, partition,
                 )  # fmt: skip
                 continue
-            row = int(self._blocks(mine, [entity])[0]) + j
+            block = mine.get(entity)
+            row = (int(self._blocks(mine, [entity])[0]) if block is None else block) + j
             if chunk >= 0:
                 chunks.append((row, chunk, bytes(blob)))
                 self._held[row] |= 1 << chunk
@@ -296,17 +301,23 @@ class KindDetectors:
             try:
                 last, steps = _ROW_HEAD.unpack_from(blob)
                 state = bytes(blob[_ROW_HEAD.size :])
-                self.bank.restore([row], [state])
+                decoded.append(decode(state))
             except (SnapshotError, struct.error) as exc:  # the row stays fresh
                 self.refused += 1
                 log.warning("detector state %s of partition %d refused: %s", name, partition, exc)
                 continue
+            loaded.append(row)
             self._last[row], self._steps[row] = last, steps
             if not holds_profile(state):
                 heads.append(row)
             if not self._context[j]:  # saved by a release that stepped it with context
-                self.bank.drop_context([row])
+                plain.append(row)
+        if loaded:  # one bank call for the partition's rows (one per row was most of a restore)
+            self.bank.set_rows(loaded, np.stack(decoded))
         self._restore_chunks(partition, heads, chunks)
+        # last: what a release that stepped these with context stored for them (chunks too)
+        # is zeroed, and counted as changed
+        self.bank.drop_context(plain)
         return replay_from
 
     def _restore_chunks(

@@ -511,6 +511,27 @@ def test_a_state_stored_whole_by_an_earlier_release_is_stored_in_chunks_from_the
     assert np.array_equal(_state(again), _state(det))
 
 
+def test_chunks_of_a_row_stepped_with_context_are_dropped_for_a_signal_stepped_without() -> None:
+    """A release that stepped `max` with context stored week chunks for it: restored, the row
+    loses them (a step without context never reads them) and its next snapshot deletes them."""
+    wins = _hourly(200)
+    det = KindDetectors(S, HOURLY, snapshot_every=1)
+    stored: dict[bytes, bytes] = {}
+    for w in wins[:190]:
+        _apply(stored, det.detect(0, [w]))
+    # file the mean row's head and chunks (with context) under d1's max
+    for f in [f for f in stored if f.startswith(b"d1|temp~mean")]:
+        stored[f.replace(b"~mean", b"~max")] = stored[f]
+    week = [f"d1|temp~max~{c}".encode() for c in range(detectors.DAY_CHUNKS, detectors.CHUNKS)]
+    assert all(f in stored for f in week)
+    again = KindDetectors(S, HOURLY, snapshot_every=1)
+    again.restore(0, stored)
+    row = again._rows[0]["d1|temp"] + again.signals.index(anomaly.Signal.MAX)
+    assert not again.bank.rows([row])[0, detectors.WSEAS :].any()
+    found = again.detect(0, [wins[190]])
+    assert set(week) <= {f.encode() for f in found.deleted}
+
+
 def test_a_damaged_profile_chunk_starts_its_row_afresh_and_is_replaced() -> None:
     wins = _hourly(200)
     det = KindDetectors(S, HOURLY, snapshot_every=1)
