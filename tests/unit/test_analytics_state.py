@@ -173,6 +173,18 @@ def series(n: int, spike_at: int) -> list[float]:
     return v
 
 
+def restarted(
+    det: KindDetectors,
+    stored: dict[bytes, bytes],
+    closed: list[tuple[int, list[str], packed.Table]],
+) -> KindDetectors:
+    """``det`` after a crash: restored from the stored hash, then stepped again through the
+    closed windows the store holds from its replay point on."""
+    since = det.restore(0, stored)
+    det.replay(0, [x for x in closed if since is not None and x[0] >= since])
+    return det
+
+
 def test_signals_of_a_window() -> None:
     (_, _, table), *_ = windows_of([10.0])
     got = signal_values(S, table)
@@ -237,10 +249,7 @@ def test_restored_detectors_continue_exactly_like_uninterrupted_ones(crash_at: i
     saved = 0
     for i, w in enumerate(wins):
         if i == crash_at:  # the worker dies; a new one restores the partition from the store
-            first = KindDetectors(S, keys.WINDOW_10S)
-            since = first.restore(0, stored)
-            # the closed windows the store holds from the replay point on
-            first.replay(0, [x for x in wins[:i] if since is not None and x[0] >= since])
+            first = restarted(KindDetectors(S, keys.WINDOW_10S), stored, wins[:i])
         found = first.detect(0, [w])
         saved += sum(f.count("~") == 1 for f in found.fields)  # rows, not their chunks
         stored.update(zip((f.encode() for f in found.fields), found.states, strict=True))
@@ -383,9 +392,7 @@ def test_an_idle_entity_is_forgotten_in_memory_and_in_the_store(crash_at: int | 
     got, deleted_at = [], []
     for i, w in enumerate(wins):
         if i == crash_at:
-            det = make()
-            since = det.restore(0, stored)
-            det.replay(0, [x for x in wins[:i] if since is not None and x[0] >= since])
+            det = restarted(make(), stored, wins[:i])
         found = det.detect(0, [w])
         if found.deleted:
             deleted_at.append((i, sorted(found.deleted)))
@@ -458,9 +465,7 @@ def test_a_snapshot_writes_the_profile_chunks_changed_since_and_a_restore_is_exa
     got, expected = [], []
     for i, w in enumerate(wins):
         if i == crash_at:
-            det = make()
-            since = det.restore(0, stored)
-            det.replay(0, [x for x in wins[:i] if since is not None and x[0] >= since])
+            det = restarted(make(), stored, wins[:i])
             assert np.array_equal(_state(det), _state(whole))
         found = det.detect(0, [w])
         _apply(stored, found)
