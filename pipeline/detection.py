@@ -282,7 +282,8 @@ class KindDetectors:
             entity, _, signal = name.rpartition(_FIELD_SEP)
             chunk = -1
             if _FIELD_SEP in entity:  # a profile chunk: <entity>~<signal>~<chunk>
-                chunk = int(signal) if signal.isdigit() and len(signal) <= 2 else CHUNKS
+                digits = signal.isascii() and signal.isdigit() and len(signal) <= 2
+                chunk = int(signal) if digits else CHUNKS
                 entity, _, signal = entity.rpartition(_FIELD_SEP)
             j = self._signal_at.get(signal)
             if not entity or j is None or chunk >= CHUNKS:

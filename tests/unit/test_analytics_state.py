@@ -10,6 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import aggregation, detectors, leaderboards
 from pipeline.batch import BatchRules, PartitionBatch, Record
@@ -547,9 +549,11 @@ def test_a_damaged_profile_chunk_starts_its_row_afresh_and_is_replaced() -> None
     assert bad in stored
     stored[bad] = np.full(24, np.nan).tobytes()  # the right length, not finite
     stored[b"d1|temp~mean~11"] = b"no such chunk"
+    stored["d1|temp~mean~²".encode()] = b"a digit int() refuses"
+    stored[b"d1|temp~mean~-1"] = b"no such chunk either"
     fresh = KindDetectors(S, HOURLY, snapshot_every=1)
     fresh.restore(0, stored)
-    assert fresh.refused == 2
+    assert fresh.refused == 4
     row = fresh._rows[0]["d1|temp"]
     assert fresh._steps[row] == 0 and not fresh.bank.rows([row]).any()
     assert fresh._steps[row + 1] > 0  # the entity's other signals are restored
@@ -786,3 +790,30 @@ def test_a_sparse_poll_steps_in_rounds_per_entity_not_per_window(
     assert {a.entity for a in found_apart} == {"d1|temp"}  # the spike, in both partitions
     assert seen(apart, found_apart) == seen(together, found_together)
     assert len(calls) <= 2 * 130  # a round per step of a device (sensors: two calls a round)
+
+
+_NAMES = st.one_of(
+    st.binary(max_size=24),
+    st.builds(
+        lambda e, s, c: f"{e}~{s}{c}".encode(),
+        st.sampled_from(["d1|temp", "", "~", "d2|temp~x"]),
+        st.sampled_from(["mean", "max", "flat", "median", ""]),
+        st.one_of(
+            st.just(""),
+            # digits of every kind: int() takes some that str.isdigit() calls digits, not all
+            st.text(st.characters(categories=("Nd", "No")), max_size=2).map(lambda t: f"~{t}"),
+            st.text(max_size=3).map(lambda t: f"~{t}"),
+        ),
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_NAMES, st.binary(max_size=300), max_size=12))
+def test_any_stored_detector_hash_restores_without_raising(stored: dict[bytes, bytes]) -> None:
+    """Whatever the partition's detector hash holds (names and bytes another writer left),
+    a restore refuses what it cannot load and the detectors step on."""
+    det = KindDetectors(S, keys.WINDOW_10S)
+    det.restore(0, stored)
+    found = det.detect(0, windows_of([1.0, 2.0]))
+    assert REPLAY_FIELD in found.fields
