@@ -345,10 +345,10 @@ class KindDetectors:
                 "profile chunk", bad.size, partition,
             )  # fmt: skip
             self._reset(bad)  # the row starts afresh, as if its state had not decoded
-        loaded = np.zeros(len(self._held), np.int64)
-        np.bitwise_or.at(loaded, rows[on_head][ok], np.left_shift(1, which[on_head][ok]))
+        applied = np.zeros(len(self._held), np.int64)
+        np.bitwise_or.at(applied, rows[on_head][ok], np.left_shift(1, which[on_head][ok]))
         touched = np.unique(rows)
-        self.bank.mark_dirty(touched, self._held[touched] & ~loaded[touched])
+        self.bank.mark_dirty(touched, self._held[touched] & ~applied[touched])
 
     def drop(self, partition: int) -> None:
         """Forget a partition's detectors (restored from the store when next needed)."""

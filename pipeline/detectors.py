@@ -784,17 +784,7 @@ class DetectorBank:
         little-endian float64. A row whose kNN history, distances and time-of-week correction
         are zero (one stepped without context) is written compact, without them: 1.2 KB, not
         4.7 KB."""
-        states = self.rows(rows)
-        compact = ~states[:, _OMITTED].any(axis=1)
-        out: list[bytes] = [b""] * len(states)
-        for version, which in ((_VERSION, ~compact), (_COMPACT, compact)):
-            at = np.flatnonzero(which)
-            if at.size:
-                for i, blob in zip(
-                    at.tolist(), rows_bytes(_pack(states[at], version)), strict=True
-                ):
-                    out[i] = blob
-        return out
+        return _snapshots(self.rows(rows), _OMITTED, _VERSION, _COMPACT)
 
     def restore(self, rows: Sequence[int] | IntArray, blobs: Sequence[bytes]) -> None:
         """Load snapshots into ``rows``; raises :class:`SnapshotError` (nothing loaded) if any
@@ -812,14 +802,7 @@ class DetectorBank:
         heads = np.empty((idx.size, STEPPED))
         heads[:, :HIST] = self._scal[:, idx].T
         heads[:, HIST:] = self._hist[idx]
-        compact = ~heads[:, _OMITTED_STEPPED].any(axis=1)
-        out: list[bytes] = [b""] * idx.size
-        for version, which in ((_HEAD, ~compact), (_HEAD_COMPACT, compact)):
-            at = np.flatnonzero(which)
-            if at.size:
-                for i, blob in zip(at.tolist(), rows_bytes(_pack(heads[at], version)), strict=True):
-                    out[i] = blob
-        return out
+        return _snapshots(heads, _OMITTED_STEPPED, _HEAD, _HEAD_COMPACT)
 
     def take_dirty(self, rows: Sequence[int] | IntArray) -> IntArray:
         """Per row, the profile chunks (bit ``c``: chunk ``c``) changed since this was last
@@ -908,6 +891,19 @@ def _valid_chunks(values: FloatArray, bins: int) -> BoolArray:
 def holds_profile(blob: bytes) -> bool:
     """Whether a valid snapshot holds its row's profile (a head does not: its chunks do)."""
     return len(blob) < _HEADER.size or blob[3] not in (_HEAD, _HEAD_COMPACT)
+
+
+def _snapshots(states: FloatArray, omitted: IntArray, version: int, compact: int) -> list[bytes]:
+    """Each row of ``states`` as a snapshot: of version ``compact`` where its ``omitted``
+    columns are all zero, else of ``version``."""
+    small = ~states[:, omitted].any(axis=1)
+    out: list[bytes] = [b""] * len(states)
+    for v, which in ((version, ~small), (compact, small)):
+        at = np.flatnonzero(which)
+        if at.size:
+            for i, blob in zip(at.tolist(), rows_bytes(_pack(states[at], v)), strict=True):
+                out[i] = blob
+    return out
 
 
 def _pack(states: FloatArray, version: int) -> npt.NDArray[np.uint8]:
