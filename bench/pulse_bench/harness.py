@@ -200,11 +200,7 @@ def drain_rate(samples: Sequence[tuple[float, int]]) -> Metrics:
     starts at the sample before it instead: a rate over at most one poll interval too many, not
     a failed case.
     """
-    start = next((i for i, (_, n) in enumerate(samples) if n > 0), None)
-    if start is None:
-        raise ValueError("no progress in the samples")
-    if start == len(samples) - 1 and start > 0:
-        start -= 1
+    start = _measured_from(samples)
     t0, n0 = samples[start]
     t1, n1 = samples[-1]
     if t1 <= t0 or n1 <= n0:
@@ -221,6 +217,34 @@ def drain_rate(samples: Sequence[tuple[float, int]]) -> Metrics:
         "median_1s_per_s": float(np.median(per_s)) if per_s else (n1 - n0) / (t1 - t0),
         "measured_events": int(n1 - n0),
         "measured_s": t1 - t0,
+    }
+
+
+def _measured_from(samples: Sequence[tuple[float, int]]) -> int:
+    """The sample a drain's measured interval starts at (see :func:`drain_rate`)."""
+    start = next((i for i, (_, n) in enumerate(samples) if n > 0), None)
+    if start is None:
+        raise ValueError("no progress in the samples")
+    if start == len(samples) - 1 and start > 0:
+        start -= 1
+    return start
+
+
+def drain_cpu(samples: Sequence[tuple[float, int]], cpu: Sequence[float]) -> Metrics:
+    """The workers' CPU over a drain's measured interval (:func:`drain_rate`'s), from
+    ``cpu[i]``, their CPU seconds at ``samples[i]``: per measured event, and as a share of the
+    interval (``worker_busy``; 1.0 is one core all the time). A drain's rate moves with what
+    else the machine runs; its CPU per event much less, so the two side by side tell CPU spent
+    from time waited (for the store, Kafka, or a core)."""
+    if len(cpu) != len(samples):
+        raise ValueError(f"{len(cpu)} CPU readings for {len(samples)} samples")
+    start = _measured_from(samples)
+    (t0, n0), (t1, n1) = samples[start], samples[-1]
+    spent = cpu[-1] - cpu[start]
+    return {
+        "worker_cpu_s_measured": round(spent, 3),
+        "worker_cpu_us_per_measured_event": spent / (n1 - n0) * 1e6 if n1 > n0 else None,
+        "worker_busy": spent / (t1 - t0) if t1 > t0 else None,
     }
 
 

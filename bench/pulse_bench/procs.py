@@ -166,9 +166,11 @@ def read_progress(r: redis.Redis, partitions: int) -> Progress:
 
 @dataclass
 class Drain:
-    """Samples of a drain, until the store applied every record."""
+    """Samples of a drain, until the store applied every record: ``(time, records applied)``
+    and, at the same moments, the CPU seconds the workers had used in all."""
 
     samples: list[tuple[float, int]] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     polls: int = 0
     final: Progress | None = None
 
@@ -188,6 +190,7 @@ def wait_drained(
             prog = read_progress(r, ctx.kafka.partitions)
             drain.polls += 1
             drain.samples.append((time.monotonic(), prog.applied_records(ends)))
+            drain.cpu.append(_cpu_of(children, drain.cpu[-1] if drain.cpu else 0.0))
             if prog.caught_up(ends):
                 drain.final = prog
                 return drain
@@ -266,6 +269,15 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a live process has used (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_of(children: Sequence[Child], last: float) -> float:
+    """The children's CPU seconds in all, or ``last`` when one cannot be read (it is gone:
+    the drain loop reports that)."""
+    try:
+        return sum(cpu_seconds(c.proc.pid) for c in children)
+    except (OSError, ValueError, IndexError):
+        return last
 
 
 def py_spy() -> str | None:

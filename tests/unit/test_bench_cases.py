@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pulse_bench.cases.freshness import p99_by_second, visibility_latencies
-from pulse_bench.cases.pipeline_case import detection_ratio
+from pulse_bench.cases.pipeline_case import detection_cpu_ratio, detection_ratio
 from pulse_bench.cases.reads import MINUTE_MS, plan_segments
 from pulse_bench.cases.write_cost import per_event
 from pulse_bench.procs import Progress
@@ -43,6 +43,13 @@ def test_detection_ratio_ignores_one_stray_drain_on_either_side() -> None:
     assert detection_ratio([80.0, 82.0, 40.0, 81.0], off) == detection_ratio(on, off)
     assert detection_ratio(on, [100.0, 60.0, 99.0]) == pytest.approx(80.5 / 99.0)
     assert detection_ratio([90.0], [100.0]) == pytest.approx(0.9)
+
+
+def test_detection_cpu_ratio_is_events_per_cpu_second() -> None:
+    # 10 µs per event with detection, 8 without: 0.8 of the events per CPU second
+    assert detection_cpu_ratio([10.0, 10.0, 30.0, 10.0], [8.0, 8.0, 4.0]) == pytest.approx(0.8)
+    assert detection_cpu_ratio([10.0, None], [8.0]) is None
+    assert detection_cpu_ratio([10.0], [0.0]) is None
 
 
 def test_progress_counts_applied_records() -> None:

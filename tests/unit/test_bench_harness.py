@@ -16,6 +16,7 @@ from pulse_bench.harness import (
     build_report,
     check_targets,
     compute_ratios,
+    drain_cpu,
     drain_rate,
     flatten,
     fmt,
@@ -120,6 +121,22 @@ def test_drain_rate_median_ignores_a_pause() -> None:
     rate = drain_rate(pts)
     assert rate["events_per_s"] == pytest.approx(800.0)
     assert rate["median_1s_per_s"] == pytest.approx(1000.0)
+
+
+def test_drain_cpu_covers_the_measured_interval_only() -> None:
+    # start-up burns 1.2 s of CPU before the first record; then 0.9 s of CPU per 1000 records
+    samples = [(0.0, 0), (1.0, 0), (2.0, 1000), (3.0, 2000), (4.0, 3000)]
+    cpu = [0.2, 1.2, 2.1, 3.0, 3.9]
+    got = drain_cpu(samples, cpu)
+    assert got["worker_cpu_s_measured"] == pytest.approx(1.8)
+    assert got["worker_cpu_us_per_measured_event"] == pytest.approx(900.0)
+    assert got["worker_busy"] == pytest.approx(0.9)
+    # the interval is drain_rate's, also when the drain fell between two polls
+    fell = drain_cpu([(0.0, 0), (1.0, 0), (1.5, 2000)], [0.5, 1.0, 1.4])
+    assert fell["worker_cpu_s_measured"] == pytest.approx(0.4)
+    assert fell["worker_busy"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="2 CPU readings for 3 samples"):
+        drain_cpu(samples[:3], cpu[:2])
 
 
 def test_ratios_and_targets_only_for_measured_metrics() -> None:

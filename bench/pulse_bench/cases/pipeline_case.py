@@ -21,6 +21,7 @@ from pulse_bench.harness import (
     BenchError,
     Metrics,
     bench_case,
+    drain_cpu,
     drain_rate,
     ratio,
     target,
@@ -68,6 +69,7 @@ def drain_with_workers(ctx: BenchContext, workers: int, label: str, **extra_env:
     metrics: Metrics = {
         "workers": workers,
         **drain_rate(drain.samples),
+        **drain_cpu(drain.samples, drain.cpu),
         "records": pre.total,
         "applied": {k: dict(v) for k, v in final.totals.items()},
         "worker_cpu_s": round(cpu, 2),
@@ -145,9 +147,13 @@ def run_one_without_detection(ctx: BenchContext) -> Metrics:
     detect: after ``pulse_1w``, ``detection_rounds`` rounds of (off, on). ``detection_on_off``
     is the median "on" rate over the median "off" rate: on this shared machine a single drain's
     rate can move by a fifth, and the median of alternated drains ignores one such drain
-    whichever side it falls on, as well as a drift of the machine's speed."""
-    on = [float(ctx.results["pulse_1w"]["events_per_s"])]
+    whichever side it falls on, as well as a drift of the machine's speed.
+    ``detection_cpu_on_off`` is the same ratio of the worker's CPU per measured event (off over
+    on): what detection costs the worker's own core, apart from time waited."""
+    one = ctx.results["pulse_1w"]
+    on, on_cpu = [float(one["events_per_s"])], [one.get("worker_cpu_us_per_measured_event")]
     off_rates: list[float] = []
+    off_cpu: list[float | None] = []
     first: Metrics | None = None
     for i in range(max(1, ctx.params.detection_rounds)):
         suffix = "" if i == 0 else f"_{i + 1}"
@@ -155,18 +161,32 @@ def run_one_without_detection(ctx: BenchContext) -> Metrics:
         if first is None:
             first = off
         off_rates.append(float(off["events_per_s"]))
-        on.append(float(drain_with_workers(ctx, 1, f"pulse_1w_again{suffix}")["events_per_s"]))
+        off_cpu.append(off["worker_cpu_us_per_measured_event"])
+        again = drain_with_workers(ctx, 1, f"pulse_1w_again{suffix}")
+        on.append(float(again["events_per_s"]))
+        on_cpu.append(again["worker_cpu_us_per_measured_event"])
     assert first is not None
-    # the first "off" drain's own figures, and every drain's rate
+    # the first "off" drain's own figures, and every drain's rate and CPU per event
     first["off_events_per_s"] = off_rates
     first["on_events_per_s"] = on
+    first["off_cpu_us_per_event"] = off_cpu
+    first["on_cpu_us_per_event"] = on_cpu
     first["detection_on_off"] = detection_ratio(on, off_rates)
+    first["detection_cpu_on_off"] = detection_cpu_ratio(on_cpu, off_cpu)
     return first
 
 
 def detection_ratio(on: Sequence[float], off: Sequence[float]) -> float:
     """The median drain rate with detection over the median without."""
     return statistics.median(on) / statistics.median(off)
+
+
+def detection_cpu_ratio(on: Sequence[float | None], off: Sequence[float | None]) -> float | None:
+    """:func:`detection_ratio` of events per worker CPU second, from CPU µs per event (None
+    when a drain's could not be measured)."""
+    if not all(on) or not all(off):
+        return None
+    return detection_ratio([1 / x for x in on if x], [1 / x for x in off if x])
 
 
 ratio("pulse_1w_vs_floor", "cases.pulse_1w.events_per_s", "cases.floor.events_per_s")
