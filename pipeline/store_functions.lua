@@ -447,16 +447,94 @@ local function write(plan, args)
   return offset
 end
 
+local function failure(plan)
+  local msg = type(plan) == 'table' and (plan.err or 'store error') or tostring(plan)
+  return redis.error_reply('ERR pulse_apply: ' .. msg)
+end
+
 local function apply_batch(keys, args)
   local ok, plan = pcall(prepare, keys, args)
   if not ok then
-    local msg = type(plan) == 'table' and (plan.err or 'store error') or tostring(plan)
-    return redis.error_reply('ERR pulse_apply: ' .. msg)
+    return failure(plan)
   end
   if plan.applied then
     return {0, plan.applied}
   end
   return {1, write(plan, args)}
+end
+
+--[[
+pulse_apply_many is pulse_apply for several partitions in one call: a worker's poll on one
+node. The store then reads, runs and fsyncs the poll once: as separate calls, each one ended
+an event-loop turn of its own with an AOF fsync (appendfsync always), and a poll's last
+partition was applied tens of milliseconds after its first.
+
+ARGV[1] is a JSON array with one {keys, arguments} count pair per partition, in order; KEYS
+and ARGV[2..] are the partitions' pulse_apply KEYS and ARGV, one partition after another. A
+key may appear in one partition only. Every partition is checked first, as pulse_apply checks
+its call; then the partitions that passed are written. Returns an array with each partition's
+pulse_apply reply in order: {1, offset}, {0, applied offset}, or the error "ERR pulse_apply:
+<what is wrong>" for a partition that is refused (which writes nothing). A malformed split is
+an error reply "ERR pulse_apply_many: <what is wrong>" for the whole call, which writes nothing.
+--]]
+
+local function split_call(keys, args)
+  local okj, counts = pcall(cjson.decode, args[1] or '')
+  if not okj or not is_array(counts) or #counts == 0 then
+    bad('ARGV[1] must be a non-empty JSON array of {keys, arguments} counts')
+  end
+  local parts, seen = {}, {}
+  local k, a = 1, 2
+  for i, c in ipairs(counts) do
+    if not is_array(c) or #c ~= 2 or not is_int(c[1]) or not is_int(c[2]) or c[1] < 1 or c[2] < 1 then
+      bad('part %d: counts must be {keys >= 1, arguments >= 1}', i)
+    end
+    if k + c[1] - 1 > #keys or a + c[2] - 1 > #args then
+      bad('part %d: needs %d keys and %d arguments, the call has %d and %d left', i, c[1],
+        c[2], #keys - k + 1, #args - a + 1)
+    end
+    local pk, pa = {}, {}
+    for j = 1, c[1] do
+      local name = keys[k + j - 1]
+      if seen[name] and seen[name] ~= i then bad('key %s is in parts %d and %d', name, seen[name], i) end
+      seen[name] = i
+      pk[j] = name
+    end
+    for j = 1, c[2] do
+      pa[j] = args[a + j - 1]
+    end
+    parts[i] = {pk, pa}
+    k, a = k + c[1], a + c[2]
+  end
+  if k ~= #keys + 1 or a ~= #args + 1 then
+    bad('the counts account for %d keys and %d arguments, the call has %d and %d', k - 1, a - 1,
+      #keys, #args)
+  end
+  return parts
+end
+
+local function apply_many(keys, args)
+  local ok, parts = pcall(split_call, keys, args)
+  if not ok then
+    local msg = type(parts) == 'table' and (parts.err or 'store error') or tostring(parts)
+    return redis.error_reply('ERR pulse_apply_many: ' .. msg)
+  end
+  local plans = {}
+  for i, part in ipairs(parts) do
+    plans[i] = {pcall(prepare, part[1], part[2])}
+  end
+  local out = {}
+  for i, p in ipairs(plans) do
+    local passed, plan = p[1], p[2]
+    if not passed then
+      out[i] = failure(plan)
+    elseif plan.applied then
+      out[i] = {0, plan.applied}
+    else
+      out[i] = {1, write(plan, parts[i][2])}
+    end
+  end
+  return out
 end
 
 --[[
@@ -638,4 +716,5 @@ local function replace_keys(keys, args)
 end
 
 redis.register_function('pulse_apply', apply_batch)
+redis.register_function('pulse_apply_many', apply_many)
 redis.register_function('pulse_replace', replace_keys)

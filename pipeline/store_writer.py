@@ -1,9 +1,11 @@
 """The worker's one I/O point to the store: atomic, exactly-once, durable batch applies.
 
-Each partition batch becomes one ``FCALL pulse_apply`` (see ``store_functions.lua``) that checks
-the partition's applied offset and writes the batch's absolute values in the same atomic step.
-All the batches of one poll go in one pipeline together with one ``WAITAOF``, so a poll costs
-one round trip, and nothing is acknowledged to Kafka before the store says it is durable.
+Each partition batch is one ``pulse_apply`` (see ``store_functions.lua``) that checks the
+partition's applied offset and writes the batch's absolute values in the same atomic step. All
+the batches of one poll go in one ``FCALL pulse_apply_many``, followed by one ``WAITAOF``, so a
+poll costs one round trip and one AOF fsync (the store fsyncs once per event-loop turn, and
+separate calls each took a turn), and nothing is acknowledged to Kafka before the store says it
+is durable.
 
 ``WAITAOF`` vouches only for the writes of the connection it is sent on, so the writer owns
 exactly one connection (:func:`connect`): the applies and the wait travel on it together, and it
@@ -42,6 +44,7 @@ from schemas.events import EventKind
 from schemas.settings import StoreRole, StoreSettings, store_client
 
 FUNCTION_NAME = "pulse_apply"
+MANY_FUNCTION_NAME = "pulse_apply_many"  # pulse_apply for several partitions (one node)
 # Timeout of the WAITAOF that polls the replica (see StoreWriter._until_durable).
 POLL_MS = 1
 
@@ -375,6 +378,28 @@ class StoreWriter:
         if not self._functions_loaded:
             await self.load_functions()
         pipe = self._client.pipeline(transaction=False)
+        pipe.execute_command("FCALL", MANY_FUNCTION_NAME, *self._many_call(todo, now_ms))
+        self._queue_wait(pipe)
+        t0 = time.perf_counter()
+        # a partition the function refuses must not fail the others' applies
+        results = await pipe.execute(raise_on_error=False)
+        replies = results[0]
+        if isinstance(replies, Exception):  # the whole call failed: so did every apply
+            replies = [replies] * len(todo)
+        outcomes = [_outcome(b, r) for b, r in zip(todo, replies, strict=True)]
+        if self._durability is not Durability.NONE:
+            _checked_wait(results)
+        if any(o.applied for o in outcomes):
+            # the newest local reply covers every earlier write; the wait counts from the oldest
+            first = t0 if self._unconfirmed is None else self._unconfirmed[1]
+            self._unconfirmed = (results[-1], first)
+        return outcomes
+
+    def _many_call(self, todo: list[PartitionBatch], now_ms: int) -> list[Any]:
+        """The arguments of ``FCALL pulse_apply_many`` after its name: the number of keys,
+        every batch's keys, the count pairs, every batch's arguments."""
+        key_lists: list[list[str]] = []
+        arg_lists: list[list[bytes | str]] = []
         for b in todo:
             key_list, args = payload(
                 b,
@@ -383,19 +408,15 @@ class StoreWriter:
                 topic=self._topic_names.get(b.kind, ""),
                 owner=self._owner,
             )
-            pipe.execute_command("FCALL", FUNCTION_NAME, len(key_list), *key_list, *args)
-        self._queue_wait(pipe)
-        t0 = time.perf_counter()
-        # a partition the function refuses must not fail the others' applies
-        results = await pipe.execute(raise_on_error=False)
-        outcomes = [_outcome(b, r) for b, r in zip(todo, results, strict=False)]
-        if self._durability is not Durability.NONE:
-            _checked_wait(results)
-        if any(o.applied for o in outcomes):
-            # the newest local reply covers every earlier write; the wait counts from the oldest
-            first = t0 if self._unconfirmed is None else self._unconfirmed[1]
-            self._unconfirmed = (results[-1], first)
-        return outcomes
+            key_lists.append(key_list)
+            arg_lists.append(args)
+        counts = orjson.dumps([[len(k), len(a)] for k, a in zip(key_lists, arg_lists, strict=True)])
+        return [
+            sum(map(len, key_lists)),
+            *chain.from_iterable(key_lists),
+            counts,
+            *chain.from_iterable(arg_lists),
+        ]
 
     async def durable(self) -> float:
         """Wait until every write sent on this connection meets the durability level.

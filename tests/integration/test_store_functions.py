@@ -49,6 +49,7 @@ from pipeline.stack.testing import RunningStack
 from pipeline.state import WindowState
 from pipeline.store_writer import (
     FUNCTION_NAME,
+    MANY_FUNCTION_NAME,
     ApplyOutcome,
     StoreWriter,
     connect,
@@ -1156,6 +1157,148 @@ def test_a_batch_of_1200_entities_goes_whole(stack: RunningStack, raw: redis.Red
             zip([f.encode() for f in w.fields], w.values, strict=True)
         )
     assert raw.zcard(keys.entities_key(SENSOR, 0, keys.Dim.DEVICE)) == 1200
+
+
+# ----------------------------------------------------------------- a poll in one call
+
+
+def poll_calls(now: int) -> list[Call]:
+    """The calls of one poll of three partitions (two sensor, one applog), nothing applied yet."""
+    t = minute_floor(clock() - 5 * MINUTE)
+    parts = [
+        (SENSOR, 0, sensor_records(0, 30, t)),
+        (SENSOR, 1, sensor_records(0, 25, t + 1_000)),
+        (APPLOG, 0, applog_records(0, 20, t)),
+    ]
+    calls = []
+    for kind, p, records in parts:
+        batch = run_batch(kind, p, records, fresh_state(kind, p), now)
+        calls.append(Call.of(*payload(batch, RETENTION, now, topic="t", owner="w")))
+    return calls
+
+
+def send_many(r: redis.Redis, calls: Sequence[Call], counts: Any = None) -> Any:
+    """One ``FCALL pulse_apply_many`` of ``calls`` (``counts``: the split sent, if not theirs)."""
+    key_list = [k for c in calls for k in c.keys]
+    args = [a for c in calls for a in (orjson.dumps(c.header), *c.args)]
+    split = [[len(c.keys), 1 + len(c.args)] for c in calls] if counts is None else counts
+    text = split if isinstance(split, bytes) else orjson.dumps(split)
+    # redis-py leaves execute_command unannotated
+    return r.execute_command(  # type: ignore[no-untyped-call]
+        "FCALL", MANY_FUNCTION_NAME, len(key_list), *key_list, text, *args
+    )
+
+
+def test_one_call_for_a_poll_writes_what_one_call_per_partition_writes(
+    lib: redis.Redis, raw: redis.Redis
+) -> None:
+    calls = poll_calls(clock())
+    for c in calls:
+        assert c.send(lib) == [1, str(c.header["offset"])]
+    apart = snapshot(raw)
+    raw.flushdb()
+    replies = send_many(lib, calls)
+    assert replies == [[1, str(c.header["offset"])] for c in calls]
+    assert snapshot(raw) == apart
+    # sent again (a lost reply): every partition answers that it holds it, nothing changes
+    assert send_many(lib, calls) == [[0, str(c.header["offset"])] for c in calls]
+    assert snapshot(raw) == apart
+
+
+def test_a_refused_or_stale_partition_leaves_the_others_applied(
+    lib: redis.Redis, raw: redis.Redis
+) -> None:
+    stale, refused, fresh = poll_calls(clock())
+    assert stale.send(lib) == [1, str(stale.header["offset"])]
+    raw.set(refused.key("h", 0), b"not a hash")
+    before = snapshot(raw)
+    replies = send_many(lib, [stale, refused, fresh])
+    assert replies[0] == [0, str(stale.header["offset"])]
+    assert isinstance(replies[1], redis.ResponseError)
+    assert str(replies[1]).startswith("pulse_apply: ") and "holds a string" in str(replies[1])
+    assert replies[2] == [1, str(fresh.header["offset"])]
+    changed = {k for k in set(before) | set(snapshot(raw)) if before.get(k) != snapshot(raw).get(k)}
+    assert changed and all(
+        b"{" + keys.partition_tag(APPLOG, 0).encode() + b"}" in k for k in changed
+    )
+
+
+def test_the_writer_reports_each_partition_of_one_call(
+    stack: RunningStack, lib: redis.Redis, raw: redis.Redis
+) -> None:
+    """Through ``StoreWriter.send``: one outcome per batch, a refused one among applied ones."""
+    now = clock()
+    t = minute_floor(now - 5 * MINUTE)
+    states = {p: fresh_state(SENSOR, p) for p in range(3)}
+    batches = [run_batch(SENSOR, p, sensor_records(0, 12, t), states[p], now) for p in range(3)]
+    raw.set(batches[1].writes[0].key, b"not a hash")
+
+    async def run() -> list[ApplyOutcome]:
+        async with open_writer(stack) as writer:
+            outcomes, _ = await writer.apply(batches, now)
+            return outcomes
+
+    first, refused, last = asyncio.run(run())
+    assert (first.partition, first.applied, first.store_offset) == (0, True, 11)
+    assert (last.partition, last.applied, last.store_offset) == (2, True, 11)
+    assert refused.partition == 1 and not refused.applied
+    assert refused.refused is not None and "holds a string" in refused.refused
+    assert not raw.exists(keys.progress_key(SENSOR, 1))
+
+
+# a split as sent (None: the calls' own, after the function changed them), and the error
+MALFORMED_SPLITS: dict[str, tuple[Callable[[list[Call]], Any], str]] = {
+    "not JSON": (lambda cs: b"[[", "must be a non-empty JSON array"),
+    "an object": (lambda cs: {"a": 1}, "must be a non-empty JSON array"),
+    "empty": (lambda cs: [], "must be a non-empty JSON array"),
+    "a pair of three": (lambda cs: [[len(cs[0].keys), 1 + len(cs[0].args), 1]], "part 1: counts"),
+    "no keys": (lambda cs: [[0, 1 + len(cs[0].args)]], "part 1: counts"),
+    "too few counted": (
+        lambda cs: [[len(c.keys), 1 + len(c.args)] for c in cs[:-1]],
+        "the counts account for",
+    ),
+    "too many keys": (
+        lambda cs: [[len(c.keys) + (i == 2), 1 + len(c.args)] for i, c in enumerate(cs)],
+        "part 3: needs",
+    ),
+    "a key in two parts": (lambda cs: key_in_two_parts(cs), "is in parts 1 and 2"),
+}
+
+
+def key_in_two_parts(calls: list[Call]) -> None:
+    """The second call's first window hash is the first call's (written by both: refused whole,
+    since each part is checked against the store as it was before any part writes)."""
+    calls[1].keys[1] = calls[0].keys[1]
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_SPLITS))
+def test_a_malformed_split_writes_nothing(lib: redis.Redis, raw: redis.Redis, case: str) -> None:
+    calls = poll_calls(clock())
+    make, expected = MALFORMED_SPLITS[case]
+    before = snapshot(raw)
+    with pytest.raises(redis.ResponseError) as err:
+        send_many(lib, calls, counts=make(calls))
+    msg = str(err.value)
+    assert msg.startswith(f"{MANY_FUNCTION_NAME}: ") and expected in msg, msg
+    assert snapshot(raw) == before
+    calls = poll_calls(clock())
+    assert send_many(lib, calls) == [[1, str(c.header["offset"])] for c in calls]
+
+
+def test_a_split_that_shifts_keys_refuses_the_part_it_breaks(
+    lib: redis.Redis, raw: redis.Redis
+) -> None:
+    """Each part is checked as its own call: the second part's progress key counted into the
+    first part is a key the first part's header never names (ignored, as ``pulse_apply``
+    ignores it), and the second part, without it, is refused and writes nothing."""
+    calls = poll_calls(clock())
+    counts = [[len(c.keys) + (i == 0) - (i == 1), 1 + len(c.args)] for i, c in enumerate(calls)]
+    replies = send_many(lib, calls, counts=counts)
+    assert replies[0] == [1, str(calls[0].header["offset"])]
+    assert isinstance(replies[1], redis.ResponseError), replies
+    assert str(replies[1]).startswith("pulse_apply: "), replies
+    assert replies[2] == [1, str(calls[2].header["offset"])]
+    assert not any(raw.exists(k) for k in calls[1].keys)
 
 
 # ----------------------------------------------------------------- entity registries
