@@ -447,20 +447,26 @@ local function write(plan, args)
   return offset
 end
 
-local function failure(plan)
-  local msg = type(plan) == 'table' and (plan.err or 'store error') or tostring(plan)
-  return redis.error_reply('ERR pulse_apply: ' .. msg)
+-- the error reply of function `name` for what a pcall caught (a message, or a store error)
+local function failure(name, err)
+  local msg = type(err) == 'table' and (err.err or 'store error') or tostring(err)
+  return redis.error_reply('ERR ' .. name .. ': ' .. msg)
 end
 
-local function apply_batch(keys, args)
-  local ok, plan = pcall(prepare, keys, args)
-  if not ok then
-    return failure(plan)
+-- a partition's pulse_apply reply, once its call was checked (passed: the pcall's status)
+local function outcome(passed, plan, args)
+  if not passed then
+    return failure('pulse_apply', plan)
   end
   if plan.applied then
     return {0, plan.applied}
   end
   return {1, write(plan, args)}
+end
+
+local function apply_batch(keys, args)
+  local passed, plan = pcall(prepare, keys, args)
+  return outcome(passed, plan, args)
 end
 
 --[[
@@ -516,8 +522,7 @@ end
 local function apply_many(keys, args)
   local ok, parts = pcall(split_call, keys, args)
   if not ok then
-    local msg = type(parts) == 'table' and (parts.err or 'store error') or tostring(parts)
-    return redis.error_reply('ERR pulse_apply_many: ' .. msg)
+    return failure('pulse_apply_many', parts)
   end
   local plans = {}
   for i, part in ipairs(parts) do
@@ -525,14 +530,7 @@ local function apply_many(keys, args)
   end
   local out = {}
   for i, p in ipairs(plans) do
-    local passed, plan = p[1], p[2]
-    if not passed then
-      out[i] = failure(plan)
-    elseif plan.applied then
-      out[i] = {0, plan.applied}
-    else
-      out[i] = {1, write(plan, parts[i][2])}
-    end
+    out[i] = outcome(p[1], p[2], parts[i][2])
   end
   return out
 end
@@ -706,8 +704,7 @@ end
 local function replace_keys(keys, args)
   local ok, plan = pcall(prepare_replace, keys, args)
   if not ok then
-    local msg = type(plan) == 'table' and (plan.err or 'store error') or tostring(plan)
-    return redis.error_reply('ERR pulse_replace: ' .. msg)
+    return failure('pulse_replace', plan)
   end
   if plan.refused then
     return {0, plan.refused}
