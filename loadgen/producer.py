@@ -159,6 +159,8 @@ class KafkaSink:
             await self._producer.stop()
 
 
+#: The largest produce request (aiokafka's default; the broker's G1 regions are sized above it).
+MAX_REQUEST_BYTES = 1024 * 1024
 #: How long a record may wait for the broker (an outage, a leader election) before the run fails.
 DELIVERY_TIMEOUT_MS = 120_000
 #: Pause between attempts to reach a broker that is down or has no leader for a partition yet.
@@ -188,7 +190,7 @@ def make_producer(
         enable_idempotence=True,
         acks="all",
         max_batch_size=256 * 1024,
-        max_request_size=1024 * 1024,
+        max_request_size=MAX_REQUEST_BYTES,
         request_timeout_ms=delivery_timeout_ms,
         retry_backoff_ms=RETRY_BACKOFF_MS,
         **(security or {}),

@@ -44,7 +44,8 @@ class StackSettings(BaseSettings):
     cache_dir: Path = Path.home() / ".cache" / "pulse"  # downloaded Kafka jars, reused across homes
     kafka_version: str = "3.9.1"
     scala_version: str = "2.13"
-    kafka_heap: str = "512m"
+    # the broker's JVM heap (-Xms and -Xmx), in the JVM's notation: 512m, 1g
+    kafka_heap: str = Field(default="512m", pattern=r"^[1-9][0-9]*[kKmMgG]$")
     kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
     # brokers `pulse up` runs (3+: topics replicated 3 times, min.insync.replicas=2), and their
     # controller ports (default: PULSE_KAFKA_CONTROLLER_PORT + 2i)

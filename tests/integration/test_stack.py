@@ -94,6 +94,18 @@ def test_status_reports_every_service_running(stack: RunningStack) -> None:
     assert rows["kafka"].data_dir.joinpath("meta.properties").is_file()
 
 
+def test_the_broker_runs_with_its_jvm_flags(stack: RunningStack) -> None:
+    """The JVM took them (it refuses to start on a flag it does not know)."""
+    from pipeline.stack.kafka import broker_jvm_options
+
+    (row,) = [row for row in stack.stack.status() if row.service == "kafka"]
+    assert row.pid is not None
+    argv = Path(f"/proc/{row.pid}/cmdline").read_bytes().decode().split("\0")
+    heap = stack.stack.stack_settings.kafka_heap
+    assert set(broker_jvm_options(heap)) <= set(argv)
+    assert not [a for a in argv if a.startswith(("-Xmx", "-Xms")) and not a.endswith(heap)]
+
+
 def test_pulse_topics_exist_with_configured_partitions(stack: RunningStack) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 

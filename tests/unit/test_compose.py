@@ -52,6 +52,16 @@ def test_kafka_matches_local_stack() -> None:
         assert p.startswith("127.0.0.1:"), "bind to loopback like the local stack"
 
 
+def test_brokers_run_the_jvm_pulse_up_runs() -> None:
+    from pipeline.stack.kafka import broker_jvm_options
+
+    services = compose()["services"]
+    gc = [f for f in broker_jvm_options("1g") if not f.startswith(("-Xms", "-Xmx"))]
+    for name in ("kafka", "kafka-secure"):
+        flags = services[name]["environment"]["KAFKA_JVM_PERFORMANCE_OPTS"].split()
+        assert set(gc) <= set(flags), name
+
+
 def test_topics_are_created_like_pulse_up() -> None:
     services = compose()["services"]
     script = " ".join(services["topics"]["command"])

@@ -171,3 +171,26 @@ def test_a_home_that_cannot_be_made_is_one_sentence(
     err = capsys.readouterr().err
     assert err.startswith("pulse up: Cannot prepare the stack's files: Not a directory (")
     assert err.count("\n") == 1
+
+
+def _bytes(jvm_size: str) -> int:
+    power: int = 1024 ** ("kmg".index(jvm_size[-1].lower()) + 1)
+    return int(jvm_size[:-1]) * power
+
+
+def test_the_broker_runs_with_a_fixed_heap_and_regions_a_producer_batch_does_not_fill() -> None:
+    from loadgen.producer import MAX_REQUEST_BYTES
+
+    flags = kafka.broker_jvm_options("768m")
+    assert flags[:2] == ["-Xms768m", "-Xmx768m"]  # Kafka's own: no heap resizing under load
+    assert "-XX:+UseG1GC" in flags and "-XX:MaxGCPauseMillis=20" in flags
+    (region,) = [f.split("=")[1] for f in flags if f.startswith("-XX:G1HeapRegionSize=")]
+    # G1 allocates an object of half a region or more as "humongous" (past the occupancy
+    # threshold, a concurrent mark cycle each): the load generator's requests stay below it
+    assert _bytes(region) // 2 > MAX_REQUEST_BYTES
+
+
+@pytest.mark.parametrize("heap", ["lots", "512", "0m", "-1g", "1.5g"])
+def test_a_kafka_heap_the_jvm_cannot_read_is_refused(heap: str) -> None:
+    with pytest.raises(ValueError, match="kafka_heap"):
+        StackSettings(kafka_heap=heap)
