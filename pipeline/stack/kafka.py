@@ -298,8 +298,8 @@ ssl.client.auth=required
 """
 
 
-#: G1's region size for the broker: a produce request (up to 1 MB from Pulse's producers) must stay
-#: below half a region, or G1 allocates it as a "humongous" object (see broker_jvm_options).
+#: G1's region size for the broker: a produce request (the load generator's: 1 MB at most) must
+#: stay below half a region, or G1 allocates it as a "humongous" object (see broker_jvm_options).
 G1_REGION = "4m"
 
 
@@ -310,10 +310,11 @@ def broker_jvm_options(heap: str) -> list[str]:
     The regions are why this is more than Kafka's defaults. Below a 2 GB heap G1 picks 1 MB
     regions, so every request buffer of 512 KB or more (a producer's batches of a few thousand
     records) was a humongous allocation, and past the heap occupancy threshold each one started
-    a concurrent mark cycle. Measured on a 2-core machine at 65 000 events/s: 300 such
-    allocations and 1 s of pauses in 20 s, the broker at 70–95 % of a core for the first
-    seconds of a paced load (20 % after), the worker starved and freshness at p99 600–800 ms
-    over those seconds. With 4 MB regions: no humongous allocation in the run.
+    a concurrent mark cycle. Measured on a 2-core machine (a drain, then a paced load at
+    60 000 events/s): 299 such allocations and 1.06 s of pauses, the broker at 73–95 % of a
+    core for the paced load's first four seconds (15–25 % after), the worker starved, and
+    freshness at p99 795 and 402 ms over the first two. With 4 MB regions: 11–17 humongous
+    allocations in such a run, and no pause over 15 ms in a full ``pulse bench``.
     """
     return [
         f"-Xms{heap}",
