@@ -113,6 +113,9 @@ def test_smoke_run_reports_every_case_consistently(stack: RunningStack, tmp_path
         assert fresh["rate_target"] == rate
         assert fresh["events"] == rate * params["freshness_s"]
         assert 0 < fresh["p50_ms"] <= fresh["p90_ms"] <= fresh["p99_ms"] <= fresh["max_ms"]
+        # every paced record was applied: the worker spent CPU, and both AOFs grew
+        assert fresh["worker_cpu_us_per_event"] > 0 and fresh["store_cpu_us_per_event"] >= 0
+        assert fresh["aof_bytes_per_event"] > 0 and fresh["replica_aof_bytes_per_event"] > 0
 
     reads = cases["reads"]
     names = set(reads["panels"])

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pulse_bench.cases.freshness import p99_by_second, visibility_latencies
+from pulse_bench.cases.freshness import p99_by_second, paced_cost, visibility_latencies
 from pulse_bench.cases.pipeline_case import detection_cpu_ratio, detection_ratio
 from pulse_bench.cases.reads import MINUTE_MS, plan_segments
 from pulse_bench.cases.write_cost import per_event
@@ -20,6 +20,19 @@ def test_visibility_is_the_first_poll_reaching_the_offset() -> None:
     sent, lat = visibility_latencies(sends, {tp: 5}, polls)
     assert lat.tolist() == pytest.approx([0.2, 0.2, 0.4])
     assert sent.tolist() == [10.0, 10.0, 10.5]
+
+
+def test_paced_cost_is_per_event_and_skips_a_rewritten_aof() -> None:
+    store = {"cpu_s": 0.5, "aof_bytes": 40_000, "replica_aof_bytes": 39_000}
+    cost = paced_cost(1_000, 2.0, store)
+    assert cost == {
+        "worker_cpu_us_per_event": 2_000.0,
+        "store_cpu_us_per_event": 500.0,
+        "aof_bytes_per_event": 40.0,
+        "replica_aof_bytes_per_event": 39.0,
+    }
+    rewritten = paced_cost(1_000, 2.0, {"cpu_s": 0.5, "aof_rewritten": True})
+    assert "aof_bytes_per_event" not in rewritten and "replica_aof_bytes_per_event" not in rewritten
 
 
 def test_visibility_skips_records_never_seen() -> None:

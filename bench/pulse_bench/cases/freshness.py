@@ -151,6 +151,8 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
         # stall the producer and the poller mid-run (about 0.1 s each on these machines)
         gc.collect()
         gc.freeze()
+        before = procs.StoreCounters.read(ctx)
+        cpu_before = procs.cpu_seconds(worker.proc.pid)
         poller.start()
         slice_size = max(1, rate // 20)  # 50 ms of traffic, as the load generator paces
         run_sync(
@@ -167,6 +169,8 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
         # thread, which a loaded machine may not have run since)
         if not procs.until(lambda: poller.saw(ends) or not poller.is_alive(), 60.0):
             raise BenchError("the store poller never saw the drained offsets within 60 s")
+        worker_cpu_s = procs.cpu_seconds(worker.proc.pid) - cpu_before
+        store = procs.StoreCounters.read(ctx).delta(before)
     finally:
         gc.unfreeze()
         sys.setswitchinterval(switch)
@@ -192,7 +196,26 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
         "max_ms": float(ms.max()),
         "p99_ms_by_second": [round(v * 1000, 1) for v in p99_by_second(sent_at, lat)],
         "poll_interval_ms": float(np.mean(poll_gaps) * 1000) if poll_gaps.size else 0.0,
+        **paced_cost(len(records), worker_cpu_s, store),
     }
+
+
+def paced_cost(events: int, worker_cpu_s: float, store: Metrics) -> Metrics:
+    """What the paced load cost per event: the worker's CPU and the store's (its CPU counts
+    the poller's reads too), and the AOF bytes on the primary and the replica.
+
+    Beside the drain's figures (``pulse_1w``, ``write_cost``) they show what the pipeline pays
+    for small polls: every poll writes the whole packed value of each (entity, window) it
+    touches, so the store hears of a busy entity once per poll, not once per drain batch.
+    """
+    out: Metrics = {
+        "worker_cpu_us_per_event": worker_cpu_s / events * 1e6,
+        "store_cpu_us_per_event": float(store["cpu_s"]) / events * 1e6,
+    }
+    for key in ("aof_bytes", "replica_aof_bytes"):
+        if key in store:  # absent when the AOF was rewritten meanwhile
+            out[f"{key}_per_event"] = int(store[key]) / events
+    return out
 
 
 def _records(
