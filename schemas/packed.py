@@ -61,6 +61,7 @@ NF_BASE: Final = len(Stat.PACKED)  # the statistics every value starts with
 NF_SENSOR: Final = len(Stat.PACKED_SENSOR)
 NF_APPLOG: Final = len(Stat.PACKED_APPLOG)
 _WIDTHS: Final = (1, 2, 4)
+_PADDED: Final = 64  # sketch bytes up to which encode lays a value out in a fixed-width slot
 _CODE_SPAN: Final = 1 << 24  # sketch codes of finite doubles lie within +-2**18
 _MAX_CODE: Final = (1 << 23) - 1
 
@@ -179,21 +180,36 @@ def encode(table: Table) -> list[bytes]:
     head["base"] = base
     head["stats"] = table.stats
     hsize = head.dtype.itemsize
-    # Every value laid out in one byte buffer (header and statistics, code offsets, counts),
-    # then cut: no per-value numpy call.
-    length = hsize + k * (cw.astype(np.int64) + nw.astype(np.int64))
-    at = np.cumsum(length) - length
-    out = np.empty(int(length.sum()), dtype=np.uint8)
-    out[(at[:, None] + np.arange(hsize)).ravel()] = head.view(np.uint8)
+    # Every value laid out in one byte buffer, then cut: no per-value numpy call. Values whose
+    # sketch fits in _PADDED bytes (most: a device's window spans a few buckets) come first,
+    # one per fixed-width slot, so their headers are copied as one 2-d block; the others
+    # follow end to end, their header bytes scattered one by one.
+    body = k * (cw.astype(np.int64) + nw.astype(np.int64))
+    length = hsize + body
+    small = body <= _PADDED
+    width = hsize + int(body[small].max(initial=0))
+    n_small = int(small.sum())
+    start: I64 = np.empty(rows, dtype=np.int64)
+    start[small] = np.arange(n_small, dtype=np.int64) * width
+    big_len = length[~small]
+    start[~small] = n_small * width + np.cumsum(big_len) - big_len
+    out = np.empty(n_small * width + int(big_len.sum()), dtype=np.uint8)
+    head_bytes = head.view(np.uint8).reshape(rows, hsize)
+    out[: n_small * width].reshape(n_small, width)[:, :hsize] = (
+        head_bytes if n_small == rows else head_bytes[small]
+    )
+    if n_small < rows:
+        big_at = start[~small]
+        out[(big_at[:, None] + np.arange(hsize)).ravel()] = head_bytes[~small].ravel()
     if table.code.size:
         row = table.row
-        pos = np.arange(row.size, dtype=np.int64) - first[row]
+        pos: I64 = np.arange(row.size, dtype=np.int64) - first[row]
         cwb = cw[row].astype(np.int64)
         nwb = nw[row].astype(np.int64)
-        _scatter(out, at[row] + hsize + pos * cwb, cwb, table.code - base[row])
-        _scatter(out, at[row] + hsize + k[row] * cwb + pos * nwb, nwb, table.count)
+        _scatter(out, start[row] + hsize + pos * cwb, cwb, table.code - base[row])
+        _scatter(out, start[row] + hsize + k[row] * cwb + pos * nwb, nwb, table.count)
     buf = out.tobytes()
-    return [buf[a:b] for a, b in zip(at.tolist(), (at + length).tolist(), strict=True)]
+    return [buf[a:b] for a, b in zip(start.tolist(), (start + length).tolist(), strict=True)]
 
 
 def _scatter(out: npt.NDArray[np.uint8], addr: I64, width: I64, values: I64) -> None:

@@ -41,6 +41,44 @@ def test_round_trip(groups: list[list[float]]) -> None:
     assert packed.problems(d) == []
 
 
+def reference_encode(t: packed.Table) -> list[bytes]:
+    """The layout of schemas/packed.py's docstring, value by value."""
+    import struct
+
+    out = []
+    for i in range(t.rows):
+        mine = t.row == i
+        codes, counts = t.code[mine], t.count[mine]
+        base = int(codes[0]) if codes.size else 0
+        cw = packed_width(int(codes[-1]) - base if codes.size else 0)
+        nw = packed_width(int(counts.max()) if counts.size else 0)
+        value = struct.pack("<BBBBi", packed.VERSION, t.nf, cw, nw, base)
+        value += t.stats[i].astype("<f8").tobytes()
+        value += (codes - base).astype(f"<u{cw}").tobytes() + counts.astype(f"<u{nw}").tobytes()
+        out.append(value)
+    return out
+
+
+def packed_width(x: int) -> int:
+    return 1 if x < 2**8 else 2 if x < 2**16 else 4
+
+
+@given(
+    st.lists(
+        st.lists(finite, min_size=1, max_size=120) | st.lists(finite, min_size=1, max_size=3),
+        min_size=1,
+        max_size=30,
+    )
+)
+@settings(max_examples=150, deadline=None, suppress_health_check=NOT_TIMED)
+def test_values_with_short_and_long_sketches_are_laid_out_byte_for_byte(
+    groups: list[list[float]],
+) -> None:
+    # short sketches go in fixed-width slots, long ones end to end: the bytes are the same
+    t = table_of(groups)
+    assert packed.encode(t) == reference_encode(t)
+
+
 def test_applog_values_round_trip_with_their_eleven_statistics() -> None:
     t = table_of([[1.0, 2.0], [3.0]], nf=packed.NF_APPLOG)
     d = packed.decode(packed.encode(t))
