@@ -200,6 +200,11 @@ _TAIL_Q: Final = 10.0**_TAIL_LP
 _SQRT1_2: Final = math.sqrt(0.5)
 
 
+def _independent(short: float) -> FloatArray:
+    """Observations per independent sample of each surprise, as a column."""
+    return np.array([[1.0], [(2.0 - short) / short], [_IND_KNN]])
+
+
 def predictive_z(zu: FloatArray, nu: FloatArray) -> FloatArray:
     """The standard normal quantile of a value ``zu`` standardised by a mean and variance
     estimated from ``nu`` samples: its predictive Student t, ``t = zu·sqrt(ν/(ν+1))`` with ``ν``
@@ -550,34 +555,37 @@ class DetectorBank:
             ring = self._hist[rows, HIST_LEN - RING : HIST_LEN]
             ring[:, :-1] = ring[:, 1:]
             ring[:, -1] = x
-            nc = np.zeros(m)
-        u = np.stack([np.minimum(np.abs(zk), 1e3), np.abs(ewz), np.minimum(nc, 1e3)])
+        # the surprises: one-step, short-run mean and (with context) kNN distance; without
+        # context the kNN surprise neither counts nor learns, and is left out
+        ns = 3 if context else 2
+        parts = [np.minimum(np.abs(zk), 1e3), np.abs(ewz)]
+        if context:
+            parts.append(np.minimum(nc, 1e3))
+        u = np.stack(parts)
         u = np.where(np.isfinite(u), u, 1e3)
-        mu, var = st[MU : MU + 3], st[VAR : VAR + 3]
+        mu, var = st[MU : MU + ns], st[VAR : VAR + ns]
         # samples each surprise's long-run distribution has seen (the kNN one: full history)
-        # (without context, none: the kNN surprise neither counts nor learns)
-        cnt = np.stack(
-            [n0 - _STATS_FROM, n0 - _STATS_FROM, n0 + 1.0 - HIST_LEN if context else -n0 - 1.0],
-        )
+        cnt = np.stack([n0 - _STATS_FROM, n0 - _STATS_FROM, n0 + 1.0 - HIST_LEN][:ns])
         zu = (u - mu) / np.sqrt(np.maximum(var, 1e-12))
         # the long-run mean and variance are estimates from the effective samples seen so
         # far (at most the memory of their weights, 2 / long_rate): the surprise is judged
         # against the predictive Student t of that many degrees of freedom, not a Gaussian,
         # so a young entity (or a strongly autocorrelated surprise) needs more evidence
-        ind = np.array([[1.0], [(2.0 - p.short) / p.short], [_IND_KNN]])
+        ind = _independent(p.short)[:ns]
         nu = np.maximum(np.minimum(cnt, 2.0 / p.long_rate) / ind, 1.0)
         lp_t = log10_tail(predictive_z(zu, nu))
         # a heavier tail than the t's shows in the rate beyond a moderate level (TAIL_Z):
         # the deeper tail probabilities are scaled up by the same factor (never down)
         ne = np.clip(cnt, 0.0, 2.0 / p.long_rate)
-        tail = st[TAIL : TAIL + 3]
+        tail = st[TAIL : TAIL + ns]
         excess = (ne * tail / _TAIL_Q + 1.0 / _TAIL_Q) / (ne + 1.0 / _TAIL_Q)
         lp_u = np.minimum(lp_t + np.log(np.maximum(excess, 1.0)) * _LOG10E, 0.0)
         # a one-step surprise counts once the next observation confirms it on the same side:
         # a lone outlying sample (a glitch, a burst of one count) is left to the range test
         same_side = seen & (zk * st[Z_LAST] > 0)
         lp_spike = np.where(same_side, np.maximum(lp_u[0], st[SPK_LP]), 0.0)
-        lp_knn = np.where(cnt[2] >= _KNN_FROM, lp_u[2], 0.0)
+        # (lp_u and lp_spike are <= 0: without context the kNN test takes no part)
+        lp_knn = np.where(cnt[2] >= _KNN_FROM, lp_u[2], 0.0) if context else lp_u[1]
         lp = np.minimum(np.minimum(lp_spike, lp_u[1]), lp_knn)
         # repeats cluster (a count series sits at 0 for a while): a run is a Markov chain,
         # its first repeat at the entity's repeat rate and each further one at its rate of a
@@ -639,9 +647,9 @@ class DetectorBank:
         ok = (cnt >= 0) & finite
         d = u - mu
         wl = np.maximum(1.0 / (np.maximum(cnt, 0.0) + 1.0), p.long_rate)
-        st[MU : MU + 3] = np.where(ok, mu + wl * d, mu)
-        st[VAR : VAR + 3] = np.where(ok, (1.0 - wl) * (var + wl * d * d), var)
-        st[TAIL : TAIL + 3] = np.where(ok, tail + wl * ((lp_t < _TAIL_LP) - tail), tail)
+        st[MU : MU + ns] = np.where(ok, mu + wl * d, mu)
+        st[VAR : VAR + ns] = np.where(ok, (1.0 - wl) * (var + wl * d * d), var)
+        st[TAIL : TAIL + ns] = np.where(ok, tail + wl * ((lp_t < _TAIL_LP) - tail), tail)
         st[REP] = rep_rate
         # a run of r repeats that ends: r - 1 repeats after a repeat, in r observations after
         # one; the counts keep a memory of about 2 / long_rate observations
