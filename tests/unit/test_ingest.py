@@ -376,3 +376,35 @@ def test_polls_shrink_while_handling_them_would_starve_the_heartbeat() -> None:
     run_for(reader, 40)
     # 8 000 records took 8 s: 2 500 fit in 2.5 s; once cheap, doubled back to the configured
     assert asked[:7] == [8_000, 2_500, 2_500, 2_500, 2_500, 5_000, 8_000], asked[:8]
+
+
+def fetched(key_deserializer: Any, count: int = 5) -> list[Any]:
+    """Records as aiokafka's fetcher hands them on, from one real record batch."""
+    from aiokafka.consumer.fetcher import PartitionRecords
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+    from aiokafka.record.memory_records import MemoryRecords
+
+    builder = DefaultRecordBatchBuilder(
+        magic=2, compression_type=0, is_transactional=0, producer_id=-1, producer_epoch=-1,
+        base_sequence=-1, batch_size=1 << 20,
+    )  # fmt: skip
+    for i in range(count):
+        key = None if i == 2 else f"dev-{i}".encode()
+        builder.append(i, timestamp=None, key=key, value=b'{"i": %d}' % i, headers=[("h", b"x")])
+    batch = MemoryRecords(bytes(builder.build()))
+    return list(PartitionRecords(TP("t", 0), batch, [], 0, key_deserializer, None, True, 0))
+
+
+def test_the_workers_consumer_gets_aiokafkas_own_records_and_others_consumer_records() -> None:
+    from aiokafka.structs import ConsumerRecord
+
+    from pipeline.ingest import bare, bare_records
+
+    assert bare_records()  # the private hook exists in the pinned aiokafka
+    assert bare_records()  # and installs once
+    mine, theirs = fetched(bare), fetched(None)
+    assert all(isinstance(r, ConsumerRecord) for r in theirs)
+    assert not any(isinstance(r, ConsumerRecord) for r in mine)
+    as_read = [(r.offset, r.key, r.value, list(r.headers)) for r in mine]
+    assert as_read == [(r.offset, r.key, r.value, list(r.headers)) for r in theirs]
+    assert [r.key for r in mine][:3] == [b"dev-0", b"dev-1", None]
