@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import numpy.typing as npt
@@ -106,17 +107,17 @@ class OpenRows:
                 index = self._index[ik] = {}
             # one dict per instance: names are looked up by their (cached) string hash, with no
             # key tuple built per entity (that was a fifth of a poll's fold)
-            mine = np.fromiter((index.get(name, -1) for name in names), dtype=np.int64, count=n)
+            mine = np.fromiter(map(index.get, names, repeat(-1)), dtype=np.int64, count=n)
             added: list[int] = []
-            for i in np.flatnonzero(mine < 0).tolist():
-                name = names[i]
-                if name in index:  # a name given twice
-                    mine[i] = index[name]
-                    continue
-                r = self._take(1)[0]
-                index[name] = r
-                mine[i] = r
-                added.append(r)
+            missing = np.flatnonzero(mine < 0).tolist()
+            if missing:
+                # the new names in order of first appearance (a name given twice takes one
+                # row), their rows taken at once: a small poll brings many
+                new_names = [names[i] for i in missing]
+                first = dict.fromkeys(new_names)
+                added = self._take(len(first))
+                index.update(zip(first, added, strict=True))
+                mine[missing] = [index[name] for name in new_names]
             rows[at : at + n] = mine
             fresh.append(added)
             at += n

@@ -200,3 +200,18 @@ def test_a_name_given_twice_in_a_new_instance_gets_one_row() -> None:
     assert len(rows) == 0
     again, _ = rows._rows([(ik, ["c"])])
     assert again.tolist()[0] in got.tolist()  # a freed row is reused
+
+
+def test_new_names_of_a_held_instance_take_rows_in_order_of_first_appearance() -> None:
+    rows = OpenRows(packed.NF_SENSOR)
+    ik = (0, "10s", "device", 0)
+    other = (0, "10s", "device", 10_000)
+    rows._rows([(ik, ["a"]), (other, ["x", "y", "z"])])
+    freed = rows._rows([(other, ["x", "y", "z"])])[0].tolist()
+    rows.release([other])  # three free rows; the last freed is taken first
+    got, fresh = rows._rows([(ik, ["b", "a", "c", "b", "d"])])
+    g = got.tolist()
+    assert g[0] == g[3] and len({g[0], g[1], g[2], g[4]}) == 4
+    # the one row-at-a-time order: b, c, d take the free rows last-freed first, then new ones
+    assert [g[0], g[2], g[4]] == freed[::-1][:3] and fresh == [[g[0], g[2], g[4]]]
+    assert g[1] == rows._rows([(ik, ["a"])])[0].tolist()[0] and len(rows) == 4
