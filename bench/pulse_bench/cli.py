@@ -21,7 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--rate", type=positive_int, help="fixed freshness input rate, events/s (5000)")
     a("--output", type=new_file, help="JSON report file (default: bench-<timestamp>.json)")
     a("--store-db", type=int, default=15, help="store db the bench uses, must be empty (15)")
-    a("--profile-dir", type=out_dir, help="sample the 1-worker drain with py-spy into this dir")
+    a(
+        "--profile-dir",
+        type=out_dir,
+        help="sample the 1-worker drain and the paced runs' worker with py-spy into this dir",
+    )
     a("--list", action="store_true", help="list the cases and exit")
 
 

@@ -14,7 +14,7 @@ class BenchParams:
     events: int  # records preloaded for the drain cases (floor, naive, pulse, quix)
     naive_events: int  # records the naive baseline handles (it is slow)
     rate: int  # input rate of the fixed-rate freshness case, events/s
-    freshness_s: int
+    freshness_s: int  # the measured span of the freshness cases
     devices: int
     services: int
     seed: int = 7
@@ -35,6 +35,9 @@ class BenchParams:
     hnsw_vectors: int = 100_000  # vectors in the similar-anomaly index of the hnsw case
     hnsw_queries: int = 1_000  # queries the hnsw case times (and checks recall on)
     profile_dir: str | None = None
+    # paced load before the freshness cases' measured span (None: the worker's allowed
+    # lateness plus one 10 s window, so that windows close and detectors step while measured)
+    freshness_settle_s: float | None = None
 
     @classmethod
     def create(
@@ -52,6 +55,7 @@ class BenchParams:
                 read_hot_minutes=5, read_hot_rate=100, read_background_per_min=100,
                 read_device_minutes=2, read_repeats=10, drain_timeout_s=90.0,
                 hnsw_vectors=5_000, hnsw_queries=200, detection_rounds=1,
+                freshness_settle_s=0.0,
             )  # fmt: skip
         else:
             base = cls(

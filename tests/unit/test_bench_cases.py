@@ -6,7 +6,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pulse_bench.cases.freshness import p99_by_second, paced_cost, visibility_latencies
+from pulse_bench.cases.freshness import (
+    measured_span,
+    p99_by_second,
+    paced_cost,
+    settle_seconds,
+    visibility_latencies,
+)
 from pulse_bench.cases.pipeline_case import detection_cpu_ratio, detection_ratio
 from pulse_bench.cases.reads import MINUTE_MS, plan_segments
 from pulse_bench.cases.write_cost import per_event
@@ -47,6 +53,19 @@ def test_the_p99_per_second_shows_a_stall() -> None:
     lat[100:110] = 0.9  # a stall in the second second
     assert p99_by_second(sent, lat) == pytest.approx([0.1, 0.9, 0.1])
     assert p99_by_second(np.empty(0), np.empty(0)) == []
+
+
+def test_the_measured_span_starts_after_the_settling_span() -> None:
+    # the default settling: the worker's lateness and one 10 s window (the first paced
+    # window has closed before anything is measured); an explicit one wins, never negative
+    assert settle_seconds(None, 30.0) == 40.0 and settle_seconds(None, 0.0) == 10.0
+    assert settle_seconds(5.0, 30.0) == 5.0 and settle_seconds(-1.0, 30.0) == 0.0
+    sent = np.array([100.0, 120.0, 139.9, 140.0, 141.5, 150.0])
+    lat = np.array([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])
+    s, la = measured_span(sent, lat, 100.0, 40.0)
+    assert s.tolist() == [140.0, 141.5, 150.0] and la.tolist() == [0.1, 0.2, 0.3]
+    s, la = measured_span(sent, lat, 100.0, 0.0)
+    assert s.tolist() == sent.tolist() and la.tolist() == lat.tolist()
 
 
 def test_detection_ratio_ignores_one_stray_drain_on_either_side() -> None:

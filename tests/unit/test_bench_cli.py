@@ -73,7 +73,7 @@ def test_freshness_half_runs_at_half_the_measured_one_worker_rate(
 ) -> None:
     rates: list[int] = []
 
-    def measure(ctx: BenchContext, rate: int) -> Metrics:
+    def measure(ctx: BenchContext, rate: int, label: str) -> Metrics:
         rates.append(rate)
         return {"rate_target": rate}
 

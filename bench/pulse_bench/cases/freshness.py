@@ -8,6 +8,12 @@ in 50 ms slices, and the send time of every record (monotonic clock) is logged p
 offset order. A thread polls the store's applied offsets every ~5 ms; a record is visible from the
 first poll whose applied offset of its partition reaches the record's offset. The producer,
 broker, worker batching, apply and the durability wait are all inside the measured interval.
+
+The paced load first runs for a *settling* span that is not measured: the worker's allowed
+lateness plus one 10 s window (40 s by default). Only then do the paced load's windows close
+(a window closes once the watermark, the newest event time less the lateness, passes its end),
+and from then on every device's 10 s window closes every 10 s and its detectors step: the
+steady state a running pipeline lives in. The measured span (``freshness_s``) follows it.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.settings import WorkerSettings
 from pipeline.stack.kafka import run_sync
 from pulse_bench import procs
 from pulse_bench.harness import (
@@ -33,6 +41,7 @@ from pulse_bench.harness import (
     target,
 )
 from pulse_bench.kafka import SendLog, TopicSet, end_offsets, gen_config, send_all
+from schemas import keys
 
 if TYPE_CHECKING:
     from loadgen.generator import Record
@@ -63,6 +72,22 @@ def visibility_latencies(
     if not lat_l:
         return np.empty(0), np.empty(0)
     return np.concatenate(sent_l), np.concatenate(lat_l)
+
+
+def settle_seconds(params_settle_s: float | None, allowed_lateness_s: float) -> float:
+    """Seconds of paced load before the measured span: ``params_settle_s`` when given, else
+    the worker's allowed lateness plus one 10 s window (the first paced window has closed)."""
+    if params_settle_s is not None:
+        return max(0.0, params_settle_s)
+    return allowed_lateness_s + keys.WINDOW_10S.size_ms / 1000
+
+
+def measured_span(
+    sent: np.ndarray, latency: np.ndarray, first_sent: float, settle_s: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The records handed over ``settle_s`` or more after ``first_sent``: the measured span."""
+    keep = sent >= first_sent + settle_s
+    return sent[keep], latency[keep]
 
 
 def p99_by_second(sent: np.ndarray, latency: np.ndarray) -> list[float]:
@@ -110,7 +135,7 @@ class Poller(threading.Thread):
 )
 def run(ctx: BenchContext) -> Metrics:
     """Freshness at the fixed rate (``--rate``, 5 000 events/s)."""
-    return measure(ctx, ctx.params.rate)
+    return measure(ctx, ctx.params.rate, "freshness")
 
 
 @bench_case(
@@ -123,17 +148,22 @@ def run_half(ctx: BenchContext) -> Metrics:
     """Freshness at half of what one worker drains in this run: the pipeline with headroom."""
     drained = float(ctx.results["pulse_1w"]["events_per_s"])
     rate = max(1, int(drained / 2))
-    return {"pulse_1w_events_per_s": drained, **measure(ctx, rate)}
+    return {"pulse_1w_events_per_s": drained, **measure(ctx, rate, "freshness_half")}
 
 
-def measure(ctx: BenchContext, rate: int) -> Metrics:
-    """Paced load at ``rate`` through a warm worker; p50/p99 production-to-visibility."""
+def measure(ctx: BenchContext, rate: int, label: str) -> Metrics:
+    """Paced load at ``rate`` through a warm worker; p50/p99 production-to-visibility.
+
+    With ``--profile-dir``, the worker is sampled by py-spy over the paced run (not its
+    warm-up) into ``<label>.pyspy.txt``.
+    """
     p = ctx.params
     ctx.flush()
     topics = ctx.topics("fresh")
     env = ctx.env(topics, app_id=f"bench-fresh-{uuid.uuid4().hex[:8]}")
     worker = procs.spawn_worker(ctx, env, "freshness-w1")
     poller = Poller(ctx)
+    profiler: procs.Profiler | None = None
     switch = sys.getswitchinterval()
     # the poller thread must not wait 5 ms for the GIL while the producer runs
     sys.setswitchinterval(0.0005)
@@ -145,7 +175,9 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
             ctx, end_offsets(ctx.kafka.bootstrap, topics, ctx.kafka.partitions), [worker]
         )
         bases = end_offsets(ctx.kafka.bootstrap, topics, ctx.kafka.partitions)
-        records = _records(ctx, topics, rate * p.freshness_s, rate=rate, seed_offset=0)
+        settle_s = settle_seconds(p.freshness_settle_s, WorkerSettings().allowed_lateness_s)
+        settling = int(rate * settle_s)
+        records = _records(ctx, topics, settling + rate * p.freshness_s, rate=rate, seed_offset=0)
         log = SendLog({topics.sensor: "sensor", topics.applog: "applog"})
         # the records and the harness are long-lived: a full collection walking them would
         # stall the producer and the poller mid-run (about 0.1 s each on these machines)
@@ -153,6 +185,9 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
         gc.freeze()
         before = procs.StoreCounters.read(ctx)
         cpu_before = procs.cpu_seconds(worker.proc.pid)
+        if p.profile_dir:
+            output = Path(p.profile_dir) / f"{label}.pyspy.txt"
+            profiler = procs.Profiler.attach(worker.proc.pid, output)
         poller.start()
         slice_size = max(1, rate // 20)  # 50 ms of traffic, as the load generator paces
         run_sync(
@@ -172,6 +207,8 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
         worker_cpu_s = procs.cpu_seconds(worker.proc.pid) - cpu_before
         store = procs.StoreCounters.read(ctx).delta(before)
     finally:
+        if profiler is not None:
+            profiler.stop()
         gc.unfreeze()
         sys.setswitchinterval(switch)
         poller.stop_event.set()
@@ -185,24 +222,32 @@ def measure(ctx: BenchContext, rate: int) -> Metrics:
     sent_at, lat = visibility_latencies(log.times, bases, poller.samples)
     if lat.size != len(records):
         raise BenchError(f"{lat.size} of {len(records)} records seen applied")
+    first_sent = min(ts[0] for ts in log.times.values())
+    sent_at, lat = measured_span(sent_at, lat, first_sent, settle_s)
+    if not lat.size:
+        raise BenchError(f"no record was sent after the {settle_s:g} s settling span")
     ms = lat * 1000
     poll_gaps = np.diff([t for t, _ in poller.samples])
     return {
         "rate_target": rate,
         "rate_achieved": len(records) / send_s,
         "send_s": send_s,
-        "events": len(records),
+        "settle_s": settle_s,
+        "events": int(lat.size),
+        "settle_events": len(records) - int(lat.size),
         **{f"{k}_ms": v for k, v in percentiles(ms, (0.5, 0.9, 0.99)).items()},
         "max_ms": float(ms.max()),
         "p99_ms_by_second": [round(v * 1000, 1) for v in p99_by_second(sent_at, lat)],
         "poll_interval_ms": float(np.mean(poll_gaps) * 1000) if poll_gaps.size else 0.0,
         **paced_cost(len(records), worker_cpu_s, store),
+        **({"profile": str(profiler.output)} if profiler is not None else {}),
     }
 
 
 def paced_cost(events: int, worker_cpu_s: float, store: Metrics) -> Metrics:
     """What the paced load cost per event: the worker's CPU and the store's (its CPU counts
-    the poller's reads too), and the AOF bytes on the primary and the replica.
+    the poller's reads too), and the AOF bytes on the primary and the replica (over the whole
+    paced load, its settling span included).
 
     Beside the drain's figures (``pulse_1w``, ``write_cost``) they show what the pipeline pays
     for small polls: every poll writes the whole packed value of each (entity, window) it
