@@ -74,6 +74,8 @@ class ReaderConfig:
     session_timeout_ms: int
     heartbeat_interval_ms: int
     security: dict[str, Any] = field(default_factory=dict)  # KafkaSettings.client_kwargs()
+    fetch_min_bytes: int = 1  # the broker holds a fetch until this many bytes are there ...
+    fetch_max_wait_ms: int = 500  # ... or this long has passed (Kafka's defaults)
 
 
 def bare(key: bytes | None) -> bytes | None:
@@ -247,6 +249,8 @@ class KafkaBatchReader:
             heartbeat_interval_ms=c.heartbeat_interval_ms,
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=32 * 1024 * 1024,
+            fetch_min_bytes=c.fetch_min_bytes,
+            fetch_max_wait_ms=c.fetch_max_wait_ms,
             **c.security,
         )
 

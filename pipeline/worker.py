@@ -152,6 +152,8 @@ def create_app(
             session_timeout_ms=round(worker.session_timeout_s * 1000),
             heartbeat_interval_ms=round(worker.heartbeat_interval_s * 1000),
             security=kafka.client_kwargs(),
+            fetch_min_bytes=worker.fetch_min_bytes,
+            fetch_max_wait_ms=worker.fetch_max_wait_ms,
         ),
         handle,
         checkpoint.load_progress,

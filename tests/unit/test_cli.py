@@ -28,6 +28,7 @@ def test_a_wrong_setting_of_one_command_does_not_stop_another(
         ("worker", "PULSE_WORKER_ALLOWED_LATENESS_S", "inf", "Input should be a finite number"),
         ("archive", "PULSE_ARCHIVE_HEARTBEAT_INTERVAL_S", "nan", "Input should be a finite"),
         ("worker", "PULSE_WORKER_APP_ID", "", "String should have at least 1 character"),
+        ("worker", "PULSE_WORKER_FETCH_MIN_BYTES", "0", "Input should be greater than or equal"),
         ("status", "PULSE_KAFKA_CONTROLLER_PORTS", "x", "Input should be a valid integer"),
         ("status", "PULSE_KAFKA_BROKERS", "0", "Input should be greater than or equal to 1"),
     ],

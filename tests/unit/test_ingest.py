@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -408,3 +409,23 @@ def test_the_workers_consumer_gets_aiokafkas_own_records_and_others_consumer_rec
     as_read = [(r.offset, r.key, r.value, list(r.headers)) for r in mine]
     assert as_read == [(r.offset, r.key, r.value, list(r.headers)) for r in theirs]
     assert [r.key for r in mine][:3] == [b"dev-0", b"dev-1", None]
+
+
+def test_the_workers_consumer_asks_the_broker_for_the_configured_fetch_size_and_wait() -> None:
+    from pipeline.settings import WorkerSettings
+
+    async def fetch_of(config: ReaderConfig) -> tuple[int, int]:
+        async def unused(*args: Any) -> Any:
+            raise AssertionError("not called")
+
+        consumer = KafkaBatchReader(config, unused, unused, lambda: None, unused)._consumer()
+        await consumer.stop()  # never started: this only closes its client
+        return consumer._fetch_min_bytes, consumer._fetch_max_wait_ms
+
+    config = ReaderConfig("fake:9092", "g", {TOPIC: EventKind.SENSOR}, 10, 0.01, 10_000, 3_000)
+    defaults = WorkerSettings()
+    # Kafka's own defaults: a fetch is answered as soon as anything is there
+    assert (defaults.fetch_min_bytes, defaults.fetch_max_wait_ms) == (1, 500)
+    assert asyncio.run(fetch_of(config)) == (1, 500)
+    lingering = dataclasses.replace(config, fetch_min_bytes=1_000_000, fetch_max_wait_ms=50)
+    assert asyncio.run(fetch_of(lingering)) == (1_000_000, 50)
