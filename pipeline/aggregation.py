@@ -181,15 +181,23 @@ def applog_columns(events: Sequence[AppLogRecord]) -> Columns:
 
 def aggregate(cols: Columns, plan: WindowPlan | None = None) -> list[WindowDelta]:
     """Group a batch by window instance, dimension and entity (every window and dimension of
-    ``cols`` when ``plan`` is None; else only the planned dimensions each window keeps)."""
+    ``cols`` when ``plan`` is None; else only the planned dimensions each window keeps).
+
+    Every (window, dimension) pair is grouped in one pass: each event gets one key per pair
+    (the pairs' key ranges do not overlap), and one stable sort of all the keys gives every
+    group with its events in batch order. A pass costs a fixed number of numpy calls plus
+    the work per key; a pass per pair cost that fixed number once per pair, most of a small
+    poll's aggregation.
+    """
     if len(cols) == 0:
         return []
     if plan is None:
         plan = [(w, tuple(cols.entities)) for w in keys.TUMBLING_WINDOWS]
-    v = cols.values
-    vsq = v * v
-    codes = sketches.bucket_codes(v)
-    out: list[WindowDelta] = []
+    n = len(cols)
+    part = cols.partition if cols.partition is not None else np.zeros(n, dtype=np.int64)
+    pairs: list[_Pair] = []
+    chunks: list[npt.NDArray[np.int64]] = []
+    offset = 0
     for window, dims in plan:
         kept = [d for d in dims if d in cols.entities]
         if not kept:
@@ -198,39 +206,53 @@ def aggregate(cols: Columns, plan: WindowPlan | None = None) -> list[WindowDelta
         # a slot is a (partition, window start): the unit of a delta
         first = int(starts.min())
         span = (int(starts.max()) - first) // window.size_ms + 1
-        part = cols.partition if cols.partition is not None else np.zeros_like(starts)
         uniq_slots, slot_idx = np.unique(
             part * span + (starts - first) // window.size_ms, return_inverse=True
         )
         slot_part = uniq_slots // span if cols.partition is not None else -np.ones_like(uniq_slots)
         slot_start = (uniq_slots % span) * window.size_ms + first
+        slot_idx = slot_idx.ravel()
         for dim in kept:
             ent_codes, names = cols.entities[dim]
-            out.extend(
-                _aggregate_dim(
-                    window, dim, (slot_part, slot_start), slot_idx.ravel(), ent_codes, names,
-                    codes, cols, vsq,
-                )
-            )  # fmt: skip
-    return out
+            pairs.append(_Pair(window, dim, slot_part, slot_start, names, offset))
+            chunks.append(offset + slot_idx * len(names) + ent_codes)
+            offset += uniq_slots.size * len(names)
+    if not pairs:
+        return []
+    return _aggregate_pairs(pairs, np.concatenate(chunks), cols)
 
 
-def _aggregate_dim(
-    window: keys.TumblingWindow,
-    dim: str,
-    slots: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
-    start_idx: npt.NDArray[np.int64],
-    ent_codes: npt.NDArray[np.int64],
-    names: list[str],
-    codes: npt.NDArray[np.int64],
-    cols: Columns,
-    vsq: npt.NDArray[np.float64],
+_ONE_SORT_MAX = 16_384  # keys up to which a pass merges every pair's buckets in one sort
+
+
+@dataclass(frozen=True, slots=True)
+class _Pair:
+    """One (window, dimension) of an aggregation pass: its slots (partition and window start
+    of each), its entities and where its keys begin (``offset + slot * len(names) +
+    entity``)."""
+
+    window: keys.TumblingWindow
+    dim: str
+    slot_part: npt.NDArray[np.int64]
+    slot_start: npt.NDArray[np.int64]
+    names: list[str]
+    offset: int
+
+
+def _aggregate_pairs(
+    pairs: Sequence[_Pair], flat_keys: npt.NDArray[np.int64], cols: Columns
 ) -> list[WindowDelta]:
-    v = cols.values
-    n_names = len(names)
-    # one stable sort gives the groups (as np.unique would) and each group's events in order
-    flat_keys = start_idx * n_names + ent_codes
-    order = np.argsort(flat_keys, kind="stable")
+    """The deltas of every pair: ``flat_keys`` holds each pair's key of every event, one pair
+    after the other (so key ``i`` is event ``i % len(cols)``)."""
+    reps = len(pairs)
+    n = len(cols)
+    v = np.tile(cols.values, reps) if reps > 1 else cols.values
+    # a stable sort gives the groups (as np.unique would) and each group's events in order;
+    # the pairs' key ranges follow one another, so sorting each pair's keys on its own gives
+    # the same order (and costs less than one sort of all of them for a large batch)
+    order = np.concatenate(
+        [np.argsort(flat_keys[i * n : (i + 1) * n], kind="stable") + i * n for i in range(reps)]
+    )
     sorted_keys = flat_keys[order]
     new_group = np.ones(order.size, dtype=np.bool_)
     np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new_group[1:])
@@ -239,50 +261,76 @@ def _aggregate_dim(
     g[order] = np.cumsum(new_group) - 1
     n_groups = group_keys.size
     count = np.bincount(g, minlength=n_groups)
-    first = np.concatenate(([0], np.cumsum(count)[:-1]))
+    first = np.cumsum(count) - count
     v_sorted = v[order]
-    columns = [
-        count.astype(np.float64),
-        np.bincount(g, weights=v, minlength=n_groups),
-        np.bincount(g, weights=vsq, minlength=n_groups),
-        np.minimum.reduceat(v_sorted, first),
-        np.maximum.reduceat(v_sorted, first),
-    ]
-    if cols.status_class is not None and cols.errors is not None:
-        by_class = np.bincount(g * 5 + cols.status_class, minlength=n_groups * 5)
-        columns.extend(by_class.reshape(n_groups, 5).T.astype(np.float64))
-        columns.append(np.bincount(g, weights=cols.errors, minlength=n_groups))
+    status, errors = cols.status_class, cols.errors
+    nf = packed.NF_APPLOG if status is not None and errors is not None else packed.NF_SENSOR
+    stats = np.empty((n_groups, nf), dtype=np.float64)
+    stats[:, packed.COUNT] = count
+    stats[:, packed.SUM] = np.bincount(g, weights=v, minlength=n_groups)
+    stats[:, packed.SUMSQ] = np.bincount(g, weights=v * v, minlength=n_groups)
+    stats[:, packed.MIN] = np.minimum.reduceat(v_sorted, first)
+    stats[:, packed.MAX] = np.maximum.reduceat(v_sorted, first)
+    if status is not None and errors is not None:
+        status, errors = (
+            (np.tile(status, reps), np.tile(errors, reps)) if reps > 1 else (status, errors)
+        )
+        classes = len(keys.Stat.STATUS_CLASSES)
+        by_class = np.bincount(g * classes + status, minlength=n_groups * classes)
+        stats[:, packed.NF_BASE : packed.NF_BASE + classes] = by_class.reshape(n_groups, classes)
+        stats[:, packed.NF_BASE + classes] = np.bincount(g, weights=errors, minlength=n_groups)
     else:
         # the series statistics: each group's readings in batch order (the sort is stable)
         g_sorted = g[order]
         repeats = (g_sorted[1:] == g_sorted[:-1]) & (v_sorted[1:] == v_sorted[:-1])
-        columns.append(np.bincount(g_sorted[1:], weights=repeats, minlength=n_groups))
-        columns.append(v_sorted[first])
-        columns.append(v_sorted[first + count - 1])
-    stats = np.column_stack(columns)
-    group_start = group_keys // n_names
-    group_name = group_keys % n_names
+        stats[:, packed.REPEATS] = np.bincount(g_sorted[1:], weights=repeats, minlength=n_groups)
+        stats[:, packed.FIRST] = v_sorted[first]
+        stats[:, packed.LAST] = v_sorted[first + count - 1]
 
     # Sketch buckets per group: unique (group, code) pairs, sorted by group then code.
-    bucket_row, bucket_code, bucket_count = packed.merge_buckets(
-        g.astype(np.int64), codes, np.ones(g.size, dtype=np.int64)
-    )
-    # Groups are sorted by window start: each start's groups (and buckets) are one slice.
-    bounds = np.flatnonzero(np.diff(group_start)) + 1
-    lo = np.concatenate(([0], bounds))
-    hi = np.concatenate((bounds, [n_groups]))
-    b_lo = np.searchsorted(bucket_row, lo)
-    b_hi = np.searchsorted(bucket_row, hi)
+    # (one call for a small batch; per pair for a large one, where sorting each pair's
+    # buckets on its own costs less: a pair's groups follow the previous pair's)
+    codes = sketches.bucket_codes(cols.values)
+    ones = np.ones(n, dtype=np.int64)
+    if reps == 1 or g.size > _ONE_SORT_MAX:
+        merged = [packed.merge_buckets(g[i * n : (i + 1) * n], codes, ones) for i in range(reps)]
+        bucket_row, bucket_code, bucket_count = (
+            np.concatenate(c) for c in zip(*merged, strict=True)
+        )
+    else:
+        bucket_row, bucket_code, bucket_count = packed.merge_buckets(
+            g, np.tile(codes, reps), np.tile(ones, reps)
+        )
+    # Each pair's groups are one slice of the sorted keys, and within it each slot's are
+    # one slice: a delta per (pair, slot), in the order of the pairs and their slots.
     out: list[WindowDelta] = []
-    for a, b, ba, bb in zip(lo.tolist(), hi.tolist(), b_lo.tolist(), b_hi.tolist(), strict=True):
-        table = packed.Table(
-            stats[a:b], bucket_row[ba:bb] - a, bucket_code[ba:bb], bucket_count[ba:bb]
-        )
-        ents = [names[i] for i in group_name[a:b].tolist()]
-        slot = group_start[a]
-        out.append(
-            WindowDelta(
-                window, dim, int(slots[1][slot]), ents, table, partition=int(slots[0][slot])
+    pair_at = np.searchsorted(group_keys, [p.offset for p in pairs])
+    pair_end = np.append(pair_at[1:], n_groups)
+    for p, a0, a1 in zip(pairs, pair_at.tolist(), pair_end.tolist(), strict=True):
+        if a0 == a1:
+            continue
+        n_names = len(p.names)
+        local = group_keys[a0:a1] - p.offset
+        group_slot = local // n_names
+        group_name = local % n_names
+        bounds = np.flatnonzero(group_slot[1:] != group_slot[:-1]) + 1 + a0
+        lo = np.concatenate(([a0], bounds))
+        hi = np.concatenate((bounds, [a1]))
+        b_lo = np.searchsorted(bucket_row, lo)
+        b_hi = np.searchsorted(bucket_row, hi)
+        names = p.names
+        for a, b, ba, bb in zip(
+            lo.tolist(), hi.tolist(), b_lo.tolist(), b_hi.tolist(), strict=True
+        ):
+            table = packed.Table(
+                stats[a:b], bucket_row[ba:bb] - a, bucket_code[ba:bb], bucket_count[ba:bb]
             )
-        )
+            ents = [names[i] for i in group_name[a - a0 : b - a0].tolist()]
+            slot = int(group_slot[a - a0])
+            out.append(
+                WindowDelta(
+                    p.window, p.dim, int(p.slot_start[slot]), ents, table,
+                    partition=int(p.slot_part[slot]),
+                )
+            )  # fmt: skip
     return out

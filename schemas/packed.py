@@ -216,9 +216,17 @@ def _scatter(out: npt.NDArray[np.uint8], addr: I64, width: I64, values: I64) -> 
     """Write ``values`` as little-endian unsigned integers of ``width`` bytes at ``addr``."""
     for w in _WIDTHS:
         sel = np.flatnonzero(width == w)
-        if sel.size:
-            raw = values[sel].astype(f"<u{w}").view(np.uint8).reshape(-1, w)
-            out[addr[sel][:, None] + np.arange(w)] = raw
+        if not sel.size:
+            continue
+        at = addr[sel]
+        raw = values[sel].astype(f"<u{w}")
+        if w == 1:
+            out[at] = raw
+            continue
+        # a byte plane at a time: a 1-d scatter each (a 2-d index of every byte cost twice that)
+        planes = raw.view(np.uint8).reshape(-1, w)
+        for j in range(w):
+            out[at + j] = planes[:, j]
 
 
 def decode(values: Sequence[bytes], nf: int | None = None) -> Table:
