@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -84,10 +84,8 @@ class OpenRows:
     ) -> tuple[npt.NDArray[np.int64], list[list[int]]]:
         """The row of each (instance, entity), in order, adding the new ones; each group's new
         rows."""
-        total = sum(len(names) for _, names in groups)
-        rows = np.empty(total, dtype=np.int64)
+        rows: list[int] = []
         fresh: list[list[int]] = []
-        at = 0
         for ik, names in groups:
             n = len(names)
             index = self._index.get(ik)
@@ -98,32 +96,31 @@ class OpenRows:
                 index = dict(zip(names, new, strict=True))
                 if len(index) == n:
                     self._index[ik] = index
-                    rows[at : at + n] = new
+                    rows += new
                     fresh.append(new)
-                    at += n
                     continue
                 self._grow(self._size)
                 self._release_rows(new)  # a name given twice: one at a time, below
                 index = self._index[ik] = {}
             # one dict per instance: names are looked up by their (cached) string hash, with no
-            # key tuple built per entity (that was a fifth of a poll's fold)
-            mine = np.fromiter(map(index.get, names, repeat(-1)), dtype=np.int64, count=n)
+            # key tuple built per entity (that was a fifth of a poll's fold); plain lists, as
+            # most of a small poll's groups hold a few names (a numpy call each cost more)
+            mine: list[int | None] = list(map(index.get, names))
             added: list[int] = []
-            missing = np.flatnonzero(mine < 0).tolist()
-            if missing:
+            if None in mine:
                 # the new names in order of first appearance (a name given twice takes one
                 # row), their rows taken at once: a small poll brings many
-                new_names = [names[i] for i in missing]
-                first = dict.fromkeys(new_names)
+                missing = [i for i, row in enumerate(mine) if row is None]
+                first = dict.fromkeys(names[i] for i in missing)
                 added = self._take(len(first))
                 index.update(zip(first, added, strict=True))
-                mine[missing] = [index[name] for name in new_names]
-            rows[at : at + n] = mine
+                for i in missing:
+                    mine[i] = index[names[i]]
+            rows += cast(list[int], mine)  # (no None is left)
             fresh.append(added)
-            at += n
         if any(fresh):
             self._grow(self._size)
-        return rows, fresh
+        return np.fromiter(rows, dtype=np.int64, count=len(rows)), fresh
 
     def _take(self, count: int) -> list[int]:
         """``count`` rows: free ones first (last freed first), then new ones."""
