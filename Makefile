@@ -23,8 +23,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pulse demo
 
+# Integration tests share one local stack and run one at a time; unit tests run on every core.
 test: lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest tests/integration
+	$(BIN)/pytest -n auto tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -35,7 +37,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy tests
 
 unit: $(STAMP)
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest -n auto tests/unit
 
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration
