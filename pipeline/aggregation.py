@@ -183,11 +183,11 @@ def aggregate(cols: Columns, plan: WindowPlan | None = None) -> list[WindowDelta
     """Group a batch by window instance, dimension and entity (every window and dimension of
     ``cols`` when ``plan`` is None; else only the planned dimensions each window keeps).
 
-    Every (window, dimension) pair is grouped in one pass: each event gets one key per pair
-    (the pairs' key ranges do not overlap), and one stable sort of all the keys gives every
-    group with its events in batch order. A pass costs a fixed number of numpy calls plus
-    the work per key; a pass per pair cost that fixed number once per pair, most of a small
-    poll's aggregation.
+    Every (window, dimension) pair is grouped in one pass: each event gets one key per pair,
+    the pairs' key ranges follow one another, and the sorted keys give every group with its
+    events in batch order. A pass costs a fixed number of numpy calls plus the work per key;
+    a pass per pair cost that fixed number once per pair, most of a small poll's
+    aggregation.
     """
     if len(cols) == 0:
         return []
