@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +64,8 @@ F64: TypeAlias = npt.NDArray[np.float64]
 I64: TypeAlias = npt.NDArray[np.int64]
 Names: TypeAlias = npt.NDArray[np.object_]  # entity names (str), one per table row
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 _NO_NAMES: Final[Names] = np.empty(0, dtype=object)
 _NO_ROWS: Final[I64] = np.empty(0, dtype=np.int64)
 
@@ -262,6 +264,8 @@ class PaneCache:
         # merges of several final panes (see :class:`Rollup`), by (kind, dim, starts, parts)
         self._rollups: OrderedDict[tuple[object, ...], Rollup] = OrderedDict()
         self._max_rollups = max_rollups
+        # the names of the open panes' last read, by the same keys (see :class:`NameMemo`)
+        self._names: OrderedDict[tuple[object, ...], NameMemo] = OrderedDict()
         self._watermarks: dict[str, int] = {}
         self._max = max_entries
         self._lock = threading.Lock()
@@ -285,10 +289,7 @@ class PaneCache:
     def put(self, key: PaneCache.Key, pane: Pane) -> None:
         """Remember a final pane."""
         with self._lock:
-            self._panes[key] = pane
-            self._panes.move_to_end(key)
-            while len(self._panes) > self._max:
-                self._panes.popitem(last=False)
+            _put_newest(self._panes, key, pane, self._max)
 
     def rollup(self, key: tuple[object, ...]) -> Rollup | None:
         """The roll-up of final panes under ``key``, if known."""
@@ -301,28 +302,45 @@ class PaneCache:
     def put_rollup(self, key: tuple[object, ...], rollup: Rollup) -> None:
         """Remember a roll-up of final panes."""
         with self._lock:
-            self._rollups[key] = rollup
-            self._rollups.move_to_end(key)
-            while len(self._rollups) > self._max_rollups:
-                self._rollups.popitem(last=False)
+            _put_newest(self._rollups, key, rollup, self._max_rollups)
+
+    def names(self, key: tuple[object, ...]) -> NameMemo | None:
+        """The names read last time from the open panes under ``key``, if known."""
+        with self._lock:
+            return self._names.get(key)
+
+    def put_names(self, key: tuple[object, ...], memo: NameMemo) -> None:
+        """Remember the names of a read of open panes."""
+        with self._lock:
+            _put_newest(self._names, key, memo, self._max_rollups)
 
     def clear(self) -> None:
-        """Forget every pane, roll-up and watermark."""
+        """Forget every pane, roll-up, name memo and watermark."""
         with self._lock:
-            self._panes.clear()
-            self._rollups.clear()
-            self._watermarks.clear()
+            self._forget()
+
+    def _forget(self) -> None:
+        self._panes.clear()
+        self._rollups.clear()
+        self._names.clear()
+        self._watermarks.clear()
 
     def observe(self, kind: str, watermark: int) -> bool:
         """Note a kind's (minimum) watermark; a decrease empties the cache (returns True)."""
         with self._lock:
             reset = watermark < self._watermarks.get(kind, watermark)
             if reset:
-                self._panes.clear()
-                self._rollups.clear()
-                self._watermarks.clear()
+                self._forget()
             self._watermarks[kind] = watermark
             return reset
+
+
+def _put_newest(entries: OrderedDict[_K, _V], key: _K, value: _V, limit: int) -> None:
+    """``entries[key] = value`` as the newest entry, the oldest dropped past ``limit``."""
+    entries[key] = value
+    entries.move_to_end(key)
+    while len(entries) > limit:
+        entries.popitem(last=False)
 
 
 def complete_window_starts(cutoff_ms: int, window: TumblingWindow, count: int) -> list[int]:
@@ -1231,6 +1249,7 @@ def _cached_rollup(req: PaneRequest, cache: PaneCache | None) -> Rollup:
 
 
 _WIDTHS: Final = (1, 2, 4)  # packed bytes per sketch code offset or bucket count
+_WIDTH_OK: Final = np.isin(np.arange(256), _WIDTHS)  # by byte value: one lookup per value
 
 
 class _StatsReader:
@@ -1271,34 +1290,86 @@ class _StatsReader:
         cw, nw = head["cw"].astype(np.int64), head["nw"].astype(np.int64)
         pair = cw + nw
         bad = (head["v"] != packed.VERSION) | (head["nf"] != nf)
-        bad |= ~np.isin(cw, _WIDTHS) | ~np.isin(nw, _WIDTHS)
+        bad |= ~(_WIDTH_OK[head["cw"]] & _WIDTH_OK[head["nw"]])
         bad |= np.where(bad, True, (lens - hsize) % np.where(pair > 0, pair, 1) != 0)
         if bad.any():
             return packed.decode_stats(self.values, nf).stats  # raises, or reads older values
         return np.asarray(head["stats"], dtype=np.float64)
 
 
+@dataclass(frozen=True, slots=True)
+class NameMemo:
+    """The names of each reply of one read of open panes, and their rows over ``base``.
+
+    A hash's fields come back in the same order while it holds the same fields (a value
+    written over keeps its place), so the next read of the same panes over the same roll-up
+    usually gets the same names: comparing two lists costs a tenth of numbering the names
+    again (each fresh name hashed, then looked up).
+    """
+
+    base: Rollup
+    names: tuple[list[bytes], ...]
+    rows: tuple[I64, ...]  # read-only
+    fresh: tuple[bytes, ...]
+
+
 class _Numbering:
     """Row numbers of entity names over one read: a roll-up's rows, then new names in order.
 
     One dict lookup per name read (names are numbered reply by reply, while they are fresh in
-    the CPU's caches), in a copy of the roll-up's own: what one read adds is not kept.
+    the CPU's caches), in a copy of the roll-up's own: what one read adds is not kept. With a
+    ``memo`` of the last read over the same roll-up, a reply whose names equal that read's
+    (same names, same order) takes its rows; from the first that differs on, names are
+    numbered (the replies before it again, to rebuild the numbering up to there).
     """
 
-    def __init__(self, base: Rollup) -> None:
-        self._ids: dict[bytes, int] = base.ids().copy()
+    def __init__(self, base: Rollup, memo: NameMemo | None = None) -> None:
+        self._base = base
+        self._ids: dict[bytes, int] | None = None  # a copy of the roll-up's, once needed
         self.fresh: list[bytes] = []  # names not known before, in order of first appearance
+        self._memo = memo if memo is not None and memo.base is base else None
+        self._names: list[list[bytes]] = []  # each call's names
+        self._rows: list[I64] = []  # and their rows
 
     def snapshot(self) -> dict[bytes, int]:
         """The row of every name so far."""
-        return self._ids.copy()
+        return self._numbered().copy()
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._numbered())
 
-    def rows(self, names: Sequence[bytes]) -> I64:
+    def rows(self, names: list[bytes]) -> I64:
         """The row of each of ``names`` (a name not seen yet gets the next free row)."""
-        ids = self._ids
+        i = len(self._names)
+        self._names.append(names)
+        memo = self._memo
+        if memo is not None and i < len(memo.names) and memo.names[i] == names:
+            at = memo.rows[i]
+        else:
+            self._memo = None
+            at = self._number(names, self._numbered(upto=i))
+        self._rows.append(at)
+        return at
+
+    def finish(self) -> NameMemo:
+        """The read's memo (the one given, when every reply matched it); ``fresh`` is final."""
+        memo = self._memo
+        if memo is not None and len(self._names) == len(memo.names):
+            self.fresh = list(memo.fresh)
+            return memo
+        self._numbered()
+        return NameMemo(self._base, tuple(self._names), tuple(self._rows), tuple(self.fresh))
+
+    def _numbered(self, upto: int | None = None) -> dict[bytes, int]:
+        """The numbering of the first ``upto`` replies (all so far), built when the memo ends."""
+        if self._ids is None or self._memo is not None:
+            self._memo = None
+            self._ids, self.fresh = self._base.ids().copy(), []
+            for names in self._names[: len(self._names) if upto is None else upto]:
+                self._number(names, self._ids)
+        return self._ids
+
+    def _number(self, names: list[bytes], ids: dict[bytes, int]) -> I64:
         at = np.fromiter(map(ids.get, names, repeat(-1)), dtype=np.int64, count=len(names))
         miss = np.flatnonzero(at < 0)
         if miss.size:
@@ -1308,6 +1379,7 @@ class _Numbering:
             ids.update(zip(fresh, range(n, n + len(fresh)), strict=True))
             self.fresh += fresh
             at[miss] = np.fromiter(map(ids.__getitem__, missing), np.int64, count=len(missing))
+        at.flags.writeable = False  # kept in a memo, shared between sessions
         return at
 
 
@@ -1319,11 +1391,13 @@ def _hop_stats(r: redis.Redis, req: PaneRequest, cache: PaneCache | None) -> _Ho
     new roll-up (the partitions' watermarks are read in the same pipeline). Each reply's names
     are numbered and its values set aside as it arrives, while the store sends the next; then
     every value read is decoded at once, the roll-ups grow once by the new names and merge the
-    panes read in one call each.
+    panes read in one call each. The names of a read of open panes are kept in the cache for
+    the next read of them (see :class:`NameMemo`).
     """
     nf = NF[req.kind]
     base = _cached_rollup(req, cache)
     todo = req.starts[len(base.starts) :] if req.parts else ()
+    memo_key = ("names", *_rollup_key(req, todo))
     watch = req.parts if cache is not None else ()
     commands = [_resp(b"HGET", keys.progress_key(req.kind, p), Progress.WATERMARK) for p in watch]
     commands += [
@@ -1331,7 +1405,7 @@ def _hop_stats(r: redis.Redis, req: PaneRequest, cache: PaneCache | None) -> _Ho
         for s in todo
         for p in req.parts
     ]
-    numbering = _Numbering(base)
+    numbering = _Numbering(base, cache.names(memo_key) if cache is not None else None)
     reader = _StatsReader(nf)
     rows: list[I64] = []  # entity of each value read
     sizes: list[int] = []  # values per pane read
@@ -1365,6 +1439,9 @@ def _hop_stats(r: redis.Redis, req: PaneRequest, cache: PaneCache | None) -> _Ho
                 final_ids = numbering.snapshot()
     finally:
         replies.close()  # unread replies (an error above) drop the connection
+    memo = numbering.finish()
+    if cache is not None and not n_final and todo:
+        cache.put_names(memo_key, memo)  # the next read of the same open panes
     stats = reader.stats()
     at = _stack(rows)
     bounds = np.cumsum([0, *sizes]).tolist()

@@ -101,6 +101,61 @@ def test_numbering_keeps_known_rows_and_numbers_new_names_in_order() -> None:
     assert base.ids() == {b"a|x": 0, b"b|x": 1}  # the roll-up's own is not changed
 
 
+def _number_all(
+    base: queries.Rollup, calls: Sequence[list[bytes]], memo: queries.NameMemo | None = None
+) -> tuple[list[list[int]], dict[bytes, int], list[bytes], queries.NameMemo]:
+    numbering = queries._Numbering(base, memo)
+    rows = [numbering.rows(names).tolist() for names in calls]
+    snapshot = numbering.snapshot()
+    done = numbering.finish()
+    return rows, snapshot, numbering.fresh, done
+
+
+def test_numbering_takes_the_rows_of_a_memo_while_the_names_match() -> None:
+    base = queries.Rollup.empty(NF).extended(np.asarray([b"a|x", b"b|x"], dtype=object))
+    calls = [[b"b|x", b"c|y", b"a|x"], [b"d|z", b"c|y"], []]
+    rows, ids, fresh, memo = _number_all(base, calls)
+    assert rows == [[1, 2, 0], [3, 2], []] and fresh == [b"c|y", b"d|z"]
+    assert ids == {b"a|x": 0, b"b|x": 1, b"c|y": 2, b"d|z": 3}
+    again = queries._Numbering(base, memo)
+    assert [again.rows(list(names)).tolist() for names in calls] == rows
+    assert again.finish() is memo and again.fresh == fresh  # nothing numbered again
+    with pytest.raises(ValueError):
+        memo.rows[0][0] = 7  # shared between sessions through the cache: read-only
+    # a memo over another roll-up (even an equal one) is not used
+    other = queries.Rollup.empty(NF).extended(np.asarray([b"a|x", b"b|x"], dtype=object))
+    assert _number_all(other, calls, memo)[3] is not memo
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_numbering_with_any_memo_equals_numbering_afresh(seed: int) -> None:
+    """Replies that match the memo, then one that does not (or fewer, or more replies): the
+    rows, the numbering mid-read and the new names are those of a read without a memo."""
+    rng = np.random.default_rng(seed)
+    pool = [f"s{i}|m{i % 3}".encode() for i in range(12)]
+    base = queries.Rollup.empty(NF).extended(np.asarray(pool[:4], dtype=object))
+
+    def calls() -> list[list[bytes]]:
+        return [
+            [pool[i] for i in rng.choice(12, int(rng.integers(0, 7)), replace=False)]
+            for _ in range(int(rng.integers(1, 5)))
+        ]
+
+    first = calls()
+    memo = _number_all(base, first)[3]
+    later = [list(c) for c in first[: int(rng.integers(0, len(first) + 1))]] + calls()
+    if rng.random() < 0.3:
+        later = [list(c) for c in first]  # all the same
+    want = _number_all(base, later)
+    got = _number_all(base, later, memo)
+    assert got[:3] == want[:3]
+    for k in range(len(later) + 1):  # the numbering part way, as a read takes it
+        with_memo, afresh = queries._Numbering(base, memo), queries._Numbering(base)
+        for names in later[:k]:
+            assert with_memo.rows(names).tolist() == afresh.rows(names).tolist()
+        assert with_memo.snapshot() == afresh.snapshot() and len(with_memo) == len(afresh)
+
+
 @pytest.mark.parametrize(
     "names",
     [
@@ -175,11 +230,13 @@ class FakeStore:
     def __init__(self) -> None:
         self.hashes: dict[bytes, dict[bytes, bytes]] = {}
         self.sent: list[list[bytes]] = []  # commands of each pipeline
+        self.values: dict[tuple[int, int, bytes], list[float]] = {}  # of each packed value
 
     def put(self, part: int, start: int, entity: str, values: Sequence[float]) -> None:
         (value,) = packed.encode(table_of([values]))
         key = keys.window_key(EventKind.SENSOR, part, keys.WINDOW_1M, keys.Dim.SITE, start)
         self.hashes.setdefault(key.encode(), {})[entity.encode()] = value
+        self.values[(part, start, entity.encode())] = list(values)
 
     def watermark(self, part: int, mark: int) -> None:
         key = keys.progress_key(EventKind.SENSOR, part).encode()
@@ -281,6 +338,50 @@ def test_site_metrics_first_and_later_refreshes_equal_the_raw_values(fake: FakeS
     read = [k for cmds in fake.sent for k in cmds if k == b"HGETALL"]
     assert len(read) == 2 * 3  # two open panes x three partitions
     pd.testing.assert_frame_equal(again.rows, queries.read_site_metrics(r, topo, NOW, view).rows)
+
+
+def test_site_metrics_refreshes_reuse_the_names_of_unchanged_open_panes(fake: FakeStore) -> None:
+    """New values under the same names: the numbering of the last read is reused, and every
+    number is still exact; a new name in an open pane ends the reuse from its reply on."""
+    rng = np.random.default_rng(23)
+    raw = _fill(fake, rng, STARTS)
+    for part in range(3):
+        fake.watermark(part, STARTS[3])
+    topo, view, r = queries.Topology.of(3), queries.SiteView(limit=10), redis.Redis()
+    cache = queries.PaneCache()
+    key = ("names", "sensor", "1m", "site", tuple(STARTS[3:]), (0, 1, 2))
+    _check(queries.read_site_metrics(r, topo, NOW, view, cache=cache), raw, 10)
+    assert cache.names(key) is None  # panes found final: the next read is over a new roll-up
+    _check(queries.read_site_metrics(r, topo, NOW, view, cache=cache), raw, 10)
+    memo = cache.names(key)
+    assert memo is not None and len(memo.names) == 2 * 3
+    # the open panes' values change in place (same names, same order)
+    for part, start in [(1, STARTS[3]), (2, STARTS[4])]:
+        entity = next(iter(fake.hashes[_site_key(part, start)])).decode()
+        fake.put(part, start, entity, [99.5, 100.5])
+    raw = _raw_of(fake, STARTS)
+    _check(queries.read_site_metrics(r, topo, NOW, view, cache=cache), raw, 10)
+    assert cache.names(key) is memo  # every reply matched: nothing numbered again
+    fake.put(2, STARTS[4], "zz|new", [1.0, 2.0, 3.0])
+    _check(queries.read_site_metrics(r, topo, NOW, view, cache=cache), _raw_of(fake, STARTS), 10)
+    changed = cache.names(key)
+    assert changed is not None and changed is not memo
+    assert changed.fresh[-1] == b"zz|new"
+
+
+def _raw_of(fake: FakeStore, starts: Sequence[int]) -> dict[tuple[str, str], list[float]]:
+    """Each site x metric's values in ``starts``, as the fake store holds them now."""
+    raw: dict[tuple[str, str], list[float]] = {}
+    for part in range(3):
+        for s in starts:
+            for name in fake.hashes.get(_site_key(part, s), {}):
+                site, _, metric = name.decode().partition("|")
+                raw.setdefault((site, metric), []).extend(fake.values[(part, s, name)])
+    return raw
+
+
+def _site_key(part: int, start: int) -> bytes:
+    return keys.window_key(EventKind.SENSOR, part, keys.WINDOW_1M, keys.Dim.SITE, start).encode()
 
 
 def test_site_metrics_of_empty_panes(fake: FakeStore) -> None:
