@@ -503,7 +503,9 @@ def execute_raw(r: redis.Redis, commands: Sequence[bytes]) -> list[object]:
 STREAM_CHUNK = 8  # commands a stream sends first (see stream_raw)
 
 
-def stream_raw(r: redis.Redis, commands: Sequence[bytes]) -> Generator[object, None, None]:
+def stream_raw(
+    r: redis.Redis, commands: Sequence[bytes], ahead: int | None = None
+) -> Generator[object, None, None]:
     """:func:`execute_raw`, each reply yielded as it arrives: the caller can work on the first
     replies while the store still produces the others.
 
@@ -512,7 +514,9 @@ def stream_raw(r: redis.Redis, commands: Sequence[bytes]) -> Generator[object, N
     one go, so one big pipeline would keep the first reply back until the store had produced
     the last (a first refresh's 60 large hashes: about 20 ms idle). The first chunk holds
     :data:`STREAM_CHUNK` commands and each next one as many as were sent before it, so many
-    small commands still go out in a few writes.
+    small commands still go out in a few writes. With ``ahead``, the store is kept that many
+    commands ahead of the replies read instead (topped up at each reply): for large replies,
+    where the store produces the next while the caller works on this one, and neither waits.
 
     A failed command raises; the connection is then dropped (its remaining replies unread),
     as it is when the caller stops early, so it is never reused mid-stream.
@@ -527,20 +531,23 @@ def stream_raw(r: redis.Redis, commands: Sequence[bytes]) -> Generator[object, N
     pool = _binary(r).connection_pool
     conn = pool.get_connection()
     done = False
+    n = len(commands)
     sent = newest = 0  # commands sent; where the newest chunk starts
 
-    def send_next() -> None:
+    def send_to(end: int) -> None:
         nonlocal sent, newest
-        part = commands[sent : sent + max(STREAM_CHUNK, sent)]  # chunks double
-        conn.send_packed_command([b"".join(part)])  # type: ignore[no-untyped-call]
-        newest, sent = sent, sent + len(part)
+        conn.send_packed_command([b"".join(commands[sent:end])])  # type: ignore[no-untyped-call]
+        newest, sent = sent, end
 
     try:
-        send_next()
-        for i in range(len(commands)):
+        send_to(min(n, ahead or STREAM_CHUNK))
+        for i in range(n):
             reply = conn.read_response()
-            if i == newest and sent < len(commands):
-                send_next()  # the newest chunk has begun to arrive: queue the next
+            if sent < n:
+                if ahead is not None:
+                    send_to(min(n, i + 1 + ahead))  # one more, as this one is read
+                elif i == newest:
+                    send_to(min(n, sent + max(STREAM_CHUNK, sent)))  # chunks double
             yield reply
         done = True
     finally:
@@ -1248,6 +1255,7 @@ def _cached_rollup(req: PaneRequest, cache: PaneCache | None) -> Rollup:
     return base
 
 
+_HOP_AHEAD: Final = 2  # commands the store is kept ahead of a hopping read (see stream_raw)
 _WIDTHS: Final = (1, 2, 4)  # packed bytes per sketch code offset or bucket count
 _WIDTH_OK: Final = np.isin(np.arange(256), _WIDTHS)  # by byte value: one lookup per value
 
@@ -1411,7 +1419,7 @@ def _hop_stats(r: redis.Redis, req: PaneRequest, cache: PaneCache | None) -> _Ho
     sizes: list[int] = []  # values per pane read
     n_final = 0  # the leading panes read that are final (no event can still reach them)
     final_ids: dict[bytes, int] | None = None  # entities of the base and those panes
-    replies = stream_raw(r, commands)
+    replies = stream_raw(r, commands, ahead=_HOP_AHEAD)
     try:
         lowest: int | None = None
         if cache is not None and watch:

@@ -452,9 +452,9 @@ def test_site_metrics_next_minute_reads_only_the_panes_not_final(
     read: list[bytes] = []
     stream = queries.stream_raw
 
-    def spy(r: redis.Redis, commands: Sequence[bytes]) -> object:
+    def spy(r: redis.Redis, commands: Sequence[bytes], ahead: int | None = None) -> object:
         read.extend(c for c in commands if c.startswith(b"*2\r\n$7\r\nHGETALL"))
-        return stream(r, commands)
+        return stream(r, commands, ahead)
 
     monkeypatch.setattr(queries, "stream_raw", spy)
     got = queries.read_site_metrics(reader, topo, NOW + MIN, view, cache=cache)

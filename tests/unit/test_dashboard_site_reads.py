@@ -254,7 +254,9 @@ class FakeStore:
             return [h.get(f) for f in fields]
         raise AssertionError(f"unexpected command {verb!r}")
 
-    def stream(self, r: object, commands: Sequence[bytes]) -> Generator[object, None, None]:
+    def stream(
+        self, r: object, commands: Sequence[bytes], ahead: int | None = None
+    ) -> Generator[object, None, None]:
         self.sent.append([c.split(b"\r\n")[2] for c in commands])
         for c in commands:
             yield self.reply(c)

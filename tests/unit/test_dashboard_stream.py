@@ -83,6 +83,23 @@ def test_replies_come_in_order_and_each_chunk_is_sent_after_the_first_reply_befo
         assert conn.log[at - 1] == ("read", k)
 
 
+@pytest.mark.parametrize(("n", "ahead"), [(1, 2), (2, 2), (12, 2), (12, 1), (30, 5)])
+def test_with_ahead_the_store_is_kept_that_many_commands_ahead(n: int, ahead: int) -> None:
+    conn = FakeConnection()
+    cmds = _commands(n)
+    got = list(queries.stream_raw(FakeClient(conn), cmds, ahead=ahead))  # type: ignore[arg-type]
+    assert got == cmds
+    sent = 0
+    for at, (what, k) in enumerate(conn.log):
+        if what == "send":
+            sent += k
+            # the first send, then one right after each reply while commands are left
+            assert (at == 0 and k == min(n, ahead)) or (conn.log[at - 1][0] == "read" and k == 1)
+        else:
+            assert sent - k == min(ahead, n - k)  # this reply and the ones queued behind it
+    assert sent == n
+
+
 def test_a_failed_command_drops_the_connection_mid_stream() -> None:
     conn = FakeConnection(fail_at=10)
     client = FakeClient(conn)
