@@ -14,7 +14,13 @@ from pulse_bench.cases.freshness import (
     visibility_latencies,
 )
 from pulse_bench.cases.pipeline_case import detection_cpu_ratio, detection_ratio
-from pulse_bench.cases.reads import MINUTE_MS, plan_segments
+from pulse_bench.cases.reads import (
+    MINUTE_MS,
+    READ_PHASE_MS,
+    SEED_LATENESS_MS,
+    plan_segments,
+    reading_time,
+)
 from pulse_bench.cases.write_cost import per_event
 from pulse_bench.procs import Progress
 
@@ -106,6 +112,14 @@ def test_segments_cover_the_day_once_with_the_right_shapes() -> None:
     # 10 s windows only in the minutes overlapping the last 6 h (the oldest one partly)
     assert sum(s.minutes for s in segs if s.ten_second) == 361
     assert all(s.per_minute == 6000 for s in segs if s.device_dim)
+
+
+@pytest.mark.parametrize("second", [0, 14, 15, 16, 30, 59])
+def test_panels_read_at_a_fixed_phase_with_the_minute_before_still_open(second: int) -> None:
+    now = 1_700_000_040_000 + second * 1000 + 123
+    at = reading_time(now)
+    assert at <= now and now - at < MINUTE_MS and at % MINUTE_MS == READ_PHASE_MS
+    assert at - SEED_LATENESS_MS < at - at % MINUTE_MS  # the watermark is in the minute before
 
 
 def test_write_cost_per_event_subtracts_polls() -> None:
