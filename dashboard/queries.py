@@ -259,13 +259,15 @@ class PaneCache:
 
     Key: TypeAlias = tuple[str, str, str, int, tuple[int, ...], bool]
 
-    def __init__(self, max_entries: int = 2048, max_rollups: int = 16) -> None:
+    def __init__(self, max_entries: int = 2048, max_rollups: int = 16, max_names: int = 4) -> None:
         self._panes: OrderedDict[PaneCache.Key, Pane] = OrderedDict()
         # merges of several final panes (see :class:`Rollup`), by (kind, dim, starts, parts)
         self._rollups: OrderedDict[tuple[object, ...], Rollup] = OrderedDict()
         self._max_rollups = max_rollups
-        # the names of the open panes' last read, by the same keys (see :class:`NameMemo`)
+        # the names of the open panes' last read, by the same keys (see :class:`NameMemo`):
+        # a few, as each holds every name read (about 2 MB for 28 000 site x metric values)
         self._names: OrderedDict[tuple[object, ...], NameMemo] = OrderedDict()
+        self._max_names = max_names
         self._watermarks: dict[str, int] = {}
         self._max = max_entries
         self._lock = threading.Lock()
@@ -312,7 +314,7 @@ class PaneCache:
     def put_names(self, key: tuple[object, ...], memo: NameMemo) -> None:
         """Remember the names of a read of open panes."""
         with self._lock:
-            _put_newest(self._names, key, memo, self._max_rollups)
+            _put_newest(self._names, key, memo, self._max_names)
 
     def clear(self) -> None:
         """Forget every pane, roll-up, name memo and watermark."""

@@ -127,6 +127,18 @@ def test_numbering_takes_the_rows_of_a_memo_while_the_names_match() -> None:
     assert _number_all(other, calls, memo)[3] is not memo
 
 
+def test_the_cache_keeps_the_newest_name_memos_and_forgets_them_on_a_reset() -> None:
+    memo = _number_all(queries.Rollup.empty(NF), [[b"a|x"]])[3]
+    cache = queries.PaneCache(max_names=2)
+    for k in range(3):
+        cache.put_names(("names", k), memo)
+    assert cache.names(("names", 0)) is None and cache.names(("names", 2)) is memo
+    cache.observe("sensor", 100)
+    assert cache.names(("names", 2)) is memo
+    cache.observe("sensor", 99)  # a watermark went back: the store was reset
+    assert cache.names(("names", 2)) is None
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_numbering_with_any_memo_equals_numbering_afresh(seed: int) -> None:
     """Replies that match the memo, then one that does not (or fewer, or more replies): the
