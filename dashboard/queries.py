@@ -1091,8 +1091,13 @@ class Rollup:
 
     @staticmethod
     def empty(nf: int) -> Rollup:
-        """No panes, no entities."""
-        return Rollup((), _NO_NAMES, np.zeros((0, nf)), _NO_NAMES, _NO_NAMES, {}, ((), ()))
+        """No panes, no entities (one instance per ``nf``: a :class:`NameMemo` over it holds)."""
+        if (found := _EMPTY_ROLLUPS.get(nf)) is None:
+            stats = np.zeros((0, nf))
+            stats.flags.writeable = False
+            found = Rollup((), _NO_NAMES, stats, _NO_NAMES, _NO_NAMES, {}, ((), ()))
+            found = _EMPTY_ROLLUPS.setdefault(nf, found)
+        return found
 
     @property
     def rows(self) -> int:
@@ -1193,6 +1198,9 @@ class Rollup:
             self._ids,
             self._choices,
         )
+
+
+_EMPTY_ROLLUPS: dict[int, Rollup] = {}
 
 
 def split_names(names: Names) -> tuple[Names, Names]:

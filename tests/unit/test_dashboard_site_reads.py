@@ -383,6 +383,21 @@ def test_site_metrics_refreshes_reuse_the_names_of_unchanged_open_panes(fake: Fa
     assert changed.fresh[-1] == b"zz|new"
 
 
+def test_site_metrics_reuse_the_names_when_no_pane_is_final(fake: FakeStore) -> None:
+    """Every pane open (no roll-up of final panes): the memo is over the empty roll-up."""
+    raw = _fill(fake, np.random.default_rng(29), STARTS)
+    for part in range(3):
+        fake.watermark(part, STARTS[0] - MIN)
+    topo, view, r = queries.Topology.of(3), queries.SiteView(limit=10), redis.Redis()
+    cache = queries.PaneCache()
+    key = ("names", "sensor", "1m", "site", tuple(STARTS), (0, 1, 2))
+    _check(queries.read_site_metrics(r, topo, NOW, view, cache=cache), raw, 10)
+    memo = cache.names(key)
+    assert memo is not None and memo.base is queries.Rollup.empty(NF)
+    _check(queries.read_site_metrics(r, topo, NOW, view, cache=cache), raw, 10)
+    assert cache.names(key) is memo
+
+
 def _raw_of(fake: FakeStore, starts: Sequence[int]) -> dict[tuple[str, str], list[float]]:
     """Each site x metric's values in ``starts``, as the fake store holds them now."""
     raw: dict[tuple[str, str], list[float]] = {}
