@@ -23,6 +23,10 @@ refuses it) fails the whole poll, and aiokafka would then skip the records of it
 before it. The reader rewinds every partition to the record after the last one it handed on,
 narrows the failure down to one record of one partition, and hands that on as
 :class:`~pipeline.batch.Unreadable`: a dead letter with the client's reason.
+
+Records written by transactional producers are read once their transaction commits, and those
+of aborted transactions are skipped (``read_committed``, as Kafka Streams and Flink read in
+exactly-once mode): the store, the archive and a replay hold the same records.
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pulse.ingest")
 MIN_POLL = 100  # records a poll is never capped below (see KafkaBatchReader._fit)
+# Every reader of the input topics (worker, archive, replay) sees committed records only: a
+# transactional producer's aborted records never happened, and one still open is read once it
+# commits (Kafka serves a read_committed consumer up to the last stable offset).
+READ_COMMITTED = "read_committed"
 
 # kind -> {partition: records in offset order}; resolves once applied
 PollHandler = Callable[[dict[EventKind, dict[int, list[RawRecord]]]], Awaitable[None]]
@@ -245,6 +253,8 @@ class KafkaBatchReader:
             key_deserializer=bare,  # its records are aiokafka's own: see bare_records
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # records of aborted transactions never happened: none is applied or archived
+            isolation_level=READ_COMMITTED,
             session_timeout_ms=c.session_timeout_ms,
             heartbeat_interval_ms=c.heartbeat_interval_ms,
             max_partition_fetch_bytes=4 * 1024 * 1024,
@@ -553,7 +563,7 @@ async def _read_alone(
             return []
         msgs = got.get(tp, [])
         if not msgs:
-            held = consumer.highwater(tp)
+            held = readable_end(consumer, tp)
             if held is not None and held > at and asyncio.get_running_loop().time() < deadline:
                 continue  # the records are there: the fetch after the seek is on its way
             return out  # nothing to read (or it does not come: the next poll retries)
@@ -561,6 +571,17 @@ async def _read_alone(
         if size == max_records or past_bad:  # read fine (or fine again after the bad ones)
             return out
         at = msgs[-1].offset + 1
+
+
+def readable_end(consumer: AIOKafkaConsumer, tp: Any) -> int | None:
+    """The offset after the last record ``consumer`` may read from ``tp`` as last fetched: the
+    last stable offset when it reads committed records only (records of a transaction still
+    open come later), else the high watermark."""
+    lso = consumer.last_stable_offset(tp)
+    if lso is not None and lso >= 0:
+        return int(lso)
+    held = consumer.highwater(tp)
+    return None if held is None else int(held)
 
 
 def unparsable_errors() -> tuple[type[BaseException], ...]:

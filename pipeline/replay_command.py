@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.ingest import read_past_unparsable, unparsable_errors
+from pipeline.ingest import READ_COMMITTED, read_past_unparsable, unparsable_errors
 from pipeline.replay import (
     DETECT_WINDOW,
     FUNCTION_NAME,
@@ -558,6 +558,7 @@ async def read_kafka(
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="none",
+        isolation_level=READ_COMMITTED,  # what the worker read (see pipeline.ingest)
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_bytes=32 * 1024 * 1024,
         **cfg.kafka_security,

@@ -19,7 +19,14 @@ from aiokafka import TopicPartition as TP
 from aiokafka.errors import CorruptRecordException, UnsupportedCodecError
 
 from pipeline.batch import PartitionState, RawRecord, Record, Unreadable
-from pipeline.ingest import IngestError, KafkaBatchReader, ReaderConfig, read_past_unparsable
+from pipeline.ingest import (
+    READ_COMMITTED,
+    IngestError,
+    KafkaBatchReader,
+    ReaderConfig,
+    read_past_unparsable,
+    readable_end,
+)
 from schemas.events import EventKind
 
 TOPIC = "sensor"
@@ -71,6 +78,9 @@ class FakeConsumer:
         self.cold[tp] = self.refetch
 
     def highwater(self, tp: TP) -> int:
+        return self.size
+
+    def last_stable_offset(self, tp: TP) -> int:  # the reader reads committed records only
         return self.size
 
     async def beginning_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
@@ -429,3 +439,57 @@ def test_the_workers_consumer_asks_the_broker_for_the_configured_fetch_size_and_
     assert asyncio.run(fetch_of(config)) == (1, 500)
     lingering = dataclasses.replace(config, fetch_min_bytes=1_000_000, fetch_max_wait_ms=50)
     assert asyncio.run(fetch_of(lingering)) == (1_000_000, 50)
+
+
+class _Bounds:
+    """A consumer's last known bounds of one partition (aiokafka's: None until fetched; its
+    last stable offset -1 when it reads uncommitted records)."""
+
+    def __init__(self, highwater: int | None, lso: int | None) -> None:
+        self._hw, self._lso = highwater, lso
+
+    def highwater(self, tp: TP) -> int | None:
+        return self._hw
+
+    def last_stable_offset(self, tp: TP) -> int | None:
+        return self._lso
+
+
+@pytest.mark.parametrize(
+    ("highwater", "lso", "end"),
+    [
+        (120, 100, 100),  # a transaction open from offset 100: nothing past it is readable yet
+        (120, 120, 120),
+        (120, -1, 120),  # a consumer reading uncommitted records
+        (120, None, 120),  # a broker too old to say
+        (None, None, None),  # nothing fetched yet
+    ],
+)
+def test_the_readable_end_is_the_last_stable_offset_when_there_is_one(
+    highwater: int | None, lso: int | None, end: int | None
+) -> None:
+    consumer: Any = _Bounds(highwater, lso)
+    assert readable_end(consumer, TP(TOPIC, 0)) == end
+
+
+def test_the_reader_reads_committed_records_only() -> None:
+    async def ignore(*args: Any) -> None:
+        return None
+
+    reader = KafkaBatchReader(
+        ReaderConfig(
+            bootstrap="127.0.0.1:9", group_id="g", topics={TOPIC: EventKind.SENSOR},
+            max_records=10, poll_timeout_s=0.01, session_timeout_ms=10_000,
+            heartbeat_interval_ms=3_000,
+        ),
+        ignore, ignore, lambda: None, ignore,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+    async def level() -> Any:  # aiokafka's clients are made inside a running loop
+        consumer = reader._consumer()
+        try:
+            return consumer._isolation_level
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(level()) == READ_COMMITTED == "read_committed"
