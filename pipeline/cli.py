@@ -118,7 +118,26 @@ _SETTINGS_MODULES = ("pipeline.settings", "schemas.settings", "loadgen.settings"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one sentence on stderr and exit status 2."""
+    """argparse, but a usage error is one sentence on stderr and exit status 2, and an unknown
+    option is named before a missing one (``--truht F`` is the typo to fix, not a missing
+    ``--truth``)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        required = [a for a in self._actions if a.required]
+        if required and self._subparsers is None:
+            for action in required:
+                action.required = False
+            try:
+                _, extra = super().parse_known_args(args, argparse.Namespace())
+            finally:
+                for action in required:
+                    action.required = True
+            unknown = [a for a in extra if a.startswith("-")]
+            if unknown:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: {message[0].upper()}{message[1:].rstrip('.')}.\n")

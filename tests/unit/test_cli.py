@@ -168,3 +168,20 @@ def test_an_unknown_flag_without_a_command_is_named(capsys: pytest.CaptureFixtur
         cli.main(["--bogus"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("pulse: Unrecognized arguments: --bogus.\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["verify", "--truht=t.json"], "pulse verify: Unrecognized arguments: --truht=t.json."),
+        (["similar", "--bogus"], "pulse similar: Unrecognized arguments: --bogus."),
+        (["verify"], "pulse verify: The following arguments are required: --truth."),
+    ],
+)
+def test_an_unknown_flag_is_named_before_a_missing_one(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[0] == said
