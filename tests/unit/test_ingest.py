@@ -421,24 +421,25 @@ def test_the_workers_consumer_gets_aiokafkas_own_records_and_others_consumer_rec
     assert [r.key for r in mine][:3] == [b"dev-0", b"dev-1", None]
 
 
-def test_the_workers_consumer_asks_the_broker_for_the_configured_fetch_size_and_wait() -> None:
+def test_the_workers_consumer_asks_for_the_configured_fetch_and_committed_records_only() -> None:
     from pipeline.settings import WorkerSettings
 
-    async def fetch_of(config: ReaderConfig) -> tuple[int, int]:
+    async def fetch_of(config: ReaderConfig) -> tuple[int, int, str]:
         async def unused(*args: Any) -> Any:
             raise AssertionError("not called")
 
         consumer = KafkaBatchReader(config, unused, unused, lambda: None, unused)._consumer()
         await consumer.stop()  # never started: this only closes its client
-        return consumer._fetch_min_bytes, consumer._fetch_max_wait_ms
+        return consumer._fetch_min_bytes, consumer._fetch_max_wait_ms, consumer._isolation_level
 
     config = ReaderConfig("fake:9092", "g", {TOPIC: EventKind.SENSOR}, 10, 0.01, 10_000, 3_000)
     defaults = WorkerSettings()
     # Kafka's own defaults: a fetch is answered as soon as anything is there
     assert (defaults.fetch_min_bytes, defaults.fetch_max_wait_ms) == (1, 500)
-    assert asyncio.run(fetch_of(config)) == (1, 500)
+    # aborted transactions' records are never read (see test_transactions.py)
+    assert asyncio.run(fetch_of(config)) == (1, 500, READ_COMMITTED) == (1, 500, "read_committed")
     lingering = dataclasses.replace(config, fetch_min_bytes=1_000_000, fetch_max_wait_ms=50)
-    assert asyncio.run(fetch_of(lingering)) == (1_000_000, 50)
+    assert asyncio.run(fetch_of(lingering)) == (1_000_000, 50, READ_COMMITTED)
 
 
 class _Bounds:
@@ -470,26 +471,3 @@ def test_the_readable_end_is_the_last_stable_offset_when_there_is_one(
 ) -> None:
     consumer: Any = _Bounds(highwater, lso)
     assert readable_end(consumer, TP(TOPIC, 0)) == end
-
-
-def test_the_reader_reads_committed_records_only() -> None:
-    async def ignore(*args: Any) -> None:
-        return None
-
-    reader = KafkaBatchReader(
-        ReaderConfig(
-            bootstrap="127.0.0.1:9", group_id="g", topics={TOPIC: EventKind.SENSOR},
-            max_records=10, poll_timeout_s=0.01, session_timeout_ms=10_000,
-            heartbeat_interval_ms=3_000,
-        ),
-        ignore, ignore, lambda: None, ignore,  # type: ignore[arg-type]
-    )  # fmt: skip
-
-    async def level() -> Any:  # aiokafka's clients are made inside a running loop
-        consumer = reader._consumer()
-        try:
-            return consumer._isolation_level
-        finally:
-            await consumer.stop()
-
-    assert asyncio.run(level()) == READ_COMMITTED == "read_committed"
