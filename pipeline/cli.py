@@ -122,27 +122,34 @@ class _Parser(argparse.ArgumentParser):
     option is named before a missing one (``--truht F`` is the typo to fix, not a missing
     ``--truth``)."""
 
+    _args: list[str] | None = None
+
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        required = [a for a in self._actions if a.required]
-        if required and self._subparsers is None:
-            for action in required:
-                action.required = False
-            try:
-                _, extra = super().parse_known_args(args, argparse.Namespace())
-            finally:
-                for action in required:
-                    action.required = True
-            unknown = [a for a in extra if a.startswith("-")]
-            if unknown:
-                self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        self._args = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required") and self._args:
+            unknown = self._unknown_options(self._args)
+            if unknown:
+                message = f"unrecognized arguments: {' '.join(unknown)}"
         sys.stderr.write(f"{self.prog}: {message[0].upper()}{message[1:].rstrip('.')}.\n")
         sys.stderr.write(f"Run '{self.prog} --help' for usage.\n")
         raise SystemExit(2)
+
+    def _unknown_options(self, args: list[str]) -> list[str]:
+        """The options in ``args`` this parser does not know (parsed with nothing required)."""
+        required = [a for a in self._actions if a.required]
+        for action in required:
+            action.required = False
+        try:
+            _, extra = super().parse_known_args(args, argparse.Namespace())
+        finally:
+            for action in required:
+                action.required = True
+        return [a for a in extra if a.startswith("-")]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -92,6 +92,7 @@ def test_a_wrong_setting_is_said_by_the_command_that_reads_it(
         # an unknown option is named before a missing one: it is the typo to fix
         (["verify", "--truht=t.json"], "pulse verify: Unrecognized arguments: --truht=t.json."),
         (["similar", "--bogus"], "pulse similar: Unrecognized arguments: --bogus."),
+        (["eval", "--bogus"], "pulse eval: Unrecognized arguments: --bogus."),  # before ACTION
         (["verify"], "pulse verify: The following arguments are required: --truth."),
     ],
 )
