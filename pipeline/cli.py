@@ -189,9 +189,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # option defaults come from PULSE_* settings: a bad one fails here already
         parser = build_parser(only=command)
-        flags = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
-        if not command and flags:  # argparse would only say that a command is required
-            parser.error(f"unrecognized arguments: {' '.join(flags)}")
         args, extra = parser.parse_known_args(argv)
         if extra:  # said by the command's parser: "pulse worker: ...", its own --help
             getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
