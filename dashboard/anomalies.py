@@ -35,6 +35,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import anomaly, keys
 from schemas.anomaly import AnomalyRecord
+from schemas.argtypes import one_line
 from schemas.events import EventKind
 
 if TYPE_CHECKING:
@@ -477,10 +478,6 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
-
-
 def similar_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pulse similar``."""
     from schemas.argtypes import positive_int
@@ -522,7 +519,7 @@ def run_similar(args: argparse.Namespace) -> int:
     try:
         anomaly.parse_anomaly_id(anomaly_id)
     except ValueError as exc:
-        print(f"{name}: {_one_line(exc)}.", file=sys.stderr)
+        print(f"{name}: {one_line(exc)}.", file=sys.stderr)
         return 2
     folder: Path = args.index if args.index is not None else default_index_dir()
     store = StoreSettings()
@@ -531,7 +528,7 @@ def run_similar(args: argparse.Namespace) -> int:
         try:
             target = get(r, anomaly_id)
         except BadRecordError as exc:
-            print(f"{name}: the store's record is unreadable: {_one_line(exc)}.", file=sys.stderr)
+            print(f"{name}: the store's record is unreadable: {one_line(exc)}.", file=sys.stderr)
             return 1
         if target is None:
             print(
@@ -543,7 +540,7 @@ def run_similar(args: argparse.Namespace) -> int:
         try:
             index, changes = load_or_build(folder, source)
         except OSError as exc:
-            print(f"{name}: cannot keep the index in {folder}: {_one_line(exc)}.", file=sys.stderr)
+            print(f"{name}: cannot keep the index in {folder}: {one_line(exc)}.", file=sys.stderr)
             return 1
         try:
             rows = index.similar(anomaly_id, args.k)
@@ -556,7 +553,7 @@ def run_similar(args: argparse.Namespace) -> int:
         found = {rec.id: rec for rec in get_many(r, [i for i, _ in rows]).records}
     except redis_lib.RedisError as exc:
         print(
-            f"{name}: cannot read the store at {store.host}:{store.port}: {_one_line(exc)}.",
+            f"{name}: cannot read the store at {store.host}:{store.port}: {one_line(exc)}.",
             file=sys.stderr,
         )
         return 1
@@ -605,7 +602,7 @@ def run_anomalies(args: argparse.Namespace) -> int:
     except redis_lib.RedisError as exc:
         print(
             f"pulse anomalies: cannot read the store at {store.host}:{store.port}: "
-            f"{_one_line(exc)}.",
+            f"{one_line(exc)}.",
             file=sys.stderr,
         )
         return 1

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from schemas import keys, packed
-from schemas.argtypes import parse_time
+from schemas.argtypes import one_line, parse_time
 from schemas.events import EventKind
 from schemas.keys import Board, Dim
 
@@ -439,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
         top = None if last is None else read_top(r, b, parts, args.window, last, args.n)
     except redis.RedisError as exc:
         print(
-            f"pulse top: cannot read the store at {store.host}:{store.port}: {exc}",
+            f"pulse top: cannot read the store at {store.host}:{store.port}: {one_line(exc)}.",
             file=sys.stderr,
         )
         return 1

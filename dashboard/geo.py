@@ -199,11 +199,11 @@ def status(seen_ms: int, now_ms: int, anomalous: bool = False) -> str:
 def check_point(lat: float, lon: float, km: float) -> None:
     """Refuse a point or radius the geo index cannot search, in one sentence."""
     if not (math.isfinite(lat) and -keys.GEO_MAX_LAT <= lat <= keys.GEO_MAX_LAT):
-        raise ValueError(f"latitude must be within +-{keys.GEO_MAX_LAT} degrees, got {lat:g}")
+        raise ValueError(f"latitude must be within +-{keys.GEO_MAX_LAT} degrees, got {lat:g}.")
     if not (math.isfinite(lon) and -180.0 <= lon <= 180.0):
-        raise ValueError(f"longitude must be within +-180 degrees, got {lon:g}")
+        raise ValueError(f"longitude must be within +-180 degrees, got {lon:g}.")
     if not (math.isfinite(km) and km > 0):
-        raise ValueError(f"radius must be a positive number of km, got {km:g}")
+        raise ValueError(f"radius must be a positive number of km, got {km:g}.")
 
 
 # --------------------------------------------------------------------------- pulse near
@@ -228,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from dashboard.queries import discover
+    from schemas.argtypes import one_line
     from schemas.settings import StoreRole, StoreSettings, store_client
 
     try:
@@ -245,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except redis.RedisError as exc:
         print(
-            f"pulse near: cannot read the store at {store.host}:{store.port}: {exc}",
+            f"pulse near: cannot read the store at {store.host}:{store.port}: {one_line(exc)}.",
             file=sys.stderr,
         )
         return 1

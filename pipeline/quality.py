@@ -23,7 +23,7 @@ from typing import Any
 
 from schemas import anomaly, keys
 from schemas import truth as truth_file
-from schemas.argtypes import non_negative_seconds
+from schemas.argtypes import non_negative_seconds, one_line
 from schemas.events import EventKind
 
 
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
             store_client(StoreSettings(), role=StoreRole.READER), int(partitions)
         )
     except (RedisError, OSError) as exc:
-        print(f"pulse eval anomalies: cannot read the store: {exc}", file=sys.stderr)
+        print(f"pulse eval anomalies: cannot read the store: {one_line(exc)}.", file=sys.stderr)
         return 1
     print(report(score(episodes_of(truth), records, slack_ms, from_ms)))
     if bad:

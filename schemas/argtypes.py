@@ -13,6 +13,12 @@ from typing import Final
 from schemas.idents import IDENT_MAX_LENGTH, IDENT_PATTERN
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's message as the body of one sentence: on one line, without a closing full
+    stop (the caller adds it)."""
+    return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+
+
 def non_negative_int(text: str) -> int:
     """A whole number >= 0."""
     value = _int(text)

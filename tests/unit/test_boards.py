@@ -335,6 +335,7 @@ def test_an_unreachable_store_is_one_sentence(
     assert (
         err.startswith("pulse top: cannot read the store at 127.0.0.1:1") and err.count("\n") == 1
     )
+    assert err.endswith(".\n") and not err.endswith("..\n")
 
 
 @pytest.fixture

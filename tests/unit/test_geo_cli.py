@@ -22,7 +22,8 @@ def test_a_bad_point_or_radius_is_one_sentence(
 ) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("pulse near: ") and says in err and err.count("\n") == 1
+    assert err.startswith("pulse near: ") and says in err and err.endswith(".\n")
+    assert err.count("\n") == 1
 
 
 def test_a_missing_radius_is_an_argument_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,3 +42,4 @@ def test_an_unreachable_store_is_one_sentence(
     assert (
         err.startswith("pulse near: cannot read the store at 127.0.0.1:1") and err.count("\n") == 1
     )
+    assert err.endswith(".\n") and not err.endswith("..\n")
