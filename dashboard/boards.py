@@ -444,7 +444,10 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     except packed.PackedError as exc:
-        print(f"pulse top: the store holds a malformed window value: {exc}", file=sys.stderr)
+        print(
+            f"pulse top: the store holds a malformed window value: {one_line(exc)}.",
+            file=sys.stderr,
+        )
         return 1
     finally:
         r.close()

@@ -26,6 +26,7 @@ from schemas.argtypes import (
     int_within,
     new_file,
     non_negative_int,
+    one_line,
     servers,
 )
 from schemas.settings import EventTimeSettings, KafkaSettings
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_main(args, config, kafka, settings, lateness_ms))
     except (RuntimeError, OSError) as exc:
-        print(f"pulse loadgen: {exc}", file=sys.stderr)
+        print(f"pulse loadgen: {one_line(exc)}.", file=sys.stderr)
         return 1
 
 

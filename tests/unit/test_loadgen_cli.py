@@ -235,3 +235,4 @@ def test_kafka_that_is_down_is_one_sentence(tmp_path: Path) -> None:
     assert res.returncode == 1
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"pulse loadgen: cannot use Kafka at {closed}: ")
+    assert lines[0].endswith(".") and not lines[0].endswith("..")
