@@ -27,6 +27,22 @@ first and last reading. Earlier releases wrote sensor values without them (``nf`
 still decode, with the repeats their statistics prove (``n - 1`` when min = max, else 0) and
 no first or last reading (NaN).
 
+Bundles. A window hash holds one field per entity (its packed value), or, for the dimensions
+``schemas.keys.bundled`` names, one field per apply that wrote it: ``@<offset>`` (the apply's
+last offset) holding a *bundle*, the packed values of the entities that apply touched, each
+absolute. An entity's value is the one in the newest bundle that holds it (fields of single
+entities, from earlier releases or a replay, count as older than every bundle);
+:func:`entity_values` resolves a hash so. Layout (little-endian), version 2::
+
+    0       u8           version (2)
+    1       u8           nf of its values
+    2       u16          0
+    4       u32          n: entities
+    8       u32          bytes of the names
+    12      n x u32      each value's length
+            names        the entities' names, UTF-8, joined by "\n" (identifiers hold none)
+            values       n packed values (version 1), end to end
+
 Merging (the one merge rule of the store's contract): counts, sums, sums of squares, status
 classes, error counts and repeats add; min takes the min and max the max; sketch buckets add by
 code. Values merged in their series' order (:func:`follow`, the worker folding polls into a
@@ -37,7 +53,8 @@ panes, entities) have no first or last reading (NaN).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -48,6 +65,9 @@ from schemas import sketch
 from schemas.keys import Stat
 
 VERSION: Final = 1
+BUNDLE_VERSION: Final = 2
+BUNDLE_PREFIX: Final = b"@"  # a bundle's field: "@<offset>"
+_BUNDLE_HEAD: Final = struct.Struct("<BBHII")  # version, nf, 0, entities, bytes of names
 HEADER_BYTES: Final = 8
 COUNT: Final = Stat.PACKED.index(Stat.COUNT)
 SUM: Final = Stat.PACKED.index(Stat.SUM)
@@ -519,3 +539,58 @@ def check_codes(code: I64) -> None:
     """Raise :class:`PackedError` for sketch codes a value cannot hold."""
     if code.size and (np.abs(code) > _MAX_CODE).any():
         raise PackedError("a sketch code is outside the packed range")
+
+
+def encode_bundle(names: Sequence[str], values: Sequence[bytes], nf: int) -> bytes:
+    """One bundle of entities' packed values (see the module docs)."""
+    text = "\n".join(names).encode()
+    lengths = np.fromiter(map(len, values), dtype="<u4", count=len(values))
+    head = _BUNDLE_HEAD.pack(BUNDLE_VERSION, nf, 0, len(names), len(text))
+    return b"".join((head, lengths.tobytes(), text, *values))
+
+
+def decode_bundle(blob: bytes) -> tuple[list[bytes], list[bytes]]:
+    """A bundle's entity names (UTF-8) and packed values, in order.
+
+    Raises :class:`PackedError` when the bundle's own layout is wrong; its values are checked
+    by whoever decodes them (:func:`decode`)."""
+    size = _BUNDLE_HEAD.size
+    if len(blob) < size:
+        raise PackedError(f"a bundle of {len(blob)} bytes is shorter than its header")
+    version, _, _, n, text = _BUNDLE_HEAD.unpack_from(blob)
+    if version != BUNDLE_VERSION:
+        raise PackedError(f"not a version-{BUNDLE_VERSION} bundle (version {version})")
+    at = size + 4 * n + text
+    if at > len(blob):
+        raise PackedError(f"a bundle of {n} entities is cut short ({len(blob)} bytes)")
+    lengths = np.frombuffer(blob, dtype="<u4", count=n, offset=size).astype(np.int64)
+    names = blob[size + 4 * n : at].split(b"\n") if n else []
+    if len(names) != n or at + int(lengths.sum()) != len(blob):
+        raise PackedError(
+            f"a bundle's {n} entities do not match its names ({len(names)}) or its size"
+        )
+    ends = (at + np.cumsum(lengths)).tolist()
+    return names, [blob[a:b] for a, b in zip([at, *ends[:-1]], ends, strict=True)]
+
+
+def entity_values(fields: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
+    """A window hash as entity name -> packed value, its bundles resolved (module docs).
+
+    Raises :class:`PackedError` for a bundle that does not decode or an unnumbered one."""
+    if not any(f.startswith(BUNDLE_PREFIX) for f in fields):
+        return dict(fields)
+    out = {f: v for f, v in fields.items() if not f.startswith(BUNDLE_PREFIX)}
+    bundles: list[tuple[int, bytes]] = []
+    for f, v in fields.items():
+        if f.startswith(BUNDLE_PREFIX):
+            digits = f[len(BUNDLE_PREFIX) :]
+            if not digits.isdigit():
+                raise PackedError(f"bundle field {f!r} is not numbered")
+            bundles.append((int(digits), v))
+    for seq, blob in sorted(bundles):
+        try:
+            names, values = decode_bundle(blob)
+        except PackedError as exc:
+            raise PackedError(f"bundle @{seq}: {exc}") from None
+        out.update(zip(names, values, strict=True))
+    return out

@@ -254,3 +254,55 @@ def test_problems_name_impossible_series_statistics() -> None:
     unknown = t.stats.copy()
     unknown[:, packed.FIRST] = np.nan  # unknown, as in a value of an earlier release
     assert packed.problems(packed.Table(unknown, t.row, t.code, t.count)) == []
+
+
+# ----------------------------------------------------------------- bundles
+
+
+@given(st.lists(st.lists(finite, min_size=1, max_size=10), min_size=1, max_size=20))
+@settings(max_examples=80, deadline=None, suppress_health_check=NOT_TIMED)
+def test_a_bundle_round_trips_its_names_and_values(groups: list[list[float]]) -> None:
+    values = packed.encode(table_of(groups))
+    names = [f"dev-{i}|temperature" for i in range(len(values))]
+    blob = packed.encode_bundle(names, values, packed.NF_SENSOR)
+    assert packed.decode_bundle(blob) == ([n.encode() for n in names], values)
+
+
+def test_the_newest_bundle_holding_an_entity_gives_its_value() -> None:
+    a1, a2, b1, c0 = (packed.encode(table_of([[x]]))[0] for x in (1.0, 2.0, 3.0, 4.0))
+    fields = {
+        b"@12": packed.encode_bundle(["a", "b"], [a2, b1], packed.NF_SENSOR),
+        b"c": c0,  # a single entity's field (an earlier release): older than any bundle
+        b"a": c0,
+        b"@9": packed.encode_bundle(["a"], [a1], packed.NF_SENSOR),  # older: "@9" < "@12"
+    }
+    assert packed.entity_values(fields) == {b"a": a2, b"b": b1, b"c": c0}
+    plain = {b"a": a1, b"b": b1}
+    assert packed.entity_values(plain) == plain
+
+
+@pytest.mark.parametrize(
+    ("field", "blob", "said"),
+    [
+        (b"@1", b"\x02\x08\x00", "shorter than its header"),
+        (b"@1", b"\x01" + bytes(11), "not a version-2 bundle"),
+        (b"@1", packed.encode_bundle(["a", "b"], [b"x" * 80, b"y" * 80], 8)[:-1], "size"),
+        (b"@1", packed.encode_bundle(["a", "b"], [b"x", b"y"], 8)[:12], "cut short"),
+        (b"@1", packed.encode_bundle(["a|b\nc"], [b"x" * 80], 8), "names (2)"),
+        (b"@x", packed.encode_bundle(["a"], [b"x" * 80], 8), "is not numbered"),
+        (b"@", packed.encode_bundle(["a"], [b"x" * 80], 8), "is not numbered"),
+    ],
+)
+def test_a_damaged_bundle_fails_clearly(field: bytes, blob: bytes, said: str) -> None:
+    with pytest.raises(packed.PackedError, match=said.replace("(", r"\(").replace(")", r"\)")):
+        packed.entity_values({b"a": b"v", field: blob})
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_bytes_in_a_bundle_field_resolve_or_fail_clearly(blob: bytes) -> None:
+    try:
+        out = packed.entity_values({b"@3": blob})
+    except packed.PackedError:
+        return
+    assert all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in out.items())
