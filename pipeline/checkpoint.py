@@ -463,9 +463,15 @@ class Checkpoint:
         for b in todo:
             for d in b.deltas:
                 d.partition = b.partition
-        writes, table = self._kind_windows(kind).absorb_values(deltas, self._rules.retention)
+        kind_windows, retention = self._kind_windows(kind), self._rules.retention
+        bundle_at = {b.partition: b.last_offset for b in todo}
+        writes, table = kind_windows.absorb_values(deltas, retention, bundle_at=bundle_at)
+        sealed = kind_windows.seal({b.partition: b.watermark for b in todo}, retention, bundle_at)
         for b in todo:
             b.writes = writes.get(b.partition, [])
+            if seals := sealed.get(b.partition):  # they replace this poll's bundles of them
+                done = {w.key for w in seals}
+                b.writes = [w for w in b.writes if w.key not in done] + seals
         self._analyse(kind, todo, deltas, table)
         return kind_batches
 
@@ -678,8 +684,9 @@ class Checkpoint:
             nf = packed.NF_APPLOG if kind is EventKind.APPLOG else packed.NF_SENSOR
             closed = []
             for k in ks:
-                if fields := hashes[k]:
+                if stored := hashes[k]:
                     try:
+                        fields = packed.entity_values(stored)
                         table = packed.decode(list(fields.values()), nf)
                         entities = [f.decode() for f in fields]
                     except ValueError as exc:  # PackedError, or a name that is not UTF-8:

@@ -225,13 +225,14 @@ def warmup_windows(
         pipe.hgetall(k)
     nf = packed.NF_APPLOG if kind is EventKind.APPLOG else packed.NF_SENSOR
     out: dict[int, Closing] = {}
-    for (p, start, k), fields in zip(names, pipe.execute(raise_on_error=False), strict=True):
-        if isinstance(fields, Exception):  # a key of another type
-            log.warning("window %s left out of the detectors' warm-up: %s", k, fields)
+    for (p, start, k), stored in zip(names, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(stored, Exception):  # a key of another type
+            log.warning("window %s left out of the detectors' warm-up: %s", k, stored)
             continue
-        if not fields:
+        if not stored:
             continue
         try:
+            fields = packed.entity_values(stored)
             table = packed.decode(list(fields.values()), nf)
             entities = [f.decode() for f in fields]
         except ValueError as exc:  # PackedError, or a name that is not UTF-8

@@ -40,6 +40,7 @@ class HashWrite:
     expire_at_s: int
     fields: list[str]
     values: list[bytes]
+    replace: bool = False  # the hash becomes exactly these fields (else they are set in it)
 
 
 # (partition, window name, dim, start ms): one window instance of a partition
@@ -231,8 +232,12 @@ class KindWindows:
         self.kind = kind
         self.plan = [(w, tuple(d for d in dims if d in keys.DIMS[kind])) for w, dims in plan]
         self.nf = packed.NF_APPLOG if kind is EventKind.APPLOG else packed.NF_SENSOR
+        self._windows = {w.name: w for w, _ in self.plan}
         self._sizes = {w.name: w.size_ms for w, _ in self.plan}
         self._rows = OpenRows(self.nf)
+        # fields the store's hash of an open bundled instance holds (bundles, or entities of
+        # an earlier release): one is a whole instance already, and is not sealed again
+        self._fields: dict[Instance, int] = {}
         # partition -> instance -> entities held
         self.open: dict[int, dict[InstanceKey, int]] = {}
 
@@ -254,11 +259,12 @@ class KindWindows:
         self.drop(partition)
         groups: list[tuple[Instance, list[str]]] = []
         tables: list[packed.Table] = []
-        for key, fields in hashes.items():
-            if not fields:
+        for key, stored in hashes.items():
+            if not stored:
                 continue
             _, _, wname, dim, start = keys.parse_window_key(key)
             try:
+                fields = packed.entity_values(stored)
                 names = [f.decode() for f in fields]
                 table = packed.decode(list(fields.values()), self.nf)
             except ValueError as exc:  # PackedError, or a field name that is not UTF-8
@@ -268,6 +274,7 @@ class KindWindows:
                 raise packed.PackedError(f"stored window {key}: {'; '.join(bad)}")
             groups.append(((partition, wname, dim, start), names))
             tables.append(table)
+            self._fields[(partition, wname, dim, start)] = len(stored)
         if tables:
             self._absorb(groups, packed.concat(tables))
 
@@ -289,10 +296,15 @@ class KindWindows:
         return self.absorb_values(deltas, retention, partition)[0]
 
     def absorb_values(
-        self, deltas: Sequence[WindowDelta], retention: Retention, partition: int | None = None
+        self,
+        deltas: Sequence[WindowDelta],
+        retention: Retention,
+        partition: int | None = None,
+        bundle_at: Mapping[int, int] | None = None,
     ) -> tuple[dict[int, list[HashWrite]], packed.Table]:
         """:meth:`absorb`, and the touched entities' absolute values as one table (the
-        deltas' rows, in order)."""
+        deltas' rows, in order). With ``bundle_at`` (partition -> the offset its apply ends
+        at), the instances of ``keys.bundled`` dims are written as one bundle each."""
         if not deltas:
             return {}, packed.Table.empty(self.nf)
         parts = [partition if partition is not None else d.partition for d in deltas]
@@ -307,16 +319,57 @@ class KindWindows:
         at = 0
         for p, d in zip(parts, deltas, strict=True):
             n = len(d.names)
+            names, mine = list(d.names), values[at : at + n]
+            if bundle_at is not None and keys.bundled(d.window, d.dim):
+                mine = [packed.encode_bundle(names, mine, self.nf)]
+                names = [keys.bundle_field(bundle_at[p])]
+                ik = (p, d.window.name, d.dim, d.start_ms)
+                self._fields[ik] = self._fields.get(ik, 0) + 1
             out.setdefault(p, []).append(
                 HashWrite(
                     keys.window_key(self.kind, p, d.window, d.dim, d.start_ms),
                     retention.expire_at_s(d.window, d.start_ms),
-                    list(d.names),
-                    values[at : at + n],
+                    names,
+                    mine,
                 )
             )
             at += n
         return out, table
+
+    def seal(
+        self,
+        watermarks: Mapping[int, int | None],
+        retention: Retention,
+        bundle_at: Mapping[int, int],
+    ) -> dict[int, list[HashWrite]]:
+        """Per partition, the instances of ``keys.bundled`` dims its watermark closes whose
+        hash holds more than one field, each written once more as one bundle of all its
+        entities that replaces the hash: a closed instance keeps one value per entity, not
+        every apply's."""
+        out: dict[int, list[HashWrite]] = {}
+        for p, wm in watermarks.items():
+            if wm is None:
+                continue
+            for wname, dim, start in self.open.get(p, ()):
+                window = self._windows[wname]
+                if start + window.size_ms > wm or not keys.bundled(window, dim):
+                    continue
+                if self._fields.get((p, wname, dim, start), 0) <= 1:
+                    continue  # written whole, by one apply
+                names, rows = self._rows.members((p, wname, dim, start))
+                if not rows:
+                    continue
+                values = packed.encode(self._rows.table(np.asarray(rows, dtype=np.int64)))
+                out.setdefault(p, []).append(
+                    HashWrite(
+                        keys.window_key(self.kind, p, window, dim, start),
+                        retention.expire_at_s(window, start),
+                        [keys.bundle_field(bundle_at[p])],
+                        [packed.encode_bundle(names, values, self.nf)],
+                        replace=True,
+                    )
+                )
+        return out
 
     def closing(
         self,
@@ -368,13 +421,15 @@ class KindWindows:
         self._rows.release(instances)
         for p, wname, dim, start in instances:
             self.open[p].pop((wname, dim, start), None)
+            self._fields.pop((p, wname, dim, start), None)
 
     def entities(self, partition: int) -> int:
         """Entity values held for a partition, over its open instances."""
         return sum(self.open.get(partition, {}).values())
 
     def values(self, partition: int) -> dict[InstanceKey, dict[str, bytes]]:
-        """A partition's open instances' packed values by entity (what the store holds)."""
+        """A partition's open instances' packed values by entity (what the store's hashes
+        resolve to, ``packed.entity_values``)."""
         mine = [
             (ik[1:], self._rows.members(ik)) for ik in self._rows.instances() if ik[0] == partition
         ]

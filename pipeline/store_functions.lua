@@ -20,9 +20,11 @@ ARGV[1] is a JSON header (pipeline.store_writer.payload builds it):
   now      integer >= 0: wall clock (ms) of the apply
   topic    string: the Kafka topic the offsets belong to (stored as the progress field "topic")
   owner    string: the applying worker's name (stored as the progress field "owner")
-  h        hash blocks {key index, expire-at (s), n}: the next n (field, value) pairs of
-           ARGV[2..] are set in that hash, whose expiry is set to expire-at; a value must be a
-           packed value (version byte 1, at least 8 bytes)
+  h        hash blocks {key index, expire-at (s), n[, "replace"]}: the next n (field, value)
+           pairs of ARGV[2..] are set in that hash (with "replace": the hash becomes exactly
+           them), whose expiry is set to expire-at; a value must be a
+           packed value (version byte 1, at least 8 bytes), or, in a field "@<offset>", a
+           bundle of them (version byte 2, at least 12 bytes)
   e        entity-registry blocks {key index, {score, entity, score, entity, ...}}: a sorted set
            per dim, scored by the entity's last-seen 1m window start (epoch ms), raised only
            (ZADD GT)
@@ -58,6 +60,8 @@ hash, chunked), and none of its commands can fail on what the first phase accept
 local MAX_INT = 9007199254740992 -- 2^53: integers beyond it are not exact in a Lua number
 local CHUNK = 500 -- fields per HSET and members per ZADD: unpack() is bounded by the C stack
 local PACKED_VERSION = 1
+local BUNDLE_VERSION = 2 -- a bundle of packed values, in a field "@<offset>" (schemas.packed)
+local BUNDLE_MARK = 64 -- '@'
 local GEO_MAX_LAT = 85.05112878 -- the geo index's latitude range (Web Mercator)
 
 local function bad(fmt, ...)
@@ -124,7 +128,9 @@ end
 -- ARGV index
 local function hash_blocks(p, keys, used, args, at, plan)
   for i = 1, #p.h do
-    local blk, k, where = block_key(p, 'h', i, 3, keys, used)
+    local given = p.h[i]
+    local whole = is_array(given) and #given == 4 and given[4] == 'replace'
+    local blk, k, where = block_key(p, 'h', i, whole and 4 or 3, keys, used)
     if not is_int(blk[2]) then bad('%s: expire-at must be an integer', where) end
     local n = blk[3]
     if not is_int(n) or n < 1 then bad('%s: n must be an integer >= 1', where) end
@@ -135,11 +141,15 @@ local function hash_blocks(p, keys, used, args, at, plan)
     for a = at, last, 2 do
       local f, v = args[a], args[a + 1]
       if #f == 0 then bad('%s: field %d is empty', where, (a - at) / 2 + 1) end
-      if #v < 8 or string.byte(v, 1) ~= PACKED_VERSION then
+      if string.byte(f, 1) == BUNDLE_MARK then
+        if #v < 12 or string.byte(v, 1) ~= BUNDLE_VERSION then
+          bad('%s: the value of %q is not a bundle of packed values', where, f)
+        end
+      elseif #v < 8 or string.byte(v, 1) ~= PACKED_VERSION then
         bad('%s: the value of %q is not a packed value', where, f)
       end
     end
-    plan.h[i] = {k, blk[2], at, last}
+    plan.h[i] = {k, blk[2], at, last, whole}
     at = last + 1
   end
   return at
@@ -366,6 +376,7 @@ end
 local function write(plan, args)
   for _, w in ipairs(plan.h) do
     local k = w[1]
+    if w[5] then redis.call('UNLINK', k) end
     for i = w[3], w[4], 2 * CHUNK do
       redis.call('HSET', k, unpack(args, i, math.min(i + 2 * CHUNK - 1, w[4])))
     end
@@ -546,7 +557,8 @@ ARGV[1] is a JSON header:
   closed   integer: the end (epoch ms) of the rebuilt range; the partition's stored watermark
            must be >= closed, else nothing is written and the reply is {0, watermark or ''}
   h        hash blocks {key index, expire-at (s), n}: the key's content becomes exactly the next
-           n (field, value) pairs of ARGV[2..] (packed values), then it expires at expire-at
+           n (field, value) pairs of ARGV[2..] (packed values or bundles, as apply takes), then
+           it expires at expire-at
   z        sorted-set blocks {key index, expire-at (s), {score, member, ...}}: the key's content
            becomes exactly these members (finite scores), then it expires at expire-at
   x        key indexes to delete (keys of the range with nothing left to hold)

@@ -129,12 +129,13 @@ def payload(
     kind, part = batch.kind, batch.partition
     key_list = [keys.progress_key(kind, part)]
     args: list[bytes | str] = [b""]
-    hashes: list[list[int]] = []
+    hashes: list[list[object]] = []
     for w in batch.writes:
         if not w.fields:
             continue
         key_list.append(w.key)
-        hashes.append([len(key_list), w.expire_at_s, len(w.fields)])
+        block: list[object] = [len(key_list), w.expire_at_s, len(w.fields)]
+        hashes.append([*block, "replace"] if w.replace else block)
         args.extend(chain.from_iterable(zip(w.fields, w.values, strict=True)))
     ents: list[list[object]] = []
     for dim, names in batch.new_entities.items():

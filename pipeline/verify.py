@@ -205,11 +205,16 @@ def read_store(client: Any, batch: int = 500) -> StoreContents:
             pipe = client.pipeline(transaction=False)
             for k in chunk:
                 pipe.hgetall(k)
-            for k, fields in zip(chunk, pipe.execute(), strict=True):
+            for k, stored in zip(chunk, pipe.execute(), strict=True):
                 _, part, window, dim, start = keys.parse_window_key(k)
                 where = f"{kind.value} partition {part} {window} {dim} @{start}"
                 pc = parts.setdefault((kind.value, part), PartitionCounts())
                 pc.windows += 1
+                try:
+                    fields = packed.entity_values(stored)
+                except packed.PackedError as exc:
+                    problems.append(f"{where}: {exc}")
+                    continue
                 ents = [_text(f) for f in fields]
                 try:
                     table = packed.decode(list(fields.values()), nf)

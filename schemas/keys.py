@@ -9,6 +9,8 @@ partition lands in one cluster slot and a partition's batch applies atomically i
                                                         topic (the offsets' identity), owner
     pulse:{sensor.3}:w:<window>:<dim>:<start>    hash   "<entity>" -> packed value (statistics
                                                         and quantile sketch, schemas.packed)
+                                                        or "@<offset>" -> a bundle of them
+                                                        (the dims ``bundled`` names)
     pulse:{sensor.3}:ent:<dim>                   zset   entity -> last-seen 1m window start (ms)
     pulse:{sensor.3}:top:<board>:<start>         zset   a leaderboard of one 1m window instance
                                                         (this partition's share, see BOARDS)
@@ -23,6 +25,13 @@ partition lands in one cluster slot and a partition's batch applies atomically i
 ``<window>`` is a tumbling window name (``10s``, ``1m``); ``<start>`` its start in epoch ms.
 An entity's value in a window instance is absolute: the worker that owns the partition keeps
 the open windows and rewrites the values a batch touched, with the offset, in one atomic call.
+The ``10s`` device and service instances, which only the worker (its detectors' input and
+restores) and ``pulse verify`` read whole, are written as *bundles*: one field per apply, named
+by its last offset, holding the values of the entities it touched (``schemas.packed``; the
+newest holding an entity wins); an instance that more than one apply wrote is written once
+more whole when it closes, replacing the hash. A store writes one field where it would write
+hundreds; no reader asks such an instance for one entity. Read a window hash through
+``packed.entity_values``, which resolves either form.
 Which dimensions each window keeps is a worker setting (``PULSE_WORKER_DIMS_10S``/``_1M``).
 Hopping windows (5 min advancing by 1 min) are not stored: they are exact merges of five
 consecutive ``1m`` windows (every statistic here is mergeable), see ``HOPPING_WINDOWS``.
@@ -179,6 +188,16 @@ def partition_tag(kind: EventKind | str, partition: int) -> str:
 def progress_key(kind: EventKind | str, partition: int) -> str:
     """Key of a partition's progress hash (applied offset, watermark, counters)."""
     return f"{PREFIX}:{{{partition_tag(kind, partition)}}}:progress"
+
+
+def bundled(window: TumblingWindow, dim: str) -> bool:
+    """Whether the worker writes ``window``/``dim`` instances as bundles (see above)."""
+    return window.name == WINDOW_10S.name and dim in (Dim.DEVICE, Dim.SERVICE)
+
+
+def bundle_field(offset: int) -> str:
+    """The window-hash field of the bundle an apply up to ``offset`` wrote."""
+    return f"@{offset}"
 
 
 def window_key(

@@ -520,6 +520,14 @@ MALFORMED: dict[str, tuple[Mutation, str]] = {
     "h block an object": (whole_block("h", {"k": 2}), "a block must be an array of 3 elements"),
     "h block too short": (block("h", 2, DELETE), "a block must be an array of 3 elements"),
     "h block too long": (lambda c: c.header["h"][-1].append(1), "an array of 3 elements"),
+    "h block flagged other than replace": (
+        lambda c: c.header["h"][-1].append("merge"),
+        "an array of 3 elements",
+    ),
+    "h block replace and more": (
+        lambda c: c.header["h"][-1].extend(["replace", 1]),
+        "an array of 3 elements",
+    ),
     "h key index of the progress hash": (block("h", 0, 1), "key index 1 is not within 2.."),
     "h key index 0": (block("h", 0, 0), "key index 0 is not within 2.."),
     "h key index beyond KEYS": (index_beyond_keys("h"), "is not within 2.."),
@@ -554,6 +562,19 @@ MALFORMED: dict[str, tuple[Mutation, str]] = {
     "last value version 2": (arg(-1, lambda v: b"\x02" + v[1:]), "is not a packed value"),
     "last value the old stats text": (arg(-1, b"1 2.0 4.0 2.0 2.0"), "is not a packed value"),
     "last value JSON": (arg(-1, b'{"n": 1, "sum": 2.0}'), "is not a packed value"),
+    # a bundle ("@<offset>" fields only, version 2)
+    "last field a bundle's, its value a packed value": (
+        arg(-2, b"@7"),
+        "is not a bundle of packed values",
+    ),
+    "last value a bundle in an entity's field": (
+        arg(-1, lambda v: packed.encode_bundle(["dev-9|temperature"], [v], 5)),
+        "is not a packed value",
+    ),
+    "last field a bundle's, its value 11 bytes": (
+        lambda c: (arg(-2, b"@7")(c), arg(-1, lambda v: b"\x02" + v[1:11])(c)),
+        "is not a bundle of packed values",
+    ),
     # entity-registry blocks (the last one)
     "e block not an array": (whole_block("e", "x"), "a block must be an array of 2 elements"),
     "e block too short": (block("e", 1, DELETE), "a block must be an array of 2 elements"),
@@ -586,6 +607,34 @@ def test_a_malformed_call_writes_nothing(seeded: Seeded, raw: redis.Redis, case:
     check_refused(seeded.r, raw, call, expected)
     # the same call without the malformation applies
     check_applies(seeded.r, raw, seeded.next_call())
+
+
+def test_a_bundle_is_set_as_given(seeded: Seeded, raw: redis.Redis) -> None:
+    """A field "@<offset>" holding a bundle of packed values is set like any other."""
+    call = seeded.next_call()
+    bundle = packed.encode_bundle(["dev-9|temperature"], [call.args[-1]], 5)
+    arg(-2, b"@7")(call)
+    arg(-1, bundle)(call)
+    check_applies(seeded.r, raw, call)
+    assert raw.hget(call.key("h", len(call.header["h"]) - 1), "@7") == bundle
+
+
+def test_a_replace_block_leaves_the_hash_holding_its_fields_alone(
+    seeded: Seeded, raw: redis.Redis
+) -> None:
+    """A hash block flagged "replace" (a closed instance sealed as one bundle) makes the hash
+    exactly its fields; the other blocks still set theirs."""
+    call = seeded.next_call()
+    h = call.header["h"]
+    key = call.key("h", 0)
+    raw.hset(key, "dev-zz|old", packed_value(1.0))  # a field the block does not hold
+    others = {call.key("h", i): raw.hgetall(call.key("h", i)) for i in range(1, len(h))}
+    h[0].append("replace")
+    check_applies(seeded.r, raw, call)
+    pairs = call.args[: 2 * h[0][2]]
+    assert raw.hgetall(key) == dict(zip(pairs[::2], pairs[1::2], strict=True))
+    for k, before in others.items():  # set in, not replaced: every field they held stays
+        assert set(before) <= set(raw.hgetall(k))
 
 
 def test_no_keys_or_no_arguments_are_refused(seeded: Seeded, raw: redis.Redis) -> None:

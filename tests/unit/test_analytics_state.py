@@ -653,13 +653,13 @@ def test_the_batch_that_closes_a_window_carries_its_detector_states_and_boards()
     assert [b.key for b in first.boards] == [keys.board_key(S, 0, keys.Board.SITE_EVENTS, T0)]
 
 
-@pytest.mark.parametrize("damage", ["name", "value"])
+@pytest.mark.parametrize("damage", ["name", "value", "bundle"])
 def test_a_damaged_closed_window_is_left_out_of_a_restore_s_replay(
     damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A restore steps its detectors through the stored windows closed since their snapshot.
-    One of them with a field name that is not UTF-8, or a value that is no packed value
-    (someone else wrote it), is logged and left out: the worker goes on."""
+    One of them with a field name that is not UTF-8, a value that is no packed value or a
+    bundle cut short (someone else wrote it), is logged and left out: the worker goes on."""
     now = T0 + 3_600_000
     rules = BatchRules(
         TimeBounds(6 * 3600 * 1000, 300_000), 0, plan=((keys.WINDOW_10S, (keys.Dim.DEVICE,)),)
@@ -680,10 +680,13 @@ def test_a_damaged_closed_window_is_left_out_of_a_restore_s_replay(
     w.hashes[keys.detector_key(S, 0)] = {REPLAY_FIELD.encode(): str(T0).encode()}
     damaged = keys.window_key(S, 0, keys.WINDOW_10S, keys.Dim.DEVICE, T0 + 10_000)
     held = w.hashes[damaged]
+    (bundle,) = held  # the worker wrote the instance as one bundle (keys.bundled)
     if damage == "name":
-        held[b"\xff\xfe|temp"] = next(iter(held.values()))
+        held[b"\xff\xfe|temp"] = packed.decode_bundle(held[bundle])[1][0]
+    elif damage == "value":
+        held[bundle] = packed.encode_bundle(["d1|temp"], [b"PV\x00not a packed value"], 8)
     else:
-        held[b"d1|temp"] = b"PV\x00not a packed value"
+        held[bundle] = held[bundle][:-3]  # the bundle itself is cut short
     cp = checkpoint()  # a new owner
     asyncio.run(cp.commit({S: {0: [sensor_record(4, T0 + 41_000, 5.0)]}}))
     asyncio.run(cp.flush())

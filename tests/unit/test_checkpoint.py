@@ -96,6 +96,8 @@ class FakeWriter:
                 self.offsets[pk] = b.last_offset
                 self.max_event_times[pk] = b.max_event_time
                 for w in b.writes:
+                    if w.replace:
+                        self.hashes.pop(w.key, None)
                     h = self.hashes.setdefault(w.key, {})
                     h.update(zip((f.encode() for f in w.fields), w.values, strict=True))
             out.append(ApplyOutcome(b.partition, ok, self.offsets.get(pk, -1)))

@@ -23,6 +23,8 @@ PLAN = ((keys.WINDOW_10S, ("device", "metric")), (keys.WINDOW_1M, ("device", "si
 
 def stored(writes: list[HashWrite], into: dict[str, dict[bytes, bytes]]) -> None:
     for w in writes:
+        if w.replace:
+            into.pop(w.key, None)
         into.setdefault(w.key, {}).update(
             zip((f.encode() for f in w.fields), w.values, strict=True)
         )
@@ -33,7 +35,8 @@ Content = tuple[list[float], list[int], list[int]]  # statistics, sketch codes, 
 
 def contents(store: dict[str, dict[bytes, bytes]]) -> dict[tuple[str, str], Content]:
     out: dict[tuple[str, str], Content] = {}
-    for key, fields in store.items():
+    for key, stored_fields in store.items():
+        fields = packed.entity_values(stored_fields)
         t = packed.decode(list(fields.values()))
         for i, name in enumerate(fields):
             sel = t.row == i
@@ -54,11 +57,14 @@ READINGS = st.lists(
 CUTS = st.lists(st.integers(min_value=1, max_value=59), max_size=5)  # where batches end
 
 
-@given(READINGS, CUTS, st.integers(min_value=0, max_value=4))
+@given(READINGS, CUTS, st.integers(min_value=0, max_value=4), st.booleans())
 @settings(max_examples=120, deadline=None, suppress_health_check=NOT_TIMED)
 def test_batches_folded_in_equal_everything_at_once(
-    events: list[SensorReading], cuts: list[int], restore_after: int
+    events: list[SensorReading], cuts: list[int], restore_after: int, bundles: bool
 ) -> None:
+    """... whether the 10 s device instances are written as bundles (one per batch, named by
+    its last offset, and once more whole when they close, as the worker writes them) or entity
+    by entity."""
     bounds = sorted({0, len(events), *(c for c in cuts if c < len(events))})
     store: dict[str, dict[bytes, bytes]] = {}
     state = WindowState(EventKind.SENSOR, 0, PLAN)
@@ -67,7 +73,22 @@ def test_batches_folded_in_equal_everything_at_once(
             state = WindowState(EventKind.SENSOR, 0, PLAN)
             state.restore(store)
         deltas = aggregation.aggregate(aggregation.sensor_columns(events[a:b]), PLAN)
-        stored(state.absorb(deltas, RETENTION), store)
+        if not bundles:
+            stored(state.absorb(deltas, RETENTION), store)
+            continue
+        at = {0: b - 1}
+        writes = state.table.absorb_values(deltas, RETENTION, 0, bundle_at=at)[0][0]
+        # a watermark no later event is behind: the instances it closes are complete
+        wm = min((e.event_time for e in events[b:]), default=10**12)
+        seals = state.table.seal({0: wm}, RETENTION, at).get(0, [])
+        sealed = {w.key for w in seals}
+        assert all(w.replace and len(w.fields) == 1 and ":w:10s:device:" in w.key for w in seals)
+        stored([w for w in writes if w.key not in sealed] + seals, store)
+        state.evict(wm)
+    bundled = {k for k, fields in store.items() if any(f.startswith(b"@") for f in fields)}
+    assert bundled == ({k for k in store if ":w:10s:device:" in k} if bundles else set())
+    if bundles:  # every instance is closed by the end: one bundle each
+        assert all(len(store[k]) == 1 for k in bundled)
     assert_as_aggregated_at_once(store, events)
 
 
@@ -215,3 +236,31 @@ def test_new_names_of_a_held_instance_take_rows_in_order_of_first_appearance() -
     # the one row-at-a-time order: b, c, d take the free rows last-freed first, then new ones
     assert [g[0], g[2], g[4]] == freed[::-1][:3] and fresh == [[g[0], g[2], g[4]]]
     assert g[1] == rows._rows([(ik, ["a"])])[0].tolist()[0] and len(rows) == 4
+
+
+def test_a_closing_instance_is_sealed_only_when_its_hash_holds_more_than_one_field() -> None:
+    """Sealing rewrites a closing bundled instance whole only when more than one apply wrote
+    it (or a restore found more than one field): an instance one apply wrote is whole."""
+    t0 = 1_800_000_000_000
+    ten = keys.WINDOW_10S.size_ms
+    once = [reading(t0 + 100 * i, f"d{i}", 1.0) for i in range(3)]
+    twice = [reading(t0 + ten + 100, "d9", 1.0), reading(t0 + ten + 200, "d8", 2.0)]
+    later = [reading(t0 + ten + 300, "d9", 3.0)]
+    store: dict[str, dict[bytes, bytes]] = {}
+    ws = WindowState(EventKind.SENSOR, 0, PLAN)
+    for offset, batch in enumerate([once + twice, later]):
+        deltas = aggregation.aggregate(aggregation.sensor_columns(batch), PLAN)
+        stored(ws.table.absorb_values(deltas, RETENTION, 0, bundle_at={0: offset})[0][0], store)
+    first = keys.window_key(EventKind.SENSOR, 0, keys.WINDOW_10S, "device", t0)
+    second = keys.window_key(EventKind.SENSOR, 0, keys.WINDOW_10S, "device", t0 + ten)
+    assert (len(store[first]), len(store[second])) == (1, 2)
+    for owner in ("the same", "a new"):
+        if owner == "a new":  # a restore counts the fields it finds
+            ws = WindowState(EventKind.SENSOR, 0, PLAN)
+            ws.restore(store)
+        seals = ws.table.seal({0: t0 + 2 * ten}, RETENTION, {0: 7}).get(0, [])
+        assert [(w.key, w.fields, w.replace) for w in seals] == [(second, ["@7"], True)]
+        names, values = packed.decode_bundle(seals[0].values[0])
+        resolved = packed.entity_values(store[second])
+        assert dict(zip(names, values, strict=True)) == resolved
+        assert sorted(resolved) == [b"d8|temp", b"d9|temp"]
