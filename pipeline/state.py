@@ -235,9 +235,11 @@ class KindWindows:
         self._windows = {w.name: w for w, _ in self.plan}
         self._sizes = {w.name: w.size_ms for w, _ in self.plan}
         self._rows = OpenRows(self.nf)
-        # fields the store's hash of an open bundled instance holds (bundles, or entities of
-        # an earlier release): one is a whole instance already, and is not sealed again
-        self._fields: dict[Instance, int] = {}
+        # per open instance of a bundled dim: the fields its hash in the store holds (bundles,
+        # or entities of an earlier release; one is a whole instance already, not sealed
+        # again) and the packed value last written of each entity (what the hash resolves
+        # to: a seal joins them, encoding nothing again)
+        self._written: dict[Instance, tuple[int, dict[str, bytes]]] = {}
         # partition -> instance -> entities held
         self.open: dict[int, dict[InstanceKey, int]] = {}
 
@@ -274,7 +276,10 @@ class KindWindows:
                 raise packed.PackedError(f"stored window {key}: {'; '.join(bad)}")
             groups.append(((partition, wname, dim, start), names))
             tables.append(table)
-            self._fields[(partition, wname, dim, start)] = len(stored)
+            window = self._windows.get(wname)
+            if window is not None and keys.bundled(window, dim):
+                latest = dict(zip(names, fields.values(), strict=True))
+                self._written[(partition, wname, dim, start)] = (len(stored), latest)
         if tables:
             self._absorb(groups, packed.concat(tables))
 
@@ -321,10 +326,12 @@ class KindWindows:
             n = len(d.names)
             names, mine = list(d.names), values[at : at + n]
             if bundle_at is not None and keys.bundled(d.window, d.dim):
+                ik = (p, d.window.name, d.dim, d.start_ms)
+                count, latest = self._written.get(ik, (0, {}))
+                latest.update(zip(names, mine, strict=True))
+                self._written[ik] = (count + 1, latest)
                 mine = [packed.encode_bundle(names, mine, self.nf)]
                 names = [keys.bundle_field(bundle_at[p])]
-                ik = (p, d.window.name, d.dim, d.start_ms)
-                self._fields[ik] = self._fields.get(ik, 0) + 1
             out.setdefault(p, []).append(
                 HashWrite(
                     keys.window_key(self.kind, p, d.window, d.dim, d.start_ms),
@@ -354,12 +361,10 @@ class KindWindows:
                 window = self._windows[wname]
                 if start + window.size_ms > wm or not keys.bundled(window, dim):
                     continue
-                if self._fields.get((p, wname, dim, start), 0) <= 1:
+                count, latest = self._written.get((p, wname, dim, start), (0, {}))
+                if count <= 1:
                     continue  # written whole, by one apply
-                names, rows = self._rows.members((p, wname, dim, start))
-                if not rows:
-                    continue
-                values = packed.encode(self._rows.table(np.asarray(rows, dtype=np.int64)))
+                names, values = list(latest), list(latest.values())
                 out.setdefault(p, []).append(
                     HashWrite(
                         keys.window_key(self.kind, p, window, dim, start),
@@ -421,7 +426,7 @@ class KindWindows:
         self._rows.release(instances)
         for p, wname, dim, start in instances:
             self.open[p].pop((wname, dim, start), None)
-            self._fields.pop((p, wname, dim, start), None)
+            self._written.pop((p, wname, dim, start), None)
 
     def entities(self, partition: int) -> int:
         """Entity values held for a partition, over its open instances."""
